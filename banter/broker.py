@@ -1,0 +1,31 @@
+"""The Celery app both sides build from settings; the task name is the only shared contract."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from banter.settings import Settings
+
+RUN_JOB = "banter.run_job"
+
+
+def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
+    """A Celery app configured by ``celeryconfig`` plus the settings-derived values."""
+    app = Celery(main)
+    app.config_from_object("celeryconfig")
+    app.conf.update(
+        broker_url=settings.broker_url,
+        task_queues=[Queue(name) for name in settings.queues],
+        task_default_queue=settings.queue_interactive,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    )
+    return app
+
+
+def queue_depth(client, settings: Settings) -> dict[str, int]:
+    """Messages waiting per lane (Redis broker: the queue lists kombu keeps)."""
+    pipe = client.pipeline(transaction=False)
+    for name in settings.queues:
+        pipe.llen(name)
+    return dict(zip(("interactive", "bulk"), pipe.execute()))

@@ -1,0 +1,194 @@
+"""``banter``: one command per role. Exit codes: EXIT_OK 0, EXIT_FAILED 1 (the request or job
+failed), EXIT_USAGE 2 (bad arguments or settings), EXIT_UNAVAILABLE 3 (server, Redis or broker
+unreachable), EXIT_INTERRUPTED 130 (Ctrl-C)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from banter.errors import BanterError, InvalidRequest, Unavailable
+from banter.settings import Settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _client(args: argparse.Namespace):
+    from banter.client import Client
+
+    return Client(args.url, args.api_key)
+
+
+def cmd_up(args, settings: Settings) -> int:
+    from banter.stack import up
+
+    return up(settings, args.host, args.port, sample=args.sample,
+              exit_after_sample=args.exit_after_sample)
+
+
+def cmd_producer(args, settings: Settings) -> int:
+    from producer.server import serve
+
+    serve(settings, args.host, args.port, workers=args.workers, threads=args.threads)
+    return EXIT_OK
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    from workers.main import run_worker
+
+    return run_worker(settings, None if args.cpu else args.gpu, args.name, args.concurrency)
+
+
+def cmd_submit(args, settings: Settings) -> int:
+    client = _client(args)
+    if args.embed:
+        body = {"input": args.text, **({"model": args.model} if args.model else {})}
+        print(json.dumps(client.request("POST", "/v1/embeddings", body)["data"][0]["embedding"]))
+        return EXIT_OK
+    body = {"prompt": args.text, "max_tokens": args.max_tokens,
+            **({"model": args.model} if args.model else {})}
+    if not args.stream:
+        print(client.request("POST", "/v1/inference", body)["text"])
+        return EXIT_OK
+    return _print_events(client.events("/v1/inference?stream=true", body, method="POST"))
+
+
+def cmd_stream(args, settings: Settings) -> int:
+    return _print_events(_client(args).events(f"/v1/jobs/{args.job_id}/events"))
+
+
+def _print_events(events) -> int:
+    for event, data in events:
+        if event == "token":
+            print(data["text"], end="", flush=True)
+        elif event == "done":
+            print(flush=True)
+            return EXIT_OK if data["finish_reason"] in ("stop", "length") else EXIT_FAILED
+        elif event == "error":
+            print(f"\nerror: {data['error']['type']}: {data['error']['message']}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_FAILED
+
+
+def cmd_models(args, settings: Settings) -> int:
+    if args.action == "build-demo":
+        from banter.demo import build_demo
+
+        for name, path in build_demo(args.root or settings.model_root).items():
+            print(f"{name}\t{path}")
+        return EXIT_OK
+    client = _client(args)
+    if args.action == "promote":
+        body = {"name": args.name, "kind": args.kind, "path": args.path or "",
+                "backend": args.backend, "reason": args.reason,
+                **({"model": args.model} if args.model else {})}
+        out = client.request("POST", "/v1/models/promote", body)
+    elif args.action == "rollback":
+        out = client.request("POST", "/v1/models/rollback", {"name": args.name,
+                                                              "reason": args.reason})
+    elif args.action == "history":
+        out = client.request("GET", "/v1/models/history",
+                             params={"name": args.name} if args.name else None)["data"]
+    else:
+        out = client.request("GET", "/v1/models")["data"]
+    print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="banter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--url", default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
+        cmd.add_argument("--api-key", default=os.environ.get("BANTER_API_KEY"))
+
+    up = sub.add_parser("up", help="run the whole stack on embedded defaults")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--sample", action="store_true", help="send a sample job through it")
+    up.add_argument("--exit-after-sample", action="store_true",
+                    help="stop everything after the sample jobs (with --sample)")
+    up.set_defaults(func=cmd_up)
+
+    prod = sub.add_parser("producer", help="run the HTTP producer (gunicorn, gthread)")
+    prod.add_argument("--host", default="127.0.0.1")
+    prod.add_argument("--port", type=int, default=8000)
+    prod.add_argument("--workers", type=int, default=2)
+    prod.add_argument("--threads", type=int, default=64)
+    prod.set_defaults(func=cmd_producer)
+
+    worker = sub.add_parser("worker", help="run one worker (one per GPU)")
+    device = worker.add_mutually_exclusive_group(required=True)
+    device.add_argument("--gpu", type=int, metavar="N", help="pin to GPU N (CUDA)")
+    device.add_argument("--cpu", action="store_true", help="CPU only")
+    worker.add_argument("--name", help="Celery node name (default gpuN@host or cpu@host)")
+    worker.add_argument("--concurrency", type=int, help="jobs in flight (threads)")
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="send one prompt and print the result")
+    submit.add_argument("text")
+    submit.add_argument("--embed", action="store_true")
+    submit.add_argument("--stream", action="store_true")
+    submit.add_argument("--model")
+    submit.add_argument("--max-tokens", type=int, default=32)
+    client_args(submit)
+    submit.set_defaults(func=cmd_submit)
+
+    stream = sub.add_parser("stream", help="print a job's tokens (replay, then live)")
+    stream.add_argument("job_id")
+    client_args(stream)
+    stream.set_defaults(func=cmd_stream)
+
+    models = sub.add_parser("models", help="the model registry")
+    actions = models.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build-demo", help="write the demo models")
+    build.add_argument("--root", type=Path)
+    promote = actions.add_parser("promote", help="make an artifact the active version")
+    promote.add_argument("name")
+    promote.add_argument("path", nargs="?", help="artifact under the model root")
+    promote.add_argument("--kind", required=True, choices=("generate", "embed"))
+    promote.add_argument("--backend", default="onnx", choices=("onnx", "openai"))
+    promote.add_argument("--model", help="upstream model name (openai backend)")
+    promote.add_argument("--reason", default="")
+    rollback = actions.add_parser("rollback", help="restore the previous version")
+    rollback.add_argument("name")
+    rollback.add_argument("--reason", default="")
+    history = actions.add_parser("history", help="every registry change")
+    history.add_argument("name", nargs="?")
+    actions.add_parser("list", help="active models")
+    for action in (promote, rollback, history, actions.choices["list"]):
+        client_args(action)
+    models.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return args.func(args, settings)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Unavailable as exc:
+        print(f"banter: {exc.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except InvalidRequest as exc:
+        print(f"banter: {exc.type}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE if exc.type == "invalid_setting" else EXIT_FAILED
+    except BanterError as exc:
+        print(f"banter: {exc.type}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""A small HTTP client for the CLI's client commands (submit, stream, models)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import requests
+
+from banter.errors import BanterError, Unavailable, from_dict
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: dict | None = None,
+                params: dict | None = None) -> dict[str, Any]:
+        response = self._send(method, path, body, params, stream=False)
+        return response.json()
+
+    def events(self, path: str, body: dict | None = None,
+               method: str = "GET") -> Iterator[tuple[str, dict]]:
+        """Yield ``(event, data)`` from an SSE endpoint until the stream ends."""
+        response = self._send(method, path, body, None, stream=True)
+        event, data = "message", []
+        for line in response.iter_lines(decode_unicode=True):
+            if line == "":
+                if data:
+                    yield event, json.loads("\n".join(data))
+                event, data = "message", []
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+
+    def _send(self, method: str, path: str, body: dict | None, params: dict | None,
+              stream: bool) -> requests.Response:
+        try:
+            response = self.session.request(method, self.url + path, json=body, params=params,
+                                            timeout=self.timeout_s, stream=stream)
+        except requests.RequestException as exc:
+            raise Unavailable(f"cannot reach {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"type": "http_error", "message": f"HTTP {response.status_code}"}
+            raise from_dict(error)
+        return response
+
+
+__all__ = ["Client", "BanterError"]

@@ -1,0 +1,176 @@
+"""The one exception tree of banterhearts.
+
+Every error a client can cause or observe is a ``BanterError`` subclass with a stable ``type``
+string (what clients see in ``{"error": {"type", "message"}}`` and in a job's ``error``) and an
+HTTP status. The producer maps them to responses in exactly one place
+(``producer.errors``); workers store ``{type, message}`` in the job record. Messages say what
+was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class BanterError(Exception):
+    """Root of every banterhearts error."""
+
+    type = "internal_error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+class InvalidRequest(BanterError):
+    """The request is malformed or a value is out of range (422)."""
+
+    type = "invalid_request"
+    status = 422
+
+
+class BadJSON(InvalidRequest):
+    type = "bad_json"
+    status = 400
+
+
+class UnsupportedMediaType(InvalidRequest):
+    type = "unsupported_media_type"
+    status = 415
+
+
+class TooLarge(InvalidRequest):
+    type = "too_large"
+    status = 413
+
+
+class Unauthorized(BanterError):
+    type = "unauthorized"
+    status = 401
+
+
+class Forbidden(BanterError):
+    type = "forbidden"
+    status = 403
+
+
+class NotFound(BanterError):
+    type = "not_found"
+    status = 404
+
+
+class JobNotFound(NotFound):
+    type = "job_not_found"
+
+
+class ModelNotFound(NotFound):
+    type = "model_not_found"
+
+
+class Conflict(BanterError):
+    type = "conflict"
+    status = 409
+
+
+class FeatureDisabled(NotFound):
+    type = "feature_disabled"
+
+
+class QueueFull(BanterError):
+    type = "queue_full"
+    status = 429
+    retry_after_s = 1
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(BanterError):
+    """No broker, no Redis or no live worker (503)."""
+
+    type = "unavailable"
+    status = 503
+
+
+class Timeout(BanterError):
+    """A synchronous call waited longer than its limit; the job keeps running (504)."""
+
+    type = "timeout"
+    status = 504
+
+
+class ArtifactError(InvalidRequest):
+    """A model artifact is missing, outside the model root, or not the graph its kind needs."""
+
+    type = "invalid_artifact"
+
+
+class ChecksumMismatch(BanterError):
+    """A worker found an artifact whose sha256 differs from the registry record."""
+
+    type = "checksum_mismatch"
+    status = 500
+
+
+class ModelLoadError(BanterError):
+    type = "model_load_error"
+    status = 500
+
+
+class PromptTooLong(InvalidRequest):
+    type = "prompt_too_long"
+
+
+class JobCancelled(BanterError):
+    type = "cancelled"
+    status = 409
+
+
+class JobExpired(BanterError):
+    type = "expired"
+    status = 410
+
+
+class InferenceError(BanterError):
+    """The model run itself failed (ORT raised, bad output shape)."""
+
+    type = "inference_error"
+    status = 500
+
+
+class WireError(BanterError):
+    """A message read from Redis or Celery does not decode (a bug or a foreign writer)."""
+
+    type = "wire_error"
+    status = 500
+
+
+
+def _error_class(type_name: str) -> type[BanterError] | None:
+    pending = [BanterError]
+    while pending:
+        cls = pending.pop()
+        if cls.type == type_name:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def status_for(type_name: str) -> int:
+    """HTTP status of an error ``type`` string (as stored in a job record)."""
+    cls = _error_class(type_name)
+    return cls.status if cls else BanterError.status
+
+
+def from_dict(error: dict[str, str]) -> BanterError:
+    """Rebuild a typed error from ``{type, message}`` (a job record, an HTTP error body)."""
+    type_name = error.get("type", BanterError.type)
+    cls = _error_class(type_name) or BanterError
+    exc = cls.__new__(cls)
+    BanterError.__init__(exc, error.get("message", "request failed"))
+    exc.type = type_name
+    exc.status = status_for(type_name)
+    return exc

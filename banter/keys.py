@@ -1,0 +1,53 @@
+"""Every Redis key and channel banterhearts uses, in one place.
+
+Celery's own keys (the queue lists named by ``Settings.queue_interactive`` / ``queue_bulk``,
+``unacked``, ``_kombu.*``) belong to kombu and are not listed here.
+"""
+
+PREFIX = "banter"
+
+# hash: one job record (fields in banter.jobs.JobRecord), TTL Settings.job_ttl_s
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+# stream: the job's replayable events (banter.streams), capped, TTL Settings.job_ttl_s
+def stream(job_id: str) -> str:
+    return f"{PREFIX}:stream:{job_id}"
+
+
+# pub/sub channel: the job's live events, the public contract for direct subscribers
+def tokens(job_id: str) -> str:
+    return f"{PREFIX}:tokens:{job_id}"
+
+
+# string: job id created for (owner, idempotency_key), TTL Settings.job_ttl_s
+def idempotency(owner: str, key: str) -> str:
+    return f"{PREFIX}:idem:{owner}:{key}"
+
+
+# pub/sub channel: job ids whose cancellation was requested while running
+CANCEL = f"{PREFIX}:cancel"
+
+# hash: model name -> JSON registry record of its active version
+REGISTRY_ACTIVE = f"{PREFIX}:registry:active"
+
+# string: seq of the last history.jsonl record the mirror reflects
+REGISTRY_SEQ = f"{PREFIX}:registry:seq"
+
+# pub/sub channel: a JSON registry record, published after each mirror change
+REGISTRY_EVENTS = f"{PREFIX}:registry:events"
+
+
+# hash: version (decimal string) -> JSON registry record, every version ever promoted
+def registry_versions(name: str) -> str:
+    return f"{PREFIX}:registry:versions:{name}"
+
+
+# sorted set: worker node name -> unix time of its last heartbeat
+WORKERS = f"{PREFIX}:workers"
+
+
+# hash: counters a worker keeps (ORT passes and items per kind)
+def worker_stats(node: str) -> str:
+    return f"{PREFIX}:worker:{node}:stats"

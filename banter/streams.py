@@ -1,0 +1,123 @@
+"""The per-job token stream protocol.
+
+Every job has a replayable Redis stream (``keys.stream(id)``) and a pub/sub channel
+(``keys.tokens(id)``). Both carry the same entries: zero or more ``token`` entries, then exactly
+one final ``done`` or ``error`` entry. Stream entries are flat string maps:
+
+- ``token``: ``{"event": "token", "seq": "0", "text": "...", "token_id": "17"}``
+- ``done``:  ``{"event": "done", "finish_reason": "...", "usage": "<json>"}``
+- ``error``: ``{"event": "error", "error": "<json {type, message}>"}``
+
+Pub/sub messages are the same map as one JSON object, plus ``"id"``: the stream entry id, so
+a live subscriber can resume from the stream with no gap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Sequence
+
+import redis
+
+from banter import keys
+from banter.errors import WireError
+
+
+class EventType(str, Enum):
+    TOKEN = "token"
+    DONE = "done"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one job. ``text`` is the newly decodable text (may be empty while
+    a multi-byte character is incomplete or a stop string may still match)."""
+
+    job_id: str
+    seq: int
+    text: str
+    token_id: int
+
+    def fields(self) -> dict[str, str]:
+        return {"event": EventType.TOKEN.value, "seq": str(self.seq), "text": self.text,
+                "token_id": str(self.token_id)}
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    job_id: str
+    finish_reason: str
+    usage: dict[str, int]
+
+    def fields(self) -> dict[str, str]:
+        return {"event": EventType.DONE.value, "finish_reason": self.finish_reason,
+                "usage": json.dumps(self.usage)}
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    job_id: str
+    error: dict[str, str]
+
+    def fields(self) -> dict[str, str]:
+        return {"event": EventType.ERROR.value, "error": json.dumps(self.error)}
+
+
+StreamEvent = TokenEvent | DoneEvent | ErrorEvent
+
+
+def decode_entry(fields: dict[str, str]) -> tuple[EventType, dict[str, Any]]:
+    """Turn a stream entry's string map back into ``(type, data)`` with typed values."""
+    try:
+        kind = EventType(fields["event"])
+        if kind is EventType.TOKEN:
+            return kind, {"seq": int(fields["seq"]), "text": fields["text"],
+                          "token_id": int(fields["token_id"])}
+        if kind is EventType.DONE:
+            return kind, {"finish_reason": fields["finish_reason"],
+                          "usage": json.loads(fields["usage"])}
+        return kind, {"error": json.loads(fields["error"])}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WireError(f"bad stream entry {fields!r}: {exc}") from exc
+
+
+# KEYS[1] stream, KEYS[2] channel. ARGV[1] maxlen, ARGV[2] ttl, ARGV[3] JSON payload,
+# ARGV[4..] the entry's field/value pairs. XADD then PUBLISH the payload with the entry id.
+_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2))
+return id
+"""
+
+
+class StreamWriter:
+    """Appends events to job streams and channels: one pipelined round trip per call."""
+
+    def __init__(self, client: redis.Redis, maxlen: int, ttl_s: int) -> None:
+        self.redis = client
+        self.maxlen = maxlen
+        self.ttl_s = ttl_s
+        self._script = client.register_script(_PUBLISH)
+
+    def publish(self, events: Sequence[StreamEvent]) -> list[str]:
+        """Write every event (in order) to its job's stream and channel; return entry ids."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            entry = event.fields()
+            flat = [item for pair in entry.items() for item in pair]
+            self._script(keys=[keys.stream(event.job_id), keys.tokens(event.job_id)],
+                         args=[self.maxlen, self.ttl_s, json.dumps(entry), *flat], client=pipe)
+        return pipe.execute()
+
+
+def read_events(client: redis.Redis, job_id: str, after: str = "0-0",
+                block_ms: int | None = None) -> list[tuple[str, EventType, dict[str, Any]]]:
+    """Entries of a job's stream after entry id ``after`` (``0-0``: from the start), waiting up
+    to ``block_ms`` for the first one when given. ``client`` decodes replies (redisconn)."""
+    reply = client.xread({keys.stream(job_id): after}, block=block_ms, count=512)
+    return [(entry_id, *decode_entry(fields))
+            for _stream, entries in reply or [] for entry_id, fields in entries]

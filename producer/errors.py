@@ -1,0 +1,45 @@
+"""The one place exceptions become HTTP responses: ``{"error": {"type", "message"}}``."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, jsonify
+from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from banter.errors import BanterError, QueueFull, Unavailable
+
+log = logging.getLogger("banter.producer")
+
+
+def error_response(exc: BanterError) -> tuple[Response, int]:
+    response = jsonify({"error": exc.to_dict()})
+    if isinstance(exc, QueueFull):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response, exc.status
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(BanterError)
+    def banter_error(exc: BanterError):
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        name = (exc.name or "error").lower().replace(" ", "_")
+        response = jsonify({"error": {"type": name, "message": exc.description or exc.name}})
+        return response, exc.code or 500
+
+    @app.errorhandler(redis.RedisError)
+    @app.errorhandler(OperationalError)
+    def broker_error(exc: Exception):
+        log.warning("backend_unavailable", extra={"error": str(exc)})
+        return error_response(Unavailable(f"Redis or the broker is not reachable: {exc}"))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled_error")
+        return jsonify({"error": {"type": "internal_error",
+                                  "message": "internal error; see the producer log"}}), 500

@@ -1,0 +1,83 @@
+"""``/v1/inference`` (synchronous, or SSE with ``?stream=true``) and ``/v1/inference/batch``."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from banter import errors
+from banter.errors import FeatureDisabled, TooLarge
+from banter.jobs import JobKind, JobRecord, JobStatus
+from producer import sse, validation as v
+from producer.context import Context, ctx, trace_id
+from producer.service import JobRequest
+
+blueprint = Blueprint("inference", __name__)
+
+
+def generate_request(body: dict, prompt: str, c: Context) -> JobRequest:
+    return JobRequest(kind=JobKind.GENERATE, input=prompt,
+                      model=v.string(body, "model", max_len=128),
+                      params=v.sampling_params(body, c.settings.default_max_tokens))
+
+
+def result_body(record: JobRecord) -> dict[str, Any]:
+    """The inference answer for a finished job, or raise its typed error."""
+    if record.status == JobStatus.FAILED.value and record.error:
+        raise errors.from_dict(record.error)
+    public = record.to_public()
+    result = record.result or {"text": "", "finish_reason": record.status}
+    return {"id": record.id, "text": result.get("text", ""),
+            "finish_reason": result.get("finish_reason", record.status),
+            "usage": public["usage"], "model": record.model, "version": record.version,
+            "backend": record.backend, "batch_size": record.batch_size}
+
+
+def job_headers(records: list[JobRecord]) -> dict[str, str]:
+    backends = sorted({r.backend for r in records if r.backend})
+    return {"X-Backend": ",".join(backends),
+            "X-Batch-Size": str(max((r.batch_size or 0) for r in records))}
+
+
+@blueprint.post("/v1/inference")
+def inference():
+    c = ctx()
+    owner = c.owner()
+    body = c.body()
+    prompt = v.string(body, "prompt", required=True, max_len=c.settings.max_prompt_chars)
+    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id())
+    if request.args.get("stream", "").lower() in ("1", "true", "yes"):
+        headers = {"X-Job-ID": record.id, "X-Backend": record.backend or ""}
+        return sse.response(sse.events(c.redis, record.id, "0-0"), headers)
+    record = c.jobs.wait(record.id)
+    response = jsonify(result_body(record))
+    response.headers.update(job_headers([record]))
+    return response
+
+
+@blueprint.post("/v1/inference/batch")
+def inference_batch():
+    c = ctx()
+    if not c.settings.enable_batching:
+        raise FeatureDisabled("batch inference is off (BANTER_ENABLE_BATCHING=false)")
+    owner = c.owner()
+    body = c.body()
+    limit = c.settings.inference_max_batch_size
+    if isinstance(body.get("prompts"), list) and len(body["prompts"]) > limit:
+        raise TooLarge(f"{len(body['prompts'])} prompts; the limit is {limit} "
+                       "(BANTER_INFERENCE_MAX_BATCH_SIZE)")
+    prompts = v.string_list(body, "prompts", max_items=limit, max_len=c.settings.max_prompt_chars)
+    submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id())[0] for p in prompts]
+    with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
+        records = list(pool.map(lambda r: c.jobs.wait(r.id), submitted))
+    results = []
+    for record in records:
+        try:
+            results.append(result_body(record))
+        except errors.BanterError as exc:
+            results.append({"id": record.id, "error": exc.to_dict()})
+    response = jsonify({"results": results})
+    response.headers.update(job_headers(records))
+    return response

@@ -1,0 +1,73 @@
+"""``/v1/jobs``: submit, poll, cancel, and follow a job's events."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, jsonify, url_for
+
+from banter.errors import InvalidRequest, JobNotFound
+from banter.jobs import JobKind, JobRecord, Lane
+from producer import sse, validation as v
+from producer.context import ctx, trace_id
+from producer.service import JobRequest
+
+blueprint = Blueprint("jobs", __name__)
+
+
+def job_request(body: dict, max_chars: int) -> JobRequest:
+    kind = JobKind(v.choice(body, "kind", tuple(k.value for k in JobKind), ""))
+    params = body.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidRequest("'params' must be an object")
+    return JobRequest(
+        kind=kind,
+        input=v.string(body, "input", required=True, max_len=max_chars),
+        model=v.string(body, "model", max_len=128),
+        params=params,
+        lane=Lane(v.choice(body, "lane", tuple(lane.value for lane in Lane), "interactive")),
+        idempotency_key=v.string(body, "idempotency_key", max_len=128),
+        deadline_s=v.number(body, "deadline_s", low=0.001, high=86400),
+    )
+
+
+def links(job_id: str) -> dict[str, str]:
+    return {"self": url_for("jobs.get_job", job_id=job_id),
+            "events": url_for("jobs.job_events", job_id=job_id)}
+
+
+def checked_id(job_id: str) -> str:
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        raise JobNotFound(f"no job {job_id!r}") from None
+
+
+@blueprint.post("/v1/jobs")
+def submit_job():
+    c = ctx()
+    owner = c.owner()
+    req = job_request(c.body(), c.settings.max_prompt_chars)
+    record, created = c.jobs.submit(req, owner, trace_id())
+    body = {"id": record.id, "status": record.status, "links": links(record.id)}
+    return jsonify(body), 202 if created else 200
+
+
+@blueprint.get("/v1/jobs/<job_id>")
+def get_job(job_id: str):
+    c = ctx()
+    return jsonify(c.jobs.get(checked_id(job_id), c.owner()).to_public())
+
+
+@blueprint.delete("/v1/jobs/<job_id>")
+def cancel_job(job_id: str):
+    c = ctx()
+    record: JobRecord = c.jobs.cancel(checked_id(job_id), c.owner())
+    return jsonify(record.to_public())
+
+
+@blueprint.get("/v1/jobs/<job_id>/events")
+def job_events(job_id: str):
+    c = ctx()
+    record = c.jobs.get(checked_id(job_id), c.owner())
+    return sse.response(sse.events(c.redis, record.id, sse.resume_point()))

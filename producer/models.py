@@ -1,0 +1,59 @@
+"""``/v1/models``: the OpenAI-style list of active models and the registry admin endpoints."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from banter.errors import InvalidRequest
+from producer import validation as v
+from producer.context import ctx
+
+blueprint = Blueprint("models", __name__)
+
+
+@blueprint.get("/v1/models")
+def list_models():
+    c = ctx()
+    c.owner()
+    data = [{"id": r.name, "object": "model", "owned_by": "banterhearts", **r.to_public()}
+            for r in c.registry.list_active()]
+    return jsonify({"object": "list", "data": data})
+
+
+@blueprint.get("/v1/models/history")
+def history():
+    c = ctx()
+    c.owner(admin=True)
+    name = request.args.get("name") or None
+    return jsonify({"object": "list",
+                    "data": [r.to_public() for r in c.registry.history(name)]})
+
+
+@blueprint.post("/v1/models/promote")
+def promote():
+    c = ctx()
+    actor = c.owner(admin=True)
+    body = c.body()
+    backend = v.choice(body, "backend", ("onnx", "openai"), "onnx")
+    record, created = c.registry.promote(
+        name=v.string(body, "name", required=True, max_len=64),
+        kind=v.choice(body, "kind", ("generate", "embed"), ""),
+        path=v.string(body, "path", required=backend == "onnx", default="", max_len=1024),
+        backend=backend,
+        upstream_model=v.string(body, "model", max_len=128),
+        actor=actor,
+        reason=v.string(body, "reason", default="", max_len=512, allow_empty=True) or "",
+    )
+    return jsonify(record.to_public()), 201 if created else 200
+
+
+@blueprint.post("/v1/models/rollback")
+def rollback():
+    c = ctx()
+    actor = c.owner(admin=True)
+    body = c.body()
+    name = v.string(body, "name", required=True, max_len=64)
+    if name is None:
+        raise InvalidRequest("'name' is required")
+    reason = v.string(body, "reason", default="", max_len=512, allow_empty=True) or ""
+    return jsonify(c.registry.rollback(name, actor=actor, reason=reason).to_public())

@@ -1,0 +1,125 @@
+"""What the producer's routes do with jobs: submit, read, wait, cancel. No HTTP in here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from banter import keys
+from banter.broker import RUN_JOB, queue_depth
+from banter.errors import InvalidRequest, JobNotFound, QueueFull, Timeout
+from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane
+from banter.settings import Settings
+from banter.streams import DoneEvent, EventType, StreamWriter, read_events
+from registry.service import Registry
+from workers.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated job submission (every route builds one)."""
+
+    kind: JobKind
+    input: str
+    model: str | None = None
+    params: dict[str, Any] | None = None
+    lane: Lane = Lane.INTERACTIVE
+    idempotency_key: str | None = None
+    deadline_s: float | None = None
+
+
+class JobService:
+    def __init__(self, settings: Settings, client: redis.Redis, celery: Celery,
+                 registry: Registry) -> None:
+        self.settings = settings
+        self.redis = client
+        self.celery = celery
+        self.registry = registry
+        self.jobs = JobStore(client, settings.job_ttl_s)
+        self.streams = StreamWriter(client, settings.stream_maxlen, settings.job_ttl_s)
+
+    def default_model(self, kind: JobKind) -> str:
+        if kind is JobKind.EMBED:
+            return self.settings.default_embed_model
+        return self.settings.default_generate_model
+
+    def submit(self, req: JobRequest, owner: str, trace_id: str) -> tuple[JobRecord, bool]:
+        """Check, record and enqueue one job; returns (job, created). An idempotency key
+        already used by this owner returns the earlier job instead."""
+        model_ref = req.model or self.default_model(req.kind)
+        model = self.registry.resolve(model_ref, req.kind.value)
+        params: dict[str, Any] = {}
+        if req.kind is JobKind.GENERATE:
+            params = _params_dict(SamplingParams.from_dict(req.params or {},
+                                                           self.settings.max_tokens_limit))
+        elif req.params:
+            raise InvalidRequest("embed jobs take no 'params'")
+        self._check_depth(req.lane)
+        now = time.time()
+        record = JobRecord(
+            id=JobRecord.new_id(), kind=req.kind.value, model=model_ref, input=req.input,
+            owner=owner, params=params, lane=req.lane.value, trace_id=trace_id,
+            idempotency_key=req.idempotency_key, queued_at=now, backend=model.backend,
+            deadline_at=now + req.deadline_s if req.deadline_s else None)
+        record, created = self.jobs.create_idempotent(record)
+        if created:
+            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id,
+                                  queue=self.settings.lane_queue(record.lane),
+                                  headers={"trace_id": trace_id})
+        return record, created
+
+    def _check_depth(self, lane: Lane) -> None:
+        limit = self.settings.max_queue_depth
+        if limit and queue_depth(self.redis, self.settings)[lane.value] >= limit:
+            raise QueueFull(f"the {lane.value} queue holds {limit} jobs; retry later",
+                            retry_after_s=2)
+
+    def get(self, job_id: str, owner: str) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record is None or record.owner != owner:
+            raise JobNotFound(f"no job {job_id!r}")
+        return record
+
+    def wait(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
+        """Block until the job's stream ends (done or error), then return its record."""
+        deadline = time.monotonic() + (timeout_s or self.settings.sync_timeout_s)
+        after = "0-0"
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise Timeout(f"job {job_id} did not finish within "
+                              f"{timeout_s or self.settings.sync_timeout_s:g}s; poll "
+                              f"GET /v1/jobs/{job_id} for its result")
+            for entry_id, kind, _data in read_events(self.redis, job_id, after,
+                                                     block_ms=min(left_ms, 5000)):
+                after = entry_id
+                if kind is not EventType.TOKEN:
+                    record = self.jobs.get(job_id)
+                    if record is None:
+                        raise JobNotFound(f"job {job_id} expired")
+                    return record
+
+    def cancel(self, job_id: str, owner: str) -> JobRecord:
+        """Queued: never runs. Running: the worker stops it at the next step. Finished: as is."""
+        self.get(job_id, owner)
+        applied, _ = self.jobs.transition(job_id, (JobStatus.QUEUED,), JobStatus.CANCELLED,
+                                          finished_at=time.time())
+        if applied:
+            self.streams.publish([DoneEvent(job_id, "cancelled",
+                                            {"prompt_tokens": 0, "completion_tokens": 0})])
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.job(job_id), "cancel_requested", "1")
+            pipe.publish(keys.CANCEL, job_id)
+            pipe.execute()
+        return self.get(job_id, owner)
+
+
+def _params_dict(params: SamplingParams) -> dict[str, Any]:
+    return {"max_tokens": params.max_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+            "stop": list(params.stop)}

@@ -1,0 +1,47 @@
+"""Server-sent events from a job's Redis stream: replay from the start (or after
+``Last-Event-ID``), then live, ending after the final ``done`` or ``error`` event."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterator
+
+import redis
+from flask import Response, request, stream_with_context
+
+from banter.streams import EventType, read_events
+
+KEEPALIVE_S = 15
+
+Formatter = Callable[[str, EventType, dict], str]
+
+
+def sse_event(entry_id: str, kind: EventType, data: dict) -> str:
+    return f"id: {entry_id}\nevent: {kind.value}\ndata: {json.dumps(data)}\n\n"
+
+
+def resume_point() -> str:
+    """``Last-Event-ID`` (header or ``last_event_id`` query) when it is a stream id, else the start."""
+    sent = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or ""
+    left, _, right = sent.partition("-")
+    return sent if left.isdigit() and right.isdigit() else "0-0"
+
+
+def events(client: redis.Redis, job_id: str, after: str,
+           fmt: Formatter = sse_event) -> Iterator[str]:
+    while True:
+        batch = read_events(client, job_id, after, block_ms=KEEPALIVE_S * 1000)
+        if not batch:
+            yield ": keep-alive\n\n"
+            continue
+        for entry_id, kind, data in batch:
+            after = entry_id
+            yield fmt(entry_id, kind, data)
+            if kind is not EventType.TOKEN:
+                return
+
+
+def response(stream: Iterator[str], headers: dict[str, str] | None = None) -> Response:
+    out = Response(stream_with_context(stream), mimetype="text/event-stream")
+    out.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+    return out

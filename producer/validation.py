@@ -1,0 +1,95 @@
+"""Request body parsing and field checks; every failure is a typed 4xx naming the field."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from flask import Request
+
+from banter.errors import BadJSON, InvalidRequest, TooLarge, UnsupportedMediaType
+
+_MISSING = object()
+
+
+def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request's JSON object, or BadJSON / UnsupportedMediaType / TooLarge / InvalidRequest."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise TooLarge(f"request body is over the {max_bytes} byte limit")
+    raw = request.get_data(cache=True)
+    if len(raw) > max_bytes:
+        raise TooLarge(f"request body is over the {max_bytes} byte limit")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadJSON(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def string(body: dict, name: str, *, required: bool = False, default: str | None = None,
+           max_len: int = 256, allow_empty: bool = False) -> str | None:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise InvalidRequest(f"'{name}' is required")
+        return default
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string")
+    if not value.strip() and not allow_empty:
+        raise InvalidRequest(f"'{name}' must not be empty")
+    if len(value) > max_len:
+        raise InvalidRequest(f"'{name}' is {len(value)} characters; the limit is {max_len}")
+    return value
+
+
+def number(body: dict, name: str, *, low: float, high: float,
+           integer: bool = False) -> float | int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    valid = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not valid:
+        raise InvalidRequest(f"'{name}' must be {'an integer' if integer else 'a number'}")
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}")
+    return value
+
+
+def choice(body: dict, name: str, options: tuple[str, ...], default: str) -> str:
+    value = body.get(name, default)
+    if value not in options:
+        raise InvalidRequest(f"'{name}' must be one of {', '.join(options)}")
+    return value
+
+
+def string_list(body: dict, name: str, *, max_items: int, max_len: int) -> list[str]:
+    value = body.get(name)
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest(f"'{name}' must be a non-empty list of strings")
+    if len(value) > max_items:
+        raise TooLarge(f"'{name}' has {len(value)} items; the limit is {max_items}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise InvalidRequest(f"'{name}[{i}]' must be a non-empty string")
+        if len(item) > max_len:
+            raise InvalidRequest(f"'{name}[{i}]' is {len(item)} characters; the limit is {max_len}")
+    return value
+
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def sampling_params(body: dict, default_max_tokens: int) -> dict[str, Any]:
+    """The sampling fields present in ``body`` (checked fully by SamplingParams.from_dict)."""
+    params = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    params.setdefault("max_tokens", default_max_tokens)
+    return params

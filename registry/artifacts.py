@@ -1,0 +1,184 @@
+"""Checking a model artifact before it is promoted: where it is, what it is, its sha256.
+
+Reads graphs with the ``onnx`` package only: the producer imports this module and must not load
+onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from banter.errors import ArtifactError
+
+_CHUNK = 1 << 20
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A checked artifact. ``rel_path`` is the ``.onnx`` file relative to the model root (posix),
+    as given (a symlink inside the root stays a symlink: workers open ``model_root/rel_path``
+    and ``tokenizer.json`` beside it); ``abs_path`` and ``tokenizer_path`` are
+    ``model_root/rel_path`` and the tokenizer beside it."""
+
+    rel_path: str
+    abs_path: Path
+    tokenizer_path: Path
+    sha256: str
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
+    """Check the artifact of a ``kind`` ("generate" or "embed") model and hash it.
+
+    ``path`` is relative to ``model_root`` or absolute; a directory means its ``model.onnx``.
+    It must stay under the model root (also after following symlinks), be a regular ``.onnx``
+    file with ``tokenizer.json`` beside it, parse as ONNX and have the inputs and outputs the
+    workers feed and read for ``kind``. Raise ArtifactError saying what is wrong.
+    """
+    root = _model_root(model_root)
+    if not path:
+        raise ArtifactError("path is required for the onnx backend: give the model's .onnx file "
+                            f"or its directory, relative to the model root {root}")
+    rel = _relative(root, model_root, path)
+    target = root / rel
+    if _resolve(root, target, path).is_dir():
+        rel = f"{rel}/model.onnx" if rel else "model.onnx"
+        target = root / rel
+    resolved = _resolve(root, target, path)
+    if not resolved.is_file():
+        raise ArtifactError(f"artifact {path!r} ({resolved}) is not a regular file; "
+                            f"give the model's .onnx file")
+    if not target.name.endswith(".onnx"):
+        raise ArtifactError(f"artifact {path!r} must be an .onnx file (or a directory holding "
+                            f"model.onnx), got {target.name!r}")
+    tokenizer = target.parent / "tokenizer.json"
+    if not os.path.lexists(tokenizer) or not _resolve(root, tokenizer, path).is_file():
+        raise ArtifactError(f"artifact {path!r} has no tokenizer.json beside it: put the "
+                            f"model's tokenizer.json in {target.parent}")
+    check_graph(resolved, kind, path)
+    return Artifact(rel_path=rel, abs_path=target, tokenizer_path=tokenizer,
+                    sha256=sha256_file(resolved))
+
+
+def check_graph(model_path: Path, kind: str, label: str) -> None:
+    """Raise ArtifactError unless the ONNX file has the inputs/outputs of ``kind``."""
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types on garbage
+        raise ArtifactError(f"artifact {label!r} is not a valid ONNX model ({exc}); "
+                            f"export it with torch.onnx / optimum") from None
+    if model.ir_version < 1 or not model.HasField("graph"):
+        raise ArtifactError(f"artifact {label!r} is not a valid ONNX model (no graph or "
+                            f"ir_version); export it with torch.onnx / optimum")
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
+    outputs = {o.name for o in model.graph.output}
+    if kind == "generate":
+        _check_generate(inputs, outputs, label)
+    elif kind == "embed":
+        _check_embed(set(inputs), outputs, label)
+    else:
+        raise ArtifactError(f"unknown model kind {kind!r}: use generate or embed")
+
+
+def _check_generate(inputs: dict[str, onnx.ValueInfoProto], outputs: set[str],
+                    label: str) -> None:
+    layers = {int(m.group(1)) for m in map(_PAST.match, inputs) if m}
+    n = max(layers) + 1 if layers else 1
+    kv = [f"{i}.{part}" for i in range(n) for part in ("key", "value")]
+    want_in = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{s}" for s in kv]
+    want_out = ["logits"] + [f"present.{s}" for s in kv]
+    hint = ("export it in the Optimum layout with a KV cache (input_ids, attention_mask, "
+            "position_ids, past_key_values.{i}.key|value -> logits, present.{i}.key|value), "
+            "e.g. optimum-cli export onnx --task text-generation-with-past")
+    layered = f" ({n} layers)" if layers else ""
+    _check_io(f"generate model {label!r}{layered}", set(inputs), outputs, want_in, want_out,
+              allowed_in=want_in, hint=hint)
+    dims = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
+    if len(dims) != 4 or dims[1].dim_value < 1 or dims[3].dim_value < 1:
+        shape = [d.dim_value or d.dim_param or "?" for d in dims]
+        raise ArtifactError(f"generate model {label!r}: past_key_values.0.key must be "
+                            f"[batch, heads, past, head_dim] with static heads and head_dim, "
+                            f"got {shape}; re-export it with fixed head counts")
+
+
+def _check_embed(inputs: set[str], outputs: set[str], label: str) -> None:
+    want_in = ["input_ids", "attention_mask"]
+    _check_io(f"embed model {label!r}", inputs, outputs, want_in, ["last_hidden_state"],
+              allowed_in=want_in + ["token_type_ids"],
+              hint="export it as a feature-extraction encoder")
+
+
+def _check_io(what: str, inputs: set[str], outputs: set[str], want_in: list[str],
+              want_out: list[str], allowed_in: list[str], hint: str) -> None:
+    """Raise ArtifactError listing missing inputs/outputs and inputs no worker feeds."""
+    problems = []
+    missing_in = [name for name in want_in if name not in inputs]
+    if missing_in:
+        problems.append(f"missing inputs {', '.join(missing_in)}")
+    missing_out = [name for name in want_out if name not in outputs]
+    if missing_out:
+        problems.append(f"missing outputs {', '.join(missing_out)}")
+    extra = sorted(inputs - set(allowed_in))
+    if extra:
+        problems.append(f"unexpected inputs {', '.join(extra)} (workers feed no others)")
+    if problems:
+        raise ArtifactError(f"{what}: {'; '.join(problems)} (the graph has inputs "
+                            f"{', '.join(sorted(inputs)) or 'none'} and outputs "
+                            f"{', '.join(sorted(outputs)) or 'none'}); {hint}")
+
+
+def _model_root(model_root: Path) -> Path:
+    try:
+        root = Path(model_root).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ArtifactError(f"model root {model_root} does not exist: create it or set "
+                            f"BANTER_MODEL_ROOT") from None
+    if not root.is_dir():
+        raise ArtifactError(f"model root {model_root} is not a directory: set BANTER_MODEL_ROOT")
+    return root
+
+
+def _relative(root: Path, model_root: Path, path: str) -> str:
+    """``path`` (relative to the root, or absolute) as a normalized posix path relative to the
+    root, without following symlinks. Raise ArtifactError when it points outside the root."""
+    given = Path(path)
+    if not given.is_absolute():
+        given = root / given
+    normal = Path(os.path.normpath(given))
+    for base in (root, Path(os.path.abspath(model_root))):
+        if normal == base or normal.is_relative_to(base):
+            rel = normal.relative_to(base).as_posix()
+            return "" if rel == "." else rel
+    raise ArtifactError(f"artifact {path!r} is outside the model root {root}: copy or move it "
+                        f"under the model root and give a path relative to it")
+
+
+def _resolve(root: Path, target: Path, label: str) -> Path:
+    """``target`` with symlinks followed; ArtifactError if it is missing or escapes the root."""
+    try:
+        resolved = target.resolve(strict=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact {label!r} not found: {target} does not exist "
+                            f"(paths are relative to the model root {root})") from None
+    except (OSError, RuntimeError) as exc:
+        raise ArtifactError(f"artifact {label!r} cannot be resolved: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise ArtifactError(f"artifact {label!r} resolves to {resolved}, outside the model root "
+                            f"{root} (a symlink escapes it): copy the file under the model root")
+    return resolved

@@ -1,0 +1,131 @@
+"""``history.jsonl``: the registry's source of truth, one JSON ``Record`` per line.
+
+Writers hold an exclusive ``fcntl.flock`` on the file itself while they read it, build the
+next record and append it (flush + fsync), so seqs and versions are assigned atomically across
+processes. Readers hold a shared lock.
+
+A torn last line (unterminated, or terminated but not a record: a crash mid-write, or a
+record whose append never returned) is ignored on read, and the next append truncates it away
+before writing, so every record stays on its own valid line. Any other bad line is a WireError
+naming its line number: fix or remove that line by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from banter.errors import WireError
+from registry.records import Record
+
+log = logging.getLogger("banter.registry")
+
+
+class HistoryFile:
+    """The append-only record file at ``path`` (its parent dirs are created on first append)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._last_seq_key: tuple[int, int, int] | None = None
+        self._last_seq = 0
+
+    def read(self) -> list[Record]:
+        """Every record in order (a torn last line is left out); [] when there is no file."""
+        return self._read()[0]
+
+    def last_seq(self) -> int:
+        """The seq of the last record (0 when none); cheap while the file is unchanged."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return 0
+        if _stat_key(st) != self._last_seq_key:
+            records, key = self._read()
+            self._last_seq = records[-1].seq if records else 0
+            self._last_seq_key = key
+        return self._last_seq
+
+    def append(self, make: Callable[[list[Record]], Record]) -> Record:
+        """Under the exclusive lock: read the records, call ``make(records)`` for the next one
+        (its seq must be the last seq + 1), append it as one line, fsync, return it.
+
+        If ``make`` raises, nothing is written and the exception propagates.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        with open(self.path, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            f.seek(0)
+            data = f.read()
+            records, good_end = _parse(data, self.path)
+            record = make(list(records))
+            last = records[-1].seq if records else 0
+            if record.seq != last + 1:
+                raise WireError(f"refusing to append seq {record.seq} to {self.path}: "
+                                f"the next seq is {last + 1}")
+            line = record.to_json()
+            Record.from_json(line)  # never write a line that would not read back
+            if good_end < len(data):
+                log.warning("registry_history_torn_tail_dropped",
+                            extra={"path": str(self.path), "bytes": data[good_end:][:200]})
+                f.truncate(good_end)
+            f.write(line.encode("utf-8") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.path.parent)
+        return record
+
+    def _read(self) -> tuple[list[Record], tuple[int, int, int] | None]:
+        """The records and the file's stat key, both taken under a shared lock."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return [], None
+        with f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            data = f.read()
+            key = _stat_key(os.fstat(f.fileno()))
+        return _parse(data, self.path)[0], key
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _parse(data: bytes, path: Path) -> tuple[list[Record], int]:
+    """Decode the file's bytes into records; also return the byte offset where the valid
+    lines end (``len(data)`` unless the last line is torn)."""
+    records: list[Record] = []
+    lines = data.split(b"\n")
+    # After the last b"\n" comes an unterminated remainder: b"" when the file ends cleanly.
+    terminated, remainder = lines[:-1], lines[-1]
+    offset = 0
+    for number, line in enumerate(terminated, start=1):
+        try:
+            record = Record.from_json(line)
+        except WireError as exc:
+            if number == len(terminated) and not remainder:
+                return records, offset  # a torn last line
+            raise WireError(f"{path} line {number} is not a valid registry record ({exc.message}); "
+                            f"history.jsonl is append-only: restore it from a backup or "
+                            f"remove that line by hand") from None
+        expected = records[-1].seq + 1 if records else 1
+        if record.seq != expected:
+            raise WireError(f"{path} line {number} has seq {record.seq}, expected {expected}; "
+                            f"history.jsonl is append-only: restore it from a backup")
+        records.append(record)
+        offset += len(line) + 1
+    return records, offset
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a newly created file's directory entry durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,197 @@
+"""The registry as the producer uses it: promote, rollback, history, resolve.
+
+Every change is appended to ``history.jsonl`` first (the source of truth), then mirrored to
+Redis. If the mirror update fails (Redis down, process killed) the change stands and
+``ensure_mirror()`` repairs the mirror later: call it at startup; ``resolve`` calls it on
+every request.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import redis
+
+from banter.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
+from banter.settings import Settings
+from registry.artifacts import inspect_artifact
+from registry.history import HistoryFile
+from registry.mirror import Mirror, resolve_from_mirror
+from registry.records import BACKENDS, KINDS, Record, check_name, utc_now
+from registry.state import RegistryState, replay
+
+log = logging.getLogger("banter.registry")
+
+
+class _Unchanged(Exception):
+    """Raised inside an append to write nothing: ``record`` is already active."""
+
+    def __init__(self, record: Record) -> None:
+        super().__init__(record.ref)
+        self.record = record
+
+
+def _check_text(**values: object) -> None:
+    for field, value in values.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{field} must be a string, got {type(value).__name__}")
+
+
+class Registry:
+    """Model versions of the deployment: ``history`` is the truth, ``mirror`` what workers
+    read, ``model_root`` where artifacts must live."""
+
+    def __init__(self, history: HistoryFile, mirror: Mirror, model_root: Path) -> None:
+        self.history_file = history
+        self.mirror = mirror
+        self.model_root = Path(model_root)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis) -> "Registry":
+        """The registry at ``settings.registry_path`` and ``settings.model_root``. Does no I/O:
+        call ``ensure_mirror()`` once at startup."""
+        return cls(HistoryFile(settings.registry_path), Mirror(client), settings.model_root)
+
+    def promote(self, name: str, kind: str, path: str, backend: str = "onnx",
+                upstream_model: str | None = None, actor: str = "admin",
+                reason: str = "") -> tuple[Record, bool]:
+        """Make a new version of ``name`` active; return ``(record, created)``.
+
+        ``backend="onnx"``: ``path`` is the artifact (see ``inspect_artifact``), checked and
+        hashed here. ``backend="openai"``: no path, ``upstream_model`` required. If the active
+        version already has the same kind, backend, path, sha256 and upstream model, nothing is
+        appended and ``(active record, False)`` is returned, so retrying a promote is safe.
+        Raise InvalidRequest (bad name, kind, backend or upstream model), ArtifactError (bad
+        artifact) or Conflict (``name`` is a model of another kind).
+        """
+        check_name(name)
+        _check_text(actor=actor, reason=reason)
+        if kind not in KINDS:
+            raise InvalidRequest(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}")
+        if backend not in BACKENDS:
+            raise InvalidRequest(f"invalid backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if backend == "onnx":
+            if upstream_model:
+                raise InvalidRequest("upstream_model applies only to backend 'openai': leave "
+                                     "it out for an onnx model")
+            artifact = inspect_artifact(self.model_root, path, kind)
+            rel_path, sha256, upstream = artifact.rel_path, artifact.sha256, None
+        else:
+            if path:
+                raise InvalidRequest("backend 'openai' takes no path: leave it empty and name "
+                                     "the remote model in upstream_model")
+            if not isinstance(upstream_model, str) or not upstream_model.strip():
+                raise InvalidRequest("backend 'openai' needs upstream_model: the model name "
+                                     "the upstream API serves, e.g. 'gpt-4o-mini'")
+            rel_path, sha256, upstream = "", "", upstream_model.strip()
+
+        def make(records: list[Record]) -> Record:
+            state = replay(records)
+            model = state.models.get(name)
+            active = model.active if model else None
+            if model is not None and model.kind != kind:
+                raise Conflict(f"model {name!r} has kind {model.kind}; a name cannot change "
+                               f"kind: promote the {kind} model under another name")
+            if active is not None and (active.backend, active.path, active.sha256,
+                                       active.upstream_model) == (backend, rel_path, sha256,
+                                                                  upstream):
+                raise _Unchanged(active)
+            return Record(seq=state.last_seq + 1, time=utc_now(), action="promote", name=name,
+                          kind=kind, version=(model.max_version if model else 0) + 1,
+                          path=rel_path, sha256=sha256, backend=backend,
+                          upstream_model=upstream, actor=actor, reason=reason,
+                          previous_version=active.version if active else None)
+
+        try:
+            record, state = self._append(make)
+        except _Unchanged as unchanged:
+            return unchanged.record, False
+        self._mirror(record, state)
+        return record, True
+
+    def rollback(self, name: str, actor: str = "admin", reason: str = "") -> Record:
+        """Make the version that was active before the current one of ``name`` active again,
+        by appending a rollback record (``version`` = the restored version,
+        ``previous_version`` = the one rolled back from). Raise ModelNotFound for an unknown
+        name, Conflict when there is no earlier version to go back to."""
+        check_name(name)
+        _check_text(actor=actor, reason=reason)
+
+        def make(records: list[Record]) -> Record:
+            state = replay(records)
+            model = state.models.get(name)
+            if model is None or model.active is None:
+                raise ModelNotFound(f"no model named {name!r} in the registry: nothing to "
+                                    f"roll back")
+            if len(model.stack) < 2:
+                raise Conflict(f"model {name!r} has no earlier version to roll back to "
+                               f"(version {model.active.version} is the first of its active "
+                               f"history): promote the version you want instead")
+            current, restored = model.stack[-1], model.versions[model.stack[-2]]
+            return Record(seq=state.last_seq + 1, time=utc_now(), action="rollback", name=name,
+                          kind=restored.kind, version=restored.version, path=restored.path,
+                          sha256=restored.sha256, backend=restored.backend,
+                          upstream_model=restored.upstream_model, actor=actor, reason=reason,
+                          previous_version=current)
+
+        record, state = self._append(make)
+        self._mirror(record, state)
+        return record
+
+    def history(self, name: str | None = None) -> list[Record]:
+        """Every record in seq order, or only those of ``name``, read from the file.
+        Raise ModelNotFound when ``name`` has none."""
+        records = self.history_file.read()
+        if name is None:
+            return records
+        mine = [r for r in records if r.name == name]
+        if not mine:
+            raise ModelNotFound(f"no model named {name!r} in the registry")
+        return mine
+
+    def list_active(self) -> list[Record]:
+        """The active record of every model, sorted by name, replayed from the file."""
+        return replay(self.history_file.read()).list_active()
+
+    def resolve(self, ref: str, kind: str | None = None) -> Record:
+        """The record ``name`` or ``name@version`` names, read from the mirror (rebuilt first
+        if behind). Raise InvalidRequest for a malformed ref or a model of another ``kind``,
+        ModelNotFound for an unknown name or version."""
+        self.ensure_mirror()
+        return resolve_from_mirror(self.mirror, ref, kind)
+
+    def ensure_mirror(self) -> bool:
+        """Rebuild the mirror from the file when it is behind (REGISTRY_SEQ missing or lower
+        than the file's last seq); return whether it rebuilt. Cheap when up to date: one GET,
+        one stat."""
+        file_seq = self.history_file.last_seq()
+        mirror_seq = self.mirror.seq()
+        if file_seq == 0 or (mirror_seq is not None and mirror_seq >= file_seq):
+            return False
+        rebuilt = self.mirror.rebuild(self.history_file.read())
+        if rebuilt:
+            log.info("registry_mirror_rebuilt", extra={"from_seq": mirror_seq,
+                                                       "to_seq": file_seq})
+        return rebuilt
+
+    def _append(self, make: Callable[[list[Record]], Record]) -> tuple[Record, RegistryState]:
+        """Append ``make``'s record; return it with the state right after it."""
+        before: list[list[Record]] = []
+
+        def capture(records: list[Record]) -> Record:
+            before.append(records)
+            return make(records)
+
+        record = self.history_file.append(capture)
+        return record, replay([*before[0], record])
+
+    def _mirror(self, record: Record, state: RegistryState) -> None:
+        """Mirror a change already in the file; a Redis failure is logged, not raised: the
+        change stands and ensure_mirror() repairs the mirror."""
+        try:
+            self.mirror.apply(record, state)
+        except Unavailable as exc:
+            log.warning("registry_mirror_update_failed",
+                        extra={"seq": record.seq, "ref": record.ref, "error": exc.message})

@@ -1,0 +1,213 @@
+"""The HTTP API end to end: real producer over HTTP, real Redis, a real worker process."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from banter.demo import DEMO_TEXT
+
+
+def test_inference_writes_the_demo_text_with_headers(api):
+    response = api.post("/v1/inference", {"prompt": "Tell me anything.", "max_tokens": 5},
+                        headers={"X-Trace-ID": "trace-abc"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == " banterhearts streams every token from"
+    assert body["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5 and body["usage"]["prompt_tokens"] > 0
+    assert (body["model"], body["version"], body["backend"]) == ("demo-gpt", 1, "onnx")
+    assert response.headers["X-Trace-ID"] == "trace-abc"
+    assert response.headers["X-Backend"] == "onnx"
+    assert int(response.headers["X-Batch-Size"]) >= 1
+    assert float(response.headers["X-Latency-MS"]) > 0
+
+
+def test_max_tokens_decides_the_length_and_the_text_cycles(api):
+    words = len(DEMO_TEXT.split())
+    body = api.post("/v1/inference", {"prompt": "x", "max_tokens": words + 2}).json()
+    assert body["text"] == DEMO_TEXT + " banterhearts streams"
+
+
+def test_job_lifecycle_generate(api):
+    response = api.post("/v1/jobs", {"kind": "generate", "input": "hello",
+                                     "params": {"max_tokens": 3}})
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["links"] == {"self": f"/v1/jobs/{body['id']}",
+                             "events": f"/v1/jobs/{body['id']}/events"}
+    job = api.wait_job(body["id"])
+    assert job["status"] == "succeeded"
+    assert job["result"] == {"text": " banterhearts streams every", "finish_reason": "length"}
+    assert job["kind"] == "generate" and job["backend"] == "onnx" and job["version"] == 1
+    assert job["worker"].startswith("cpu-test@")
+    timings = job["timings"]
+    assert timings["queued_at"] <= timings["started_at"] <= timings["finished_at"]
+    assert timings["queue_ms"] >= 0 and timings["run_ms"] >= 0
+    assert job["usage"]["completion_tokens"] == 3
+
+
+def test_job_lifecycle_embed(api):
+    body = api.post("/v1/jobs", {"kind": "embed", "input": "a sentence"}).json()
+    job = api.wait_job(body["id"])
+    assert job["status"] == "succeeded", job
+    vector = job["result"]["embedding"]
+    assert len(vector) == 128
+    assert abs(sum(x * x for x in vector) - 1.0) < 1e-4
+    assert job["model"] == "demo-embed" and job["batch_size"] >= 1
+
+
+def test_events_replay_a_finished_job(api):
+    body = api.post("/v1/jobs", {"kind": "generate", "input": "hi",
+                                 "params": {"max_tokens": 4}}).json()
+    api.wait_job(body["id"])
+    response = api.get(body["links"]["events"])
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = [block for block in response.text.split("\n\n") if block.startswith("id:")]
+    assert [e.split("\n")[1] for e in events] == ["event: token"] * 4 + ["event: done"]
+
+
+def test_idempotency_key_returns_the_same_job(api):
+    key = uuid.uuid4().hex
+    first = api.post("/v1/jobs", {"kind": "embed", "input": "x", "idempotency_key": key})
+    second = api.post("/v1/jobs", {"kind": "embed", "input": "x", "idempotency_key": key})
+    assert first.status_code == 202 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+
+
+def test_inference_batch_keeps_prompt_order(api):
+    response = api.post("/v1/inference/batch", {"prompts": ["a", "bb", "ccc"], "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 3 and len({r["id"] for r in results}) == 3
+    assert all(r["text"] == " banterhearts streams" for r in results)
+    assert int(response.headers["X-Batch-Size"]) >= 1
+
+
+def test_openai_embeddings_float_and_base64(api):
+    import base64
+
+    import numpy as np
+
+    plain = api.post("/v1/embeddings", {"input": ["one", "two"], "model": "demo-embed"}).json()
+    assert plain["object"] == "list" and [d["index"] for d in plain["data"]] == [0, 1]
+    packed = api.post("/v1/embeddings", {"input": "one", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, plain["data"][0]["embedding"], atol=1e-6)
+    assert plain["usage"]["prompt_tokens"] > 0
+
+
+def test_pinned_model_version(api):
+    body = api.post("/v1/inference", {"prompt": "x", "model": "demo-gpt@1", "max_tokens": 1})
+    assert body.status_code == 200 and body.json()["version"] == 1
+
+
+def test_models_list_is_openai_shaped(api):
+    body = api.get("/v1/models").json()
+    assert body["object"] == "list"
+    names = {m["id"]: m for m in body["data"]}
+    assert names["demo-gpt"]["kind"] == "generate" and names["demo-embed"]["kind"] == "embed"
+    assert names["demo-gpt"]["object"] == "model" and names["demo-gpt"]["backend"] == "onnx"
+
+
+def test_health_and_readiness(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and "cpu-test@localhost" in ready.json()["workers"]
+    metrics = api.get("/metrics").text
+    assert 'banter_queue_depth{lane="interactive"}' in metrics
+    assert "banter_live_workers 1" in metrics
+
+
+def test_unknown_job_is_404(api):
+    for job_id in (str(uuid.uuid4()), "not-a-uuid"):
+        response = api.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "job_not_found"
+
+
+def test_delete_finished_job_leaves_it_as_it_was(api):
+    body = api.post("/v1/jobs", {"kind": "embed", "input": "x"}).json()
+    api.wait_job(body["id"])
+    response = api.delete(f"/v1/jobs/{body['id']}")
+    assert response.status_code == 200 and response.json()["status"] == "succeeded"
+
+
+BAD_INPUTS = [
+    ("/v1/inference", {"prompt": ""}, 422, "prompt"),
+    ("/v1/inference", {"prompt": "   "}, 422, "prompt"),
+    ("/v1/inference", {}, 422, "prompt"),
+    ("/v1/inference", {"prompt": 5}, 422, "prompt"),
+    ("/v1/inference", {"prompt": "x" * 20000}, 422, "limit"),
+    ("/v1/inference", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/inference", {"prompt": "x", "max_tokens": 100000}, 422, "max_tokens"),
+    ("/v1/inference", {"prompt": "x", "max_tokens": "5"}, 422, "max_tokens"),
+    ("/v1/inference", {"prompt": "x", "max_tokens": True}, 422, "max_tokens"),
+    ("/v1/inference", {"prompt": "x", "temperature": -1}, 422, "temperature"),
+    ("/v1/inference", {"prompt": "x", "top_p": 0}, 422, "top_p"),
+    ("/v1/inference", {"prompt": "x", "top_k": -3}, 422, "top_k"),
+    ("/v1/inference", {"prompt": "x", "seed": -1}, 422, "seed"),
+    ("/v1/inference", {"prompt": "x", "stop": [""]}, 422, "stop"),
+    ("/v1/inference", {"prompt": "x", "model": "no-such-model"}, 404, "no-such-model"),
+    ("/v1/inference", {"prompt": "x", "model": "demo-embed"}, 422, "embed"),
+    ("/v1/inference", {"prompt": "x", "model": "demo-gpt@99"}, 404, "demo-gpt@99"),
+    ("/v1/inference", {"prompt": "x", "model": "demo-gpt@zero"}, 422, "version"),
+    ("/v1/inference", ["a list"], 422, "object"),
+    ("/v1/jobs", {"kind": "train", "input": "x"}, 422, "kind"),
+    ("/v1/jobs", {"kind": "embed"}, 422, "input"),
+    ("/v1/jobs", {"kind": "embed", "input": "x", "lane": "fast"}, 422, "lane"),
+    ("/v1/jobs", {"kind": "embed", "input": "x", "params": {"max_tokens": 3}}, 422, "params"),
+    ("/v1/jobs", {"kind": "generate", "input": "x", "params": [1]}, 422, "params"),
+    ("/v1/jobs", {"kind": "embed", "input": "x", "deadline_s": -5}, 422, "deadline_s"),
+    ("/v1/inference/batch", {"prompts": []}, 422, "prompts"),
+    ("/v1/inference/batch", {"prompts": ["x"] * 9}, 413, "limit"),
+    ("/v1/inference/batch", {"prompts": ["x", 3]}, 422, "prompts[1]"),
+    ("/v1/embeddings", {"input": [1, 2]}, 422, "input"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 422, "encoding_format"),
+    ("/v1/models/promote", {"name": "m", "kind": "embed"}, 422, "path"),
+    ("/v1/models/promote", {"name": "m", "kind": "embed", "path": "../../etc/passwd"}, 422,
+     "model root"),
+    ("/v1/models/rollback", {}, 422, "name"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,needle", BAD_INPUTS)
+def test_bad_input_gets_a_clear_4xx(api, path, body, status, needle):
+    response = api.post(path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"type", "message"}
+    assert needle.lower() in error["message"].lower(), error
+
+
+def test_malformed_requests(api):
+    cases = [
+        (dict(data="{not json", headers={"Content-Type": "application/json"}), 400, "bad_json"),
+        (dict(data="prompt=x", headers={"Content-Type": "text/plain"}), 415,
+         "unsupported_media_type"),
+        (dict(data='{"prompt": NaN}', headers={"Content-Type": "application/json"}), 400,
+         "bad_json"),
+        (dict(data="[" * 100000, headers={"Content-Type": "application/json"}), 400, "bad_json"),
+        (dict(data=b"\xff\xfe{", headers={"Content-Type": "application/json"}), 400, "bad_json"),
+        (dict(data="x" * 2_000_000, headers={"Content-Type": "application/json"}), 413, None),
+    ]
+    for kwargs, status, kind in cases:
+        response = api.session.post(api.url + "/v1/inference", timeout=30, **kwargs)
+        assert response.status_code == status, (kwargs.get("headers"), response.text[:200])
+        if kind:
+            assert response.json()["error"]["type"] == kind
+
+
+def test_unknown_route_and_method_are_json_errors(api):
+    assert api.get("/v1/nothing").status_code == 404
+    response = api.session.put(api.url + "/v1/inference", timeout=10)
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_prompt_longer_than_the_token_limit_fails_the_job_clearly(api):
+    response = api.post("/v1/inference", {"prompt": "zq " * 4000, "max_tokens": 1})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["type"] == "prompt_too_long"
+

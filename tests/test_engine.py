@@ -1,0 +1,399 @@
+import threading
+import time
+from collections import deque
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from banter.demo import DEMO_TEXT, build_demo
+from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError, PromptTooLong
+from workers import runner as runner_module
+from workers.batching import collate, left_pad_past, left_pad_pending, split_present
+from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from workers.engine import Engine, EngineSettings
+from workers.runner import ModelSpec, RunnerCache, file_sha256, select_providers
+from workers.sampling import SamplingParams
+
+WORDS = [" " + w for w in DEMO_TEXT.split()]
+PROMPTS = ["hi", "tell me a story", "a b c d e f g h i j k l m n o p",
+           "Banterhearts is a small inference server.", "the cache keeps keys and values"]
+
+
+def demo_words(n):
+    return "".join(WORDS[i % len(WORDS)] for i in range(n))
+
+
+class RecordingSink:
+    def __init__(self):
+        self.published = []  # one list of TokenEvent per publish_tokens call
+        self.passes = []
+
+    def publish_tokens(self, events):
+        assert events
+        self.published.append(list(events))
+
+    def record_pass(self, kind, model, version, batch_size, seconds):
+        self.passes.append((kind, model, version, batch_size))
+
+    def streamed(self, job_id):
+        return [e for step in self.published for e in step if e.job_id == job_id]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    dirs = build_demo(tmp_path_factory.mktemp("models"))
+
+    def spec(name, kind):
+        model = dirs[name] / "model.onnx"
+        return ModelSpec(name, 1, kind, model, dirs[name] / "tokenizer.json", file_sha256(model))
+
+    return {"gpt": spec("demo-gpt", "generate"), "embed": spec("demo-embed", "embed")}
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return RunnerCache(select_providers(use_gpu=False), intra_op_threads=1)
+
+
+@pytest.fixture
+def sink():
+    return RecordingSink()
+
+
+@pytest.fixture
+def make_engine(cache, sink):
+    def make(clock=time.monotonic, **settings):
+        return Engine(cache, sink, EngineSettings(**settings), clock)
+    return make
+
+
+def drive(engine, futures, max_steps=1000):
+    for _ in range(max_steps):
+        if all(f.done() for f in futures):
+            return [f.result() for f in futures]
+        engine.step()
+    raise AssertionError("futures did not finish")
+
+
+def generate_alone(make_engine, spec, prompt, params):
+    engine = make_engine()
+    return drive(engine, [engine.submit_generate("alone", spec, prompt, params)])[0]
+
+
+# -- runner ----------------------------------------------------------------------------------
+
+def test_runner_reads_decoder_geometry(cache, specs):
+    runner = cache.get(specs["gpt"])
+    assert runner.providers == ["CPUExecutionProvider"] == select_providers(False)
+    assert (runner.n_layer, runner.n_head, runner.head_dim) == (2, 4, 32)
+    assert runner.max_positions == 1024 and runner.eos_token_id == 0
+    assert cache.get(specs["gpt"]) is runner
+
+
+def test_checksum_mismatch_loads_nothing(specs):
+    fresh = RunnerCache()
+    bad = replace(specs["gpt"], sha256="0" * 64)
+    with pytest.raises(ChecksumMismatch) as err:
+        fresh.get(bad)
+    assert str(bad.model_path) in err.value.message and "0" * 64 in err.value.message
+    assert specs["gpt"].sha256 in err.value.message
+    assert fresh.loaded() == []
+
+
+def test_cache_loads_a_version_once_across_threads(specs, monkeypatch):
+    loads = []
+
+    class SlowRunner(runner_module.Runner):
+        def __init__(self, *args):
+            loads.append(1)
+            time.sleep(0.05)
+            super().__init__(*args)
+
+    monkeypatch.setattr(runner_module, "Runner", SlowRunner)
+    fresh = RunnerCache()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(fresh.get(specs["embed"])))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and len({id(r) for r in got}) == 1
+    assert fresh.loaded() == [("demo-embed", 1)]
+    assert fresh.retire("demo-embed", 1) and fresh.loaded() == []
+
+
+def test_wrong_graph_or_missing_file_is_a_load_error(specs):
+    fresh = RunnerCache()
+    with pytest.raises(ModelLoadError, match="not a embed graph"):
+        fresh.get(replace(specs["gpt"], kind="embed"))
+    with pytest.raises(ModelLoadError, match="cannot read model file"):
+        fresh.get(replace(specs["gpt"], version=2, model_path=specs["gpt"].model_path.with_name("x")))
+    assert fresh.loaded() == []
+
+
+# -- batching and detokenizing ---------------------------------------------------------------
+
+def test_collate_waits_until_full_or_deadline():
+    waiting = deque(range(5))
+    assert collate(waiting, 8, deadline=10.0, now=9.0) is None
+    assert collate(waiting, 3, deadline=10.0, now=9.0) == [0, 1, 2]
+    assert collate(waiting, 3, deadline=10.0, now=10.0) == [3, 4]
+    assert collate(waiting, 3, deadline=10.0, now=11.0) is None
+
+
+def test_detokenizer_never_splits_a_character(cache, specs):
+    tokenizer = cache.get(specs["gpt"]).tokenizer
+    text = "héllo 🌍 naïve — 日本"
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(t) for t in tokenizer.encode(text).ids]
+    assert "".join(pieces) == detok.text == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # the emoji's bytes were held back until complete
+
+
+def test_stop_helpers():
+    assert find_stop("abc stop here", ["here", "stop"]) == 4
+    assert find_stop("abc", ["x"]) == -1
+    assert partial_stop_len("hello wor", ["world", "lo w"]) == 3
+    assert partial_stop_len("hello", ["world"]) == 0
+
+
+def decoder_pass(runner, caches, pending):
+    past_lens = [0 if c is None else c[0].shape[1] for c in caches]
+    ids, mask, positions = left_pad_pending(pending, past_lens)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    feeds.update(zip(runner.past_names, left_pad_past(
+        caches, past_lens, len(runner.past_names), (runner.n_head, runner.head_dim), np.float32)))
+    out = runner.run(feeds)
+    present = [out[n] for n in runner.present_names]
+    return out["logits"][:, -1], split_present(present, past_lens, [len(p) for p in pending])
+
+
+def test_padded_pass_matches_each_sequence_alone(cache, specs):
+    runner = cache.get(specs["gpt"])
+    a, b, c = (np.array(runner.tokenizer.encode(p).ids) for p in PROMPTS[1:4])
+    _, (cache_a,) = decoder_pass(runner, [None], [a])
+    _, (cache_b,) = decoder_pass(runner, [None], [b])
+    # a and b continue from pasts of different lengths while c joins with its whole prompt
+    logits, caches = decoder_pass(runner, [cache_a, cache_b, None], [a[:1], b[:2], c])
+    for row, (got, whole) in enumerate(zip(caches, [np.r_[a, a[:1]], np.r_[b, b[:2]], c])):
+        want_logits, (want,) = decoder_pass(runner, [None], [whole])  # one unpadded prefill
+        np.testing.assert_allclose(logits[row], want_logits[0], atol=1e-4)
+        assert [t.shape for t in got] == [t.shape for t in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+# -- embed -----------------------------------------------------------------------------------
+
+def test_embed_batches_and_matches_alone(make_engine, sink, specs):
+    texts = [f"sentence number {i} " + "word " * i for i in range(16)]
+    engine = make_engine()
+    results = drive(engine, [engine.submit_embed(f"e{i}", specs["embed"], t)
+                             for i, t in enumerate(texts)])
+    assert 0 < len(sink.passes) < 16
+    assert {r.batch_size for r in results} == {8}
+    for text, result in zip(texts, results):
+        alone = make_engine(batch_window_s=0.0)
+        single = drive(alone, [alone.submit_embed("one", specs["embed"], text)])[0]
+        assert single.batch_size == 1 and single.prompt_tokens == result.prompt_tokens
+        assert np.allclose(result.embedding, single.embedding, atol=1e-5)
+        assert abs(np.linalg.norm(result.embedding) - 1.0) < 1e-6
+
+
+def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
+    engine = make_engine(enable_batching=False)
+    results = drive(engine, [engine.submit_embed(f"e{i}", specs["embed"], "text") for i in range(4)])
+    assert [r.batch_size for r in results] == [1, 1, 1, 1]
+    assert [p[3] for p in sink.passes] == [1, 1, 1, 1]
+
+
+def test_lone_embed_waits_for_the_window(make_engine, sink, specs):
+    clock = FakeClock()
+    engine = make_engine(clock=clock, batch_window_s=0.01)
+    future = engine.submit_embed("e", specs["embed"], "text")
+    assert engine.step() is False and not future.done()
+    clock.now += 0.01
+    assert engine.step() is True and future.result().batch_size == 1
+
+
+# -- generate --------------------------------------------------------------------------------
+
+def test_greedy_generate_writes_demo_text(make_engine, sink, specs, cache):
+    engine = make_engine()
+    future = engine.submit_generate("g", specs["gpt"], "hello there", SamplingParams(max_tokens=7))
+    assert engine.submit_generate("g", specs["gpt"], "other", SamplingParams()) is future
+    assert engine.running_jobs() == []
+    engine.step()
+    assert engine.running_jobs() == ["g"]
+    result = drive(engine, [future])[0]
+    assert result.text == demo_words(7) and result.finish_reason == "length"
+    assert result.completion_tokens == len(result.token_ids) == 7
+    assert result.prompt_tokens == len(cache.get(specs["gpt"]).tokenizer.encode("hello there").ids)
+    events = sink.streamed("g")
+    assert [e.seq for e in events] == list(range(7)) and len(sink.published) == 7
+    assert "".join(e.text for e in events) == result.text
+    assert [e.token_id for e in events] == result.token_ids
+    assert engine.running_jobs() == [] and sink.passes[0] == ("generate", "demo-gpt", 1, 1)
+
+
+def test_empty_prompt_starts_from_bos(make_engine, specs):
+    result = generate_alone(make_engine, specs["gpt"], "", SamplingParams(max_tokens=3))
+    assert result.prompt_tokens == 1 and result.text == demo_words(3)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=12),
+    SamplingParams(max_tokens=12, temperature=0.8, seed=1234),
+    SamplingParams(max_tokens=12, temperature=2.0, top_p=0.9, seed=99),  # far from greedy
+])
+def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, specs, params):
+    alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=9 + i))
+             for i, p in enumerate(PROMPTS)]
+    engine = make_engine()
+    futures = []
+    for i, prompt in enumerate(PROMPTS):
+        futures.append(engine.submit_generate(f"j{i}", specs["gpt"], prompt,
+                                              replace(params, max_tokens=9 + i)))
+        engine.step()
+    crowd = drive(engine, futures)
+    for a, c in zip(alone, crowd):
+        assert c.token_ids == a.token_ids and c.text == a.text and c.finish_reason == "length"
+    assert max(c.batch_size for c in crowd) == len(PROMPTS)
+    # every step published all its tokens at once; one ORT pass per step
+    gen_passes = [p[3] for p in sink.passes if p[0] == "generate"][-len(sink.published):]
+    assert [len(step) for step in sink.published[-len(gen_passes):]] == gen_passes
+
+
+@pytest.mark.parametrize("stop, expected", [((" every",), demo_words(2)),
+                                            (("streams ev", "zzz"), demo_words(1) + " ")])
+def test_stop_string_ends_early_and_is_never_streamed(make_engine, sink, specs, stop, expected):
+    engine = make_engine()
+    future = engine.submit_generate("s", specs["gpt"], "x", SamplingParams(max_tokens=20, stop=stop))
+    result = drive(engine, [future])[0]
+    assert result.finish_reason == "stop" and result.text == expected
+    assert result.completion_tokens == 3
+    assert "".join(e.text for e in sink.streamed("s")) == expected
+
+
+def test_cancel_mid_generation(make_engine, specs):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=10)
+    futures = [engine.submit_generate(f"c{i}", specs["gpt"], p, params)
+               for i, p in enumerate(PROMPTS[:3])]
+    for _ in range(3):
+        engine.step()
+    assert engine.cancel("c1") and not engine.cancel("nope")
+    engine.step()
+    cancelled = futures[1].result()
+    assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 3
+    assert cancelled.text == demo_words(3)
+    assert sorted(engine.running_jobs()) == ["c0", "c2"]
+    assert [r.finish_reason for r in drive(engine, [futures[0], futures[2]])] == ["length"] * 2
+    assert not engine.cancel("c0")
+
+
+def test_cancelled_waiting_job_never_starts(make_engine, sink, specs):
+    engine = make_engine()
+    future = engine.submit_generate("w", specs["gpt"], "hi", SamplingParams())
+    assert engine.cancel("w")
+    engine.step()
+    result = future.result()
+    assert result.finish_reason == "cancelled" and result.token_ids == [] and sink.passes == []
+
+
+def test_deadline_expires(make_engine, specs):
+    clock = FakeClock()
+    engine = make_engine(clock=clock)
+    future = engine.submit_generate("d", specs["gpt"], "hi", SamplingParams(max_tokens=50),
+                                    deadline=clock.now + 1.0)
+    engine.step()
+    engine.step()
+    clock.now += 1.0
+    engine.step()
+    result = future.result()
+    assert result.finish_reason == "expired" and result.completion_tokens == 2
+
+
+def test_interactive_is_admitted_before_bulk(make_engine, sink, specs):
+    engine = make_engine(max_running=1)
+    params = SamplingParams(max_tokens=3)
+    bulk = engine.submit_generate("bulk", specs["gpt"], "hi", params, lane="bulk")
+    fast = engine.submit_generate("fast", specs["gpt"], "hi", params, lane="interactive")
+    engine.step()
+    assert engine.running_jobs() == ["fast"]
+    drive(engine, [bulk, fast])
+    order = [e.job_id for step in sink.published for e in step]
+    assert order == ["fast"] * 3 + ["bulk"] * 3
+
+
+def test_a_prompt_waits_while_the_padded_batch_would_pass_the_position_limit(
+        make_engine, specs, cache, monkeypatch):
+    runner = cache.get(specs["gpt"])
+    first, second = "hi", PROMPTS[2]
+    a, b = (len(runner.tokenizer.encode(p).ids) for p in (first, second))
+    monkeypatch.setattr(runner, "max_positions", a + 30)
+    engine = make_engine()
+    long_run = engine.submit_generate("long", specs["gpt"], first, SamplingParams(max_tokens=30))
+    for _ in range(21):
+        engine.step()
+    assert a + 20 + b > runner.max_positions >= b + 2  # fits alone, not beside "long"
+    late = engine.submit_generate("late", specs["gpt"], second, SamplingParams(max_tokens=2))
+    engine.step()
+    assert engine.running_jobs() == ["long"]
+    assert drive(engine, [long_run, late])[1].text == demo_words(2)
+
+
+def test_prompt_too_long(make_engine, specs):
+    engine = make_engine(max_prompt_tokens=8)
+    with pytest.raises(PromptTooLong):
+        engine.submit_generate("p", specs["gpt"], "word " * 50, SamplingParams())
+    with pytest.raises(PromptTooLong):
+        engine.submit_embed("p", specs["embed"], "word " * 50)
+    with pytest.raises(PromptTooLong):
+        engine.submit_generate("p", specs["gpt"], "hi", SamplingParams(max_tokens=1024))
+
+
+def test_ort_failure_fails_the_pass_and_the_engine_keeps_serving(make_engine, specs, cache,
+                                                                 monkeypatch):
+    engine = make_engine()
+    runner = cache.get(specs["gpt"])
+
+    def broken(feeds):
+        raise InferenceError("boom")
+
+    monkeypatch.setattr(runner, "run", broken)
+    failed = [engine.submit_generate(f"f{i}", specs["gpt"], "hi", SamplingParams()) for i in range(2)]
+    engine.step()
+    for future in failed:
+        with pytest.raises(InferenceError):
+            future.result()
+    monkeypatch.undo()
+    ok = engine.submit_generate("ok", specs["gpt"], "hi", SamplingParams(max_tokens=2))
+    assert drive(engine, [ok])[0].text == demo_words(2)
+
+
+def test_run_loop_serves_from_a_thread(make_engine, specs):
+    engine = make_engine()
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.run, args=(stop,))
+    loop.start()
+    try:
+        gen = engine.submit_generate("t", specs["gpt"], "hi", SamplingParams(max_tokens=4))
+        emb = engine.submit_embed("e", specs["embed"], "hi")
+        assert gen.result(timeout=10).text == demo_words(4)
+        assert len(emb.result(timeout=10).embedding) == 128
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+    assert not loop.is_alive()

@@ -1,0 +1,451 @@
+"""The model registry against a private redis-server and real (tiny) ONNX files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import pytest
+import redis
+from onnx import TensorProto, helper
+
+from banter import keys
+from banter.errors import ArtifactError, Conflict, InvalidRequest, ModelNotFound, WireError
+from registry.history import HistoryFile
+from registry.mirror import Mirror, resolve_from_mirror
+from registry.records import Record
+from registry.service import Registry
+from registry.state import replay
+
+
+# ----------------------------------------------------------------------------- redis-server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_port(tmp_path_factory: pytest.TempPathFactory):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    workdir = tmp_path_factory.mktemp("redis")
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        client.close()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def client(redis_port: int):
+    c = redis.Redis(port=redis_port, decode_responses=True)
+    c.flushall()
+    yield c
+    c.close()
+
+
+# ----------------------------------------------------------------------------- ONNX files
+def _io(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _save(graph: onnx.GraphProto, path: Path, tokenizer: bool = True) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if tokenizer:
+        (path.parent / "tokenizer.json").write_text("{}")
+    return path
+
+
+def generate_graph(path: Path, tag: str = "", kv: bool = True, logits: bool = True,
+                   heads: int | str = 2) -> Path:
+    """A 1-layer decoder with the generate I/O names (logits = ids as float, present = past)."""
+    ids = ["input_ids", "attention_mask", "position_ids"]
+    inputs = [_io(n, TensorProto.INT64, ["B", "S"]) for n in ids]
+    outputs = [_io("logits" if logits else "scores", TensorProto.FLOAT, ["B", "S"])]
+    nodes = [helper.make_node("Cast", ["input_ids"], [outputs[0].name], to=TensorProto.FLOAT)]
+    if kv:
+        for part in ("key", "value"):
+            inputs.append(_io(f"past_key_values.0.{part}", TensorProto.FLOAT, ["B", heads, "P", 4]))
+            outputs.append(_io(f"present.0.{part}", TensorProto.FLOAT, ["B", heads, "P", 4]))
+            nodes.append(helper.make_node("Identity", [f"past_key_values.0.{part}"],
+                                          [f"present.0.{part}"]))
+    graph = helper.make_graph(nodes, "gen", inputs, outputs, doc_string=tag)
+    return _save(graph, path)
+
+
+def embed_graph(path: Path) -> Path:
+    inputs = [_io(n, TensorProto.INT64, ["B", "S"]) for n in ("input_ids", "attention_mask")]
+    outputs = [_io("last_hidden_state", TensorProto.FLOAT, ["B", "S", 1])]
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["ids_f", "axis"], ["last_hidden_state"])]
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
+    graph = helper.make_graph(nodes, "embed", inputs, outputs, initializer=[axis])
+    return _save(graph, path)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    generate_graph(root / "gpt-a" / "model.onnx", tag="a")
+    generate_graph(root / "gpt-b" / "model.onnx", tag="b")
+    embed_graph(root / "emb" / "model.onnx")
+    return root
+
+
+@pytest.fixture
+def history_path(tmp_path: Path) -> Path:
+    return tmp_path / "registry" / "history.jsonl"
+
+
+@pytest.fixture
+def reg(client: redis.Redis, root: Path, history_path: Path) -> Registry:
+    return Registry(HistoryFile(history_path), Mirror(client), root)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+# ----------------------------------------------------------------------------- promote/rollback
+def test_promote_creates_version_1(reg: Registry, root: Path, history_path: Path,
+                                   client: redis.Redis):
+    record, created = reg.promote("gpt", "generate", "gpt-a", actor="ana", reason="first")
+    assert created
+    expected_sha = hashlib.sha256((root / "gpt-a" / "model.onnx").read_bytes()).hexdigest()
+    assert (record.seq, record.action, record.name, record.kind, record.version) == \
+        (1, "promote", "gpt", "generate", 1)
+    assert (record.path, record.sha256, record.backend, record.upstream_model) == \
+        ("gpt-a/model.onnx", expected_sha, "onnx", None)
+    assert (record.actor, record.reason, record.previous_version) == ("ana", "first", None)
+    assert record.time.endswith("Z")
+    assert len(lines(history_path)) == 1
+    assert Record.from_json(lines(history_path)[0]) == record
+    assert reg.mirror.seq() == 1
+    assert reg.mirror.active("gpt") == record
+    assert reg.resolve("gpt", "generate") == record
+    assert record.to_public()["ref"] == "gpt@1"
+    assert json.loads(client.hget(keys.REGISTRY_ACTIVE, "gpt"))["version"] == 1
+
+
+def test_versions_idempotency_and_rollback(reg: Registry, history_path: Path):
+    v1, _ = reg.promote("gpt", "generate", "gpt-a/model.onnx")
+    v2, created = reg.promote("gpt", "generate", "gpt-b")
+    assert created and v2.version == 2 and v2.previous_version == 1 and v2.seq == 2
+
+    same, created = reg.promote("gpt", "generate", "gpt-b/model.onnx")
+    assert not created and same == v2
+    assert len(lines(history_path)) == 2
+
+    back = reg.rollback("gpt", actor="ops", reason="bad outputs")
+    assert (back.action, back.version, back.previous_version, back.seq) == ("rollback", 1, 2, 3)
+    assert (back.path, back.sha256) == (v1.path, v1.sha256)
+    assert len(lines(history_path)) == 3
+    assert json.loads(lines(history_path)[-1])["action"] == "rollback"
+    assert reg.resolve("gpt").version == 1
+    assert [r.seq for r in reg.history("gpt")] == [1, 2, 3]
+
+    with pytest.raises(Conflict, match="no earlier version"):
+        reg.rollback("gpt")
+    assert len(lines(history_path)) == 3
+
+    # Promoting v2's artifact again is a new version (v2 is not active any more).
+    v3, created = reg.promote("gpt", "generate", "gpt-b")
+    assert created and v3.version == 3 and v3.previous_version == 1
+    assert reg.rollback("gpt").version == 1
+
+
+def test_pins_and_resolve_errors(reg: Registry):
+    v1, _ = reg.promote("gpt", "generate", "gpt-a")
+    v2, _ = reg.promote("gpt", "generate", "gpt-b")
+    reg.promote("emb", "embed", "emb")
+    assert reg.resolve("gpt@1") == v1
+    assert reg.resolve("gpt@2", "generate") == v2
+    assert reg.resolve("gpt") == v2
+    assert resolve_from_mirror(reg.mirror, "gpt@1", "generate") == v1
+    with pytest.raises(ModelNotFound, match="nope"):
+        reg.resolve("nope")
+    with pytest.raises(ModelNotFound, match="no version 7"):
+        reg.resolve("gpt@7")
+    with pytest.raises(InvalidRequest, match="has kind generate, not embed"):
+        reg.resolve("gpt", "embed")
+    with pytest.raises(InvalidRequest, match="has kind embed, not generate"):
+        resolve_from_mirror(reg.mirror, "emb@1", "generate")
+    for bad in ("gpt@0", "gpt@x", "gpt@", "gpt@-1", "a/b", "@1"):
+        with pytest.raises(InvalidRequest):
+            reg.resolve(bad)
+    with pytest.raises(ModelNotFound):
+        reg.rollback("nope")
+    with pytest.raises(ModelNotFound):
+        reg.history("nope")
+
+
+def test_kind_cannot_change_and_openai_backend(reg: Registry):
+    reg.promote("gpt", "generate", "gpt-a")
+    with pytest.raises(Conflict, match="cannot change kind"):
+        reg.promote("gpt", "embed", "emb")
+    record, created = reg.promote("remote", "generate", "", backend="openai",
+                                  upstream_model="gpt-4o-mini")
+    assert created and (record.path, record.sha256, record.upstream_model) == \
+        ("", "", "gpt-4o-mini")
+    again, created = reg.promote("remote", "generate", "", backend="openai",
+                                 upstream_model="gpt-4o-mini")
+    assert not created and again == record
+    other, created = reg.promote("remote", "generate", "", backend="openai",
+                                 upstream_model="gpt-4o")
+    assert created and other.version == 2
+    with pytest.raises(InvalidRequest, match="upstream_model"):
+        reg.promote("remote2", "generate", "", backend="openai")
+    with pytest.raises(InvalidRequest, match="backend"):
+        reg.promote("x", "generate", "gpt-a", backend="torch")
+    with pytest.raises(InvalidRequest, match="kind"):
+        reg.promote("x", "classify", "gpt-a")
+    assert [r.name for r in reg.list_active()] == ["gpt", "remote"]
+
+
+@pytest.mark.parametrize("name", ["", "a@b", "a/b", "a..b", "-a", ".a", "x" * 65, "a b"])
+def test_bad_names(reg: Registry, name: str):
+    with pytest.raises(InvalidRequest, match="invalid model name"):
+        reg.promote(name, "generate", "gpt-a")
+
+
+# ----------------------------------------------------------------------------- artifacts
+def test_artifact_errors(reg: Registry, root: Path, tmp_path: Path, history_path: Path):
+    outside = generate_graph(tmp_path / "outside" / "model.onnx")
+    (root / "escape").symlink_to(outside.parent, target_is_directory=True)
+    (root / "link.onnx").symlink_to(outside)
+    generate_graph(root / "no-kv" / "model.onnx", kv=False)
+    generate_graph(root / "no-logits" / "model.onnx", logits=False)
+    generate_graph(root / "dyn-heads" / "model.onnx", heads="H")
+    generate_graph(root / "no-tok" / "model.onnx")
+    (root / "no-tok" / "tokenizer.json").unlink()
+    (root / "junk").mkdir()
+    (root / "junk" / "model.onnx").write_bytes(os.urandom(64) + b"not an onnx model")
+    (root / "junk" / "tokenizer.json").write_text("{}")
+    (root / "junk" / "model.txt").write_text("x")
+    cases = {
+        "../outside/model.onnx": "outside the model root",
+        str(outside): "outside the model root",
+        "escape/model.onnx": "outside the model root",
+        "link.onnx": "outside the model root",
+        "missing/model.onnx": "not found",
+        "emb/none.onnx": "not found",
+        "junk/model.onnx": "not a valid ONNX model",
+        "junk/model.txt": ".onnx",
+        "no-tok": "tokenizer.json",
+        "no-kv": "past_key_values",
+        "no-logits": "missing outputs logits",
+        "dyn-heads": "static heads",
+        "emb": "missing inputs position_ids",
+        "": "path is required",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ArtifactError, match=message):
+            reg.promote("gpt", "generate", path)
+    with pytest.raises(ArtifactError, match="missing outputs last_hidden_state"):
+        reg.promote("emb", "embed", "gpt-a")
+    assert not history_path.exists()
+
+
+def test_absolute_path_and_symlink_inside_root(reg: Registry, root: Path):
+    record, _ = reg.promote("gpt", "generate", str(root / "gpt-a"))
+    assert record.path == "gpt-a/model.onnx"
+    (root / "current").symlink_to(root / "gpt-b", target_is_directory=True)
+    record, _ = reg.promote("gpt", "generate", "current")
+    assert record.path == "current/model.onnx"  # workers open it through the link
+
+
+# ----------------------------------------------------------------------------- history file
+def test_torn_last_line_is_ignored_and_truncated(reg: Registry, history_path: Path):
+    reg.promote("gpt", "generate", "gpt-a")
+    with open(history_path, "ab") as f:
+        f.write(b'{"seq": 2, "time": "2024-')
+    assert [r.seq for r in reg.history()] == [1]
+    record, created = reg.promote("gpt", "generate", "gpt-b")
+    assert created and record.seq == 2
+    assert [Record.from_json(line).seq for line in lines(history_path)] == [1, 2]
+    assert history_path.read_bytes().endswith(b"\n")
+
+    with open(history_path, "ab") as f:
+        f.write(b"garbage\n")  # terminated but unparseable last line: also torn
+    assert len(reg.history()) == 2
+    record = reg.rollback("gpt")
+    assert record.seq == 3
+    assert [Record.from_json(line).seq for line in lines(history_path)] == [1, 2, 3]
+
+
+def test_corrupt_middle_line_is_an_error(reg: Registry, history_path: Path):
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    first, second = lines(history_path)
+    history_path.write_text(first + "\n" + "{not json\n" + second + "\n")
+    with pytest.raises(WireError, match="line 2"):
+        reg.history()
+    with pytest.raises(WireError, match="line 2"):
+        reg.promote("gpt", "generate", "gpt-a")
+
+
+def _promote_many(port: int, root: str, history: str, start: int, count: int) -> None:
+    client = redis.Redis(port=port, decode_responses=True)
+    reg = Registry(HistoryFile(history), Mirror(client), Path(root))
+    for i in range(start, start + count):
+        reg.promote("gpt", "generate", f"many/{i}")
+
+
+def test_concurrent_promotes_from_two_processes(reg: Registry, root: Path, history_path: Path,
+                                                redis_port: int, client: redis.Redis):
+    for i in range(20):
+        generate_graph(root / "many" / str(i) / "model.onnx", tag=str(i))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_promote_many,
+                         args=(redis_port, str(root), str(history_path), start, 10))
+             for start in (0, 10)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    records = reg.history()
+    assert [r.seq for r in records] == list(range(1, 21))
+    assert sorted(r.version for r in records) == list(range(1, 21))
+    assert len({r.path for r in records}) == 20
+    assert reg.mirror.seq() == 20
+    assert reg.mirror.active("gpt") == records[-1]
+    assert records[-1].version == 20
+    assert len(client.hkeys(keys.registry_versions("gpt"))) == 20
+    assert not reg.ensure_mirror()
+
+
+# ----------------------------------------------------------------------------- mirror
+def test_flushall_then_ensure_mirror_rebuilds(reg: Registry, client: redis.Redis):
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    reg.rollback("gpt")
+    reg.promote("emb", "embed", "emb")
+    assert not reg.ensure_mirror()
+    client.flushall()
+    assert reg.mirror.seq() is None
+    with pytest.raises(ModelNotFound, match="mirror in Redis is empty"):
+        resolve_from_mirror(reg.mirror, "gpt")
+    assert reg.ensure_mirror()
+    assert reg.mirror.seq() == 4
+    assert reg.mirror.active("gpt").version == 1
+    assert reg.mirror.version("gpt", 2).version == 2
+    assert [r.name for r in reg.mirror.list_active()] == ["emb", "gpt"]
+    client.flushall()
+    assert reg.resolve("emb", "embed").name == "emb"  # resolve repairs by itself
+
+
+def test_crash_between_append_and_mirror_is_repaired(reg: Registry, history_path: Path):
+    v1, _ = reg.promote("gpt", "generate", "gpt-a")
+    other = HistoryFile(history_path)  # another process that died before mirroring
+    other.append(lambda records: replace(records[-1], seq=2, version=2, path="gpt-b/model.onnx",
+                                         previous_version=1))
+    assert reg.mirror.seq() == 1
+    assert reg.mirror.active("gpt") == v1
+    assert reg.ensure_mirror()
+    assert reg.mirror.seq() == 2
+    assert reg.mirror.active("gpt").version == 2
+    assert reg.resolve("gpt@2").path == "gpt-b/model.onnx"
+    assert not reg.ensure_mirror()
+
+
+def test_mirror_cas_never_moves_back(reg: Registry, client: redis.Redis):
+    v1, _ = reg.promote("gpt", "generate", "gpt-a")
+    v2, _ = reg.promote("gpt", "generate", "gpt-b")
+    client.flushall()
+    mirror = Mirror(client)
+    assert mirror.apply(v2, replay([v1, v2]))
+    assert not mirror.apply(v1, replay([v1]))
+    assert mirror.seq() == 2 and mirror.active("gpt") == v2
+    assert not mirror.rebuild([v1])
+    assert mirror.seq() == 2 and mirror.active("gpt") == v2
+    # A rebuild drops names the file does not have.
+    client.hset(keys.REGISTRY_ACTIVE, "ghost", v1.to_json())
+    client.hset(keys.registry_versions("ghost"), "1", v1.to_json())
+    client.set(keys.REGISTRY_SEQ, 1)
+    assert mirror.rebuild([v1, v2])
+    assert client.hkeys(keys.REGISTRY_ACTIVE) == ["gpt"]
+    assert not client.exists(keys.registry_versions("ghost"))
+
+
+def test_event_published_on_promote_and_rollback(reg: Registry, client: redis.Redis):
+    pubsub = client.pubsub()
+    pubsub.subscribe(keys.REGISTRY_EVENTS)
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    record, _ = reg.promote("gpt", "generate", "gpt-a")
+    back_to = reg.promote("gpt", "generate", "gpt-b")[0]
+    rollback = reg.rollback("gpt")
+    seen = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 3 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+        if message and message["type"] == "message":
+            seen.append(Record.from_json(message["data"]))
+    pubsub.close()
+    assert seen == [record, back_to, rollback]
+
+
+def test_bytes_client_works(redis_port: int, root: Path, history_path: Path, client):
+    reg = Registry(HistoryFile(history_path), Mirror(redis.Redis(port=redis_port)), root)
+    record, _ = reg.promote("gpt", "generate", "gpt-a")
+    assert reg.resolve("gpt") == record
+    assert reg.mirror.list_active() == [record]
+
+
+def test_record_json_round_trip_and_errors():
+    record = Record(seq=1, time="2024-01-01T00:00:00.000Z", action="promote", name="m",
+                    kind="embed", version=1, path="m/model.onnx", sha256="ab", backend="onnx",
+                    upstream_model=None, actor="a", reason="", previous_version=None)
+    assert Record.from_json(record.to_json()) == record
+    assert Record.from_json(record.to_json().encode()) == record
+    for bad in ("nope", "[]", json.dumps({"seq": 1}),
+                record.to_json().replace('"version":1', '"version":"1"'),
+                record.to_json().replace('"kind":"embed"', '"kind":"other"')):
+        with pytest.raises(WireError):
+            Record.from_json(bad)
+
+
+def test_history_file_refuses_a_wrong_seq_and_creates_dirs(tmp_path: Path):
+    history = HistoryFile(tmp_path / "a" / "b" / "history.jsonl")
+    assert history.read() == [] and history.last_seq() == 0
+    record = Record(seq=1, time="2024-01-01T00:00:00.000Z", action="promote", name="m",
+                    kind="embed", version=1, path="m/model.onnx", sha256="ab", backend="onnx",
+                    upstream_model=None, actor="a", reason="", previous_version=None)
+    assert history.append(lambda records: record) == record
+    assert history.last_seq() == 1
+    with pytest.raises(WireError, match="next seq is 2"):
+        history.append(lambda records: replace(record, seq=3))
+    with pytest.raises(WireError):
+        history.append(lambda records: replace(record, seq=2, kind="other"))
+    assert history.read() == [record]
+    assert history.append(lambda records: replace(record, seq=2, version=2)).seq == 2
+    assert history.last_seq() == 2

@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+
+from banter.errors import InvalidRequest
+from workers.sampling import SamplingParams, sample
+
+LIMIT = 256
+
+
+def test_defaults_and_unknown_keys_ignored():
+    params = SamplingParams.from_dict({"prompt": "hi", "temperature": None}, LIMIT)
+    assert params == SamplingParams()
+    assert SamplingParams.from_dict({}, 8).max_tokens == 8
+
+
+def test_valid_values_are_normalised():
+    params = SamplingParams.from_dict(
+        {"max_tokens": LIMIT, "temperature": 1, "top_p": 0.5, "top_k": 40, "seed": 2**63 - 1,
+         "stop": "\n"}, LIMIT)
+    assert params == SamplingParams(LIMIT, 1.0, 0.5, 40, 2**63 - 1, ("\n",))
+    assert isinstance(params.temperature, float)
+    assert SamplingParams.from_dict({"stop": ["a", "b" * 64]}, LIMIT).stop == ("a", "b" * 64)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", True), ("max_tokens", 0), ("max_tokens", LIMIT + 1), ("max_tokens", 2.0),
+    ("max_tokens", "8"),
+    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1),
+    ("temperature", 2.01), ("temperature", True), ("temperature", "0.5"),
+    ("top_p", 0), ("top_p", 1.01), ("top_p", math.nan), ("top_p", False), ("top_p", [0.5]),
+    ("top_k", -1), ("top_k", 2.0), ("top_k", False), ("top_k", "3"),
+    ("seed", -1), ("seed", 2**63), ("seed", True), ("seed", 1.0),
+    ("stop", ""), ("stop", [""]), ("stop", ["a"] * 5), ("stop", "x" * 65), ("stop", [1]),
+    ("stop", 5), ("stop", {"a": 1}),
+])
+def test_bad_field_is_rejected_by_name(field, value):
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams.from_dict({field: value}, LIMIT)
+    assert field in err.value.message
+
+
+def test_not_an_object_is_rejected():
+    with pytest.raises(InvalidRequest):
+        SamplingParams.from_dict(["max_tokens", 3], LIMIT)
+
+
+def test_greedy_is_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+    assert sample(logits, SamplingParams(), np.random.default_rng(0)) == 1
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = np.random.default_rng(1).normal(size=500).astype(np.float32)
+    params = SamplingParams(temperature=1.5, top_p=0.95, top_k=100, seed=7)
+
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [sample(logits, params, rng) for _ in range(50)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_temperature_follows_the_softmax():
+    logits = np.array([0.0, math.log(3.0)])
+    rng = np.random.default_rng(0)
+    picks = [sample(logits, SamplingParams(temperature=1.0), rng) for _ in range(4000)]
+    assert abs(np.mean(picks) - 0.75) < 0.03
+
+
+def test_top_k_and_top_p_filter():
+    logits = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    top2 = {sample(logits, SamplingParams(temperature=2.0, top_k=2), rng) for _ in range(300)}
+    assert top2 == {0, 1}
+    # softmax(logits) ~ [.64, .24, .09, ...]: top_p 0.7 keeps the first two
+    nucleus = {sample(logits, SamplingParams(temperature=1.0, top_p=0.7), rng) for _ in range(300)}
+    assert nucleus == {0, 1}
+    tiny = {sample(logits, SamplingParams(temperature=1.0, top_p=1e-9), rng) for _ in range(50)}
+    assert tiny == {0}
+
+
+def test_sampling_is_numerically_stable():
+    logits = np.array([1e30, -1e30, 1e30 - 1e24, 0.0], dtype=np.float32)
+    picks = {sample(logits, SamplingParams(temperature=0.01), np.random.default_rng(i))
+             for i in range(20)}
+    assert picks <= {0, 2}

@@ -1,0 +1,419 @@
+"""The engine: the one loop that owns the models of a worker process.
+
+Callers (Celery task threads) submit jobs and get futures; the engine thread calls ``step``
+(or ``run``), which runs at most one ORT pass per model version for embeds and one for the
+running generate sequences, reports tokens and passes to an ``EngineSink``, and resolves the
+futures. Pure Python + numpy + onnxruntime: tests drive ``step`` by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from banter.errors import InferenceError, InvalidRequest, PromptTooLong
+from banter.streams import TokenEvent
+from workers.batching import collate, left_pad_past, left_pad_pending, mean_pool, right_pad, \
+    split_present
+from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from workers.runner import ModelSpec, Runner, RunnerCache
+from workers.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+LANES = ("interactive", "bulk")  # admission order
+IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
+
+
+class EngineSink(Protocol):
+    """Where the engine reports. Called from the engine thread."""
+
+    def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
+        """Once per generate step with every token of that step (never with none)."""
+
+    def record_pass(self, kind: str, model: str, version: int, batch_size: int,
+                    seconds: float) -> None:
+        """Once per successful ORT pass."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Batching limits. ``enable_batching=False`` runs one embed and one generate sequence
+    per pass. ``batch_window_s`` is how long a lone embed waits for company."""
+
+    max_batch_size: int = 8
+    batch_window_s: float = 0.005
+    max_running: int = 32
+    max_prompt_tokens: int = 512
+    enable_batching: bool = True
+
+
+@dataclass
+class EmbedResult:
+    embedding: list[float]
+    prompt_tokens: int
+    batch_size: int
+
+
+@dataclass
+class GenerateResult:
+    """``batch_size`` is the largest number of sequences in any ORT pass this job was part of;
+    ``text`` is exactly the concatenated text of the job's token events."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    batch_size: int
+
+
+def _new_future() -> Future:
+    future: Future = Future()
+    future.set_running_or_notify_cancel()  # only ``Engine.cancel`` stops a job
+    return future
+
+
+@dataclass(eq=False)
+class _EmbedJob:
+    job_id: str
+    runner: Runner
+    ids: list[int]
+    arrived: float
+    future: Future
+
+
+class _Sequence:
+    """One generate job: its cache, pending tokens, sampler state and streamed text."""
+
+    def __init__(self, job_id: str, runner: Runner, prompt_ids: list[int],
+                 params: SamplingParams, deadline: float | None) -> None:
+        self.job_id = job_id
+        self.runner = runner
+        self.params = params
+        self.deadline = deadline
+        self.future = _new_future()
+        self.prompt_tokens = len(prompt_ids)
+        self.pending = np.asarray(prompt_ids, dtype=np.int64)
+        self.cache: list[np.ndarray] | None = None
+        self.past_len = 0
+        self.rng = np.random.default_rng(params.seed)
+        self.detokenizer = IncrementalDetokenizer(runner.tokenizer)
+        self.token_ids: list[int] = []
+        self.streamed = ""
+        self.batch_size = 0
+        self.started = False
+        self.finish_reason: str | None = None
+        self.error: InferenceError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def advance(self, cache: list[np.ndarray], token_id: int, batch_size: int) -> TokenEvent:
+        """Take one pass's result: the new cache and the sampled token."""
+        self.cache = cache
+        self.past_len += len(self.pending)
+        self.pending = np.array([token_id], dtype=np.int64)
+        self.batch_size = max(self.batch_size, batch_size)
+        self.token_ids.append(token_id)
+        if token_id == self.runner.eos_token_id:
+            self.finish_reason = "stop"
+            end = len(self.detokenizer.text)
+        else:
+            self.detokenizer.push(token_id)
+            end = self._stream_end(self.detokenizer.text)
+        piece = self.detokenizer.text[len(self.streamed):end]
+        self.streamed += piece
+        return TokenEvent(self.job_id, len(self.token_ids) - 1, piece, token_id)
+
+    def _stream_end(self, text: str) -> int:
+        stop_at = find_stop(text, self.params.stop, len(self.streamed))
+        if stop_at >= 0:
+            self.finish_reason = "stop"
+            return stop_at
+        if len(self.token_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+            return len(text)
+        return len(text) - partial_stop_len(text, self.params.stop)
+
+    def result(self) -> GenerateResult:
+        return GenerateResult(self.streamed, str(self.finish_reason), self.prompt_tokens,
+                              len(self.token_ids), list(self.token_ids), self.batch_size)
+
+
+def _fits(group: list[_Sequence], seq: _Sequence) -> bool:
+    """Whether the padded pass (P + S key positions) stays within the model's position limit."""
+    members = [*group, seq]
+    longest = max(s.past_len for s in members) + max(len(s.pending) for s in members)
+    return longest <= seq.runner.max_positions
+
+
+class Engine:
+    """Continuous batching over the models a worker serves.
+
+    ``submit_*`` run in the caller's thread (load the model, tokenize, check limits, enqueue)
+    and may raise ``BanterError`` subclasses synchronously. Submitting a generate job id that
+    the engine already holds returns that job's future (a redelivery never runs it twice).
+    Everything else happens in ``step``, on one engine thread; ``cancel`` and ``running_jobs``
+    are thread-safe.
+    """
+
+    def __init__(self, runners: RunnerCache, sink: EngineSink,
+                 settings: EngineSettings = EngineSettings(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._runners = runners
+        self._sink = sink
+        self._settings = settings
+        self._clock = clock
+        self._batch_cap = settings.max_batch_size if settings.enable_batching else 1
+        self._running_cap = settings.max_running if settings.enable_batching else 1
+        self._cond = threading.Condition()
+        # shared with caller threads, guarded by _cond:
+        self._embeds: dict[Runner, deque[_EmbedJob]] = {}
+        self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
+        self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
+        self._cancels: set[str] = set()
+        # engine thread only (admission writes it under _cond):
+        self._running: dict[Runner, list[_Sequence]] = {}
+
+    # -- caller threads ---------------------------------------------------------------------
+
+    def submit_embed(self, job_id: str, spec: ModelSpec, text: str) -> Future[EmbedResult]:
+        runner = self._runner(spec, "embed")
+        if not isinstance(text, str):
+            raise InvalidRequest("embed input must be a string")
+        ids = runner.tokenizer.encode(text).ids
+        if not ids:
+            raise InvalidRequest("embed input encodes to no tokens")
+        self._check_length(len(ids), 0, runner)
+        job = _EmbedJob(job_id, runner, ids, self._clock(), _new_future())
+        with self._cond:
+            self._embeds.setdefault(runner, deque()).append(job)
+            self._cond.notify()
+        return job.future
+
+    def submit_generate(self, job_id: str, spec: ModelSpec, prompt: str, params: SamplingParams,
+                        lane: str = "interactive",
+                        deadline: float | None = None) -> Future[GenerateResult]:
+        if lane not in LANES:
+            raise InvalidRequest(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt must be a string")
+        if params.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1")
+        runner = self._runner(spec, "generate")
+        ids = runner.tokenizer.encode(prompt).ids or self._start_ids(runner)
+        self._check_length(len(ids), params.max_tokens, runner)
+        seq = _Sequence(job_id, runner, ids, params, deadline)
+        with self._cond:
+            if job_id in self._jobs:  # a redelivered job joins the run already in progress
+                return self._jobs[job_id].future
+            self._jobs[job_id] = seq
+            self._waiting[lane].append(seq)
+            self._cond.notify()
+        return seq.future
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a generate job at the next step (a waiting one never starts); its future gets
+        finish_reason "cancelled". False when the engine does not hold the job."""
+        with self._cond:
+            if job_id not in self._jobs:
+                return False
+            self._cancels.add(job_id)
+            self._cond.notify()
+            return True
+
+    def running_jobs(self) -> list[str]:
+        with self._cond:
+            return [job_id for job_id, seq in self._jobs.items() if seq.started]
+
+    def _runner(self, spec: ModelSpec, kind: str) -> Runner:
+        if spec.kind != kind:
+            raise InvalidRequest(f"model {spec.name}@{spec.version} is a {spec.kind} model, "
+                                 f"it cannot serve {kind} jobs")
+        return self._runners.get(spec)
+
+    def _check_length(self, prompt_tokens: int, max_tokens: int, runner: Runner) -> None:
+        limit = self._settings.max_prompt_tokens
+        if prompt_tokens > limit:
+            raise PromptTooLong(f"the input is {prompt_tokens} tokens, the limit is {limit}")
+        if prompt_tokens + max_tokens > runner.max_positions:
+            asked = f"{prompt_tokens} input tokens" + (f" + {max_tokens} max_tokens"
+                                                       if max_tokens else "")
+            raise PromptTooLong(f"{asked} exceed the {runner.max_positions} positions of "
+                                f"{runner.spec.name}; shorten the input or lower max_tokens")
+
+    @staticmethod
+    def _start_ids(runner: Runner) -> list[int]:
+        start = runner.bos_token_id if runner.bos_token_id is not None else runner.eos_token_id
+        if start is None:
+            raise InvalidRequest("the prompt encodes to no tokens and the model has no bos or "
+                                 "eos token to start from")
+        return [start]
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until ``stop`` is set; sleeps on a condition while there is nothing to do."""
+        while not stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # a sink failure must not kill the worker's engine thread
+                log.exception("engine step failed")
+                worked = False
+            if not worked:
+                self._wait_for_work(stop)
+
+    def step(self, now: float | None = None) -> bool:
+        """One iteration: drop cancelled/expired jobs, admit waiting ones, run the passes,
+        publish the step's tokens, then resolve finished futures. True if it did anything."""
+        now = self._clock() if now is None else now
+        with self._cond:
+            leaving = self._drop(now)
+            self._admit()
+            embed_batches = self._take_embeds(now)
+        for runner, batch in embed_batches:
+            self._run_embed(runner, batch)
+        events: list[TokenEvent] = []
+        for runner, seqs in list(self._running.items()):
+            self._run_generate(runner, seqs, events)
+            leaving += [s for s in seqs if s.done]
+            self._running[runner] = [s for s in seqs if not s.done]
+            if not self._running[runner]:
+                del self._running[runner]
+        try:
+            if events:
+                self._sink.publish_tokens(events)
+        finally:
+            self._resolve(leaving)
+        return bool(leaving or embed_batches or events)
+
+    def _wait_for_work(self, stop: threading.Event) -> None:
+        with self._cond:
+            if stop.is_set() or self._running or self._cancels or any(self._waiting.values()):
+                return
+            timeout = IDLE_POLL_S
+            if self._embeds:
+                first = min(q[0].arrived for q in self._embeds.values())
+                timeout = min(timeout, first + self._settings.batch_window_s - self._clock())
+            if timeout > 0:
+                self._cond.wait(timeout)
+
+    def _drop(self, now: float) -> list[_Sequence]:
+        """Take cancelled and expired sequences out of the waiting lanes and the running set."""
+        cancels, self._cancels = self._cancels, set()
+        leaving = []
+
+        def leaves(seq: _Sequence) -> bool:
+            if seq.job_id in cancels:
+                seq.finish_reason = "cancelled"
+            elif seq.deadline is not None and now >= seq.deadline:
+                seq.finish_reason = "expired"
+            else:
+                return False
+            leaving.append(seq)
+            return True
+
+        for lane, queue in self._waiting.items():
+            if queue:
+                self._waiting[lane] = deque(s for s in queue if not leaves(s))
+        for runner, seqs in list(self._running.items()):
+            self._running[runner] = [s for s in seqs if not leaves(s)]
+            if not self._running[runner]:
+                del self._running[runner]
+        return leaving
+
+    def _admit(self) -> None:
+        count = sum(len(seqs) for seqs in self._running.values())
+        for lane in LANES:
+            queue = self._waiting[lane]
+            while queue and count < self._running_cap:
+                seq = queue[0]
+                if not _fits(self._running.get(seq.runner, []), seq):
+                    return  # it waits for the batch to shrink; nothing overtakes it
+                queue.popleft()
+                seq.started = True
+                self._running.setdefault(seq.runner, []).append(seq)
+                count += 1
+
+    def _take_embeds(self, now: float) -> list[tuple[Runner, list[_EmbedJob]]]:
+        busy = (bool(self._running) or any(self._waiting.values())
+                or any(len(q) >= self._batch_cap for q in self._embeds.values()))
+        batches = []
+        for runner, queue in list(self._embeds.items()):
+            deadline = now if busy else queue[0].arrived + self._settings.batch_window_s
+            batch = collate(queue, self._batch_cap, deadline, now)
+            if batch:
+                batches.append((runner, batch))
+            if not queue:
+                del self._embeds[runner]
+        return batches
+
+    def _run_embed(self, runner: Runner, batch: list[_EmbedJob]) -> None:
+        ids, mask = right_pad([job.ids for job in batch], runner.pad_token_id)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in runner.input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        try:
+            started = time.perf_counter()
+            hidden = runner.run(feeds)["last_hidden_state"]
+            seconds = time.perf_counter() - started
+            if hidden.ndim != 3 or hidden.shape[:2] != ids.shape:
+                raise InferenceError(f"{runner.spec.name}: last_hidden_state has shape "
+                                     f"{hidden.shape}, expected {ids.shape} + [hidden]")
+        except InferenceError as exc:
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        self._sink.record_pass("embed", runner.spec.name, runner.spec.version, len(batch),
+                               seconds)
+        for job, vector in zip(batch, mean_pool(hidden, mask)):
+            job.future.set_result(EmbedResult(vector.tolist(), len(job.ids), len(batch)))
+
+    def _run_generate(self, runner: Runner, seqs: list[_Sequence],
+                      events: list[TokenEvent]) -> None:
+        past_lens = [s.past_len for s in seqs]
+        pending = [s.pending for s in seqs]
+        ids, mask, positions = left_pad_pending(pending, past_lens)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        pasts = left_pad_past([s.cache for s in seqs], past_lens, len(runner.past_names),
+                              (runner.n_head, runner.head_dim), runner.kv_dtype)
+        feeds.update(zip(runner.past_names, pasts))
+        try:
+            started = time.perf_counter()
+            out = runner.run(feeds)
+            seconds = time.perf_counter() - started
+            logits = out["logits"]
+            if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+                raise InferenceError(f"{runner.spec.name}: logits have shape {logits.shape}, "
+                                     f"expected {ids.shape} + [vocab]")
+        except InferenceError as exc:
+            for seq in seqs:
+                seq.error = exc
+            return
+        self._sink.record_pass("generate", runner.spec.name, runner.spec.version, len(seqs),
+                               seconds)
+        caches = split_present([out[name] for name in runner.present_names], past_lens,
+                               [len(p) for p in pending])
+        last = logits[:, -1, :]
+        for b, seq in enumerate(seqs):
+            token = sample(last[b], seq.params, seq.rng)
+            events.append(seq.advance(caches[b], token, len(seqs)))
+
+    def _resolve(self, leaving: list[_Sequence]) -> None:
+        with self._cond:
+            for seq in leaving:
+                self._jobs.pop(seq.job_id, None)
+        for seq in leaving:
+            if seq.error is not None:
+                seq.future.set_exception(seq.error)
+            else:
+                seq.future.set_result(seq.result())

@@ -1,0 +1,221 @@
+"""ONNX Runtime sessions: one ``Runner`` per loaded model version, cached in a ``RunnerCache``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
+
+KINDS = ("generate", "embed")
+DEFAULT_MAX_POSITIONS = 1024
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered model version: what to load and the sha256 its ``model.onnx`` must have."""
+
+    name: str
+    version: int
+    kind: str
+    model_path: Path
+    tokenizer_path: Path
+    sha256: str
+    backend: str = "onnx"
+
+
+def select_providers(use_gpu: bool) -> list[str]:
+    """CUDA first when asked for and available in this onnxruntime build, else CPU only."""
+    if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(spec: ModelSpec) -> None:
+    try:
+        actual = file_sha256(spec.model_path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {spec.model_path}: {exc}") from exc
+    if actual != spec.sha256.lower():
+        raise ChecksumMismatch(
+            f"sha256 of {spec.model_path} is {actual}, the registry expects {spec.sha256}; "
+            "the artifact changed since it was promoted: promote it again or restore the file")
+
+
+def _load_config(model_path: Path) -> dict[str, Any]:
+    path = model_path.parent / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return config
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises bare Exception subclasses
+        raise ModelLoadError(f"cannot load tokenizer {path}: {exc}") from exc
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _optional_int(config: Mapping[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Runner:
+    """One loaded model version: a verified ONNX Runtime session, its tokenizer and config.
+
+    The model file's sha256 is checked against ``spec.sha256`` before any session exists
+    (``ChecksumMismatch``); any other load failure is a ``ModelLoadError``. ``run`` wraps ORT
+    failures in ``InferenceError``. Decoder geometry (``n_layer``, ``n_head``, ``head_dim``,
+    ``past_names``/``present_names`` in matching order) is read from the graph's inputs.
+    Only the engine thread calls ``run``; the tokenizer may be used from any thread.
+    """
+
+    def __init__(self, spec: ModelSpec, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 intra_op_threads: int = 0) -> None:
+        if spec.kind not in KINDS:
+            raise ModelLoadError(f"model {spec.name}@{spec.version}: kind must be one of {KINDS}")
+        if spec.backend != "onnx":
+            raise ModelLoadError(f"model {spec.name}@{spec.version}: backend {spec.backend!r} "
+                                 "is not served by the ONNX runner")
+        _verify(spec)
+        self.spec = spec
+        self.tokenizer = _load_tokenizer(spec.tokenizer_path)
+        self.config = _load_config(spec.model_path)
+        self.session = self._create_session(list(providers), intra_op_threads)
+        self.providers: list[str] = self.session.get_providers()
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = frozenset(inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_positions = (_optional_int(self.config, "n_positions")
+                              or _optional_int(self.config, "max_position_embeddings")
+                              or DEFAULT_MAX_POSITIONS)
+        self.eos_token_id = _optional_int(self.config, "eos_token_id")
+        self.bos_token_id = _optional_int(self.config, "bos_token_id")
+        self.pad_token_id = _optional_int(self.config, "pad_token_id") or 0
+        self.n_layer = sum(1 for n in inputs if n.startswith(PAST_PREFIX) and n.endswith(".key"))
+        self.past_names = [f"{PAST_PREFIX}{i}.{part}"
+                           for i in range(self.n_layer) for part in ("key", "value")]
+        self.present_names = [f"{PRESENT_PREFIX}{i}.{part}"
+                              for i in range(self.n_layer) for part in ("key", "value")]
+        self._check_graph(inputs)
+        self.n_head, self.head_dim, self.kv_dtype = 0, 0, np.float32
+        if spec.kind == "generate":
+            self.n_head, self.head_dim, self.kv_dtype = self._kv_geometry(inputs)
+
+    def _create_session(self, providers: list[str],
+                        intra_op_threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads > 0:
+            options.intra_op_num_threads = intra_op_threads
+        try:
+            return ort.InferenceSession(str(self.spec.model_path), sess_options=options,
+                                        providers=providers)
+        except Exception as exc:  # ORT raises its own non-standard exception types
+            raise ModelLoadError(f"cannot load {self.spec.model_path} "
+                                 f"({self.spec.name}@{self.spec.version}): {exc}") from exc
+
+    def _check_graph(self, inputs: Mapping[str, Any]) -> None:
+        needed_in = {"input_ids", "attention_mask"}
+        needed_out = {"last_hidden_state"}
+        if self.spec.kind == "generate":
+            if self.n_layer == 0:
+                raise ModelLoadError(f"{self.spec.model_path}: a generate model needs "
+                                     "past_key_values.* inputs (Optimum layout with KV cache)")
+            needed_in |= {"position_ids", *self.past_names}
+            needed_out = {"logits", *self.present_names}
+        missing = sorted((needed_in - set(inputs)) | (needed_out - set(self.output_names)))
+        if missing:
+            raise ModelLoadError(f"{self.spec.model_path} is not a {self.spec.kind} graph: "
+                                 f"it lacks {', '.join(missing)}")
+
+    def _kv_geometry(self, inputs: Mapping[str, Any]) -> tuple[int, int, type]:
+        """``(H, D, dtype)`` of the KV cache, from ``past_key_values.0.key`` [B, H, P, D]."""
+        meta = inputs[f"{PAST_PREFIX}0.key"]
+        if len(meta.shape) != 4 or not all(isinstance(d, int) for d in meta.shape[1::2]):
+            raise ModelLoadError(f"{self.spec.model_path}: past_key_values.0.key must be "
+                                 f"[B, H, P, D] with static H and D, not {meta.shape}")
+        dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+        return meta.shape[1], meta.shape[3], dtype
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One ORT pass; returns every output by name."""
+        try:
+            values = self.session.run(None, dict(feeds))
+        except Exception as exc:  # ORT raises its own non-standard exception types
+            raise InferenceError(f"{self.spec.name}@{self.spec.version}: ORT run failed: "
+                                 f"{exc}") from exc
+        return dict(zip(self.output_names, values))
+
+
+class RunnerCache:
+    """Lazily loaded runners keyed by ``(name, version)``; thread-safe.
+
+    Concurrent ``get`` calls for one version load it once (the others wait for it); different
+    versions load in parallel. ``retire`` drops a version: sequences already holding its
+    runner finish on it, and the session is freed with the last reference.
+    """
+
+    def __init__(self, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 intra_op_threads: int = 0) -> None:
+        self.providers = list(providers)
+        self._intra_op_threads = intra_op_threads
+        self._lock = threading.Lock()
+        self._runners: dict[tuple[str, int], Runner] = {}
+        self._loading: dict[tuple[str, int], threading.Lock] = {}
+
+    def get(self, spec: ModelSpec) -> Runner:
+        key = (spec.name, spec.version)
+        with self._lock:
+            if key in self._runners:
+                return self._runners[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._runners:
+                    return self._runners[key]
+            try:
+                runner = Runner(spec, self.providers, self._intra_op_threads)
+                with self._lock:
+                    self._runners[key] = runner
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+        return runner
+
+    def retire(self, name: str, version: int) -> bool:
+        """Forget a loaded version; returns whether it was loaded."""
+        with self._lock:
+            return self._runners.pop((name, version), None) is not None
+
+    def loaded(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return sorted(self._runners)
