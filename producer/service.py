@@ -106,12 +106,12 @@ class JobService:
     def cancel(self, job_id: str, owner: str) -> JobRecord:
         """Queued: never runs. Running: the worker stops it at the next step. Finished: as is."""
         self.get(job_id, owner)
-        applied, _ = self.jobs.transition(job_id, (JobStatus.QUEUED,), JobStatus.CANCELLED,
-                                          finished_at=time.time())
+        applied, current = self.jobs.transition(job_id, (JobStatus.QUEUED,),
+                                                JobStatus.CANCELLED, finished_at=time.time())
         if applied:
             self.streams.publish([DoneEvent(job_id, "cancelled",
                                             {"prompt_tokens": 0, "completion_tokens": 0})])
-        else:
+        elif current == JobStatus.RUNNING.value:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.job(job_id), "cancel_requested", "1")
             pipe.publish(keys.CANCEL, job_id)

@@ -137,7 +137,8 @@ def test_wrong_graph_or_missing_file_is_a_load_error(specs):
     with pytest.raises(ModelLoadError, match="not a embed graph"):
         fresh.get(replace(specs["gpt"], kind="embed"))
     with pytest.raises(ModelLoadError, match="cannot read model file"):
-        fresh.get(replace(specs["gpt"], version=2, model_path=specs["gpt"].model_path.with_name("x")))
+        missing = specs["gpt"].model_path.with_name("missing.onnx")
+        fresh.get(replace(specs["gpt"], version=2, model_path=missing))
     assert fresh.loaded() == []
 
 
@@ -213,7 +214,8 @@ def test_embed_batches_and_matches_alone(make_engine, sink, specs):
 
 def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
     engine = make_engine(enable_batching=False)
-    results = drive(engine, [engine.submit_embed(f"e{i}", specs["embed"], "text") for i in range(4)])
+    futures = [engine.submit_embed(f"e{i}", specs["embed"], "text") for i in range(4)]
+    results = drive(engine, futures)
     assert [r.batch_size for r in results] == [1, 1, 1, 1]
     assert [p[3] for p in sink.passes] == [1, 1, 1, 1]
 
@@ -279,7 +281,8 @@ def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, sp
                                             (("streams ev", "zzz"), demo_words(1) + " ")])
 def test_stop_string_ends_early_and_is_never_streamed(make_engine, sink, specs, stop, expected):
     engine = make_engine()
-    future = engine.submit_generate("s", specs["gpt"], "x", SamplingParams(max_tokens=20, stop=stop))
+    params = SamplingParams(max_tokens=20, stop=stop)
+    future = engine.submit_generate("s", specs["gpt"], "x", params)
     result = drive(engine, [future])[0]
     assert result.finish_reason == "stop" and result.text == expected
     assert result.completion_tokens == 3
@@ -373,7 +376,8 @@ def test_ort_failure_fails_the_pass_and_the_engine_keeps_serving(make_engine, sp
         raise InferenceError("boom")
 
     monkeypatch.setattr(runner, "run", broken)
-    failed = [engine.submit_generate(f"f{i}", specs["gpt"], "hi", SamplingParams()) for i in range(2)]
+    failed = [engine.submit_generate(f"f{i}", specs["gpt"], "hi", SamplingParams())
+              for i in range(2)]
     engine.step()
     for future in failed:
         with pytest.raises(InferenceError):

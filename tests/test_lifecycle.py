@@ -1,0 +1,85 @@
+"""Jobs that are cancelled or expire while queued never run, even when delivered later."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from banter import keys
+from banter.streams import EventType, read_events
+from producer.app import create_app
+from tests.conftest import Api, Server, start_worker, stop_process
+
+PAUSED = {"BANTER_QUEUE_INTERACTIVE": "paused-interactive", "BANTER_QUEUE_BULK": "paused-bulk"}
+
+
+@pytest.fixture(scope="module")
+def paused(settings, redis_client, demo_models):
+    """A producer whose queues no worker consumes until the test starts one."""
+    server = Server(create_app(replace(settings, queue_interactive="paused-interactive",
+                                       queue_bulk="paused-bulk"), redis_client))
+    yield Api(server.url)
+    server.close()
+
+
+def stream_events(redis_client, job_id: str) -> list[tuple[EventType, dict]]:
+    return [(kind, data) for _id, kind, data in read_events(redis_client, job_id)]
+
+
+def test_cancelled_and_expired_queued_jobs_never_run(paused, stack_env, redis_client,
+                                                     tmp_path):
+    cancelled = paused.post("/v1/jobs", {"kind": "generate", "input": "never",
+                                         "params": {"max_tokens": 4}}).json()
+    expiring = paused.post("/v1/jobs", {"kind": "embed", "input": "late",
+                                        "deadline_s": 0.2}).json()
+    normal = paused.post("/v1/jobs", {"kind": "generate", "input": "run me",
+                                      "params": {"max_tokens": 2}}).json()
+    response = paused.delete(f"/v1/jobs/{cancelled['id']}")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert redis_client.llen("paused-interactive") == 3
+    time.sleep(0.3)  # let the deadline pass while nothing consumes the queue
+
+    worker = start_worker({**stack_env, **PAUSED}, "cpu-paused@localhost",
+                          tmp_path / "worker.log", redis_client)
+    try:
+        assert paused.wait_job(normal["id"])["status"] == "succeeded"
+        deadline = time.monotonic() + 30
+        while redis_client.llen("paused-interactive") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = paused.wait_job(cancelled["id"])
+        expired = paused.wait_job(expiring["id"])
+    finally:
+        stop_process(worker)
+
+    assert done["status"] == "cancelled"
+    assert done["timings"]["started_at"] is None and done["result"] is None
+    assert stream_events(redis_client, cancelled["id"]) == [
+        (EventType.DONE, {"finish_reason": "cancelled",
+                          "usage": {"prompt_tokens": 0, "completion_tokens": 0}})]
+    assert expired["status"] == "expired" and expired["timings"]["started_at"] is None
+    assert [kind for kind, _ in stream_events(redis_client, expiring["id"])] == [EventType.DONE]
+
+
+def test_cancelling_twice_keeps_one_final_event(paused, redis_client):
+    job = paused.post("/v1/jobs", {"kind": "embed", "input": "twice"}).json()
+    assert paused.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert paused.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert len(stream_events(redis_client, job["id"])) == 1
+    assert redis_client.hget(keys.job(job["id"]), "cancel_requested") == "0"
+
+
+def test_redelivered_finished_job_does_nothing(api, redis_client, settings):
+    """A second delivery of a finished job (at-least-once) changes neither record nor stream."""
+    from banter.broker import RUN_JOB, make_celery
+
+    body = api.post("/v1/jobs", {"kind": "generate", "input": "once",
+                                 "params": {"max_tokens": 3}}).json()
+    first = api.wait_job(body["id"])
+    entries = len(read_events(redis_client, body["id"]))
+    make_celery(settings).send_task(RUN_JOB, args=[body["id"]], queue=settings.queue_interactive)
+    marker = api.post("/v1/jobs", {"kind": "embed", "input": "after"}).json()
+    api.wait_job(marker["id"])  # the worker has drained the queue past the redelivery
+    assert api.get(f"/v1/jobs/{body['id']}").json() == first
+    assert len(read_events(redis_client, body["id"])) == entries
