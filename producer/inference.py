@@ -10,7 +10,8 @@ from flask import Blueprint, jsonify, request
 from banter import errors
 from banter.errors import FeatureDisabled, TooLarge
 from banter.jobs import JobKind, JobRecord, JobStatus
-from producer import sse, validation as v
+from producer import sse
+from producer import validation as v
 from producer.context import Context, ctx, trace_id
 from producer.service import JobRequest
 

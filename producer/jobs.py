@@ -8,7 +8,8 @@ from flask import Blueprint, jsonify, url_for
 
 from banter.errors import InvalidRequest, JobNotFound
 from banter.jobs import JobKind, JobRecord, Lane
-from producer import sse, validation as v
+from producer import sse
+from producer import validation as v
 from producer.context import ctx, trace_id
 from producer.service import JobRequest
 

@@ -8,14 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from flask import Blueprint, jsonify
 
+from banter import errors
 from banter.errors import InvalidRequest
-from banter.jobs import JobKind
+from banter.jobs import JobKind, JobStatus
 from producer import validation as v
 from producer.context import ctx, trace_id
 from producer.inference import job_headers
 from producer.service import JobRequest
-from banter import errors
-from banter.jobs import JobStatus
 
 blueprint = Blueprint("openai", __name__)
 

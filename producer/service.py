@@ -13,10 +13,10 @@ from banter import keys
 from banter.broker import RUN_JOB, queue_depth
 from banter.errors import InvalidRequest, JobNotFound, QueueFull, Timeout
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane
+from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, EventType, StreamWriter, read_events
 from registry.service import Registry
-from workers.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

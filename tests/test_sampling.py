@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from banter.errors import InvalidRequest
-from workers.sampling import SamplingParams, sample
+from banter.params import SamplingParams
+from workers.sampling import sample
 
 LIMIT = 256
 

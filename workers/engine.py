@@ -19,12 +19,19 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
+from banter.params import SamplingParams
 from banter.streams import TokenEvent
-from workers.batching import collate, left_pad_past, left_pad_pending, mean_pool, right_pad, \
-    split_present
+from workers.batching import (
+    collate,
+    left_pad_past,
+    left_pad_pending,
+    mean_pool,
+    right_pad,
+    split_present,
+)
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.runner import ModelSpec, Runner, RunnerCache
-from workers.sampling import SamplingParams, sample
+from workers.sampling import sample
 
 log = logging.getLogger(__name__)
 

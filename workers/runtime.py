@@ -13,13 +13,13 @@ import redis
 from banter import keys, logs
 from banter.errors import BanterError, InferenceError
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore
+from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import Record
-from workers.engine import Engine, EngineSettings, EmbedResult, GenerateResult
+from workers.engine import EmbedResult, Engine, EngineSettings, GenerateResult
 from workers.runner import ModelSpec, RunnerCache
-from workers.sampling import SamplingParams
 
 log = logging.getLogger("banter.worker")
 
