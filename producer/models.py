@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from flask import Blueprint, jsonify, request
 
 from banter.errors import InvalidRequest
@@ -15,7 +17,8 @@ blueprint = Blueprint("models", __name__)
 def list_models():
     c = ctx()
     c.owner()
-    data = [{"id": r.name, "object": "model", "owned_by": "banterhearts", **r.to_public()}
+    data = [{"id": r.name, "object": "model", "owned_by": "banterhearts",
+             "created": int(datetime.fromisoformat(r.time).timestamp()), **r.to_public()}
             for r in c.registry.list_active()]
     return jsonify({"object": "list", "data": data})
 

@@ -9,11 +9,12 @@ import pytest
 from banter.demo import DEMO_TEXT, build_demo
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError, PromptTooLong
 from banter.params import SamplingParams
+from registry.artifacts import sha256_file
 from workers import runner as runner_module
 from workers.batching import collate, left_pad_past, left_pad_pending, split_present
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import Engine, EngineSettings
-from workers.runner import ModelSpec, RunnerCache, file_sha256, select_providers
+from workers.runner import ModelSpec, RunnerCache, select_providers
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
 PROMPTS = ["hi", "tell me a story", "a b c d e f g h i j k l m n o p",
@@ -54,7 +55,7 @@ def specs(tmp_path_factory):
 
     def spec(name, kind):
         model = dirs[name] / "model.onnx"
-        return ModelSpec(name, 1, kind, model, dirs[name] / "tokenizer.json", file_sha256(model))
+        return ModelSpec(name, 1, kind, model, dirs[name] / "tokenizer.json", sha256_file(model))
 
     return {"gpt": spec("demo-gpt", "generate"), "embed": spec("demo-embed", "embed")}
 

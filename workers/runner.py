@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
+from registry.artifacts import sha256_file
 
 KINDS = ("generate", "embed")
 DEFAULT_MAX_POSITIONS = 1024
@@ -41,17 +41,9 @@ def select_providers(use_gpu: bool) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(spec: ModelSpec) -> None:
     try:
-        actual = file_sha256(spec.model_path)
+        actual = sha256_file(spec.model_path)
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file {spec.model_path}: {exc}") from exc
     if actual != spec.sha256.lower():

@@ -1,0 +1,304 @@
+"""The ``banter`` command line as real processes: client commands against the running producer,
+``banter models``, and ``banter up`` starting (and stopping) the whole stack on its own."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT
+from banter.redisserver import free_port
+
+CLI = [sys.executable, "-m", "banter.cli"]
+
+
+def banter(*args: str, env: dict[str, str] | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else dict(os.environ))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def port_is_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def processes_with_home(home: Path) -> list[str]:
+    """Every live process whose environment has ``BANTER_HOME=home``: what ``banter up`` started
+    (redis-server, worker, producer and its gunicorn workers inherit it)."""
+    marker = f"BANTER_HOME={home}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(f"{pid}: {cmdline.decode(errors='replace')}")
+    return found
+
+
+def fresh_up_env(home: Path) -> dict[str, str]:
+    """The test's environment without any BANTER_* variable (so ``up`` starts its own Redis),
+    and a private BANTER_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANTER_")}
+    env["BANTER_HOME"] = str(home)
+    return env
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        content = path.read_text()
+        if text in content:
+            return content
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared (exit {process.poll()}):\n{path.read_text()}")
+
+
+# ----------------------------------------------------------------------------- usage
+def test_worker_needs_gpu_or_cpu():
+    result = banter("worker")
+    assert result.returncode == 2
+    assert "usage: banter worker" in result.stderr
+    assert "one of the arguments --gpu --cpu is required" in result.stderr
+
+
+def test_models_promote_rejects_an_unknown_kind_as_usage():
+    result = banter("models", "promote", "m", "m/model.onnx", "--kind", "train")
+    assert result.returncode == 2 and "invalid choice: 'train'" in result.stderr
+
+
+# ----------------------------------------------------------------------------- build-demo
+def test_build_demo_writes_both_models(tmp_path, demo_models):
+    root = tmp_path / "models"
+    result = banter("models", "build-demo", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{DEMO_GPT}\t{root / DEMO_GPT}",
+                                          f"{DEMO_EMBED}\t{root / DEMO_EMBED}"]
+    for name in (DEMO_GPT, DEMO_EMBED):
+        assert sorted(p.name for p in (root / name).iterdir()) == \
+            ["config.json", "model.onnx", "tokenizer.json"]
+        # builds are deterministic: the same bytes as the demo models the stack serves
+        for file in ("model.onnx", "tokenizer.json"):
+            assert sha256(root / name / file) == sha256(demo_models[name] / file)
+
+
+# ----------------------------------------------------------------------------- submit, stream
+def test_submit_prints_the_generated_text(api):
+    result = banter("submit", "hello", "--url", api.url, "--max-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == " banterhearts streams every\n"
+
+
+def test_submit_embed_prints_the_vector_as_json(api):
+    result = banter("submit", "--embed", "x", "--url", api.url)
+    assert result.returncode == 0, result.stderr
+    vector = json.loads(result.stdout)
+    assert isinstance(vector, list) and len(vector) == 128
+    assert all(isinstance(x, float) for x in vector)
+    assert abs(sum(x * x for x in vector) - 1.0) < 1e-4
+    same = api.post("/v1/embeddings", {"input": "x"}).json()["data"][0]["embedding"]
+    assert np.allclose(vector, same, atol=1e-6)
+
+
+def test_submit_stream_prints_the_tokens_as_they_come(api):
+    result = banter("submit", "--stream", "x", "--max-tokens", "4", "--url", api.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == " banterhearts streams every token\n"
+
+
+def test_stream_replays_a_finished_job(api):
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "replay me",
+                                "params": {"max_tokens": 6}}).json()
+    finished = api.wait_job(job["id"])
+    assert finished["status"] == "succeeded"
+    result = banter("stream", job["id"], "--url", api.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == finished["result"]["text"] + "\n"
+    assert result.stdout == " banterhearts streams every token from one\n"
+
+
+def test_stream_of_unknown_job_fails(api):
+    result = banter("stream", str(uuid.uuid4()), "--url", api.url)
+    assert result.returncode == 1
+    assert "job_not_found" in result.stderr and result.stdout == ""
+
+
+def test_submit_unknown_model_exits_1_with_the_reason(api):
+    result = banter("submit", "x", "--model", "no-such-model", "--url", api.url)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "model_not_found" in result.stderr and "no-such-model" in result.stderr
+
+
+def test_submit_to_an_unreachable_server_exits_3():
+    port = free_port()  # nothing listens there
+    result = banter("submit", "x", "--url", f"http://127.0.0.1:{port}", timeout=30)
+    assert result.returncode == 3
+    assert f"cannot reach http://127.0.0.1:{port}" in result.stderr
+
+
+# ----------------------------------------------------------------------------- models
+def test_models_commands_against_the_api(api, settings, demo_models):
+    name = f"cli-embed-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(demo_models[DEMO_EMBED], settings.model_root / name / "v1")
+    v2 = settings.model_root / name / "v2"
+    shutil.copytree(demo_models[DEMO_EMBED], v2)
+    import onnx  # a different artifact: same graph, another doc_string, another sha256
+    model = onnx.load(str(v2 / "model.onnx"))
+    model.doc_string = "cli test v2"
+    onnx.save(model, str(v2 / "model.onnx"))
+    url = ("--url", api.url)
+
+    first = banter("models", "promote", name, f"{name}/v1", "--kind", "embed",
+                   "--reason", "from the cli", *url)
+    assert first.returncode == 0, first.stderr
+    r1 = json.loads(first.stdout)
+    assert (r1["name"], r1["kind"], r1["version"], r1["action"], r1["backend"], r1["reason"]) \
+        == (name, "embed", 1, "promote", "onnx", "from the cli")
+    assert r1["path"] == f"{name}/v1/model.onnx"
+    assert r1["sha256"] == sha256(settings.model_root / name / "v1" / "model.onnx")
+
+    second = banter("models", "promote", name, f"{name}/v2", "--kind", "embed", *url)
+    assert second.returncode == 0, second.stderr
+    r2 = json.loads(second.stdout)
+    assert (r2["version"], r2["seq"], r2["previous_version"]) == (2, r1["seq"] + 1, 1)
+
+    listed = banter("models", "list", *url)
+    assert listed.returncode == 0, listed.stderr
+    active = {m["id"]: m for m in json.loads(listed.stdout)}
+    assert active[name]["version"] == 2
+    assert (active[DEMO_GPT]["version"], active[DEMO_EMBED]["version"]) == (1, 1)
+
+    back = banter("models", "rollback", name, "--reason", "undo", *url)
+    assert back.returncode == 0, back.stderr
+    rb = json.loads(back.stdout)
+    assert (rb["action"], rb["version"], rb["previous_version"], rb["reason"]) == \
+        ("rollback", 1, 2, "undo")
+
+    history = banter("models", "history", name, *url)
+    assert history.returncode == 0, history.stderr
+    assert json.loads(history.stdout) == [r1, r2, rb]
+    everything = json.loads(banter("models", "history", *url).stdout)
+    assert everything[-3:] == [r1, r2, rb]
+
+    again = banter("models", "rollback", name, *url)
+    assert again.returncode == 1 and "conflict" in again.stderr and again.stdout == ""
+    bad = banter("models", "promote", name, "../elsewhere", "--kind", "embed", *url)
+    assert bad.returncode == 1 and "invalid_artifact" in bad.stderr
+    assert "outside the model root" in bad.stderr
+    unknown = banter("models", "history", f"nobody-{uuid.uuid4().hex[:8]}", *url)
+    assert unknown.returncode == 1 and "model_not_found" in unknown.stderr
+    # nothing the failures sent changed the registry
+    assert json.loads(banter("models", "history", name, *url).stdout) == [r1, r2, rb]
+
+
+# ----------------------------------------------------------------------------- banter up
+@pytest.mark.slow
+def test_up_with_a_sample_then_exit(tmp_path):
+    home = tmp_path / "home"
+    port = free_port()
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([*CLI, "up", "--port", str(port), "--sample",
+                                    "--exit-after-sample"], env=fresh_up_env(home),
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = out.read_text()
+    assert code == 0, text + err.read_text()[-3000:]
+    assert "banterhearts is up" in text
+    assert f"API      http://127.0.0.1:{port}" in text
+    redis_url = re.search(r"Redis\s+(redis://127\.0\.0\.1:(\d+)/0) \(private\)", text)
+    assert redis_url, text
+    assert "(demo models built)" in text
+    assert "sample generate (demo-gpt v1, onnx, batch 1," in text
+    assert f"\n  {DEMO_TEXT.strip()}\n" in text  # 18 tokens: the whole demo sentence
+    assert re.search(r"sample embed \(demo-embed\S*\): 128 dims, first \[", text), text
+
+    # it built and promoted the demo models into its own home
+    records = [json.loads(line) for line in
+               (home / "registry" / "history.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["version"], r["actor"]) for r in records] == \
+        [(DEMO_GPT, 1, "banter-up"), (DEMO_EMBED, 1, "banter-up")]
+
+    # and nothing it started survives it
+    assert port_is_closed(int(redis_url.group(2))), "its private redis-server still listens"
+    assert port_is_closed(port), "its producer still listens"
+    assert processes_with_home(home) == []
+
+
+@pytest.mark.slow
+def test_up_serves_http_until_ctrl_c(tmp_path):
+    home = tmp_path / "home"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        # its own session: Ctrl-C in a terminal signals the whole foreground process group
+        process = subprocess.Popen([*CLI, "up", "--port", str(port)], env=fresh_up_env(home),
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
+        redis_port = int(re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)/0 \(private\)",
+                                   text).group(1))
+        assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+
+        answer = requests.post(f"{url}/v1/inference", json={"prompt": "hi", "max_tokens": 5},
+                               headers={"X-Trace-ID": "cli-up-trace"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["text"] == " banterhearts streams every token from"
+        assert (body["model"], body["version"], body["backend"]) == (DEMO_GPT, 1, "onnx")
+        assert answer.headers["X-Trace-ID"] == "cli-up-trace"
+        assert answer.headers["X-Backend"] == "onnx"
+        assert int(answer.headers["X-Batch-Size"]) >= 1
+        assert re.fullmatch(r"\d+\.\d\d", answer.headers["X-Latency-MS"])
+
+        embedded = requests.post(f"{url}/v1/embeddings", json={"input": "banterhearts"},
+                                 timeout=60)
+        assert embedded.status_code == 200, embedded.text
+        assert len(embedded.json()["data"][0]["embedding"]) == 128
+        assert embedded.headers["X-Backend"] == "onnx"
+        assert int(embedded.headers["X-Batch-Size"]) >= 1
+        assert embedded.headers["X-Trace-ID"]
+        assert re.fullmatch(r"\d+\.\d\d", embedded.headers["X-Latency-MS"])
+
+        # when Ctrl-C is pressed, expect a clean exit and everything it started gone
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert code == 0, out.read_text() + err.read_text()[-3000:]
+    assert port_is_closed(redis_port), "its private redis-server still listens"
+    assert port_is_closed(port), "its producer still listens"
+    assert processes_with_home(home) == []

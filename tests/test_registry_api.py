@@ -1,0 +1,309 @@
+"""The registry over HTTP end to end: the real producer, the shared redis-server, the shared
+worker process and the real ``history.jsonl``.
+
+The demo models (``demo-gpt`` / ``demo-embed``) are shared with other test files and must stay
+active at version 1, so every test here promotes and rolls back its own fresh model names,
+pointing at copies of the demo artifacts placed under the model root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from banter import keys
+from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT
+
+RECORD_FIELDS = {"seq", "time", "action", "name", "kind", "version", "path", "sha256", "backend",
+                 "upstream_model", "actor", "reason", "previous_version", "ref"}
+
+
+# ----------------------------------------------------------------------------- helpers
+def fresh_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    """Copy a demo model directory (model.onnx, tokenizer.json, config.json) to ``target``."""
+    shutil.copytree(source, target)
+    return target
+
+
+def perturbed_embed_copy(source: Path, target: Path) -> Path:
+    """A genuinely different embed artifact: the demo encoder with its token embedding table
+    perturbed (deterministically), so it hashes differently AND embeds differently."""
+    copy_model(source, target)
+    model = onnx.load(str(target / "model.onnx"))
+    for index, init in enumerate(model.graph.initializer):
+        if init.name == "wte":
+            table = numpy_helper.to_array(init)
+            noise = np.random.default_rng(7).normal(0.0, 1.0, table.shape).astype(table.dtype)
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(table + noise, "wte"))
+            break
+    else:
+        raise AssertionError("the demo encoder has no 'wte' initializer any more")
+    model.doc_string = "reg test: perturbed wte"
+    onnx.save(model, str(target / "model.onnx"))
+    return target
+
+
+def history_lines(settings) -> list[dict]:
+    return [json.loads(line) for line in settings.registry_path.read_text().splitlines()]
+
+
+def assert_error(response, status: int, type_: str, *needles: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert body["error"]["type"] == type_, body
+    for needle in needles:
+        assert needle in body["error"]["message"], body
+    return body["error"]
+
+
+def promote(api, name: str, kind: str, path: str, reason: str = ""):
+    return api.post("/v1/models/promote", {"name": name, "kind": kind, "path": path,
+                                           "reason": reason})
+
+
+def run_embed_job(api, model: str, text: str = "pinned versions") -> dict:
+    response = api.post("/v1/jobs", {"kind": "embed", "input": text, "model": model})
+    assert response.status_code == 202, response.text
+    job = api.wait_job(response.json()["id"])
+    assert job["status"] == "succeeded", job
+    return job
+
+
+@pytest.fixture
+def embed_model(api, settings, demo_models):
+    """A fresh embed model name with two different artifacts under the model root:
+    ``<name>/v1`` (the demo encoder's bytes) and ``<name>/v2`` (perturbed weights)."""
+    name = fresh_name("reg-embed")
+    base = settings.model_root / name
+    v1 = copy_model(demo_models[DEMO_EMBED], base / "v1")
+    v2 = perturbed_embed_copy(demo_models[DEMO_EMBED], base / "v2")
+    assert sha256(v1 / "model.onnx") != sha256(v2 / "model.onnx")
+    return name, v1, v2
+
+
+# ----------------------------------------------------------------------------- promote
+def test_promote_versions_and_idempotent_repeat(api, settings, embed_model):
+    name, v1, v2 = embed_model
+    before = len(history_lines(settings))
+
+    # given a new name, when its first artifact is promoted, expect 201 with version 1
+    first = promote(api, name, "embed", f"{name}/v1", reason="first cut")
+    assert first.status_code == 201, first.text
+    r1 = first.json()
+    assert set(r1) == RECORD_FIELDS
+    assert {k: r1[k] for k in RECORD_FIELDS - {"time", "actor"}} == {
+        "seq": before + 1, "action": "promote", "name": name, "kind": "embed", "version": 1,
+        "path": f"{name}/v1/model.onnx", "sha256": sha256(v1 / "model.onnx"),
+        "backend": "onnx", "upstream_model": None, "reason": "first cut",
+        "previous_version": None, "ref": f"{name}@1"}
+    assert isinstance(r1["actor"], str) and r1["actor"]
+    assert len(history_lines(settings)) == before + 1
+
+    # when a different artifact is promoted under the same name, expect 201 with version 2
+    second = promote(api, name, "embed", f"{name}/v2/model.onnx", reason="retrained")
+    assert second.status_code == 201, second.text
+    r2 = second.json()
+    assert (r2["seq"], r2["version"], r2["action"], r2["previous_version"]) == \
+        (before + 2, 2, "promote", 1)
+    assert r2["sha256"] == sha256(v2 / "model.onnx") and r2["path"] == f"{name}/v2/model.onnx"
+    assert len(history_lines(settings)) == before + 2
+
+    # when the active artifact is promoted again (directory or file path), expect 200 with the
+    # active record and no new history line
+    for path in (f"{name}/v2", f"{name}/v2/model.onnx"):
+        again = promote(api, name, "embed", path, reason="retry")
+        assert again.status_code == 200, again.text
+        assert again.json() == r2
+    assert len(history_lines(settings)) == before + 2
+
+    # the history file holds exactly those records, last lines first-class JSON of the API's
+    lines = history_lines(settings)
+    assert lines[-2:] == [{k: v for k, v in r.items() if k != "ref"} for r in (r1, r2)]
+
+    # GET /v1/models lists the name at its active version
+    listed = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    assert listed[name]["version"] == 2 and listed[name]["kind"] == "embed"
+    assert listed[name]["backend"] == "onnx" and listed[name]["object"] == "model"
+    assert (listed[DEMO_GPT]["version"], listed[DEMO_EMBED]["version"]) == (1, 1)
+
+    # GET /v1/models/history?name= lists that name's records in seq order
+    history = api.get("/v1/models/history", params={"name": name})
+    assert history.status_code == 200
+    assert history.json() == {"object": "list", "data": [r1, r2]}
+    everything = api.get("/v1/models/history").json()["data"]
+    assert [r["seq"] for r in everything] == list(range(1, len(lines) + 1))
+    assert everything[-2:] == [r1, r2]
+
+
+def test_history_of_unknown_name_is_404(api):
+    response = api.get("/v1/models/history", params={"name": fresh_name("nobody")})
+    assert_error(response, 404, "model_not_found", "no model named")
+
+
+# ----------------------------------------------------------------------------- rollback
+def test_rollback_restores_the_previous_version_once(api, settings, embed_model):
+    name, v1, _ = embed_model
+    r1 = promote(api, name, "embed", f"{name}/v1").json()
+    r2 = promote(api, name, "embed", f"{name}/v2").json()
+    before = len(history_lines(settings))
+
+    # when the name is rolled back, expect 200 with a rollback record restoring version 1
+    response = api.post("/v1/models/rollback", {"name": name, "reason": "v2 is worse"})
+    assert response.status_code == 200, response.text
+    back = response.json()
+    assert {k: back[k] for k in RECORD_FIELDS - {"time", "actor"}} == {
+        "seq": r2["seq"] + 1, "action": "rollback", "name": name, "kind": "embed",
+        "version": 1, "path": r1["path"], "sha256": sha256(v1 / "model.onnx"),
+        "backend": "onnx", "upstream_model": None, "reason": "v2 is worse",
+        "previous_version": 2, "ref": f"{name}@1"}
+    assert history_lines(settings)[before:] == [{k: v for k, v in back.items() if k != "ref"}]
+    listed = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    assert listed[name]["version"] == 1
+    assert api.get("/v1/models/history", params={"name": name}).json()["data"] == [r1, r2, back]
+
+    # when rolled back again there is no earlier version: 409, nothing written
+    again = api.post("/v1/models/rollback", {"name": name})
+    assert_error(again, 409, "conflict", "no earlier version")
+    assert len(history_lines(settings)) == before + 1
+
+
+def test_rollback_of_unknown_name_is_404(api, settings):
+    before = len(history_lines(settings))
+    response = api.post("/v1/models/rollback", {"name": fresh_name("nobody")})
+    assert_error(response, 404, "model_not_found", "no model named")
+    assert len(history_lines(settings)) == before
+
+
+def test_pinned_version_runs_that_artifact_after_rollback(api, embed_model):
+    name, _, _ = embed_model
+    assert promote(api, name, "embed", f"{name}/v1").status_code == 201
+    assert promote(api, name, "embed", f"{name}/v2").status_code == 201
+    assert api.post("/v1/models/rollback", {"name": name}).status_code == 200
+
+    # given version 1 active again, a job pinned to name@2 runs on version 2 ...
+    pinned = run_embed_job(api, f"{name}@2")
+    assert pinned["version"] == 2 and pinned["backend"] == "onnx"
+    # ... and a job naming just the name runs on the active version 1
+    active = run_embed_job(api, name)
+    assert active["version"] == 1
+    # version 1 is the demo encoder's bytes; version 2 has other weights: the worker really
+    # loaded the pinned artifact, not only labelled the job
+    demo = run_embed_job(api, DEMO_EMBED)
+    assert np.allclose(active["result"]["embedding"], demo["result"]["embedding"], atol=1e-6)
+    assert not np.allclose(pinned["result"]["embedding"], active["result"]["embedding"],
+                           atol=1e-3)
+    # a version that was never promoted is a 404, not a job
+    missing = api.post("/v1/jobs", {"kind": "embed", "input": "x", "model": f"{name}@3"})
+    assert_error(missing, 404, "model_not_found", f"{name}@3")
+
+
+# ----------------------------------------------------------------------------- promote errors
+@pytest.fixture
+def bad_artifacts(settings, demo_models):
+    """A fresh name's directory under the model root with a non-ONNX file and an embed graph."""
+    name = fresh_name("reg-bad")
+    base = settings.model_root / name
+    junk = base / "junk"
+    junk.mkdir(parents=True)
+    (junk / "model.onnx").write_text("this is not a protobuf, just text\n" * 4)
+    shutil.copy(demo_models[DEMO_EMBED] / "tokenizer.json", junk / "tokenizer.json")
+    copy_model(demo_models[DEMO_EMBED], base / "embed")
+    return name
+
+
+def promote_error_cases(name: str) -> list[tuple[dict, int, str, tuple[str, ...]]]:
+    ok = {"name": name, "kind": "embed", "path": f"{name}/embed"}
+    return [
+        ({**ok, "kind": "train"}, 422, "invalid_request", ("'kind' must be one of",)),
+        ({**ok, "path": "../x"}, 422, "invalid_artifact", ("outside the model root",)),
+        ({**ok, "path": "/etc/passwd"}, 422, "invalid_artifact", ("outside the model root",)),
+        ({**ok, "path": f"{name}/nothing-here/model.onnx"}, 422, "invalid_artifact",
+         ("not found",)),
+        ({**ok, "path": f"{name}/junk/model.onnx"}, 422, "invalid_artifact",
+         ("not a valid ONNX model",)),
+        ({**ok, "kind": "generate"}, 422, "invalid_artifact",
+         ("missing inputs position_ids, past_key_values.0.key, past_key_values.0.value",)),
+        ({**ok, "name": "a/b"}, 422, "invalid_request", ("invalid model name",)),
+        ({**ok, "name": "x@1"}, 422, "invalid_request", ("invalid model name",)),
+    ]
+
+
+def test_promote_errors_are_typed_json_and_change_nothing(api, settings, bad_artifacts):
+    name = bad_artifacts
+    before = settings.registry_path.read_text()
+    for body, status, type_, needles in promote_error_cases(name):
+        response = api.post("/v1/models/promote", body)
+        assert response.status_code == status, (body, response.text)
+        assert_error(response, status, type_, *needles)
+    assert settings.registry_path.read_text() == before
+    assert name not in {m["id"] for m in api.get("/v1/models").json()["data"]}
+    # and the good artifact of that very name still promotes afterwards
+    good = promote(api, name, "embed", f"{name}/embed")
+    assert good.status_code == 201 and good.json()["version"] == 1
+
+
+def test_a_name_cannot_change_kind(api, settings, demo_models, embed_model):
+    name, _, _ = embed_model
+    copy_model(demo_models[DEMO_GPT], settings.model_root / name / "gpt")
+    assert promote(api, name, "embed", f"{name}/v1").status_code == 201
+    before = len(history_lines(settings))
+    # given an embed model, when a valid generate artifact is promoted under its name: 409
+    response = promote(api, name, "generate", f"{name}/gpt")
+    assert_error(response, 409, "conflict", "kind")
+    assert len(history_lines(settings)) == before
+    listed = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    assert (listed[name]["kind"], listed[name]["version"]) == ("embed", 1)
+
+
+# ----------------------------------------------------------------------------- Redis lost it
+def registry_mirror_keys(redis_client) -> list[str]:
+    found = [keys.REGISTRY_ACTIVE, keys.REGISTRY_SEQ]
+    found += list(redis_client.scan_iter(match=keys.registry_versions("*")))
+    return [k.decode() if isinstance(k, bytes) else k for k in found]
+
+
+def test_registry_survives_redis_losing_its_mirror(api, settings, redis_client, embed_model):
+    name, _, _ = embed_model
+    assert promote(api, name, "embed", f"{name}/v1").status_code == 201
+    assert promote(api, name, "embed", f"{name}/v2").status_code == 201
+    assert api.post("/v1/models/rollback", {"name": name}).status_code == 200
+    last_seq = history_lines(settings)[-1]["seq"]
+
+    # given Redis lost every registry key (a restart without persistence, for the registry)
+    redis_client.delete(*registry_mirror_keys(redis_client))
+    assert redis_client.exists(keys.REGISTRY_ACTIVE, keys.REGISTRY_SEQ) == 0
+    assert list(redis_client.scan_iter(match=keys.registry_versions("*"))) == []
+
+    # expect the model list to still show the active versions (history.jsonl is the truth)
+    listed = {m["id"]: m["version"] for m in api.get("/v1/models").json()["data"]}
+    assert (listed[name], listed[DEMO_GPT], listed[DEMO_EMBED]) == (1, 1, 1)
+
+    # and jobs to resolve as before: the mirror is rebuilt from the file on the next resolve
+    assert run_embed_job(api, name)["version"] == 1
+    assert run_embed_job(api, f"{name}@2")["version"] == 2
+    answer = api.post("/v1/inference", {"prompt": "still there?", "max_tokens": 3})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"] == " banterhearts streams every"
+    assert DEMO_TEXT.startswith(answer.json()["text"])
+
+    assert int(redis_client.get(keys.REGISTRY_SEQ)) == last_seq
+    active = json.loads(redis_client.hget(keys.REGISTRY_ACTIVE, name))
+    assert (active["version"], active["action"]) == (1, "rollback")
+    assert sorted(int(v) for v in redis_client.hkeys(keys.registry_versions(name))) == [1, 2]
