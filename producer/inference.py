@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from banter import errors
-from banter.errors import FeatureDisabled, TooLarge
+from banter.errors import FeatureDisabled, InvalidRequest, TooLarge
 from banter.jobs import JobKind, JobRecord, JobStatus
 from producer import sse
 from producer import validation as v
@@ -42,6 +42,23 @@ def job_headers(records: list[JobRecord]) -> dict[str, str]:
             "X-Batch-Size": str(max((r.batch_size or 0) for r in records))}
 
 
+def keep_running(body: dict) -> bool:
+    """``keep_running: true`` keeps a streamed job going after its client disconnects."""
+    value = body.get("keep_running", False)
+    if not isinstance(value, bool):
+        raise InvalidRequest("'keep_running' must be true or false")
+    return value
+
+
+def stream_job(c: Context, record: JobRecord, owner: str, keep: bool,
+               fmt: sse.Formatter = sse.sse_event):
+    """SSE of a just-submitted job; a client that leaves early cancels it unless ``keep``."""
+    stream = sse.events(c.redis, record.id, "0-0", fmt)
+    if not keep:
+        stream = sse.cancel_on_disconnect(stream, lambda: c.jobs.cancel(record.id, owner))
+    return sse.response(stream, {"X-Job-ID": record.id, "X-Backend": record.backend or ""})
+
+
 @blueprint.post("/v1/inference")
 def inference():
     c = ctx()
@@ -50,8 +67,7 @@ def inference():
     prompt = v.string(body, "prompt", required=True, max_len=c.settings.max_prompt_chars)
     record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id())
     if request.args.get("stream", "").lower() in ("1", "true", "yes"):
-        headers = {"X-Job-ID": record.id, "X-Backend": record.backend or ""}
-        return sse.response(sse.events(c.redis, record.id, "0-0"), headers)
+        return stream_job(c, record, owner, keep_running(body))
     record = c.jobs.wait(record.id)
     response = jsonify(result_body(record))
     response.headers.update(job_headers([record]))

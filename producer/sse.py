@@ -41,6 +41,17 @@ def events(client: redis.Redis, job_id: str, after: str,
                 return
 
 
+def cancel_on_disconnect(stream: Iterator[str], cancel: Callable[[], object]) -> Iterator[str]:
+    """Pass ``stream`` through; when the client goes away before its end, call ``cancel``."""
+    finished = False
+    try:
+        yield from stream
+        finished = True
+    finally:
+        if not finished:
+            cancel()
+
+
 def response(stream: Iterator[str], headers: dict[str, str] | None = None) -> Response:
     out = Response(stream_with_context(stream), mimetype="text/event-stream")
     out.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

@@ -1,0 +1,154 @@
+"""Token streams: SSE replay and resume, raw Redis subscribers, cancellation of running jobs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import requests
+
+from banter import keys
+from banter.demo import DEMO_TEXT
+
+WORDS = [" " + w for w in DEMO_TEXT.split()]
+
+
+def sse_events(response: requests.Response):
+    """(id, event, data) per SSE event, skipping keep-alive comments."""
+    entry = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if not line:
+            if "event" in entry:
+                yield entry.get("id"), entry["event"], json.loads(entry["data"])
+            entry = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            entry[name] = value
+
+
+def submit(api, max_tokens: int, prompt: str = "go") -> str:
+    return api.post("/v1/jobs", {"kind": "generate", "input": prompt,
+                                 "params": {"max_tokens": max_tokens}}).json()["id"]
+
+
+def test_late_subscriber_gets_every_token_then_done(api):
+    job_id = submit(api, 6)
+    api.wait_job(job_id)
+    with api.session.get(f"{api.url}/v1/jobs/{job_id}/events", stream=True, timeout=30) as r:
+        events = list(sse_events(r))
+    assert [e for _, e, _ in events] == ["token"] * 6 + ["done"]
+    assert [d["seq"] for _, e, d in events if e == "token"] == list(range(6))
+    assert "".join(d["text"] for _, e, d in events if e == "token") == "".join(WORDS[:6])
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert events[-1][2] == {"finish_reason": "length",
+                             "usage": {"prompt_tokens": job["usage"]["prompt_tokens"],
+                                       "completion_tokens": 6}}
+
+
+def test_last_event_id_resumes_with_exactly_the_rest(api):
+    job_id = submit(api, 8)
+    api.wait_job(job_id)
+    url = f"{api.url}/v1/jobs/{job_id}/events"
+    with api.session.get(url, stream=True, timeout=30) as r:
+        events = list(sse_events(r))
+    cut = events[3][0]
+    with api.session.get(url, stream=True, timeout=30, headers={"Last-Event-ID": cut}) as r:
+        rest = list(sse_events(r))
+    assert rest == events[4:]
+    with api.session.get(url, stream=True, timeout=30, headers={"Last-Event-ID": "junk"}) as r:
+        assert list(sse_events(r)) == events
+
+
+def test_live_sse_and_raw_redis_subscriber_see_the_same_tokens(api, redis_client):
+    job_id = submit(api, 400)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.tokens(job_id))
+    with api.session.get(f"{api.url}/v1/jobs/{job_id}/events", stream=True, timeout=60) as r:
+        sse = list(sse_events(r))
+    live: list[dict] = []
+    deadline = time.monotonic() + 30
+    while not (live and live[-1]["event"] == "done") and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1.0)
+        if message:
+            live.append(json.loads(message["data"]))
+    pubsub.close()
+    assert len(sse) == 401 and sse[-1][1] == "done"
+    # The subscription started after submission: it sees a suffix of the stream, in order,
+    # with the stream entry ids, ending with the final event.
+    assert live, "the raw subscriber saw no live message"
+    assert live[-1]["event"] == "done"
+    ids = [entry_id for entry_id, _, _ in sse]
+    assert [m["id"] for m in live] == ids[len(ids) - len(live):]
+
+
+def test_cancelling_a_running_job_stops_it_and_spares_its_batch(api):
+    victim = submit(api, 1000)
+    neighbours = [submit(api, 40, prompt=f"n{i}") for i in range(3)]
+    with api.session.get(f"{api.url}/v1/jobs/{victim}/events", stream=True, timeout=60) as r:
+        events = sse_events(r)
+        first = next(events)
+        assert first[1] == "token"
+        assert api.delete(f"/v1/jobs/{victim}").status_code == 200
+        rest = list(events)
+    assert rest[-1][1] == "done" and rest[-1][2]["finish_reason"] == "cancelled"
+    job = api.wait_job(victim)
+    assert job["status"] == "cancelled"
+    assert job["result"]["finish_reason"] == "cancelled"
+    assert 0 < job["usage"]["completion_tokens"] < 1000
+    for job_id in neighbours:
+        other = api.wait_job(job_id)
+        assert other["status"] == "succeeded"
+        assert other["result"]["text"] == "".join((WORDS * 3)[:40])
+
+
+def test_disconnecting_from_a_streamed_inference_cancels_it(api):
+    job_id = stream_then_disconnect(api, {"prompt": "bye", "max_tokens": 1000})
+    assert api.wait_job(job_id)["status"] == "cancelled"
+
+
+def test_keep_running_survives_a_disconnect(api):
+    job_id = stream_then_disconnect(api, {"prompt": "stay", "max_tokens": 200,
+                                          "keep_running": True})
+    job = api.wait_job(job_id)
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 200
+
+
+def stream_then_disconnect(api, body: dict) -> str:
+    response = requests.post(f"{api.url}/v1/inference?stream=true", json=body, stream=True,
+                             timeout=30)
+    assert response.status_code == 200
+    job_id = response.headers["X-Job-ID"]
+    next(sse_events(response))
+    response.close()
+    return job_id
+
+
+def test_streamed_inference_matches_the_synchronous_text(api):
+    with requests.post(f"{api.url}/v1/inference?stream=true", json={"prompt": "s",
+                       "max_tokens": 5}, stream=True, timeout=30) as r:
+        events = list(sse_events(r))
+    text = "".join(d["text"] for _, e, d in events if e == "token")
+    assert text == api.post("/v1/inference", {"prompt": "s", "max_tokens": 5}).json()["text"]
+
+
+def test_many_concurrent_streams(api):
+    results: dict[int, str] = {}
+
+    def follow(i: int) -> None:
+        with requests.post(f"{api.url}/v1/inference?stream=true",
+                           json={"prompt": f"c{i}", "max_tokens": 12}, stream=True,
+                           timeout=60) as r:
+            results[i] = "".join(d["text"] for _, e, d in sse_events(r) if e == "token")
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {i: "".join(WORDS[:12]) for i in range(24)}
+
+
+def test_stream_of_unknown_job_is_404(api):
+    assert api.get("/v1/jobs/00000000-0000-4000-8000-000000000000/events").status_code == 404
+
