@@ -64,6 +64,7 @@ class Settings:
     enable_batching: bool = True
     batch_window_ms: float = 5.0
     max_running: int = 32
+    admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     worker_concurrency: int = 64
     worker_heartbeat_s: float = 5.0
     default_generate_model: str = "demo-gpt"
@@ -81,6 +82,11 @@ class Settings:
     log_level: str = "INFO"
     api_keys: str = ""  # comma-separated bearer keys; empty with admin_keys empty: auth off
     admin_keys: str = ""  # comma-separated keys that may also change the registry
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("continuous", "static"):
+            raise SettingsError(f"BANTER_ADMISSION={self.admission!r}: expected continuous "
+                                "or static")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

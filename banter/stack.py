@@ -64,7 +64,12 @@ def sample_jobs(url: str) -> None:
           f"{[round(x, 4) for x in vector[:4]]}", flush=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample: bool) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the stack like Ctrl-C
     env = dict(os.environ)
     redis_server = None
     if "BANTER_REDIS_URL" not in env:

@@ -1,22 +1,231 @@
-"""OpenAI-compatible endpoints, mapped onto jobs: ``POST /v1/embeddings``."""
+"""OpenAI-compatible endpoints, mapped onto jobs: ``POST /v1/completions``,
+``POST /v1/chat/completions`` and ``POST /v1/embeddings``.
+
+A text request is one generate job. Streamed answers are plain ``data: {chunk}`` SSE lines (no
+``id:`` or ``event:`` fields), ending with ``data: [DONE]``; a job error becomes one
+``data: {"error": {type, message}}`` line before ``[DONE]``. Bad input is a JSON 4xx before any
+job is submitted, streamed or not.
+"""
 
 from __future__ import annotations
 
 import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from flask import Blueprint, jsonify
 
 from banter import errors
 from banter.errors import InvalidRequest
-from banter.jobs import JobKind, JobStatus
+from banter.jobs import JobKind, JobRecord, JobStatus
+from banter.streams import EventType
+from producer import chat
 from producer import validation as v
-from producer.context import ctx, trace_id
-from producer.inference import job_headers
+from producer.context import Context, ctx, trace_id
+from producer.inference import generate_request, job_headers, keep_running, result_body, stream_job
 from producer.service import JobRequest
 
 blueprint = Blueprint("openai", __name__)
+
+DONE = "data: [DONE]\n\n"
+# OpenAI fields this server cannot honour: a truthy value is refused rather than ignored.
+SHARED_UNSUPPORTED = ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
+COMPLETION_UNSUPPORTED = (*SHARED_UNSUPPORTED, "echo", "suffix")
+CHAT_UNSUPPORTED = (*SHARED_UNSUPPORTED, "top_logprobs", "tools", "functions")
+
+
+class TextShape:
+    """How a generate job's text is shaped for ``/v1/completions``."""
+
+    prefix = "cmpl"
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return self.choice(text, finish_reason)
+
+
+class ChatShape(TextShape):
+    """How it is shaped for ``/v1/chat/completions``: the first streamed delta carries the
+    ``assistant`` role (so one instance serves one stream)."""
+
+    prefix = "chatcmpl"
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self) -> None:
+        self.role_sent = False
+
+    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason, "logprobs": None}
+
+    def chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        delta = {} if self.role_sent else {"role": "assistant"}
+        if text:
+            delta["content"] = text
+        self.role_sent = True
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+
+class Chunks:
+    """An ``sse.Formatter`` turning one job's stream into OpenAI chunks: one per token with
+    text, a final one with ``finish_reason``, with ``include_usage`` one more with
+    ``choices: []`` and ``usage`` (earlier chunks then carry ``usage: null``), then ``[DONE]``."""
+
+    def __init__(self, shape: TextShape, record: JobRecord, include_usage: bool) -> None:
+        self.shape = shape
+        self.head = {"id": f"{shape.prefix}-{record.id}", "object": shape.chunk_object,
+                     "created": int(record.queued_at), "model": record.model}
+        self.include_usage = include_usage
+
+    def __call__(self, entry_id: str, kind: EventType, data: dict) -> str:
+        if kind is EventType.TOKEN:
+            return self.chunk([self.shape.chunk_choice(data["text"], None)]) if data["text"] else ""
+        if kind is EventType.ERROR:
+            return sse_data({"error": data["error"]}) + DONE
+        final = self.chunk([self.shape.chunk_choice("", data["finish_reason"])])
+        if self.include_usage:
+            final += self.chunk([], usage_totals(data["usage"]))
+        return final + DONE
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {**self.head, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return sse_data(body)
+
+
+def sse_data(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage_totals(usage: dict[str, int]) -> dict[str, int]:
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+def answer_body(shape: TextShape, record: JobRecord) -> dict[str, Any]:
+    """The non-streamed answer for a finished job, or raise its typed error."""
+    result = result_body(record)
+    return {"id": f"{shape.prefix}-{record.id}", "object": shape.object,
+            "created": int(record.queued_at), "model": record.model,
+            "choices": [shape.choice(result["text"], result["finish_reason"])],
+            "usage": result["usage"]}
+
+
+def flag(body: dict, name: str, label: str | None = None) -> bool:
+    """An optional boolean field (null or missing: false)."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{label or name}' must be true or false")
+    return value
+
+
+def include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object")
+    return flag(options, "include_usage", "stream_options.include_usage")
+
+
+def refuse_unsupported(body: dict, names: tuple[str, ...]) -> None:
+    """Refuse fields this server cannot honour, and ``n``/``best_of`` other than 1."""
+    for name in names:
+        if body.get(name):
+            raise InvalidRequest(f"'{name}' is not supported by this server")
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or value != 1):
+            raise InvalidRequest(f"'{name}' must be 1: this server returns one choice per request")
+
+
+def completion_prompt(body: dict, max_chars: int) -> str:
+    """``prompt``: a string, or a list of exactly one string. Token-id prompts are refused."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        for i, item in enumerate(prompt):
+            if not isinstance(item, str):
+                raise InvalidRequest(f"'prompt[{i}]' must be a string: token-id prompts are not "
+                                     "supported")
+        if len(prompt) != 1:
+            raise InvalidRequest(f"'prompt' must be a string or a list of exactly one string, got "
+                                 f"{len(prompt)} items: send one request per prompt")
+        prompt = prompt[0]
+    return v.string({"prompt": prompt}, "prompt", required=True, max_len=max_chars)
+
+
+def chat_prompt(body: dict, c: Context) -> str:
+    """The prompt the model's chat template makes of ``messages`` (see ``producer.chat``)."""
+    messages = chat.parse_messages(body)
+    ref = v.string(body, "model", max_len=128) or c.jobs.default_model(JobKind.GENERATE)
+    template = chat.template_for(c.settings.model_root, c.registry.resolve(ref, JobKind.GENERATE.value))
+    prompt = template.render(messages)
+    if len(prompt) > c.settings.max_prompt_chars:
+        raise InvalidRequest(f"'messages' make a prompt of {len(prompt)} characters; the limit is "
+                             f"{c.settings.max_prompt_chars}")
+    return prompt
+
+
+def chat_max_tokens(body: dict, limit: int) -> dict:
+    """``body`` with ``max_completion_tokens`` (the newer name) moved to ``max_tokens``."""
+    value = v.number(body, "max_completion_tokens", low=1, high=limit, integer=True)
+    if value is None:
+        return body
+    if body.get("max_tokens") is not None:
+        raise InvalidRequest("'max_tokens' and 'max_completion_tokens' are the same limit: send one")
+    return {**body, "max_tokens": value}
+
+
+def run_text_job(c: Context, owner: str, body: dict, prompt: str, shape: TextShape):
+    """Submit the generate job, then stream it as chunks or wait and answer it whole."""
+    stream = flag(body, "stream")
+    usage = include_usage(body)
+    keep = keep_running(body)
+    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id())
+    if stream:
+        return stream_job(c, record, owner, keep, Chunks(shape, record, usage))
+    record = c.jobs.wait(record.id)
+    response = jsonify(answer_body(shape, record))
+    response.headers.update({"X-Job-ID": record.id, **job_headers([record])})
+    return response
+
+
+@blueprint.post("/v1/completions")
+def completions():
+    """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
+    of exactly one string (token ids are refused); ``n`` and ``best_of`` must be 1; ``echo``,
+    ``suffix``, ``logprobs`` and penalties are refused; ``user`` is ignored. ``model`` defaults
+    to the default generate model. ``keep_running: true`` (an extension) keeps a streamed job
+    going after its client disconnects; otherwise a disconnect cancels it."""
+    c = ctx()
+    owner = c.owner()
+    body = c.body()
+    refuse_unsupported(body, COMPLETION_UNSUPPORTED)
+    prompt = completion_prompt(body, c.settings.max_prompt_chars)
+    return run_text_job(c, owner, body, prompt, TextShape())
+
+
+@blueprint.post("/v1/chat/completions")
+def chat_completions():
+    """OpenAI ``chat.completions.create``: ``messages`` (system, user or assistant; text
+    content only) become one prompt by the model's chat template (``producer.chat``);
+    ``max_completion_tokens`` is ``max_tokens``; otherwise as ``/v1/completions``."""
+    c = ctx()
+    owner = c.owner()
+    body = c.body()
+    refuse_unsupported(body, CHAT_UNSUPPORTED)
+    body = chat_max_tokens(body, c.settings.max_tokens_limit)
+    return run_text_job(c, owner, body, chat_prompt(body, c), ChatShape())
 
 
 @blueprint.post("/v1/embeddings")

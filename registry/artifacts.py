@@ -176,7 +176,7 @@ def _resolve(root: Path, target: Path, label: str) -> Path:
     except FileNotFoundError:
         raise ArtifactError(f"artifact {label!r} not found: {target} does not exist "
                             f"(paths are relative to the model root {root})") from None
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # ValueError: an embedded NUL byte
         raise ArtifactError(f"artifact {label!r} cannot be resolved: {exc}") from None
     if not resolved.is_relative_to(root):
         raise ArtifactError(f"artifact {label!r} resolves to {resolved}, outside the model root "

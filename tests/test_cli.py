@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import requests
 
@@ -43,19 +44,30 @@ def port_is_closed(port: int) -> bool:
 
 
 def processes_with_home(home: Path) -> list[str]:
-    """Every live process whose environment has ``BANTER_HOME=home``: what ``banter up`` started
-    (redis-server, worker, producer and its gunicorn workers inherit it)."""
+    """Every live process ``banter up`` with ``BANTER_HOME=home`` started: the worker, the
+    producer and its gunicorn workers inherit that variable; redis-server rewrites its
+    environment block (proc title), so it is found by its working directory, ``home/redis``."""
     marker = f"BANTER_HOME={home}".encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if marker in environ.split(b"\0"):
-            found.append(f"{pid}: {cmdline.decode(errors='replace')}")
+        if marker in environ.split(b"\0") or cwd == str(home / "redis"):
+            found.append(f"{pid}: {cmdline.decode(errors='replace').strip()}")
     return found
+
+
+def kill_leftovers(home: Path) -> None:
+    """Clean up after a failed test: SIGKILL what ``processes_with_home`` finds, by pid."""
+    for entry in processes_with_home(home):
+        try:
+            os.kill(int(entry.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def fresh_up_env(home: Path) -> dict[str, str]:
@@ -167,7 +179,7 @@ def test_models_commands_against_the_api(api, settings, demo_models):
     shutil.copytree(demo_models[DEMO_EMBED], settings.model_root / name / "v1")
     v2 = settings.model_root / name / "v2"
     shutil.copytree(demo_models[DEMO_EMBED], v2)
-    import onnx  # a different artifact: same graph, another doc_string, another sha256
+    # a different artifact: the same graph with another doc_string, so another sha256
     model = onnx.load(str(v2 / "model.onnx"))
     model.doc_string = "cli test v2"
     onnx.save(model, str(v2 / "model.onnx"))
@@ -232,6 +244,8 @@ def test_up_with_a_sample_then_exit(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        leftovers = processes_with_home(home)
+        kill_leftovers(home)
     text = out.read_text()
     assert code == 0, text + err.read_text()[-3000:]
     assert "banterhearts is up" in text
@@ -241,7 +255,7 @@ def test_up_with_a_sample_then_exit(tmp_path):
     assert "(demo models built)" in text
     assert "sample generate (demo-gpt v1, onnx, batch 1," in text
     assert f"\n  {DEMO_TEXT.strip()}\n" in text  # 18 tokens: the whole demo sentence
-    assert re.search(r"sample embed \(demo-embed\S*\): 128 dims, first \[", text), text
+    assert "\nsample embed (demo-embed): 128 dims, first [" in text
 
     # it built and promoted the demo models into its own home
     records = [json.loads(line) for line in
@@ -252,7 +266,7 @@ def test_up_with_a_sample_then_exit(tmp_path):
     # and nothing it started survives it
     assert port_is_closed(int(redis_url.group(2))), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
-    assert processes_with_home(home) == []
+    assert leftovers == []
 
 
 @pytest.mark.slow
@@ -291,6 +305,10 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         assert embedded.headers["X-Trace-ID"]
         assert re.fullmatch(r"\d+\.\d\d", embedded.headers["X-Latency-MS"])
 
+        started = processes_with_home(home)  # up, redis-server, worker, producer (+ workers)
+        assert len(started) >= 5, started
+        assert any("redis-server" in p for p in started), started
+
         # when Ctrl-C is pressed, expect a clean exit and everything it started gone
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=30)
@@ -298,7 +316,44 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        leftovers = processes_with_home(home)
+        kill_leftovers(home)
     assert code == 0, out.read_text() + err.read_text()[-3000:]
     assert port_is_closed(redis_port), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
-    assert processes_with_home(home) == []
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_up_stops_everything_it_started_on_sigterm(tmp_path):
+    """SIGTERM is how supervisors, ``docker stop``, systemd and ``kill`` stop a program; the
+    stack must go down with ``banter up`` instead of being orphaned."""
+    home = tmp_path / "home"
+    port = free_port()
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([*CLI, "up", "--port", str(port)], env=fresh_up_env(home),
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
+        redis_port = int(re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)/0 \(private\)",
+                                   text).group(1))
+        assert len(processes_with_home(home)) >= 5
+
+        # when only the ``banter up`` process is sent SIGTERM
+        process.terminate()
+        code = process.wait(timeout=30)
+        # expect every child it started (worker, producer, redis-server) to be stopped too
+        deadline = time.monotonic() + 10  # give well-behaved children time to finish exiting
+        while processes_with_home(home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = processes_with_home(home)
+        assert left == [], (f"BUG: SIGTERM to 'banter up' (exit {code}) orphaned what it "
+                            f"started: {left}")
+        assert port_is_closed(redis_port) and port_is_closed(port)
+        assert code in (0, 128 + signal.SIGTERM), code
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        kill_leftovers(home)

@@ -259,6 +259,20 @@ def test_promote_errors_are_typed_json_and_change_nothing(api, settings, bad_art
     assert good.status_code == 201 and good.json()["version"] == 1
 
 
+def test_promote_path_with_a_nul_byte_is_a_422_not_a_500(api, settings, bad_artifacts):
+    # the design: "Never a 500 for anything a client sent"; a NUL byte makes the path
+    # resolution raise ValueError, which the artifact check must turn into an ArtifactError
+    name = bad_artifacts
+    before = settings.registry_path.read_text()
+    for path in (f"{name}/embed\x00", f"{name}/embed/model.onnx\x00.onnx"):
+        response = promote(api, name, "embed", path)
+        assert response.status_code == 422, (
+            f"BUG: promote with a NUL byte in 'path' answered {response.status_code} "
+            f"{response.text} (registry/artifacts.py _resolve does not catch ValueError)")
+        assert_error(response, 422, "invalid_artifact")
+    assert settings.registry_path.read_text() == before
+
+
 def test_a_name_cannot_change_kind(api, settings, demo_models, embed_model):
     name, _, _ = embed_model
     copy_model(demo_models[DEMO_GPT], settings.model_root / name / "gpt")

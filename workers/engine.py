@@ -36,6 +36,7 @@ from workers.sampling import sample
 log = logging.getLogger(__name__)
 
 LANES = ("interactive", "bulk")  # admission order
+ADMISSIONS = ("continuous", "static")
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
 
 
@@ -53,13 +54,22 @@ class EngineSink(Protocol):
 @dataclass(frozen=True)
 class EngineSettings:
     """Batching limits. ``enable_batching=False`` runs one embed and one generate sequence
-    per pass. ``batch_window_s`` is how long a lone embed waits for company."""
+    per pass. ``batch_window_s`` is how long a lone embed waits for company.
+    ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
+    generate sequences of a model are admitted only while none of that model is running, so a
+    batch forms, runs until all its sequences finish, then the next one forms."""
 
     max_batch_size: int = 8
     batch_window_s: float = 0.005
     max_running: int = 32
     max_prompt_tokens: int = 512
     enable_batching: bool = True
+    admission: str = "continuous"
+
+    def __post_init__(self) -> None:
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, "
+                             f"got {self.admission!r}")
 
 
 @dataclass
@@ -340,11 +350,13 @@ class Engine:
 
     def _admit(self) -> None:
         count = sum(len(seqs) for seqs in self._running.values())
+        # static admission: a model with a batch in progress takes no one until it drains
+        busy = set(self._running) if self._settings.admission == "static" else set()
         for lane in LANES:
             queue = self._waiting[lane]
             while queue and count < self._running_cap:
                 seq = queue[0]
-                if not _fits(self._running.get(seq.runner, []), seq):
+                if seq.runner in busy or not _fits(self._running.get(seq.runner, []), seq):
                     return  # it waits for the batch to shrink; nothing overtakes it
                 queue.popleft()
                 seq.started = True

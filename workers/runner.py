@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from tokenizers import Tokenizer
 
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
 from registry.artifacts import sha256_file
+
+log = logging.getLogger("banter.worker")
 
 KINDS = ("generate", "embed")
 DEFAULT_MAX_POSITIONS = 1024
@@ -196,6 +199,8 @@ class RunnerCache:
                     return self._runners[key]
             try:
                 runner = Runner(spec, self.providers, self._intra_op_threads)
+                log.info("model_loaded", extra={"model": spec.name, "version": spec.version,
+                                                "providers": runner.providers})
                 with self._lock:
                     self._runners[key] = runner
             finally:

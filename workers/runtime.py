@@ -53,7 +53,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
                           batch_window_s=settings.batch_window_ms / 1000.0,
                           max_running=settings.max_running,
                           max_prompt_tokens=settings.max_prompt_tokens,
-                          enable_batching=settings.enable_batching)
+                          enable_batching=settings.enable_batching,
+                          admission=settings.admission)
 
 
 class WorkerRuntime:
@@ -67,6 +68,7 @@ class WorkerRuntime:
         self.jobs = JobStore(client, settings.job_ttl_s)
         self.streams = StreamWriter(client, settings.stream_maxlen, settings.job_ttl_s)
         self.mirror = Mirror(client)
+        self.runners = runners
         self.engine = Engine(runners, RedisSink(client, self.streams, node),
                              engine_settings(settings))
         self._stop = threading.Event()
@@ -74,7 +76,7 @@ class WorkerRuntime:
 
     def start(self) -> None:
         for target, name in ((self.engine.run, "engine"), (self._heartbeat, "heartbeat"),
-                             (self._listen_cancel, "cancel-listener")):
+                             (self._listen, "listener")):
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -181,15 +183,24 @@ class WorkerRuntime:
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
             stop.wait(self.settings.worker_heartbeat_s)
 
-    def _listen_cancel(self, stop: threading.Event) -> None:
+    def _listen(self, stop: threading.Event) -> None:
+        """Cancellations (job ids on CANCEL) and registry changes (retire inactive versions)."""
         while not stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(keys.CANCEL)
+                pubsub.subscribe(keys.CANCEL, keys.REGISTRY_EVENTS)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message:
+                    if message and message["channel"] == keys.CANCEL:
                         self.engine.cancel(message["data"])
+                    elif message:
+                        self._retire_inactive()
             except redis.RedisError as exc:
-                log.warning("cancel_listener_reconnecting", extra={"error": str(exc)})
+                log.warning("listener_reconnecting", extra={"error": str(exc)})
                 stop.wait(1.0)
+
+    def _retire_inactive(self) -> None:
+        active = {(r.name, r.version) for r in self.mirror.list_active()}
+        for name, version in self.runners.loaded():
+            if (name, version) not in active and self.runners.retire(name, version):
+                log.info("model_retired", extra={"model": name, "version": version})

@@ -1,0 +1,102 @@
+"""Chat messages to one prompt: message checks and a plain chat template.
+
+Jinja is not a dependency, so a Hugging Face ``chat_template`` in ``tokenizer_config.json`` is
+never evaluated. The default template writes ``"{role}: {content}\\n"`` per message, then
+``"assistant:"`` to open the assistant's turn. A model directory may replace both in its
+``tokenizer_config.json`` with plain placeholders (no Jinja, no other keys)::
+
+    {"banter_chat_template": {"message": "<|{role}|>\\n{content}\\n",
+                              "generation": "<|assistant|>\\n"}}
+
+A missing file or key gives the default; a malformed one is an ``ArtifactError``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from banter.errors import ArtifactError, InvalidRequest
+from registry.records import Record
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_KEY = "banter_chat_template"
+
+Message = tuple[str, str]  # (role, text)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """``message`` is written once per message with ``{role}`` and ``{content}`` replaced (by
+    plain substitution: braces in the content stay as they are), then ``generation`` once."""
+
+    message: str = "{role}: {content}\n"
+    generation: str = "assistant:"
+
+    def render(self, messages: list[Message]) -> str:
+        turns = [self.message.replace("{role}", role).replace("{content}", text)
+                 for role, text in messages]
+        return "".join(turns) + self.generation
+
+
+def parse_messages(body: dict) -> list[Message]:
+    """``body['messages']`` as (role, text) pairs. Content is a string or a list of
+    ``{"type": "text", "text": ...}`` parts (joined with newlines). InvalidRequest names the
+    first bad field, e.g. ``messages[2].role``."""
+    value = body.get("messages")
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects")
+    return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
+
+
+def _message(message: Any, where: str) -> Message:
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content'")
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+    return role, _content(message.get("content"), f"{where}.content")
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        return "\n".join(_text_part(part, f"{where}[{i}]") for i, part in enumerate(content))
+    raise InvalidRequest(f"'{where}' must be a string or a non-empty list of text parts")
+
+
+def _text_part(part: Any, where: str) -> str:
+    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        raise InvalidRequest(f"'{where}' must be {{\"type\": \"text\", \"text\": <string>}}; "
+                             "only text parts are supported")
+    return part["text"]
+
+
+def template_for(model_root: Path, record: Record) -> ChatTemplate:
+    """The chat template of the registry ``record``: read from the ``tokenizer_config.json``
+    beside its artifact; the default for a model with no local files (openai backend)."""
+    if not record.path:
+        return ChatTemplate()
+    return load_template((model_root / record.path).parent / "tokenizer_config.json")
+
+
+def load_template(path: Path) -> ChatTemplate:
+    """``banter_chat_template`` from the JSON file at ``path``; the default when the file or the
+    key is missing."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ChatTemplate()
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not a readable JSON file: {exc}") from None
+    custom = config.get(TEMPLATE_KEY) if isinstance(config, dict) else None
+    if custom is None:
+        return ChatTemplate()
+    if (not isinstance(custom, dict) or not isinstance(custom.get("message"), str)
+            or not isinstance(custom.get("generation"), str) or "{content}" not in custom["message"]):
+        raise ArtifactError(f"{path}: '{TEMPLATE_KEY}' must be an object with string fields "
+                            "'message' (holding '{content}', optionally '{role}') and 'generation'")
+    return ChatTemplate(custom["message"], custom["generation"])

@@ -1,0 +1,299 @@
+"""OpenAI compatibility: the official ``openai`` client and raw HTTP against the real stack
+(producer over HTTP, Redis, a worker process, the demo models)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+from openai import APIError, OpenAI
+
+from banter.demo import DEMO_TEXT
+from banter.errors import ArtifactError
+from producer.chat import ChatTemplate, load_template, parse_messages
+
+WORDS = [" " + w for w in DEMO_TEXT.split()]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+LONG_PROMPT = " ".join(f"zq{i}x" for i in range(2000))  # under the char limit, over 512 tokens
+
+
+def expected(k: int) -> str:
+    """Greedy demo output for ``max_tokens=k``."""
+    return "".join(WORDS[:k])
+
+
+@pytest.fixture(scope="module")
+def client(api) -> OpenAI:
+    return OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0)
+
+
+def data_lines(response: requests.Response) -> list[str]:
+    """The ``data:`` payloads of an SSE response, checking it has no other fields."""
+    payloads = []
+    for line in response.iter_lines(decode_unicode=True):
+        if not line or line.startswith(":"):
+            continue
+        assert line.startswith("data: "), line
+        payloads.append(line[len("data: "):])
+    return payloads
+
+
+def stream_raw(api, path: str, body: dict) -> list[str]:
+    with requests.post(api.url + path, json={**body, "stream": True}, stream=True,
+                       timeout=60) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        return data_lines(response)
+
+
+# ----------------------------------------------------------------------------- openai client
+def test_client_completion_streamed_and_not(client):
+    whole = client.completions.create(model="demo-gpt", prompt="Say something.", max_tokens=3)
+    assert whole.choices[0].text == expected(3) == " banterhearts streams every"
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 3
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 3
+    chunks = list(client.completions.create(model="demo-gpt", prompt="Say something.",
+                                            max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected(3)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("cmpl-")
+
+
+def test_client_chat_streamed_and_not(client):
+    whole = client.chat.completions.create(model="demo-gpt", messages=MESSAGES, max_tokens=5)
+    message = whole.choices[0].message
+    assert (message.role, message.content) == ("assistant", expected(5))
+    assert whole.choices[0].finish_reason == "length" and whole.object == "chat.completion"
+    chunks = list(client.chat.completions.create(model="demo-gpt", messages=MESSAGES,
+                                                 max_completion_tokens=5, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected(5)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_client_stream_usage_chunk(client):
+    chunks = list(client.chat.completions.create(
+        model="demo-gpt", messages=MESSAGES, max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 4
+    assert all(c.usage is None for c in chunks[:-1])
+    text_chunks = list(client.completions.create(
+        model="demo-gpt", prompt="p", max_tokens=2, stream=True,
+        stream_options={"include_usage": True}))
+    assert text_chunks[-1].choices == [] and text_chunks[-1].usage.completion_tokens == 2
+
+
+def test_client_embeddings_match_the_float_encoding(client, api):
+    result = client.embeddings.create(model="demo-embed", input="a sentence")
+    vector = result.data[0].embedding
+    floats = api.post("/v1/embeddings", {"input": "a sentence", "encoding_format": "float"})
+    assert len(vector) == 128
+    assert vector == pytest.approx(floats.json()["data"][0]["embedding"], abs=1e-6)
+
+
+def test_client_models_list(client):
+    assert "demo-gpt" in {m.id for m in client.models.list()}
+
+
+def test_client_sees_a_job_error_in_the_stream(client):
+    with pytest.raises(APIError, match="tokens"):
+        list(client.completions.create(model="demo-gpt", prompt=LONG_PROMPT, max_tokens=2,
+                                       stream=True))
+
+
+# ----------------------------------------------------------------------------- raw HTTP
+def test_completion_shape_and_headers(api):
+    response = api.post("/v1/completions", {"prompt": ["One prompt."], "max_tokens": 2,
+                                            "user": "ignored"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == f"cmpl-{response.headers['X-Job-ID']}"
+    assert body["object"] == "text_completion" and body["model"] == "demo-gpt"
+    assert abs(body["created"] - time.time()) < 60
+    assert body["choices"] == [{"index": 0, "text": expected(2), "finish_reason": "length",
+                                "logprobs": None}]
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 2 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 2
+    assert response.headers["X-Backend"] == "onnx"
+    assert int(response.headers["X-Batch-Size"]) >= 1
+    assert float(response.headers["X-Latency-MS"]) > 0
+
+
+def test_chat_shape_with_text_parts(api):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                             {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": ""}, {"role": "user", "content": "Go on."}]
+    response = api.post("/v1/chat/completions", {"messages": messages, "max_tokens": 3,
+                                                 "stop": ["nothing matches this"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == f"chatcmpl-{response.headers['X-Job-ID']}"
+    assert body["object"] == "chat.completion"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": expected(3)},
+                                "finish_reason": "length", "logprobs": None}]
+    assert body["usage"]["completion_tokens"] == 3
+    assert response.headers["X-Backend"] == "onnx"
+
+
+def test_stop_string_ends_with_finish_reason_stop(api):
+    body = api.post("/v1/completions", {"prompt": "x", "max_tokens": 10, "stop": " every"}).json()
+    assert body["choices"][0]["text"] == expected(2)
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_completion_lines(api):
+    payloads = stream_raw(api, "/v1/completions", {"prompt": "x", "max_tokens": 3,
+                                                   "stream_options": {"include_usage": True}})
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks[:3]] == WORDS[:3]
+    assert chunks[3]["choices"] == [{"index": 0, "text": "", "finish_reason": "length",
+                                     "logprobs": None}]
+    assert chunks[4]["choices"] == [] and chunks[4]["usage"]["completion_tokens"] == 3
+    assert len(chunks) == 5 and all(c["object"] == "text_completion" for c in chunks)
+
+
+def test_streamed_chat_lines(api):
+    payloads = stream_raw(api, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": WORDS[0]}, {"content": WORDS[1]}, {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+    assert all("usage" not in c for c in chunks)
+
+
+def test_job_error_is_a_data_line_then_done(api):
+    payloads = stream_raw(api, "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 2})
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["type"] == "prompt_too_long" and "tokens" in error["message"]
+    response = api.post("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 2})
+    assert response.status_code == 422 and response.json()["error"]["type"] == "prompt_too_long"
+
+
+BAD_INPUTS = [
+    ("/v1/completions", {}, 422, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 422, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, 422, "token-id"),
+    ("/v1/completions", {"prompt": [[1, 2]]}, 422, "token-id"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one"),
+    ("/v1/completions", {"prompt": []}, 422, "exactly one"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 422, "'n'"),
+    ("/v1/completions", {"prompt": "x", "n": True}, 422, "'n'"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 422, "best_of"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 422, "echo"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 422, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 422, "stream"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": []}, 422,
+     "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+     422, "stream_options.include_usage"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "keep_running": "no"}, 422,
+     "keep_running"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 422, "temperature"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 422, "stop"),
+    ("/v1/completions", {"prompt": "x", "model": "no-such-model"}, 404, "no-such-model"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "model": "no-such-model"}, 404,
+     "no-such-model"),
+    ("/v1/completions", {"prompt": "x", "model": "demo-embed"}, 422, "embed"),
+    ("/v1/chat/completions", {}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, 422, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 422,
+     "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 422, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [MESSAGES[0], {"role": "user", "content": 7}]}, 422,
+     "messages[1].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 422,
+     "messages[0].content[0]"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, 422, "'n'"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": 1}, 422, "stream"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 422,
+     "tools"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 422,
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 2,
+                              "max_tokens": 3}, 422, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "model": "no-such-model"}, 404,
+     "no-such-model"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "model": "no-such-model"},
+     404, "no-such-model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 20000}]}, 422,
+     "limit"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,needle", BAD_INPUTS)
+def test_bad_input_gets_a_json_4xx_naming_the_field(api, path, body, status, needle):
+    response = api.post(path, body)
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"type", "message"}
+    assert needle.lower() in error["message"].lower(), error
+
+
+# ----------------------------------------------------------------------------- disconnects
+def stream_then_disconnect(api, body: dict) -> str:
+    """Open a streamed completion, read its first chunk, hang up; return the job id."""
+    response = requests.post(api.url + "/v1/completions", json={**body, "stream": True},
+                             stream=True, timeout=30)
+    assert response.status_code == 200, response.text
+    first = next(line for line in response.iter_lines(decode_unicode=True)
+                 if line.startswith("data: "))
+    response.close()
+    job_id = response.headers["X-Job-ID"]
+    assert json.loads(first[len("data: "):])["id"] == f"cmpl-{job_id}"
+    return job_id
+
+
+def test_disconnect_cancels_the_job(api):
+    job_id = stream_then_disconnect(api, {"prompt": "bye", "max_tokens": 500})
+    job = api.wait_job(job_id)
+    assert job["status"] == "cancelled" and job["result"]["finish_reason"] == "cancelled"
+    assert job["usage"]["completion_tokens"] < 500
+
+
+def test_keep_running_survives_a_disconnect(api):
+    job_id = stream_then_disconnect(api, {"prompt": "stay", "max_tokens": 100,
+                                          "keep_running": True})
+    job = api.wait_job(job_id)
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 100
+
+
+# ----------------------------------------------------------------------------- chat template
+def test_default_template_renders_role_lines():
+    messages = parse_messages({"messages": MESSAGES})
+    assert ChatTemplate().render(messages) == "system: Be brief.\nuser: Hello?\nassistant:"
+
+
+def test_model_template_from_tokenizer_config(tmp_path):
+    path = tmp_path / "tokenizer_config.json"
+    assert load_template(path) == ChatTemplate()
+    path.write_text(json.dumps({"chat_template": "{% for m in messages %}...{% endfor %}"}))
+    assert load_template(path) == ChatTemplate()
+    path.write_text(json.dumps({"banter_chat_template": {"message": "<|{role}|>{content}\n",
+                                                         "generation": "<|assistant|>"}}))
+    rendered = load_template(path).render([("user", "a {role} b")])
+    assert rendered == "<|user|>a {role} b\n<|assistant|>"
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"banter_chat_template": "x"}),
+                                  json.dumps({"banter_chat_template": {"message": "{role}",
+                                                                       "generation": ""}})])
+def test_malformed_model_template_is_an_artifact_error(tmp_path, text):
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(text)
+    with pytest.raises(ArtifactError, match="tokenizer_config.json"):
+        load_template(path)
