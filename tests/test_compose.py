@@ -1,0 +1,60 @@
+"""docker-compose.yml has the services, GPU pinning, health checks and volumes the docs promise
+(no Docker engine here: the file's structure is what we can check)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+COMPOSE = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_services_present():
+    assert {"redis", "producer", "gpu0", "gpu1", "worker-cpu", "flower"} <= set(SERVICES)
+
+
+def test_redis_keeps_data_and_never_evicts():
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert any(v.endswith(":/data") for v in SERVICES["redis"]["volumes"])
+
+
+def test_each_gpu_worker_reserves_one_device_and_pins_to_it():
+    for name, host_gpu in (("gpu0", "0"), ("gpu1", "1")):
+        service = SERVICES[name]
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": [host_gpu], "capabilities": ["gpu"]}]
+        command = service["command"]
+        assert command[:3] == ["banter", "worker", "--gpu"]
+        assert command[command.index("--name") + 1].startswith(f"{name}@")
+        assert service["build"]["args"]["ORT"] == "onnxruntime-gpu"
+
+
+def test_cpu_worker_is_a_profile():
+    assert SERVICES["worker-cpu"]["profiles"] == ["cpu"]
+    assert "--cpu" in SERVICES["worker-cpu"]["command"]
+
+
+def test_every_banter_service_shares_redis_models_and_registry():
+    for name in ("producer", "gpu0", "gpu1", "worker-cpu", "flower"):
+        service = SERVICES[name]
+        env = service["environment"]
+        assert env["BANTER_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["BANTER_REGISTRY_PATH"].startswith("/data/")
+        if name != "flower":
+            assert "banter-data:/data" in service["volumes"]
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert {"redis-data", "banter-data"} <= set(COMPOSE["volumes"])
+
+
+def test_health_checks():
+    for name in ("redis", "producer", "gpu0", "gpu1", "worker-cpu", "flower"):
+        assert SERVICES[name]["healthcheck"]["test"][0] == "CMD", name
+
+
+def test_flower_requires_auth():
+    assert "BANTER_FLOWER_BASIC_AUTH" in SERVICES["flower"]["environment"]
+    assert SERVICES["flower"]["command"][:2] == ["banter", "flower"]
