@@ -11,12 +11,13 @@ RUN_JOB = "banter.run_job"
 
 
 def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
-    """A Celery app configured by ``celeryconfig`` plus the settings-derived values."""
+    """A Celery app configured by ``celeryconfig`` plus the settings-derived values. It knows
+    the queues of both backends: ``settings.queues`` (onnx) and ``settings.openai_queues``."""
     app = Celery(main)
     app.config_from_object("celeryconfig")
     app.conf.update(
         broker_url=settings.broker_url,
-        task_queues=[Queue(name) for name in settings.queues],
+        task_queues=[Queue(name) for name in (*settings.queues, *settings.openai_queues)],
         task_default_queue=settings.queue_interactive,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     )
@@ -24,8 +25,10 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
 
 
 def queue_depth(client, settings: Settings) -> dict[str, int]:
-    """Messages waiting per lane (Redis broker: the queue lists kombu keeps)."""
+    """Messages waiting per lane, over both backends' queues (Redis broker: the queue lists
+    kombu keeps)."""
     pipe = client.pipeline(transaction=False)
-    for name in settings.queues:
+    for name in (*settings.queues, *settings.openai_queues):
         pipe.llen(name)
-    return dict(zip(("interactive", "bulk"), pipe.execute()))
+    interactive, bulk, openai_interactive, openai_bulk = pipe.execute()
+    return {"interactive": interactive + openai_interactive, "bulk": bulk + openai_bulk}

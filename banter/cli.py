@@ -8,10 +8,11 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from banter.errors import BanterError, InvalidRequest, Unavailable
-from banter.settings import Settings
+from banter.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -41,8 +42,10 @@ def cmd_producer(args, settings: Settings) -> int:
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    from workers.main import run_worker
+    from workers.main import run_openai_worker, run_worker
 
+    if args.openai:
+        return run_openai_worker(settings, args.name, args.concurrency)
     return run_worker(settings, None if args.cpu else args.gpu, args.name, args.concurrency)
 
 
@@ -78,6 +81,69 @@ def _print_events(events) -> int:
     return EXIT_FAILED
 
 
+def cmd_bulk(args, settings: Settings) -> int:
+    """Exit 0 once every valid line has its output line (failed requests included: see the
+    summary), 2 for unusable files (duplicate custom_ids, an output file that is not ours)."""
+    from banter import bulk
+    from banter.client import Client
+
+    out_path = args.out
+    err_path = args.errors or bulk.default_errors_path(out_path)
+    paths = {p.resolve() for p in (args.input, out_path, err_path)}
+    if len(paths) < 3:
+        print("banter: the input, --out and --errors files must be three different files",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = bulk.run(lambda: Client(args.url, args.api_key), args.input, out_path,
+                           err_path, args.max_in_flight)
+    except bulk.BulkFileError as exc:
+        print(f"banter: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"banter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(asdict(summary)))
+    return EXIT_OK
+
+
+def flower_auth(args) -> list[str] | None:
+    """Flower's auth arguments: ``--basic-auth`` (or BANTER_FLOWER_BASIC_AUTH), comma-separated
+    ``user:password`` pairs, or none with ``--unauthenticated``; None when neither was chosen."""
+    if args.unauthenticated:
+        return []
+    pairs = args.basic_auth or os.environ.get("BANTER_FLOWER_BASIC_AUTH", "")
+    if not pairs:
+        return None
+    for pair in pairs.split(","):
+        user, _, password = pair.partition(":")
+        if not user or not password:
+            raise SettingsError("basic auth must be user:password (comma-separated for several "
+                                "users), with neither part empty")
+    return [f"--basic-auth={pairs}"]
+
+
+def cmd_flower(args, settings: Settings) -> int:
+    """Flower on the broker, read-only (no worker shutdown, pool or revoke controls). It shows
+    every job as a task (``banter.run_job``, its only argument the job id, so no prompt text),
+    with state, worker node and runtime."""
+    auth = flower_auth(args)
+    if auth is None:
+        print("banter: refusing to start Flower without a choice of authentication: pass "
+              "--basic-auth user:password (or set BANTER_FLOWER_BASIC_AUTH), or "
+              "--unauthenticated for local use", file=sys.stderr)
+        return EXIT_USAGE
+    from banter import logs
+    from banter.broker import make_celery
+
+    logs.setup(settings.log_level)
+    if args.unauthenticated:
+        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"  # else Flower answers its API 401
+    app = make_celery(settings, "banterhearts-flower")
+    return app.start(["flower", f"--port={args.port}", f"--address={args.address}",
+                      "--read_only=true", *auth]) or EXIT_OK
+
+
 def cmd_models(args, settings: Settings) -> int:
     if args.action == "build-demo":
         from banter.demo import build_demo
@@ -101,6 +167,13 @@ def cmd_models(args, settings: Settings) -> int:
         out = client.request("GET", "/v1/models")["data"]
     print(json.dumps(out, indent=2))
     return EXIT_OK
+
+
+def positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     device = worker.add_mutually_exclusive_group(required=True)
     device.add_argument("--gpu", type=int, metavar="N", help="pin to GPU N (CUDA)")
     device.add_argument("--cpu", action="store_true", help="CPU only")
+    device.add_argument("--openai", action="store_true",
+                        help="no engine: every job goes upstream (needs an OpenAI key)")
     worker.add_argument("--name", help="Celery node name (default gpuN@host or cpu@host)")
     worker.add_argument("--concurrency", type=int, help="jobs in flight (threads)")
     worker.set_defaults(func=cmd_worker)
@@ -148,6 +223,27 @@ def parser() -> argparse.ArgumentParser:
     stream.add_argument("job_id")
     client_args(stream)
     stream.set_defaults(func=cmd_stream)
+
+    bulk = sub.add_parser("bulk", help="run an OpenAI Batch JSONL file on the bulk lane")
+    bulk.add_argument("input", type=Path, metavar="IN.jsonl")
+    bulk.add_argument("--out", type=Path, required=True, metavar="OUT.jsonl",
+                      help="output lines are appended; rerunning resumes")
+    bulk.add_argument("--errors", type=Path, metavar="ERR.jsonl",
+                      help="bad input lines (default OUT.errors.jsonl)")
+    bulk.add_argument("--max-in-flight", type=positive_int, default=64, metavar="N",
+                      help="requests in flight at once (default 64)")
+    client_args(bulk)
+    bulk.set_defaults(func=cmd_bulk)
+
+    flower = sub.add_parser("flower", help="run Flower (Celery monitoring) on the broker")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--address", default="127.0.0.1")
+    auth = flower.add_mutually_exclusive_group()
+    auth.add_argument("--basic-auth", metavar="USER:PASSWORD",
+                      help="default BANTER_FLOWER_BASIC_AUTH")
+    auth.add_argument("--unauthenticated", action="store_true",
+                      help="no login, API open (local use only)")
+    flower.set_defaults(func=cmd_flower)
 
     models = sub.add_parser("models", help="the model registry")
     actions = models.add_subparsers(dest="action", required=True)

@@ -174,3 +174,34 @@ def from_dict(error: dict[str, str]) -> BanterError:
     exc.type = type_name
     exc.status = status_for(type_name)
     return exc
+
+
+class BackendUnavailable(Unavailable):
+    """No backend this worker has can serve the job (no ONNX engine, no OpenAI key)."""
+
+    type = "backend_unavailable"
+
+
+class UpstreamError(BanterError):
+    """The OpenAI-compatible upstream failed (5xx or 429 past the retry budget, unreachable,
+    a refused request)."""
+
+    type = "upstream_error"
+    status = 502
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream refused the configured key (401) or its permissions (403)."""
+
+    type = "upstream_auth"
+
+
+class UpstreamTimeout(UpstreamError):
+    type = "upstream_timeout"
+    status = 504
+
+
+class UpstreamModelNotFound(ModelNotFound):
+    """The upstream does not serve the model name it was asked for (404)."""
+
+    type = "upstream_model_not_found"

@@ -51,3 +51,14 @@ WORKERS = f"{PREFIX}:workers"
 # hash: counters a worker keeps (ORT passes and items per kind)
 def worker_stats(node: str) -> str:
     return f"{PREFIX}:worker:{node}:stats"
+
+
+# sorted set: worker node name -> unix time of its last heartbeat, one set per backend the
+# worker can serve ("onnx", "openai"); every worker is also in WORKERS
+def workers_for(backend: str) -> str:
+    return f"{PREFIX}:workers:{backend}"
+
+
+# hash: one /v1/batches batch (fields in producer.batches), TTL Settings.job_ttl_s
+def batch(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"

@@ -7,13 +7,15 @@ reads the environment. Every field is documented in README.md (Settings).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
 
 from banter.errors import InvalidRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
+_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries")  # int settings that may be 0
 
 
 class SettingsError(InvalidRequest):
@@ -51,7 +53,8 @@ def _float(name: str, raw: str) -> float:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything configurable. The environment variable of field ``x`` is ``BANTER_X``."""
+    """Everything configurable. The environment variable of field ``x`` is ``BANTER_X``
+    (``openai_key`` also comes from ``OPENAI_API_KEY``; it is kept out of ``repr``)."""
 
     redis_url: str = DEFAULT_REDIS_URL
     broker_url: str = ""  # empty: same as redis_url
@@ -82,6 +85,15 @@ class Settings:
     log_level: str = "INFO"
     api_keys: str = ""  # comma-separated bearer keys; empty with admin_keys empty: auth off
     admin_keys: str = ""  # comma-separated keys that may also change the registry
+    openai_key: str = field(default="", repr=False)  # never logged or stored
+    openai_model: str = "gpt-4o-mini"  # upstream model of generate jobs that fall back
+    openai_embed_model: str = "text-embedding-3-small"  # ... and of embed jobs
+    openai_base_url: str = ""  # empty: the OpenAI API
+    openai_max_tokens: int = 128  # cap on max_tokens sent upstream
+    openai_timeout_s: float = 30.0  # per upstream request (and per wait for a streamed chunk)
+    openai_max_retries: int = 4  # retries of 429, 5xx, timeouts and connection errors
+    openai_concurrency: int = 16  # upstream requests in flight per worker process
+    openai_fallback: bool = True  # serve through openai when no local model can
 
     def __post_init__(self) -> None:
         if self.admission not in ("continuous", "static"):
@@ -90,7 +102,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
-        """Read ``BANTER_*`` variables (unknown ones are ignored); ``overrides`` win."""
+        """Read ``BANTER_*`` variables (unknown ones are ignored) and ``OPENAI_API_KEY`` when
+        ``BANTER_OPENAI_KEY`` is not set; ``overrides`` win."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
@@ -101,13 +114,15 @@ class Settings:
             if f.type == "bool":
                 values[f.name] = _bool(name, raw)
             elif f.type == "int":
-                values[f.name] = _int(name, raw, low=1 if f.name != "max_queue_depth" else 0)
+                values[f.name] = _int(name, raw, low=0 if f.name in _ZERO_ALLOWED else 1)
             elif f.type == "float":
                 values[f.name] = _float(name, raw)
             elif f.type == "Path":
                 values[f.name] = Path(raw)
             else:
                 values[f.name] = raw
+        if "openai_key" not in values and "OPENAI_API_KEY" in env:
+            values["openai_key"] = env["OPENAI_API_KEY"]
         values.update(overrides)
         return cls(**values).resolved()
 
@@ -125,8 +140,25 @@ class Settings:
     def queues(self) -> tuple[str, str]:
         return (self.queue_interactive, self.queue_bulk)
 
-    def lane_queue(self, lane: str) -> str:
-        return self.queue_bulk if lane == "bulk" else self.queue_interactive
+    @property
+    def openai_queues(self) -> tuple[str, str]:
+        """The two lanes' queues of the openai backend."""
+        return (self.queue_interactive + OPENAI_QUEUE_SUFFIX, self.queue_bulk + OPENAI_QUEUE_SUFFIX)
+
+    def lane_queue(self, lane: str, backend: str = "onnx") -> str:
+        """The Celery queue of a job of ``lane`` going to ``backend`` (``onnx`` or ``openai``)."""
+        queue = self.queue_bulk if lane == "bulk" else self.queue_interactive
+        return queue + OPENAI_QUEUE_SUFFIX if backend == "openai" else queue
+
+    def fallback_blocker(self) -> str:
+        """Why a job that no local model can serve may not fall back to the openai backend,
+        naming the setting to change; empty when it may."""
+        if not self.openai_fallback:
+            return "the openai fallback is off (BANTER_OPENAI_FALLBACK=false)"
+        if not self.openai_key:
+            return "no OpenAI key is set: set BANTER_OPENAI_KEY or OPENAI_API_KEY to fall back " \
+                   "to the openai backend"
+        return ""
 
     def max_batch(self) -> int:
         return self.inference_max_batch_size if self.enable_batching else 1

@@ -15,7 +15,7 @@ from banter import logs
 from banter.broker import make_celery
 from banter.redisconn import connect
 from banter.settings import Settings
-from producer import errors, health, inference, jobs, models, openai_api
+from producer import batches, errors, health, inference, jobs, models, openai_api
 from producer.auth import KeyRing
 from producer.context import Context
 from producer.service import JobService
@@ -37,7 +37,7 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
                                        JobService(settings, client, celery, registry),
                                        registry, KeyRing(settings))
     errors.register(app)
-    for module in (jobs, inference, models, openai_api, health):
+    for module in (jobs, inference, models, openai_api, batches, health):
         app.register_blueprint(module.blueprint)
 
     @app.before_request

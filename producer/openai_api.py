@@ -168,7 +168,8 @@ def chat_prompt(body: dict, c: Context) -> str:
     """The prompt the model's chat template makes of ``messages`` (see ``producer.chat``)."""
     messages = chat.parse_messages(body)
     ref = v.string(body, "model", max_len=128) or c.jobs.default_model(JobKind.GENERATE)
-    template = chat.template_for(c.settings.model_root, c.registry.resolve(ref, JobKind.GENERATE.value))
+    model = c.jobs.resolve(ref, JobKind.GENERATE)  # None: served by the openai fallback
+    template = chat.template_for(c.settings.model_root, model) if model else chat.ChatTemplate()
     prompt = template.render(messages)
     if len(prompt) > c.settings.max_prompt_chars:
         raise InvalidRequest(f"'messages' make a prompt of {len(prompt)} characters; the limit is "

@@ -1,4 +1,11 @@
-"""What the producer's routes do with jobs: submit, read, wait, cancel. No HTTP in here."""
+"""What the producer's routes do with jobs: submit, read, wait, cancel. No HTTP in here.
+
+Routing: a job goes to the queues of the backend that will serve it (``Settings.lane_queue``):
+the backend its registry record names, or ``openai`` (the fallback) when the fallback applies
+(``Settings.fallback_blocker()`` is empty) and either the model is not in the registry or it is
+an onnx model while no onnx worker is live (``keys.workers_for("onnx")``). Workers fall back
+too, for what only they can see (an artifact that fails to load, a checksum mismatch).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,12 @@ from celery import Celery
 
 from banter import keys
 from banter.broker import RUN_JOB, queue_depth
-from banter.errors import InvalidRequest, JobNotFound, QueueFull, Timeout
+from banter.errors import InvalidRequest, JobNotFound, ModelNotFound, QueueFull, Timeout
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane
 from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, EventType, StreamWriter, read_events
+from registry.records import Record
 from registry.service import Registry
 
 
@@ -51,7 +59,7 @@ class JobService:
         """Check, record and enqueue one job; returns (job, created). An idempotency key
         already used by this owner returns the earlier job instead."""
         model_ref = req.model or self.default_model(req.kind)
-        model = self.registry.resolve(model_ref, req.kind.value)
+        backend = self.backend_for(self.resolve(model_ref, req.kind))
         params: dict[str, Any] = {}
         if req.kind is JobKind.GENERATE:
             params = _params_dict(SamplingParams.from_dict(req.params or {},
@@ -63,14 +71,40 @@ class JobService:
         record = JobRecord(
             id=JobRecord.new_id(), kind=req.kind.value, model=model_ref, input=req.input,
             owner=owner, params=params, lane=req.lane.value, trace_id=trace_id,
-            idempotency_key=req.idempotency_key, queued_at=now, backend=model.backend,
+            idempotency_key=req.idempotency_key, queued_at=now, backend=backend,
             deadline_at=now + req.deadline_s if req.deadline_s else None)
         record, created = self.jobs.create_idempotent(record)
         if created:
             self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id,
-                                  queue=self.settings.lane_queue(record.lane),
+                                  queue=self.settings.lane_queue(record.lane, backend),
                                   headers={"trace_id": trace_id})
         return record, created
+
+    def resolve(self, model_ref: str, kind: JobKind) -> Record | None:
+        """The registry record ``model_ref`` names; None when it is not in the registry and the
+        openai fallback applies. Raise ModelNotFound (saying why the fallback does not apply),
+        or InvalidRequest for a malformed reference or a model of another kind."""
+        try:
+            return self.registry.resolve(model_ref, kind.value)
+        except ModelNotFound as exc:
+            blocker = self.settings.fallback_blocker()
+            if blocker:
+                raise type(exc)(f"{exc.message}; {blocker}") from exc
+            return None
+
+    def backend_for(self, model: Record | None) -> str:
+        """The backend a new job of ``model`` (a ``resolve`` answer) goes to (module docstring)."""
+        if model is None:
+            return "openai"
+        if (model.backend == "onnx" and not self.settings.fallback_blocker()
+                and not self._onnx_worker_live()):
+            return "openai"
+        return model.backend
+
+    def _onnx_worker_live(self) -> bool:
+        """Whether a worker with an engine beat its heartbeat within three periods."""
+        since = time.time() - 3 * self.settings.worker_heartbeat_s
+        return self.redis.zcount(keys.workers_for("onnx"), since, "+inf") > 0
 
     def _check_depth(self, lane: Lane) -> None:
         limit = self.settings.max_queue_depth

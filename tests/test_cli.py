@@ -91,11 +91,11 @@ def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout_s: f
 
 
 # ----------------------------------------------------------------------------- usage
-def test_worker_needs_gpu_or_cpu():
+def test_worker_needs_a_device():
     result = banter("worker")
     assert result.returncode == 2
     assert "usage: banter worker" in result.stderr
-    assert "one of the arguments --gpu --cpu is required" in result.stderr
+    assert "one of the arguments --gpu --cpu --openai is required" in result.stderr
 
 
 def test_models_promote_rejects_an_unknown_kind_as_usage():

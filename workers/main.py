@@ -1,14 +1,19 @@
-"""``banter worker``: one process per GPU (or one CPU worker), pinned before ONNX Runtime loads."""
+"""``banter worker``: one process per GPU (or one CPU worker), pinned before ONNX Runtime loads;
+``banter worker --openai``: a worker with no engine that sends every job upstream."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from banter import logs
 from banter.redisconn import connect
-from banter.settings import Settings
+from banter.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("banter.worker")
 
@@ -23,26 +28,55 @@ def node_name(gpu: int | None, name: str | None = None) -> str:
 def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
                concurrency: int | None = None) -> int:
     """Pin to ``gpu`` (CUDA_VISIBLE_DEVICES before onnxruntime is imported), start the engine
-    and serve both queues with Celery's thread pool until stopped. Returns the exit code."""
+    and serve both lanes' queues (and the openai queues when a key is set) with Celery's
+    thread pool until stopped. Returns the exit code."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    from workers.app import create_worker_app  # imports onnxruntime: after the pin
-    from workers.runner import RunnerCache, select_providers
+    from workers.runner import RunnerCache, select_providers  # imports onnxruntime: after the pin
     from workers.runtime import WorkerRuntime
 
     logs.setup(settings.log_level)
-    node = node_name(gpu, name)
     providers = select_providers(use_gpu=gpu is not None)
-    runtime = WorkerRuntime(settings, connect(settings.redis_url), RunnerCache(providers), node)
+    runtime = WorkerRuntime(settings, connect(settings.redis_url), RunnerCache(providers),
+                            node_name(gpu, name))
+    return _serve(settings, runtime, concurrency, providers=providers, gpu=gpu)
+
+
+def run_openai_worker(settings: Settings, name: str | None = None,
+                      concurrency: int | None = None) -> int:
+    """Serve the openai queues with no engine (no ONNX Runtime session, no GPU): every job
+    goes upstream. Node ``openai@host`` unless ``name``. Raise SettingsError without a key."""
+    if not settings.openai_key:
+        raise SettingsError("banter worker --openai needs an OpenAI key: set BANTER_OPENAI_KEY "
+                            "or OPENAI_API_KEY")
+    from workers.runtime import WorkerRuntime
+
+    logs.setup(settings.log_level)
+    runtime = WorkerRuntime(settings, connect(settings.redis_url), None,
+                            name or f"openai@{socket.gethostname()}")
+    return _serve(settings, runtime, concurrency)
+
+
+def worker_queues(settings: Settings, backends: tuple[str, ...]) -> list[str]:
+    """The queues a worker serving ``backends`` consumes."""
+    by_backend = {"onnx": settings.queues, "openai": settings.openai_queues}
+    return [queue for backend in backends for queue in by_backend[backend]]
+
+
+def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
+           **details: object) -> int:
+    from workers.app import create_worker_app
+
+    queues = worker_queues(settings, runtime.backends)
     app = create_worker_app(settings, runtime)
-    logs.event(log, "worker_starting", node=node, providers=providers,
-               queues=list(settings.queues), gpu=gpu)
+    logs.event(log, "worker_starting", node=runtime.node, backends=list(runtime.backends),
+               queues=queues, **details)
     runtime.start()
     try:
         app.worker_main([
             "worker", "--pool", "threads", "--concurrency",
-            str(concurrency or settings.worker_concurrency), "--hostname", node,
-            "--queues", ",".join(settings.queues), "--loglevel", settings.log_level,
+            str(concurrency or settings.worker_concurrency), "--hostname", runtime.node,
+            "--queues", ",".join(queues), "--loglevel", settings.log_level,
             "--task-events", "--without-gossip", "--without-mingle",
         ])
     finally:

@@ -1,0 +1,321 @@
+"""Bulk offline processing: the OpenAI Batch line format and the ``banter bulk`` runner.
+
+An input line is ``{"custom_id", "method": "POST", "url", "body"}`` with ``url`` one of
+``URLS``; an output line is ``{"id", "custom_id", "response": {"status_code", "body"} | null,
+"error": {"code", "message"} | null}`` (OpenAI's batch output: an HTTP answer, error or not, is a
+``response``; ``error`` is set only when the request never got one, e.g. its job was cancelled).
+
+The format half (``parse_line``, ``response_line``, ``error_line``) is shared with the
+producer's ``/v1/batches``. The runner half (``run``) is the CLI's: it talks to the producer only
+over HTTP, one ``POST /v1/batches/requests`` per line, at most ``max_in_flight`` at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
+
+from banter.errors import BadJSON, InvalidRequest, QueueFull, Timeout, Unavailable
+
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MAX_CUSTOM_ID_CHARS = 512
+REQUEST_PATH = "/v1/batches/requests"
+RETRY_WINDOW_S = 300.0  # how long 429 / 503 / unreachable is retried before the run stops
+MAX_BACKOFF_S = 30.0
+
+
+class BulkFileError(InvalidRequest):
+    """An input or output file that cannot be used as a whole (duplicate ``custom_id``s, an
+    output file holding something other than output lines): nothing is sent."""
+
+    type = "invalid_bulk_file"
+
+
+# ----------------------------------------------------------------------------- the format
+@dataclass(frozen=True)
+class BatchLine:
+    """One checked input request. Its ``body`` is checked by the endpoint ``url`` names."""
+
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"custom_id": self.custom_id, "method": "POST", "url": self.url, "body": self.body}
+
+
+def parse_line(value: Any) -> BatchLine:
+    """``value`` (a decoded JSON line) as a BatchLine; InvalidRequest names the first bad field.
+    Unknown fields are ignored."""
+    if not isinstance(value, dict):
+        raise InvalidRequest("a request line must be a JSON object with 'custom_id', 'method', "
+                             "'url' and 'body'")
+    custom_id = value.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip():
+        raise InvalidRequest("'custom_id' must be a non-empty string")
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        raise InvalidRequest(f"'custom_id' is {len(custom_id)} characters; the limit is "
+                             f"{MAX_CUSTOM_ID_CHARS}")
+    if value.get("method") != "POST":
+        raise InvalidRequest(f"'method' must be \"POST\", got {value.get('method')!r}")
+    if value.get("url") not in URLS:
+        raise InvalidRequest(f"'url' must be one of {', '.join(URLS)}, got {value.get('url')!r}")
+    if not isinstance(value.get("body"), dict):
+        raise InvalidRequest("'body' must be a JSON object (the request the url takes)")
+    return BatchLine(custom_id, value["url"], value["body"])
+
+
+def decode_line(raw: bytes) -> BatchLine:
+    """One line of an input file as a BatchLine; BadJSON or InvalidRequest with the reason."""
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadJSON(f"not valid JSON: {exc}") from None
+    return parse_line(value)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def response_line(custom_id: str, request_id: str, status_code: int,
+                  body: dict[str, Any]) -> dict[str, Any]:
+    """The output line of a request that got an HTTP answer (``status_code`` may be 4xx/5xx)."""
+    return {"id": f"batch_req_{request_id}", "custom_id": custom_id,
+            "response": {"status_code": status_code, "body": body}, "error": None}
+
+
+def error_line(custom_id: str, request_id: str, code: str, message: str) -> dict[str, Any]:
+    """The output line of a request that never got an answer (cancelled, expired)."""
+    return {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+
+
+def succeeded(line: dict[str, Any]) -> bool:
+    """Whether an output line is a success (a 2xx response)."""
+    return line["error"] is None and line["response"]["status_code"] < 400
+
+
+# ----------------------------------------------------------------------------- the runner
+@dataclass
+class Summary:
+    """What ``banter bulk`` prints. ``total`` counts the non-blank input lines: each is
+    ``invalid``, ``skipped_resumed`` (already in the output), ``completed`` or ``failed``."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    skipped_resumed: int = 0
+    invalid: int = 0
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The first pass over the input: its sha256, the custom_ids of its valid lines."""
+
+    digest: str
+    ids: set[str]
+    total: int
+    invalid: int
+
+
+def default_errors_path(out_path: Path) -> Path:
+    """``OUT.errors.jsonl`` beside ``OUT.jsonl``."""
+    return out_path.with_name(out_path.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of every non-blank line, read one at a time."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if raw.strip():
+                yield number, raw
+
+
+def scan_input(in_path: Path, err_path: Path) -> Scan:
+    """Check every line; write the bad ones to ``err_path`` (replacing it) as
+    ``{"line", "error": {"code", "message"}}``. BulkFileError on duplicate custom_ids, in which
+    case no file is changed."""
+    digest = hashlib.sha256()
+    first_line: dict[str, int] = {}
+    duplicates: list[str] = []
+    total = invalid = 0
+    partial = err_path.with_name(err_path.name + ".partial")
+    try:
+        with open(partial, "wb") as errors:
+            for number, raw in input_lines(in_path):
+                digest.update(raw.rstrip(b"\r\n") + b"\n")
+                total += 1
+                try:
+                    line = decode_line(raw)
+                except InvalidRequest as exc:
+                    invalid += 1
+                    errors.write(_json_line({"line": number, "error": {"code": exc.type,
+                                                                       "message": exc.message}}))
+                    continue
+                if line.custom_id in first_line:
+                    duplicates.append(f"{line.custom_id!r} (lines {first_line[line.custom_id]} "
+                                      f"and {number})")
+                first_line.setdefault(line.custom_id, number)
+        if not duplicates:
+            os.replace(partial, err_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    if duplicates:
+        shown = ", ".join(duplicates[:5])
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        raise BulkFileError(f"{in_path}: every custom_id must be unique; repeated: {shown}{more}. "
+                            "Nothing was sent.")
+    return Scan(digest.hexdigest(), set(first_line), total, invalid)
+
+
+def load_finished(out_path: Path) -> set[str]:
+    """custom_ids already in the output file. A torn last line (a kill in mid-write) is cut off,
+    so its request runs again. BulkFileError when a complete line is not an output line."""
+    if not out_path.exists():
+        return set()
+    finished: set[str] = set()
+    with open(out_path, "rb+") as file:
+        kept = 0
+        for number, raw in enumerate(file, start=1):
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                custom_id = json.loads(raw)["custom_id"]
+            except (ValueError, KeyError, TypeError):
+                raise BulkFileError(f"{out_path}: line {number} is not a batch output line; "
+                                    "refusing to append to this file") from None
+            finished.add(custom_id)
+            kept += len(raw)
+        file.truncate(kept)
+    return finished
+
+
+def idempotency_key(digest: str, custom_id: str) -> str:
+    """The same for the same input file and custom_id, so a request sent before a kill is
+    picked up, not run again, when the command is rerun."""
+    return "bulk-" + hashlib.sha256(f"{digest}\0{custom_id}".encode()).hexdigest()[:40]
+
+
+def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
+    """Run one request through ``POST /v1/batches/requests`` and return its output line.
+
+    504 (still running) is asked again at once: the idempotency key finds the same job. 429, 503
+    and an unreachable server are retried with backoff for RETRY_WINDOW_S, then Unavailable.
+    A 400/413/422 of the call itself fails this line only; anything else (auth, a producer
+    without the route) raises and stops the run."""
+    delay = 0.5
+    give_up_at = time.monotonic() + RETRY_WINDOW_S
+    while True:
+        try:
+            return client.request("POST", REQUEST_PATH, {**line.to_dict(), "idempotency_key": key})
+        except Timeout:
+            give_up_at = time.monotonic() + RETRY_WINDOW_S
+        except (QueueFull, Unavailable) as exc:
+            if time.monotonic() + delay > give_up_at:
+                raise Unavailable(f"gave up on custom_id {line.custom_id!r} after "
+                                  f"{RETRY_WINDOW_S:g}s of retries: {exc.message}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+        except InvalidRequest as exc:
+            return response_line(line.custom_id, uuid.uuid4().hex, exc.status,
+                                 {"error": exc.to_dict()})
+
+
+_WORKER_DONE = object()
+
+
+def run(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path: Path,
+        max_in_flight: int = 64) -> Summary:
+    """Run every valid line of ``in_path`` not yet in ``out_path`` and append its output line.
+
+    Two passes over the input (check, then send), so memory holds the custom_id index, not the
+    file. ``max_in_flight`` threads each send one request at a time (each with its own client
+    from ``make_client``); only this thread writes ``out_path``, one ``write`` per line."""
+    scan = scan_input(in_path, err_path)
+    make_client().request("GET", "/healthz")  # an unreachable server stops the run at once
+    finished = load_finished(out_path)
+    summary = Summary(total=scan.total, invalid=scan.invalid,
+                      skipped_resumed=len(scan.ids & finished))
+    todo, digest = len(scan.ids) - summary.skipped_resumed, scan.digest
+    del scan  # the custom_id index is not needed while sending
+    work: queue.Queue = queue.Queue(maxsize=max_in_flight)
+    results: queue.Queue = queue.Queue()
+    threading.Thread(target=_feed, args=(in_path, finished, work, results, max_in_flight),
+                     daemon=True).start()
+    for _ in range(max_in_flight):
+        threading.Thread(target=_work, args=(make_client, digest, work, results),
+                         daemon=True).start()
+    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        with tqdm(total=todo, unit="req", file=sys.stderr, smoothing=0.05) as bar:
+            running = max_in_flight
+            while running:
+                item = results.get()
+                if item is _WORKER_DONE:
+                    running -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                _append(fd, _json_line(item))
+                if succeeded(item):
+                    summary.completed += 1
+                else:
+                    summary.failed += 1
+                bar.update(1)
+                bar.set_postfix(failed=summary.failed, refresh=False)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return summary
+
+
+def _feed(in_path: Path, finished: set[str], work: queue.Queue, results: queue.Queue,
+          workers: int) -> None:
+    """Put every valid, unfinished line on ``work`` (blocking while it is full), then one stop
+    marker per worker."""
+    try:
+        for _number, raw in input_lines(in_path):
+            try:
+                line = decode_line(raw)
+            except InvalidRequest:
+                continue  # reported by scan_input
+            if line.custom_id not in finished:
+                work.put(line)
+    except OSError as exc:
+        results.put(exc)
+    for _ in range(workers):
+        work.put(None)
+
+
+def _work(make_client: Callable[[], Any], digest: str, work: queue.Queue,
+          results: queue.Queue) -> None:
+    client = make_client()
+    while (line := work.get()) is not None:
+        try:
+            results.put(send(client, line, idempotency_key(digest, line.custom_id)))
+        except Exception as exc:  # handed to the main thread, which stops the run
+            results.put(exc)
+            break
+    results.put(_WORKER_DONE)
+
+
+def _json_line(value: dict[str, Any]) -> bytes:
+    return (json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _append(fd: int, data: bytes) -> None:
+    """One ``write`` per line on an O_APPEND descriptor (looping only on a short write)."""
+    while data:
+        data = data[os.write(fd, data):]

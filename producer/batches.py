@@ -1,0 +1,313 @@
+"""``/v1/batches``: OpenAI Batch API on the bulk lane, and the one-request form ``banter bulk``
+sends.
+
+- ``POST /v1/batches/requests``: one batch input line (``banter.bulk`` format) plus an optional
+  ``idempotency_key``; runs it on the bulk lane and answers its output line when it finished.
+- ``POST /v1/batches``: ``{requests: [lines], endpoint?, completion_window?, metadata?}``, the
+  lines inline (OpenAI takes an uploaded ``input_file_id``; there is no file API here), at most
+  MAX_BATCH_REQUESTS; answers the batch object. ``GET /v1/batches/{id}``,
+  ``POST /v1/batches/{id}/cancel``, and ``GET /v1/batches/{id}/output`` (the output lines of the
+  requests finished so far, as JSONL, in input order).
+
+A line's body is checked as its endpoint checks it (``producer.openai_api``); a body that
+endpoint would refuse is answered in the line's output (``response.status_code`` 4xx), never by
+failing the call or the batch. Batches are Redis hashes (``keys.batch``) with the job TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, url_for
+
+from banter import keys
+from banter.broker import queue_depth
+from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
+from banter.errors import InvalidRequest, NotFound, QueueFull, TooLarge, status_for
+from banter.jobs import JobKind, JobRecord, JobStatus, Lane
+from producer import openai_api as oa
+from producer import validation as v
+from producer.context import Context, ctx, trace_id
+from producer.inference import generate_request
+from producer.service import JobRequest
+
+blueprint = Blueprint("batches", __name__)
+
+MAX_BATCH_REQUESTS = 1000
+MAX_IDEMPOTENCY_KEY_CHARS = 120  # embed lines add ":{index}" per input (job keys take 128)
+_BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
+
+
+@dataclass
+class Submitted:
+    """One line after submission: the jobs it became, or the answer that refused it."""
+
+    custom_id: str
+    url: str
+    job_ids: list[str] = field(default_factory=list)
+    base64: bool = False
+    refused: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------- submit
+def submit_line(c: Context, owner: str, line: BatchLine, key: str | None) -> Submitted:
+    """Check ``line.body`` as its endpoint does and enqueue its job(s) on the bulk lane. A body
+    the endpoint would refuse (4xx) comes back as ``refused``; QueueFull and Unavailable raise."""
+    try:
+        as_base64 = False
+        if line.url == "/v1/embeddings":
+            requests = embed_requests(c, line.body)
+            as_base64 = v.choice(line.body, "encoding_format", ("float", "base64"),
+                                 "float") == "base64"
+        else:
+            requests = [text_request(c, line.url, line.body)]
+        requests = [replace(r, lane=Lane.BULK, idempotency_key=f"{key}:{i}" if key else None)
+                    for i, r in enumerate(requests)]
+        job_ids = [c.jobs.submit(r, owner, trace_id())[0].id for r in requests]
+    except (InvalidRequest, NotFound) as exc:
+        refused = response_line(line.custom_id, uuid.uuid4().hex, exc.status,
+                                {"error": exc.to_dict()})
+        return Submitted(line.custom_id, line.url, refused=refused)
+    return Submitted(line.custom_id, line.url, job_ids, as_base64)
+
+
+def text_request(c: Context, url: str, body: dict) -> JobRequest:
+    """The generate job ``/v1/completions`` or ``/v1/chat/completions`` would make of ``body``."""
+    if oa.flag(body, "stream"):
+        raise InvalidRequest("'stream' is not supported in a batch: every request is answered whole")
+    if url == "/v1/completions":
+        oa.refuse_unsupported(body, oa.COMPLETION_UNSUPPORTED)
+        prompt = oa.completion_prompt(body, c.settings.max_prompt_chars)
+    else:
+        oa.refuse_unsupported(body, oa.CHAT_UNSUPPORTED)
+        body = oa.chat_max_tokens(body, c.settings.max_tokens_limit)
+        prompt = oa.chat_prompt(body, c)
+    return generate_request(body, prompt, c)
+
+
+def embed_requests(c: Context, body: dict) -> list[JobRequest]:
+    """The embed jobs ``/v1/embeddings`` would make of ``body`` (one per input)."""
+    raw = body.get("input")
+    texts = v.string_list({"input": [raw] if isinstance(raw, str) else raw}, "input",
+                          max_items=c.settings.inference_max_batch_size,
+                          max_len=c.settings.max_prompt_chars)
+    if body.get("dimensions") is not None:
+        raise InvalidRequest("'dimensions' is not supported by this server")
+    model = v.string(body, "model", max_len=128)
+    return [JobRequest(JobKind.EMBED, text, model) for text in texts]
+
+
+# ----------------------------------------------------------------------------- render
+def render(line: Submitted, records: list[JobRecord | None]) -> dict[str, Any] | None:
+    """The output line of a submitted line, or None while one of its jobs is unfinished. A job
+    record gone (TTL) counts as expired."""
+    if line.refused:
+        return line.refused
+    if any(r is not None and not JobStatus(r.status).terminal for r in records):
+        return None
+    request_id = line.job_ids[0].replace("-", "")
+    for record in records:
+        if record is None or record.status in (JobStatus.CANCELLED.value, JobStatus.EXPIRED.value):
+            status = record.status if record else JobStatus.EXPIRED.value
+            return error_line(line.custom_id, request_id, status,
+                              f"the request was {status} before it finished")
+        if record.status == JobStatus.FAILED.value:
+            error = record.error or {"type": "inference_error", "message": "the job failed"}
+            return response_line(line.custom_id, request_id, status_for(error["type"]),
+                                 {"error": error})
+    return response_line(line.custom_id, request_id, 200, answer(line, records))
+
+
+def answer(line: Submitted, records: list[JobRecord]) -> dict[str, Any]:
+    """The body the line's endpoint answers for its succeeded jobs."""
+    if line.url == "/v1/completions":
+        return oa.answer_body(oa.TextShape(), records[0])
+    if line.url == "/v1/chat/completions":
+        return oa.answer_body(oa.ChatShape(), records[0])
+    data = []
+    for index, record in enumerate(records):
+        vector = record.result["embedding"]
+        if line.base64:
+            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    prompt_tokens = sum(r.usage["prompt_tokens"] for r in records)
+    return {"object": "list", "data": data, "model": records[0].model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+# ----------------------------------------------------------------------------- one request
+@blueprint.post("/v1/batches/requests")
+def run_request():
+    """One batch input line plus an optional ``idempotency_key`` (``banter bulk`` sends one per
+    line), run on the bulk lane; answers 200 with its output line once it finished, whatever
+    the request's own outcome. 422 when it is not a batch line; 429/503 as for any job; 504
+    after BANTER_SYNC_TIMEOUT_S (the job goes on: send the same key again to pick it up)."""
+    c = ctx()
+    owner = c.owner()
+    body = c.body()
+    line = parse_line(body)
+    key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
+    submitted = submit_line(c, owner, line, key)
+    records = [c.jobs.wait(job_id) for job_id in submitted.job_ids]
+    return jsonify(render(submitted, records))
+
+
+# ----------------------------------------------------------------------------- batches
+@blueprint.post("/v1/batches")
+def create_batch():
+    c = ctx()
+    owner = c.owner()
+    body = c.body()
+    lines = batch_lines(body)
+    endpoint = body.get("endpoint")
+    if endpoint is not None and (endpoint not in URLS or any(x.url != endpoint for x in lines)):
+        raise InvalidRequest("'endpoint' must be one of " + ", ".join(URLS) + " and every "
+                             "request's 'url' must equal it (leave it out to mix endpoints)")
+    window = v.choice(body, "completion_window", ("24h",), "24h")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())):
+        raise InvalidRequest("'metadata' must be an object of string values")
+    check_room(c, len(lines))
+    batch_id = f"batch_{uuid.uuid4().hex}"
+    submitted = [submit_line(c, owner, line, None) for line in lines]
+    now = int(time.time())
+    fields = {"id": batch_id, "owner": owner, "endpoint": endpoint or "",
+              "completion_window": window, "metadata": json.dumps(metadata),
+              "created_at": now, "in_progress_at": now, "status": "in_progress",
+              "requests": json.dumps([asdict(s) for s in submitted])}
+    pipe = c.redis.pipeline()
+    pipe.hset(keys.batch(batch_id), mapping=fields)
+    pipe.expire(keys.batch(batch_id), c.settings.job_ttl_s)
+    pipe.execute()
+    return jsonify(batch_object(c, fields, submitted))
+
+
+def batch_lines(body: dict) -> list[BatchLine]:
+    """``requests``: 1 to MAX_BATCH_REQUESTS batch lines with unique custom_ids; the first
+    bad one is a 422 naming its index (nothing is submitted)."""
+    raw = body.get("requests")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("'requests' must be a non-empty list of batch request lines "
+                             "({custom_id, method, url, body})")
+    if len(raw) > MAX_BATCH_REQUESTS:
+        raise TooLarge(f"'requests' has {len(raw)} lines; the limit is {MAX_BATCH_REQUESTS} "
+                       "(use 'banter bulk' for larger files)")
+    lines, seen = [], set()
+    for index, value in enumerate(raw):
+        try:
+            line = parse_line(value)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"'requests[{index}]': {exc.message}") from None
+        if line.custom_id in seen:
+            raise InvalidRequest(f"'requests[{index}].custom_id' {line.custom_id!r} is repeated; "
+                                 "custom_ids must be unique")
+        seen.add(line.custom_id)
+        lines.append(line)
+    return lines
+
+
+def check_room(c: Context, lines: int) -> None:
+    """QueueFull unless the bulk queue can take a job per line (so a batch is rarely cut in two:
+    see docs/decisions.md, Bulk)."""
+    limit = c.settings.max_queue_depth
+    if limit and queue_depth(c.redis, c.settings)[Lane.BULK.value] + lines > limit:
+        raise QueueFull(f"the bulk queue cannot take {lines} more jobs now (limit {limit}); "
+                        "retry later", retry_after_s=5)
+
+
+@blueprint.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str):
+    c = ctx()
+    fields, submitted = load_batch(c, batch_id, c.owner())
+    return jsonify(batch_object(c, fields, submitted))
+
+
+@blueprint.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    """Queued jobs never run, running ones stop at their next step; the batch is
+    ``cancelling`` until every job has ended, then ``cancelled``."""
+    c = ctx()
+    owner = c.owner()
+    fields, submitted = load_batch(c, batch_id, owner)
+    running = [r for records in job_records(c, submitted) for r in records
+               if r is not None and not JobStatus(r.status).terminal]
+    if fields["status"] == "in_progress" and running:
+        now = int(time.time())
+        c.redis.hset(keys.batch(batch_id), mapping={"status": "cancelling", "cancelling_at": now})
+        fields.update(status="cancelling", cancelling_at=now)
+        for record in running:
+            c.jobs.cancel(record.id, owner)
+    return jsonify(batch_object(c, fields, submitted))
+
+
+@blueprint.get("/v1/batches/<batch_id>/output")
+def batch_output(batch_id: str):
+    c = ctx()
+    _fields, submitted = load_batch(c, batch_id, c.owner())
+    lines = [render(s, r) for s, r in zip(submitted, job_records(c, submitted))]
+    text = "".join(json.dumps(x) + "\n" for x in lines if x is not None)
+    return Response(text, mimetype="application/jsonl")
+
+
+def load_batch(c: Context, batch_id: str, owner: str) -> tuple[dict[str, Any], list[Submitted]]:
+    """The batch's fields and lines; NotFound unless it exists and belongs to ``owner``."""
+    fields = c.redis.hgetall(keys.batch(batch_id)) if _BATCH_ID.match(batch_id) else {}
+    if not fields or fields.get("owner") != owner:
+        raise NotFound(f"no batch {batch_id!r}")
+    return fields, [Submitted(**s) for s in json.loads(fields["requests"])]
+
+
+def job_records(c: Context, submitted: list[Submitted]) -> list[list[JobRecord | None]]:
+    """Every line's job records (None where one expired), read in one round trip."""
+    pipe = c.redis.pipeline(transaction=False)
+    for line in submitted:
+        for job_id in line.job_ids:
+            pipe.hgetall(keys.job(job_id))
+    raws = iter(pipe.execute())
+    return [[JobRecord.from_redis(raw) if (raw := next(raws)) else None for _ in line.job_ids]
+            for line in submitted]
+
+
+def batch_object(c: Context, fields: dict[str, Any], submitted: list[Submitted]) -> dict[str, Any]:
+    """The OpenAI batch object. Its status is worked out from the jobs: once every one has
+    ended, ``in_progress`` becomes ``completed`` and ``cancelling`` becomes ``cancelled``
+    (recorded once, with its time)."""
+    outputs = [render(s, r) for s, r in zip(submitted, job_records(c, submitted))]
+    done = [x for x in outputs if x is not None]
+    completed = sum(1 for x in done if succeeded(x))
+    status = fields["status"]
+    if len(done) == len(outputs) and status in ("in_progress", "cancelling"):
+        status = "completed" if status == "in_progress" else "cancelled"
+        stamp = int(time.time())
+        pipe = c.redis.pipeline()
+        pipe.hset(keys.batch(fields["id"]), "status", status)
+        pipe.hsetnx(keys.batch(fields["id"]), f"{status}_at", stamp)
+        pipe.execute()
+        fields = {**fields, f"{status}_at": fields.get(f"{status}_at", stamp)}
+    created = int(fields["created_at"])
+
+    def at(name: str) -> int | None:
+        return int(fields[name]) if fields.get(name) else None
+
+    return {
+        "id": fields["id"], "object": "batch", "endpoint": fields["endpoint"] or None,
+        "errors": None, "input_file_id": None, "completion_window": fields["completion_window"],
+        "status": status, "output_file_id": None, "error_file_id": None,
+        "created_at": created, "in_progress_at": at("in_progress_at"),
+        "expires_at": created + c.settings.job_ttl_s, "finalizing_at": None,
+        "completed_at": at("completed_at"), "failed_at": None, "expired_at": None,
+        "cancelling_at": at("cancelling_at"), "cancelled_at": at("cancelled_at"),
+        "request_counts": {"total": len(outputs), "completed": completed,
+                           "failed": len(done) - completed},
+        "metadata": json.loads(fields["metadata"]),
+        "links": {"self": url_for("batches.get_batch", batch_id=fields["id"]),
+                  "output": url_for("batches.batch_output", batch_id=fields["id"])},
+    }

@@ -1,0 +1,391 @@
+"""Bulk offline processing against the running stack: ``banter bulk`` as a real process (a
+2,000-line file killed halfway and resumed, duplicate custom_ids), the one-request endpoint it
+uses, and the ``/v1/batches`` lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from banter import keys
+from banter.demo import DEMO_TEXT
+from banter.redisserver import free_port
+
+CLI = [sys.executable, "-m", "banter.cli"]
+
+BAD_LINES = [  # (raw line, error code in the error file)
+    '{"custom_id": "torn", "method": "POST", "url": "/v1/completions", "body": {',
+    "[1, 2, 3]",
+    '{"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}}',
+    '{"custom_id": 7, "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}',
+    '{"custom_id": " ", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}',
+    '{"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}',
+    '{"custom_id": "img", "method": "POST", "url": "/v1/images/generations", "body": {}}',
+    '{"custom_id": "str-body", "method": "POST", "url": "/v1/completions", "body": "x"}',
+    '{"custom_id": "no-body", "method": "POST", "url": "/v1/embeddings"}',
+    '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"top_p": NaN}}',
+]
+BAD_CODES = ["bad_json", "invalid_request", "invalid_request", "invalid_request",
+             "invalid_request", "invalid_request", "invalid_request", "invalid_request",
+             "invalid_request", "bad_json"]
+REFUSED = {"c-5": 404, "c-8": 422}  # unknown model; max_tokens over BANTER_MAX_TOKENS_LIMIT
+
+
+def request_line(i: int, marker: str) -> dict:
+    """Line i: embeddings, completions and chat in turn, 2 to 4 tokens each."""
+    custom_id = f"c-{i}"
+    text = f"{marker} item {i}"
+    if i % 3 == 0:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+                "body": {"input": text}}
+    body = {"max_tokens": 2 + i % 3}
+    if custom_id in REFUSED:
+        body.update({"model": "no-such-model"} if REFUSED[custom_id] == 404 else
+                    {"max_tokens": 5000})
+    if i % 3 == 1:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+                "body": {**body, "prompt": text}}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {**body, "messages": [{"role": "user", "content": text}]}}
+
+
+def write_input(path: Path, good: int, marker: str) -> dict[int, str]:
+    """``good`` request lines with BAD_LINES spread among them and a few blank lines; returns
+    {line number: expected error code} of the bad ones."""
+    bad_at = {good * (k + 1) // (len(BAD_LINES) + 1) + k: k for k in range(len(BAD_LINES))}
+    expected, number, i = {}, 0, 0
+    with open(path, "w") as file:
+        while i < good or len(expected) < len(BAD_LINES):
+            number += 1
+            if number in bad_at or i == good:
+                k = bad_at.get(number, len(expected))
+                file.write(BAD_LINES[k] + "\n")
+                expected[number] = BAD_CODES[k]
+            else:
+                file.write(json.dumps(request_line(i, marker)) + "\n")
+                i += 1
+            if number % 500 == 0:
+                file.write("\n")  # blank lines are skipped, not counted
+                number += 1
+    return expected
+
+
+def bulk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "bulk", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def jobs_with(redis_client, marker: str) -> int:
+    """How many job records hold ``marker`` in their input."""
+    ids = list(redis_client.scan_iter(keys.job("*"), count=1000))
+    pipe = redis_client.pipeline(transaction=False)
+    for key in ids:
+        pipe.hget(key, "input")
+    return sum(1 for text in pipe.execute() if text and marker in text)
+
+
+def check_body(line: dict, request: dict, api) -> None:
+    """The response body is what the request's endpoint answers."""
+    body = line["response"]["body"]
+    if request["url"] == "/v1/embeddings":
+        vector = body["data"][0]["embedding"]
+        assert body["object"] == "list" and len(vector) == 128
+        assert abs(sum(x * x for x in vector) - 1.0) < 1e-4
+        return
+    if request["url"] == "/v1/completions":
+        assert body["object"] == "text_completion"
+        text = body["choices"][0]["text"]
+    else:
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        text = body["choices"][0]["message"]["content"]
+    # the demo model writes DEMO_TEXT whatever the prompt: max_tokens words of it
+    words = request["body"]["max_tokens"]
+    assert text == "".join(" " + word for word in DEMO_TEXT.split()[:words])
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == words
+
+
+def test_bulk_file_killed_halfway_resumes_with_each_custom_id_once(api, redis_client, tmp_path):
+    marker = f"bulk-{uuid.uuid4().hex[:8]}"
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    bad = write_input(source, 1990, marker)
+    assert len(bad) == 10
+
+    # when the first run is killed (SIGKILL) about halfway through
+    with open(tmp_path / "first.err", "w") as stderr:
+        first = subprocess.Popen([*CLI, "bulk", str(source), "--out", str(out), "--url", api.url],
+                                 stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and first.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 900:
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    first_lines = out.read_bytes().splitlines(keepends=True)
+    assert 900 <= len(first_lines) < 1990
+    # and its last line is torn, as a kill in mid-write would leave it
+    torn_id = json.loads(first_lines[-1])["custom_id"]
+    out.write_bytes(b"".join(first_lines[:-1]) + first_lines[-1][:40])
+    kept = {json.loads(line)["custom_id"] for line in first_lines[:-1]}
+    refused_left = len(REFUSED.keys() - kept)
+
+    # then the same command again
+    second = bulk(str(source), "--out", str(out), "--url", api.url)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout)
+    assert summary == {"total": 2000, "completed": 1990 - len(kept) - refused_left,
+                       "failed": refused_left, "skipped_resumed": len(kept), "invalid": 10}
+
+    # expect every valid custom_id exactly once, the torn one redone
+    lines = read_jsonl(out)
+    ids = [line["custom_id"] for line in lines]
+    assert len(ids) == 1990 and set(ids) == {f"c-{i}" for i in range(1990)}
+    assert ids.count(torn_id) == 1
+    # and no request ran twice: one job per line (the refused ones never became jobs), so the
+    # requests in flight at the kill were picked up by their idempotency key, not resubmitted
+    assert jobs_with(redis_client, marker) == 1988
+
+    requests = {f"c-{i}": request_line(i, marker) for i in range(1990)}
+    for line in lines:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        status = line["response"]["status_code"]
+        if line["custom_id"] in REFUSED:
+            assert status == REFUSED[line["custom_id"]]
+            assert line["response"]["body"]["error"]["type"] in ("model_not_found",
+                                                                 "invalid_request")
+            continue
+        assert status == 200, line
+        check_body(line, requests[line["custom_id"]], api)
+    # embeddings equal what /v1/embeddings answers for the same text
+    same = api.post("/v1/embeddings", {"input": f"{marker} item 0"}).json()["data"][0]["embedding"]
+    first_embedding = next(x for x in lines if x["custom_id"] == "c-0")
+    assert np.allclose(first_embedding["response"]["body"]["data"][0]["embedding"], same,
+                       atol=1e-6)
+
+    errors = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert [(e["line"], e["error"]["code"]) for e in errors] == sorted(bad.items())
+    source_lines = source.read_text().split("\n")
+    assert all(source_lines[e["line"] - 1] in BAD_LINES and e["error"]["message"]
+               for e in errors)
+
+
+def test_rerun_of_a_finished_file_sends_nothing(api, redis_client, tmp_path):
+    marker = f"bulk-{uuid.uuid4().hex[:8]}"
+    source, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "bad.jsonl"
+    source.write_text("".join(json.dumps(request_line(i, marker)) + "\n" for i in range(1, 4)))
+    args = (str(source), "--out", str(out), "--errors", str(errors), "--url", api.url,
+            "--max-in-flight", "2")
+    first = bulk(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"total": 3, "completed": 3, "failed": 0,
+                                        "skipped_resumed": 0, "invalid": 0}
+    assert errors.read_text() == ""
+    before = out.read_text()
+    again = bulk(*args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"total": 3, "completed": 0, "failed": 0,
+                                        "skipped_resumed": 3, "invalid": 0}
+    assert out.read_text() == before
+    assert jobs_with(redis_client, marker) == 3
+
+
+def test_duplicate_custom_ids_are_refused_before_anything_is_sent(api, redis_client, tmp_path):
+    marker = f"bulk-{uuid.uuid4().hex[:8]}"
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [request_line(i, marker) for i in range(1, 5)]
+    lines.append({**request_line(9, marker), "custom_id": "c-2"})
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = bulk(str(source), "--out", str(out), "--url", api.url)
+    assert result.returncode == 2
+    assert "every custom_id must be unique" in result.stderr
+    assert "'c-2' (lines 2 and 5)" in result.stderr and "Nothing was sent" in result.stderr
+    assert result.stdout == ""
+    assert not out.exists() and not (tmp_path / "out.errors.jsonl").exists()
+    assert jobs_with(redis_client, marker) == 0
+
+
+def test_an_output_file_that_is_not_ours_is_refused(api, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps(request_line(1, "x")) + "\n")
+    out.write_text("hello\n")
+    result = bulk(str(source), "--out", str(out), "--url", api.url)
+    assert result.returncode == 2
+    assert "line 1 is not a batch output line" in result.stderr
+    assert out.read_text() == "hello\n"
+
+
+def test_bulk_against_an_unreachable_server_exits_3(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(request_line(1, "x")) + "\n")
+    port = free_port()
+    result = bulk(str(source), "--out", str(tmp_path / "out.jsonl"), "--url",
+                  f"http://127.0.0.1:{port}", timeout=30)
+    assert result.returncode == 3
+    assert f"cannot reach http://127.0.0.1:{port}" in result.stderr
+
+
+# ----------------------------------------------------------------------------- one request
+def test_one_request_endpoint(api):
+    line = request_line(4, "one")
+    first = api.post("/v1/batches/requests", {**line, "idempotency_key": "k-" + uuid.uuid4().hex})
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["custom_id"] == "c-4" and out["error"] is None
+    assert out["response"]["status_code"] == 200
+    assert out["response"]["body"]["choices"][0]["text"] == " banterhearts streams every"
+    # the same key gives the same job
+    again = api.post("/v1/batches/requests", {**line, "idempotency_key": "k-" + out["id"]})
+    same = api.post("/v1/batches/requests", {**line, "idempotency_key": "k-" + out["id"]})
+    assert again.json()["id"] == same.json()["id"]
+
+    # a body its endpoint refuses: 200, the refusal in the output line
+    refused = api.post("/v1/batches/requests", {**line, "body": {"prompt": ""}})
+    assert refused.status_code == 200
+    assert refused.json()["response"]["status_code"] == 422
+    assert refused.json()["response"]["body"]["error"]["message"] == "'prompt' must not be empty"
+    streamed = api.post("/v1/batches/requests", {**line, "body": {"prompt": "x", "stream": True}})
+    assert streamed.json()["response"]["status_code"] == 422
+
+    # not a batch line at all: the call itself is refused
+    bad = api.post("/v1/batches/requests", {**line, "url": "/v1/jobs"})
+    assert bad.status_code == 422 and "'url' must be one of" in bad.json()["error"]["message"]
+    assert api.post("/v1/batches/requests", [line]).status_code == 422
+
+
+def test_one_request_embeddings_list_and_base64(api):
+    line = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+            "body": {"input": ["a", "b"], "encoding_format": "base64"}}
+    out = api.post("/v1/batches/requests", line).json()
+    assert out["response"]["status_code"] == 200, out
+    direct = api.post("/v1/embeddings", line["body"]).json()
+    body = out["response"]["body"]
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert body["data"][0]["embedding"] == direct["data"][0]["embedding"]
+    assert body["usage"] == direct["usage"]
+
+
+# ----------------------------------------------------------------------------- /v1/batches
+def wait_batch(api, batch_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = api.get(f"/v1/batches/{batch_id}").json()
+        if batch["status"] not in ("validating", "in_progress", "finalizing", "cancelling"):
+            return batch
+        time.sleep(0.1)
+    raise AssertionError(f"batch {batch_id} did not finish: {batch}")
+
+
+def test_batch_lifecycle(api):
+    requests = [request_line(i, "batch") for i in range(1, 7)]  # 4 texts, 2 embeddings
+    requests.append({**request_line(5, "batch"), "custom_id": "refused"})  # unknown model
+    created = api.post("/v1/batches", {"requests": requests, "metadata": {"team": "ops"}})
+    assert created.status_code == 200, created.text
+    batch = created.json()
+    assert batch["object"] == "batch" and batch["id"].startswith("batch_")
+    assert batch["status"] in ("in_progress", "completed")
+    assert batch["request_counts"]["total"] == 7
+    assert batch["metadata"] == {"team": "ops"} and batch["completion_window"] == "24h"
+
+    done = wait_batch(api, batch["id"])
+    assert done["status"] == "completed" and done["completed_at"] >= done["created_at"]
+    assert done["request_counts"] == {"total": 7, "completed": 5, "failed": 2}
+    output = api.get(done["links"]["output"])
+    assert output.status_code == 200 and output.headers["Content-Type"] == "application/jsonl"
+    lines = [json.loads(x) for x in output.text.splitlines()]
+    assert [x["custom_id"] for x in lines] == [r["custom_id"] for r in requests]
+    statuses = {x["custom_id"]: x["response"]["status_code"] for x in lines}
+    assert statuses == {"c-1": 200, "c-2": 200, "c-3": 200, "c-4": 200, "c-5": 404,
+                        "c-6": 200, "refused": 404}
+    assert lines[3]["response"]["body"]["choices"][0]["text"] == " banterhearts streams every"
+    # a finished batch is not cancelled
+    assert api.post(f"/v1/batches/{batch['id']}/cancel").json()["status"] == "completed"
+
+
+def test_batch_cancel(api):
+    requests = [{"custom_id": f"long-{i}", "method": "POST", "url": "/v1/completions",
+                 "body": {"prompt": "x", "max_tokens": 900}} for i in range(40)]
+    batch = api.post("/v1/batches", {"requests": requests}).json()
+    cancelled = api.post(f"/v1/batches/{batch['id']}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] in ("cancelling", "cancelled")
+    assert cancelled.json()["cancelling_at"] is not None
+    done = wait_batch(api, batch["id"])
+    assert done["status"] == "cancelled" and done["cancelled_at"] is not None
+    counts = done["request_counts"]
+    assert counts["total"] == 40 and counts["failed"] >= 1
+    assert counts["completed"] + counts["failed"] == 40
+    lines = [json.loads(x) for x in api.get(done["links"]["output"]).text.splitlines()]
+    assert any(x["error"] == {"code": "cancelled",
+                              "message": "the request was cancelled before it finished"}
+               and x["response"] is None for x in lines)
+
+
+def test_batch_bad_input_creates_nothing(api):
+    line = request_line(1, "bad")
+    cases = [
+        ({}, 422, "'requests' must be a non-empty list"),
+        ({"requests": [line, {**line, "url": "/v1/x"}]}, 422, "'requests[1]': 'url' must be"),
+        ({"requests": [line, line]}, 422, "'requests[1].custom_id' 'c-1' is repeated"),
+        ({"requests": [line] * 1001}, 413, "the limit is 1000"),
+        ({"requests": [line], "endpoint": "/v1/embeddings"}, 422, "'endpoint' must be"),
+        ({"requests": [line], "completion_window": "1h"}, 422, "'completion_window' must be"),
+        ({"requests": [line], "metadata": {"a": 1}}, 422, "'metadata' must be"),
+    ]
+    for body, status, message in cases:
+        answer = api.post("/v1/batches", body)
+        assert answer.status_code == status, (body, answer.text)
+        assert message in answer.json()["error"]["message"], answer.text
+    assert api.get("/v1/batches/batch_" + "0" * 32).status_code == 404
+    assert api.get("/v1/batches/nope").status_code == 404
+    assert api.post("/v1/batches/nope/cancel").status_code == 404
+
+
+def test_odd_request_bodies_are_answered_never_500(api):
+    odd_bodies = [
+        ("/v1/completions", {"prompt": [1, 2]}), ("/v1/completions", {"prompt": "x", "n": 2}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "3"}),
+        ("/v1/completions", {"prompt": "x", "stop": {"a": 1}}),
+        ("/v1/chat/completions", {"messages": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "max_tokens": 2, "max_completion_tokens": 2}),
+        ("/v1/embeddings", {"input": {"a": 1}}), ("/v1/embeddings", {"input": ["x"] * 9}),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}),
+        ("/v1/embeddings", {"input": "x", "model": "demo-gpt"}),
+    ]
+    lines = [{"custom_id": f"odd-{i}", "method": "POST", "url": url, "body": body}
+             for i, (url, body) in enumerate(odd_bodies)]
+    for line in lines:
+        answer = api.post("/v1/batches/requests", line)
+        assert answer.status_code == 200, answer.text
+        assert 400 <= answer.json()["response"]["status_code"] < 500, answer.text
+    batch = api.post("/v1/batches", {"requests": lines, "endpoint": None, "metadata": None})
+    assert batch.status_code == 200, batch.text
+    assert wait_batch(api, batch.json()["id"])["request_counts"] == \
+        {"total": len(lines), "completed": 0, "failed": len(lines)}
+    for body in ({"requests": "x"}, {"requests": [line], "endpoint": ["x"]},
+                 {"requests": [line], "completion_window": ["24h"]},
+                 {"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {},
+                  "idempotency_key": 5}):
+        for path in ("/v1/batches", "/v1/batches/requests"):
+            assert 400 <= api.post(path, body).status_code < 500
