@@ -19,7 +19,11 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
         broker_url=settings.broker_url,
         task_queues=[Queue(name) for name in (*settings.queues, *settings.openai_queues)],
         task_default_queue=settings.queue_interactive,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # kombu sweeps unacked messages every 10 s and restores those older than the
+        # visibility timeout: a job whose worker died is delivered again within ~70 s.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "unacked_restore_interval": 10,
+                                  "unacked_restore_throttle": 1},
     )
     return app
 

@@ -139,10 +139,14 @@ def _ms(start: float | None, end: float | None) -> float | None:
 
 
 # KEYS[1] job hash. ARGV[1] JSON list of allowed current statuses, ARGV[2] new status,
-# ARGV[3] ttl seconds, ARGV[4] JSON object of extra fields. Returns {1, old} or {0, current}.
+# ARGV[3] ttl seconds, ARGV[4] JSON object of extra fields, ARGV[5] the worker that must hold
+# the job ('' for anyone). Returns {1, old} or {0, current}.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+  return {0, 'taken over'}
+end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if current == allowed then
     redis.call('HSET', KEYS[1], 'status', ARGV[2])
@@ -157,6 +161,43 @@ return {0, current}
 """
 
 
+# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running set. ARGV[1] node, ARGV[2] lease ms,
+# ARGV[3] now, ARGV[4] record ttl s, ARGV[5] job id. Take the job when it is queued, or running with a lapsed
+# lease (its worker died). Returns {1, status before} or {0, status | 'leased'}.
+_TAKE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0, ''} end
+if status ~= 'queued' and status ~= 'running' then return {0, status} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, 'leased'} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('SADD', KEYS[3], ARGV[5])
+return {1, status}
+"""
+
+# KEYS: lease keys. ARGV[1] node, ARGV[2] lease ms. Renew each lease this node still holds;
+# returns the 1-based indexes of the leases it lost.
+_RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    table.insert(lost, i)
+  end
+end
+return lost
+"""
+
+# KEYS[1] lease, KEYS[2] running set. ARGV[1] node, ARGV[2] job id.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+"""
+
+
 class JobStore:
     """Job records in Redis. Thread-safe (redis-py pools connections)."""
 
@@ -164,6 +205,9 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._take = client.register_script(_TAKE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def create(self, record: JobRecord) -> None:
         record.queued_at = record.queued_at or time.time()
@@ -193,13 +237,43 @@ class JobStore:
         return JobRecord.from_redis(raw) if raw else None
 
     def transition(self, job_id: str, allowed: tuple[JobStatus, ...], to: JobStatus,
-                   **fields: Any) -> tuple[bool, str]:
-        """Set ``status=to`` (and ``fields``) only if the status is one of ``allowed``.
-        Returns (applied, status before the call; '' when the job does not exist)."""
+                   owner: str = "", **fields: Any) -> tuple[bool, str]:
+        """Set ``status=to`` (and ``fields``) only if the status is one of ``allowed`` (and,
+        with ``owner``, the job's worker is that node). Returns (applied, status before the
+        call; '' when the job does not exist, 'taken over' when another node holds it)."""
         encoded = {k: json.dumps(v) if k in _JSON_FIELDS else str(v)
                    for k, v in fields.items() if v is not None}
         applied, current = self._transition(
             keys=[keys.job(job_id)],
             args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s,
-                  json.dumps(encoded)])
+                  json.dumps(encoded), owner])
         return bool(applied), current.decode() if isinstance(current, bytes) else current
+
+    def take(self, job_id: str, node: str, lease_s: float) -> tuple[bool, str]:
+        """Lease the job to ``node`` and mark it running: it must be queued, or running with a
+        lapsed lease. Returns (taken, status before; 'leased' while another node holds it)."""
+        taken, status = self._take(
+            keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING],
+            args=[node, int(lease_s * 1000), time.time(), self.ttl_s, job_id])
+        return bool(taken), status
+
+    def renew(self, job_ids: list[str], node: str, lease_s: float) -> list[str]:
+        """Extend ``node``'s leases; returns the ids whose lease it no longer holds."""
+        if not job_ids:
+            return []
+        lost = self._renew(keys=[keys.lease(j) for j in job_ids],
+                           args=[node, int(lease_s * 1000)])
+        return [job_ids[i - 1] for i in lost]
+
+    def release(self, job_id: str, node: str) -> None:
+        self._release(keys=[keys.lease(job_id), keys.RUNNING], args=[node, job_id])
+
+    def orphans(self) -> list[str]:
+        """Ids of jobs marked running whose lease has lapsed (their worker is gone)."""
+        job_ids = sorted(self.redis.smembers(keys.RUNNING))
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(keys.lease(job_id))
+        return [job_id for job_id, alive in zip(job_ids, pipe.execute()) if not alive]

@@ -62,3 +62,17 @@ def workers_for(backend: str) -> str:
 # hash: one /v1/batches batch (fields in producer.batches), TTL Settings.job_ttl_s
 def batch(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}"
+
+
+# string: the node that runs the job now, with a TTL its heartbeat renews (Settings.lease_ttl_s)
+def lease(job_id: str) -> str:
+    return f"{PREFIX}:lease:{job_id}"
+
+
+# set: ids of jobs some worker has taken (status running); the reaper's work list
+RUNNING = f"{PREFIX}:running"
+
+
+# string: set for Settings.lease_ttl_s when a reaper re-enqueues a job, so only one does
+def requeued(job_id: str) -> str:
+    return f"{PREFIX}:requeued:{job_id}"

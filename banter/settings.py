@@ -81,7 +81,8 @@ class Settings:
     job_ttl_s: int = 86400
     stream_maxlen: int = 10000
     sync_timeout_s: float = 120.0
-    visibility_timeout_s: int = 3600
+    visibility_timeout_s: int = 60
+    lease_ttl_s: int = 15
     log_level: str = "INFO"
     api_keys: str = ""  # comma-separated bearer keys; empty with admin_keys empty: auth off
     admin_keys: str = ""  # comma-separated keys that may also change the registry

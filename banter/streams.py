@@ -104,8 +104,9 @@ class StreamWriter:
         self._script = client.register_script(_PUBLISH)
 
     def publish(self, events: Sequence[StreamEvent]) -> list[str]:
-        """Write every event (in order) to its job's stream and channel; return entry ids."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Write every event (in order) to its job's stream and channel, all or none (one
+        MULTI/EXEC round trip); return the entry ids."""
+        pipe = self.redis.pipeline(transaction=True)
         for event in events:
             entry = event.fields()
             flat = [item for pair in entry.items() for item in pair]

@@ -9,6 +9,7 @@ too, for what only they can see (an artifact that fails to load, a checksum mism
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,11 @@ class JobService:
 
 
 def _params_dict(params: SamplingParams) -> dict[str, Any]:
+    """The job's parameters. A sampled job without a seed gets a random one here, so a run
+    taken over after its worker died writes the same tokens again."""
+    seed = params.seed
+    if seed is None and params.temperature > 0:
+        seed = secrets.randbits(63)
     return {"max_tokens": params.max_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+            "top_p": params.top_p, "top_k": params.top_k, "seed": seed,
             "stop": list(params.stop)}

@@ -20,6 +20,7 @@ from typing import Sequence
 import redis
 
 from banter import keys, logs
+from banter.broker import RUN_JOB, make_celery
 from banter.errors import (
     BackendUnavailable,
     BanterError,
@@ -46,15 +47,30 @@ _FINAL_STATUS = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
 
 
 class RedisSink:
-    """EngineSink that writes tokens to job streams and pass counters to the worker's stats."""
+    """EngineSink that writes tokens to job streams and pass counters to the worker's stats.
+
+    ``resume_from[job_id] = n`` drops the job's token events with ``seq < n``: a job taken over
+    from a dead worker regenerates (same seed, same version) the tokens its stream already has.
+    """
 
     def __init__(self, client: redis.Redis, streams: StreamWriter, node: str) -> None:
         self.redis = client
         self.streams = streams
         self.node = node
+        self.resume_from: dict[str, int] = {}
 
     def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
-        self.streams.publish(events)
+        if self.resume_from:
+            events = [e for e in events if e.seq >= self.resume_from.get(e.job_id, 0)]
+        delay = 0.1
+        while events:
+            try:
+                self.streams.publish(events)
+                return
+            except redis.ConnectionError as exc:  # Redis restarting: hold the engine, keep the tokens
+                log.warning("publish_retry", extra={"error": str(exc), "delay_s": delay})
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def record_pass(self, kind: str, model: str, version: int, batch_size: int,
                     seconds: float) -> None:
@@ -89,8 +105,12 @@ class WorkerRuntime:
         self.streams = StreamWriter(client, settings.stream_maxlen, settings.job_ttl_s)
         self.mirror = Mirror(client)
         self.runners = runners
-        self.engine = None if runners is None else Engine(
-            runners, RedisSink(client, self.streams, node), engine_settings(settings))
+        self.sink = RedisSink(client, self.streams, node)
+        self.engine = None if runners is None else Engine(runners, self.sink,
+                                                          engine_settings(settings))
+        self.celery = make_celery(settings, "banterhearts-reaper")
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
         self.upstream = OpenAIBackend(settings, self.streams) if settings.openai_key else None
         self.backends = tuple(name for name, backend in (("onnx", self.engine),
                                                          ("openai", self.upstream))
@@ -127,24 +147,47 @@ class WorkerRuntime:
         now = time.time()
         if record.deadline_at is not None and now >= record.deadline_at:
             return self._expire(record, now)
-        applied, current = self.jobs.transition(
-            job_id, (JobStatus.QUEUED, JobStatus.RUNNING), JobStatus.RUNNING, started_at=now,
-            worker=self.node, attempts=record.attempts + 1)
-        if not applied:
-            return current
+        taken, current = self.jobs.take(job_id, self.node, self.settings.lease_ttl_s)
+        if not taken:
+            return current  # finished meanwhile, or a live worker holds it ('leased')
+        with self._held_lock:
+            self._held.add(job_id)
+        try:
+            if current == JobStatus.RUNNING.value:
+                self._resume(record)
+            return self._run(record)
+        finally:
+            with self._held_lock:
+                self._held.discard(job_id)
+            self.sink.resume_from.pop(job_id, None)
+            self.jobs.release(job_id, self.node)
+
+    def _resume(self, record: JobRecord) -> None:
+        """A job taken over from a dead worker: skip the tokens its stream already has."""
+        last = self.redis.xrevrange(keys.stream(record.id), count=1)
+        if last and last[0][1].get("event") == "token":
+            self.sink.resume_from[record.id] = int(last[0][1]["seq"]) + 1
+        logs.event(log, "job_taken_over", trace_id=record.trace_id, job_id=record.id,
+                   attempts=record.attempts + 1,
+                   resume_from=self.sink.resume_from.get(record.id, 0))
+
+    def _run(self, record: JobRecord) -> str:
         try:
             outcome = self._execute(record)
         except BanterError as exc:
             return self._fail(record, exc)
         except Exception as exc:  # a bug: record it on the job, keep the worker serving
-            log.exception("job_crashed", extra={"job_id": job_id, "trace_id": record.trace_id})
+            log.exception("job_crashed", extra={"job_id": record.id, "trace_id": record.trace_id})
             return self._fail(record, InferenceError(f"internal worker error: {exc!r}"))
         return self._finish(record, outcome)
 
     def _execute(self, record: JobRecord) -> Outcome:
         """Serve ``record`` on the backend its model names, or fall back (module docstring)."""
+        ref = record.model
+        if record.version is not None and "@" not in ref:
+            ref = f"{ref}@{record.version}"  # a taken-over job keeps its first version
         try:
-            model = resolve_from_mirror(self.mirror, record.model, record.kind)
+            model = resolve_from_mirror(self.mirror, ref, record.kind)
         except ModelNotFound as exc:
             return self._fallback(record, exc)
         if model.backend == "openai":
@@ -193,7 +236,10 @@ class WorkerRuntime:
                 deadline = time.monotonic() + (record.deadline_at - time.time())
             future = self.engine.submit_generate(record.id, spec, record.input, params,
                                                  lane=record.lane, deadline=deadline)
-        if self._cancel_requested(record.id):
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.job(record.id), "version", model.version)  # kept if it is taken over
+        pipe.hget(keys.job(record.id), "cancel_requested")
+        if pipe.execute()[1] == "1":
             self.engine.cancel(record.id)
         return _local_outcome(future.result(), model.version)
 
@@ -204,7 +250,8 @@ class WorkerRuntime:
         status = _FINAL_STATUS.get(outcome.finish_reason, JobStatus.SUCCEEDED)
         finished = time.time()
         applied, current = self.jobs.transition(
-            record.id, (JobStatus.RUNNING,), status, finished_at=finished, result=outcome.result,
+            record.id, (JobStatus.RUNNING,), status, owner=self.node, finished_at=finished,
+            result=outcome.result,
             usage=outcome.usage, batch_size=outcome.batch_size, version=outcome.version,
             backend=outcome.backend)
         if not applied:
@@ -219,8 +266,8 @@ class WorkerRuntime:
 
     def _fail(self, record: JobRecord, exc: BanterError) -> str:
         applied, current = self.jobs.transition(
-            record.id, (JobStatus.RUNNING,), JobStatus.FAILED, finished_at=time.time(),
-            error=exc.to_dict())
+            record.id, (JobStatus.RUNNING,), JobStatus.FAILED, owner=self.node,
+            finished_at=time.time(), error=exc.to_dict())
         if applied:
             self.streams.publish([ErrorEvent(record.id, exc.to_dict())])
             logs.event(log, "inference_failed", logging.WARNING, trace_id=record.trace_id,
@@ -236,6 +283,8 @@ class WorkerRuntime:
         return JobStatus.EXPIRED.value if applied else current
 
     def _heartbeat(self, stop: threading.Event) -> None:
+        """Every period: announce this worker, renew the leases of its jobs, and re-enqueue
+        jobs whose worker died (their lease lapsed)."""
         while not stop.is_set():
             try:
                 now = {self.node: time.time()}
@@ -243,9 +292,34 @@ class WorkerRuntime:
                 for key in (keys.WORKERS, *map(keys.workers_for, self.backends)):
                     pipe.zadd(key, now)
                 pipe.execute()
+                self._renew_leases()
+                self._requeue_orphans()
             except redis.RedisError as exc:
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
             stop.wait(self.settings.worker_heartbeat_s)
+
+    def _renew_leases(self) -> None:
+        with self._held_lock:
+            held = sorted(self._held)
+        for job_id in self.jobs.renew(held, self.node, self.settings.lease_ttl_s):
+            # another worker took it over while this one stalled: stop the local copy
+            log.warning("lease_lost", extra={"job_id": job_id})
+            self._cancel(job_id)
+
+    def _requeue_orphans(self) -> None:
+        for job_id in self.jobs.orphans():
+            if not self.redis.set(keys.requeued(job_id), self.node, nx=True,
+                                  ex=self.settings.lease_ttl_s):
+                continue  # another worker is re-enqueueing it
+            record = self.jobs.get(job_id)
+            if record is None or record.status != JobStatus.RUNNING.value:
+                self.jobs.release(job_id, self.node)
+                continue
+            queue = self.settings.lane_queue(record.lane, record.backend or "onnx")
+            self.celery.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue,
+                                  headers={"trace_id": record.trace_id})
+            logs.event(log, "job_requeued", job_id=job_id, trace_id=record.trace_id,
+                       queue=queue, last_worker=record.worker)
 
     def _listen(self, stop: threading.Event) -> None:
         """Cancellations (job ids on CANCEL) and registry changes (retire inactive versions)."""
