@@ -6,12 +6,15 @@ import redis
 
 from banter.errors import Unavailable
 
+# Blocking reads (XREAD BLOCK for SSE and synchronous waits) block at most 15 s, under this.
+SOCKET_TIMEOUT_S = 30
+
 
 def connect(url: str) -> redis.Redis:
     """A pooled, thread-safe client for ``url`` (``redis://``, ``rediss://`` for TLS,
     password in the URL)."""
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
-                                socket_connect_timeout=5)
+                                socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S)
 
 
 def ping(client: redis.Redis) -> None:

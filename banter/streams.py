@@ -85,9 +85,22 @@ def decode_entry(fields: dict[str, str]) -> tuple[EventType, dict[str, Any]]:
 
 
 # KEYS[1] stream, KEYS[2] channel. ARGV[1] maxlen, ARGV[2] ttl, ARGV[3] JSON payload,
-# ARGV[4..] the entry's field/value pairs. XADD then PUBLISH the payload with the entry id.
+# ARGV[4] the token's seq, or '' for a final event, ARGV[5..] the entry's field/value pairs.
+# XADD then PUBLISH the payload with the entry id. Idempotent: an event the stream already
+# holds (a token whose seq is not past the last one, anything after the final event) is not
+# written again, so a write retried after a lost reply never doubles an entry.
 _PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields, event, seq = last[2], nil, nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'event' then event = fields[i + 1] end
+    if fields[i] == 'seq' then seq = tonumber(fields[i + 1]) end
+  end
+  if event ~= 'token' then return last[1] end
+  if ARGV[4] ~= '' and seq and seq >= tonumber(ARGV[4]) then return last[1] end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2))
 return id
@@ -110,8 +123,10 @@ class StreamWriter:
         for event in events:
             entry = event.fields()
             flat = [item for pair in entry.items() for item in pair]
+            order = str(event.seq) if isinstance(event, TokenEvent) else ""
             self._script(keys=[keys.stream(event.job_id), keys.tokens(event.job_id)],
-                         args=[self.maxlen, self.ttl_s, json.dumps(entry), *flat], client=pipe)
+                         args=[self.maxlen, self.ttl_s, json.dumps(entry), order, *flat],
+                         client=pipe)
         return pipe.execute()
 
 

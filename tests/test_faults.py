@@ -1,0 +1,218 @@
+"""Faults for real: kill -9 and SIGTERM of workers, a Redis restart and a producer restart while
+jobs stream. Every accepted job must finish exactly once, with a stream that has every token
+once, in order, and one final event."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT, build_demo
+from banter.redisconn import connect
+from banter.redisserver import RedisServer
+from banter.settings import Settings
+from banter.streams import EventType, read_events
+from producer.app import create_app
+from registry.service import Registry
+from tests.conftest import Api, Server, start_worker, stop_process
+from tests.test_streams import sse_events
+
+pytestmark = pytest.mark.faults
+
+WORDS = [" " + w for w in DEMO_TEXT.split()]
+
+
+def expected_text(max_tokens: int) -> str:
+    return "".join((WORDS * (max_tokens // len(WORDS) + 1))[:max_tokens])
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    settings: Settings
+    redis_server: RedisServer
+    api: Api
+    server: Server
+    logs: Path
+
+    @property
+    def redis(self):
+        return connect(self.settings.redis_url)
+
+    def worker(self, node: str):
+        return start_worker(self.env, node, self.logs / f"{node}.log", self.redis)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """A private stack: Redis with AOF (so it can restart), short leases and visibility."""
+    redis_server = RedisServer(tmp_path / "redis", persist=True)
+    url = redis_server.start()
+    env = {"BANTER_REDIS_URL": url, "BANTER_HOME": str(tmp_path / "home"),
+           "BANTER_WORKER_HEARTBEAT_S": "0.5", "BANTER_LEASE_TTL_S": "2",
+           "BANTER_VISIBILITY_TIMEOUT_S": "5", "BANTER_MAX_TOKENS_LIMIT": "1000",
+           "BANTER_LOG_LEVEL": "INFO", "BANTER_OPENAI_KEY": "", "BANTER_AUTH_DISABLED": "true"}
+    settings = Settings.from_env(env)
+    dirs = build_demo(settings.model_root)
+    registry = Registry.from_settings(settings, connect(url))
+    registry.promote(name=DEMO_GPT, kind="generate", path=str(dirs[DEMO_GPT] / "model.onnx"))
+    registry.promote(name=DEMO_EMBED, kind="embed", path=str(dirs[DEMO_EMBED] / "model.onnx"))
+    server = Server(create_app(settings, connect(url)))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    yield Stack(env, settings, redis_server, Api(server.url), server, logs)
+    server.close()
+    redis_server.stop()
+
+
+def submit_generations(api: Api, count: int, max_tokens: int) -> list[str]:
+    return [api.post("/v1/jobs", {"kind": "generate", "input": f"fault {i}",
+                                  "params": {"max_tokens": max_tokens}}).json()["id"]
+            for i in range(count)]
+
+
+def wait_tokens(stack: Stack, job_ids: list[str], at_least: int, timeout_s: float = 60) -> None:
+    """Block until every job's stream holds ``at_least`` entries (they are mid-generation)."""
+    deadline = time.monotonic() + timeout_s
+    while any(stack.redis.xlen(f"banter:stream:{j}") < at_least for j in job_ids):
+        assert time.monotonic() < deadline, "jobs did not start streaming"
+        time.sleep(0.02)
+
+
+def assert_exactly_once(stack: Stack, job_id: str, max_tokens: int) -> dict:
+    job = stack.api.wait_job(job_id, timeout_s=150)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["text"] == expected_text(max_tokens)
+    entries = all_events(stack.redis, job_id)
+    tokens = [data for _id, kind, data in entries if kind is EventType.TOKEN]
+    assert [t["seq"] for t in tokens] == list(range(max_tokens)), "a token is missing or doubled"
+    assert "".join(t["text"] for t in tokens) == job["result"]["text"]
+    finals = [kind for _id, kind, _ in entries if kind is not EventType.TOKEN]
+    assert finals == [EventType.DONE]
+    return job
+
+
+def all_events(client, job_id: str) -> list:
+    entries, after = [], "0-0"
+    while batch := read_events(client, job_id, after):
+        entries += batch
+        after = batch[-1][0]
+    return entries
+
+
+def test_kill_9_mid_batch_every_job_is_taken_over_once(stack):
+    doomed = stack.worker("doomed@localhost")
+    job_ids = submit_generations(stack.api, 8, 1000)
+    wait_tokens(stack, job_ids, at_least=5)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    assert all(stack.api.get(f"/v1/jobs/{j}").json()["status"] == "running" for j in job_ids)
+
+    rescuer = stack.worker("rescuer@localhost")
+    try:
+        for job_id in job_ids:
+            job = assert_exactly_once(stack, job_id, 1000)
+            assert job["worker"] == "rescuer@localhost" and job["attempts"] == 2
+    finally:
+        stop_process(rescuer)
+    log = (stack.logs / "rescuer@localhost.log").read_text()
+    assert log.count('"job_taken_over"') == len(job_ids)
+
+
+def test_sigterm_mid_batch_finishes_the_jobs_in_hand(stack):
+    worker = stack.worker("graceful@localhost")
+    job_ids = submit_generations(stack.api, 6, 600)
+    wait_tokens(stack, job_ids, at_least=3)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 0
+    for job_id in job_ids:
+        job = assert_exactly_once(stack, job_id, 600)
+        assert job["worker"] == "graceful@localhost" and job["attempts"] == 1
+
+
+def test_redis_restart_mid_stream_loses_nothing(stack):
+    """Jobs in flight finish with whole streams and SSE clients resume. (New jobs after the
+    restart need a worker restart: see docs/decisions.md, Delivery.)"""
+    worker = stack.worker("steady@localhost")
+    try:
+        job_ids = submit_generations(stack.api, 4, 1000)
+        wait_tokens(stack, job_ids, at_least=5)
+        url = f"{stack.api.url}/v1/jobs/{job_ids[0]}/events"
+        seen: list[tuple[str, str, dict]] = []
+        with requests.get(url, stream=True, timeout=30) as response:
+            for event in sse_events(response):
+                seen.append(event)
+                if len(seen) == 20:
+                    break
+        stack.redis_server.stop()
+        time.sleep(1.0)
+        stack.redis_server.start()
+        resumed = []
+        deadline = time.monotonic() + 120
+        while not (resumed and resumed[-1][1] == "done"):
+            assert time.monotonic() < deadline
+            last_id = (resumed or seen)[-1][0]
+            try:
+                with requests.get(url, stream=True, timeout=30,
+                                  headers={"Last-Event-ID": last_id}) as response:
+                    resumed.extend(sse_events(response))
+            except requests.RequestException:
+                time.sleep(0.2)
+        stream_tokens = [d["seq"] for _, e, d in seen + resumed if e == "token"]
+        assert stream_tokens == list(range(1000))
+        for job_id in job_ids:
+            assert_exactly_once(stack, job_id, 1000)
+        assert stack.api.get("/v1/models").json()["data"]  # the registry mirror answers
+    finally:
+        stop_process(worker)
+
+
+def test_producer_restart_while_jobs_stream(stack):
+    worker = stack.worker("calm@localhost")
+    try:
+        job_ids = submit_generations(stack.api, 3, 800)
+        url_path = f"/v1/jobs/{job_ids[0]}/events"
+        with requests.get(stack.api.url + url_path, stream=True, timeout=30) as response:
+            first = [event for _, event in zip(range(10), sse_events(response))]
+        stack.server.close()
+        replacement = Server(create_app(stack.settings, connect(stack.settings.redis_url)))
+        try:
+            with requests.get(replacement.url + url_path, stream=True, timeout=60,
+                              headers={"Last-Event-ID": first[-1][0]}) as response:
+                rest = list(sse_events(response))
+            seqs = [d["seq"] for _, e, d in first + rest if e == "token"]
+            assert seqs == list(range(800)) and rest[-1][1] == "done"
+            stack.api = Api(replacement.url)
+            for job_id in job_ids:
+                assert_exactly_once(stack, job_id, 800)
+        finally:
+            replacement.close()
+    finally:
+        stop_process(worker)
+
+
+def test_a_second_delivery_of_a_running_job_does_not_run_it_again(stack):
+    """What Celery does after the visibility timeout (the message is handed out again while
+    the job still runs): the lease sends the second delivery away."""
+    from banter.broker import RUN_JOB, make_celery
+
+    worker = stack.worker("patient@localhost")
+    job_ids = submit_generations(stack.api, 1, 1000)
+    wait_tokens(stack, job_ids, at_least=5)
+    other = stack.worker("eager@localhost")
+    try:
+        make_celery(stack.settings).send_task(RUN_JOB, args=[job_ids[0]],
+                                              queue=stack.settings.queue_interactive)
+        job = assert_exactly_once(stack, job_ids[0], 1000)
+        assert job["attempts"] == 1 and job["worker"] == "patient@localhost"
+    finally:
+        stop_process(worker)
+        stop_process(other)
+    logs = "".join(p.read_text() for p in stack.logs.glob("*.log"))
+    assert '"job_taken_over"' not in logs
+    assert "'leased'" in logs or "'succeeded'" in logs
