@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
+
+from celery.signals import worker_init
 
 from banter import logs
 from banter.redisconn import connect
@@ -71,14 +74,24 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
     app = create_worker_app(settings, runtime)
     logs.event(log, "worker_starting", node=runtime.node, backends=list(runtime.backends),
                queues=queues, **details)
-    runtime.start()
-    try:
-        app.worker_main([
-            "worker", "--pool", "threads", "--concurrency",
+    argv = ["worker", "--pool", "threads", "--concurrency",
             str(concurrency or settings.worker_concurrency), "--hostname", runtime.node,
             "--queues", ",".join(queues), "--loglevel", settings.log_level,
-            "--task-events", "--without-gossip", "--without-mingle",
-        ])
+            "--task-events", "--without-gossip", "--without-mingle"]
+    controllers = []
+    worker_init.connect(lambda sender, **_: controllers.append(sender), weak=False)
+    runtime.start()
+    try:
+        # Celery stops with exit code 0 after a requested (warm) shutdown, non-zero when its
+        # consumer died of an error it could not recover from (seen when Redis restarts under
+        # it). Then consume again: the engine and the jobs in hand live on in this process.
+        while True:
+            app.worker_main(argv)
+            if not (controllers and controllers[-1].exitcode):
+                break
+            logs.event(log, "consumer_restarting", logging.WARNING, node=runtime.node,
+                       exitcode=controllers[-1].exitcode)
+            time.sleep(1.0)
     finally:
         runtime.stop()
     return 0
