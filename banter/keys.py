@@ -76,3 +76,14 @@ RUNNING = f"{PREFIX}:running"
 # string: set for Settings.lease_ttl_s when a reaper re-enqueues a job, so only one does
 def requeued(job_id: str) -> str:
     return f"{PREFIX}:requeued:{job_id}"
+
+
+# string: requests one API key id made in one minute (producer.ratelimit); expires after it
+def rate_limit(key_id: str, minute: int) -> str:
+    return f"{PREFIX}:ratelimit:{key_id}:{minute}"
+
+
+# hash: cluster-wide metrics that workers record and GET /metrics renders (workers.metrics):
+# field 'family{labels}' is a counter, 'family{labels}|le' a histogram bucket (not
+# cumulative), 'family{labels}|sum' its sum. No TTL: counters live as long as Redis's data.
+METRICS = f"{PREFIX}:metrics"

@@ -15,7 +15,7 @@ from banter.errors import InvalidRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
-_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries")  # int settings that may be 0
+_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min")  # int settings that may be 0
 
 
 class SettingsError(InvalidRequest):
@@ -84,8 +84,11 @@ class Settings:
     visibility_timeout_s: int = 60
     lease_ttl_s: int = 15
     log_level: str = "INFO"
-    api_keys: str = ""  # comma-separated bearer keys; empty with admin_keys empty: auth off
-    admin_keys: str = ""  # comma-separated keys that may also change the registry
+    api_keys: str = field(default="", repr=False)  # comma-separated bearer keys (producer.auth)
+    admin_keys: str = field(default="", repr=False)  # ... that may also use the registry admin API
+    keys_file: str = ""  # file of keys, one "KEY", "user:KEY" or "admin:KEY" per line
+    auth_disabled: bool = False  # true: no keys, every caller is admin (else keys are required)
+    rate_limit_per_min: int = 0  # requests per API key per minute on /v1/; 0: no limit
     openai_key: str = field(default="", repr=False)  # never logged or stored
     openai_model: str = "gpt-4o-mini"  # upstream model of generate jobs that fall back
     openai_embed_model: str = "text-embedding-3-small"  # ... and of embed jobs

@@ -48,16 +48,28 @@ def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 90
     raise Unavailable(f"the stack was not ready within {timeout_s:.0f}s")
 
 
-def sample_jobs(url: str) -> None:
+def sample_key(settings: Settings, env: dict[str, str]) -> str:
+    """The key the sample jobs send: ``BANTER_API_KEY`` (the client's), else the first key of
+    BANTER_API_KEYS or BANTER_ADMIN_KEYS; empty when authentication is off or only a keys
+    file holds the keys."""
+    keys = [k.strip() for k in f"{settings.api_keys},{settings.admin_keys}".split(",")
+            if k.strip() and not k.strip().startswith("sha256:")]
+    return env.get("BANTER_API_KEY") or (keys[0] if keys else "")
+
+
+def sample_jobs(url: str, api_key: str) -> None:
     """Send one generate and one embed job through the stack and print what came back."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     answer = requests.post(f"{url}/v1/inference", json={"prompt": "Say something.",
-                                                        "max_tokens": 18}, timeout=120)
+                                                        "max_tokens": 18},
+                           headers=headers, timeout=120)
     answer.raise_for_status()
     body = answer.json()
     print(f"sample generate ({body['model']} v{body['version']}, {body['backend']}, "
           f"batch {answer.headers['X-Batch-Size']}, {answer.headers['X-Latency-MS']} ms):"
           f"\n  {body['text'].strip()}", flush=True)
-    answer = requests.post(f"{url}/v1/embeddings", json={"input": "banterhearts"}, timeout=120)
+    answer = requests.post(f"{url}/v1/embeddings", json={"input": "banterhearts"},
+                           headers=headers, timeout=120)
     answer.raise_for_status()
     vector = answer.json()["data"][0]["embedding"]
     print(f"sample embed ({answer.json()['model']}): {len(vector)} dims, first "
@@ -78,9 +90,12 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         settings = Settings.from_env(env)
     env.update({"BANTER_HOME": str(settings.home), "BANTER_MODEL_ROOT": str(settings.model_root),
                 "BANTER_REGISTRY_PATH": str(settings.registry_path)})
-    if not settings.api_keys and not settings.admin_keys:
-        print("WARNING: no BANTER_API_KEYS / BANTER_ADMIN_KEYS set: authentication is OFF; "
-              "bind only to a trusted interface", file=sys.stderr, flush=True)
+    if not (settings.api_keys or settings.admin_keys or settings.keys_file):
+        env["BANTER_AUTH_DISABLED"] = "true"
+        print("WARNING: no BANTER_API_KEYS, BANTER_ADMIN_KEYS or BANTER_KEYS_FILE set: "
+              "authentication is OFF (BANTER_AUTH_DISABLED=true for this stack): anyone who can "
+              f"reach {host}:{port} can run jobs and change the registry; bind only to a trusted "
+              "interface", file=sys.stderr, flush=True)
     children: list[subprocess.Popen] = []
     try:
         built = ensure_demo_models(settings, Registry.from_settings(settings,
@@ -96,7 +111,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
               f"{' (demo models built)' if built else ''}\n  registry {settings.registry_path}"
               "\nCtrl-C stops everything.", flush=True)
         if sample:
-            sample_jobs(url)
+            sample_jobs(url, sample_key(settings, env))
         if exit_after_sample:
             return 0
         while all(child.poll() is None for child in children):

@@ -13,19 +13,23 @@ from flask import Flask, g, request
 
 from banter import logs
 from banter.broker import make_celery
+from banter.errors import Unavailable
 from banter.redisconn import connect
 from banter.settings import Settings
-from producer import batches, errors, health, inference, jobs, models, openai_api
+from producer import batches, errors, health, inference, jobs, metrics, models, openai_api, openapi, ratelimit
 from producer.auth import KeyRing
 from producer.context import Context
 from producer.service import JobService
 from registry.service import Registry
 
-_TRACE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app(settings: Settings, client: redis.Redis | None = None,
                celery: Celery | None = None) -> Flask:
+    """The producer's WSGI app. Raises AuthNotConfigured (``producer.auth``) before touching
+    Redis when no API key is configured and BANTER_AUTH_DISABLED is not true."""
+    keyring = KeyRing.from_settings(settings)
     logs.setup(settings.log_level)
     client = client or connect(settings.redis_url)
     registry = Registry.from_settings(settings, client)
@@ -35,16 +39,27 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
     app.json.sort_keys = False
     app.extensions["banter"] = Context(settings, client,
                                        JobService(settings, client, celery, registry),
-                                       registry, KeyRing(settings))
+                                       registry, keyring)
     errors.register(app)
-    for module in (jobs, inference, models, openai_api, batches, health):
+    for module in (jobs, inference, models, openai_api, batches, health, openapi, metrics):
         app.register_blueprint(module.blueprint)
 
     @app.before_request
     def start_trace():
         g.started = time.perf_counter()
         sent = request.headers.get("X-Trace-ID", "")
-        g.trace_id = sent if _TRACE_ID.match(sent) else uuid.uuid4().hex
+        g.trace_id = sent if _TRACE_ID.fullmatch(sent) else uuid.uuid4().hex
+
+    @app.before_request
+    def bind_trace_to_logs():
+        """Every log line of this request carries its trace id (banter.logs context)."""
+        g.log_context = logs.bind(trace_id=g.trace_id)
+
+    @app.before_request
+    def rate_limit():
+        """Count every /v1/ request against its key's per-minute budget (when one is set)."""
+        if settings.rate_limit_per_min and request.path.startswith("/v1/"):
+            ratelimit.check(client, keyring.owner(request), settings.rate_limit_per_min)
 
     @app.after_request
     def trace_headers(response):
@@ -55,8 +70,21 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
             response.headers["X-Latency-MS"] = f"{elapsed:.2f}"
         return response
 
+    @app.after_request
+    def access_log(response):
+        elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        logs.access(request.method, request.path, response.status_code, elapsed,
+                    g.get("trace_id", ""))
+        return response
+
+    @app.teardown_request
+    def unbind_trace(_exc):
+        token = g.pop("log_context", None)
+        if token is not None:
+            logs.unbind(token)
+
     try:
         registry.ensure_mirror()
-    except redis.RedisError:
+    except Unavailable:
         pass  # Redis not up yet: readyz says so, the first registry read retries
     return app

@@ -1,51 +1,124 @@
-"""API keys: ``Authorization: Bearer KEY``. A job belongs to the key id that made it."""
+"""API keys: ``Authorization: Bearer KEY``. A job belongs to the key id that made it.
+
+Keys come from ``BANTER_API_KEYS`` and ``BANTER_ADMIN_KEYS`` (comma-separated) and from
+``BANTER_KEYS_FILE``, all of them together. The keys file holds one entry per line: ``KEY`` or
+``user:KEY`` (a user key), ``admin:KEY`` (an admin key); blank lines and lines starting with
+``#`` are skipped. Anywhere a key is written, ``sha256:<64 hex digits>`` stands for the key
+with that SHA-256 digest, so the file (or the environment) need not hold the key itself. Only
+digests are kept in memory; a caller's key id (its job owner) is the first 16 hex digits.
+
+Admin keys may do what user keys do, and also change the registry and read its history.
+With no key configured the producer refuses to start (AuthNotConfigured) unless
+``BANTER_AUTH_DISABLED=true``, where every caller is ANONYMOUS and admin.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Request
 
 from banter.errors import Forbidden, Unauthorized
-from banter.settings import Settings
+from banter.settings import Settings, SettingsError
 
 ANONYMOUS = "anonymous"
+SCOPES = ("user", "admin")
+_HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
-def key_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+class AuthNotConfigured(SettingsError):
+    """The producer's key settings are missing, unreadable or contradictory (exit 2)."""
 
 
+@dataclass(frozen=True)
 class KeyRing:
-    """Hashed keys from settings. With no keys configured, everyone is ANONYMOUS and admin."""
+    """The SHA-256 digests of the configured keys (never the keys themselves)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.users = {_digest(k) for k in _split(settings.api_keys)}
-        self.admins = {_digest(k) for k in _split(settings.admin_keys)}
-        self.enabled = bool(self.users or self.admins)
+    users: frozenset[str]
+    admins: frozenset[str]
+    disabled: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "KeyRing":
+        """The keys of ``settings``; AuthNotConfigured when there are none and auth is not
+        explicitly disabled, when auth is disabled while keys are set, or for a bad keys file."""
+        users = {_entry_digest(k) for k in _split(settings.api_keys)}
+        admins = {_entry_digest(k) for k in _split(settings.admin_keys)}
+        if settings.keys_file:
+            for scope, digest in read_keys_file(Path(settings.keys_file)):
+                (admins if scope == "admin" else users).add(digest)
+        if settings.auth_disabled and (users or admins):
+            raise AuthNotConfigured(
+                "BANTER_AUTH_DISABLED=true but API keys are configured: unset "
+                "BANTER_AUTH_DISABLED to require the keys, or remove BANTER_API_KEYS, "
+                "BANTER_ADMIN_KEYS and BANTER_KEYS_FILE")
+        if not settings.auth_disabled and not (users or admins):
+            raise AuthNotConfigured(
+                "no API keys are configured: set BANTER_API_KEYS and/or BANTER_ADMIN_KEYS "
+                "(comma-separated) or BANTER_KEYS_FILE, or set BANTER_AUTH_DISABLED=true to "
+                "serve without authentication (trusted networks only)")
+        return cls(frozenset(users - admins), frozenset(admins), settings.auth_disabled)
 
     def owner(self, request: Request, admin: bool = False) -> str:
         """The caller's key id; Unauthorized without a known key, Forbidden when ``admin`` is
         required and the key is not an admin key."""
-        if not self.enabled:
+        if self.disabled:
             return ANONYMOUS
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-        digest = _digest(key.strip())
+        digest = _hash(key.strip())
         is_admin = any(hmac.compare_digest(digest, d) for d in self.admins)
         if not is_admin and not any(hmac.compare_digest(digest, d) for d in self.users):
-            raise Unauthorized("unknown API key")
+            raise Unauthorized("unknown API key: send one of the keys the producer was "
+                               "configured with (BANTER_API_KEYS, BANTER_ADMIN_KEYS, "
+                               "BANTER_KEYS_FILE)")
         if admin and not is_admin:
-            raise Forbidden("this needs an admin key (BANTER_ADMIN_KEYS)")
-        return key_id(key.strip())
+            raise Forbidden("this needs an admin key (BANTER_ADMIN_KEYS, or 'admin:KEY' in "
+                            "BANTER_KEYS_FILE)")
+        return digest[:16]
+
+
+def read_keys_file(path: Path) -> list[tuple[str, str]]:
+    """``(scope, digest)`` per entry of a keys file (module docstring); AuthNotConfigured
+    naming the line of a malformed entry, or when the file cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuthNotConfigured(f"BANTER_KEYS_FILE={str(path)!r} cannot be read: {exc}") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        scope, sep, key = line.partition(":")
+        if not sep or scope == "sha256":
+            scope, key = "user", line
+        if scope not in SCOPES:
+            raise AuthNotConfigured(f"{path}:{number}: unknown scope {scope!r}; write 'KEY', "
+                                    "'user:KEY' or 'admin:KEY'")
+        if not key.strip():
+            raise AuthNotConfigured(f"{path}:{number}: the key after '{scope}:' is empty")
+        entries.append((scope, _entry_digest(key.strip())))
+    return entries
 
 
 def _split(raw: str) -> list[str]:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-def _digest(key: str) -> str:
+def _entry_digest(entry: str) -> str:
+    """The digest a configured key entry stands for: ``sha256:<hex>`` names it, any other
+    entry is the key itself. (A key a caller sends is always hashed: knowing a digest is not
+    knowing the key.)"""
+    hashed = _HASHED.match(entry)
+    return hashed.group(1).lower() if hashed else _hash(entry)
+
+
+def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()

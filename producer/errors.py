@@ -9,15 +9,18 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from banter.errors import BanterError, QueueFull, Unavailable
+from banter.errors import BanterError, QueueFull, Unauthorized, Unavailable
+from producer.ratelimit import RateLimited
 
 log = logging.getLogger("banter.producer")
 
 
 def error_response(exc: BanterError) -> tuple[Response, int]:
     response = jsonify({"error": exc.to_dict()})
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, RateLimited)):
         response.headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        response.headers["WWW-Authenticate"] = "Bearer"
     return response, exc.status
 
 

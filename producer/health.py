@@ -1,13 +1,13 @@
-"""``/healthz`` (the process answers), ``/readyz`` (Redis and a live worker), ``/metrics``."""
+"""``/healthz`` (the process answers), ``/readyz`` (Redis and a live worker); ``/metrics`` is
+in ``producer.metrics``."""
 
 from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, jsonify
 
 from banter import keys
-from banter.broker import queue_depth
 from banter.errors import Unavailable
 from banter.redisconn import ping
 from producer.context import ctx
@@ -34,20 +34,3 @@ def readyz():
     if not workers:
         raise Unavailable("no live worker: start one with 'banter worker --cpu' or '--gpu N'")
     return jsonify({"status": "ready", "workers": workers})
-
-
-@blueprint.get("/metrics")
-def metrics():
-    c = ctx()
-    workers = live_workers()
-    lines = ["# HELP banter_queue_depth Jobs waiting per lane.", "# TYPE banter_queue_depth gauge"]
-    lines += [f'banter_queue_depth{{lane="{lane}"}} {n}'
-              for lane, n in queue_depth(c.redis, c.settings).items()]
-    lines += ["# HELP banter_live_workers Workers with a recent heartbeat.",
-              "# TYPE banter_live_workers gauge", f"banter_live_workers {len(workers)}",
-              "# HELP banter_worker_total Worker counters (ORT passes, items, seconds) per kind.",
-              "# TYPE banter_worker_total counter"]
-    for node in workers:
-        for name, value in sorted(c.redis.hgetall(keys.worker_stats(node)).items()):
-            lines.append(f'banter_worker_total{{worker="{node}",counter="{name}"}} {value}')
-    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

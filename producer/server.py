@@ -10,6 +10,7 @@ from __future__ import annotations
 from gunicorn.app.base import BaseApplication
 
 from banter.settings import Settings
+from producer.auth import KeyRing
 
 
 class _Gunicorn(BaseApplication):
@@ -29,6 +30,9 @@ class _Gunicorn(BaseApplication):
 
 
 def serve(settings: Settings, host: str, port: int, workers: int = 2, threads: int = 64) -> None:
+    """Run the producer until stopped. Its key settings are checked first, here, so a producer
+    without API keys (``producer.auth``) exits with the reason instead of failing its workers."""
+    KeyRing.from_settings(settings)
     _Gunicorn(settings, {
         "bind": f"{host}:{port}", "worker_class": "gthread", "workers": workers,
         "threads": threads, "timeout": 0, "graceful_timeout": 10, "keepalive": 5,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from flask import Request
@@ -11,10 +12,15 @@ from flask import Request
 from banter.errors import BadJSON, InvalidRequest, TooLarge, UnsupportedMediaType
 
 _MISSING = object()
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request's JSON object, or BadJSON / UnsupportedMediaType / TooLarge / InvalidRequest."""
+    """The request's JSON object, or BadJSON / UnsupportedMediaType / TooLarge / InvalidRequest.
+
+    The body must be UTF-8 (RFC 8259; no BOM), hold no ``NaN``/``Infinity`` and no number too
+    large for a float, nest less deep than Python's recursion limit, and hold no unpaired
+    surrogate escape (``"\\ud800"``): text that cannot be stored or sent on as UTF-8."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     if request.content_length is not None and request.content_length > max_bytes:
@@ -23,9 +29,13 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise TooLarge(f"request body is over the {max_bytes} byte limit")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                          parse_float=_finite_float)
+    except UnicodeDecodeError as exc:
+        raise BadJSON(f"request body is not UTF-8 ({exc}): send JSON encoded as UTF-8") from None
     except (ValueError, RecursionError) as exc:
         raise BadJSON(f"request body is not valid JSON: {exc}") from None
+    _reject_lone_surrogates(body)
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
@@ -33,6 +43,28 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is too large")
+    return value
+
+
+def _reject_lone_surrogates(body: Any) -> None:
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise BadJSON("request body holds an unpaired UTF-16 surrogate escape "
+                              "(\\ud800-\\udfff): send text as valid Unicode")
+        elif isinstance(value, dict):
+            pending.extend(value)
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def string(body: dict, name: str, *, required: bool = False, default: str | None = None,

@@ -40,7 +40,8 @@ def stack_env(redis_server, tmp_path_factory) -> dict[str, str]:
     return {"BANTER_REDIS_URL": redis_server.url, "BANTER_HOME": str(home),
             "BANTER_BATCH_WINDOW_MS": "20", "BANTER_WORKER_HEARTBEAT_S": "1",
             "BANTER_MAX_TOKENS_LIMIT": "1000", "BANTER_LOG_LEVEL": "WARNING",
-            "BANTER_OPENAI_KEY": ""}  # never reach a real upstream from a developer's key
+            "BANTER_OPENAI_KEY": "",  # never reach a real upstream from a developer's key
+            "BANTER_AUTH_DISABLED": "true"}
 
 
 @pytest.fixture(scope="session")

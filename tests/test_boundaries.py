@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import celeryconfig
+from banter.broker import make_celery
+from banter.settings import Settings
 
 
 def loaded_modules(statement: str) -> set[str]:
@@ -32,3 +36,23 @@ def test_celery_speaks_json_only():
     assert celeryconfig.accept_content == ["json"]
     assert celeryconfig.task_serializer == celeryconfig.result_serializer == "json"
     assert celeryconfig.task_acks_late and celeryconfig.task_reject_on_worker_lost
+
+
+UNSAFE_DESERIALIZERS = re.compile(
+    r"^\s*(import|from)\s+(pickle|_pickle|cPickle|dill|shelve|marshal|jsonpickle|cloudpickle)\b"
+    r"|allow_pickle\s*=\s*True|serializer\s*=\s*['\"]pickle", re.MULTILINE)
+
+
+def test_no_pickle_anywhere():
+    """No module imports a pickle-like deserializer, and the Celery app both sides build takes
+    JSON only (a pickled message from the broker is refused, never executed)."""
+    root = Path(__file__).parent.parent
+    sources = [root / "celeryconfig.py", *[path for package in
+               ("banter", "producer", "workers", "registry", "bench", "tests")
+               for path in (root / package).rglob("*.py")]]
+    offenders = [str(path.relative_to(root)) for path in sources
+                 if path != Path(__file__) and UNSAFE_DESERIALIZERS.search(path.read_text())]
+    assert offenders == []
+    conf = make_celery(Settings()).conf
+    assert conf.accept_content == ["json"] and conf.event_serializer == "json"
+    assert conf.task_serializer == conf.result_serializer == "json"

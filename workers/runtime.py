@@ -35,6 +35,7 @@ from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import Record
+from workers import metrics as worker_metrics
 from workers.backends import Outcome
 from workers.engine import EmbedResult, Engine, EngineSettings, GenerateResult
 from workers.openai_backend import OpenAIBackend
@@ -74,12 +75,7 @@ class RedisSink:
 
     def record_pass(self, kind: str, model: str, version: int, batch_size: int,
                     seconds: float) -> None:
-        key = keys.worker_stats(self.node)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(key, f"{kind}_passes", 1)
-        pipe.hincrby(key, f"{kind}_items", batch_size)
-        pipe.hincrbyfloat(key, f"{kind}_seconds", seconds)
-        pipe.execute()
+        worker_metrics.record_pass(self.redis, self.node, kind, batch_size, seconds)
 
 
 def engine_settings(settings: Settings) -> EngineSettings:
@@ -257,11 +253,15 @@ class WorkerRuntime:
         if not applied:
             return current
         self.streams.publish([DoneEvent(record.id, outcome.finish_reason, outcome.usage)])
+        timings = worker_metrics.record_job_end(self.redis, record, status.value, outcome.backend,
+                                                finished, usage=outcome.usage)
         started = record.started_at or finished
         logs.event(log, "inference_complete", trace_id=record.trace_id, job_id=record.id,
                    kind=record.kind, model=record.model, version=outcome.version,
                    backend=outcome.backend, batch_size=outcome.batch_size, status=status.value,
-                   latency_ms=round((finished - (record.queued_at or started)) * 1000, 2))
+                   latency_ms=round((finished - (record.queued_at or started)) * 1000, 2),
+                   lane=record.lane, prompt_tokens=outcome.usage.get("prompt_tokens"),
+                   completion_tokens=outcome.usage.get("completion_tokens"), **timings)
         return status.value
 
     def _fail(self, record: JobRecord, exc: BanterError) -> str:
@@ -270,8 +270,11 @@ class WorkerRuntime:
             finished_at=time.time(), error=exc.to_dict())
         if applied:
             self.streams.publish([ErrorEvent(record.id, exc.to_dict())])
+            timings = worker_metrics.record_job_end(self.redis, record, JobStatus.FAILED.value,
+                                                    record.backend, error=exc.type)
             logs.event(log, "inference_failed", logging.WARNING, trace_id=record.trace_id,
-                       job_id=record.id, error=exc.type, error_message=exc.message)
+                       job_id=record.id, error=exc.type, error_message=exc.message,
+                       kind=record.kind, model=record.model, lane=record.lane, **timings)
         return JobStatus.FAILED.value if applied else current
 
     def _expire(self, record: JobRecord, now: float) -> str:

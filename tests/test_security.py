@@ -1,0 +1,395 @@
+"""Security over real HTTP: API keys (env, keys file, hashed entries), admin scope, job and
+batch ownership, artifact paths under the model root, queue-depth and per-key rate limits, a
+password-protected Redis, and a producer that refuses to start without keys."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+
+from banter import stack
+from banter.demo import DEMO_EMBED, DEMO_GPT
+from banter.redisconn import connect
+from banter.redisserver import find_binary, free_port
+from banter.settings import Settings
+from producer.app import create_app
+from producer.auth import AuthNotConfigured, KeyRing
+from registry.service import Registry
+from tests.conftest import Server, start_worker, stop_process
+
+ALICE, BOB, CAROL, ADMIN, ROOT = "alice-key-1", "bob-key-2", "carol-key-3", "admin-key-4", "root-key-5"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+class Client:
+    """requests against one producer as one key."""
+
+    def __init__(self, url: str, key: str | None) -> None:
+        self.url = url
+        self.session = requests.Session()
+        if key:
+            self.session.headers.update(bearer(key))
+
+    def post(self, path: str, body=None, **kwargs) -> requests.Response:
+        return self.session.post(self.url + path, json=body, timeout=30, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.session.get(self.url + path, timeout=30, **kwargs)
+
+    def delete(self, path: str) -> requests.Response:
+        return self.session.delete(self.url + path, timeout=30)
+
+
+def assert_error(response: requests.Response, status: int, type_: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == type_ and error["message"], error
+    return error
+
+
+def keyed_settings(settings: Settings, tmp_path: Path, **changes) -> Settings:
+    """The suite's settings with keys: alice and bob in BANTER_API_KEYS, the admin key as its
+    sha256 digest in BANTER_ADMIN_KEYS, carol (user) and root (admin) in a keys file."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# banterhearts keys\n\nuser:{CAROL}\nadmin:{ROOT}\n")
+    digest = hashlib.sha256(ADMIN.encode()).hexdigest()
+    return replace(settings, api_keys=f"{ALICE}, {BOB}", admin_keys=f"sha256:{digest}",
+                   keys_file=str(keys_file), auth_disabled=False, **changes)
+
+
+@pytest.fixture(scope="module")
+def idle(settings, redis_client, demo_models, tmp_path_factory):
+    """A keyed producer whose queues no worker consumes: its jobs stay queued."""
+    suffix = uuid.uuid4().hex[:8]
+    server = Server(create_app(keyed_settings(
+        settings, tmp_path_factory.mktemp("keys"), queue_interactive=f"idle-{suffix}",
+        queue_bulk=f"idle-bulk-{suffix}"), redis_client))
+    yield server.url
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def served(settings, redis_client, worker, tmp_path_factory):
+    """A keyed producer on the suite's queues (the shared worker runs its jobs)."""
+    server = Server(create_app(keyed_settings(settings, tmp_path_factory.mktemp("keys")),
+                               redis_client))
+    yield server.url
+    server.close()
+
+
+# ----------------------------------------------------------------------------- keys
+def test_requests_without_a_known_key_are_401(idle):
+    digest = hashlib.sha256(ADMIN.encode()).hexdigest()
+    headers = [{}, {"Authorization": f"Basic {ALICE}"}, {"Authorization": "Bearer"},
+               {"Authorization": "Bearer    "}, bearer("not-a-key"), bearer(ALICE.upper()),
+               bearer(f"sha256:{digest}"),  # knowing a digest is not knowing the key
+               {"Authorization": ALICE}]
+    job_id = str(uuid.uuid4())
+    for header in headers:
+        for method, path, body in (("POST", "/v1/jobs", {"kind": "embed", "input": "x"}),
+                                   ("GET", f"/v1/jobs/{job_id}", None),
+                                   ("GET", "/v1/models", None),
+                                   ("POST", "/v1/models/promote", {"name": "x"}),
+                                   ("GET", "/v1/batches/batch_" + "0" * 32, None)):
+            response = requests.request(method, idle + path, json=body, headers=header,
+                                        timeout=30)
+            assert_error(response, 401, "unauthorized")
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+            assert response.headers["X-Trace-ID"]
+
+
+def test_every_kind_of_configured_key_is_accepted(idle):
+    for key in (ALICE, BOB, CAROL, ADMIN, ROOT):
+        assert Client(idle, key).get("/v1/models").status_code == 200, key
+    for path in ("/healthz", "/openapi.json", "/metrics"):  # no data: no key needed
+        assert requests.get(idle + path, timeout=30).status_code == 200, path
+
+
+def test_only_admin_keys_reach_the_registry_admin_api(idle, settings):
+    before = settings.registry_path.read_text()
+    for key in (ALICE, CAROL):
+        user = Client(idle, key)
+        assert_error(user.get("/v1/models/history"), 403, "forbidden")
+        assert_error(user.post("/v1/models/promote", {
+            "name": DEMO_GPT, "kind": "generate", "path": f"{DEMO_GPT}/model.onnx"}),
+            403, "forbidden")
+        assert_error(user.post("/v1/models/rollback", {"name": DEMO_GPT}), 403, "forbidden")
+    assert settings.registry_path.read_text() == before
+    for key in (ADMIN, ROOT):
+        admin = Client(idle, key)
+        assert admin.get("/v1/models/history").status_code == 200
+        assert_error(admin.post("/v1/models/rollback", {"name": f"nobody-{uuid.uuid4().hex}"}),
+                     404, "model_not_found")
+
+
+# ----------------------------------------------------------------------------- ownership
+def test_a_job_and_its_stream_belong_to_the_key_that_made_it(idle):
+    alice, bob, admin = Client(idle, ALICE), Client(idle, BOB), Client(idle, ADMIN)
+    response = alice.post("/v1/jobs", {"kind": "generate", "input": "mine",
+                                       "idempotency_key": "shared-key"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    for other in (bob, admin):  # an admin key is another key too
+        assert_error(other.get(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+        assert_error(other.get(f"/v1/jobs/{job['id']}/events"), 404, "job_not_found")
+        assert_error(other.get(f"/v1/jobs/{job['id']}/events",
+                               headers={"Last-Event-ID": "0-0"}), 404, "job_not_found")
+        assert_error(other.delete(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+    assert alice.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    assert alice.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    events = alice.get(f"/v1/jobs/{job['id']}/events")
+    assert events.status_code == 200 and "event: done" in events.text
+    # an idempotency key is the key's own: bob's same key makes bob's own job
+    again = bob.post("/v1/jobs", {"kind": "generate", "input": "mine",
+                                  "idempotency_key": "shared-key"})
+    assert again.status_code == 202 and again.json()["id"] != job["id"]
+    assert bob.delete(f"/v1/jobs/{again.json()['id']}").json()["status"] == "cancelled"
+
+
+def test_a_batch_belongs_to_the_key_that_made_it(idle):
+    alice, bob = Client(idle, ALICE), Client(idle, BOB)
+    line = {"custom_id": "q1", "method": "POST", "url": "/v1/embeddings",
+            "body": {"input": "hello"}}
+    response = alice.post("/v1/batches", {"requests": [line]})
+    assert response.status_code == 200, response.text
+    batch_id = response.json()["id"]
+    for path in (f"/v1/batches/{batch_id}", f"/v1/batches/{batch_id}/output"):
+        assert_error(bob.get(path), 404, "not_found")
+    assert_error(bob.post(f"/v1/batches/{batch_id}/cancel"), 404, "not_found")
+    assert alice.get(f"/v1/batches/{batch_id}").json()["status"] == "in_progress"
+    assert alice.post(f"/v1/batches/{batch_id}/cancel").json()["status"] in (
+        "cancelling", "cancelled")
+
+
+def test_a_finished_job_is_still_only_its_owners(served):
+    alice, bob = Client(served, ALICE), Client(served, BOB)
+    response = alice.post("/v1/inference", {"prompt": "hello", "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    job_id = response.json()["id"]
+    assert alice.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    events = alice.get(f"/v1/jobs/{job_id}/events")
+    assert "event: done" in events.text
+    assert_error(bob.get(f"/v1/jobs/{job_id}"), 404, "job_not_found")
+    assert_error(bob.get(f"/v1/jobs/{job_id}/events"), 404, "job_not_found")
+    assert_error(bob.delete(f"/v1/jobs/{job_id}"), 404, "job_not_found")
+
+
+# ----------------------------------------------------------------------------- artifact paths
+@pytest.fixture
+def escape_link(settings, demo_models, tmp_path):
+    """A symlink under the model root to a valid model directory outside it."""
+    outside = tmp_path / "outside"
+    shutil.copytree(demo_models[DEMO_EMBED], outside)
+    link = settings.model_root / f"escape-{uuid.uuid4().hex[:8]}"
+    link.symlink_to(outside, target_is_directory=True)
+    yield link.name
+    link.unlink()
+
+
+def test_artifact_paths_outside_the_model_root_are_refused(idle, settings, escape_link):
+    admin = Client(idle, ADMIN)
+    root = settings.model_root
+    paths = ["../../etc/passwd", "/etc/passwd", f"{DEMO_EMBED}/../../{root.name}-x/model.onnx",
+             str(root.parent / "model.onnx"), escape_link, f"{escape_link}/model.onnx",
+             f"{DEMO_EMBED}\x00/model.onnx", "\x00", f"{DEMO_EMBED}/model.onnx\x00.txt",
+             "%2e%2e/%2e%2e/etc/passwd", "..%2f..%2fetc%2fpasswd", "....//....//etc/passwd",
+             "..\\..\\etc\\passwd", "~/model.onnx", "file:///etc/passwd", ".", "",
+             f"{DEMO_EMBED}/{'x' * 2000}", "\u202e/model.onnx", "/proc/self/environ"]
+    before = settings.registry_path.read_text()
+    for path in paths:
+        response = admin.post("/v1/models/promote", {"name": f"escape-{uuid.uuid4().hex[:6]}",
+                                                      "kind": "embed", "path": path})
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["error"]["type"] in ("invalid_artifact", "invalid_request")
+    assert settings.registry_path.read_text() == before
+
+
+# ----------------------------------------------------------------------------- limits
+def wait_for_a_fresh_minute(margin_s: float) -> None:
+    """Sleep into the next minute when fewer than ``margin_s`` seconds are left in this one."""
+    left = 60 - time.time() % 60
+    if left < margin_s:
+        time.sleep(left + 0.05)
+
+
+def test_per_key_rate_limit_is_429_with_retry_after(settings, redis_client, tmp_path,
+                                                    demo_models):
+    server = Server(create_app(keyed_settings(settings, tmp_path, rate_limit_per_min=3),
+                               redis_client))
+    try:
+        wait_for_a_fresh_minute(margin_s=10)
+        alice, bob = Client(server.url, ALICE), Client(server.url, BOB)
+        for _ in range(3):
+            assert alice.get("/v1/models").status_code == 200
+        for path in ("/v1/models", "/v1/nothing"):
+            limited = alice.get(path)
+            assert_error(limited, 429, "rate_limited")
+            assert 1 <= int(limited.headers["Retry-After"]) <= 60
+            assert "BANTER_RATE_LIMIT_PER_MIN" in limited.json()["error"]["message"]
+        refused = alice.post("/v1/jobs", {"kind": "embed", "input": "x"})
+        assert_error(refused, 429, "rate_limited")  # refused before anything is queued
+        assert bob.get("/v1/models").status_code == 200  # every key has its own budget
+        assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
+        assert_error(Client(server.url, "wrong").get("/v1/models"), 401, "unauthorized")
+    finally:
+        server.close()
+
+
+def test_a_full_queue_is_429_with_retry_after(settings, redis_client, demo_models):
+    suffix = uuid.uuid4().hex[:8]
+    server = Server(create_app(replace(settings, max_queue_depth=2,
+                                       queue_interactive=f"full-{suffix}",
+                                       queue_bulk=f"full-bulk-{suffix}"), redis_client))
+    try:
+        client = Client(server.url, None)
+        for _ in range(2):
+            assert client.post("/v1/jobs", {"kind": "embed", "input": "x"}).status_code == 202
+        for path, body in (("/v1/jobs", {"kind": "embed", "input": "x"}),
+                           ("/v1/inference", {"prompt": "x"}),
+                           ("/v1/embeddings", {"input": "x"})):
+            full = client.post(path, body)
+            assert_error(full, 429, "queue_full")
+            assert int(full.headers["Retry-After"]) >= 1
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                "body": {"input": "x"}}
+        assert client.post("/v1/jobs", {"kind": "embed", "input": "x",
+                                        "lane": "bulk"}).status_code == 202
+        assert_error(client.post("/v1/batches", {"requests": [line, {**line, "custom_id": "b"}]}),
+                     429, "queue_full")
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------- redis password
+@pytest.fixture
+def password_redis(tmp_path):
+    """A private redis-server that requires a password (``--requirepass``)."""
+    port, password = free_port(), f"pw-{uuid.uuid4().hex}"
+    process = subprocess.Popen([find_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                                "--requirepass", password, "--save", "", "--appendonly", "no",
+                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            connect(url).ping()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    yield url
+    stop_process(process)
+
+
+def test_a_password_protected_redis_serves_jobs_end_to_end(password_redis, settings,
+                                                           demo_models, tmp_path):
+    env = {"BANTER_REDIS_URL": password_redis, "BANTER_HOME": str(tmp_path / "home"),
+           "BANTER_MODEL_ROOT": str(settings.model_root), "BANTER_WORKER_HEARTBEAT_S": "1",
+           "BANTER_LOG_LEVEL": "WARNING", "BANTER_OPENAI_KEY": "", "BANTER_API_KEYS": ALICE}
+    secured = Settings.from_env(env)
+    client = connect(secured.redis_url)
+    registry = Registry.from_settings(secured, client)
+    registry.promote(name=DEMO_GPT, kind="generate", path=str(demo_models[DEMO_GPT] / "model.onnx"))
+    worker = start_worker(env, "cpu-password@localhost", tmp_path / "worker.log", client)
+    server = Server(create_app(secured, client))
+    try:
+        answer = Client(server.url, ALICE).post("/v1/inference", {"prompt": "x", "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["text"] == " banterhearts streams"
+        assert requests.get(server.url + "/readyz", timeout=30).status_code == 200
+    finally:
+        server.close()
+        stop_process(worker)
+    wrong = password_redis.replace(":pw-", ":nope-")
+    server = Server(create_app(replace(secured, redis_url=wrong, broker_url=wrong)))
+    try:
+        refused = requests.get(server.url + "/readyz", timeout=30)
+        assert_error(refused, 503, "unavailable")
+        assert "Redis" in refused.json()["error"]["message"]
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------- start-up
+def test_the_app_refuses_to_start_without_keys(settings, tmp_path):
+    with pytest.raises(AuthNotConfigured, match="BANTER_AUTH_DISABLED=true"):
+        create_app(replace(settings, auth_disabled=False))
+    with pytest.raises(AuthNotConfigured, match="unset BANTER_AUTH_DISABLED"):
+        KeyRing.from_settings(replace(settings, api_keys=ALICE))
+    bad = tmp_path / "keys"
+    for text, needle in ((f"admn:{ALICE}\n", ":1: unknown scope 'admn'"),
+                         (f"# c\nadmin:{ALICE}\nuser:\n", ":3: the key after 'user:' is empty")):
+        bad.write_text(text)
+        with pytest.raises(AuthNotConfigured, match=needle):
+            KeyRing.from_settings(replace(settings, auth_disabled=False, keys_file=str(bad)))
+    with pytest.raises(AuthNotConfigured, match="cannot be read"):
+        KeyRing.from_settings(replace(settings, auth_disabled=False,
+                                      keys_file=str(tmp_path / "missing")))
+
+
+def test_banter_producer_without_keys_exits_2_with_the_reason(stack_env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANTER_")}
+    env.update({k: v for k, v in stack_env.items() if k != "BANTER_AUTH_DISABLED"})
+    done = subprocess.run([sys.executable, "-m", "banter.cli", "producer", "--port",
+                           str(free_port())], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "no API keys are configured" in done.stderr
+    assert "BANTER_AUTH_DISABLED=true" in done.stderr
+
+
+class FakeChild:
+    """Stands in for the worker and producer processes ``banter up`` starts."""
+
+    started: list[dict[str, str]] = []
+
+    def __init__(self, args, env):
+        FakeChild.started.append(env)
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+
+@pytest.mark.parametrize("keys,disabled", [({}, True), ({"BANTER_API_KEYS": ALICE}, False),
+                                           ({"BANTER_KEYS_FILE": "/k"}, False)])
+def test_banter_up_turns_auth_off_only_without_keys(monkeypatch, capsys, stack_env, keys,
+                                                    disabled):
+    for name in ("BANTER_API_KEYS", "BANTER_ADMIN_KEYS", "BANTER_KEYS_FILE",
+                 "BANTER_AUTH_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**stack_env, **keys}.items():
+        if name != "BANTER_AUTH_DISABLED":
+            monkeypatch.setenv(name, value)
+    FakeChild.started = []
+    monkeypatch.setattr(stack, "ensure_demo_models", lambda settings, registry: [])
+    monkeypatch.setattr(stack.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(stack, "wait_ready", lambda url, children: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert stack.up(Settings.from_env(), "127.0.0.1", free_port(), False, False) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(FakeChild.started) == 2
+    for env in FakeChild.started:
+        assert (env.get("BANTER_AUTH_DISABLED") == "true") is disabled
+    assert ("authentication is OFF" in capsys.readouterr().err) is disabled
