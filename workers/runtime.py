@@ -283,6 +283,8 @@ class WorkerRuntime:
                                                 finished_at=now, error=error)
         if applied:
             self.streams.publish([DoneEvent(record.id, "expired", _NO_USAGE)])
+            worker_metrics.record_job_end(self.redis, record, JobStatus.EXPIRED.value,
+                                          record.backend, now)
         return JobStatus.EXPIRED.value if applied else current
 
     def _heartbeat(self, stop: threading.Event) -> None:
