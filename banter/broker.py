@@ -17,11 +17,14 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
     app.config_from_object("celeryconfig")
     app.conf.update(
         broker_url=settings.broker_url,
-        task_queues=[Queue(name) for name in (*settings.queues, *settings.openai_queues)],
+        task_queues=[Queue(name) for lane in (0, 1)
+                     for name in (settings.queues[lane], settings.openai_queues[lane])],
         task_default_queue=settings.queue_interactive,
         # kombu sweeps unacked messages every 10 s and restores those older than the
         # visibility timeout: a job whose worker died is delivered again within ~70 s.
+        # "priority": a worker with a free slot always takes an interactive message first.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "queue_order_strategy": "priority",
                                   "unacked_restore_interval": 10,
                                   "unacked_restore_throttle": 1},
     )

@@ -83,3 +83,20 @@ def test_redelivered_finished_job_does_nothing(api, redis_client, settings):
     api.wait_job(marker["id"])  # the worker has drained the queue past the redelivery
     assert api.get(f"/v1/jobs/{body['id']}").json() == first
     assert len(read_events(redis_client, body["id"])) == entries
+
+
+def test_a_worker_takes_interactive_jobs_before_a_bulk_backlog(paused, stack_env, redis_client,
+                                                               tmp_path):
+    bulk = [paused.post("/v1/jobs", {"kind": "embed", "input": f"bulk {i}", "lane": "bulk"}
+                        ).json()["id"] for i in range(30)]
+    interactive = paused.post("/v1/jobs", {"kind": "embed", "input": "urgent"}).json()["id"]
+    worker = start_worker({**stack_env, **PAUSED, "BANTER_WORKER_CONCURRENCY": "1"},
+                          "cpu-lanes@localhost", tmp_path / "worker.log", redis_client)
+    try:
+        jobs = [paused.wait_job(job_id) for job_id in [*bulk, interactive]]
+    finally:
+        stop_process(worker)
+    started = sorted(jobs, key=lambda job: job["timings"]["started_at"])
+    # one bulk job may already be reserved when the worker starts; the urgent one comes next
+    assert interactive in [job["id"] for job in started[:2]]
+    assert all(job["status"] == "succeeded" for job in jobs)

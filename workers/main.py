@@ -61,9 +61,10 @@ def run_openai_worker(settings: Settings, name: str | None = None,
 
 
 def worker_queues(settings: Settings, backends: tuple[str, ...]) -> list[str]:
-    """The queues a worker serving ``backends`` consumes."""
+    """The queues a worker serving ``backends`` consumes, every interactive queue first: the
+    broker hands out messages in this order (``queue_order_strategy: priority``)."""
     by_backend = {"onnx": settings.queues, "openai": settings.openai_queues}
-    return [queue for backend in backends for queue in by_backend[backend]]
+    return [by_backend[backend][lane] for lane in (0, 1) for backend in backends]
 
 
 def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,

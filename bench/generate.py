@@ -1,0 +1,618 @@
+"""generate: served streaming throughput under N concurrent clients vs static batching,
+one-at-a-time serving and a raw ONNX Runtime decode loop.
+
+Each of ``--clients`` clients sends ``--rounds`` requests one after another (closed loop), each
+``POST /v1/inference?stream=true`` with temperature 0 and a ``max_tokens`` taken from the
+cycling ``--max-tokens`` list; every request has its own prompt. The same workload runs:
+
+* served  (continuous batching): the real stack, one CPU worker;
+* static  baseline: the same stack with the worker restarted with ``BANTER_ADMISSION=static``;
+* batch1  baseline: the same stack with ``BANTER_MAX_RUNNING=1`` (one sequence at a time);
+* raw_ort baseline: one process, a plain onnxruntime greedy loop with KV cache, each round's
+  N sequences in one batch from the start (finished rows leave the batch), no Redis/HTTP;
+* raw_ort_batch1: the same loop one request at a time; its outputs are the greedy reference
+  every other path must reproduce exactly (``correct``);
+* diagnostics.engine_alone: the closed loop fed straight into ``Engine.step`` in this process,
+  continuous and static, to tell the engine's own costs from the serving path's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from bench.machine import machine_facts
+from bench.stack import BenchStack
+
+log = logging.getLogger("bench.generate")
+
+# mixed lengths in 8..128, cycled (client c, round r gets entry (c + r) % len)
+DEFAULT_MAX_TOKENS = [8, 16, 32, 64, 128, 24, 48, 96, 12, 40, 80, 112, 20, 56, 104, 72]
+DEFAULT_CLIENTS = 16
+DEFAULT_ROUNDS = 3
+DEFAULT_REPEATS = 3
+DEFAULT_RAW_THREADS = 1
+REQUEST_TIMEOUT_S = 600.0
+
+_WORDS = ("the quick brown fox jumps over a lazy dog while every token of the answer streams "
+          "back from one batched pass of the decoder so that many prompts share the same "
+          "machine and nobody waits for long when the queue is busy and the cache keeps keys "
+          "and values for each layer").split()
+
+
+@dataclass(frozen=True)
+class Request:
+    index: int   # position in the workload (round * clients + client)
+    client: int
+    round: int
+    prompt: str
+    max_tokens: int
+
+
+@dataclass
+class Outcome:
+    """What one served request got back."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    error: str = ""
+    sent: float = 0.0
+    first_token: float | None = None
+    done: float = 0.0
+
+
+# -- workload --------------------------------------------------------------------------------
+
+def make_prompt(j: int) -> str:
+    """Deterministic, distinct prompts of varied length (4..16 words)."""
+    n = 4 + (j * 5) % 13
+    start = (j * 7) % len(_WORDS)
+    words = [_WORDS[(start + k) % len(_WORDS)] for k in range(n)]
+    return f"Request {j}: " + " ".join(words)
+
+
+def make_workload(clients: int, rounds: int, max_tokens: list[int]) -> list[Request]:
+    return [Request(r * clients + c, c, r, make_prompt(r * clients + c),
+                    max_tokens[(c + r) % len(max_tokens)])
+            for r in range(rounds) for c in range(clients)]
+
+
+def percentiles_ms(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    arr = np.asarray(values) * 1000.0
+    return {"p50": round(float(np.percentile(arr, 50)), 2),
+            "p99": round(float(np.percentile(arr, 99)), 2)}
+
+
+# -- raw ONNX Runtime loop -------------------------------------------------------------------
+
+class RawDecoder:
+    """A plain greedy decode loop over an Optimum-layout decoder: onnxruntime + numpy only
+    (nothing from workers/), so it is both the hardware-limit baseline and the reference."""
+
+    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        config_path = model_dir / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.eos = config.get("eos_token_id")
+        self.bos = config.get("bos_token_id")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        n_layer = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.past_names = [f"past_key_values.{i}.{p}" for i in range(n_layer)
+                           for p in ("key", "value")]
+        self.present_names = [f"present.{i}.{p}" for i in range(n_layer) for p in ("key", "value")]
+        meta = inputs["past_key_values.0.key"]
+        self.heads, self.head_dim = meta.shape[1], meta.shape[3]
+        self.kv_dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+        self.outputs = ["logits", *self.present_names]
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            start = self.bos if self.bos is not None else self.eos
+            ids = [start]
+        return ids
+
+    def text(self, token_ids: list[int]) -> str:
+        """The text a stream of these tokens carries: EOS adds none; an unfinished multi-byte
+        character at the very end is held back by the server's detokenizer."""
+        ids = [t for t in token_ids if t != self.eos]
+        return self.tokenizer.decode(ids).rstrip("\ufffd")
+
+    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> tuple[list[list[int]], float, int]:
+        """Greedy-decode every prompt in one batch; a row leaves the batch when it has its
+        ``max_tokens`` or emits EOS. Returns (token ids per row, seconds in the loop, passes)."""
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((batch, width), dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        positions = np.zeros((batch, width), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = p
+            mask[b, width - len(p):] = 1
+            positions[b, width - len(p):] = np.arange(len(p))
+        next_pos = np.asarray([len(p) for p in prompts], dtype=np.int64)
+        past = [np.zeros((batch, self.heads, 0, self.head_dim), dtype=self.kv_dtype)
+                for _ in self.past_names]
+        rows = np.arange(batch)  # original row of each live batch row
+        out: list[list[int]] = [[] for _ in prompts]
+        limits = np.asarray(max_tokens)
+        passes = 0
+        started = time.perf_counter()
+        while True:
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                     **dict(zip(self.past_names, past))}
+            logits, *present = self.session.run(self.outputs, feeds)
+            passes += 1
+            tokens = logits[:, -1, :].argmax(axis=-1)
+            keep = np.ones(len(rows), dtype=bool)
+            for b, (row, token) in enumerate(zip(rows, tokens)):
+                out[row].append(int(token))
+                if len(out[row]) >= limits[row] or (self.eos is not None and token == self.eos):
+                    keep[b] = False
+            if not keep.any():
+                break
+            if not keep.all():
+                rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[keep]
+                mask = mask[keep]
+                present = [t[keep] for t in present]
+            past = present
+            ids = tokens.astype(np.int64)[:, None]
+            positions = next_pos[:, None].copy()
+            next_pos = next_pos + 1
+            mask = np.concatenate((mask, np.ones((len(rows), 1), dtype=np.int64)), axis=1)
+        return out, time.perf_counter() - started, passes
+
+
+def run_raw(decoder: RawDecoder, workload: list[Request], clients: int,
+            repeats: int) -> dict:
+    """The reference (one request at a time) and the batched loop (one batch per round, as a
+    round's requests are sent together), ``repeats`` times each; medians of tokens/s."""
+    encoded = [decoder.encode(r.prompt) for r in workload]
+    reference: list[list[int]] = []
+    alone_runs, batched_runs, batched_ok = [], [], True
+    for repeat in range(repeats):
+        outputs, seconds, passes = [], 0.0, 0
+        for r, ids in zip(workload, encoded):
+            (tokens,), took, n = decoder.generate([ids], [r.max_tokens])
+            outputs.append(tokens)
+            seconds += took
+            passes += n
+        if repeat == 0:
+            reference = outputs
+        batched_ok &= outputs == reference  # later repeats: the loop is deterministic
+        alone_runs.append((sum(len(t) for t in outputs), seconds, passes))
+        outputs, seconds, passes = [], 0.0, 0
+        for start in range(0, len(workload), clients):
+            part = workload[start:start + clients]
+            tokens, took, n = decoder.generate(encoded[start:start + clients],
+                                               [r.max_tokens for r in part])
+            outputs += tokens
+            seconds += took
+            passes += n
+        batched_ok &= outputs == reference
+        batched_runs.append((sum(len(t) for t in outputs), seconds, passes))
+
+    def summary(runs: list[tuple[int, float, int]]) -> dict:
+        rates = [tokens / seconds for tokens, seconds, _ in runs]
+        return {"tokens_per_s": round(float(np.median(rates)), 2),
+                "runs_tokens_per_s": [round(x, 2) for x in rates],
+                "tokens": runs[0][0], "passes": runs[0][2],
+                "seconds": [round(seconds, 4) for _, seconds, _ in runs]}
+
+    return {"reference": reference, "prompt_tokens": [len(e) for e in encoded],
+            "batch1": summary(alone_runs),
+            "batched": {**summary(batched_runs), "correct": batched_ok}}
+
+
+# -- engine alone ----------------------------------------------------------------------------
+
+class _NullSink:
+    """EngineSink that only adds up the ORT passes."""
+
+    def __init__(self) -> None:
+        self.passes, self.items, self.seconds = 0, 0, 0.0
+
+    def publish_tokens(self, events) -> None:
+        pass
+
+    def record_pass(self, kind: str, model: str, version: int, batch_size: int,
+                    seconds: float) -> None:
+        self.passes += 1
+        self.items += batch_size
+        self.seconds += seconds
+
+
+def run_engine_alone(runners, spec, workload: list[Request], clients: int, admission: str,
+                     max_running: int) -> tuple[dict, list[list[int]]]:
+    """The same closed-loop workload straight into ``workers.engine.Engine.step`` in this
+    process (no Redis, HTTP or Celery): what the engine's scheduling costs by itself."""
+    from banter.params import SamplingParams
+    from workers.engine import Engine, EngineSettings
+
+    sink = _NullSink()
+    engine = Engine(runners, sink, EngineSettings(max_running=max_running, admission=admission))
+    queues = {c: [r for r in workload if r.client == c] for c in range(clients)}
+    active, outputs = {}, {}
+
+    def submit(client: int) -> None:
+        r = queues[client].pop(0)
+        active[client] = (r, engine.submit_generate(
+            f"r{r.index}", spec, r.prompt, SamplingParams(max_tokens=r.max_tokens)))
+
+    started = time.perf_counter()
+    for c in range(clients):
+        if queues[c]:
+            submit(c)
+    while active:
+        engine.step()
+        for c, (r, future) in list(active.items()):
+            if future.done():
+                outputs[r.index] = future.result().token_ids
+                del active[c]
+                if queues[c]:
+                    submit(c)
+    wall = time.perf_counter() - started
+    tokens = sum(len(t) for t in outputs.values())
+    return ({"tokens_per_s": tokens / wall, "passes": sink.passes,
+             "mean_batch": round(sink.items / sink.passes, 2) if sink.passes else 0,
+             "ort_s": round(sink.seconds, 3)},
+            [outputs[r.index] for r in workload])
+
+
+def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Request],
+                 clients: int, max_running: int, threads: int, repeats: int,
+                 reference: list[list[int]]) -> dict:
+    """``run_engine_alone`` for both admissions, interleaved ``repeats`` times; medians."""
+    from workers.runner import ModelSpec, RunnerCache
+
+    spec = ModelSpec(name, promoted["version"], "generate", model_dir / "model.onnx",
+                     model_dir / "tokenizer.json", promoted["sha256"])
+    runners = RunnerCache(intra_op_threads=threads)
+    run_engine_alone(runners, spec, workload[:1], 1, "continuous", max_running)  # warm-up
+    runs: dict[str, list[dict]] = {"continuous": [], "static": []}
+    correct = {"continuous": True, "static": True}
+    for _ in range(repeats):
+        for admission in runs:
+            result, outputs = run_engine_alone(runners, spec, workload, clients, admission,
+                                               max_running)
+            runs[admission].append(result)
+            correct[admission] &= outputs == reference
+    return {admission: {
+        "tokens_per_s": round(float(np.median([r["tokens_per_s"] for r in results])), 2),
+        "runs_tokens_per_s": [round(r["tokens_per_s"], 2) for r in results],
+        "passes": results[0]["passes"], "mean_batch": results[0]["mean_batch"],
+        "ort_s": [r["ort_s"] for r in results],
+        "correct": correct[admission]} for admission, results in runs.items()}
+
+
+# -- served path -----------------------------------------------------------------------------
+
+def stream_request(session: requests.Session, url: str, model: str, request: Request) -> Outcome:
+    """One ``POST /v1/inference?stream=true``; parses the SSE ``token``/``done``/``error``."""
+    body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
+            "model": model}
+    outcome = Outcome(sent=time.perf_counter())
+    pieces: list[str] = []
+    try:
+        with session.post(f"{url}/v1/inference?stream=true", json=body, stream=True,
+                          timeout=REQUEST_TIMEOUT_S) as response:
+            if response.status_code != 200:
+                outcome.error = f"HTTP {response.status_code}: {response.text[:300]}"
+                return outcome
+            event, data = "message", []
+            for line in response.iter_lines(chunk_size=None, decode_unicode=True):
+                if line:
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    continue
+                if not data:
+                    event = "message"
+                    continue
+                payload = json.loads("\n".join(data))
+                if event == "token":
+                    if outcome.first_token is None:
+                        outcome.first_token = time.perf_counter()
+                    outcome.token_ids.append(payload["token_id"])
+                    pieces.append(payload["text"])
+                elif event == "done":
+                    outcome.finish_reason = payload["finish_reason"]
+                    break
+                elif event == "error":
+                    outcome.error = json.dumps(payload["error"])
+                    break
+                event, data = "message", []
+    except requests.RequestException as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    outcome.done = time.perf_counter()
+    outcome.text = "".join(pieces)
+    if not outcome.error and not outcome.finish_reason:
+        outcome.error = "the stream ended without a done event"
+    return outcome
+
+
+def run_clients(url: str, model: str, workload: list[Request],
+                clients: int) -> tuple[list[Outcome], float]:
+    """Every client thread sends its requests in order; returns outcomes (workload order) and
+    the wall time from the common start to the last answer."""
+    outcomes: list[Outcome | None] = [None] * len(workload)
+    by_client = [[r for r in workload if r.client == c] for c in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+
+    def client(mine: list[Request]) -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            for r in mine:
+                outcomes[r.index] = stream_request(session, url, model, r)
+
+    threads = [threading.Thread(target=client, args=(mine,), daemon=True) for mine in by_client]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    ended = max(o.done for o in outcomes)
+    return outcomes, ended - started
+
+
+def worker_counters(stack: BenchStack, node: str) -> dict[str, float]:
+    from banter import keys
+
+    raw = stack.redis.hgetall(keys.worker_stats(node))
+    return {k: float(v) for k, v in raw.items()}
+
+
+@dataclass
+class Sample:
+    """One timed run of the workload on one freshly started worker."""
+
+    outcomes: list[Outcome]
+    wall_s: float
+    counters: dict[str, float]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outcomes)
+
+
+def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str,
+                  workload: list[Request], clients: int) -> Sample:
+    """Start a worker with ``env``, warm it up (the model loads), time the workload, stop it."""
+    node = stack.start_worker(label, env)
+    try:
+        with requests.Session() as session:
+            warm = stream_request(session, stack.producer_url, model,
+                                  Request(-1, 0, 0, "warm up", 2))
+        if warm.error:
+            raise RuntimeError(f"{label}: the warm-up request failed: {warm.error}")
+        before = worker_counters(stack, node)
+        outcomes, wall = run_clients(stack.producer_url, model, workload, clients)
+        after = worker_counters(stack, node)
+        failed = [o.error for o in outcomes if o.error]
+        if failed:
+            log.warning("%s: %d requests failed, first: %s\n--- producer log tail:\n%s\n"
+                        "--- worker log tail:\n%s", label, len(failed), failed[0][:300],
+                        stack.producer.log_tail(), stack.workers[node].log_tail())
+    finally:
+        stack.stop_worker(node)
+    counters = {k: after.get(k, 0.0) - before.get(k, 0.0)
+                for k in ("generate_passes", "generate_items", "generate_seconds")}
+    sample = Sample(outcomes, wall, counters)
+    log.info("%s: %d tokens in %.2fs = %.1f tokens/s, %d passes", label, sample.tokens, wall,
+             sample.tokens / wall, counters["generate_passes"])
+    return sample
+
+
+def summarize(samples: list[Sample], env: dict[str, str], workload: list[Request],
+              reference: list[list[int]], decoder: RawDecoder) -> dict:
+    """tokens/s: the median over repeats; ttft and latency: percentiles over every request of
+    every repeat; engine counters summed; correct: every request of every repeat matched."""
+    rates = [s.tokens / s.wall_s for s in samples]
+    outcomes = [o for s in samples for o in s.outcomes]
+    errors, mismatches = [], []
+    for s in samples:
+        for r, o, ref in zip(workload, s.outcomes, reference):
+            if o.error:
+                errors.append(f"request {r.index}: {o.error}")
+            elif o.token_ids != ref or o.text != decoder.text(ref):
+                mismatches.append(r.index)
+    passes = sum(s.counters["generate_passes"] for s in samples)
+    items = sum(s.counters["generate_items"] for s in samples)
+    ort_s = sum(s.counters["generate_seconds"] for s in samples)
+    wall = sum(s.wall_s for s in samples)
+    return {
+        "worker_env": env,
+        "tokens_per_s": round(float(np.median(rates)), 2),
+        "runs_tokens_per_s": [round(x, 2) for x in rates],
+        "requests_per_run": len(workload),
+        "tokens_per_run": samples[0].tokens,
+        "wall_s": [round(s.wall_s, 3) for s in samples],
+        "ttft_ms": percentiles_ms([o.first_token - o.sent for o in outcomes
+                                   if o.first_token is not None]),
+        "latency_ms": percentiles_ms([o.done - o.sent for o in outcomes if not o.error]),
+        "engine": {"passes": int(passes), "mean_batch": round(items / passes, 2) if passes else 0,
+                   "ort_s": round(ort_s, 3),
+                   "ort_share_of_wall": round(ort_s / wall, 3) if wall else 0},
+        "errors": errors[:5],
+        "error_count": len(errors),
+        "mismatches": sorted(set(mismatches))[:20],
+        "correct": not errors and not mismatches,
+    }
+
+
+# -- scenario --------------------------------------------------------------------------------
+
+def _int_list(raw: str) -> list[int]:
+    try:
+        values = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {raw!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("max_tokens values must be integers >= 1")
+    return values
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", type=_positive, default=DEFAULT_CLIENTS,
+                   help=f"concurrent streaming clients (default {DEFAULT_CLIENTS})")
+    p.add_argument("--max-tokens", type=_int_list, default=DEFAULT_MAX_TOKENS,
+                   help="comma-separated max_tokens values, cycled over requests "
+                        f"(default {','.join(map(str, DEFAULT_MAX_TOKENS))})")
+    p.add_argument("--rounds", type=_positive, default=DEFAULT_ROUNDS,
+                   help=f"requests each client sends one after another (default {DEFAULT_ROUNDS})")
+    p.add_argument("--repeats", type=_positive, default=DEFAULT_REPEATS,
+                   help="timed runs of each phase, interleaved, each on a fresh worker; "
+                        f"tokens/s is their median (default {DEFAULT_REPEATS})")
+    p.add_argument("--max-running", type=_positive, default=None,
+                   help="BANTER_MAX_RUNNING of the served and static workers "
+                        "(default: the project default)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="an Optimum-layout decoder directory (model.onnx, tokenizer.json, "
+                        "config.json) to promote and serve instead of the demo decoder; its "
+                        "parent becomes the model root")
+    p.add_argument("--model-name", default=None,
+                   help="registry name for --model-dir (default: the directory's name)")
+    p.add_argument("--baselines", default="static,batch1,raw_ort",
+                   help="baselines to run, comma-separated, from static, batch1, raw_ort "
+                        "(the raw reference loop always runs: it is the correctness oracle)")
+    p.add_argument("--raw-threads", type=int, default=DEFAULT_RAW_THREADS,
+                   help="intra-op threads of the raw loop's ORT session (0: ORT's default, "
+                        f"all cores; default {DEFAULT_RAW_THREADS})")
+    p.add_argument("--producer-workers", type=_positive, default=2)
+    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (logs) and log where it is")
+
+
+def run(args: argparse.Namespace) -> dict:
+    began = time.perf_counter()
+    load_at_start = _loadavg()
+    from banter.demo import DEMO_GPT, build_demo
+    from banter.settings import Settings
+
+    baselines = {b.strip() for b in args.baselines.split(",") if b.strip()}
+    unknown = baselines - {"static", "batch1", "raw_ort"}
+    if unknown:
+        raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
+    workload = make_workload(args.clients, args.rounds, args.max_tokens)
+    model_root = args.model_dir.resolve().parent if args.model_dir else None
+    defaults = Settings()
+    max_running = args.max_running or defaults.max_running
+    batching = {"BANTER_MAX_RUNNING": str(max_running)}
+    served_phases = {"served": ("continuous", {**batching, "BANTER_ADMISSION": "continuous"})}
+    if "static" in baselines:
+        served_phases["static"] = ("static", {**batching, "BANTER_ADMISSION": "static"})
+    if "batch1" in baselines:
+        served_phases["batch1"] = ("batch1", {"BANTER_MAX_RUNNING": "1"})
+
+    with BenchStack(model_root=model_root, keep=args.keep) as stack:
+        if args.model_dir:
+            model_dir = args.model_dir.resolve()
+            name = args.model_name or model_dir.name
+        else:
+            model_dir = build_demo(stack.model_root)[DEMO_GPT]
+            name = DEMO_GPT
+        promoted = stack.promote(name, "generate", model_dir)
+
+        log.info("raw onnxruntime loops: the reference, one request at a time, and batched")
+        decoder = RawDecoder(model_dir, args.raw_threads)
+        raw = run_raw(decoder, workload, args.clients, args.repeats)
+        reference = raw.pop("reference")
+
+        log.info("the engine alone, in this process (diagnostic)")
+        alone = engine_alone(model_dir, name, promoted, workload, args.clients, max_running,
+                             args.raw_threads, args.repeats, reference)
+
+        stack.start_producer(args.producer_workers, args.producer_threads)
+        samples: dict[str, list[Sample]] = {phase: [] for phase in served_phases}
+        for repeat in range(args.repeats):  # interleaved: the machine's drift hits all alike
+            for phase, (label, env) in served_phases.items():
+                log.info("%s, run %d of %d: %d requests from %d clients", phase, repeat + 1,
+                         args.repeats, len(workload), args.clients)
+                samples[phase].append(served_sample(stack, label, env, name, workload,
+                                                    args.clients))
+    phases = {phase: summarize(samples[phase], served_phases[phase][1], workload, reference,
+                               decoder) for phase in served_phases}
+
+    served = phases["served"]["tokens_per_s"]
+    numbers = {phase: result["tokens_per_s"] for phase, result in phases.items()
+               if phase != "served"}
+    if "raw_ort" in baselines:
+        numbers["raw_ort"] = raw["batched"]["tokens_per_s"]
+    numbers["raw_ort_batch1"] = raw["batch1"]["tokens_per_s"]
+    correctness = {phase: result["correct"] for phase, result in phases.items()}
+    correctness["raw_ort"] = raw["batched"]["correct"]
+    correctness.update({f"engine_alone_{a}": r["correct"] for a, r in alone.items()})
+    return {
+        "scenario": "generate",
+        "unit": "tokens/s",
+        "served": served,
+        "baselines": numbers,
+        "ratios": {b: round(served / value, 3) for b, value in numbers.items() if value},
+        "ttft_ms": {phase: result["ttft_ms"] for phase, result in phases.items()
+                    if phase in ("served", "static")},
+        "latency_ms": {phase: result["latency_ms"] for phase, result in phases.items()},
+        "correct": all(correctness.values()),
+        "correctness": correctness,
+        "phases": {**phases, "raw_ort": raw["batched"], "raw_ort_batch1": raw["batch1"]},
+        "diagnostics": {"engine_alone": alone},
+        "settings": {
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "requests_per_run": len(workload),
+            "max_tokens": args.max_tokens,
+            "requested_tokens_per_run": sum(r.max_tokens for r in workload),
+            "prompt_tokens": {"min": min(raw["prompt_tokens"]), "max": max(raw["prompt_tokens"])},
+            "temperature": 0,
+            "model": promoted,
+            "max_running": max_running,
+            "batch1_max_running": 1,
+            "worker_concurrency": defaults.worker_concurrency,
+            "worker": "banter worker --cpu (ORT CPU provider, ORT's default intra-op threads)",
+            "raw_ort_intra_op_threads": args.raw_threads,
+            "producer": {"workers": args.producer_workers, "threads": args.producer_threads},
+        },
+        "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
+                    "loadavg_at_end": _loadavg()},
+        "duration_s": round(time.perf_counter() - began, 2),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -1,0 +1,223 @@
+"""Start and stop what a benchmark needs: a private redis-server, the registry with the model
+promoted, worker processes (``banter worker --cpu``) and the producer (``banter producer``).
+
+Everything lives in one temporary directory (logs in ``logs/``) and is stopped and removed by
+``close()``. Child processes are started in their own session so that ``close()`` can kill
+exactly the process groups it started, and nothing else, if a polite SIGTERM is not enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from banter import keys
+from banter.redisconn import connect
+from banter.redisserver import RedisServer, free_port
+from banter.settings import Settings
+from registry.service import Registry
+
+log = logging.getLogger("bench.stack")
+
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class Child:
+    """One child process with its log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing its process group", self.name,
+                            timeout_s)
+        # whatever is left of the group we started (gunicorn workers, a stuck child)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+        self._log.close()
+
+
+class BenchStack:
+    """``with BenchStack() as stack:`` private Redis + registry; then ``promote_*``,
+    ``start_producer`` and ``start_worker``/``stop_worker`` as the scenario needs."""
+
+    def __init__(self, model_root: Path | None = None, log_level: str = "WARNING",
+                 heartbeat_s: float = 1.0, keep: bool = False) -> None:
+        self._model_root = Path(model_root).resolve() if model_root else None
+        self._log_level = log_level
+        self._heartbeat_s = heartbeat_s
+        self._keep = keep
+        self.workdir: Path | None = None
+        self.redis_server: RedisServer | None = None
+        self.env: dict[str, str] = {}
+        self.settings: Settings | None = None
+        self.redis = None
+        self.producer: Child | None = None
+        self.producer_url = ""
+        self.workers: dict[str, Child] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> "BenchStack":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="banter-bench-"))
+        (self.workdir / "logs").mkdir()
+        self.redis_server = RedisServer(self.workdir / "redis", persist=False)
+        url = self.redis_server.start()
+        home = self.workdir / "home"
+        model_root = self._model_root or home / "models"
+        model_root.mkdir(parents=True, exist_ok=True)
+        self.env = {"BANTER_REDIS_URL": url, "BANTER_HOME": str(home),
+                    "BANTER_MODEL_ROOT": str(model_root),
+                    "BANTER_REGISTRY_PATH": str(home / "registry" / "history.jsonl"),
+                    "BANTER_WORKER_HEARTBEAT_S": str(self._heartbeat_s),
+                    "BANTER_LOG_LEVEL": self._log_level, "BANTER_AUTH_DISABLED": "true"}
+        self.settings = Settings.from_env(self.env)
+        self.redis = connect(url)
+        log.info("stack in %s, redis %s", self.workdir, url)
+
+    def close(self) -> None:
+        for node in list(self.workers):
+            self.stop_worker(node)
+        if self.producer:
+            self.producer.stop()
+            self.producer = None
+        if self.redis_server:
+            self.redis_server.stop()
+            self.redis_server = None
+        if self.workdir:
+            if self._keep:
+                log.info("kept %s (logs in logs/)", self.workdir)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    # -- models --------------------------------------------------------------------------------
+
+    @property
+    def model_root(self) -> Path:
+        return self.settings.model_root
+
+    def promote(self, name: str, kind: str, model_dir: Path) -> dict:
+        """Promote ``model_dir/model.onnx`` (it must lie under the model root)."""
+        registry = Registry.from_settings(self.settings, self.redis)
+        record, _ = registry.promote(name=name, kind=kind, path=str(Path(model_dir) / "model.onnx"),
+                                     actor="bench", reason="benchmark")
+        log.info("promoted %s v%s (%s)", record.name, record.version, record.path)
+        return {"name": record.name, "version": record.version, "sha256": record.sha256,
+                "path": str(self.model_root / record.path)}
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, **self.env, **(extra or {})}
+
+    def start_producer(self, workers: int = 2, threads: int = 64) -> str:
+        port = free_port()
+        self.producer = Child("producer", [sys.executable, "-m", "banter.cli", "producer",
+                                           "--host", "127.0.0.1", "--port", str(port),
+                                           "--workers", str(workers), "--threads", str(threads)],
+                              self._child_env(), self.workdir / "logs" / "producer.log")
+        self.producer_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not self.producer.alive():
+                raise StackError(f"the producer exited:\n{self.producer.log_tail()}")
+            try:
+                requests.get(f"{self.producer_url}/healthz", timeout=2)
+                return self.producer_url
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise StackError(f"the producer did not answer in {START_TIMEOUT_S:.0f}s:\n"
+                         f"{self.producer.log_tail()}")
+
+    def start_worker(self, label: str, extra_env: dict[str, str] | None = None) -> str:
+        """``banter worker --cpu --name bench-LABEL@host`` with ``extra_env`` on top; returns
+        the node name once its heartbeat is in Redis and (with a producer) /readyz is 200."""
+        node = f"bench-{label}@{socket.gethostname()}"
+        child = Child(node, [sys.executable, "-m", "banter.cli", "worker", "--cpu", "--name",
+                             node], self._child_env(extra_env),
+                      self.workdir / "logs" / f"worker-{label}.log")
+        self.workers[node] = child
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise StackError(f"worker {node} exited:\n{child.log_tail()}")
+            if self.redis.zscore(keys.WORKERS, node) is not None:
+                break
+            time.sleep(0.1)
+        else:
+            raise StackError(f"worker {node} sent no heartbeat in {START_TIMEOUT_S:.0f}s:\n"
+                             f"{child.log_tail()}")
+        if self.producer:
+            self.wait_ready(deadline)
+        log.info("worker %s up (%s)", node, extra_env or {})
+        return node
+
+    def wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.producer_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise StackError("the producer's /readyz did not turn 200")
+
+    def stop_worker(self, node: str) -> None:
+        child = self.workers.pop(node, None)
+        if child is None:
+            return
+        child.stop()
+        if self.redis is not None:
+            try:
+                self.redis.zrem(keys.WORKERS, node)  # after a kill it could not do it itself
+            except Exception:  # Redis already gone during cleanup
+                pass
+        log.info("worker %s stopped", node)
