@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
+from redis.client import Pipeline
 
 from banter import keys
 from banter.errors import WireError
@@ -114,20 +115,32 @@ class StreamWriter:
         self.redis = client
         self.maxlen = maxlen
         self.ttl_s = ttl_s
-        self._script = client.register_script(_PUBLISH)
+        self._sha = ""
 
-    def publish(self, events: Sequence[StreamEvent]) -> list[str]:
+    def publish(self, events: Sequence[StreamEvent],
+                also: Callable[[Pipeline], None] | None = None) -> list[str]:
         """Write every event (in order) to its job's stream and channel, all or none (one
-        MULTI/EXEC round trip); return the entry ids."""
+        MULTI/EXEC round trip; ``also`` may queue more commands on it); return the entry ids."""
+        if not self._sha:
+            self._sha = self.redis.script_load(_PUBLISH)
+        try:
+            return self._send(events, also)
+        except redis.exceptions.NoScriptError:  # Redis restarted without its script cache
+            self._sha = self.redis.script_load(_PUBLISH)
+            return self._send(events, None)
+
+    def _send(self, events: Sequence[StreamEvent],
+              also: Callable[[Pipeline], None] | None) -> list[str]:
         pipe = self.redis.pipeline(transaction=True)
         for event in events:
             entry = event.fields()
             flat = [item for pair in entry.items() for item in pair]
             order = str(event.seq) if isinstance(event, TokenEvent) else ""
-            self._script(keys=[keys.stream(event.job_id), keys.tokens(event.job_id)],
-                         args=[self.maxlen, self.ttl_s, json.dumps(entry), order, *flat],
-                         client=pipe)
-        return pipe.execute()
+            pipe.evalsha(self._sha, 2, keys.stream(event.job_id), keys.tokens(event.job_id),
+                         self.maxlen, self.ttl_s, json.dumps(entry), order, *flat)
+        if also:
+            also(pipe)
+        return pipe.execute()[:len(events)]
 
 
 def read_events(client: redis.Redis, job_id: str, after: str = "0-0",

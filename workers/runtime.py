@@ -59,14 +59,22 @@ class RedisSink:
         self.streams = streams
         self.node = node
         self.resume_from: dict[str, int] = {}
+        self._passes: list[tuple[str, int, float]] = []  # generate passes of this step
 
     def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
+        """The step's tokens and its pass counters, in one round trip."""
         if self.resume_from:
             events = [e for e in events if e.seq >= self.resume_from.get(e.job_id, 0)]
+        passes, self._passes = self._passes, []
+
+        def add_passes(pipe) -> None:
+            for kind, batch_size, seconds in passes:
+                worker_metrics.add_pass(pipe, self.node, kind, batch_size, seconds)
+
         delay = 0.1
-        while events:
+        while True:
             try:
-                self.streams.publish(events)
+                self.streams.publish(events, also=add_passes)
                 return
             except redis.ConnectionError as exc:  # Redis restarting: hold the engine, keep the tokens
                 log.warning("publish_retry", extra={"error": str(exc), "delay_s": delay})
@@ -75,7 +83,10 @@ class RedisSink:
 
     def record_pass(self, kind: str, model: str, version: int, batch_size: int,
                     seconds: float) -> None:
-        worker_metrics.record_pass(self.redis, self.node, kind, batch_size, seconds)
+        if kind == "generate":  # the engine publishes this step's tokens next: ride along
+            self._passes.append((kind, batch_size, seconds))
+        else:
+            worker_metrics.record_pass(self.redis, self.node, kind, batch_size, seconds)
 
 
 def engine_settings(settings: Settings) -> EngineSettings:
