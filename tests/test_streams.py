@@ -152,3 +152,22 @@ def test_many_concurrent_streams(api):
 def test_stream_of_unknown_job_is_404(api):
     assert api.get("/v1/jobs/00000000-0000-4000-8000-000000000000/events").status_code == 404
 
+
+
+def test_a_generate_step_costs_one_redis_round_trip(redis_client, monkeypatch):
+    """The step's tokens for every job and its pass counters go in one pipeline."""
+    from redis.client import Pipeline
+
+    from banter.streams import StreamWriter, TokenEvent
+    from workers.runtime import RedisSink
+
+    sink = RedisSink(redis_client, StreamWriter(redis_client, 100, 60), "round-trip@test")
+    sink.streams.publish([])  # loads the script once, as the first step does
+    calls = []
+    real = Pipeline.execute
+    monkeypatch.setattr(Pipeline, "execute", lambda self, *a, **k: calls.append(1) or real(self))
+    sink.record_pass("generate", "demo-gpt", 1, 3, 0.001)
+    sink.publish_tokens([TokenEvent(f"rt-{i}", 0, "x", 7) for i in range(3)])
+    assert len(calls) == 1
+    assert all(redis_client.xlen(f"banter:stream:rt-{i}") == 1 for i in range(3))
+    assert redis_client.hget("banter:worker:round-trip@test:stats", "generate_passes") == "1"
