@@ -4,7 +4,10 @@ once, in order, and one final event."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +219,37 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it_again(stack):
     logs = "".join(p.read_text() for p in stack.logs.glob("*.log"))
     assert '"job_taken_over"' not in logs
     assert "'leased'" in logs or "'succeeded'" in logs
+
+
+FRAGILE_WORKER = """
+import sys
+from workers.engine import Engine
+real_step, steps = Engine.step, [0]
+
+def step(self, now=None):
+    steps[0] += 1
+    if steps[0] > 100 and self.running_jobs():
+        raise SystemExit("the engine thread dies mid-batch")
+    return real_step(self, now)
+
+Engine.step = step
+from banter.cli import main
+sys.exit(main(["worker", "--cpu", "--name", "fragile@localhost"]))
+"""
+
+
+def test_engine_thread_death_ends_the_worker_and_its_jobs_are_taken_over(stack):
+    with open(stack.logs / "fragile.log", "ab") as log:
+        fragile = subprocess.Popen([sys.executable, "-c", FRAGILE_WORKER],
+                                   env={**os.environ, **stack.env}, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    job_ids = submit_generations(stack.api, 4, 1000)
+    assert fragile.wait(timeout=120) == 70
+    assert '"engine_died"' in (stack.logs / "fragile.log").read_text()
+    rescuer = stack.worker("rescuer@localhost")
+    try:
+        for job_id in job_ids:
+            job = assert_exactly_once(stack, job_id, 1000)
+            assert job["worker"] == "rescuer@localhost" and job["attempts"] == 2
+    finally:
+        stop_process(rescuer)

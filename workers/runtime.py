@@ -12,6 +12,7 @@ with the local cause plus that reason.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -133,6 +134,14 @@ class WorkerRuntime:
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def engine_alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads if t.name == "engine")
+
+    def on_engine_death(self) -> None:
+        """Leave at once, as a crash would: the supervisor starts the worker again and the
+        jobs it held are taken over once their leases lapse."""
+        os._exit(70)
 
     def stop(self) -> None:
         self._stop.set()
@@ -300,8 +309,14 @@ class WorkerRuntime:
 
     def _heartbeat(self, stop: threading.Event) -> None:
         """Every period: announce this worker, renew the leases of its jobs, and re-enqueue
-        jobs whose worker died (their lease lapsed)."""
+        jobs whose worker died (their lease lapsed). A worker whose engine thread died stops
+        here: no more heartbeats or renewals, so other workers take its jobs over."""
         while not stop.is_set():
+            if not self.engine_alive():
+                logs.event(log, "engine_died", logging.CRITICAL, node=self.node,
+                           jobs=sorted(self._held))
+                self.on_engine_death()
+                return
             try:
                 now = {self.node: time.time()}
                 pipe = self.redis.pipeline(transaction=False)
