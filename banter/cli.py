@@ -151,6 +151,8 @@ def cmd_models(args, settings: Settings) -> int:
         for name, path in build_demo(args.root or settings.model_root).items():
             print(f"{name}\t{path}")
         return EXIT_OK
+    if args.action == "import":
+        return cmd_models_import(args, settings)
     client = _client(args)
     if args.action == "promote":
         body = {"name": args.name, "kind": args.kind, "path": args.path or "",
@@ -166,6 +168,33 @@ def cmd_models(args, settings: Settings) -> int:
     else:
         out = client.request("GET", "/v1/models")["data"]
     print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
+def cmd_models_import(args, settings: Settings) -> int:
+    """Convert a local Hugging Face model directory (or write a random GPT-2-small-shaped
+    decoder) into the model root; print where, and the promote command to run."""
+    from banter import importer
+
+    if args.random_gpt2_small:
+        name = importer.check_name(args.name or "gpt2-small-random")
+        out = args.out or args.dir or settings.model_root / name
+        result = importer.write_random_gpt2(out, name=name)
+    elif args.dir is None:
+        print("banter: give the model directory to import (or --random-gpt2-small)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    else:
+        name = importer.check_name(args.name or importer.default_name(args.dir))
+        result = importer.import_model(args.dir, args.out or settings.model_root / name,
+                                       name=name, kind=args.kind)
+    print(f"imported {result.model_type} ({result.kind} model) in {result.seconds:.1f} s "
+          f"(max |onnx - numpy reference| {result.max_abs_diff:.2g})", file=sys.stderr)
+    print(result.path.resolve())
+    if not result.path.resolve().is_relative_to(settings.model_root):
+        print(f"note: {result.path} is outside the model root {settings.model_root}: move it "
+              "there before promoting", file=sys.stderr)
+    print(importer.promote_command(settings.model_root, result))
     return EXIT_OK
 
 
@@ -249,6 +278,22 @@ def parser() -> argparse.ArgumentParser:
     actions = models.add_subparsers(dest="action", required=True)
     build = actions.add_parser("build-demo", help="write the demo models")
     build.add_argument("--root", type=Path)
+    imp = actions.add_parser(
+        "import", help="convert a local Hugging Face model directory (bert, gpt2) to ONNX",
+        description="Convert DIR (config.json, model.safetensors, tokenizer.json; bert -> embed, "
+                    "gpt2 -> generate) into model.onnx + tokenizer.json + config.json, checked "
+                    "against a numpy reference; no torch needed (pytorch_model.bin is not "
+                    "supported). Needs pip install 'banterhearts[import]'.")
+    imp.add_argument("dir", nargs="?", type=Path, metavar="DIR",
+                     help="the model directory (with --random-gpt2-small: the output directory)")
+    imp.add_argument("--out", type=Path, metavar="OUT_DIR",
+                     help="where to write (default MODEL_ROOT/NAME)")
+    imp.add_argument("--name", help="registry name (default from DIR)")
+    imp.add_argument("--kind", choices=("embed", "generate"),
+                     help="check the model is of this kind (bert: embed, gpt2: generate)")
+    imp.add_argument("--random-gpt2-small", action="store_true",
+                     help="write a GPT-2-small-shaped decoder with random weights and the demo "
+                          "tokenizer (~340 MB, for timing; never commit it)")
     promote = actions.add_parser("promote", help="make an artifact the active version")
     promote.add_argument("name")
     promote.add_argument("path", nargs="?", help="artifact under the model root")

