@@ -198,6 +198,19 @@ redis.call('SREM', KEYS[2], ARGV[2])
 """
 
 
+# KEYS[1] idempotency key, KEYS[2] the new job's hash. ARGV[1] new job id, ARGV[2] ttl s,
+# ARGV[3] job key prefix, ARGV[4..] the record's field/value pairs. Returns the id of the job
+# the key names: an earlier one that still exists, or the new one, written here.
+_CREATE_ONCE = """
+local earlier = redis.call('GET', KEYS[1])
+if earlier and redis.call('EXISTS', ARGV[3] .. earlier) == 1 then return earlier end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+return ARGV[1]
+"""
+
+
 class JobStore:
     """Job records in Redis. Thread-safe (redis-py pools connections)."""
 
@@ -208,6 +221,7 @@ class JobStore:
         self._take = client.register_script(_TAKE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._create_once = client.register_script(_CREATE_ONCE)
 
     def create(self, record: JobRecord) -> None:
         record.queued_at = record.queued_at or time.time()
@@ -217,20 +231,28 @@ class JobStore:
         pipe.execute()
 
     def create_idempotent(self, record: JobRecord) -> tuple[JobRecord, bool]:
-        """Create unless ``(owner, idempotency_key)`` already named a job; return (job, created)."""
+        """Create unless ``(owner, idempotency_key)`` already names a live job; return (job,
+        created). Claiming the key and writing the record are one atomic script, so two
+        concurrent submissions with one key always get one job."""
         if not record.idempotency_key:
             self.create(record)
             return record, True
-        key = keys.idempotency(record.owner, record.idempotency_key)
-        if self.redis.set(key, record.id, nx=True, ex=self.ttl_s):
-            self.create(record)
+        record.queued_at = record.queued_at or time.time()
+        flat = [item for pair in record.to_redis().items() for item in pair]
+        job_id = self._create_once(
+            keys=[keys.idempotency(record.owner, record.idempotency_key), keys.job(record.id)],
+            args=[record.id, self.ttl_s, keys.job(""), *flat])
+        if job_id == record.id:
             return record, True
-        existing = self.get(self.redis.get(key) or "")
-        if existing is None:  # the earlier job expired: take the key over
-            self.redis.set(key, record.id, ex=self.ttl_s)
-            self.create(record)
-            return record, True
+        existing = self.get(job_id)
+        if existing is None:  # expired between the script and this read: a new job after all
+            return self.create_idempotent(record)
         return existing, False
+
+    def forget_idempotency(self, record: JobRecord) -> None:
+        """Free the record's idempotency key (its job was never enqueued)."""
+        if record.idempotency_key:
+            self.redis.delete(keys.idempotency(record.owner, record.idempotency_key))
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(keys.job(job_id))

@@ -16,10 +16,11 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from banter import keys
 from banter.broker import RUN_JOB, queue_depth
-from banter.errors import InvalidRequest, JobNotFound, ModelNotFound, QueueFull, Timeout
+from banter.errors import InvalidRequest, JobNotFound, ModelNotFound, QueueFull, Timeout, Unavailable
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane
 from banter.params import SamplingParams
 from banter.settings import Settings
@@ -76,10 +77,22 @@ class JobService:
             deadline_at=now + req.deadline_s if req.deadline_s else None)
         record, created = self.jobs.create_idempotent(record)
         if created:
-            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id,
-                                  queue=self.settings.lane_queue(record.lane, backend),
-                                  headers={"trace_id": trace_id})
+            self._enqueue(record)
         return record, created
+
+    def _enqueue(self, record: JobRecord) -> None:
+        """Send the job's task; when the broker refuses, the job fails at once (a retry with
+        its idempotency key makes a new job) and the client gets 503."""
+        try:
+            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id,
+                                  queue=self.settings.lane_queue(record.lane, record.backend),
+                                  headers={"trace_id": record.trace_id})
+        except (OperationalError, redis.RedisError) as exc:
+            error = Unavailable(f"the broker did not take the job: {exc}")
+            self.jobs.transition(record.id, (JobStatus.QUEUED,), JobStatus.FAILED,
+                                 finished_at=time.time(), error=error.to_dict())
+            self.jobs.forget_idempotency(record)
+            raise error from None
 
     def resolve(self, model_ref: str, kind: JobKind) -> Record | None:
         """The registry record ``model_ref`` names; None when it is not in the registry and the

@@ -1,0 +1,65 @@
+"""Idempotency keys: one job per key, however the submissions interleave."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from banter import keys
+from banter.broker import make_celery
+from banter.errors import Unavailable
+from banter.jobs import JobKind, JobRecord, JobStore
+from producer.service import JobRequest, JobService
+from registry.service import Registry
+
+
+def record(key: str) -> JobRecord:
+    return JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
+                     owner="alice", idempotency_key=key)
+
+
+def test_a_key_claimed_but_not_yet_written_is_not_taken_over(redis_client):
+    """The race a two-step claim lost: the key is set, the first record not written yet."""
+    store = JobStore(redis_client, 60)
+    key = uuid.uuid4().hex
+    redis_client.set(keys.idempotency("alice", key), "not-written-yet", ex=60)
+    first, created = store.create_idempotent(record(key))
+    assert created  # the key named no job: it is taken over by a job that exists
+    second, created_again = store.create_idempotent(record(key))
+    assert not created_again and second.id == first.id
+
+
+def test_concurrent_submissions_with_one_key_make_one_job(redis_client):
+    store = JobStore(redis_client, 60)
+    key = uuid.uuid4().hex
+    results: list[tuple[str, bool]] = []
+    barrier = threading.Barrier(16)
+
+    def submit() -> None:
+        barrier.wait()
+        job, created = store.create_idempotent(record(key))
+        results.append((job.id, created))
+
+    threads = [threading.Thread(target=submit) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert redis_client.get(keys.idempotency("alice", key)) == results[0][0]
+
+
+def test_a_job_the_broker_refused_fails_and_frees_its_key(settings, redis_client, demo_models):
+    dead = replace(settings, broker_url="redis://127.0.0.1:1/0")
+    celery = make_celery(dead)
+    celery.conf.broker_connection_retry_on_startup = False
+    celery.conf.broker_connection_max_retries = 0
+    service = JobService(dead, redis_client, celery, Registry.from_settings(dead, redis_client))
+    key = uuid.uuid4().hex
+    with pytest.raises(Unavailable):
+        service.submit(JobRequest(JobKind.EMBED, "x", idempotency_key=key), "alice", "t")
+    assert redis_client.get(keys.idempotency("alice", key)) is None
