@@ -15,6 +15,11 @@ import sys
 # scenario name -> module (each has ``add_arguments(parser)`` and ``run(args) -> dict``)
 SCENARIOS = {
     "generate": "bench.generate",
+    "embed": "bench.embed",
+    "latency": "bench.latency",
+    "sse": "bench.sse",
+    "lanes": "bench.lanes",
+    "soak": "bench.soak",
 }
 
 log = logging.getLogger("bench")

@@ -1,5 +1,6 @@
 """Start and stop what a benchmark needs: a private redis-server, the registry with the model
-promoted, worker processes (``banter worker --cpu``) and the producer (``banter producer``).
+promoted, worker processes (``banter worker --cpu``, or ``--gpu N`` with ``gpu=N`` or
+``BENCH_GPU=N`` in the environment) and the producer (``banter producer``).
 
 Everything lives in one temporary directory (logs in ``logs/``) and is stopped and removed by
 ``close()``. Child processes are started in their own session so that ``close()`` can kill
@@ -8,6 +9,7 @@ exactly the process groups it started, and nothing else, if a polite SIGTERM is 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,6 +33,7 @@ log = logging.getLogger("bench.stack")
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
+GPU_ENV = "BENCH_GPU"  # BENCH_GPU=N: every worker a scenario starts is ``banter worker --gpu N``
 
 
 class StackError(RuntimeError):
@@ -78,7 +81,7 @@ class BenchStack:
     ``start_producer`` and ``start_worker``/``stop_worker`` as the scenario needs."""
 
     def __init__(self, model_root: Path | None = None, log_level: str = "WARNING",
-                 heartbeat_s: float = 1.0, keep: bool = False) -> None:
+                 heartbeat_s: float = 1.0, keep: bool = False, gpu: int | None = None) -> None:
         self._model_root = Path(model_root).resolve() if model_root else None
         self._log_level = log_level
         self._heartbeat_s = heartbeat_s
@@ -91,6 +94,11 @@ class BenchStack:
         self.producer: Child | None = None
         self.producer_url = ""
         self.workers: dict[str, Child] = {}
+        self.worker_logs: dict[str, Path] = {}  # node -> its log, kept until close()
+        self.children: list[Child] = []  # other processes a scenario started (start_child)
+        if gpu is None and os.environ.get(GPU_ENV, "").strip():
+            gpu = int(os.environ[GPU_ENV])
+        self.gpu = gpu
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -125,6 +133,8 @@ class BenchStack:
     def close(self) -> None:
         for node in list(self.workers):
             self.stop_worker(node)
+        while self.children:
+            self.children.pop().stop()
         if self.producer:
             self.producer.stop()
             self.producer = None
@@ -178,13 +188,19 @@ class BenchStack:
                          f"{self.producer.log_tail()}")
 
     def start_worker(self, label: str, extra_env: dict[str, str] | None = None) -> str:
-        """``banter worker --cpu --name bench-LABEL@host`` with ``extra_env`` on top; returns
-        the node name once its heartbeat is in Redis and (with a producer) /readyz is 200."""
+        """``banter worker --cpu --name bench-LABEL@host`` (``--gpu N`` when the stack has a
+        GPU; its log level is then INFO, so the log says which execution providers the model
+        got: ``worker_providers``) with ``extra_env`` on top; returns the node name once its
+        heartbeat is in Redis and (with a producer) /readyz is 200."""
         node = f"bench-{label}@{socket.gethostname()}"
-        child = Child(node, [sys.executable, "-m", "banter.cli", "worker", "--cpu", "--name",
-                             node], self._child_env(extra_env),
-                      self.workdir / "logs" / f"worker-{label}.log")
+        device = ["--cpu"] if self.gpu is None else ["--gpu", str(self.gpu)]
+        if self.gpu is not None:
+            extra_env = {"BANTER_LOG_LEVEL": "INFO", **(extra_env or {})}
+        log_path = self.workdir / "logs" / f"worker-{label}.log"
+        child = Child(node, [sys.executable, "-m", "banter.cli", "worker", *device, "--name",
+                             node], self._child_env(extra_env), log_path)
         self.workers[node] = child
+        self.worker_logs[node] = log_path
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if not child.alive():
@@ -215,9 +231,64 @@ class BenchStack:
         if child is None:
             return
         child.stop()
+        providers = self.worker_providers(node)
+        if providers:
+            log.info("worker %s ran %s", node, providers)
         if self.redis is not None:
             try:
                 self.redis.zrem(keys.WORKERS, node)  # after a kill it could not do it itself
             except Exception:  # Redis already gone during cleanup
                 pass
         log.info("worker %s stopped", node)
+
+    def worker_providers(self, node: str) -> dict[str, list[str]]:
+        """``model@version -> execution providers`` of the sessions worker ``node`` loaded, from
+        its ``model_loaded`` log lines (INFO: logged when the stack has a GPU, or with
+        ``BANTER_LOG_LEVEL=INFO`` in the worker's env); empty when the log does not say."""
+        found: dict[str, list[str]] = {}
+        path = self.worker_logs.get(node)
+        try:
+            lines = path.read_text(errors="replace").splitlines() if path else []
+        except OSError:
+            return found
+        for line in lines:
+            if '"model_loaded"' not in line:
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            found[f"{entry.get('model')}@{entry.get('version')}"] = entry.get("providers")
+        return found
+
+    def start_child(self, name: str, args: list[str],
+                    extra_env: dict[str, str] | None = None) -> Child:
+        """Any other process a scenario needs (with the stack's env and ``extra_env``), logged
+        to ``logs/NAME.log`` and stopped by ``close()``."""
+        child = Child(name, args, self._child_env(extra_env), self.workdir / "logs" / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each part: ``redis``, ``producer`` (its
+        whole process group: gunicorn master and workers), each worker by node, each other
+        child by name, and ``bench`` (this process). Linux /proc only; empty elsewhere."""
+        groups = {"producer": self.producer, **self.workers,
+                  **{child.name: child for child in self.children}}
+        sessions = {child.process.pid: name for name, child in groups.items() if child}
+        out = {name: 0.0 for name in ["redis", *groups, "bench"]}
+        tick = os.sysconf("SC_CLK_TCK")
+        redis_pid = self.redis_server.process.pid if self.redis_server and \
+            self.redis_server.process else None
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid, session = int(stat.parent.name), int(fields[3])
+            name = "redis" if pid == redis_pid else sessions.get(session)
+            if name:
+                out[name] += (int(fields[11]) + int(fields[12])) / tick
+        times = os.times()
+        out["bench"] = times.user + times.system
+        return out

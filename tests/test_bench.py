@@ -2,10 +2,12 @@
 ``python -m bench generate`` benchmark (no timing assertions)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from banter.demo import DEMO_TEXT, build_demo
@@ -130,3 +132,132 @@ def test_generate_benchmark_smoke_run():
     assert result["settings"]["clients"] == 2 and result["settings"]["max_tokens"] == [4, 8]
     assert result["phases"]["served"]["tokens_per_run"] == 12
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["onnxruntime"]
+
+
+# -- embed, latency, sse, lanes: smoke runs with tiny flags, and the pure checks ------------
+
+# each smoke run starts its own stack; they run side by side, so the four cost about one
+SMOKE_RUNS = {
+    "embed": ["--sentences", "24", "--clients", "4", "--repeats", "1", "--inputs-per-request", "2"],
+    "latency": ["--requests", "5", "--warmup", "1", "--no-window-diagnostic"],
+    "sse": ["--subscribers", "6", "--followers", "3", "--max-tokens", "4"],
+    "lanes": ["--bulk", "40", "--requests", "2", "--submitters", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """``python -m bench NAME FLAGS`` for every SMOKE_RUNS entry, concurrently; name -> the
+    finished process (``returncode``, and ``out``/``err``: the text of its stdout/stderr)."""
+    directory = tmp_path_factory.mktemp("bench-smoke")
+    runs = {}
+    for name, flags in SMOKE_RUNS.items():
+        out, err = directory / f"{name}.json", directory / f"{name}.log"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            runs[name] = (subprocess.Popen([sys.executable, "-m", "bench", name, *flags],
+                                           cwd=ROOT, stdout=stdout, stderr=stderr, text=True),
+                          out, err)
+    finished = {}
+    for name, (process, out, err) in runs.items():
+        try:
+            process.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.out, process.err = out.read_text(), err.read_text()
+        finished[name] = process
+    return finished
+
+
+def smoke_result(smoke_runs, name):
+    process = smoke_runs[name]
+    assert process.returncode == 0, process.err[-3000:]
+    result = json.loads(process.out)
+    for key in ("scenario", "unit", "served", "baselines", "ratios", "settings", "machine",
+                "duration_s"):
+        assert key in result, key
+    assert result["scenario"] == name
+    return result
+
+
+def test_sse_check_counts_lost_duplicated_and_unfinished_streams():
+    from bench.sse import Subscriber, _parse, check
+
+    assert _parse("id: 1700000000000-0\nevent: token\ndata: {\"seq\": 0}") == (
+        "1700000000000-0", "token", {"seq": 0})
+    assert _parse(": keep-alive") is None
+    truth = [("1000-0", "token", {"seq": 0, "text": "a", "token_id": 1}),
+             ("1001-0", "token", {"seq": 1, "text": "b", "token_id": 2}),
+             ("1002-0", "done", {"finish_reason": "length", "usage": {}})]
+    whole = Subscriber("j", events=[(i, k, d, 1.003) for i, k, d in truth])
+    missing = Subscriber("j", events=[(i, k, d, 1.003) for i, k, d in truth[1:2]])
+    doubled = Subscriber("j", events=[(i, k, d, 1.003) for i, k, d in truth[:1] * 2 + truth[1:]])
+    result = check([whole, missing, doubled], {"j": truth})
+    assert result["expected"] == 6 and result["delivered"] == 1 + 2 + 3
+    assert result["lost"] == 2 + 1  # `missing` lacks seq 0 and shifts seq 1; `doubled` shifts
+    assert result["duplicates"] == 1 and result["subscribers_mismatched"] == 2
+    assert result["subscribers_without_final_event"] == 1
+    assert result["latency_ms"]["max"] == pytest.approx(3.0, abs=0.01)
+
+
+def test_bench_sentences_have_the_requested_token_count(tmp_path):
+    from bench.common import RawEncoder, make_sentences
+
+    encoder = RawEncoder(build_demo(tmp_path)["demo-embed"], threads=1)
+    texts = make_sentences(20, encoder.tokenizer, 32)
+    lengths = [len(ids) for ids in encoder.encode(texts)]
+    assert len(set(texts)) == 20 and max(lengths) <= 32 and min(lengths) >= 24
+    single = encoder.embed(texts[:3])
+    batched, _ = encoder.loop(texts[:3], batch_size=8)
+    assert np.allclose(single, batched, atol=1e-5)
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1.0)
+
+
+@pytest.mark.slow
+def test_embed_benchmark_smoke_run(smoke_runs):
+    result = smoke_result(smoke_runs, "embed")
+    assert result["unit"] == "sentences/s"
+    assert set(result["baselines"]) == {"raw_ort", "naive_celery"} == set(result["ratios"])
+    assert result["correct"] is True, result["correctness"]
+    assert result["phases"]["served"]["max_abs_diff"] <= 1e-4
+    assert result["phases"]["naive_celery"]["correct"] is True
+    assert result["settings"]["tokens_per_sentence"]["max"] <= 32
+
+
+@pytest.mark.slow
+def test_latency_benchmark_smoke_run(smoke_runs):
+    result = smoke_result(smoke_runs, "latency")
+    assert set(result["baselines"]) == {"raw_ort", "redis_ping"}
+    assert set(result["served_minus_raw_ms"]) == {"inference", "embeddings"}
+    assert result["served_ms"]["inference"]["n"] == 5
+    assert set(result["inference_stages_p50_ms"]) == {"client_to_queued", "queue_wait", "run",
+                                                       "finished_to_client"}
+
+
+@pytest.mark.slow
+def test_sse_benchmark_smoke_run(smoke_runs):
+    result = smoke_result(smoke_runs, "sse")
+    assert result["correct"] is True, (result["tokens"], result["errors"])
+    assert result["lost"] == 0 and result["tokens"]["expected"] == 6 * 4
+    assert result["tokens"]["delivered"] == 6 * 4 and result["jobs"]["count"] == 2
+    assert result["publish_to_client_ms"]["n"] == 24 and "redis_xread" in result["baselines"]
+
+
+@pytest.mark.slow
+def test_lanes_benchmark_smoke_run(smoke_runs):
+    result = smoke_result(smoke_runs, "lanes")
+    assert result["correct"] is True, result["bulk"]
+    assert result["bulk"]["lost"] == 0 and result["bulk"]["statuses"] == {"succeeded": 40}
+    assert set(result["idle"]) == {"embeddings", "inference"}
+    assert result["idle"]["inference"]["latency_ms"]["n"] == 2
+    assert set(result["ratios"]) == {"embeddings_p50", "embeddings_p99", "inference_p50",
+                                     "inference_p99"}
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_gpu_check_fails_clearly_without_a_gpu():
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 3
+    assert "nvidia-smi not found" in run.stderr and "nothing was run" in run.stderr
+    assert run.stdout == ""

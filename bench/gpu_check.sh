@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: on a machine with an NVIDIA GPU, serve with the CUDA execution provider
+# and run the `embed` and `generate` benchmarks on it, printing their JSON (in under 8 minutes).
+#
+#   bash bench/gpu_check.sh            # GPU 0
+#   BENCH_GPU=1 bash bench/gpu_check.sh
+#
+# Steps: 1. nvidia-smi must work (else exit 3: no GPU here). 2. use .venv (create it and
+# `pip install -e .` when missing). 3. when onnxruntime has no CUDAExecutionProvider, replace it
+# with onnxruntime-gpu (pip; needs the package index, or a wheel via PIP_FIND_LINKS). 4. print the
+# providers ONNX Runtime has and the ones a worker's session actually gets (the worker's own
+# code path: workers.runner.select_providers + Runner; ORT falls back to the CPU provider when
+# CUDA or cuDNN libraries cannot be loaded, so "available" is not enough). 5. run
+# `python -m bench embed` and `python -m bench generate` with BENCH_GPU set, so every worker is
+# `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default gpu-check-out/),
+# and the providers each worker's model actually ran on are printed from the JSON / logs.
+# Exit codes: 0 done on CUDA, 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
+# session did not get CUDA, 1 a benchmark failed.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+GPU="${BENCH_GPU:-0}"
+OUT_DIR="${OUT_DIR:-gpu-check-out}"
+SCENARIO_TIMEOUT_S="${SCENARIO_TIMEOUT_S:-210}"
+started=$(date +%s)
+
+say() { echo "gpu_check: $*" >&2; }
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  say "nvidia-smi not found: this check needs a machine with an NVIDIA GPU and its driver" \
+      "(nothing was run). On a CPU machine use 'python -m bench embed' / 'generate' instead."
+  exit 3
+fi
+if ! nvidia-smi -L >&2; then
+  say "nvidia-smi failed: no usable NVIDIA GPU or driver (nothing was run)"
+  exit 3
+fi
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv >&2 || true
+
+PY=.venv/bin/python
+if [ ! -x "$PY" ]; then
+  say "creating .venv and installing the project"
+  python3 -m venv .venv
+  "$PY" -m pip install -q -e '.[test]'
+fi
+
+providers() { "$PY" -c 'import onnxruntime as o; print(",".join(o.get_available_providers()))'; }
+
+# CUDA/cuDNN from pip (onnxruntime-gpu[cuda,cudnn]) live in site-packages/nvidia/*/lib: put them
+# on the loader path of every process started below (workers included).
+nvidia_libs() {
+  "$PY" - <<'EOF'
+import glob, os, site
+dirs = []
+for base in site.getsitepackages():
+    dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib")))
+print(":".join(dirs))
+EOF
+}
+
+available="$(providers)"
+if [[ "$available" != *CUDAExecutionProvider* ]]; then
+  say "onnxruntime has no CUDA provider ($available): installing onnxruntime-gpu"
+  "$PY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu || true
+  if ! "$PY" -m pip install -q 'onnxruntime-gpu[cuda,cudnn]' && ! "$PY" -m pip install -q onnxruntime-gpu; then
+    say "pip could not install onnxruntime-gpu (no package index? set PIP_FIND_LINKS to a wheel directory)"
+    exit 4
+  fi
+  available="$(providers)"
+fi
+libs="$(nvidia_libs)"
+if [ -n "$libs" ]; then
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+echo "onnxruntime providers available: $available"
+if [[ "$available" != *CUDAExecutionProvider* ]]; then
+  say "this onnxruntime build still has no CUDAExecutionProvider"
+  exit 4
+fi
+
+# What a worker's session actually gets, through the worker's own code path.
+session_providers="$(CUDA_VISIBLE_DEVICES="$GPU" "$PY" - <<'EOF'
+import tempfile
+from pathlib import Path
+from banter.demo import DEMO_EMBED, build_demo
+from registry.artifacts import sha256_file
+from workers.runner import ModelSpec, Runner, select_providers
+
+root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+model = build_demo(root)[DEMO_EMBED] / "model.onnx"
+spec = ModelSpec(DEMO_EMBED, 1, "embed", model, model.parent / "tokenizer.json", sha256_file(model))
+print(",".join(Runner(spec, select_providers(use_gpu=True)).providers))
+EOF
+)"
+echo "worker session providers (GPU $GPU): $session_providers"
+if [[ "$session_providers" != CUDAExecutionProvider* ]]; then
+  say "a worker session fell back to '$session_providers': CUDA or cuDNN libraries did not load" \
+      "(see the onnxruntime error above; onnxruntime-gpu needs CUDA 12 and cuDNN 9)"
+  exit 5
+fi
+
+mkdir -p "$OUT_DIR"
+export BENCH_GPU="$GPU"
+status=0
+run_scenario() {
+  local label="$1" name="$2"; shift 2
+  say "running: python -m bench $name $* (GPU $GPU, at most ${SCENARIO_TIMEOUT_S}s)"
+  if timeout "$SCENARIO_TIMEOUT_S" "$PY" -m bench --log-level INFO "$name" "$@" \
+      >"$OUT_DIR/$label.json" 2>"$OUT_DIR/$label.log"; then
+    cat "$OUT_DIR/$label.json"
+    grep -o 'worker [^ ]* ran .*' "$OUT_DIR/$label.log" >&2 || true
+  else
+    say "$label failed (exit $?); last log lines:"
+    tail -n 30 "$OUT_DIR/$label.log" >&2
+    status=1
+  fi
+}
+run_scenario embed-minilm embed --gpu "$GPU" --shape minilm --sentences 4000 --repeats 2
+run_scenario embed-demo embed --gpu "$GPU" --sentences 4000 --repeats 1 --baselines raw_ort
+run_scenario generate generate --rounds 3 --repeats 2
+say "done in $(( $(date +%s) - started ))s; JSON in $OUT_DIR/"
+exit "$status"

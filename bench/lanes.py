@@ -1,0 +1,293 @@
+"""lanes: interactive latency at idle and while a bulk backlog drains (issue 5: interactive p99
+within 2x its idle value).
+
+One worker serves demo-embed and demo-gpt. One client sends ``--requests`` small interactive
+requests one after another, alternating ``POST /v1/embeddings`` (one short input) and
+``POST /v1/inference`` (max_tokens 1), first at idle. Then ``--submitters`` threads enqueue
+``--bulk`` embed jobs (``POST /v1/jobs``, lane ``bulk``, ~32-token inputs) as fast as the
+producer takes them (a 429 is retried after its Retry-After), and, with the backlog draining,
+the same interactive requests run again. Reported per kind: p50/p99 at idle and under backlog
+and their ratios; how much backlog was left; bulk sentences/s while measuring (the worker's
+embed items minus the interactive ones); then every bulk job is awaited and counted by status
+(``lost``: not succeeded). For inference each request is split into its stages (HTTP to
+submit, queue wait, run, finish to answer) from its job record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+
+import requests
+
+from bench.common import (
+    RawEncoder,
+    encoder_model,
+    loadavg,
+    make_sentences,
+    percentiles_ms,
+    post,
+    ratio,
+)
+from bench.latency import EMBED_INPUT, PROMPT, inference_once, stage_medians_ms
+from bench.machine import machine_facts
+from bench.stack import BenchStack
+
+log = logging.getLogger("bench.lanes")
+
+DEFAULT_BULK = 10_000
+DEFAULT_REQUESTS = 100
+DEFAULT_SUBMITTERS = 16
+KINDS = ("embeddings", "inference")
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bulk", type=_positive, default=DEFAULT_BULK,
+                   help=f"bulk embed jobs in the backlog (default {DEFAULT_BULK})")
+    p.add_argument("--requests", type=_positive, default=DEFAULT_REQUESTS,
+                   help=f"interactive requests per kind and phase (default {DEFAULT_REQUESTS})")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="interactive kinds, alternating: embeddings, inference (default both)")
+    p.add_argument("--submitters", type=_positive, default=DEFAULT_SUBMITTERS,
+                   help=f"threads enqueueing the backlog (default {DEFAULT_SUBMITTERS})")
+    p.add_argument("--tokens", type=_positive, default=32, help="tokens per bulk input")
+    p.add_argument("--shape", choices=("demo", "minilm"), default="demo",
+                   help="the encoder: demo-embed, or a MiniLM-L6-shaped one (random weights) "
+                        "whose passes cost ~20x more")
+    p.add_argument("--drain-timeout", type=float, default=900.0,
+                   help="seconds to wait for the backlog to finish (default 900)")
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the worker (repeatable)")
+    p.add_argument("--producer-workers", type=_positive, default=2)
+    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+
+
+class Interactive:
+    """The interactive client: one session, requests one after another, kinds alternating."""
+
+    def __init__(self, stack: BenchStack, kinds: list[str], embed_model: str) -> None:
+        self.stack = stack
+        self.kinds = kinds
+        self.embed_model = embed_model
+        self.session = requests.Session()
+
+    def one(self, kind: str) -> tuple[float, dict | None]:
+        if kind == "inference":
+            return inference_once(self.session, self.stack, PROMPT)
+        sent = time.perf_counter()
+        post(self.session, f"{self.stack.producer_url}/v1/embeddings",
+             {"input": EMBED_INPUT, "model": self.embed_model})
+        return time.perf_counter() - sent, None
+
+    def phase(self, n: int, backlog=None) -> dict[str, dict]:
+        """``n`` requests of each kind. With ``backlog()`` (bulk messages still queued, read
+        before and after each request) only requests that ran entirely with a backlog count,
+        and the phase ends early when the backlog is gone (``dropped`` counts the others).
+        Returns per kind: latencies (s), stages, backlog before each counted request."""
+        out = {kind: {"latencies": [], "stages": [], "backlog": [], "dropped": 0}
+               for kind in self.kinds}
+        for _ in range(n):
+            for kind in self.kinds:
+                before = backlog() if backlog else None
+                if before == 0:
+                    return out
+                took, stages = self.one(kind)
+                if backlog and backlog() == 0:
+                    out[kind]["dropped"] += 1
+                    return out
+                out[kind]["latencies"].append(took)
+                if before is not None:
+                    out[kind]["backlog"].append(before)
+                if stages:
+                    out[kind]["stages"].append(stages)
+        return out
+
+
+def enqueue(url: str, texts: list[str], submitters: int,
+            model: str) -> tuple[list[str], float, int]:
+    """POST every text as a bulk embed job from ``submitters`` threads; (ids, seconds,
+    429 answers seen)."""
+    ids: list[str | None] = [None] * len(texts)
+    cursor = iter(range(len(texts)))
+    lock = threading.Lock()
+    refused = [0]
+    errors: list[str] = []
+
+    def submitter() -> None:
+        with requests.Session() as session:
+            while not errors:
+                with lock:
+                    i = next(cursor, None)
+                if i is None:
+                    return
+                body = {"kind": "embed", "input": texts[i], "lane": "bulk", "model": model}
+                while True:
+                    response = session.post(f"{url}/v1/jobs", json=body, timeout=60)
+                    if response.status_code != 429:
+                        break
+                    with lock:
+                        refused[0] += 1
+                    time.sleep(min(float(response.headers.get("Retry-After") or 1), 1.0))
+                if response.status_code != 202:
+                    errors.append(f"HTTP {response.status_code}: {response.text[:300]}")
+                    return
+                ids[i] = response.json()["id"]
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=submitter, daemon=True) for _ in range(submitters)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"enqueueing the backlog failed: {errors[0]}")
+    return [i for i in ids if i], time.perf_counter() - started, refused[0]
+
+
+def statuses(stack: BenchStack, ids: list[str]) -> dict[str, int]:
+    from banter import keys
+
+    counts: dict[str, int] = {}
+    for start in range(0, len(ids), 2000):
+        pipe = stack.redis.pipeline(transaction=False)
+        for job_id in ids[start:start + 2000]:
+            pipe.hget(keys.job(job_id), "status")
+        for status in pipe.execute():
+            counts[str(status)] = counts.get(str(status), 0) + 1
+    return counts
+
+
+def summary(phase: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for kind, data in phase.items():
+        out[kind] = {"latency_ms": percentiles_ms(data["latencies"])}
+        if data["stages"]:
+            out[kind]["stages_p50_ms"] = stage_medians_ms(data["stages"])
+        if data["backlog"]:
+            out[kind]["bulk_queued"] = {"first": data["backlog"][0], "last": data["backlog"][-1],
+                                        "dropped_samples": data["dropped"]}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    began = time.perf_counter()
+    load_at_start = loadavg()
+    from banter import keys
+    from banter.broker import queue_depth
+    from banter.demo import DEMO_GPT, build_demo
+    from banter.settings import Settings
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"--kinds takes {', '.join(KINDS)}")
+    worker_env = dict(item.split("=", 1) for item in args.worker_env)
+    settings = Settings()
+    with BenchStack() as stack:
+        gpt_dir = build_demo(stack.model_root)[DEMO_GPT]
+        embed_name, embed_dir, embed_record = encoder_model(stack, None, None, args.shape)
+        models = {DEMO_GPT: stack.promote(DEMO_GPT, "generate", gpt_dir), embed_name: embed_record}
+        texts = make_sentences(args.bulk, RawEncoder(embed_dir, 1).tokenizer, args.tokens)
+        stack.start_producer(args.producer_workers, args.producer_threads)
+        node = stack.start_worker("lanes", worker_env)
+        client = Interactive(stack, kinds, embed_name)
+        client.phase(10)  # warm-up: models load, connections open
+        idle = client.phase(args.requests)
+        log.info("idle: %s", {k: percentiles_ms(v["latencies"])["p50"] for k, v in idle.items()})
+
+        def waiting() -> int:
+            return queue_depth(stack.redis, settings)["bulk"]
+
+        def counters() -> dict[str, float]:
+            return {k: float(v) for k, v in stack.redis.hgetall(keys.worker_stats(node)).items()}
+
+        ids, enqueue_s, refused = enqueue(stack.producer_url, texts, args.submitters, embed_name)
+        backlog_start = waiting()
+        log.info("enqueued %d bulk jobs in %.1fs (%.0f/s, %d 429s); %d still queued",
+                 len(ids), enqueue_s, len(ids) / enqueue_s, refused, backlog_start)
+        before, measure_started = counters(), time.perf_counter()
+        loaded = client.phase(args.requests, backlog=waiting)
+        measure_s = time.perf_counter() - measure_started
+        during = {k: v - before.get(k, 0.0) for k, v in counters().items()}
+        interactive_embeds = (len(loaded["embeddings"]["latencies"]) + loaded["embeddings"]["dropped"]
+                              if "embeddings" in loaded else 0)
+        bulk_items = during.get("embed_items", 0.0) - interactive_embeds
+        passes = during.get("embed_passes", 0.0)
+        engine = {"embed_passes": int(passes),
+                  "embed_mean_batch": round(during.get("embed_items", 0.0) / passes, 2)
+                  if passes else 0,
+                  "embed_ort_share_of_wall": round(during.get("embed_seconds", 0.0) / measure_s, 3),
+                  "generate_passes": int(during.get("generate_passes", 0.0))}
+        backlog_end = waiting()
+        log.info("under backlog: %s; %d bulk jobs still queued",
+                 {k: percentiles_ms(v["latencies"])["p50"] for k, v in loaded.items()}, backlog_end)
+
+        drain_started = time.perf_counter()
+        deadline = time.monotonic() + args.drain_timeout
+        while True:
+            counts = statuses(stack, ids)
+            if not counts.get("queued") and not counts.get("running"):
+                break
+            if time.monotonic() > deadline:
+                log.warning("the backlog did not drain in %.0fs: %s", args.drain_timeout, counts)
+                break
+            time.sleep(1.0)
+        drain_s = time.perf_counter() - drain_started
+
+    idle_s, loaded_s = summary(idle), summary(loaded)
+    ratios = {}
+    for kind in kinds:
+        for q in ("p50", "p99"):
+            ratios[f"{kind}_{q}"] = ratio(loaded_s[kind]["latency_ms"][q],
+                                          idle_s[kind]["latency_ms"][q], 2)
+    headline = kinds[0]
+    short = [kind for kind in kinds if loaded_s[kind]["latency_ms"]["n"] < args.requests]
+    if short:
+        log.warning("the backlog drained before %d requests of %s ran under it: enqueue a larger "
+                    "--bulk", args.requests, ", ".join(short))
+    succeeded = counts.get("succeeded", 0)
+    return {
+        "scenario": "lanes",
+        "unit": f"ms, interactive {headline} p99 during the bulk backlog",
+        "served": loaded_s[headline]["latency_ms"]["p99"],
+        "baselines": {"idle_p99": idle_s[headline]["latency_ms"]["p99"]},
+        "ratios": ratios,
+        "target": "interactive p99 under backlog <= 2x idle (issue 5)",
+        "meets_target": {kind: ratios[f"{kind}_p99"] is not None and ratios[f"{kind}_p99"] <= 2
+                         for kind in kinds},
+        "idle": idle_s,
+        "backlog": loaded_s,
+        "bulk": {
+            "jobs": len(ids), "enqueue_s": round(enqueue_s, 2),
+            "enqueue_per_s": round(len(ids) / enqueue_s, 1), "refused_429": refused,
+            "queued_when_measuring_began": backlog_start, "queued_when_measuring_ended": backlog_end,
+            "measure_s": round(measure_s, 2),
+            "sentences_per_s_while_measuring": round(bulk_items / measure_s, 1),
+            "engine_while_measuring": engine,
+            "drain_after_measuring_s": round(drain_s, 2),
+            "statuses": counts, "lost": len(ids) - succeeded,
+        },
+        "correct": succeeded == len(ids) == args.bulk,
+        "settings": {
+            "bulk": args.bulk, "requests_per_kind": args.requests, "kinds": kinds,
+            "submitters": args.submitters, "tokens_per_bulk_input": args.tokens,
+            "interactive": {"embeddings": {"input": EMBED_INPUT},
+                            "inference": {"prompt": PROMPT, "max_tokens": 1}},
+            "models": models, "shape": args.shape, "worker_env": worker_env,
+            "worker_concurrency": settings.worker_concurrency,
+            "batch_size": settings.max_batch(), "max_queue_depth": settings.max_queue_depth,
+            "producer": {"workers": args.producer_workers, "threads": args.producer_threads},
+        },
+        "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
+                    "loadavg_at_end": loadavg()},
+        "duration_s": round(time.perf_counter() - began, 2),
+    }
