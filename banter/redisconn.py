@@ -8,13 +8,17 @@ from banter.errors import Unavailable
 
 # Blocking reads (XREAD BLOCK for SSE and synchronous waits) block at most 15 s, under this.
 SOCKET_TIMEOUT_S = 30
+# Every SSE stream and synchronous wait holds a connection while it blocks: a producer process
+# needs one per thread (and /v1/embeddings one per input), far above redis-py's default of 100.
+MAX_CONNECTIONS = 2048
 
 
 def connect(url: str) -> redis.Redis:
     """A pooled, thread-safe client for ``url`` (``redis://``, ``rediss://`` for TLS,
     password in the URL)."""
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
-                                socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S)
+                                socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
+                                max_connections=MAX_CONNECTIONS)
 
 
 def ping(client: redis.Redis) -> None:

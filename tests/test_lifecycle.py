@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 
 import pytest
+import requests
 
 from banter import keys
 from banter.streams import EventType, read_events
@@ -100,3 +102,29 @@ def test_a_worker_takes_interactive_jobs_before_a_bulk_backlog(paused, stack_env
     # one bulk job may already be reserved when the worker starts; the urgent one comes next
     assert interactive in [job["id"] for job in started[:2]]
     assert all(job["status"] == "succeeded" for job in jobs)
+
+
+def test_more_waiting_subscribers_than_a_default_redis_pool_holds(paused, redis_client):
+    """Every waiting SSE stream blocks on its own Redis connection: 150 at once on one producer
+    process all get the final event (redis-py's default pool holds 100)."""
+    job_id = paused.post("/v1/jobs", {"kind": "embed", "input": "watched"}).json()["id"]
+    answers: dict[int, str] = {}
+
+    def follow(i: int) -> None:
+        with requests.get(f"{paused.url}/v1/jobs/{job_id}/events", stream=True,
+                          timeout=60) as response:
+            answers[i] = response.text if response.status_code == 200 else str(
+                response.status_code)
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(150)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while sum(1 for c in redis_client.client_list() if c["cmd"] == "xread") < 150:
+        assert time.monotonic() < deadline, "the subscribers never all waited at once"
+        time.sleep(0.05)
+    paused.delete(f"/v1/jobs/{job_id}")
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(answers) == 150
+    assert all("event: done" in text and '"cancelled"' in text for text in answers.values())
