@@ -4,6 +4,7 @@ a given token length, a MiniLM-L6-shaped encoder for timing, and small HTTP help
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -22,6 +23,23 @@ _WORDS = ("an encoder turns every sentence into one vector so that similar sente
           "close together and a search can rank documents by meaning rather than by the exact "
           "words they share with the query while the batching engine packs many inputs into a "
           "single pass of the network").split()
+
+
+def positive(raw: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def p50_p99_ms(values: Sequence[float]) -> dict[str, float | None]:
+    """p50 and p99 in milliseconds, two decimals (the generate and soak scenarios' shape)."""
+    if not values:
+        return {"p50": None, "p99": None}
+    arr = np.asarray(values) * 1000.0
+    return {"p50": round(float(np.percentile(arr, 50)), 2),
+            "p99": round(float(np.percentile(arr, 99)), 2)}
 
 
 def percentiles_ms(seconds: Sequence[float]) -> dict[str, float | int | None]:

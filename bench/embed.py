@@ -37,6 +37,7 @@ from bench.common import (
     make_sentences,
     max_abs_diff,
     percentiles_ms,
+    positive,
     post,
     ratio,
 )
@@ -53,24 +54,17 @@ TOLERANCE = 1e-4
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sentences", type=_positive, default=DEFAULT_SENTENCES,
+    p.add_argument("--sentences", type=positive, default=DEFAULT_SENTENCES,
                    help=f"sentences per timed run (default {DEFAULT_SENTENCES})")
-    p.add_argument("--clients", type=_positive, default=DEFAULT_CLIENTS,
+    p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS,
                    help=f"concurrent client threads, served and naive (default {DEFAULT_CLIENTS})")
-    p.add_argument("--inputs-per-request", type=_positive, default=1,
+    p.add_argument("--inputs-per-request", type=positive, default=1,
                    help="sentences per POST /v1/embeddings (at most the producer's "
                         "BANTER_INFERENCE_MAX_BATCH_SIZE, 8; default 1)")
-    p.add_argument("--tokens", type=_positive, default=DEFAULT_TOKENS,
+    p.add_argument("--tokens", type=positive, default=DEFAULT_TOKENS,
                    help=f"tokens per sentence, special tokens included (default {DEFAULT_TOKENS})")
-    p.add_argument("--repeats", type=_positive, default=DEFAULT_REPEATS,
+    p.add_argument("--repeats", type=positive, default=DEFAULT_REPEATS,
                    help=f"timed runs of each path, interleaved; medians (default {DEFAULT_REPEATS})")
     p.add_argument("--shape", choices=("demo", "minilm"), default="demo",
                    help="encoder when no --model-dir: demo-embed (2 layers, 128 wide) or a "
@@ -92,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "BANTER_BATCH_WINDOW_MS=2")
     p.add_argument("--gpu", type=int, default=None,
                    help="run the served and naive workers on GPU N (CUDA provider)")
-    p.add_argument("--producer-workers", type=_positive, default=2)
-    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--producer-workers", type=positive, default=2)
+    p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from bench.common import p50_p99_ms, positive
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -85,14 +86,6 @@ def make_workload(clients: int, rounds: int, max_tokens: list[int]) -> list[Requ
     return [Request(r * clients + c, c, r, make_prompt(r * clients + c),
                     max_tokens[(c + r) % len(max_tokens)])
             for r in range(rounds) for c in range(clients)]
-
-
-def percentiles_ms(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    arr = np.asarray(values) * 1000.0
-    return {"p50": round(float(np.percentile(arr, 50)), 2),
-            "p99": round(float(np.percentile(arr, 99)), 2)}
 
 
 # -- raw ONNX Runtime loop -------------------------------------------------------------------
@@ -452,9 +445,9 @@ def summarize(samples: list[Sample], env: dict[str, str], workload: list[Request
         "requests_per_run": len(workload),
         "tokens_per_run": samples[0].tokens,
         "wall_s": [round(s.wall_s, 3) for s in samples],
-        "ttft_ms": percentiles_ms([o.first_token - o.sent for o in outcomes
+        "ttft_ms": p50_p99_ms([o.first_token - o.sent for o in outcomes
                                    if o.first_token is not None]),
-        "latency_ms": percentiles_ms([o.done - o.sent for o in outcomes if not o.error]),
+        "latency_ms": p50_p99_ms([o.done - o.sent for o in outcomes if not o.error]),
         "engine": {"passes": int(passes), "mean_batch": round(items / passes, 2) if passes else 0,
                    "ort_s": round(ort_s, 3),
                    "ort_share_of_wall": round(ort_s / wall, 3) if wall else 0},
@@ -477,25 +470,18 @@ def _int_list(raw: str) -> list[int]:
     return values
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", type=_positive, default=DEFAULT_CLIENTS,
+    p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS,
                    help=f"concurrent streaming clients (default {DEFAULT_CLIENTS})")
     p.add_argument("--max-tokens", type=_int_list, default=DEFAULT_MAX_TOKENS,
                    help="comma-separated max_tokens values, cycled over requests "
                         f"(default {','.join(map(str, DEFAULT_MAX_TOKENS))})")
-    p.add_argument("--rounds", type=_positive, default=DEFAULT_ROUNDS,
+    p.add_argument("--rounds", type=positive, default=DEFAULT_ROUNDS,
                    help=f"requests each client sends one after another (default {DEFAULT_ROUNDS})")
-    p.add_argument("--repeats", type=_positive, default=DEFAULT_REPEATS,
+    p.add_argument("--repeats", type=positive, default=DEFAULT_REPEATS,
                    help="timed runs of each phase, interleaved, each on a fresh worker; "
                         f"tokens/s is their median (default {DEFAULT_REPEATS})")
-    p.add_argument("--max-running", type=_positive, default=None,
+    p.add_argument("--max-running", type=positive, default=None,
                    help="BANTER_MAX_RUNNING of the served and static workers "
                         "(default: the project default)")
     p.add_argument("--model-dir", type=Path, default=None,
@@ -510,8 +496,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-threads", type=int, default=DEFAULT_RAW_THREADS,
                    help="intra-op threads of the raw loop's ORT session (0: ORT's default, "
                         f"all cores; default {DEFAULT_RAW_THREADS})")
-    p.add_argument("--producer-workers", type=_positive, default=2)
-    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--producer-workers", type=positive, default=2)
+    p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (logs) and log where it is")
 

@@ -28,6 +28,7 @@ from bench.common import (
     loadavg,
     make_sentences,
     percentiles_ms,
+    positive,
     post,
     ratio,
 )
@@ -43,23 +44,16 @@ DEFAULT_SUBMITTERS = 16
 KINDS = ("embeddings", "inference")
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bulk", type=_positive, default=DEFAULT_BULK,
+    p.add_argument("--bulk", type=positive, default=DEFAULT_BULK,
                    help=f"bulk embed jobs in the backlog (default {DEFAULT_BULK})")
-    p.add_argument("--requests", type=_positive, default=DEFAULT_REQUESTS,
+    p.add_argument("--requests", type=positive, default=DEFAULT_REQUESTS,
                    help=f"interactive requests per kind and phase (default {DEFAULT_REQUESTS})")
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="interactive kinds, alternating: embeddings, inference (default both)")
-    p.add_argument("--submitters", type=_positive, default=DEFAULT_SUBMITTERS,
+    p.add_argument("--submitters", type=positive, default=DEFAULT_SUBMITTERS,
                    help=f"threads enqueueing the backlog (default {DEFAULT_SUBMITTERS})")
-    p.add_argument("--tokens", type=_positive, default=32, help="tokens per bulk input")
+    p.add_argument("--tokens", type=positive, default=32, help="tokens per bulk input")
     p.add_argument("--shape", choices=("demo", "minilm"), default="demo",
                    help="the encoder: demo-embed, or a MiniLM-L6-shaped one (random weights) "
                         "whose passes cost ~20x more")
@@ -67,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the backlog to finish (default 900)")
     p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the worker (repeatable)")
-    p.add_argument("--producer-workers", type=_positive, default=2)
-    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--producer-workers", type=positive, default=2)
+    p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
 
 

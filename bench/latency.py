@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.common import RawEncoder, loadavg, percentiles_ms, post, ratio
+from bench.common import RawEncoder, loadavg, percentiles_ms, positive, post, ratio
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -38,15 +38,8 @@ PROMPT = "Hello there, how are you?"
 EMBED_INPUT = "a short sentence to embed"
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=_positive, default=DEFAULT_REQUESTS,
+    p.add_argument("--requests", type=positive, default=DEFAULT_REQUESTS,
                    help=f"timed requests of each kind (default {DEFAULT_REQUESTS})")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help=f"untimed requests of each kind first (default {DEFAULT_WARMUP})")
@@ -55,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-window-diagnostic", action="store_true",
                    help="skip the embeddings run on a worker with BANTER_BATCH_WINDOW_MS=0")
     p.add_argument("--gpu", type=int, default=None, help="run the worker on GPU N")
-    p.add_argument("--producer-workers", type=_positive, default=2)
-    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--producer-workers", type=positive, default=2)
+    p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import requests
 
+from bench.common import p50_p99_ms, positive
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -172,14 +173,6 @@ class HttpStats:
         with self._lock:
             return sum(n for by_status in self.statuses.values()
                        for status, n in by_status.items() if predicate(status))
-
-
-def percentiles_ms(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    arr = np.asarray(values) * 1000.0
-    return {"p50": round(float(np.percentile(arr, 50)), 2),
-            "p99": round(float(np.percentile(arr, 99)), 2)}
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -726,13 +719,6 @@ def leftovers(stack: BenchStack, timeout_s: float = 15.0) -> dict[str, int]:
 
 # -- scenario --------------------------------------------------------------------------------
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _non_negative(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -752,11 +738,11 @@ def _token_range(raw: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=_positive, default=DEFAULT_JOBS,
+    p.add_argument("--jobs", type=positive, default=DEFAULT_JOBS,
                    help=f"operations in the timed run, one job each (default {DEFAULT_JOBS})")
-    p.add_argument("--clients", type=_positive, default=DEFAULT_CLIENTS,
+    p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS,
                    help=f"concurrent clients (default {DEFAULT_CLIENTS})")
-    p.add_argument("--workers", type=_positive, default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=positive, default=DEFAULT_WORKERS,
                    help=f"banter worker --cpu processes (default {DEFAULT_WORKERS})")
     p.add_argument("--max-tokens", type=_token_range, default=(1, 8),
                    help="max_tokens of generations, drawn uniformly from LOW-HIGH (default 1-8)")
@@ -768,8 +754,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "idempotency key: alternately after the answer and concurrently "
                         "(both, the default), only after the answer, or never")
     p.add_argument("--seed", type=int, default=0, help="seed of the operation mix (default 0)")
-    p.add_argument("--producer-workers", type=_positive, default=2)
-    p.add_argument("--producer-threads", type=_positive, default=64)
+    p.add_argument("--producer-workers", type=positive, default=2)
+    p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (logs) and log where it is")
 
@@ -954,8 +940,8 @@ def finish(args, plan, outcomes, outcomes_baseline, wall, baseline, stats, redis
             "transport_errors": dict(stats.transport),
             "http_429_without_retry_after": stats.retry_after_missing,
         },
-        "latency_ms": {kind: percentiles_ms(values) for kind, values in sorted(latency.items())},
-        "http_latency_ms": {endpoint: percentiles_ms(values)
+        "latency_ms": {kind: p50_p99_ms(values) for kind, values in sorted(latency.items())},
+        "http_latency_ms": {endpoint: p50_p99_ms(values)
                             for endpoint, values in sorted(stats.latency.items())},
         "leftovers": left,
         "problems": {"lost": redis_audit["lost"][:10], "duplicated": dup_messages[:10],

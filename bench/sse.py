@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from bench.common import loadavg, percentiles_ms, post, ratio
+from bench.common import loadavg, percentiles_ms, positive, post, ratio
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -46,25 +46,18 @@ CONNECT_STALL_S = 10.0
 STREAMS_PER_PROCESS = 90
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--subscribers", type=_positive, default=DEFAULT_SUBSCRIBERS,
+    p.add_argument("--subscribers", type=positive, default=DEFAULT_SUBSCRIBERS,
                    help=f"concurrent SSE subscribers (default {DEFAULT_SUBSCRIBERS}; the "
                         "target is 1000)")
-    p.add_argument("--followers", type=_positive, default=DEFAULT_FOLLOWERS,
+    p.add_argument("--followers", type=positive, default=DEFAULT_FOLLOWERS,
                    help="subscribers per job (default 10: K/10 jobs; 1: K jobs)")
-    p.add_argument("--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--max-tokens", type=positive, default=DEFAULT_MAX_TOKENS,
                    help=f"tokens each job generates (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--producer-workers", type=_positive, default=None,
+    p.add_argument("--producer-workers", type=positive, default=None,
                    help="gunicorn worker processes (default: max(2, ceil(1.5 x subscribers / "
                         f"{STREAMS_PER_PROCESS})), see STREAMS_PER_PROCESS)")
-    p.add_argument("--producer-threads", type=_positive, default=STREAMS_PER_PROCESS,
+    p.add_argument("--producer-threads", type=positive, default=STREAMS_PER_PROCESS,
                    help=f"threads per gunicorn worker (default {STREAMS_PER_PROCESS})")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for every stream to end (default 300)")
