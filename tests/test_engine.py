@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from banter.demo import DEMO_TEXT, build_demo
-from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError, PromptTooLong
+from banter.errors import (
+    ChecksumMismatch,
+    InferenceError,
+    InvalidRequest,
+    ModelLoadError,
+    PromptTooLong,
+)
 from banter.params import SamplingParams
 from registry.artifacts import sha256_file
 from workers import runner as runner_module
@@ -219,6 +225,17 @@ def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
     results = drive(engine, futures)
     assert [r.batch_size for r in results] == [1, 1, 1, 1]
     assert [p[3] for p in sink.passes] == [1, 1, 1, 1]
+
+
+def test_interactive_embeds_go_ahead_of_waiting_bulk_ones(make_engine, sink, specs):
+    engine = make_engine(max_batch_size=2, batch_window_s=0.0)
+    bulk = [engine.submit_embed(f"b{i}", specs["embed"], "bulk", lane="bulk") for i in range(4)]
+    urgent = [engine.submit_embed(f"i{i}", specs["embed"], "urgent") for i in range(2)]
+    engine.step()
+    assert all(f.done() for f in urgent) and not any(f.done() for f in bulk)
+    drive(engine, bulk)
+    with pytest.raises(InvalidRequest):
+        engine.submit_embed("x", specs["embed"], "text", lane="fast")
 
 
 def test_lone_embed_waits_for_the_window(make_engine, sink, specs):

@@ -105,6 +105,17 @@ class _EmbedJob:
     ids: list[int]
     arrived: float
     future: Future
+    lane: str = "interactive"
+
+
+def _enqueue_embed(queue: deque[_EmbedJob], job: _EmbedJob) -> None:
+    """Interactive jobs wait ahead of every bulk job (each lane first come, first served)."""
+    if job.lane == "interactive":
+        for i, waiting in enumerate(queue):
+            if waiting.lane != "interactive":
+                queue.insert(i, job)
+                return
+    queue.append(job)
 
 
 class _Sequence:
@@ -203,7 +214,10 @@ class Engine:
 
     # -- caller threads ---------------------------------------------------------------------
 
-    def submit_embed(self, job_id: str, spec: ModelSpec, text: str) -> Future[EmbedResult]:
+    def submit_embed(self, job_id: str, spec: ModelSpec, text: str,
+                     lane: str = "interactive") -> Future[EmbedResult]:
+        if lane not in LANES:
+            raise InvalidRequest(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
         runner = self._runner(spec, "embed")
         if not isinstance(text, str):
             raise InvalidRequest("embed input must be a string")
@@ -211,9 +225,9 @@ class Engine:
         if not ids:
             raise InvalidRequest("embed input encodes to no tokens")
         self._check_length(len(ids), 0, runner)
-        job = _EmbedJob(job_id, runner, ids, self._clock(), _new_future())
+        job = _EmbedJob(job_id, runner, ids, self._clock(), _new_future(), lane)
         with self._cond:
-            self._embeds.setdefault(runner, deque()).append(job)
+            _enqueue_embed(self._embeds.setdefault(runner, deque()), job)
             self._cond.notify()
         return job.future
 
