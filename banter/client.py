@@ -10,6 +10,21 @@ import requests
 from banter.errors import BanterError, Unavailable, from_dict
 
 
+def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
+    """``(event, data)`` of a banterhearts SSE response (``event:``/``data:`` lines, JSON
+    data), each yielded as soon as its blank line arrives; comments are skipped."""
+    event, data = "message", []
+    for line in response.iter_lines(chunk_size=None, decode_unicode=True):
+        if line == "":
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
 class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0) -> None:
         self.url = url.rstrip("/")
@@ -26,17 +41,7 @@ class Client:
     def events(self, path: str, body: dict | None = None,
                method: str = "GET") -> Iterator[tuple[str, dict]]:
         """Yield ``(event, data)`` from an SSE endpoint until the stream ends."""
-        response = self._send(method, path, body, None, stream=True)
-        event, data = "message", []
-        for line in response.iter_lines(decode_unicode=True):
-            if line == "":
-                if data:
-                    yield event, json.loads("\n".join(data))
-                event, data = "message", []
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
+        yield from sse_events(self._send(method, path, body, None, stream=True))
 
     def _send(self, method: str, path: str, body: dict | None, params: dict | None,
               stream: bool) -> requests.Response:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from banter.client import sse_events
 from bench.common import p50_p99_ms, positive
 from bench.machine import machine_facts
 from bench.stack import BenchStack
@@ -315,18 +316,7 @@ def stream_request(session: requests.Session, url: str, model: str, request: Req
             if response.status_code != 200:
                 outcome.error = f"HTTP {response.status_code}: {response.text[:300]}"
                 return outcome
-            event, data = "message", []
-            for line in response.iter_lines(chunk_size=None, decode_unicode=True):
-                if line:
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    continue
-                if not data:
-                    event = "message"
-                    continue
-                payload = json.loads("\n".join(data))
+            for event, payload in sse_events(response):
                 if event == "token":
                     if outcome.first_token is None:
                         outcome.first_token = time.perf_counter()
@@ -338,7 +328,6 @@ def stream_request(session: requests.Session, url: str, model: str, request: Req
                 elif event == "error":
                     outcome.error = json.dumps(payload["error"])
                     break
-                event, data = "message", []
     except requests.RequestException as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
     outcome.done = time.perf_counter()

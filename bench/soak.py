@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import requests
 
+from banter.client import sse_events
 from bench.common import p50_p99_ms, positive
 from bench.machine import machine_facts
 from bench.stack import BenchStack
@@ -354,7 +355,7 @@ class Client:
                 raise OpFailed(f"{endpoint}: HTTP {response.status_code}: {response.text[:200]}")
             outcome.job_ids = [response.headers["X-Job-ID"]]
             seqs, pieces, finals, after_final = [], [], [], 0
-            for event, data in _sse(response):
+            for event, data in sse_events(response):
                 if finals:
                     after_final += 1
                 if event == "token":
@@ -440,21 +441,6 @@ def _seconds(raw: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value >= 0 else None
-
-
-def _sse(response: requests.Response):
-    """(event, data) of a banter SSE stream (``event:``/``data:`` lines)."""
-    event, data = "message", []
-    for line in response.iter_lines(chunk_size=None, decode_unicode=True):
-        if line:
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            continue
-        if data:
-            yield event, json.loads("\n".join(data))
-        event, data = "message", []
 
 
 # -- running the clients --------------------------------------------------------------------

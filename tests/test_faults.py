@@ -108,6 +108,17 @@ def all_events(client, job_id: str) -> list:
     return entries
 
 
+def rescue(stack: Stack, job_ids: list[str]) -> None:
+    """Start a fresh worker; every job of a dead one is taken over once and finishes."""
+    rescuer = stack.worker("rescuer@localhost")
+    try:
+        for job_id in job_ids:
+            job = assert_exactly_once(stack, job_id, 1000)
+            assert job["worker"] == "rescuer@localhost" and job["attempts"] == 2
+    finally:
+        stop_process(rescuer)
+
+
 def test_kill_9_mid_batch_every_job_is_taken_over_once(stack):
     doomed = stack.worker("doomed@localhost")
     job_ids = submit_generations(stack.api, 8, 1000)
@@ -116,13 +127,7 @@ def test_kill_9_mid_batch_every_job_is_taken_over_once(stack):
     doomed.wait()
     assert all(stack.api.get(f"/v1/jobs/{j}").json()["status"] == "running" for j in job_ids)
 
-    rescuer = stack.worker("rescuer@localhost")
-    try:
-        for job_id in job_ids:
-            job = assert_exactly_once(stack, job_id, 1000)
-            assert job["worker"] == "rescuer@localhost" and job["attempts"] == 2
-    finally:
-        stop_process(rescuer)
+    rescue(stack, job_ids)
     log = (stack.logs / "rescuer@localhost.log").read_text()
     assert log.count('"job_taken_over"') == len(job_ids)
 
@@ -246,10 +251,4 @@ def test_engine_thread_death_ends_the_worker_and_its_jobs_are_taken_over(stack):
     job_ids = submit_generations(stack.api, 4, 1000)
     assert fragile.wait(timeout=120) == 70
     assert '"engine_died"' in (stack.logs / "fragile.log").read_text()
-    rescuer = stack.worker("rescuer@localhost")
-    try:
-        for job_id in job_ids:
-            job = assert_exactly_once(stack, job_id, 1000)
-            assert job["worker"] == "rescuer@localhost" and job["attempts"] == 2
-    finally:
-        stop_process(rescuer)
+    rescue(stack, job_ids)
