@@ -16,7 +16,6 @@ failing the call or the batch. Batches are Redis hashes (``keys.batch``) with th
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -24,7 +23,6 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 from flask import Blueprint, Response, jsonify, url_for
 
 from banter import keys
@@ -131,15 +129,7 @@ def answer(line: Submitted, records: list[JobRecord]) -> dict[str, Any]:
         return oa.answer_body(oa.TextShape(), records[0])
     if line.url == "/v1/chat/completions":
         return oa.answer_body(oa.ChatShape(), records[0])
-    data = []
-    for index, record in enumerate(records):
-        vector = record.result["embedding"]
-        if line.base64:
-            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    prompt_tokens = sum(r.usage["prompt_tokens"] for r in records)
-    return {"object": "list", "data": data, "model": records[0].model,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    return oa.embeddings_body(records, base64_floats=line.base64)
 
 
 # ----------------------------------------------------------------------------- one request

@@ -249,17 +249,23 @@ def embeddings():
                  for text in texts]
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
         records = list(pool.map(lambda r: c.jobs.wait(r.id), submitted))
-    data = []
-    for index, record in enumerate(records):
+    for record in records:
         if record.status != JobStatus.SUCCEEDED.value:
             raise errors.from_dict(record.error or {"type": record.status,
                                                     "message": f"job {record.status}"})
+    response = jsonify(embeddings_body(records, base64_floats=encoding == "base64"))
+    response.headers.update(job_headers(records))
+    return response
+
+
+def embeddings_body(records: list[JobRecord], base64_floats: bool) -> dict[str, Any]:
+    """OpenAI's embeddings answer for succeeded embed jobs, in input order."""
+    data = []
+    for index, record in enumerate(records):
         vector = record.result["embedding"]
-        if encoding == "base64":
+        if base64_floats:
             vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         data.append({"object": "embedding", "index": index, "embedding": vector})
     prompt_tokens = sum(r.usage["prompt_tokens"] for r in records)
-    response = jsonify({"object": "list", "data": data, "model": records[0].model,
-                        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
-    response.headers.update(job_headers(records))
-    return response
+    return {"object": "list", "data": data, "model": records[0].model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
