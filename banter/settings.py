@@ -66,6 +66,7 @@ class Settings:
     inference_max_batch_size: int = 8
     enable_batching: bool = True
     batch_window_ms: float = 5.0
+    bulk_pass_ms: float = 25.0  # a pass with bulk embeds in it is kept about this short
     max_running: int = 32
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     worker_concurrency: int = 64

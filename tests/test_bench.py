@@ -91,7 +91,9 @@ def test_continuous_admission_joins_at_the_next_step(cache, gpt):
     assert sorted(engine.running_jobs()) == ["a", "b"]
     results = step_until(engine, [first, late])
     assert [r.text for r in results] == [demo_words(4), demo_words(2)]
-    assert [size for _, size in sink.passes] == [1, 2, 2, 1]
+    # "a" alone; "a" decodes while "b" prefills, in the step "b" joined; both; "a" alone
+    assert [size for _, size in sink.passes] == [1, 1, 1, 2, 1]
+    assert [len(step) for step in sink.published] == [1, 2, 2, 1]
 
 
 def test_static_admission_still_caps_the_batch(cache, gpt):

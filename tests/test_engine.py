@@ -17,7 +17,7 @@ from banter.errors import (
 from banter.params import SamplingParams
 from registry.artifacts import sha256_file
 from workers import runner as runner_module
-from workers.batching import collate, left_pad_past, left_pad_pending, split_present
+from workers.batching import collate, join_rows, left_pad_prompts, take_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import Engine, EngineSettings
 from workers.runner import ModelSpec, RunnerCache, select_providers
@@ -176,30 +176,41 @@ def test_stop_helpers():
     assert partial_stop_len("hello", ["world"]) == 0
 
 
-def decoder_pass(runner, caches, pending):
-    past_lens = [0 if c is None else c[0].shape[1] for c in caches]
-    ids, mask, positions = left_pad_pending(pending, past_lens)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-    feeds.update(zip(runner.past_names, left_pad_past(
-        caches, past_lens, len(runner.past_names), (runner.n_head, runner.head_dim), np.float32)))
-    out = runner.run(feeds)
-    present = [out[n] for n in runner.present_names]
-    return out["logits"][:, -1], split_present(present, past_lens, [len(p) for p in pending])
+def prefill(runner, prompts):
+    ids, mask, positions = left_pad_prompts(prompts)
+    empty = np.zeros((len(prompts), runner.n_head, 0, runner.head_dim), dtype=np.float32)
+    out = runner.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                      **{name: empty for name in runner.past_names}})
+    return out["logits"][:, -1], [out[n] for n in runner.present_names], mask
 
 
-def test_padded_pass_matches_each_sequence_alone(cache, specs):
+def decode(runner, pasts, mask, tokens, positions):
+    mask = np.concatenate((mask, np.ones((len(tokens), 1), dtype=np.int64)), axis=1)
+    out = runner.run({"input_ids": np.array(tokens).reshape(-1, 1), "attention_mask": mask,
+                      "position_ids": np.array(positions).reshape(-1, 1),
+                      **dict(zip(runner.past_names, pasts))})
+    return out["logits"][:, -1], [out[n] for n in runner.present_names], mask
+
+
+def test_left_padded_batch_matches_each_sequence_alone(cache, specs):
+    """Prefill a and b together, decode them one step, stack c's prefill on, cut a out: what
+    is left must equal b's and c's unpadded runs, logits and caches."""
     runner = cache.get(specs["gpt"])
     a, b, c = (np.array(runner.tokenizer.encode(p).ids) for p in PROMPTS[1:4])
-    _, (cache_a,) = decoder_pass(runner, [None], [a])
-    _, (cache_b,) = decoder_pass(runner, [None], [b])
-    # a and b continue from pasts of different lengths while c joins with its whole prompt
-    logits, caches = decoder_pass(runner, [cache_a, cache_b, None], [a[:1], b[:2], c])
-    for row, (got, whole) in enumerate(zip(caches, [np.r_[a, a[:1]], np.r_[b, b[:2]], c])):
-        want_logits, (want,) = decoder_pass(runner, [None], [whole])  # one unpadded prefill
-        np.testing.assert_allclose(logits[row], want_logits[0], atol=1e-4)
-        assert [t.shape for t in got] == [t.shape for t in want]
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, atol=1e-5)
+    _, pasts, mask = prefill(runner, [a, b])
+    logits, pasts, mask = decode(runner, pasts, mask, [a[0], b[0]], [len(a), len(b)])
+    c_logits, c_pasts, c_mask = prefill(runner, [c])
+    pasts, mask = join_rows([(pasts, mask), (c_pasts, c_mask)])
+    assert mask.shape == (3, max(len(a), len(b), len(c)) + 1)
+    pasts, mask = take_rows(pasts, mask, [1, 2])
+    assert mask.shape[1] == max(len(b) + 1, len(c))  # columns only a used are gone
+    for row, (got_logits, whole) in enumerate([(logits[1], np.r_[b, b[:1]]), (c_logits[0], c)]):
+        want_logits, want, _ = prefill(runner, [whole])
+        np.testing.assert_allclose(got_logits, want_logits[0], atol=1e-4)
+        for g, w in zip(pasts, want):
+            real = mask[row].astype(bool)
+            assert real.sum() == len(whole)
+            np.testing.assert_allclose(g[row][:, real], w[0], atol=1e-5)
 
 
 # -- embed -----------------------------------------------------------------------------------
@@ -236,6 +247,37 @@ def test_interactive_embeds_go_ahead_of_waiting_bulk_ones(make_engine, sink, spe
     drive(engine, bulk)
     with pytest.raises(InvalidRequest):
         engine.submit_embed("x", specs["embed"], "text", lane="fast")
+
+
+def test_bulk_embed_passes_stay_within_the_bulk_budget(make_engine, sink, specs):
+    engine = make_engine(max_batch_size=4, batch_window_s=0.0, bulk_pass_s=1e-9)
+    bulk = [engine.submit_embed(f"b{i}", specs["embed"], "bulk", lane="bulk") for i in range(6)]
+    engine.step()  # no cost per input measured yet: a full batch
+    urgent = [engine.submit_embed(f"i{i}", specs["embed"], "urgent") for i in range(3)]
+    engine.step()  # every interactive input in one pass, no bulk one beside them
+    assert all(f.done() for f in urgent) and sum(f.done() for f in bulk) == 4
+    drive(engine, bulk)
+    assert [p[3] for p in sink.passes] == [4, 3, 1, 1]
+    roomy = make_engine(max_batch_size=4, batch_window_s=0.0, bulk_pass_s=60.0)
+    more = [roomy.submit_embed(f"r{i}", specs["embed"], "bulk", lane="bulk") for i in range(8)]
+    drive(roomy, more)
+    assert [p[3] for p in sink.passes[4:]] == [4, 4]
+
+
+def test_bulk_embeds_run_after_the_steps_interactive_work(make_engine, sink, specs):
+    engine = make_engine(batch_window_s=0.0, bulk_pass_s=1e-9)
+    drive(engine, [engine.submit_embed("warm", specs["embed"], "cost per input measured")])
+    sink.passes.clear()
+    bulk = engine.submit_embed("b", specs["embed"], "bulk", lane="bulk")
+    gen = engine.submit_generate("g", specs["gpt"], "hi", SamplingParams(max_tokens=1))
+    urgent = engine.submit_embed("i", specs["embed"], "urgent")
+    engine.step()  # the interactive embed alone, first; then the generate pass
+    assert urgent.done() and gen.done() and not bulk.done()
+    later = engine.submit_generate("g2", specs["gpt"], "hi", SamplingParams(max_tokens=1))
+    engine.step()  # a bulk-only embed pass comes after the step's generate pass
+    assert bulk.done() and later.done()
+    assert [(p[0], p[3]) for p in sink.passes] == [("embed", 1), ("generate", 1),
+                                                   ("generate", 1), ("embed", 1)]
 
 
 def test_lone_embed_waits_for_the_window(make_engine, sink, specs):
@@ -280,6 +322,8 @@ def test_empty_prompt_starts_from_bos(make_engine, specs):
 def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, specs, params):
     alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=9 + i))
              for i, p in enumerate(PROMPTS)]
+    sink.passes.clear()
+    sink.published.clear()
     engine = make_engine()
     futures = []
     for i, prompt in enumerate(PROMPTS):
@@ -290,9 +334,12 @@ def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, sp
     for a, c in zip(alone, crowd):
         assert c.token_ids == a.token_ids and c.text == a.text and c.finish_reason == "length"
     assert max(c.batch_size for c in crowd) == len(PROMPTS)
-    # every step published all its tokens at once; one ORT pass per step
-    gen_passes = [p[3] for p in sink.passes if p[0] == "generate"][-len(sink.published):]
-    assert [len(step) for step in sink.published[-len(gen_passes):]] == gen_passes
+    # every step published all its tokens at once: one decode pass over every running row
+    # (plus, at a step where a job joined, its prefill pass); none after the last join
+    passes = [p[3] for p in sink.passes if p[0] == "generate"]
+    assert passes[:2 * len(PROMPTS) - 1] == [1] + [n for i in range(1, len(PROMPTS))
+                                                    for n in (i, 1)]
+    assert [len(step) for step in sink.published] == [1, 2, 3, 4, 5] + passes[2 * len(PROMPTS) - 1:]
 
 
 @pytest.mark.parametrize("stop, expected", [((" every",), demo_words(2)),
@@ -358,8 +405,11 @@ def test_interactive_is_admitted_before_bulk(make_engine, sink, specs):
     assert order == ["fast"] * 3 + ["bulk"] * 3
 
 
-def test_a_prompt_waits_while_the_padded_batch_would_pass_the_position_limit(
-        make_engine, specs, cache, monkeypatch):
+def test_a_prompt_joins_beside_a_long_run_whatever_the_position_limit(
+        make_engine, sink, specs, cache, monkeypatch):
+    """Prefill runs apart from decode and the cache is left-padded per row, so a joining prompt
+    never pads the running rows: it joins even where padding them together would pass the
+    model's positions."""
     runner = cache.get(specs["gpt"])
     first, second = "hi", PROMPTS[2]
     a, b = (len(runner.tokenizer.encode(p).ids) for p in (first, second))
@@ -368,11 +418,13 @@ def test_a_prompt_waits_while_the_padded_batch_would_pass_the_position_limit(
     long_run = engine.submit_generate("long", specs["gpt"], first, SamplingParams(max_tokens=30))
     for _ in range(21):
         engine.step()
-    assert a + 20 + b > runner.max_positions >= b + 2  # fits alone, not beside "long"
+    assert a + 20 + b > runner.max_positions >= b + 2  # fits alone, not padded beside "long"
     late = engine.submit_generate("late", specs["gpt"], second, SamplingParams(max_tokens=2))
     engine.step()
-    assert engine.running_jobs() == ["long"]
-    assert drive(engine, [long_run, late])[1].text == demo_words(2)
+    assert sorted(engine.running_jobs()) == ["late", "long"]
+    assert sink.passes[-2:] == [("generate", "demo-gpt", 1, 1)] * 2  # decode "long", prefill "late"
+    long_result, late_result = drive(engine, [long_run, late])
+    assert late_result.text == demo_words(2) and long_result.text == demo_words(30)
 
 
 def test_prompt_too_long(make_engine, specs):

@@ -8,7 +8,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 T = TypeVar("T")
-KVCache = Sequence[np.ndarray]  # one sequence's past: one [H, p, D] array per past input
+KVCache = Sequence[np.ndarray]  # a batch's past: one [B, H, T, D] array per past input
 
 
 def collate(waiting: deque[T], max_size: int, deadline: float, now: float) -> list[T] | None:
@@ -38,51 +38,43 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return pooled / np.maximum(norms, 1e-12)
 
 
-def left_pad_pending(pending: Sequence[np.ndarray],
-                     past_lens: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decoder step inputs ``(input_ids [B,S], attention_mask [B,P+S], position_ids [B,S])``.
-
-    Row b has a past of ``past_lens[b]`` real positions left-padded to ``P = max(past_lens)``,
-    then its pending tokens left-padded to ``S = max len``; pads are masked out and sit at
-    position 0, real tokens take positions ``p .. p+s-1``.
-    """
-    batch, big_p, big_s = len(pending), max(past_lens), max(len(t) for t in pending)
-    ids = np.zeros((batch, big_s), dtype=np.int64)
-    positions = np.zeros((batch, big_s), dtype=np.int64)
-    mask = np.zeros((batch, big_p + big_s), dtype=np.int64)
-    for b, (tokens, p) in enumerate(zip(pending, past_lens)):
-        s = len(tokens)
-        ids[b, big_s - s:] = tokens
-        positions[b, big_s - s:] = np.arange(p, p + s)
-        mask[b, big_p - p:big_p] = 1
-        mask[b, big_p + big_s - s:] = 1
+def left_pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefill inputs ``(input_ids, attention_mask, position_ids)``, all int64 ``[B, L]``: each
+    prompt left-padded to the longest; pads are masked out and sit at position 0."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    positions = np.zeros((len(prompts), width), dtype=np.int64)
+    for b, prompt in enumerate(prompts):
+        ids[b, width - len(prompt):] = prompt
+        mask[b, width - len(prompt):] = 1
+        positions[b, width - len(prompt):] = np.arange(len(prompt))
     return ids, mask, positions
 
 
-def left_pad_past(caches: Sequence[KVCache | None], past_lens: Sequence[int], n_tensors: int,
-                  head_shape: tuple[int, int], dtype: type) -> list[np.ndarray]:
-    """Stack per-sequence pasts into ``n_tensors`` arrays ``[B, H, P, D]``, left-padded with
-    zeros (masked out by ``left_pad_pending``). A sequence with no past has ``None``."""
-    heads, dim = head_shape
-    big_p = max(past_lens)
-    stacked = [np.zeros((len(caches), heads, big_p, dim), dtype=dtype) for _ in range(n_tensors)]
-    for b, (cache, p) in enumerate(zip(caches, past_lens)):
-        if p:
-            for out, part in zip(stacked, cache):
-                out[b, :, big_p - p:] = part
-    return stacked
+def _left_pad_columns(array: np.ndarray, axis: int, width: int) -> np.ndarray:
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    shape = list(array.shape)
+    shape[axis] = missing
+    return np.concatenate((np.zeros(shape, dtype=array.dtype), array), axis=axis)
 
 
-def split_present(present: Sequence[np.ndarray], past_lens: Sequence[int],
-                  pending_lens: Sequence[int]) -> list[list[np.ndarray]]:
-    """Cut each sequence's own cache (its real positions only) out of ``present.*``
-    ``[B, H, P+S, D]`` laid out as by ``left_pad_pending``."""
-    big_p, big_s = max(past_lens), max(pending_lens)
-    caches = []
-    for b, (p, s) in enumerate(zip(past_lens, pending_lens)):
-        if s == big_s:
-            caches.append([t[b, :, big_p - p:] for t in present])
-        else:
-            caches.append([np.concatenate((t[b, :, big_p - p:big_p], t[b, :, big_p + big_s - s:]),
-                                          axis=1) for t in present])
-    return caches
+def join_rows(parts: Sequence[tuple[KVCache, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Stack left-padded batches ``(pasts [B_i, H, T_i, D] per past input, mask [B_i, T_i])``
+    along the batch axis, each left-padded with masked-out zeros to the widest ``T``."""
+    width = max(mask.shape[1] for _, mask in parts)
+    mask = np.concatenate([_left_pad_columns(m, 1, width) for _, m in parts])
+    pasts = [np.concatenate([_left_pad_columns(past[i], 2, width) for past, _ in parts])
+             for i in range(len(parts[0][0]))]
+    return pasts, mask
+
+
+def take_rows(pasts: KVCache, mask: np.ndarray, rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Keep ``rows`` of a left-padded batch and drop the leading columns none of them uses."""
+    mask = mask[rows]
+    used = mask.any(axis=0)
+    first = int(used.argmax()) if used.any() else mask.shape[1]
+    return ([np.ascontiguousarray(past[rows, :, first:]) for past in pasts],
+            np.ascontiguousarray(mask[:, first:]))

@@ -1,9 +1,16 @@
 """The engine: the one loop that owns the models of a worker process.
 
 Callers (Celery task threads) submit jobs and get futures; the engine thread calls ``step``
-(or ``run``), which runs at most one ORT pass per model version for embeds and one for the
-running generate sequences, reports tokens and passes to an ``EngineSink``, and resolves the
+(or ``run``), which per model version runs at most one ORT pass for embeds and, for generate,
+one decode pass over every running sequence plus one prefill pass for the sequences joining at
+this step; it reports the step's tokens and passes to an ``EngineSink`` and resolves the
 futures. Pure Python + numpy + onnxruntime: tests drive ``step`` by hand.
+
+Generate KV caches live per model version as one left-padded batch (``_Batch``): a decode pass
+feeds the previous pass's ``present.*`` arrays back as ``past_key_values.*`` without copying;
+the arrays are re-packed only when sequences join (their prefill output is stacked on) or
+leave (their rows are cut out and the columns no row uses any more are dropped). Prefill runs
+as a pass of its own so a joining prompt never pads every running row to its length.
 """
 
 from __future__ import annotations
@@ -21,14 +28,7 @@ import numpy as np
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
 from banter.streams import TokenEvent
-from workers.batching import (
-    collate,
-    left_pad_past,
-    left_pad_pending,
-    mean_pool,
-    right_pad,
-    split_present,
-)
+from workers.batching import collate, join_rows, left_pad_prompts, mean_pool, right_pad, take_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.runner import ModelSpec, Runner, RunnerCache
 from workers.sampling import sample
@@ -36,6 +36,7 @@ from workers.sampling import sample
 log = logging.getLogger(__name__)
 
 LANES = ("interactive", "bulk")  # admission order
+ROW_COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds per input
 ADMISSIONS = ("continuous", "static")
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
 
@@ -55,12 +56,17 @@ class EngineSink(Protocol):
 class EngineSettings:
     """Batching limits. ``enable_batching=False`` runs one embed and one generate sequence
     per pass. ``batch_window_s`` is how long a lone embed waits for company.
+    ``bulk_pass_s`` bounds an embed pass with bulk inputs in it: the engine measures each
+    model's cost per input and puts no more bulk inputs in a pass than fit in that time (at
+    least one), so an interactive job never waits long behind bulk work. On a GPU, where a
+    pass costs about the same for 1 and for 8 inputs, bulk batches stay full.
     ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
     generate sequences of a model are admitted only while none of that model is running, so a
     batch forms, runs until all its sequences finish, then the next one forms."""
 
     max_batch_size: int = 8
     batch_window_s: float = 0.005
+    bulk_pass_s: float = 0.025
     max_running: int = 32
     max_prompt_tokens: int = 512
     enable_batching: bool = True
@@ -130,7 +136,6 @@ class _Sequence:
         self.future = _new_future()
         self.prompt_tokens = len(prompt_ids)
         self.pending = np.asarray(prompt_ids, dtype=np.int64)
-        self.cache: list[np.ndarray] | None = None
         self.past_len = 0
         self.rng = np.random.default_rng(params.seed)
         self.detokenizer = IncrementalDetokenizer(runner.tokenizer)
@@ -145,9 +150,8 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
-    def advance(self, cache: list[np.ndarray], token_id: int, batch_size: int) -> TokenEvent:
-        """Take one pass's result: the new cache and the sampled token."""
-        self.cache = cache
+    def advance(self, token_id: int, batch_size: int) -> TokenEvent:
+        """Take one pass's result: the sampled token."""
         self.past_len += len(self.pending)
         self.pending = np.array([token_id], dtype=np.int64)
         self.batch_size = max(self.batch_size, batch_size)
@@ -177,11 +181,24 @@ class _Sequence:
                               len(self.token_ids), list(self.token_ids), self.batch_size)
 
 
-def _fits(group: list[_Sequence], seq: _Sequence) -> bool:
-    """Whether the padded pass (P + S key positions) stays within the model's position limit."""
-    members = [*group, seq]
-    longest = max(s.past_len for s in members) + max(len(s.pending) for s in members)
-    return longest <= seq.runner.max_positions
+class _Batch:
+    """The running sequences of one model version and their KV cache, left-padded: row b's
+    real positions are the last ``seqs[b].past_len`` of the ``T`` columns that ``mask``
+    ``[B, T]`` marks; ``pasts`` holds one ``[B, H, T, D]`` array per past input. ``T`` is the
+    longest row's past, so it never exceeds the model's positions."""
+
+    def __init__(self, seqs: list[_Sequence], pasts: list[np.ndarray], mask: np.ndarray) -> None:
+        self.seqs, self.pasts, self.mask = seqs, pasts, mask
+
+    def keep_unfinished(self) -> None:
+        rows = [b for b, seq in enumerate(self.seqs) if not seq.done]
+        if len(rows) < len(self.seqs):
+            self.pasts, self.mask = take_rows(self.pasts, self.mask, rows)
+            self.seqs = [self.seqs[b] for b in rows]
+
+    def join(self, other: _Batch) -> None:
+        self.pasts, self.mask = join_rows([(self.pasts, self.mask), (other.pasts, other.mask)])
+        self.seqs = self.seqs + other.seqs
 
 
 class Engine:
@@ -203,14 +220,16 @@ class Engine:
         self._clock = clock
         self._batch_cap = settings.max_batch_size if settings.enable_batching else 1
         self._running_cap = settings.max_running if settings.enable_batching else 1
+        self._row_cost: dict[Runner, float] = {}  # embed seconds per input, engine thread only
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, deque[_EmbedJob]] = {}
         self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
         self._cancels: set[str] = set()
-        # engine thread only (admission writes it under _cond):
-        self._running: dict[Runner, list[_Sequence]] = {}
+        # engine thread only (admission writes them under _cond):
+        self._batches: dict[Runner, _Batch] = {}  # running sequences with their caches
+        self._joining: dict[Runner, list[_Sequence]] = {}  # admitted at this step, no cache yet
 
     # -- caller threads ---------------------------------------------------------------------
 
@@ -311,15 +330,15 @@ class Engine:
             leaving = self._drop(now)
             self._admit()
             embed_batches = self._take_embeds(now)
-        for runner, batch in embed_batches:
+        urgent = [b for b in embed_batches if b[1][0].lane == "interactive"]
+        for runner, batch in urgent:
             self._run_embed(runner, batch)
         events: list[TokenEvent] = []
-        for runner, seqs in list(self._running.items()):
-            self._run_generate(runner, seqs, events)
-            leaving += [s for s in seqs if s.done]
-            self._running[runner] = [s for s in seqs if not s.done]
-            if not self._running[runner]:
-                del self._running[runner]
+        for runner in {*self._batches, *self._joining}:
+            leaving += self._run_generate(runner, events)
+        for runner, batch in embed_batches:
+            if batch[0].lane != "interactive":  # bulk-only passes after everything interactive
+                self._run_embed(runner, batch)
         try:
             if events:
                 self._sink.publish_tokens(events)
@@ -329,7 +348,7 @@ class Engine:
 
     def _wait_for_work(self, stop: threading.Event) -> None:
         with self._cond:
-            if stop.is_set() or self._running or self._cancels or any(self._waiting.values()):
+            if stop.is_set() or self._batches or self._cancels or any(self._waiting.values()):
                 return
             timeout = IDLE_POLL_S
             if self._embeds:
@@ -356,39 +375,47 @@ class Engine:
         for lane, queue in self._waiting.items():
             if queue:
                 self._waiting[lane] = deque(s for s in queue if not leaves(s))
-        for runner, seqs in list(self._running.items()):
-            self._running[runner] = [s for s in seqs if not leaves(s)]
-            if not self._running[runner]:
-                del self._running[runner]
+        for runner, batch in list(self._batches.items()):
+            if any([leaves(seq) for seq in batch.seqs]):
+                self._keep_unfinished(runner, batch)
         return leaving
 
     def _admit(self) -> None:
-        count = sum(len(seqs) for seqs in self._running.values())
+        count = sum(len(batch.seqs) for batch in self._batches.values())
         # static admission: a model with a batch in progress takes no one until it drains
-        busy = set(self._running) if self._settings.admission == "static" else set()
+        busy = set(self._batches) if self._settings.admission == "static" else set()
         for lane in LANES:
             queue = self._waiting[lane]
             while queue and count < self._running_cap:
-                seq = queue[0]
-                if seq.runner in busy or not _fits(self._running.get(seq.runner, []), seq):
-                    return  # it waits for the batch to shrink; nothing overtakes it
-                queue.popleft()
+                if queue[0].runner in busy:
+                    return  # it waits for the batch to drain; nothing overtakes it
+                seq = queue.popleft()
                 seq.started = True
-                self._running.setdefault(seq.runner, []).append(seq)
+                self._joining.setdefault(seq.runner, []).append(seq)
                 count += 1
 
     def _take_embeds(self, now: float) -> list[tuple[Runner, list[_EmbedJob]]]:
-        busy = (bool(self._running) or any(self._waiting.values())
+        busy = (bool(self._batches) or any(self._waiting.values())
                 or any(len(q) >= self._batch_cap for q in self._embeds.values()))
         batches = []
         for runner, queue in list(self._embeds.items()):
             deadline = now if busy else queue[0].arrived + self._settings.batch_window_s
-            batch = collate(queue, self._batch_cap, deadline, now)
+            batch = collate(queue, self._embed_cap(runner, queue), deadline, now)
             if batch:
                 batches.append((runner, batch))
             if not queue:
                 del self._embeds[runner]
         return batches
+
+    def _embed_cap(self, runner: Runner, queue: deque[_EmbedJob]) -> int:
+        """Inputs in the next pass: every interactive one that waits (up to the batch size),
+        more only while the pass stays within ``bulk_pass_s`` by the measured cost per input."""
+        cost = self._row_cost.get(runner)
+        if cost is None:
+            return self._batch_cap
+        interactive = sum(1 for job in queue if job.lane == "interactive")
+        within = max(1, int(self._settings.bulk_pass_s / cost)) if cost > 0 else self._batch_cap
+        return min(self._batch_cap, max(interactive, within))
 
     def _run_embed(self, runner: Runner, batch: list[_EmbedJob]) -> None:
         ids, mask = right_pad([job.ids for job in batch], runner.pad_token_id)
@@ -408,18 +435,64 @@ class Engine:
             return
         self._sink.record_pass("embed", runner.spec.name, runner.spec.version, len(batch),
                                seconds)
+        cost = seconds / len(batch)
+        last = self._row_cost.get(runner, cost)
+        self._row_cost[runner] = last + ROW_COST_WEIGHT * (cost - last)
         for job, vector in zip(batch, mean_pool(hidden, mask)):
             job.future.set_result(EmbedResult(vector.tolist(), len(job.ids), len(batch)))
 
-    def _run_generate(self, runner: Runner, seqs: list[_Sequence],
-                      events: list[TokenEvent]) -> None:
-        past_lens = [s.past_len for s in seqs]
-        pending = [s.pending for s in seqs]
-        ids, mask, positions = left_pad_pending(pending, past_lens)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        pasts = left_pad_past([s.cache for s in seqs], past_lens, len(runner.past_names),
-                              (runner.n_head, runner.head_dim), runner.kv_dtype)
-        feeds.update(zip(runner.past_names, pasts))
+    def _run_generate(self, runner: Runner, events: list[TokenEvent]) -> list[_Sequence]:
+        """This step for one model version: a decode pass over its running sequences, a prefill
+        pass for the ones joining, their tokens into ``events``. Returns the sequences that
+        finished (or failed) and left the batch."""
+        batch = self._batches.pop(runner, None)
+        joining = self._joining.pop(runner, [])
+        if batch is not None:
+            self._decode(runner, batch, events)
+        if joining:
+            arrivals = self._prefill(runner, joining, events)
+            if batch is None:
+                batch = arrivals
+            elif arrivals is not None:
+                batch.join(arrivals)
+        leaving = [] if batch is None else [seq for seq in batch.seqs if seq.done]
+        leaving += [seq for seq in joining if seq.error is not None]
+        if batch is not None:
+            self._keep_unfinished(runner, batch)
+        return leaving
+
+    def _keep_unfinished(self, runner: Runner, batch: _Batch) -> None:
+        batch.keep_unfinished()
+        if batch.seqs:
+            self._batches[runner] = batch
+        else:
+            self._batches.pop(runner, None)
+
+    def _decode(self, runner: Runner, batch: _Batch, events: list[TokenEvent]) -> None:
+        rows = len(batch.seqs)
+        ids = np.array([[seq.pending[0]] for seq in batch.seqs], dtype=np.int64)
+        positions = np.array([[seq.past_len] for seq in batch.seqs], dtype=np.int64)
+        mask = np.concatenate((batch.mask, np.ones((rows, 1), dtype=np.int64)), axis=1)
+        out = self._pass(runner, batch.seqs, ids, mask, positions, batch.pasts)
+        if out is not None:
+            batch.pasts, batch.mask = [out[name] for name in runner.present_names], mask
+            self._sample(out["logits"], batch.seqs, events)
+
+    def _prefill(self, runner: Runner, seqs: list[_Sequence],
+                 events: list[TokenEvent]) -> _Batch | None:
+        ids, mask, positions = left_pad_prompts([seq.pending for seq in seqs])
+        empty = np.zeros((len(seqs), runner.n_head, 0, runner.head_dim), dtype=runner.kv_dtype)
+        out = self._pass(runner, seqs, ids, mask, positions, [empty] * len(runner.past_names))
+        if out is None:
+            return None
+        self._sample(out["logits"], seqs, events)
+        return _Batch(seqs, [out[name] for name in runner.present_names], mask)
+
+    def _pass(self, runner: Runner, seqs: list[_Sequence], ids: np.ndarray, mask: np.ndarray,
+              positions: np.ndarray, pasts: list[np.ndarray]) -> dict[str, np.ndarray] | None:
+        """One decoder pass; on failure every sequence in it gets the error and None returns."""
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **dict(zip(runner.past_names, pasts))}
         try:
             started = time.perf_counter()
             out = runner.run(feeds)
@@ -431,15 +504,16 @@ class Engine:
         except InferenceError as exc:
             for seq in seqs:
                 seq.error = exc
-            return
+            return None
         self._sink.record_pass("generate", runner.spec.name, runner.spec.version, len(seqs),
                                seconds)
-        caches = split_present([out[name] for name in runner.present_names], past_lens,
-                               [len(p) for p in pending])
+        return out
+
+    @staticmethod
+    def _sample(logits: np.ndarray, seqs: list[_Sequence], events: list[TokenEvent]) -> None:
         last = logits[:, -1, :]
         for b, seq in enumerate(seqs):
-            token = sample(last[b], seq.params, seq.rng)
-            events.append(seq.advance(caches[b], token, len(seqs)))
+            events.append(seq.advance(sample(last[b], seq.params, seq.rng), len(seqs)))
 
     def _resolve(self, leaving: list[_Sequence]) -> None:
         with self._cond:

@@ -93,6 +93,7 @@ class RedisSink:
 def engine_settings(settings: Settings) -> EngineSettings:
     return EngineSettings(max_batch_size=settings.max_batch(),
                           batch_window_s=settings.batch_window_ms / 1000.0,
+                          bulk_pass_s=settings.bulk_pass_ms / 1000.0,
                           max_running=settings.max_running,
                           max_prompt_tokens=settings.max_prompt_tokens,
                           enable_batching=settings.enable_batching,
