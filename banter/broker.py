@@ -13,12 +13,63 @@ from banter.settings import Settings
 RUN_JOB = "banter.run_job"
 
 
+BULK_RECHECK_S = 0.05  # how often a channel holding its bulk share looks again for bulk work
+
+
+class _LaneCycle:
+    """kombu's queue cycle (the order BRPOP lists the queues in), without the bulk queues
+    while ``channel.bulk_full``."""
+
+    def __init__(self, inner, channel: "_Channel") -> None:
+        self.inner, self.channel = inner, channel
+
+    def update(self, queues):
+        self.inner.update(queues)
+
+    def rotate(self, last_used):
+        return self.inner.rotate(last_used)
+
+    def consume(self, n):
+        queues = self.inner.consume(n)
+        if self.channel.bulk_full:
+            queues = [q for q in queues if q not in self.channel.bulk_queues]
+        return queues
+
+
 class _Channel(kombu_redis.Channel):
-    """kombu's Redis channel builds a new ``redis.Redis`` for every ack, publish and event
-    (about 0.15 ms of CPU each: a quarter of a worker's Celery overhead per job). One client
-    per connection pool does the same work: the pool hands out connections to any thread."""
+    """kombu's Redis channel with two changes.
+
+    * One ``redis.Redis`` per connection pool: kombu builds a new one for every ack, publish and
+      event (about 0.15 ms of CPU each: a quarter of a worker's Celery overhead per job); the
+      pool hands connections to any thread, so one client does the same work.
+    * Lanes: a channel (one per worker process) holds at most ``bulk_limit`` (transport option)
+      unacked messages from ``bulk_queues``. With that many, its BRPOP leaves the bulk queues
+      out and comes back every ``BULK_RECHECK_S``, so the rest of the worker's prefetch (its
+      thread pool) stays free for interactive messages instead of waiting for a bulk job to end.
+    """
 
     _sync_client = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        options = self.connection.client.transport_options
+        self.bulk_queues = frozenset(options.get("bulk_queues", ()))
+        self.bulk_limit = int(options.get("bulk_limit", 0))
+        self.bulk_full = False
+        self._queue_cycle = _LaneCycle(self._queue_cycle, self)
+
+    def bulk_held(self) -> int:
+        """Bulk messages this channel delivered that are not acked yet."""
+        qos = self.qos
+        acked = qos._dirty
+        return sum(1 for tag, message in list(qos._delivered.items())
+                   if tag not in acked and message.delivery_info.get("routing_key") in self.bulk_queues)
+
+    def _brpop_start(self, timeout=None):
+        self.bulk_full = bool(self.bulk_limit) and self.bulk_held() >= self.bulk_limit
+        if self.bulk_full and timeout is None:
+            timeout = BULK_RECHECK_S
+        return super()._brpop_start(timeout)
 
     def _create_client(self, asynchronous=False):
         if asynchronous:
@@ -30,7 +81,7 @@ class _Channel(kombu_redis.Channel):
 
 
 class RedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport with ``_Channel``; used for ``redis://`` broker URLs."""
+    """kombu's Redis transport with ``_Channel``; ``make_celery`` uses it for ``redis://``."""
 
     Channel = _Channel
 
@@ -52,6 +103,8 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
         # "priority": a worker with a free slot always takes an interactive message first.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
                                   "queue_order_strategy": "priority",
+                                  "bulk_queues": [settings.queues[1], settings.openai_queues[1]],
+                                  "bulk_limit": settings.bulk_limit(),
                                   "unacked_restore_interval": 10,
                                   "unacked_restore_throttle": 1},
     )

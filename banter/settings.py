@@ -15,7 +15,8 @@ from banter.errors import InvalidRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
-_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min")  # int settings that may be 0
+# int settings that may be 0
+_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency")
 
 
 class SettingsError(InvalidRequest):
@@ -70,6 +71,7 @@ class Settings:
     max_running: int = 32
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     worker_concurrency: int = 64
+    bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
     worker_heartbeat_s: float = 5.0
     default_generate_model: str = "demo-gpt"
     default_embed_model: str = "demo-embed"
@@ -140,6 +142,11 @@ class Settings:
                     else home / "registry" / "history.jsonl").expanduser().resolve()
         return replace(self, home=home, model_root=model_root, registry_path=registry,
                         broker_url=self.broker_url or self.redis_url)
+
+    def bulk_limit(self) -> int:
+        """Bulk messages a worker holds at once (the rest of its concurrency is for
+        interactive ones)."""
+        return self.bulk_concurrency or max(1, self.worker_concurrency * 3 // 4)
 
     @property
     def queues(self) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from registry.artifacts import sha256_file
 from workers import runner as runner_module
 from workers.batching import collate, join_rows, left_pad_prompts, take_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from workers.engine import Engine, EngineSettings
+from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings
 from workers.runner import ModelSpec, RunnerCache, select_providers
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
@@ -278,6 +278,48 @@ def test_bulk_embeds_run_after_the_steps_interactive_work(make_engine, sink, spe
     assert bulk.done() and later.done()
     assert [(p[0], p[3]) for p in sink.passes] == [("embed", 1), ("generate", 1),
                                                    ("generate", 1), ("embed", 1)]
+
+
+def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, specs, cache,
+                                                            monkeypatch):
+    """The bulk-only pass is stopped through ORT's terminate flag (here raised before it
+    starts: the interactive job arrives "during" it); its jobs go back to the head of the bulk
+    lane. Once bulk passes have been stopped for MAX_BULK_STALL_S with none finishing, the next
+    runs to the end: bulk work cannot starve even when an interactive job arrives during every
+    bulk pass."""
+    clock = FakeClock()
+    engine = make_engine(clock=clock, batch_window_s=0.0, bulk_pass_s=1e-9)
+    alone = drive(engine, [engine.submit_embed("warm", specs["embed"], "bulk 0")])[0]
+    runner = cache.get(specs["embed"])
+    real_run, handles, urgent, arrivals = runner.run, [], [], [True]
+
+    def run(feeds, handle=None):
+        handles.append(handle is not None)
+        if handle is not None and arrivals[0]:
+            urgent.append(engine.submit_embed(f"i{len(urgent)}", specs["embed"], "urgent"))
+        return real_run(feeds, handle)
+
+    monkeypatch.setattr(runner, "run", run)
+    sink.passes.clear()
+    bulk = [engine.submit_embed(f"b{i}", specs["embed"], f"bulk {i}", lane="bulk")
+            for i in range(2)]
+    engine.step()  # b0's pass is stopped: nothing finished, nothing recorded
+    assert not any(f.done() for f in bulk) and sink.passes == [] and len(urgent) == 1
+    engine.step()  # the interactive job first
+    assert urgent[0].done() and not bulk[0].done()
+    for _ in range(2):  # stopped again while the stall is young; each time the new job first
+        clock.now += MAX_BULK_STALL_S / 3
+        engine.step()
+        engine.step()
+    assert not bulk[0].done() and len(urgent) == 3 and all(f.done() for f in urgent)
+    clock.now += MAX_BULK_STALL_S / 3
+    engine.step()  # stalled long enough: this pass runs to the end
+    assert bulk[0].done() and len(urgent) == 3
+    arrivals[0] = False
+    drive(engine, bulk)  # the stall is over: b1's pass may be stopped again
+    assert handles == [True, False] * 3 + [False, True]
+    assert len(sink.passes) == len(urgent) + 2  # the stopped passes are not counted
+    assert np.allclose(bulk[0].result().embedding, alone.embedding, atol=1e-6)
 
 
 def test_lone_embed_waits_for_the_window(make_engine, sink, specs):

@@ -30,13 +30,14 @@ from banter.params import SamplingParams
 from banter.streams import TokenEvent
 from workers.batching import collate, join_rows, left_pad_prompts, mean_pool, right_pad, take_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from workers.runner import ModelSpec, Runner, RunnerCache
+from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
 from workers.sampling import sample
 
 log = logging.getLogger(__name__)
 
 LANES = ("interactive", "bulk")  # admission order
-ROW_COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds per input
+MAX_BULK_STALL_S = 0.25  # bulk passes stopped for this long: the next one runs to the end
+COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds per token slot
 ADMISSIONS = ("continuous", "static")
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
 
@@ -57,8 +58,9 @@ class EngineSettings:
     """Batching limits. ``enable_batching=False`` runs one embed and one generate sequence
     per pass. ``batch_window_s`` is how long a lone embed waits for company.
     ``bulk_pass_s`` bounds an embed pass with bulk inputs in it: the engine measures each
-    model's cost per input and puts no more bulk inputs in a pass than fit in that time (at
-    least one), so an interactive job never waits long behind bulk work. On a GPU, where a
+    model's cost per token slot (input x padded length) and puts no more bulk inputs in a pass
+    than fit in that time (at least one), so an interactive job never waits long behind bulk
+    work. On a GPU, where a
     pass costs about the same for 1 and for 8 inputs, bulk batches stay full.
     ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
     generate sequences of a model are admitted only while none of that model is running, so a
@@ -114,14 +116,15 @@ class _EmbedJob:
     lane: str = "interactive"
 
 
-def _enqueue_embed(queue: deque[_EmbedJob], job: _EmbedJob) -> None:
-    """Interactive jobs wait ahead of every bulk job (each lane first come, first served)."""
-    if job.lane == "interactive":
-        for i, waiting in enumerate(queue):
-            if waiting.lane != "interactive":
-                queue.insert(i, job)
-                return
-    queue.append(job)
+def _enqueue_embed(queue: deque[_EmbedJob], job: _EmbedJob, first: bool = False) -> None:
+    """Interactive jobs wait ahead of every bulk job (each lane first come, first served);
+    ``first`` puts the job at the head of its lane."""
+    def goes_before(waiting: _EmbedJob) -> bool:
+        if job.lane == "interactive":
+            return first or waiting.lane != "interactive"
+        return first and waiting.lane != "interactive"
+
+    queue.insert(next((i for i, w in enumerate(queue) if goes_before(w)), len(queue)), job)
 
 
 class _Sequence:
@@ -220,13 +223,15 @@ class Engine:
         self._clock = clock
         self._batch_cap = settings.max_batch_size if settings.enable_batching else 1
         self._running_cap = settings.max_running if settings.enable_batching else 1
-        self._row_cost: dict[Runner, float] = {}  # embed seconds per input, engine thread only
+        self._slot_cost: dict[Runner, float] = {}  # embed s per (input x padded token), engine
+        self._bulk_stalled_at: float | None = None  # first bulk stop since one last finished
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, deque[_EmbedJob]] = {}
         self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
         self._cancels: set[str] = set()
+        self._preemptible: PassHandle | None = None  # the bulk-only pass running now
         # engine thread only (admission writes them under _cond):
         self._batches: dict[Runner, _Batch] = {}  # running sequences with their caches
         self._joining: dict[Runner, list[_Sequence]] = {}  # admitted at this step, no cache yet
@@ -247,6 +252,7 @@ class Engine:
         job = _EmbedJob(job_id, runner, ids, self._clock(), _new_future(), lane)
         with self._cond:
             _enqueue_embed(self._embeds.setdefault(runner, deque()), job)
+            self._preempt_for(lane)
             self._cond.notify()
         return job.future
 
@@ -268,6 +274,7 @@ class Engine:
                 return self._jobs[job_id].future
             self._jobs[job_id] = seq
             self._waiting[lane].append(seq)
+            self._preempt_for(lane)
             self._cond.notify()
         return seq.future
 
@@ -280,6 +287,14 @@ class Engine:
             self._cancels.add(job_id)
             self._cond.notify()
             return True
+
+    def _preempt_for(self, lane: str) -> None:
+        """An interactive job arrived: stop the bulk-only pass in progress (its jobs run again
+        at the head of the bulk lane; once bulk passes have been stopped with none finishing
+        for ``MAX_BULK_STALL_S``, the next runs to the end, so bulk work never starves).
+        Called under ``_cond``."""
+        if lane == "interactive" and self._preemptible is not None:
+            self._preemptible.stop()
 
     def running_jobs(self) -> list[str]:
         with self._cond:
@@ -323,8 +338,10 @@ class Engine:
                 self._wait_for_work(stop)
 
     def step(self, now: float | None = None) -> bool:
-        """One iteration: drop cancelled/expired jobs, admit waiting ones, run the passes,
-        publish the step's tokens, then resolve finished futures. True if it did anything."""
+        """One iteration: drop cancelled/expired jobs, admit waiting ones; run the embed passes
+        with interactive inputs, then the generate passes; publish the step's tokens and
+        resolve the finished generations; then run the bulk-only embed passes. True if it did
+        anything."""
         now = self._clock() if now is None else now
         with self._cond:
             leaving = self._drop(now)
@@ -336,14 +353,14 @@ class Engine:
         events: list[TokenEvent] = []
         for runner in {*self._batches, *self._joining}:
             leaving += self._run_generate(runner, events)
-        for runner, batch in embed_batches:
-            if batch[0].lane != "interactive":  # bulk-only passes after everything interactive
-                self._run_embed(runner, batch)
         try:
             if events:
                 self._sink.publish_tokens(events)
         finally:
             self._resolve(leaving)
+        for runner, batch in embed_batches:  # bulk-only passes once the rest is out the door
+            if batch[0].lane != "interactive":
+                self._run_bulk_embed(runner, batch)
         return bool(leaving or embed_batches or events)
 
     def _wait_for_work(self, stop: threading.Event) -> None:
@@ -408,23 +425,51 @@ class Engine:
         return batches
 
     def _embed_cap(self, runner: Runner, queue: deque[_EmbedJob]) -> int:
-        """Inputs in the next pass: every interactive one that waits (up to the batch size),
-        more only while the pass stays within ``bulk_pass_s`` by the measured cost per input."""
-        cost = self._row_cost.get(runner)
+        """The batch size for the next pass: fewer than ``max_batch_size`` only where a bulk
+        input would take the padded pass past ``bulk_pass_s`` at the measured cost per token
+        slot (every interactive input that waits goes in; at least one input)."""
+        cost = self._slot_cost.get(runner)
         if cost is None:
             return self._batch_cap
-        interactive = sum(1 for job in queue if job.lane == "interactive")
-        within = max(1, int(self._settings.bulk_pass_s / cost)) if cost > 0 else self._batch_cap
-        return min(self._batch_cap, max(interactive, within))
+        count, width = 0, 0
+        for job in list(queue)[:self._batch_cap]:
+            wider = max(width, len(job.ids))
+            if job.lane != "interactive" and count and (
+                    (count + 1) * wider * cost > self._settings.bulk_pass_s):
+                return count
+            count, width = count + 1, wider
+        return self._batch_cap
 
-    def _run_embed(self, runner: Runner, batch: list[_EmbedJob]) -> None:
+    def _run_bulk_embed(self, runner: Runner, batch: list[_EmbedJob]) -> None:
+        stalled = self._bulk_stalled_at
+        stoppable = stalled is None or self._clock() - stalled < MAX_BULK_STALL_S
+        handle = PassHandle() if stoppable else None
+        with self._cond:
+            self._preemptible = handle
+        try:
+            self._run_embed(runner, batch, handle)
+            self._bulk_stalled_at = None
+        except Preempted:
+            log.debug("bulk_pass_preempted", extra={"model": runner.spec.name, "jobs": len(batch)})
+            if stalled is None:
+                self._bulk_stalled_at = self._clock()
+            with self._cond:
+                queue = self._embeds.setdefault(runner, deque())
+                for job in reversed(batch):
+                    _enqueue_embed(queue, job, first=True)
+        finally:
+            with self._cond:
+                self._preemptible = None
+
+    def _run_embed(self, runner: Runner, batch: list[_EmbedJob],
+                   handle: PassHandle | None = None) -> None:
         ids, mask = right_pad([job.ids for job in batch], runner.pad_token_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in runner.input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         try:
             started = time.perf_counter()
-            hidden = runner.run(feeds)["last_hidden_state"]
+            hidden = runner.run(feeds, handle)["last_hidden_state"]
             seconds = time.perf_counter() - started
             if hidden.ndim != 3 or hidden.shape[:2] != ids.shape:
                 raise InferenceError(f"{runner.spec.name}: last_hidden_state has shape "
@@ -435,9 +480,9 @@ class Engine:
             return
         self._sink.record_pass("embed", runner.spec.name, runner.spec.version, len(batch),
                                seconds)
-        cost = seconds / len(batch)
-        last = self._row_cost.get(runner, cost)
-        self._row_cost[runner] = last + ROW_COST_WEIGHT * (cost - last)
+        cost = seconds / ids.size
+        last = self._slot_cost.get(runner, cost)
+        self._slot_cost[runner] = last + COST_WEIGHT * (cost - last)
         for job, vector in zip(batch, mean_pool(hidden, mask)):
             job.future.set_result(EmbedResult(vector.tolist(), len(job.ids), len(batch)))
 

@@ -83,6 +83,23 @@ def _optional_int(config: Mapping[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class Preempted(Exception):
+    """The pass was stopped by ``PassHandle.stop`` before it finished."""
+
+
+class PassHandle:
+    """Lets another thread stop one ORT pass: ``stop()`` ends the run in progress early (ORT
+    checks the flag between graph nodes) or makes it fail at once if it has not started."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.options.terminate = True
+
+
 class Runner:
     """One loaded model version: a verified ONNX Runtime session, its tokenizer and config.
 
@@ -165,11 +182,15 @@ class Runner:
         dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
         return meta.shape[1], meta.shape[3], dtype
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One ORT pass; returns every output by name."""
+    def run(self, feeds: Mapping[str, np.ndarray],
+            handle: PassHandle | None = None) -> dict[str, np.ndarray]:
+        """One ORT pass; returns every output by name. Raises ``Preempted`` when ``handle``
+        was stopped."""
         try:
-            values = self.session.run(None, dict(feeds))
+            values = self.session.run(None, dict(feeds), handle.options if handle else None)
         except Exception as exc:  # ORT raises its own non-standard exception types
+            if handle is not None and handle.stopped:
+                raise Preempted() from exc
             raise InferenceError(f"{self.spec.name}@{self.spec.version}: ORT run failed: "
                                  f"{exc}") from exc
         return dict(zip(self.output_names, values))

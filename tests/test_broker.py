@@ -1,0 +1,67 @@
+"""The Celery app's Redis transport (banter.broker): a channel holds at most its bulk share of
+unacked bulk messages and keeps taking interactive ones. Real Redis, real kombu consumer."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import pytest
+from kombu import Consumer, Queue
+
+from banter.broker import RUN_JOB, RedisTransport, make_celery
+from banter.settings import Settings
+
+
+@pytest.fixture
+def lanes(settings, redis_client):
+    names = (f"lanes-test-interactive-{id(settings)}", f"lanes-test-bulk-{id(settings)}")
+    lane_settings = replace(settings, queue_interactive=names[0], queue_bulk=names[1],
+                            bulk_concurrency=2)
+    yield make_celery(lane_settings), lane_settings
+    redis_client.delete(*names)
+
+
+def drain(connection, got: list, timeout: float = 0.5) -> None:
+    """Take every message the channel will deliver now."""
+    while True:
+        try:
+            connection.drain_events(timeout=timeout)
+        except socket.timeout:
+            return
+
+
+def test_a_channel_holds_its_bulk_share_and_keeps_taking_interactive_messages(lanes):
+    app, settings = lanes
+    for i in range(5):
+        app.send_task(RUN_JOB, args=[f"bulk-{i}"], queue=settings.queue_bulk)
+    got: list = []
+    with app.connection_for_read() as connection:
+        assert isinstance(connection.transport, RedisTransport)
+        channel = connection.channel()
+        channel.basic_qos(0, 10, False)  # prefetch room for all of them
+        consumer = Consumer(channel, queues=[Queue(q) for q in settings.queues], accept=["json"],
+                            callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        drain(connection, got)
+        assert len(got) == 2  # its bulk share, though the prefetch has room for all five
+        assert channel.bulk_held() == 2
+        app.send_task(RUN_JOB, args=["urgent"], queue=settings.queue_interactive)
+        drain(connection, got)
+        assert [m.payload[0] for m in got] == [["bulk-0"], ["bulk-1"], ["urgent"]]
+        got[0].ack()  # a bulk job ended: room for one more
+        drain(connection, got)
+        assert [m.payload[0] for m in got[3:]] == [["bulk-2"]]
+        for message in got[1:]:
+            message.ack()
+        drain(connection, got)
+        assert [m.payload[0] for m in got[4:]] == [["bulk-3"], ["bulk-4"]]
+        for message in got[4:]:
+            message.ack()
+        consumer.cancel()
+
+
+def test_bulk_share_setting():
+    assert Settings().bulk_limit() == 48  # three quarters of 64 task threads
+    assert Settings(worker_concurrency=1).bulk_limit() == 1
+    assert Settings.from_env({"BANTER_BULK_CONCURRENCY": "5"}).bulk_limit() == 5
