@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--kinds takes {', '.join(KINDS)}")
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     settings = Settings()
-    with BenchStack() as stack:
+    with BenchStack(keep=args.keep) as stack:
         gpt_dir = build_demo(stack.model_root)[DEMO_GPT]
         embed_name, embed_dir, embed_record = encoder_model(stack, None, None, args.shape)
         models = {DEMO_GPT: stack.promote(DEMO_GPT, "generate", gpt_dir), embed_name: embed_record}
