@@ -13,6 +13,7 @@ from banter import keys
 from banter.streams import EventType, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
+from workers.runtime import WorkerRuntime
 
 PAUSED = {"BANTER_QUEUE_INTERACTIVE": "paused-interactive", "BANTER_QUEUE_BULK": "paused-bulk"}
 
@@ -128,3 +129,24 @@ def test_more_waiting_subscribers_than_a_default_redis_pool_holds(paused, redis_
         thread.join(timeout=60)
     assert len(answers) == 150
     assert all("event: done" in text and '"cancelled"' in text for text in answers.values())
+
+
+def test_a_lease_released_during_renewal_is_not_reported_lost(settings, redis_client,
+                                                              monkeypatch):
+    """Renewal races with jobs finishing: a job whose thread released its lease between the
+    snapshot of held jobs and the renewal is done, not taken over; only a job still held is."""
+    runtime = WorkerRuntime(replace(settings, openai_key=""), redis_client, None,
+                            "renew-test@localhost")
+    cancelled: list[str] = []
+    monkeypatch.setattr(runtime, "_cancel", cancelled.append)
+    runtime._held.update({"finished-meanwhile", "taken-over"})
+    renew = runtime.jobs.renew
+
+    def racing_renew(job_ids, node, lease_s):
+        lost = renew(job_ids, node, lease_s)  # neither has a lease of this node: both "lost"
+        runtime._held.discard("finished-meanwhile")  # its thread finished and released it
+        return lost
+
+    monkeypatch.setattr(runtime.jobs, "renew", racing_renew)
+    runtime._renew_leases()
+    assert cancelled == ["taken-over"]

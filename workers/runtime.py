@@ -333,7 +333,10 @@ class WorkerRuntime:
     def _renew_leases(self) -> None:
         with self._held_lock:
             held = sorted(self._held)
-        for job_id in self.jobs.renew(held, self.node, self.settings.lease_ttl_s):
+        lost = self.jobs.renew(held, self.node, self.settings.lease_ttl_s)
+        with self._held_lock:  # a job that finished meanwhile released its lease: not lost
+            lost = [job_id for job_id in lost if job_id in self._held]
+        for job_id in lost:
             # another worker took it over while this one stalled: stop the local copy
             log.warning("lease_lost", extra={"job_id": job_id})
             self._cancel(job_id)
