@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -214,3 +215,15 @@ def post(session: requests.Session, url: str, body: dict, timeout: float = 300.0
         if response.status_code // 100 != 2:
             raise HTTPFailure(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
+
+
+def run_released(threads: list[threading.Thread], barrier: threading.Barrier) -> float:
+    """Start ``threads`` (each waits on ``barrier`` before its work), release them together
+    and join them all; returns the ``time.perf_counter()`` of the release."""
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return started

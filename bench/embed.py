@@ -40,6 +40,7 @@ from bench.common import (
     positive,
     post,
     ratio,
+    run_released,
 )
 from bench.machine import machine_facts
 from bench.stack import BenchStack
@@ -126,12 +127,7 @@ class ClosedLoop:
                 latencies[index] = time.perf_counter() - sent
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(self.clients)]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        started = time.perf_counter()
-        for thread in threads:
-            thread.join()
+        started = run_released(threads, barrier)
         wall = time.perf_counter() - started
         if errors:
             raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")

@@ -31,7 +31,7 @@ import numpy as np
 import requests
 
 from banter.client import sse_events
-from bench.common import p50_p99_ms, positive
+from bench.common import p50_p99_ms, positive, run_released
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -352,12 +352,7 @@ def run_clients(url: str, model: str, workload: list[Request],
                 outcomes[r.index] = stream_request(session, url, model, r)
 
     threads = [threading.Thread(target=client, args=(mine,), daemon=True) for mine in by_client]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    started = run_released(threads, barrier)
     ended = max(o.done for o in outcomes)
     return outcomes, ended - started
 

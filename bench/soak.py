@@ -50,7 +50,7 @@ import numpy as np
 import requests
 
 from banter.client import sse_events
-from bench.common import p50_p99_ms, positive
+from bench.common import p50_p99_ms, positive, run_released
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -476,12 +476,7 @@ def run_clients(url: str, plan: list[Op], clients: int, stats: HttpStats, run_id
 
     threads = [threading.Thread(target=client, daemon=True, name=f"soak-client-{c}")
                for c in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    started = run_released(threads, barrier)
     return outcomes, max(o.done_at for o in outcomes) - started
 
 
