@@ -21,6 +21,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -60,8 +61,8 @@ class EngineSettings:
     ``bulk_pass_s`` bounds an embed pass with bulk inputs in it: the engine measures each
     model's cost per token slot (input x padded length) and puts no more bulk inputs in a pass
     than fit in that time (at least one), so an interactive job never waits long behind bulk
-    work. On a GPU, where a
-    pass costs about the same for 1 and for 8 inputs, bulk batches stay full.
+    work. On a GPU, where a pass costs about the same for 1 and for 8 inputs, bulk batches stay
+    full.
     ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
     generate sequences of a model are admitted only while none of that model is running, so a
     batch forms, runs until all its sequences finish, then the next one forms."""
@@ -347,7 +348,8 @@ class Engine:
             leaving = self._drop(now)
             self._admit()
             embed_batches = self._take_embeds(now)
-        urgent = [b for b in embed_batches if b[1][0].lane == "interactive"]
+        urgent = [(r, b) for r, b in embed_batches if b[0].lane == "interactive"]
+        bulk_only = [(r, b) for r, b in embed_batches if b[0].lane != "interactive"]
         for runner, batch in urgent:
             self._run_embed(runner, batch)
         events: list[TokenEvent] = []
@@ -358,9 +360,8 @@ class Engine:
                 self._sink.publish_tokens(events)
         finally:
             self._resolve(leaving)
-        for runner, batch in embed_batches:  # bulk-only passes once the rest is out the door
-            if batch[0].lane != "interactive":
-                self._run_bulk_embed(runner, batch)
+        for runner, batch in bulk_only:  # once everything interactive is out the door
+            self._run_bulk_embed(runner, batch)
         return bool(leaving or embed_batches or events)
 
     def _wait_for_work(self, stop: threading.Event) -> None:
@@ -432,7 +433,7 @@ class Engine:
         if cost is None:
             return self._batch_cap
         count, width = 0, 0
-        for job in list(queue)[:self._batch_cap]:
+        for job in islice(queue, self._batch_cap):
             wider = max(width, len(job.ids))
             if job.lane != "interactive" and count and (
                     (count + 1) * wider * cost > self._settings.bulk_pass_s):
