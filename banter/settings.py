@@ -65,6 +65,7 @@ class Settings:
     queue_interactive: str = "interactive"
     queue_bulk: str = "bulk"
     inference_max_batch_size: int = 8
+    embed_max_inputs: int = 2048  # texts one embed job (or /v1/embeddings request) may carry
     enable_batching: bool = True
     batch_window_ms: float = 5.0
     bulk_pass_ms: float = 25.0  # a pass with bulk embeds in it is kept about this short

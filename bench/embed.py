@@ -5,13 +5,15 @@ batched loop and a naive Celery task that runs one ORT call per input.
 are embedded by every path:
 
 * served: ``--clients`` client threads, closed loop, each ``POST /v1/embeddings`` with
-  ``--inputs-per-request`` sentences, through the producer (gunicorn), Redis/Celery and one
-  ``banter worker`` (thread pool, batching engine, batch size BANTER_INFERENCE_MAX_BATCH_SIZE);
+  ``--inputs-per-request`` sentences (one embed job), through the producer (gunicorn),
+  Redis/Celery and one ``banter worker`` (thread pool, batching engine, batch size
+  BANTER_INFERENCE_MAX_BATCH_SIZE);
 * raw_ort baseline: one process, tokenize + pad + one ORT pass + mean pool per batch of the
   same size, no Redis/HTTP; also the reference every other path must match within 1e-4;
 * naive_celery baseline: a plain Celery task (``bench/naive_worker.py``) doing ONE ORT call per
   input, on the same Redis, with the served worker's thread pool and concurrency; the same
-  number of client threads each send a task and wait for its reply (``BLPOP``), closed loop.
+  number of client threads each send one task per sentence of a chunk, all at once, and wait
+  for their replies (``BLPOP``), closed loop.
 
 Served and naive runs are interleaved ``--repeats`` times; each figure is the median.
 """
@@ -47,8 +49,9 @@ from bench.stack import BenchStack
 
 log = logging.getLogger("bench.embed")
 
-DEFAULT_CLIENTS = 64
-DEFAULT_SENTENCES = 1500
+DEFAULT_CLIENTS = 8
+DEFAULT_INPUTS_PER_REQUEST = 64
+DEFAULT_SENTENCES = 2048
 DEFAULT_TOKENS = 32
 DEFAULT_REPEATS = 2
 TOLERANCE = 1e-4
@@ -60,9 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sentences per timed run (default {DEFAULT_SENTENCES})")
     p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS,
                    help=f"concurrent client threads, served and naive (default {DEFAULT_CLIENTS})")
-    p.add_argument("--inputs-per-request", type=positive, default=1,
-                   help="sentences per POST /v1/embeddings (at most the producer's "
-                        "BANTER_INFERENCE_MAX_BATCH_SIZE, 8; default 1)")
+    p.add_argument("--inputs-per-request", type=positive, default=DEFAULT_INPUTS_PER_REQUEST,
+                   help="sentences per POST /v1/embeddings, and per chunk of naive tasks sent "
+                        "at once (at most BANTER_EMBED_MAX_INPUTS; default "
+                        f"{DEFAULT_INPUTS_PER_REQUEST})")
     p.add_argument("--tokens", type=positive, default=DEFAULT_TOKENS,
                    help=f"tokens per sentence, special tokens included (default {DEFAULT_TOKENS})")
     p.add_argument("--repeats", type=positive, default=DEFAULT_REPEATS,
@@ -150,10 +154,11 @@ def naive_call(app, redis_url: str, timeout_s: float = 300.0):
     client = redis.Redis.from_url(redis_url)
 
     def call(state: dict, texts: list[str]) -> list[list[float]]:
-        out = []
-        for text in texts:
-            key = f"bench:naive:reply:{uuid.uuid4().hex}"
+        replies = [f"bench:naive:reply:{uuid.uuid4().hex}" for _ in texts]
+        for text, key in zip(texts, replies):
             app.send_task(TASK, args=[text, key], queue=QUEUE)
+        out = []
+        for key in replies:
             reply = client.blpop([key], timeout=timeout_s)
             if reply is None:
                 raise TimeoutError(f"no reply on {key} in {timeout_s:.0f}s")
@@ -217,8 +222,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
     defaults = Settings()
     batch_size = defaults.max_batch()
-    if args.inputs_per_request > defaults.inference_max_batch_size:
-        raise ValueError(f"--inputs-per-request is at most {defaults.inference_max_batch_size}")
+    if args.inputs_per_request > defaults.embed_max_inputs:
+        raise ValueError(f"--inputs-per-request is at most {defaults.embed_max_inputs}")
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     model_root = args.model_dir.resolve().parent if args.model_dir else None
     providers = ["CPUExecutionProvider"]

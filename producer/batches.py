@@ -20,7 +20,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
@@ -29,7 +29,7 @@ from banter import keys
 from banter.broker import queue_depth
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
 from banter.errors import InvalidRequest, NotFound, QueueFull, TooLarge, status_for
-from banter.jobs import JobKind, JobRecord, JobStatus, Lane
+from banter.jobs import JobRecord, JobStatus, Lane
 from producer import openai_api as oa
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
@@ -39,41 +39,38 @@ from producer.service import JobRequest
 blueprint = Blueprint("batches", __name__)
 
 MAX_BATCH_REQUESTS = 1000
-MAX_IDEMPOTENCY_KEY_CHARS = 120  # embed lines add ":{index}" per input (job keys take 128)
+MAX_IDEMPOTENCY_KEY_CHARS = 128
 _BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
 
 
 @dataclass
 class Submitted:
-    """One line after submission: the jobs it became, or the answer that refused it."""
+    """One line after submission: the job it became, or the answer that refused it."""
 
     custom_id: str
     url: str
-    job_ids: list[str] = field(default_factory=list)
+    job_id: str = ""
     base64: bool = False
     refused: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- submit
 def submit_line(c: Context, owner: str, line: BatchLine, key: str | None) -> Submitted:
-    """Check ``line.body`` as its endpoint does and enqueue its job(s) on the bulk lane. A body
+    """Check ``line.body`` as its endpoint does and enqueue its job on the bulk lane. A body
     the endpoint would refuse (4xx) comes back as ``refused``; QueueFull and Unavailable raise."""
     try:
-        as_base64 = False
+        encoding = "float"
         if line.url == "/v1/embeddings":
-            requests = embed_requests(c, line.body)
-            as_base64 = v.choice(line.body, "encoding_format", ("float", "base64"),
-                                 "float") == "base64"
+            request, encoding = oa.embed_request(c, line.body)
         else:
-            requests = [text_request(c, line.url, line.body)]
-        requests = [replace(r, lane=Lane.BULK, idempotency_key=f"{key}:{i}" if key else None)
-                    for i, r in enumerate(requests)]
-        job_ids = [c.jobs.submit(r, owner, trace_id())[0].id for r in requests]
+            request = text_request(c, line.url, line.body)
+        request = replace(request, lane=Lane.BULK, idempotency_key=key)
+        job_id = c.jobs.submit(request, owner, trace_id())[0].id
     except (InvalidRequest, NotFound) as exc:
         refused = response_line(line.custom_id, uuid.uuid4().hex, exc.status,
                                 {"error": exc.to_dict()})
         return Submitted(line.custom_id, line.url, refused=refused)
-    return Submitted(line.custom_id, line.url, job_ids, as_base64)
+    return Submitted(line.custom_id, line.url, job_id, encoding == "base64")
 
 
 def text_request(c: Context, url: str, body: dict) -> JobRequest:
@@ -90,46 +87,33 @@ def text_request(c: Context, url: str, body: dict) -> JobRequest:
     return generate_request(body, prompt, c)
 
 
-def embed_requests(c: Context, body: dict) -> list[JobRequest]:
-    """The embed jobs ``/v1/embeddings`` would make of ``body`` (one per input)."""
-    raw = body.get("input")
-    texts = v.string_list({"input": [raw] if isinstance(raw, str) else raw}, "input",
-                          max_items=c.settings.inference_max_batch_size,
-                          max_len=c.settings.max_prompt_chars)
-    if body.get("dimensions") is not None:
-        raise InvalidRequest("'dimensions' is not supported by this server")
-    model = v.string(body, "model", max_len=128)
-    return [JobRequest(JobKind.EMBED, text, model) for text in texts]
-
-
 # ----------------------------------------------------------------------------- render
-def render(line: Submitted, records: list[JobRecord | None]) -> dict[str, Any] | None:
-    """The output line of a submitted line, or None while one of its jobs is unfinished. A job
-    record gone (TTL) counts as expired."""
+def render(line: Submitted, record: JobRecord | None) -> dict[str, Any] | None:
+    """The output line of a submitted line, or None while its job is unfinished. A job record
+    gone (TTL) counts as expired."""
     if line.refused:
         return line.refused
-    if any(r is not None and not JobStatus(r.status).terminal for r in records):
+    if record is not None and not JobStatus(record.status).terminal:
         return None
-    request_id = line.job_ids[0].replace("-", "")
-    for record in records:
-        if record is None or record.status in (JobStatus.CANCELLED.value, JobStatus.EXPIRED.value):
-            status = record.status if record else JobStatus.EXPIRED.value
-            return error_line(line.custom_id, request_id, status,
-                              f"the request was {status} before it finished")
-        if record.status == JobStatus.FAILED.value:
-            error = record.error or {"type": "inference_error", "message": "the job failed"}
-            return response_line(line.custom_id, request_id, status_for(error["type"]),
-                                 {"error": error})
-    return response_line(line.custom_id, request_id, 200, answer(line, records))
+    request_id = line.job_id.replace("-", "")
+    if record is None or record.status in (JobStatus.CANCELLED.value, JobStatus.EXPIRED.value):
+        status = record.status if record else JobStatus.EXPIRED.value
+        return error_line(line.custom_id, request_id, status,
+                          f"the request was {status} before it finished")
+    if record.status == JobStatus.FAILED.value:
+        error = record.error or {"type": "inference_error", "message": "the job failed"}
+        return response_line(line.custom_id, request_id, status_for(error["type"]),
+                             {"error": error})
+    return response_line(line.custom_id, request_id, 200, answer(line, record))
 
 
-def answer(line: Submitted, records: list[JobRecord]) -> dict[str, Any]:
-    """The body the line's endpoint answers for its succeeded jobs."""
+def answer(line: Submitted, record: JobRecord) -> dict[str, Any]:
+    """The body the line's endpoint answers for its succeeded job."""
     if line.url == "/v1/completions":
-        return oa.answer_body(oa.TextShape(), records[0])
+        return oa.answer_body(oa.TextShape(), record)
     if line.url == "/v1/chat/completions":
-        return oa.answer_body(oa.ChatShape(), records[0])
-    return oa.embeddings_body(records, base64_floats=line.base64)
+        return oa.answer_body(oa.ChatShape(), record)
+    return oa.embeddings_body(record, base64_floats=line.base64)
 
 
 # ----------------------------------------------------------------------------- one request
@@ -145,8 +129,8 @@ def run_request():
     line = parse_line(body)
     key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
     submitted = submit_line(c, owner, line, key)
-    records = [c.jobs.wait(job_id) for job_id in submitted.job_ids]
-    return jsonify(render(submitted, records))
+    record = c.jobs.wait(submitted.job_id) if submitted.job_id else None
+    return jsonify(render(submitted, record))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -227,7 +211,7 @@ def cancel_batch(batch_id: str):
     c = ctx()
     owner = c.owner()
     fields, submitted = load_batch(c, batch_id, owner)
-    running = [r for records in job_records(c, submitted) for r in records
+    running = [r for r in job_records(c, submitted)
                if r is not None and not JobStatus(r.status).terminal]
     if fields["status"] == "in_progress" and running:
         now = int(time.time())
@@ -255,14 +239,15 @@ def load_batch(c: Context, batch_id: str, owner: str) -> tuple[dict[str, Any], l
     return fields, [Submitted(**s) for s in json.loads(fields["requests"])]
 
 
-def job_records(c: Context, submitted: list[Submitted]) -> list[list[JobRecord | None]]:
-    """Every line's job records (None where one expired), read in one round trip."""
+def job_records(c: Context, submitted: list[Submitted]) -> list[JobRecord | None]:
+    """Every line's job record (None where it expired or the line was refused), read in one
+    round trip."""
     pipe = c.redis.pipeline(transaction=False)
     for line in submitted:
-        for job_id in line.job_ids:
-            pipe.hgetall(keys.job(job_id))
+        if line.job_id:
+            pipe.hgetall(keys.job(line.job_id))
     raws = iter(pipe.execute())
-    return [[JobRecord.from_redis(raw) if (raw := next(raws)) else None for _ in line.job_ids]
+    return [JobRecord.from_redis(raw) if line.job_id and (raw := next(raws)) else None
             for line in submitted]
 
 

@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, url_for
 
 from banter.errors import InvalidRequest, JobNotFound
 from banter.jobs import JobKind, JobRecord, Lane
+from banter.settings import Settings
 from producer import sse
 from producer import validation as v
 from producer.context import ctx, trace_id
@@ -16,14 +17,22 @@ from producer.service import JobRequest
 blueprint = Blueprint("jobs", __name__)
 
 
-def job_request(body: dict, max_chars: int) -> JobRequest:
+def job_request(body: dict, settings: Settings) -> JobRequest:
+    """``input`` is a text; an embed job may carry a list of texts instead (at most
+    BANTER_EMBED_MAX_INPUTS), embedded in order into ``result.embeddings``."""
     kind = JobKind(v.choice(body, "kind", tuple(k.value for k in JobKind), ""))
     params = body.get("params")
     if params is not None and not isinstance(params, dict):
         raise InvalidRequest("'params' must be an object")
+    max_chars = settings.max_prompt_chars
+    if kind is JobKind.EMBED:
+        text = v.embed_input(body, "input", max_items=settings.embed_max_inputs,
+                             max_len=max_chars)
+    else:
+        text = v.string(body, "input", required=True, max_len=max_chars)
     return JobRequest(
         kind=kind,
-        input=v.string(body, "input", required=True, max_len=max_chars),
+        input=text,
         model=v.string(body, "model", max_len=128),
         params=params,
         lane=Lane(v.choice(body, "lane", tuple(lane.value for lane in Lane), "interactive")),
@@ -48,7 +57,7 @@ def checked_id(job_id: str) -> str:
 def submit_job():
     c = ctx()
     owner = c.owner()
-    req = job_request(c.body(), c.settings.max_prompt_chars)
+    req = job_request(c.body(), c.settings)
     record, created = c.jobs.submit(req, owner, trace_id())
     body = {"id": record.id, "status": record.status, "links": links(record.id)}
     return jsonify(body), 202 if created else 200

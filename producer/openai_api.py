@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -232,40 +231,38 @@ def chat_completions():
 @blueprint.post("/v1/embeddings")
 def embeddings():
     """OpenAI ``embeddings.create``: ``input`` is a string or a list of strings (at most
-    BANTER_INFERENCE_MAX_BATCH_SIZE); ``encoding_format`` ``float`` (default) or ``base64``."""
+    BANTER_EMBED_MAX_INPUTS), embedded as one job; ``encoding_format`` ``float`` (default) or
+    ``base64``."""
     c = ctx()
     owner = c.owner()
-    body = c.body()
-    raw = body.get("input")
-    texts = [raw] if isinstance(raw, str) else raw
-    body = {**body, "input": texts}
-    texts = v.string_list(body, "input", max_items=c.settings.inference_max_batch_size,
-                          max_len=c.settings.max_prompt_chars)
-    encoding = v.choice(body, "encoding_format", ("float", "base64"), "float")
-    if body.get("dimensions") is not None:
-        raise InvalidRequest("'dimensions' is not supported by this server")
-    model = v.string(body, "model", max_len=128)
-    submitted = [c.jobs.submit(JobRequest(JobKind.EMBED, text, model), owner, trace_id())[0]
-                 for text in texts]
-    with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
-        records = list(pool.map(lambda r: c.jobs.wait(r.id), submitted))
-    for record in records:
-        if record.status != JobStatus.SUCCEEDED.value:
-            raise errors.from_dict(record.error or {"type": record.status,
-                                                    "message": f"job {record.status}"})
-    response = jsonify(embeddings_body(records, base64_floats=encoding == "base64"))
-    response.headers.update(job_headers(records))
+    req, encoding = embed_request(c, c.body())
+    record = c.jobs.wait(c.jobs.submit(req, owner, trace_id())[0].id)
+    if record.status != JobStatus.SUCCEEDED.value:
+        raise errors.from_dict(record.error or {"type": record.status,
+                                                "message": f"job {record.status}"})
+    response = jsonify(embeddings_body(record, base64_floats=encoding == "base64"))
+    response.headers.update({"X-Job-ID": record.id, **job_headers([record])})
     return response
 
 
-def embeddings_body(records: list[JobRecord], base64_floats: bool) -> dict[str, Any]:
-    """OpenAI's embeddings answer for succeeded embed jobs, in input order."""
-    data = []
-    for index, record in enumerate(records):
-        vector = record.result["embedding"]
-        if base64_floats:
-            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    prompt_tokens = sum(r.usage["prompt_tokens"] for r in records)
-    return {"object": "list", "data": data, "model": records[0].model,
+def embed_request(c: Context, body: dict) -> tuple[JobRequest, str]:
+    """The embed job a ``/v1/embeddings`` body asks for, and its ``encoding_format``."""
+    text = v.embed_input(body, "input", max_items=c.settings.embed_max_inputs,
+                         max_len=c.settings.max_prompt_chars)
+    encoding = v.choice(body, "encoding_format", ("float", "base64"), "float")
+    if body.get("dimensions") is not None:
+        raise InvalidRequest("'dimensions' is not supported by this server")
+    return JobRequest(JobKind.EMBED, text, v.string(body, "model", max_len=128)), encoding
+
+
+def embeddings_body(record: JobRecord, base64_floats: bool) -> dict[str, Any]:
+    """OpenAI's embeddings answer for a succeeded embed job, in input order."""
+    vectors = record.result.get("embeddings") or [record.result["embedding"]]
+    if base64_floats:
+        vectors = [base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+                   for vector in vectors]
+    data = [{"object": "embedding", "index": index, "embedding": vector}
+            for index, vector in enumerate(vectors)]
+    prompt_tokens = record.usage["prompt_tokens"]
+    return {"object": "list", "data": data, "model": record.model,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -230,6 +230,7 @@ def _schemas(settings: Settings) -> Schema:
     chars = settings.max_prompt_chars
     batch = settings.inference_max_batch_size
     text = {"type": "string", "minLength": 1, "maxLength": chars, "pattern": NOT_BLANK}
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": settings.embed_max_inputs}
     model_ref = {"type": "string", "minLength": 1, "maxLength": 128,
                  "description": "a model name, or name@version to pin a version"}
     stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
@@ -268,7 +269,8 @@ def _schemas(settings: Settings) -> Schema:
         "SamplingParams": _obj(sampling),
         "JobRequest": _obj({
             "kind": {"enum": ["generate", "embed"]},
-            "input": text,
+            "input": {"anyOf": [text, {**texts, "description": "embed jobs only: result "
+                                                             "'embeddings', in input order"}]},
             "model": model_ref,
             "params": {**_ref("SamplingParams"), "description": "generate jobs only"},
             "lane": {"enum": ["interactive", "bulk"]},
@@ -328,8 +330,7 @@ def _schemas(settings: Settings) -> Schema:
             "n": {"const": 1}, "user": {"type": "string"},
         }, ("messages",)),
         "EmbeddingRequest": _obj({
-            "input": {"anyOf": [text, {"type": "array", "items": text, "minItems": 1,
-                                       "maxItems": batch}]},
+            "input": {"anyOf": [text, texts]},
             "model": model_ref, "encoding_format": {"enum": ["float", "base64"]},
         }, ("input",)),
         "Completion": _obj({

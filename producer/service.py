@@ -34,7 +34,7 @@ class JobRequest:
     """A validated job submission (every route builds one)."""
 
     kind: JobKind
-    input: str
+    input: str | list[str]  # a list only for embed jobs
     model: str | None = None
     params: dict[str, Any] | None = None
     lane: Lane = Lane.INTERACTIVE

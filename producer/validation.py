@@ -117,6 +117,15 @@ def string_list(body: dict, name: str, *, max_items: int, max_len: int) -> list[
     return value
 
 
+def embed_input(body: dict, name: str, *, max_items: int, max_len: int) -> str | list[str]:
+    """An embed job's input: one text, or a non-empty list of at most ``max_items`` texts."""
+    if isinstance(body.get(name), list):
+        return string_list(body, name, max_items=max_items, max_len=max_len)
+    if body.get(name) is not None and not isinstance(body.get(name), str):
+        raise InvalidRequest(f"'{name}' must be a string or a non-empty list of strings")
+    return string(body, name, required=True, max_len=max_len)
+
+
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 

@@ -128,12 +128,13 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self._sse(chunks)
 
         def _embeddings(self, body: dict[str, Any]) -> None:
-            text = str(body["input"])
-            self._json(200, {"object": "list", "model": body["model"],
-                             "data": [{"object": "embedding", "index": 0,
-                                       "embedding": [float(len(text)), 0.5, -0.5]}],
-                             "usage": {"prompt_tokens": len(text.split()),
-                                       "total_tokens": len(text.split())}})
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            words = sum(len(str(text).split()) for text in texts)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": [float(len(str(text))), 0.5, -0.5]}
+                    for i, text in enumerate(texts)]
+            self._json(200, {"object": "list", "model": body["model"], "data": data[::-1],
+                             "usage": {"prompt_tokens": words, "total_tokens": words}})
 
         def _slow(self, body: dict[str, Any]) -> None:
             self._start_sse()

@@ -59,6 +59,38 @@ def test_job_lifecycle_embed(api):
     assert job["model"] == "demo-embed" and job["batch_size"] >= 1
 
 
+def test_an_embed_job_of_a_list_embeds_each_text_in_order(api):
+    texts = [f"list text {i} " + "more " * (i % 4) for i in range(20)]  # several passes
+    body = api.post("/v1/jobs", {"kind": "embed", "input": texts}).json()
+    job = api.wait_job(body["id"])
+    assert job["status"] == "succeeded", job
+    vectors = job["result"]["embeddings"]
+    assert len(vectors) == 20 and "embedding" not in job["result"]
+    singles = [api.wait_job(api.post("/v1/jobs", {"kind": "embed", "input": t}).json()["id"])
+               for t in (texts[0], texts[13])]
+    for vector, single in zip((vectors[0], vectors[13]), singles):
+        assert vector == pytest.approx(single["result"]["embedding"], abs=1e-5)
+    assert job["usage"]["prompt_tokens"] > 20 and 1 <= job["batch_size"] <= 8
+    listed = api.post("/v1/embeddings", {"input": texts}).json()
+    assert [d["index"] for d in listed["data"]] == list(range(20))
+    assert listed["data"][13]["embedding"] == pytest.approx(vectors[13], abs=1e-5)
+    assert listed["usage"]["prompt_tokens"] == job["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"kind": "embed", "input": []}, 422, "input"),
+    ({"kind": "embed", "input": ["ok", ""]}, 422, "input[1]"),
+    ({"kind": "embed", "input": ["ok", 7]}, 422, "input[1]"),
+    ({"kind": "embed", "input": ["x"] * 2049}, 413, "2048"),
+    ({"kind": "embed", "input": {"a": "b"}}, 422, "list of strings"),
+    ({"kind": "generate", "input": ["a", "b"]}, 422, "input"),
+])
+def test_bad_list_inputs_are_refused(api, body, status, needle):
+    response = api.post("/v1/jobs", body)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
 def test_events_replay_a_finished_job(api):
     body = api.post("/v1/jobs", {"kind": "generate", "input": "hi",
                                  "params": {"max_tokens": 4}}).json()

@@ -4,6 +4,7 @@ uses, and the ``/v1/batches`` lifecycle."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -360,6 +361,19 @@ def test_batch_bad_input_creates_nothing(api):
     assert api.post("/v1/batches/nope/cancel").status_code == 404
 
 
+def test_an_embeddings_line_of_many_texts_is_one_job_answered_in_order(api):
+    texts = [f"bulk list text {i}" for i in range(12)]
+    line = {"custom_id": "many", "method": "POST", "url": "/v1/embeddings",
+            "body": {"input": texts, "encoding_format": "base64"}}
+    answer = api.post("/v1/batches/requests", line)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()["response"]["body"]
+    assert [d["index"] for d in body["data"]] == list(range(12))
+    alone = api.post("/v1/embeddings", {"input": texts[11]}).json()["data"][0]["embedding"]
+    decoded = np.frombuffer(base64.b64decode(body["data"][11]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, alone, atol=1e-5)
+
+
 def test_odd_request_bodies_are_answered_never_500(api):
     odd_bodies = [
         ("/v1/completions", {"prompt": [1, 2]}), ("/v1/completions", {"prompt": "x", "n": 2}),
@@ -369,7 +383,7 @@ def test_odd_request_bodies_are_answered_never_500(api):
         ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                   "max_tokens": 2, "max_completion_tokens": 2}),
-        ("/v1/embeddings", {"input": {"a": 1}}), ("/v1/embeddings", {"input": ["x"] * 9}),
+        ("/v1/embeddings", {"input": {"a": 1}}), ("/v1/embeddings", {"input": ["x"] * 2049}),
         ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}),
         ("/v1/embeddings", {"input": "x", "model": "demo-gpt"}),
     ]

@@ -226,8 +226,54 @@ def test_embed_batches_and_matches_alone(make_engine, sink, specs):
         alone = make_engine(batch_window_s=0.0)
         single = drive(alone, [alone.submit_embed("one", specs["embed"], text)])[0]
         assert single.batch_size == 1 and single.prompt_tokens == result.prompt_tokens
-        assert np.allclose(result.embedding, single.embedding, atol=1e-5)
-        assert abs(np.linalg.norm(result.embedding) - 1.0) < 1e-6
+        assert np.allclose(result.embeddings[0], single.embeddings[0], atol=1e-5)
+        assert abs(np.linalg.norm(result.embeddings[0]) - 1.0) < 1e-6
+
+
+def test_a_list_job_embeds_every_input_in_order_across_passes(make_engine, sink, specs):
+    texts = [f"list input {i} " + "word " * (i % 5) for i in range(19)]
+    engine = make_engine(max_batch_size=8)
+    other = engine.submit_embed("solo", specs["embed"], "another job's text")
+    job = engine.submit_embed("many", specs["embed"], texts)
+    result = drive(engine, [job, other])[0]
+    assert [p[3] for p in sink.passes] == [8, 8, 4]  # the lone job shares the first pass
+    assert len(result.embeddings) == 19 and result.batch_size == 8
+    alone = make_engine(batch_window_s=0.0)
+    singles = drive(alone, [alone.submit_embed(f"s{i}", specs["embed"], t)
+                            for i, t in enumerate(texts)])
+    assert result.prompt_tokens == sum(s.prompt_tokens for s in singles)
+    for got, single in zip(result.embeddings, singles):
+        assert np.allclose(got, single.embeddings[0], atol=1e-5)
+
+
+def test_a_list_job_is_checked_whole_before_any_input_runs(make_engine, sink, specs):
+    engine = make_engine(max_prompt_tokens=8)
+    with pytest.raises(PromptTooLong, match="input 1 is"):
+        engine.submit_embed("p", specs["embed"], ["short", "word " * 50])
+    for bad in ([], ["ok", 3], None):
+        with pytest.raises(InvalidRequest):
+            engine.submit_embed("p", specs["embed"], bad)
+    assert engine.step() is False and sink.passes == []
+
+
+def test_a_failed_pass_fails_the_whole_list_job(make_engine, specs, cache, monkeypatch):
+    engine = make_engine(max_batch_size=2, batch_window_s=0.0)
+    runner = cache.get(specs["embed"])
+    real_run, calls = runner.run, []
+
+    def second_fails(feeds, handle=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise InferenceError("boom")
+        return real_run(feeds, handle)
+
+    monkeypatch.setattr(runner, "run", second_fails)
+    job = engine.submit_embed("many", specs["embed"], ["a", "b", "c", "d", "e"])
+    for _ in range(3):
+        engine.step()
+    with pytest.raises(InferenceError, match="boom"):
+        job.result(timeout=0)
+    assert len(calls) == 3  # the remaining inputs still ran; the job's first error stands
 
 
 def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
@@ -319,7 +365,7 @@ def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, s
     drive(engine, bulk)  # the stall is over: b1's pass may be stopped again
     assert handles == [True, False] * 3 + [False, True]
     assert len(sink.passes) == len(urgent) + 2  # the stopped passes are not counted
-    assert np.allclose(bulk[0].result().embedding, alone.embedding, atol=1e-6)
+    assert np.allclose(bulk[0].result().embeddings, alone.embeddings, atol=1e-6)
 
 
 def test_lone_embed_waits_for_the_window(make_engine, sink, specs):
@@ -508,7 +554,7 @@ def test_run_loop_serves_from_a_thread(make_engine, specs):
         gen = engine.submit_generate("t", specs["gpt"], "hi", SamplingParams(max_tokens=4))
         emb = engine.submit_embed("e", specs["embed"], "hi")
         assert gen.result(timeout=10).text == demo_words(4)
-        assert len(emb.result(timeout=10).embedding) == 128
+        assert len(emb.result(timeout=10).embeddings[0]) == 128
     finally:
         stop.set()
         loop.join(timeout=5)

@@ -185,6 +185,17 @@ def test_embeddings_fall_back_to_the_upstream_embedding_model(oa_api, fake):
     assert fake.seen("embed this text")[0].body["model"] == "text-embedding-3-small"
 
 
+def test_a_list_of_texts_falls_back_as_one_upstream_request(oa_api, fake):
+    texts = ["first upstream text", "second", "the third one"]
+    response = oa_api.post("/v1/embeddings", {"input": texts})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert [d["embedding"][0] for d in data] == [float(len(t)) for t in texts]  # input order
+    assert len(fake.seen("first upstream text")) == 1
+    job = oa_api.get(f"/v1/jobs/{response.headers['X-Job-ID']}").json()
+    assert [v[0] for v in job["result"]["embeddings"]] == [float(len(t)) for t in texts]
+
+
 def test_chat_completions_with_no_local_model(oa_api):
     response = oa_api.post("/v1/chat/completions",
                            {"messages": [{"role": "user", "content": "chat fallback"}]})

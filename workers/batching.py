@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Sequence, TypeVar
+from typing import Protocol, Sequence, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 KVCache = Sequence[np.ndarray]  # a batch's past: one [B, H, T, D] array per past input
 
 
-def collate(waiting: deque[T], max_size: int, deadline: float, now: float) -> list[T] | None:
+class Waiting(Protocol[T_co]):
+    """A FIFO of items waiting for a batch (a ``deque`` is one)."""
+
+    def __len__(self) -> int: ...
+
+    def popleft(self) -> T_co: ...
+
+
+def collate(waiting: Waiting[T], max_size: int, deadline: float, now: float) -> list[T] | None:
     """Pop up to ``max_size`` items from the left once the batch is full or ``now >= deadline``;
     ``None`` means keep waiting (also when nothing waits)."""
     if not waiting or (len(waiting) < max_size and now < deadline):

@@ -21,8 +21,8 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from itertools import islice
-from typing import Callable, Protocol, Sequence
+from itertools import chain, islice
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -83,7 +83,9 @@ class EngineSettings:
 
 @dataclass
 class EmbedResult:
-    embedding: list[float]
+    """``embeddings`` in input order; ``batch_size`` is the largest pass any input ran in."""
+
+    embeddings: list[list[float]]
     prompt_tokens: int
     batch_size: int
 
@@ -107,25 +109,74 @@ def _new_future() -> Future:
     return future
 
 
+class _EmbedGroup:
+    """One embed job: its inputs run as rows of whatever passes they land in; the future
+    resolves once every row has its vector (or with the first error)."""
+
+    def __init__(self, rows: int) -> None:
+        self.future = _new_future()
+        self.vectors: list[list[float] | None] = [None] * rows
+        self.remaining = rows
+        self.prompt_tokens = 0
+        self.batch_size = 0
+
+    def row_done(self, index: int, vector: list[float], tokens: int, batch_size: int) -> None:
+        if self.future.done():
+            return
+        self.vectors[index] = vector
+        self.prompt_tokens += tokens
+        self.batch_size = max(self.batch_size, batch_size)
+        self.remaining -= 1
+        if not self.remaining:
+            self.future.set_result(EmbedResult(self.vectors, self.prompt_tokens,  # type: ignore[arg-type]
+                                               self.batch_size))
+
+    def fail(self, exc: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
 @dataclass(eq=False)
-class _EmbedJob:
-    job_id: str
-    runner: Runner
+class _EmbedRow:
+    """One input of an embed job, waiting for or in a pass."""
+
+    group: _EmbedGroup
+    index: int
     ids: list[int]
     arrived: float
-    future: Future
     lane: str = "interactive"
 
 
-def _enqueue_embed(queue: deque[_EmbedJob], job: _EmbedJob, first: bool = False) -> None:
-    """Interactive jobs wait ahead of every bulk job (each lane first come, first served);
-    ``first`` puts the job at the head of its lane."""
-    def goes_before(waiting: _EmbedJob) -> bool:
-        if job.lane == "interactive":
-            return first or waiting.lane != "interactive"
-        return first and waiting.lane != "interactive"
+class _EmbedQueue:
+    """The embed rows waiting for one model version: every interactive row ahead of every bulk
+    row, each lane first come, first served."""
 
-    queue.insert(next((i for i, w in enumerate(queue) if goes_before(w)), len(queue)), job)
+    def __init__(self) -> None:
+        self._lanes: dict[str, deque[_EmbedRow]] = {lane: deque() for lane in LANES}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._lanes.values())
+
+    def add(self, rows: Sequence[_EmbedRow]) -> None:
+        for row in rows:
+            self._lanes[row.lane].append(row)
+
+    def put_back(self, rows: Sequence[_EmbedRow]) -> None:
+        """Rows taken out for a pass that did not run: back to the heads of their lanes."""
+        for row in reversed(rows):
+            self._lanes[row.lane].appendleft(row)
+
+    def head(self, count: int) -> Iterator[_EmbedRow]:
+        return islice(chain(*self._lanes.values()), count)
+
+    def first(self) -> _EmbedRow:
+        return next(self.head(1))
+
+    def popleft(self) -> _EmbedRow:
+        for queue in self._lanes.values():
+            if queue:
+                return queue.popleft()
+        raise IndexError("pop from an empty embed queue")
 
 
 class _Sequence:
@@ -228,7 +279,7 @@ class Engine:
         self._bulk_stalled_at: float | None = None  # first bulk stop since one last finished
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
-        self._embeds: dict[Runner, deque[_EmbedJob]] = {}
+        self._embeds: dict[Runner, _EmbedQueue] = {}
         self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
         self._cancels: set[str] = set()
@@ -239,23 +290,30 @@ class Engine:
 
     # -- caller threads ---------------------------------------------------------------------
 
-    def submit_embed(self, job_id: str, spec: ModelSpec, text: str,
+    def submit_embed(self, job_id: str, spec: ModelSpec, texts: str | Sequence[str],
                      lane: str = "interactive") -> Future[EmbedResult]:
+        """Embed one text or a list of texts (one vector each, in order). The inputs of a
+        list share passes with each other and with other jobs' inputs."""
         if lane not in LANES:
             raise InvalidRequest(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
         runner = self._runner(spec, "embed")
-        if not isinstance(text, str):
-            raise InvalidRequest("embed input must be a string")
-        ids = runner.tokenizer.encode(text).ids
-        if not ids:
-            raise InvalidRequest("embed input encodes to no tokens")
-        self._check_length(len(ids), 0, runner)
-        job = _EmbedJob(job_id, runner, ids, self._clock(), _new_future(), lane)
+        inputs = [texts] if isinstance(texts, str) else texts
+        if not inputs or not all(isinstance(text, str) for text in inputs):
+            raise InvalidRequest("embed input must be a string or a non-empty list of strings")
+        encoded = [e.ids for e in runner.tokenizer.encode_batch(list(inputs))]
+        for index, ids in enumerate(encoded):
+            where = "" if isinstance(texts, str) else f" {index}"
+            if not ids:
+                raise InvalidRequest(f"embed input{where} encodes to no tokens")
+            self._check_length(len(ids), 0, runner, where)
+        group = _EmbedGroup(len(encoded))
+        arrived = self._clock()
+        rows = [_EmbedRow(group, index, ids, arrived, lane) for index, ids in enumerate(encoded)]
         with self._cond:
-            _enqueue_embed(self._embeds.setdefault(runner, deque()), job)
+            self._embeds.setdefault(runner, _EmbedQueue()).add(rows)
             self._preempt_for(lane)
             self._cond.notify()
-        return job.future
+        return group.future
 
     def submit_generate(self, job_id: str, spec: ModelSpec, prompt: str, params: SamplingParams,
                         lane: str = "interactive",
@@ -307,10 +365,12 @@ class Engine:
                                  f"it cannot serve {kind} jobs")
         return self._runners.get(spec)
 
-    def _check_length(self, prompt_tokens: int, max_tokens: int, runner: Runner) -> None:
+    def _check_length(self, prompt_tokens: int, max_tokens: int, runner: Runner,
+                      where: str = "") -> None:
         limit = self._settings.max_prompt_tokens
         if prompt_tokens > limit:
-            raise PromptTooLong(f"the input is {prompt_tokens} tokens, the limit is {limit}")
+            raise PromptTooLong(f"the input{where} is {prompt_tokens} tokens, the limit is "
+                                f"{limit}")
         if prompt_tokens + max_tokens > runner.max_positions:
             asked = f"{prompt_tokens} input tokens" + (f" + {max_tokens} max_tokens"
                                                        if max_tokens else "")
@@ -370,7 +430,7 @@ class Engine:
                 return
             timeout = IDLE_POLL_S
             if self._embeds:
-                first = min(q[0].arrived for q in self._embeds.values())
+                first = min(q.first().arrived for q in self._embeds.values())
                 timeout = min(timeout, first + self._settings.batch_window_s - self._clock())
             if timeout > 0:
                 self._cond.wait(timeout)
@@ -412,12 +472,12 @@ class Engine:
                 self._joining.setdefault(seq.runner, []).append(seq)
                 count += 1
 
-    def _take_embeds(self, now: float) -> list[tuple[Runner, list[_EmbedJob]]]:
+    def _take_embeds(self, now: float) -> list[tuple[Runner, list[_EmbedRow]]]:
         busy = (bool(self._batches) or any(self._waiting.values())
                 or any(len(q) >= self._batch_cap for q in self._embeds.values()))
         batches = []
         for runner, queue in list(self._embeds.items()):
-            deadline = now if busy else queue[0].arrived + self._settings.batch_window_s
+            deadline = now if busy else queue.first().arrived + self._settings.batch_window_s
             batch = collate(queue, self._embed_cap(runner, queue), deadline, now)
             if batch:
                 batches.append((runner, batch))
@@ -425,7 +485,7 @@ class Engine:
                 del self._embeds[runner]
         return batches
 
-    def _embed_cap(self, runner: Runner, queue: deque[_EmbedJob]) -> int:
+    def _embed_cap(self, runner: Runner, queue: _EmbedQueue) -> int:
         """The batch size for the next pass: fewer than ``max_batch_size`` only where a bulk
         input would take the padded pass past ``bulk_pass_s`` at the measured cost per token
         slot (every interactive input that waits goes in; at least one input)."""
@@ -433,7 +493,7 @@ class Engine:
         if cost is None:
             return self._batch_cap
         count, width = 0, 0
-        for job in islice(queue, self._batch_cap):
+        for job in queue.head(self._batch_cap):
             wider = max(width, len(job.ids))
             if job.lane != "interactive" and count and (
                     (count + 1) * wider * cost > self._settings.bulk_pass_s):
@@ -441,7 +501,7 @@ class Engine:
             count, width = count + 1, wider
         return self._batch_cap
 
-    def _run_bulk_embed(self, runner: Runner, batch: list[_EmbedJob]) -> None:
+    def _run_bulk_embed(self, runner: Runner, batch: list[_EmbedRow]) -> None:
         stalled = self._bulk_stalled_at
         stoppable = stalled is None or self._clock() - stalled < MAX_BULK_STALL_S
         handle = PassHandle() if stoppable else None
@@ -455,14 +515,12 @@ class Engine:
             if stalled is None:
                 self._bulk_stalled_at = self._clock()
             with self._cond:
-                queue = self._embeds.setdefault(runner, deque())
-                for job in reversed(batch):
-                    _enqueue_embed(queue, job, first=True)
+                self._embeds.setdefault(runner, _EmbedQueue()).put_back(batch)
         finally:
             with self._cond:
                 self._preemptible = None
 
-    def _run_embed(self, runner: Runner, batch: list[_EmbedJob],
+    def _run_embed(self, runner: Runner, batch: list[_EmbedRow],
                    handle: PassHandle | None = None) -> None:
         ids, mask = right_pad([job.ids for job in batch], runner.pad_token_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
@@ -476,16 +534,16 @@ class Engine:
                 raise InferenceError(f"{runner.spec.name}: last_hidden_state has shape "
                                      f"{hidden.shape}, expected {ids.shape} + [hidden]")
         except InferenceError as exc:
-            for job in batch:
-                job.future.set_exception(exc)
+            for row in batch:
+                row.group.fail(exc)
             return
         self._sink.record_pass("embed", runner.spec.name, runner.spec.version, len(batch),
                                seconds)
         cost = seconds / ids.size
         last = self._slot_cost.get(runner, cost)
         self._slot_cost[runner] = last + COST_WEIGHT * (cost - last)
-        for job, vector in zip(batch, mean_pool(hidden, mask)):
-            job.future.set_result(EmbedResult(vector.tolist(), len(job.ids), len(batch)))
+        for row, vector in zip(batch, mean_pool(hidden, mask).tolist()):
+            row.group.row_done(row.index, vector, len(row.ids), len(batch))
 
     def _run_generate(self, runner: Runner, events: list[TokenEvent]) -> list[_Sequence]:
         """This step for one model version: a decode pass over its running sequences, a prefill

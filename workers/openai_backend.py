@@ -87,12 +87,14 @@ class OpenAIBackend:
                 self._stops.pop(job.id, None)
 
     def embed(self, job: JobRecord, model: str) -> Outcome:
-        """The embedding of ``job.input`` from upstream ``model``."""
+        """The embedding of ``job.input`` (a text, or a list of texts) from upstream ``model``."""
         with self._slots, self._errors(model):
             answer = self.client.embeddings.create(model=model, input=job.input,
                                                    encoding_format="float")
         prompt_tokens = answer.usage.prompt_tokens if answer.usage else 0
-        return Outcome(result={"embedding": list(answer.data[0].embedding)},
+        vectors = [list(d.embedding) for d in sorted(answer.data, key=lambda d: d.index)]
+        result = {"embedding": vectors[0]} if isinstance(job.input, str) else {"embeddings": vectors}
+        return Outcome(result=result,
                        finish_reason="stop",
                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": 0},
                        batch_size=1, backend="openai", version=None)

@@ -258,7 +258,7 @@ class WorkerRuntime:
         pipe.hget(keys.job(record.id), "cancel_requested")
         if pipe.execute()[1] == "1":
             self.engine.cancel(record.id)
-        return _local_outcome(future.result(), model.version)
+        return _local_outcome(future.result(), model.version, isinstance(record.input, str))
 
     def _cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
@@ -388,9 +388,12 @@ class WorkerRuntime:
                 log.info("model_retired", extra={"model": name, "version": version})
 
 
-def _local_outcome(result: EmbedResult | GenerateResult, version: int) -> Outcome:
+def _local_outcome(result: EmbedResult | GenerateResult, version: int, one: bool) -> Outcome:
+    """``one``: an embed job of one text (result ``{embedding}``), not a list (``{embeddings}``)."""
     if isinstance(result, EmbedResult):
-        return Outcome(result={"embedding": result.embedding}, finish_reason="stop",
+        vectors = result.embeddings
+        return Outcome(result={"embedding": vectors[0]} if one else {"embeddings": vectors},
+                       finish_reason="stop",
                        usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": 0},
                        batch_size=result.batch_size, backend="onnx", version=version)
     return Outcome(result={"text": result.text, "finish_reason": result.finish_reason},
