@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+import orjson
 import redis
 
 from banter import keys
@@ -86,7 +87,7 @@ class JobRecord:
         for name, value in asdict(self).items():
             if value is None:
                 continue
-            out[name] = json.dumps(value) if name in _JSON_FIELDS else str(value)
+            out[name] = _encode(name, value)
         return out
 
     @classmethod
@@ -96,13 +97,13 @@ class JobRecord:
             for name, value in values.items():
                 kind = _FIELD_TYPES[name]
                 if name in _JSON_FIELDS:
-                    values[name] = json.loads(value)
+                    values[name] = orjson.loads(value)
                 elif kind == "int":
                     values[name] = int(value)
                 elif kind == "float":
                     values[name] = float(value)
             return cls(**values)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, orjson.JSONDecodeError) as exc:
             raise WireError(f"job record does not decode: {exc}") from exc
 
     def to_public(self) -> dict[str, Any]:
@@ -123,6 +124,11 @@ class JobRecord:
         }
 
 
+def _encode(name: str, value: Any) -> str:
+    """A field's value as stored in the hash: JSON for the structured fields."""
+    return orjson.dumps(value).decode() if name in _JSON_FIELDS else str(value)
+
+
 _FIELD_TYPES = {name: f.type.split(" ")[0] for name, f in JobRecord.__dataclass_fields__.items()}
 
 
@@ -139,19 +145,20 @@ def _ms(start: float | None, end: float | None) -> float | None:
 
 
 # KEYS[1] job hash. ARGV[1] JSON list of allowed current statuses, ARGV[2] new status,
-# ARGV[3] ttl seconds, ARGV[4] JSON object of extra fields, ARGV[5] the worker that must hold
-# the job ('' for anyone). Returns {1, old} or {0, current}.
+# ARGV[3] ttl seconds, ARGV[4] the worker that must hold the job ('' for anyone), ARGV[5...]
+# extra fields as name, value pairs (a large result is never decoded or re-encoded in Redis).
+# Returns {1, old} or {0, current}.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
   return {0, 'taken over'}
 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if current == allowed then
     redis.call('HSET', KEYS[1], 'status', ARGV[2])
-    for name, value in pairs(cjson.decode(ARGV[4])) do
-      redis.call('HSET', KEYS[1], name, value)
+    for i = 5, #ARGV, 2 do
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     end
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
     return {1, current}
@@ -263,12 +270,10 @@ class JobStore:
         """Set ``status=to`` (and ``fields``) only if the status is one of ``allowed`` (and,
         with ``owner``, the job's worker is that node). Returns (applied, status before the
         call; '' when the job does not exist, 'taken over' when another node holds it)."""
-        encoded = {k: json.dumps(v) if k in _JSON_FIELDS else str(v)
-                   for k, v in fields.items() if v is not None}
+        pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(k, v))]
         applied, current = self._transition(
             keys=[keys.job(job_id)],
-            args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s,
-                  json.dumps(encoded), owner])
+            args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s, owner, *pairs])
         return bool(applied), current.decode() if isinstance(current, bytes) else current
 
     def take(self, job_id: str, node: str, lease_s: float) -> tuple[bool, str]:

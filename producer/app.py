@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from typing import Any
 
+import orjson
 import redis
 from celery import Celery
 from flask import Flask, g, request
+from flask.json.provider import JSONProvider
 
 from banter import logs
 from banter.broker import make_celery
@@ -25,6 +28,17 @@ from registry.service import Registry
 _TRACE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+class FastJSON(JSONProvider):
+    """Responses through orjson: insertion-ordered keys, shortest float repr as the standard
+    library writes them, several times faster on large embedding lists."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+
 def create_app(settings: Settings, client: redis.Redis | None = None,
                celery: Celery | None = None) -> Flask:
     """The producer's WSGI app. Raises AuthNotConfigured (``producer.auth``) before touching
@@ -36,7 +50,7 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
     celery = celery or make_celery(settings, "banterhearts-producer")
     app = Flask("banterhearts")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False
+    app.json = FastJSON(app)
     app.extensions["banter"] = Context(settings, client,
                                        JobService(settings, client, celery, registry),
                                        registry, keyring)
