@@ -21,6 +21,7 @@ Served and naive runs are interleaved ``--repeats`` times; each figure is the me
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import sys
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sentences per POST /v1/embeddings, and per chunk of naive tasks sent "
                         "at once (at most BANTER_EMBED_MAX_INPUTS; default "
                         f"{DEFAULT_INPUTS_PER_REQUEST})")
+    p.add_argument("--encoding", choices=("base64", "float"), default="base64",
+                   help="encoding_format of the served requests (default base64, what the "
+                        "official openai client asks for unless told otherwise)")
     p.add_argument("--tokens", type=positive, default=DEFAULT_TOKENS,
                    help=f"tokens per sentence, special tokens included (default {DEFAULT_TOKENS})")
     p.add_argument("--repeats", type=positive, default=DEFAULT_REPEATS,
@@ -138,11 +142,15 @@ class ClosedLoop:
         return results, latencies, wall
 
 
-def served_call(url: str, model: str):
+def served_call(url: str, model: str, encoding: str):
     def call(state: dict, texts: list[str]) -> list[list[float]]:
         session = state.setdefault("session", requests.Session())
-        body = post(session, f"{url}/v1/embeddings", {"input": texts, "model": model})
-        return [item["embedding"] for item in sorted(body["data"], key=lambda d: d["index"])]
+        body = post(session, f"{url}/v1/embeddings",
+                    {"input": texts, "model": model, "encoding_format": encoding})
+        vectors = [item["embedding"] for item in sorted(body["data"], key=lambda d: d["index"])]
+        if encoding == "base64":
+            vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4").tolist() for v in vectors]
+        return vectors
     return call
 
 
@@ -258,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
         chunks = [texts[i:i + args.inputs_per_request]
                   for i in range(0, len(texts), args.inputs_per_request)]
         loop = ClosedLoop(args.clients)
-        served_fn = served_call(stack.producer_url, name)
+        served_fn = served_call(stack.producer_url, name, args.encoding)
         loop_warm = ClosedLoop(min(args.clients, 8))
         loop_warm.run([[t] for t in texts[:32]], served_fn)
         naive_fn = None
@@ -319,7 +327,8 @@ def run(args: argparse.Namespace) -> dict:
         "phases": phases,
         "settings": {
             "sentences": args.sentences, "clients": args.clients,
-            "inputs_per_request": args.inputs_per_request, "repeats": args.repeats,
+            "inputs_per_request": args.inputs_per_request, "encoding_format": args.encoding,
+            "repeats": args.repeats,
             "tokens_per_sentence": {"target": args.tokens, "min": min(lengths),
                                     "max": max(lengths), "mean": round(float(np.mean(lengths)), 2)},
             "model": promoted, "shape": None if args.model_dir else args.shape,
