@@ -368,13 +368,22 @@ def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, s
     assert np.allclose(bulk[0].result().embeddings, alone.embeddings, atol=1e-6)
 
 
-def test_lone_embed_waits_for_the_window(make_engine, sink, specs):
+def test_a_lone_embed_waits_for_the_window_only_when_company_is_likely(make_engine, sink, specs):
     clock = FakeClock()
     engine = make_engine(clock=clock, batch_window_s=0.01)
-    future = engine.submit_embed("e", specs["embed"], "text")
-    assert engine.step() is False and not future.done()
-    clock.now += 0.01
-    assert engine.step() is True and future.result().batch_size == 1
+    first = engine.submit_embed("e0", specs["embed"], "text")  # at idle: runs at once
+    assert engine.step() is True and first.result().batch_size == 1
+    clock.now += 0.004
+    second = engine.submit_embed("e1", specs["embed"], "text")  # 4 ms after e0: waits
+    assert engine.step() is False and not second.done()
+    clock.now += 0.006
+    third = engine.submit_embed("e2", specs["embed"], "text")  # joins e1's batch
+    assert engine.step() is False and not second.done()
+    clock.now += 0.004
+    assert engine.step() is True and second.result().batch_size == 2 and third.done()
+    clock.now += 0.05
+    fourth = engine.submit_embed("e3", specs["embed"], "text")  # a quiet spell: at once
+    assert engine.step() is True and fourth.done()
 
 
 # -- generate --------------------------------------------------------------------------------

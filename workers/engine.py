@@ -57,7 +57,9 @@ class EngineSink(Protocol):
 @dataclass(frozen=True)
 class EngineSettings:
     """Batching limits. ``enable_batching=False`` runs one embed and one generate sequence
-    per pass. ``batch_window_s`` is how long a lone embed waits for company.
+    per pass. ``batch_window_s`` is how long a lone embed waits for company, when company is
+    likely: only when the model's previous embed job arrived less than one window before it
+    (a request at idle, or one of a client's sequential requests, runs at once).
     ``bulk_pass_s`` bounds an embed pass with bulk inputs in it: the engine measures each
     model's cost per token slot (input x padded length) and puts no more bulk inputs in a pass
     than fit in that time (at least one), so an interactive job never waits long behind bulk
@@ -143,7 +145,7 @@ class _EmbedRow:
     group: _EmbedGroup
     index: int
     ids: list[int]
-    arrived: float
+    ready_at: float  # when it goes into a pass even if the pass is not full
     lane: str = "interactive"
 
 
@@ -280,6 +282,7 @@ class Engine:
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, _EmbedQueue] = {}
+        self._last_embed: dict[Runner, float] = {}  # when each model's latest embed job arrived
         self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
         self._cancels: set[str] = set()
@@ -307,9 +310,15 @@ class Engine:
                 raise InvalidRequest(f"embed input{where} encodes to no tokens")
             self._check_length(len(ids), 0, runner, where)
         group = _EmbedGroup(len(encoded))
-        arrived = self._clock()
-        rows = [_EmbedRow(group, index, ids, arrived, lane) for index, ids in enumerate(encoded)]
         with self._cond:
+            arrived = self._clock()
+            previous = self._last_embed.get(runner)
+            self._last_embed[runner] = arrived
+            window = self._settings.batch_window_s
+            ready_at = arrived + window if previous is not None and arrived - previous < window \
+                else arrived
+            rows = [_EmbedRow(group, index, ids, ready_at, lane)
+                    for index, ids in enumerate(encoded)]
             self._embeds.setdefault(runner, _EmbedQueue()).add(rows)
             self._preempt_for(lane)
             self._cond.notify()
@@ -430,8 +439,8 @@ class Engine:
                 return
             timeout = IDLE_POLL_S
             if self._embeds:
-                first = min(q.first().arrived for q in self._embeds.values())
-                timeout = min(timeout, first + self._settings.batch_window_s - self._clock())
+                first = min(q.first().ready_at for q in self._embeds.values())
+                timeout = min(timeout, first - self._clock())
             if timeout > 0:
                 self._cond.wait(timeout)
 
@@ -477,7 +486,7 @@ class Engine:
                 or any(len(q) >= self._batch_cap for q in self._embeds.values()))
         batches = []
         for runner, queue in list(self._embeds.items()):
-            deadline = now if busy else queue.first().arrived + self._settings.batch_window_s
+            deadline = now if busy else queue.first().ready_at
             batch = collate(queue, self._embed_cap(runner, queue), deadline, now)
             if batch:
                 batches.append((runner, batch))
