@@ -17,7 +17,7 @@ from banter.errors import (
 from banter.params import SamplingParams
 from registry.artifacts import sha256_file
 from workers import runner as runner_module
-from workers.batching import collate, join_rows, left_pad_prompts, take_rows
+from workers.batching import collate, join_rows, left_pad_prompts, pack_rows, take_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings
 from workers.runner import ModelSpec, RunnerCache, select_providers
@@ -190,6 +190,23 @@ def decode(runner, pasts, mask, tokens, positions):
                       "position_ids": np.array(positions).reshape(-1, 1),
                       **dict(zip(runner.past_names, pasts))})
     return out["logits"][:, -1], [out[n] for n in runner.present_names], mask
+
+
+def test_pack_rows_keeps_chosen_rows_of_several_batches_in_one_copy():
+    rng = np.random.default_rng(0)
+    first = [rng.standard_normal((3, 2, 5, 4)).astype(np.float32) for _ in range(2)]
+    first_mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    second = [rng.standard_normal((2, 2, 3, 4)).astype(np.float32) for _ in range(2)]
+    second_mask = np.array([[1, 1, 1], [0, 1, 1]])
+    pasts, mask = pack_rows([(first, first_mask, [0, 2]), (second, second_mask, [1])])
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1], [0, 1, 1]]  # row 1's two columns dropped
+    for out, a, b in zip(pasts, first, second):
+        assert out.shape == (3, 2, 3, 4) and out.flags.c_contiguous
+        np.testing.assert_array_equal(out[0], a[0, :, 2:])
+        np.testing.assert_array_equal(out[1], a[2, :, 2:])
+        np.testing.assert_array_equal(out[2, :, 1:], b[1, :, 1:])
+        assert not out[2, :, 0].any()  # left padding (b's batch used one column less) is zeros
+    assert pack_rows([(first, first_mask, [])])[1].shape == (0, 0)
 
 
 def test_left_padded_batch_matches_each_sequence_alone(cache, specs):
@@ -437,6 +454,54 @@ def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, sp
     assert passes[:2 * len(PROMPTS) - 1] == [1] + [n for i in range(1, len(PROMPTS))
                                                     for n in (i, 1)]
     assert [len(step) for step in sink.published] == [1, 2, 3, 4, 5] + passes[2 * len(PROMPTS) - 1:]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, seed=7)])
+def test_finished_rows_stay_until_a_join_or_a_quarter_of_the_batch(make_engine, specs, cache,
+                                                                     params):
+    """A finished sequence's row rides along (no copy of the cache) until sequences join (one
+    re-pack for both) or dead rows are a quarter of the batch; nobody's tokens change."""
+    lengths = [2, 3, 12, 12, 12, 12, 12, 12]
+    alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=n))
+             for p, n in zip(PROMPTS * 2, lengths)]
+    engine = make_engine()
+    runner = cache.get(specs["gpt"])
+    futures = [engine.submit_generate(f"d{i}", specs["gpt"], p, replace(params, max_tokens=n))
+               for i, (p, n) in enumerate(zip(PROMPTS * 2, lengths))]
+    engine.step()  # prefill: 8 rows
+    engine.step()  # d0 finishes: 1 dead row of 8 stays
+    batch = engine._batches[runner]
+    assert len(batch.seqs) == 8 and futures[0].done() and len(batch.live()) == 7
+    engine.step()  # d1 finishes too: 2 of 8 dead, a quarter: re-packed
+    assert len(engine._batches[runner].seqs) == 6
+    engine.step()
+    engine.step()
+    late = engine.submit_generate("late", specs["gpt"], "hi", replace(params, max_tokens=3))
+    engine.step()  # the late prompt joins: one re-pack
+    assert len(engine._batches[runner].seqs) == 7
+    crowd = drive(engine, futures + [late])
+    for a, c in zip(alone, crowd):
+        assert c.token_ids == a.token_ids
+    assert crowd[-1].token_ids == generate_alone(make_engine, specs["gpt"], "hi",
+                                                 replace(params, max_tokens=3)).token_ids
+
+
+def test_a_dead_row_never_widens_the_cache_past_the_positions(make_engine, specs, cache,
+                                                              monkeypatch):
+    runner = cache.get(specs["gpt"])
+    long_prompt = PROMPTS[2]
+    p = len(runner.tokenizer.encode(long_prompt).ids)
+    monkeypatch.setattr(runner, "max_positions", p + 6)
+    engine = make_engine()
+    futures = [engine.submit_generate("x", specs["gpt"], long_prompt, SamplingParams(max_tokens=6))]
+    futures += [engine.submit_generate(f"y{i}", specs["gpt"], "hi", SamplingParams(max_tokens=9))
+                for i in range(4)]
+    for _ in range(6):
+        engine.step()
+    assert futures[0].done()  # x used every position; its row goes at once (1 dead of 5)
+    assert len(engine._batches[runner].seqs) == 4
+    assert engine._batches[runner].mask.shape[1] < runner.max_positions
+    assert all(r.text == demo_words(9) for r in drive(engine, futures[1:]))
 
 
 @pytest.mark.parametrize("stop, expected", [((" every",), demo_words(2)),

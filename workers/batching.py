@@ -60,29 +60,39 @@ def left_pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return ids, mask, positions
 
 
-def _left_pad_columns(array: np.ndarray, axis: int, width: int) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing == 0:
-        return array
-    shape = list(array.shape)
-    shape[axis] = missing
-    return np.concatenate((np.zeros(shape, dtype=array.dtype), array), axis=axis)
+def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]]
+              ) -> tuple[list[np.ndarray], np.ndarray]:
+    """One left-padded batch of the chosen rows of several: each part is ``(pasts [B_i, H, T_i,
+    D] per past input, mask [B_i, T_i], rows to keep)``. The result is as wide as the widest
+    real past among the kept rows (leading columns no kept row uses are dropped); every kept
+    row's cache is copied exactly once, straight into the new arrays."""
+    firsts = []
+    for _, mask, rows in parts:
+        used = mask[list(rows)].any(axis=0) if len(rows) else np.zeros(0, dtype=bool)
+        firsts.append(int(used.argmax()) if used.any() else mask.shape[1])
+    width = max((mask.shape[1] - first for (_, mask, _), first in zip(parts, firsts)), default=0)
+    total = sum(len(rows) for _, _, rows in parts)
+    template = parts[0][0]
+    pasts = [np.empty((total, p.shape[1], width, p.shape[3]), dtype=p.dtype) for p in template]
+    out_mask = np.zeros((total, width), dtype=np.int64)
+    b = 0
+    for (src, mask, rows), first in zip(parts, firsts):
+        real = mask.shape[1] - first
+        for row in rows:
+            out_mask[b, width - real:] = mask[row, first:]
+            for out, past in zip(pasts, src):
+                out[b, :, :width - real] = 0
+                out[b, :, width - real:] = past[row, :, first:]
+            b += 1
+    return pasts, out_mask
 
 
 def join_rows(parts: Sequence[tuple[KVCache, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
     """Stack left-padded batches ``(pasts [B_i, H, T_i, D] per past input, mask [B_i, T_i])``
     along the batch axis, each left-padded with masked-out zeros to the widest ``T``."""
-    width = max(mask.shape[1] for _, mask in parts)
-    mask = np.concatenate([_left_pad_columns(m, 1, width) for _, m in parts])
-    pasts = [np.concatenate([_left_pad_columns(past[i], 2, width) for past, _ in parts])
-             for i in range(len(parts[0][0]))]
-    return pasts, mask
+    return pack_rows([(pasts, mask, range(mask.shape[0])) for pasts, mask in parts])
 
 
 def take_rows(pasts: KVCache, mask: np.ndarray, rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
     """Keep ``rows`` of a left-padded batch and drop the leading columns none of them uses."""
-    mask = mask[rows]
-    used = mask.any(axis=0)
-    first = int(used.argmax()) if used.any() else mask.shape[1]
-    return ([np.ascontiguousarray(past[rows, :, first:]) for past in pasts],
-            np.ascontiguousarray(mask[:, first:]))
+    return pack_rows([(pasts, mask, rows)])

@@ -29,7 +29,7 @@ import numpy as np
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
 from banter.streams import TokenEvent
-from workers.batching import collate, join_rows, left_pad_prompts, mean_pool, right_pad, take_rows
+from workers.batching import collate, left_pad_prompts, mean_pool, pack_rows, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
 from workers.sampling import sample
@@ -37,6 +37,7 @@ from workers.sampling import sample
 log = logging.getLogger(__name__)
 
 LANES = ("interactive", "bulk")  # admission order
+DEAD_ROW_SHARE = 4  # finished rows kept in a generate batch until they are a quarter of it
 MAX_BULK_STALL_S = 0.25  # bulk passes stopped for this long: the next one runs to the end
 COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds per token slot
 ADMISSIONS = ("continuous", "static")
@@ -242,20 +243,34 @@ class _Batch:
     """The running sequences of one model version and their KV cache, left-padded: row b's
     real positions are the last ``seqs[b].past_len`` of the ``T`` columns that ``mask``
     ``[B, T]`` marks; ``pasts`` holds one ``[B, H, T, D]`` array per past input. ``T`` is the
-    longest row's past, so it never exceeds the model's positions."""
+    longest row's past, so it never exceeds the model's positions.
+
+    A finished sequence's row may stay as a dead row (fed its last token, its output ignored)
+    until the next re-pack: cutting rows out copies the whole cache, which on a CPU costs about
+    a decode pass, while a dead row costs 1/B of one. Rows are re-packed when sequences join
+    (one copy for both), or when dead rows reach ``1 / DEAD_ROW_SHARE`` of the batch."""
 
     def __init__(self, seqs: list[_Sequence], pasts: list[np.ndarray], mask: np.ndarray) -> None:
         self.seqs, self.pasts, self.mask = seqs, pasts, mask
 
-    def keep_unfinished(self) -> None:
-        rows = [b for b, seq in enumerate(self.seqs) if not seq.done]
-        if len(rows) < len(self.seqs):
-            self.pasts, self.mask = take_rows(self.pasts, self.mask, rows)
-            self.seqs = [self.seqs[b] for b in rows]
+    def live(self) -> list[_Sequence]:
+        return [seq for seq in self.seqs if not seq.done]
 
-    def join(self, other: _Batch) -> None:
-        self.pasts, self.mask = join_rows([(self.pasts, self.mask), (other.pasts, other.mask)])
-        self.seqs = self.seqs + other.seqs
+    def settle(self, arrivals: _Batch | None, max_width: int) -> None:
+        """Stack ``arrivals``' unfinished rows on, dropping dead rows in the same copy (each
+        kept row's cache is copied once); without arrivals, re-pack only when dead rows are
+        at least ``1 / DEAD_ROW_SHARE`` of the batch, nothing is live, or the next decode pass
+        would make the cache wider than ``max_width`` (a dead row's columns keep growing)."""
+        dead = sum(seq.done for seq in self.seqs)
+        roomy = self.mask.shape[1] < max_width
+        if arrivals is None and (not dead or (DEAD_ROW_SHARE * dead < len(self.seqs) and roomy)):
+            return
+        parts = [(b, [i for i, seq in enumerate(b.seqs) if not seq.done])
+                 for b in (self, arrivals) if b is not None]
+        kept = [b.seqs[i] for b, rows in parts for i in rows]
+        if kept:
+            self.pasts, self.mask = pack_rows([(b.pasts, b.mask, rows) for b, rows in parts])
+        self.seqs = kept
 
 
 class Engine:
@@ -463,12 +478,12 @@ class Engine:
             if queue:
                 self._waiting[lane] = deque(s for s in queue if not leaves(s))
         for runner, batch in list(self._batches.items()):
-            if any([leaves(seq) for seq in batch.seqs]):
+            if any([leaves(seq) for seq in batch.live()]):
                 self._keep_unfinished(runner, batch)
         return leaving
 
     def _admit(self) -> None:
-        count = sum(len(batch.seqs) for batch in self._batches.values())
+        count = sum(len(batch.live()) for batch in self._batches.values())
         # static admission: a model with a batch in progress takes no one until it drains
         busy = set(self._batches) if self._settings.admission == "static" else set()
         for lane in LANES:
@@ -560,23 +575,20 @@ class Engine:
         finished (or failed) and left the batch."""
         batch = self._batches.pop(runner, None)
         joining = self._joining.pop(runner, [])
+        running = [] if batch is None else batch.live()
         if batch is not None:
             self._decode(runner, batch, events)
-        if joining:
-            arrivals = self._prefill(runner, joining, events)
-            if batch is None:
-                batch = arrivals
-            elif arrivals is not None:
-                batch.join(arrivals)
-        leaving = [] if batch is None else [seq for seq in batch.seqs if seq.done]
-        leaving += [seq for seq in joining if seq.error is not None]
+        arrivals = self._prefill(runner, joining, events) if joining else None
+        leaving = [seq for seq in running + joining if seq.done]
+        if batch is None:
+            batch, arrivals = arrivals, None
         if batch is not None:
-            self._keep_unfinished(runner, batch)
+            self._keep_unfinished(runner, batch, arrivals)
         return leaving
 
-    def _keep_unfinished(self, runner: Runner, batch: _Batch) -> None:
-        batch.keep_unfinished()
-        if batch.seqs:
+    def _keep_unfinished(self, runner: Runner, batch: _Batch, arrivals: _Batch | None = None) -> None:
+        batch.settle(arrivals, max_width=runner.max_positions - 1)
+        if batch.live():
             self._batches[runner] = batch
         else:
             self._batches.pop(runner, None)
@@ -586,7 +598,7 @@ class Engine:
         ids = np.array([[seq.pending[0]] for seq in batch.seqs], dtype=np.int64)
         positions = np.array([[seq.past_len] for seq in batch.seqs], dtype=np.int64)
         mask = np.concatenate((batch.mask, np.ones((rows, 1), dtype=np.int64)), axis=1)
-        out = self._pass(runner, batch.seqs, ids, mask, positions, batch.pasts)
+        out = self._pass(runner, batch.live(), ids, mask, positions, batch.pasts)
         if out is not None:
             batch.pasts, batch.mask = [out[name] for name in runner.present_names], mask
             self._sample(out["logits"], batch.seqs, events)
@@ -603,7 +615,8 @@ class Engine:
 
     def _pass(self, runner: Runner, seqs: list[_Sequence], ids: np.ndarray, mask: np.ndarray,
               positions: np.ndarray, pasts: list[np.ndarray]) -> dict[str, np.ndarray] | None:
-        """One decoder pass; on failure every sequence in it gets the error and None returns."""
+        """One decoder pass for the live ``seqs`` (dead rows ride along); on failure each of
+        them gets the error and None returns."""
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                  **dict(zip(runner.past_names, pasts))}
         try:
@@ -624,9 +637,12 @@ class Engine:
 
     @staticmethod
     def _sample(logits: np.ndarray, seqs: list[_Sequence], events: list[TokenEvent]) -> None:
+        """Advance the live sequences by one sampled token each (dead rows are skipped)."""
         last = logits[:, -1, :]
+        live = sum(not seq.done for seq in seqs)
         for b, seq in enumerate(seqs):
-            events.append(seq.advance(sample(last[b], seq.params, seq.rng), len(seqs)))
+            if not seq.done:
+                events.append(seq.advance(sample(last[b], seq.params, seq.rng), live))
 
     def _resolve(self, leaving: list[_Sequence]) -> None:
         with self._cond:
