@@ -51,8 +51,8 @@ _JSON_FIELDS = ("input", "params", "usage", "result", "error")
 
 @dataclass
 class JobRecord:
-    """One job. ``input`` is the prompt (generate) or text (embed); ``params`` the validated
-    sampling parameters; times are unix seconds (floats) or None."""
+    """One job. ``input`` is the prompt (generate) or the text or list of texts (embed);
+    ``params`` the validated sampling parameters; times are unix seconds (floats) or None."""
 
     id: str
     kind: str

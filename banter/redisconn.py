@@ -9,7 +9,7 @@ from banter.errors import Unavailable
 # Blocking reads (XREAD BLOCK for SSE and synchronous waits) block at most 15 s, under this.
 SOCKET_TIMEOUT_S = 30
 # Every SSE stream and synchronous wait holds a connection while it blocks: a producer process
-# needs one per thread (and /v1/embeddings one per input), far above redis-py's default of 100.
+# needs one per thread, far above redis-py's default of 100.
 MAX_CONNECTIONS = 2048
 
 
