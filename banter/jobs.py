@@ -106,6 +106,11 @@ class JobRecord:
         except (TypeError, ValueError, orjson.JSONDecodeError) as exc:
             raise WireError(f"job record does not decode: {exc}") from exc
 
+    def embeddings(self) -> list[list[float]]:
+        """A succeeded embed job's vectors, in input order (one for a one-text job)."""
+        result = self.result or {}
+        return result.get("embeddings") or [result["embedding"]]
+
     def to_public(self) -> dict[str, Any]:
         """The ``GET /v1/jobs/{id}`` shape (DESIGN.md)."""
         usage = self.usage or {"prompt_tokens": 0, "completion_tokens": 0}
@@ -122,6 +127,12 @@ class JobRecord:
                 "run_ms": _ms(self.started_at, self.finished_at),
             },
         }
+
+
+def embed_result(job_input: str | list[str], vectors: list[list[float]]) -> dict[str, Any]:
+    """An embed job's ``result``: ``{embedding}`` for one text, ``{embeddings}`` (input order)
+    for a list of texts."""
+    return {"embedding": vectors[0]} if isinstance(job_input, str) else {"embeddings": vectors}
 
 
 def _encode(name: str, value: Any) -> str:

@@ -257,7 +257,7 @@ def embed_request(c: Context, body: dict) -> tuple[JobRequest, str]:
 
 def embeddings_body(record: JobRecord, base64_floats: bool) -> dict[str, Any]:
     """OpenAI's embeddings answer for a succeeded embed job, in input order."""
-    vectors = record.result.get("embeddings") or [record.result["embedding"]]
+    vectors = record.embeddings()
     if base64_floats:
         vectors = [base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
                    for vector in vectors]

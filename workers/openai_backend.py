@@ -33,7 +33,7 @@ from banter.errors import (
     UpstreamModelNotFound,
     UpstreamTimeout,
 )
-from banter.jobs import JobRecord
+from banter.jobs import JobRecord, embed_result
 from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import StreamWriter, TokenEvent
@@ -93,8 +93,7 @@ class OpenAIBackend:
                                                    encoding_format="float")
         prompt_tokens = answer.usage.prompt_tokens if answer.usage else 0
         vectors = [list(d.embedding) for d in sorted(answer.data, key=lambda d: d.index)]
-        result = {"embedding": vectors[0]} if isinstance(job.input, str) else {"embeddings": vectors}
-        return Outcome(result=result,
+        return Outcome(result=embed_result(job.input, vectors),
                        finish_reason="stop",
                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": 0},
                        batch_size=1, backend="openai", version=None)

@@ -30,7 +30,7 @@ from banter.errors import (
     ModelLoadError,
     ModelNotFound,
 )
-from banter.jobs import JobKind, JobRecord, JobStatus, JobStore
+from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, embed_result
 from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
@@ -258,7 +258,7 @@ class WorkerRuntime:
         pipe.hget(keys.job(record.id), "cancel_requested")
         if pipe.execute()[1] == "1":
             self.engine.cancel(record.id)
-        return _local_outcome(future.result(), model.version, isinstance(record.input, str))
+        return _local_outcome(future.result(), model.version, record.input)
 
     def _cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
@@ -388,11 +388,10 @@ class WorkerRuntime:
                 log.info("model_retired", extra={"model": name, "version": version})
 
 
-def _local_outcome(result: EmbedResult | GenerateResult, version: int, one: bool) -> Outcome:
-    """``one``: an embed job of one text (result ``{embedding}``), not a list (``{embeddings}``)."""
+def _local_outcome(result: EmbedResult | GenerateResult, version: int,
+                   job_input: str | list[str]) -> Outcome:
     if isinstance(result, EmbedResult):
-        vectors = result.embeddings
-        return Outcome(result={"embedding": vectors[0]} if one else {"embeddings": vectors},
+        return Outcome(result=embed_result(job_input, result.embeddings),
                        finish_reason="stop",
                        usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": 0},
                        batch_size=result.batch_size, backend="onnx", version=version)
