@@ -17,7 +17,7 @@ from banter.errors import (
 from banter.params import SamplingParams
 from registry.artifacts import sha256_file
 from workers import runner as runner_module
-from workers.batching import collate, join_rows, left_pad_prompts, pack_rows, take_rows
+from workers.batching import collate, left_pad_prompts, pack_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings
 from workers.runner import ModelSpec, RunnerCache, select_providers
@@ -217,9 +217,9 @@ def test_left_padded_batch_matches_each_sequence_alone(cache, specs):
     _, pasts, mask = prefill(runner, [a, b])
     logits, pasts, mask = decode(runner, pasts, mask, [a[0], b[0]], [len(a), len(b)])
     c_logits, c_pasts, c_mask = prefill(runner, [c])
-    pasts, mask = join_rows([(pasts, mask), (c_pasts, c_mask)])
+    pasts, mask = pack_rows([(pasts, mask, [0, 1]), (c_pasts, c_mask, [0])])
     assert mask.shape == (3, max(len(a), len(b), len(c)) + 1)
-    pasts, mask = take_rows(pasts, mask, [1, 2])
+    pasts, mask = pack_rows([(pasts, mask, [1, 2])])
     assert mask.shape[1] == max(len(b) + 1, len(c))  # columns only a used are gone
     for row, (got_logits, whole) in enumerate([(logits[1], np.r_[b, b[:1]]), (c_logits[0], c)]):
         want_logits, want, _ = prefill(runner, [whole])
@@ -235,13 +235,13 @@ def test_left_padded_batch_matches_each_sequence_alone(cache, specs):
 def test_embed_batches_and_matches_alone(make_engine, sink, specs):
     texts = [f"sentence number {i} " + "word " * i for i in range(16)]
     engine = make_engine()
-    results = drive(engine, [engine.submit_embed(f"e{i}", specs["embed"], t)
+    results = drive(engine, [engine.submit_embed(specs["embed"], t)
                              for i, t in enumerate(texts)])
     assert 0 < len(sink.passes) < 16
     assert {r.batch_size for r in results} == {8}
     for text, result in zip(texts, results):
         alone = make_engine(batch_window_s=0.0)
-        single = drive(alone, [alone.submit_embed("one", specs["embed"], text)])[0]
+        single = drive(alone, [alone.submit_embed(specs["embed"], text)])[0]
         assert single.batch_size == 1 and single.prompt_tokens == result.prompt_tokens
         assert np.allclose(result.embeddings[0], single.embeddings[0], atol=1e-5)
         assert abs(np.linalg.norm(result.embeddings[0]) - 1.0) < 1e-6
@@ -250,13 +250,13 @@ def test_embed_batches_and_matches_alone(make_engine, sink, specs):
 def test_a_list_job_embeds_every_input_in_order_across_passes(make_engine, sink, specs):
     texts = [f"list input {i} " + "word " * (i % 5) for i in range(19)]
     engine = make_engine(max_batch_size=8)
-    other = engine.submit_embed("solo", specs["embed"], "another job's text")
-    job = engine.submit_embed("many", specs["embed"], texts)
+    other = engine.submit_embed(specs["embed"], "another job's text")
+    job = engine.submit_embed(specs["embed"], texts)
     result = drive(engine, [job, other])[0]
     assert [p[3] for p in sink.passes] == [8, 8, 4]  # the lone job shares the first pass
     assert len(result.embeddings) == 19 and result.batch_size == 8
     alone = make_engine(batch_window_s=0.0)
-    singles = drive(alone, [alone.submit_embed(f"s{i}", specs["embed"], t)
+    singles = drive(alone, [alone.submit_embed(specs["embed"], t)
                             for i, t in enumerate(texts)])
     assert result.prompt_tokens == sum(s.prompt_tokens for s in singles)
     for got, single in zip(result.embeddings, singles):
@@ -266,10 +266,10 @@ def test_a_list_job_embeds_every_input_in_order_across_passes(make_engine, sink,
 def test_a_list_job_is_checked_whole_before_any_input_runs(make_engine, sink, specs):
     engine = make_engine(max_prompt_tokens=8)
     with pytest.raises(PromptTooLong, match="input 1 is"):
-        engine.submit_embed("p", specs["embed"], ["short", "word " * 50])
+        engine.submit_embed(specs["embed"], ["short", "word " * 50])
     for bad in ([], ["ok", 3], None):
         with pytest.raises(InvalidRequest):
-            engine.submit_embed("p", specs["embed"], bad)
+            engine.submit_embed(specs["embed"], bad)
     assert engine.step() is False and sink.passes == []
 
 
@@ -285,7 +285,7 @@ def test_a_failed_pass_fails_the_whole_list_job(make_engine, specs, cache, monke
         return real_run(feeds, handle)
 
     monkeypatch.setattr(runner, "run", second_fails)
-    job = engine.submit_embed("many", specs["embed"], ["a", "b", "c", "d", "e"])
+    job = engine.submit_embed(specs["embed"], ["a", "b", "c", "d", "e"])
     for _ in range(3):
         engine.step()
     with pytest.raises(InferenceError, match="boom"):
@@ -295,7 +295,7 @@ def test_a_failed_pass_fails_the_whole_list_job(make_engine, specs, cache, monke
 
 def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
     engine = make_engine(enable_batching=False)
-    futures = [engine.submit_embed(f"e{i}", specs["embed"], "text") for i in range(4)]
+    futures = [engine.submit_embed(specs["embed"], "text") for i in range(4)]
     results = drive(engine, futures)
     assert [r.batch_size for r in results] == [1, 1, 1, 1]
     assert [p[3] for p in sink.passes] == [1, 1, 1, 1]
@@ -303,37 +303,37 @@ def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
 
 def test_interactive_embeds_go_ahead_of_waiting_bulk_ones(make_engine, sink, specs):
     engine = make_engine(max_batch_size=2, batch_window_s=0.0)
-    bulk = [engine.submit_embed(f"b{i}", specs["embed"], "bulk", lane="bulk") for i in range(4)]
-    urgent = [engine.submit_embed(f"i{i}", specs["embed"], "urgent") for i in range(2)]
+    bulk = [engine.submit_embed(specs["embed"], "bulk", lane="bulk") for i in range(4)]
+    urgent = [engine.submit_embed(specs["embed"], "urgent") for i in range(2)]
     engine.step()
     assert all(f.done() for f in urgent) and not any(f.done() for f in bulk)
     drive(engine, bulk)
     with pytest.raises(InvalidRequest):
-        engine.submit_embed("x", specs["embed"], "text", lane="fast")
+        engine.submit_embed(specs["embed"], "text", lane="fast")
 
 
 def test_bulk_embed_passes_stay_within_the_bulk_budget(make_engine, sink, specs):
     engine = make_engine(max_batch_size=4, batch_window_s=0.0, bulk_pass_s=1e-9)
-    bulk = [engine.submit_embed(f"b{i}", specs["embed"], "bulk", lane="bulk") for i in range(6)]
+    bulk = [engine.submit_embed(specs["embed"], "bulk", lane="bulk") for i in range(6)]
     engine.step()  # no cost per input measured yet: a full batch
-    urgent = [engine.submit_embed(f"i{i}", specs["embed"], "urgent") for i in range(3)]
+    urgent = [engine.submit_embed(specs["embed"], "urgent") for i in range(3)]
     engine.step()  # every interactive input in one pass, no bulk one beside them
     assert all(f.done() for f in urgent) and sum(f.done() for f in bulk) == 4
     drive(engine, bulk)
     assert [p[3] for p in sink.passes] == [4, 3, 1, 1]
     roomy = make_engine(max_batch_size=4, batch_window_s=0.0, bulk_pass_s=60.0)
-    more = [roomy.submit_embed(f"r{i}", specs["embed"], "bulk", lane="bulk") for i in range(8)]
+    more = [roomy.submit_embed(specs["embed"], "bulk", lane="bulk") for i in range(8)]
     drive(roomy, more)
     assert [p[3] for p in sink.passes[4:]] == [4, 4]
 
 
 def test_bulk_embeds_run_after_the_steps_interactive_work(make_engine, sink, specs):
     engine = make_engine(batch_window_s=0.0, bulk_pass_s=1e-9)
-    drive(engine, [engine.submit_embed("warm", specs["embed"], "cost per input measured")])
+    drive(engine, [engine.submit_embed(specs["embed"], "cost per input measured")])
     sink.passes.clear()
-    bulk = engine.submit_embed("b", specs["embed"], "bulk", lane="bulk")
+    bulk = engine.submit_embed(specs["embed"], "bulk", lane="bulk")
     gen = engine.submit_generate("g", specs["gpt"], "hi", SamplingParams(max_tokens=1))
-    urgent = engine.submit_embed("i", specs["embed"], "urgent")
+    urgent = engine.submit_embed(specs["embed"], "urgent")
     engine.step()  # the interactive embed alone, first; then the generate pass
     assert urgent.done() and gen.done() and not bulk.done()
     later = engine.submit_generate("g2", specs["gpt"], "hi", SamplingParams(max_tokens=1))
@@ -352,19 +352,19 @@ def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, s
     bulk pass."""
     clock = FakeClock()
     engine = make_engine(clock=clock, batch_window_s=0.0, bulk_pass_s=1e-9)
-    alone = drive(engine, [engine.submit_embed("warm", specs["embed"], "bulk 0")])[0]
+    alone = drive(engine, [engine.submit_embed(specs["embed"], "bulk 0")])[0]
     runner = cache.get(specs["embed"])
     real_run, handles, urgent, arrivals = runner.run, [], [], [True]
 
     def run(feeds, handle=None):
         handles.append(handle is not None)
         if handle is not None and arrivals[0]:
-            urgent.append(engine.submit_embed(f"i{len(urgent)}", specs["embed"], "urgent"))
+            urgent.append(engine.submit_embed(specs["embed"], "urgent"))
         return real_run(feeds, handle)
 
     monkeypatch.setattr(runner, "run", run)
     sink.passes.clear()
-    bulk = [engine.submit_embed(f"b{i}", specs["embed"], f"bulk {i}", lane="bulk")
+    bulk = [engine.submit_embed(specs["embed"], f"bulk {i}", lane="bulk")
             for i in range(2)]
     engine.step()  # b0's pass is stopped: nothing finished, nothing recorded
     assert not any(f.done() for f in bulk) and sink.passes == [] and len(urgent) == 1
@@ -388,18 +388,18 @@ def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, s
 def test_a_lone_embed_waits_for_the_window_only_when_company_is_likely(make_engine, sink, specs):
     clock = FakeClock()
     engine = make_engine(clock=clock, batch_window_s=0.01)
-    first = engine.submit_embed("e0", specs["embed"], "text")  # at idle: runs at once
+    first = engine.submit_embed(specs["embed"], "text")  # at idle: runs at once
     assert engine.step() is True and first.result().batch_size == 1
     clock.now += 0.004
-    second = engine.submit_embed("e1", specs["embed"], "text")  # 4 ms after e0: waits
+    second = engine.submit_embed(specs["embed"], "text")  # 4 ms after e0: waits
     assert engine.step() is False and not second.done()
     clock.now += 0.006
-    third = engine.submit_embed("e2", specs["embed"], "text")  # joins e1's batch
+    third = engine.submit_embed(specs["embed"], "text")  # joins e1's batch
     assert engine.step() is False and not second.done()
     clock.now += 0.004
     assert engine.step() is True and second.result().batch_size == 2 and third.done()
     clock.now += 0.05
-    fourth = engine.submit_embed("e3", specs["embed"], "text")  # a quiet spell: at once
+    fourth = engine.submit_embed(specs["embed"], "text")  # a quiet spell: at once
     assert engine.step() is True and fourth.done()
 
 
@@ -594,7 +594,7 @@ def test_prompt_too_long(make_engine, specs):
     with pytest.raises(PromptTooLong):
         engine.submit_generate("p", specs["gpt"], "word " * 50, SamplingParams())
     with pytest.raises(PromptTooLong):
-        engine.submit_embed("p", specs["embed"], "word " * 50)
+        engine.submit_embed(specs["embed"], "word " * 50)
     with pytest.raises(PromptTooLong):
         engine.submit_generate("p", specs["gpt"], "hi", SamplingParams(max_tokens=1024))
 
@@ -626,7 +626,7 @@ def test_run_loop_serves_from_a_thread(make_engine, specs):
     loop.start()
     try:
         gen = engine.submit_generate("t", specs["gpt"], "hi", SamplingParams(max_tokens=4))
-        emb = engine.submit_embed("e", specs["embed"], "hi")
+        emb = engine.submit_embed(specs["embed"], "hi")
         assert gen.result(timeout=10).text == demo_words(4)
         assert len(emb.result(timeout=10).embeddings[0]) == 128
     finally:

@@ -86,13 +86,3 @@ def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]]
             b += 1
     return pasts, out_mask
 
-
-def join_rows(parts: Sequence[tuple[KVCache, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Stack left-padded batches ``(pasts [B_i, H, T_i, D] per past input, mask [B_i, T_i])``
-    along the batch axis, each left-padded with masked-out zeros to the widest ``T``."""
-    return pack_rows([(pasts, mask, range(mask.shape[0])) for pasts, mask in parts])
-
-
-def take_rows(pasts: KVCache, mask: np.ndarray, rows: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Keep ``rows`` of a left-padded batch and drop the leading columns none of them uses."""
-    return pack_rows([(pasts, mask, rows)])

@@ -308,7 +308,7 @@ class Engine:
 
     # -- caller threads ---------------------------------------------------------------------
 
-    def submit_embed(self, job_id: str, spec: ModelSpec, texts: str | Sequence[str],
+    def submit_embed(self, spec: ModelSpec, texts: str | Sequence[str],
                      lane: str = "interactive") -> Future[EmbedResult]:
         """Embed one text or a list of texts (one vector each, in order). The inputs of a
         list share passes with each other and with other jobs' inputs."""

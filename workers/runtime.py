@@ -245,7 +245,7 @@ class WorkerRuntime:
                          model_path=model_path, tokenizer_path=model_path.parent / "tokenizer.json",
                          sha256=model.sha256, backend=model.backend)
         if record.kind == JobKind.EMBED.value:
-            future = self.engine.submit_embed(record.id, spec, record.input, lane=record.lane)
+            future = self.engine.submit_embed(spec, record.input, lane=record.lane)
         else:
             params = SamplingParams.from_dict(record.params, self.settings.max_tokens_limit)
             deadline = None
