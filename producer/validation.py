@@ -119,9 +119,10 @@ def string_list(body: dict, name: str, *, max_items: int, max_len: int) -> list[
 
 def embed_input(body: dict, name: str, *, max_items: int, max_len: int) -> str | list[str]:
     """An embed job's input: one text, or a non-empty list of at most ``max_items`` texts."""
-    if isinstance(body.get(name), list):
+    value = body.get(name)
+    if isinstance(value, list):
         return string_list(body, name, max_items=max_items, max_len=max_len)
-    if body.get(name) is not None and not isinstance(body.get(name), str):
+    if value is not None and not isinstance(value, str):
         raise InvalidRequest(f"'{name}' must be a string or a non-empty list of strings")
     return string(body, name, required=True, max_len=max_len)
 
