@@ -41,6 +41,7 @@ log = logging.getLogger("bench.lanes")
 DEFAULT_BULK = 10_000
 DEFAULT_REQUESTS = 100
 DEFAULT_SUBMITTERS = 16
+SLOWEST = 3  # slowest inference requests reported with their stages
 KINDS = ("embeddings", "inference")
 
 
@@ -161,12 +162,21 @@ def statuses(stack: BenchStack, ids: list[str]) -> dict[str, int]:
     return counts
 
 
+def slowest(latencies: list[float], stages: list[dict[str, float]],
+            count: int = SLOWEST) -> list[dict[str, float]]:
+    """The ``count`` slowest requests with their stages, in ms: where the tail comes from."""
+    ranked = sorted(zip(latencies, stages), key=lambda pair: pair[0], reverse=True)[:count]
+    return [{"latency": round(took * 1000, 3), **{k: round(v * 1000, 3) for k, v in parts.items()}}
+            for took, parts in ranked]
+
+
 def summary(phase: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for kind, data in phase.items():
         out[kind] = {"latency_ms": percentiles_ms(data["latencies"])}
         if data["stages"]:
             out[kind]["stages_p50_ms"] = stage_medians_ms(data["stages"])
+            out[kind]["slowest_ms"] = slowest(data["latencies"], data["stages"])
         if data["backlog"]:
             out[kind]["bulk_queued"] = {"first": data["backlog"][0], "last": data["backlog"][-1],
                                         "dropped_samples": data["dropped"]}

@@ -254,6 +254,19 @@ def test_lanes_benchmark_smoke_run(smoke_runs):
     assert result["idle"]["inference"]["latency_ms"]["n"] == 2
     assert set(result["ratios"]) == {"embeddings_p50", "embeddings_p99", "inference_p50",
                                      "inference_p99"}
+    idle = result["idle"]["inference"]
+    slowest = idle["slowest_ms"]
+    assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"]
+    assert slowest[0]["latency"] == pytest.approx(idle["latency_ms"]["max"], abs=0.01)
+    assert set(slowest[0]) == {"latency", *idle["stages_p50_ms"]}
+
+
+def test_lanes_slowest_keeps_each_requests_own_stages():
+    from bench.lanes import slowest
+
+    stages = [{"run": 0.001 * i} for i in range(5)]
+    top = slowest([0.010, 0.050, 0.020, 0.040, 0.030], stages, count=2)
+    assert top == [{"latency": 50.0, "run": 1.0}, {"latency": 40.0, "run": 3.0}]
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
