@@ -1,19 +1,30 @@
-"""The Celery app both sides build from settings; the task name is the only shared contract."""
+"""The Celery app both sides build from settings; the task name is the only shared contract.
+
+The broker is Redis (``redis://``, the default: the state Redis) or RabbitMQ (``amqp://``).
+Both carry the same messages; the bulk share of a worker's prefetch (``_Channel``) exists only
+on Redis, where the transport is ours to extend (docs/decisions.md, Workers).
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+import threading
+import time
 
+import redis
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 
-from banter.settings import Settings
+from banter.errors import Unavailable
+from banter.redisconn import connect
+from banter.settings import Settings, is_amqp
 
 RUN_JOB = "banter.run_job"
 
 
 BULK_RECHECK_S = 0.05  # how often a channel holding its bulk share looks again for bulk work
+AMQP_DEPTH_MAX_AGE_S = 0.5  # RabbitMQ queue depths are read at most this often per process
 
 
 class _LaneCycle:
@@ -91,31 +102,88 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
     the queues of both backends: ``settings.queues`` (onnx) and ``settings.openai_queues``."""
     app = Celery(main)
     app.config_from_object("celeryconfig")
-    if urlparse(settings.broker_url).scheme == "redis":
+    if is_amqp(settings.broker_url):
+        # RabbitMQ acknowledges every published message: send_task returns once the broker
+        # holds the job's message (durable queue, persistent message).
+        transport_options = {"confirm_publish": True}
+    else:
         app.conf.broker_transport = f"{__name__}:RedisTransport"
+        # kombu sweeps unacked messages every 10 s and restores those older than the
+        # visibility timeout: a job whose worker died is delivered again within ~70 s.
+        # "priority": a worker with a free slot always takes an interactive message first.
+        transport_options = {"visibility_timeout": settings.visibility_timeout_s,
+                             "queue_order_strategy": "priority",
+                             "bulk_queues": [settings.queues[1], settings.openai_queues[1]],
+                             "bulk_limit": settings.bulk_limit(),
+                             "unacked_restore_interval": 10,
+                             "unacked_restore_throttle": 1}
     app.conf.update(
         broker_url=settings.broker_url,
         task_queues=[Queue(name) for lane in (0, 1)
                      for name in (settings.queues[lane], settings.openai_queues[lane])],
         task_default_queue=settings.queue_interactive,
-        # kombu sweeps unacked messages every 10 s and restores those older than the
-        # visibility timeout: a job whose worker died is delivered again within ~70 s.
-        # "priority": a worker with a free slot always takes an interactive message first.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  "queue_order_strategy": "priority",
-                                  "bulk_queues": [settings.queues[1], settings.openai_queues[1]],
-                                  "bulk_limit": settings.bulk_limit(),
-                                  "unacked_restore_interval": 10,
-                                  "unacked_restore_throttle": 1},
+        broker_transport_options=transport_options,
     )
     return app
 
 
-def queue_depth(client, settings: Settings) -> dict[str, int]:
-    """Messages waiting per lane, over both backends' queues (Redis broker: the queue lists
-    kombu keeps)."""
-    pipe = client.pipeline(transaction=False)
-    for name in (*settings.queues, *settings.openai_queues):
-        pipe.llen(name)
-    interactive, bulk, openai_interactive, openai_bulk = pipe.execute()
-    return {"interactive": interactive + openai_interactive, "bulk": bulk + openai_bulk}
+class BrokerQueues:
+    """The lanes' queues as the broker holds them.
+
+    ``depth()``: messages waiting per lane, over both backends' queues, read from the broker
+    itself: on Redis the length of kombu's list per queue (``client`` when the broker is the
+    state Redis), on RabbitMQ a passive ``queue_declare`` per queue on one of the app's pooled
+    connections (about 4 ms for the four, so a reading serves every caller for
+    ``AMQP_DEPTH_MAX_AGE_S``). A queue nobody declared yet holds nothing. An unreachable broker
+    raises ``Unavailable``.
+    """
+
+    def __init__(self, settings: Settings, celery: Celery, client=None) -> None:
+        self._lanes = {"interactive": (settings.queues[0], settings.openai_queues[0]),
+                       "bulk": (settings.queues[1], settings.openai_queues[1])}
+        self._celery = celery
+        self._lock = threading.Lock()
+        self._amqp_depth: dict[str, int] = {}
+        self._amqp_read_at = float("-inf")
+        self._redis = None
+        if not is_amqp(settings.broker_url):
+            same = client is not None and settings.broker_url == settings.redis_url
+            self._redis = client if same else connect(settings.broker_url)
+
+    def depth(self) -> dict[str, int]:
+        names = [name for pair in self._lanes.values() for name in pair]
+        try:
+            if self._redis is not None:
+                return self._per_lane(dict(zip(names, self._redis_counts(names))))
+            with self._lock:
+                if time.monotonic() - self._amqp_read_at >= AMQP_DEPTH_MAX_AGE_S:
+                    self._amqp_depth = self._per_lane(dict(zip(names, self._amqp_counts(names))))
+                    self._amqp_read_at = time.monotonic()
+                return dict(self._amqp_depth)
+        except (OperationalError, redis.RedisError) as exc:
+            raise Unavailable(f"the broker is not reachable: {exc}") from exc
+
+    def _per_lane(self, counts: dict[str, int]) -> dict[str, int]:
+        return {lane: sum(counts[name] for name in pair) for lane, pair in self._lanes.items()}
+
+    def _redis_counts(self, names: list[str]) -> list[int]:
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+        return pipe.execute()
+
+    def _amqp_counts(self, names: list[str]) -> list[int]:
+        counts = []
+        with self._celery.pool.acquire(block=True, timeout=10) as conn:
+            try:
+                channel = conn.channel()
+                for name in names:
+                    try:
+                        counts.append(channel.queue_declare(queue=name, passive=True).message_count)
+                    except conn.channel_errors:  # not declared yet; the broker closed the channel
+                        counts.append(0)
+                        channel = conn.channel()
+                channel.close()
+            except conn.connection_errors as exc:
+                raise OperationalError(str(exc)) from exc
+        return counts

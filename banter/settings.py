@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlparse
 
 from banter.errors import InvalidRequest
 
@@ -19,8 +20,17 @@ OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency")
 
 
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")  # RabbitMQ as the Celery broker
+BROKER_SCHEMES = ("redis", "rediss", "unix", *AMQP_SCHEMES)
+
+
 class SettingsError(InvalidRequest):
     type = "invalid_setting"
+
+
+def is_amqp(url: str) -> bool:
+    """Whether a broker URL names RabbitMQ (else it is a Redis URL)."""
+    return urlparse(url).scheme in AMQP_SCHEMES
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -141,8 +151,12 @@ class Settings:
                       else home / "models").expanduser().resolve()
         registry = (self.registry_path if str(self.registry_path) not in ("", ".")
                     else home / "registry" / "history.jsonl").expanduser().resolve()
+        broker = self.broker_url or self.redis_url
+        if urlparse(broker).scheme not in BROKER_SCHEMES:
+            raise SettingsError(f"BANTER_BROKER_URL={broker!r}: expected a redis://, rediss://, "
+                                "unix:// (Redis) or amqp:// (RabbitMQ) URL")
         return replace(self, home=home, model_root=model_root, registry_path=registry,
-                        broker_url=self.broker_url or self.redis_url)
+                        broker_url=broker)
 
     def bulk_limit(self) -> int:
         """Bulk messages a worker holds at once (the rest of its concurrency is for

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     load_at_start = loadavg()
     from banter import keys
-    from banter.broker import queue_depth
+    from banter.broker import BrokerQueues, make_celery
     from banter.demo import DEMO_GPT, build_demo
     from banter.settings import Settings
 
@@ -204,12 +204,13 @@ def run(args: argparse.Namespace) -> dict:
         stack.start_producer(args.producer_workers, args.producer_threads)
         node = stack.start_worker("lanes", worker_env)
         client = Interactive(stack, kinds, embed_name)
+        queues = BrokerQueues(stack.settings, make_celery(stack.settings), stack.redis)
         client.phase(10)  # warm-up: models load, connections open
         idle = client.phase(args.requests)
         log.info("idle: %s", {k: percentiles_ms(v["latencies"])["p50"] for k, v in idle.items()})
 
         def waiting() -> int:
-            return queue_depth(stack.redis, settings)["bulk"]
+            return queues.depth()["bulk"]
 
         def counters() -> dict[str, float]:
             return {k: float(v) for k, v in stack.redis.hgetall(keys.worker_stats(node)).items()}

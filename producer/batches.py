@@ -26,7 +26,6 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, url_for
 
 from banter import keys
-from banter.broker import queue_depth
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
 from banter.errors import InvalidRequest, NotFound, QueueFull, TooLarge, status_for
 from banter.jobs import JobRecord, JobStatus, Lane
@@ -192,7 +191,7 @@ def check_room(c: Context, lines: int) -> None:
     """QueueFull unless the bulk queue can take a job per line (so a batch is rarely cut in two:
     see docs/decisions.md, Bulk)."""
     limit = c.settings.max_queue_depth
-    if limit and queue_depth(c.redis, c.settings)[Lane.BULK.value] + lines > limit:
+    if limit and c.jobs.queues.depth()[Lane.BULK.value] + lines > limit:
         raise QueueFull(f"the bulk queue cannot take {lines} more jobs now (limit {limit}); "
                         "retry later", retry_after_s=5)
 

@@ -20,7 +20,6 @@ from collections import defaultdict
 from flask import Blueprint, Response
 
 from banter import keys
-from banter.broker import queue_depth
 from banter.metrics import BY_NAME, FAMILIES, Family, escape_label
 from producer.context import ctx
 
@@ -41,11 +40,12 @@ _WORKER_COUNTERS = {
 @blueprint.get("/metrics")
 def metrics():
     c = ctx()
-    return Response(render(c.redis, c.settings), content_type=CONTENT_TYPE)
+    return Response(render(c.redis, c.settings, c.jobs.queues.depth()),
+                    content_type=CONTENT_TYPE)
 
 
-def render(client, settings) -> str:
-    depth = queue_depth(client, settings)
+def render(client, settings, depth: dict[str, int]) -> str:
+    """The exposition text; ``depth``: messages waiting per lane (``BrokerQueues.depth``)."""
     since = time.time() - 3 * settings.worker_heartbeat_s
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.METRICS)

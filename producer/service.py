@@ -19,7 +19,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from banter import keys
-from banter.broker import RUN_JOB, queue_depth
+from banter.broker import RUN_JOB, BrokerQueues
 from banter.errors import InvalidRequest, JobNotFound, ModelNotFound, QueueFull, Timeout, Unavailable
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane
 from banter.params import SamplingParams
@@ -49,6 +49,7 @@ class JobService:
         self.redis = client
         self.celery = celery
         self.registry = registry
+        self.queues = BrokerQueues(settings, celery, client)
         self.jobs = JobStore(client, settings.job_ttl_s)
         self.streams = StreamWriter(client, settings.stream_maxlen, settings.job_ttl_s)
 
@@ -122,7 +123,7 @@ class JobService:
 
     def _check_depth(self, lane: Lane) -> None:
         limit = self.settings.max_queue_depth
-        if limit and queue_depth(self.redis, self.settings)[lane.value] >= limit:
+        if limit and self.queues.depth()[lane.value] >= limit:
             raise QueueFull(f"the {lane.value} queue holds {limit} jobs; retry later",
                             retry_after_s=2)
 

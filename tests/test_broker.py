@@ -1,5 +1,6 @@
 """The Celery app's Redis transport (banter.broker): a channel holds at most its bulk share of
-unacked bulk messages and keeps taking interactive ones. Real Redis, real kombu consumer."""
+unacked bulk messages and keeps taking interactive ones; queue depths come from the broker.
+Real Redis, real kombu consumer (RabbitMQ: tests/test_rabbitmq.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from dataclasses import replace
 import pytest
 from kombu import Consumer, Queue
 
-from banter.broker import RUN_JOB, RedisTransport, make_celery
-from banter.settings import Settings
+from banter.broker import RUN_JOB, BrokerQueues, RedisTransport, make_celery
+from banter.redisconn import connect
+from banter.settings import Settings, SettingsError, is_amqp
 
 
 @pytest.fixture
@@ -65,3 +67,34 @@ def test_bulk_share_setting():
     assert Settings().bulk_limit() == 48  # three quarters of 64 task threads
     assert Settings(worker_concurrency=1).bulk_limit() == 1
     assert Settings.from_env({"BANTER_BULK_CONCURRENCY": "5"}).bulk_limit() == 5
+
+
+def test_the_broker_url_is_redis_or_rabbitmq():
+    with pytest.raises(SettingsError, match="BANTER_BROKER_URL"):
+        Settings.from_env({"BANTER_BROKER_URL": "sqs://queue"})
+    assert Settings.from_env({}).broker_url == Settings.from_env({}).redis_url
+    amqp = Settings.from_env({"BANTER_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
+    assert is_amqp(amqp.broker_url) and not is_amqp(amqp.redis_url)
+    app = make_celery(amqp)
+    assert app.conf.broker_transport_options == {"confirm_publish": True}
+    with app.connection_for_write() as connection:  # no I/O until used
+        assert not isinstance(connection.transport, RedisTransport)
+
+
+def test_queue_depth_reads_the_redis_broker_not_the_state_redis(lanes, redis_client,
+                                                                 redis_server):
+    """Depths come from the broker's own lists: with the broker on another Redis database than
+    the job records, the state database's lists do not count."""
+    app, settings = lanes
+    app.send_task(RUN_JOB, args=["bulk"], queue=settings.queue_bulk)
+    assert BrokerQueues(settings, app, redis_client).depth() == {"interactive": 0, "bulk": 1}
+
+    other = replace(settings, broker_url=redis_server.url.rsplit("/", 1)[0] + "/9")
+    other_app = make_celery(other)
+    try:
+        other_app.send_task(RUN_JOB, args=["a"], queue=settings.queue_interactive)
+        other_app.send_task(RUN_JOB, args=["b"], queue=settings.queue_interactive)
+        assert BrokerQueues(other, other_app, redis_client).depth() == {"interactive": 2,
+                                                                         "bulk": 0}
+    finally:
+        connect(other.broker_url).delete(settings.queue_interactive)

@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -51,26 +53,37 @@ class Stack:
         return start_worker(self.env, node, self.logs / f"{node}.log", self.redis)
 
 
-@pytest.fixture
-def stack(tmp_path):
-    """A private stack: Redis with AOF (so it can restart), short leases and visibility."""
-    redis_server = RedisServer(tmp_path / "redis", persist=True)
+@contextmanager
+def open_stack(directory: Path, persist: bool = True,
+               extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A private stack in ``directory``: its own Redis (with AOF when ``persist``, so it can
+    restart), the demo models promoted, the producer; short leases and visibility."""
+    redis_server = RedisServer(directory / "redis", persist=persist)
     url = redis_server.start()
-    env = {"BANTER_REDIS_URL": url, "BANTER_HOME": str(tmp_path / "home"),
+    env = {"BANTER_REDIS_URL": url, "BANTER_HOME": str(directory / "home"),
            "BANTER_WORKER_HEARTBEAT_S": "0.5", "BANTER_LEASE_TTL_S": "2",
            "BANTER_VISIBILITY_TIMEOUT_S": "5", "BANTER_MAX_TOKENS_LIMIT": "1000",
-           "BANTER_LOG_LEVEL": "INFO", "BANTER_OPENAI_KEY": "", "BANTER_AUTH_DISABLED": "true"}
+           "BANTER_LOG_LEVEL": "INFO", "BANTER_OPENAI_KEY": "", "BANTER_AUTH_DISABLED": "true",
+           **(extra_env or {})}
     settings = Settings.from_env(env)
     dirs = build_demo(settings.model_root)
     registry = Registry.from_settings(settings, connect(url))
     registry.promote(name=DEMO_GPT, kind="generate", path=str(dirs[DEMO_GPT] / "model.onnx"))
     registry.promote(name=DEMO_EMBED, kind="embed", path=str(dirs[DEMO_EMBED] / "model.onnx"))
     server = Server(create_app(settings, connect(url)))
-    logs = tmp_path / "logs"
+    logs = directory / "logs"
     logs.mkdir()
-    yield Stack(env, settings, redis_server, Api(server.url), server, logs)
-    server.close()
-    redis_server.stop()
+    try:
+        yield Stack(env, settings, redis_server, Api(server.url), server, logs)
+    finally:
+        server.close()
+        redis_server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    with open_stack(tmp_path) as private:
+        yield private
 
 
 def submit_generations(api: Api, count: int, max_tokens: int) -> list[str]:
@@ -119,12 +132,18 @@ def rescue(stack: Stack, job_ids: list[str]) -> None:
         stop_process(rescuer)
 
 
-def test_kill_9_mid_batch_every_job_is_taken_over_once(stack):
+def kill_9_mid_batch(stack: Stack, count: int) -> list[str]:
+    """Start a worker, give it ``count`` long generations, kill -9 it once they stream."""
     doomed = stack.worker("doomed@localhost")
-    job_ids = submit_generations(stack.api, 8, 1000)
+    job_ids = submit_generations(stack.api, count, 1000)
     wait_tokens(stack, job_ids, at_least=5)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
+    return job_ids
+
+
+def test_kill_9_mid_batch_every_job_is_taken_over_once(stack):
+    job_ids = kill_9_mid_batch(stack, 8)
     assert all(stack.api.get(f"/v1/jobs/{j}").json()["status"] == "running" for j in job_ids)
 
     rescue(stack, job_ids)

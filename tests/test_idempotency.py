@@ -54,12 +54,15 @@ def test_concurrent_submissions_with_one_key_make_one_job(redis_client):
 
 
 def test_a_job_the_broker_refused_fails_and_frees_its_key(settings, redis_client, demo_models):
-    dead = replace(settings, broker_url="redis://127.0.0.1:1/0")
-    celery = make_celery(dead)
-    celery.conf.broker_connection_retry_on_startup = False
-    celery.conf.broker_connection_max_retries = 0
-    service = JobService(dead, redis_client, celery, Registry.from_settings(dead, redis_client))
-    key = uuid.uuid4().hex
-    with pytest.raises(Unavailable):
-        service.submit(JobRequest(JobKind.EMBED, "x", idempotency_key=key), "alice", "t")
-    assert redis_client.get(keys.idempotency("alice", key)) is None
+    """With the depth check on, the dead broker refuses before anything is recorded; without
+    it, the job's record exists when the publish fails: it fails and frees its key."""
+    for limit in (settings.max_queue_depth, 0):
+        dead = replace(settings, broker_url="redis://127.0.0.1:1/0", max_queue_depth=limit)
+        celery = make_celery(dead)
+        celery.conf.broker_connection_retry_on_startup = False
+        celery.conf.broker_connection_max_retries = 0
+        service = JobService(dead, redis_client, celery, Registry.from_settings(dead, redis_client))
+        key = uuid.uuid4().hex
+        with pytest.raises(Unavailable, match="broker"):
+            service.submit(JobRequest(JobKind.EMBED, "x", idempotency_key=key), "alice", "t")
+        assert redis_client.get(keys.idempotency("alice", key)) is None

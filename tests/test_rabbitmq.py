@@ -1,0 +1,94 @@
+"""RabbitMQ as the Celery broker (``BANTER_BROKER_URL=amqp://...``), with Redis kept for job
+records, streams and the registry mirror: jobs run through a private RabbitMQ node, queue
+depths and backpressure read RabbitMQ's queues, an unreachable broker is a 503, and a worker
+killed mid-generation loses nothing (RabbitMQ redelivers its unacked messages at once)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from banter.redisconn import connect
+from banter.redisserver import free_port
+from producer.app import create_app
+from tests.conftest import Api, Server, stop_process
+from tests.rabbitmq_node import RabbitNode, find_server
+from tests.test_faults import kill_9_mid_batch, open_stack, rescue
+from tests.test_metrics import parse, value
+
+pytestmark = pytest.mark.skipif(find_server() is None,
+                                reason="RabbitMQ is not installed (no rabbitmq-server)")
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory):
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(rabbit, tmp_path_factory):
+    with open_stack(tmp_path_factory.mktemp("amqp-stack"), persist=False,
+                    extra_env={"BANTER_BROKER_URL": rabbit.url}) as private:
+        yield private
+
+
+def test_jobs_run_through_rabbitmq(stack):
+    worker = stack.worker("amqp@localhost")
+    try:
+        answer = stack.api.post("/v1/inference", {"prompt": "hi", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["backend"] == "onnx" and answer.json()["text"]
+        embedded = stack.api.post("/v1/embeddings", {"input": ["one", "two"]})
+        assert embedded.status_code == 200, embedded.text
+        assert len(embedded.json()["data"]) == 2
+    finally:
+        stop_process(worker)
+    # the messages went through RabbitMQ: Redis holds no broker list or binding
+    assert stack.redis.keys("interactive*") == [] and stack.redis.keys("_kombu*") == []
+
+
+def test_queue_depth_and_backpressure_read_rabbitmq(stack):
+    """With no worker, queued jobs wait in RabbitMQ: /metrics counts them per lane, the depth
+    limit refuses the next one (429), and a worker started later runs every one."""
+    jobs = [stack.api.post("/v1/jobs", {"kind": "embed", "input": f"backlog {i}",
+                                        "lane": "bulk"}).json()["id"] for i in range(3)]
+    time.sleep(0.6)  # a RabbitMQ depth reading serves for AMQP_DEPTH_MAX_AGE_S
+    families = parse(stack.api.get("/metrics").text)
+    assert value(families, "banter_queue_depth", lane="bulk") == 3
+    assert value(families, "banter_queue_depth", lane="interactive") == 0
+
+    full = Server(create_app(replace(stack.settings, max_queue_depth=3),
+                             connect(stack.settings.redis_url)))
+    try:
+        refused = Api(full.url).post("/v1/jobs", {"kind": "embed", "input": "one too many",
+                                                  "lane": "bulk"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "queue_full"
+    finally:
+        full.close()
+
+    worker = stack.worker("amqp-drain@localhost")
+    try:
+        assert [stack.api.wait_job(j)["status"] for j in jobs] == ["succeeded"] * 3
+    finally:
+        stop_process(worker)
+
+
+def test_an_unreachable_rabbitmq_is_a_503(stack):
+    closed = replace(stack.settings, broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
+    server = Server(create_app(closed, connect(stack.settings.redis_url)))
+    try:
+        answer = Api(server.url).post("/v1/jobs", {"kind": "embed", "input": "lost?"})
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["type"] == "unavailable"
+    finally:
+        server.close()
+
+
+def test_kill_9_mid_generation_with_rabbitmq_loses_nothing(stack):
+    rescue(stack, kill_9_mid_batch(stack, 4))
