@@ -20,6 +20,7 @@ SCENARIOS = {
     "sse": "bench.sse",
     "lanes": "bench.lanes",
     "soak": "bench.soak",
+    "kvcache": "bench.kvcache",
 }
 
 log = logging.getLogger("bench")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: on a machine with an NVIDIA GPU, serve with the CUDA execution provider
-# and run the `embed` and `generate` benchmarks on it, printing their JSON (in under 8 minutes).
+# and run the `kvcache`, `embed` and `generate` benchmarks on it, printing their JSON (in under
+# 8 minutes).
 #
 #   bash bench/gpu_check.sh            # GPU 0
 #   BENCH_GPU=1 bash bench/gpu_check.sh
@@ -11,9 +12,11 @@
 # providers ONNX Runtime has and the ones a worker's session actually gets (the worker's own
 # code path: workers.runner.select_providers + Runner; ORT falls back to the CPU provider when
 # CUDA or cuDNN libraries cannot be loaded, so "available" is not enough). 5. run
-# `python -m bench embed` and `python -m bench generate` with BENCH_GPU set, so every worker is
-# `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default gpu-check-out/),
-# and the providers each worker's model actually ran on are printed from the JSON / logs.
+# `python -m bench kvcache` (what the engine's host round trip of the KV cache costs per decode
+# step on the GPU), `python -m bench embed` and `python -m bench generate` with BENCH_GPU set, so
+# every worker is `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default
+# gpu-check-out/), and the providers each worker's model actually ran on are printed from the
+# JSON / logs.
 # Exit codes: 0 done on CUDA, 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
 # session did not get CUDA, 1 a benchmark failed.
 set -euo pipefail
@@ -115,6 +118,14 @@ run_scenario() {
     status=1
   fi
 }
+# the KV cache's host round trip per decode step, on a GPT-2-small-shaped decoder (built here)
+if "$PY" -m banter.cli models import --random-gpt2-small "$OUT_DIR/gpt2-small-random" >&2; then
+  run_scenario kvcache kvcache --gpu "$GPU" --model-dir "$OUT_DIR/gpt2-small-random" --repeats 3
+  rm -f "$OUT_DIR/gpt2-small-random/model.onnx"
+else
+  say "could not build the GPT-2-small-shaped decoder; kvcache skipped"
+  status=1
+fi
 run_scenario embed-minilm embed --gpu "$GPU" --shape minilm --sentences 4000 --repeats 2
 run_scenario embed-demo embed --gpu "$GPU" --sentences 4000 --repeats 1 --baselines raw_ort
 run_scenario generate generate --rounds 3 --repeats 2

@@ -136,14 +136,15 @@ def test_generate_benchmark_smoke_run():
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["onnxruntime"]
 
 
-# -- embed, latency, sse, lanes: smoke runs with tiny flags, and the pure checks ------------
+# -- embed, latency, sse, lanes, kvcache: smoke runs with tiny flags, and the pure checks -----
 
-# each smoke run starts its own stack; they run side by side, so the four cost about one
+# each smoke run starts its own stack (kvcache: none); they run side by side
 SMOKE_RUNS = {
     "embed": ["--sentences", "24", "--clients", "4", "--repeats", "1", "--inputs-per-request", "2"],
     "latency": ["--requests", "5", "--warmup", "1", "--no-window-diagnostic"],
     "sse": ["--subscribers", "6", "--followers", "3", "--max-tokens", "4"],
     "lanes": ["--bulk", "40", "--requests", "2", "--submitters", "4"],
+    "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2"],
 }
 
 
@@ -259,6 +260,31 @@ def test_lanes_benchmark_smoke_run(smoke_runs):
     assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"]
     assert slowest[0]["latency"] == pytest.approx(idle["latency_ms"]["max"], abs=0.01)
     assert set(slowest[0]) == {"latency", *idle["stages_p50_ms"]}
+
+
+def test_kvcache_benchmark_smoke_run(smoke_runs):
+    """Both decode loops (cache as numpy arrays, cache bound with I/O binding) ran from the same
+    cache and chose the same tokens at every step."""
+    result = smoke_result(smoke_runs, "kvcache")
+    assert result["correct"] is True and result["device"] == "cpu"
+    assert result["providers"] == ["CPUExecutionProvider"]
+    assert len(result["runs_ms_per_step"]["host"]) == 2
+    assert result["served"] > 0 and result["baselines"]["device_bound"] > 0
+
+
+def test_kvcache_loops_agree_token_for_token(tmp_path):
+    """The device-bound loop is a real decode loop: each step's token is fed back (demo-gpt
+    walks its text, so every step chooses another token) and it follows the host loop's
+    tokens step for step."""
+    from banter.demo import DEMO_GPT, build_demo
+    from bench.kvcache import Decoder
+
+    decoder = Decoder(build_demo(tmp_path)[DEMO_GPT] / "model.onnx", None)
+    cache = decoder.start(rows=4, past=6)
+    host, _ = decoder.host_loop(cache, 5)
+    device, _ = decoder.device_loop(cache, 5)
+    assert host == device and len(host) == 5 and len(host[0]) == 4
+    assert len({tuple(step) for step in host}) == 5
 
 
 def test_lanes_slowest_keeps_each_requests_own_stages():

@@ -1,0 +1,163 @@
+"""kvcache: what moving the KV cache between host and device costs per decode step.
+
+Two greedy decode loops over one decoder session (Optimum layout), in this process, from the
+same random cache of ``--rows`` x ``--past`` positions, ``--steps`` steps each, ``--repeats``
+times interleaved:
+
+* ``host`` (``served``): the cache as numpy arrays, fed to ``session.run`` and fetched from it
+  every pass: what the engine does (``workers/engine.py``);
+* ``device`` (the baseline): the cache bound on the session's device with ONNX Runtime's I/O
+  binding: ``present.*`` outputs stay where they were computed and are bound as the next pass's
+  ``past_key_values.*``; only the logits come to the host.
+
+On the CPU provider both keep the cache in host memory, so the ratio shows the cost of the
+numpy round trip alone; with ``--gpu N`` (CUDA provider) it shows what the engine pays for
+bringing the cache to the host and back every step, i.e. what binding it on the device would
+save. ``correct``: both loops chose the same tokens at every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import loadavg, positive, ratio
+from bench.machine import machine_facts
+
+log = logging.getLogger("bench.kvcache")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="a decoder directory (model.onnx, Optimum layout); default: demo-gpt, "
+                        "built in a temporary directory")
+    p.add_argument("--rows", type=positive, default=16, help="sequences in the batch (16)")
+    p.add_argument("--past", type=positive, default=128, help="cached positions at the start (128)")
+    p.add_argument("--steps", type=positive, default=32, help="decode steps per loop (32)")
+    p.add_argument("--repeats", type=positive, default=3, help="interleaved runs of each loop (3)")
+    p.add_argument("--gpu", type=int, default=None, help="run on GPU N (CUDA provider)")
+
+
+class Decoder:
+    """One session and the cache geometry read from its inputs."""
+
+    def __init__(self, model_path: Path, gpu: int | None) -> None:
+        import onnxruntime as ort
+
+        self.ort = ort
+        providers = ["CPUExecutionProvider"]
+        if gpu is not None:
+            providers = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                            providers=providers)
+        self.providers = self.session.get_providers()
+        on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        self.device, self.device_id = ("cuda", gpu or 0) if on_gpu else ("cpu", 0)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
+                                 key=lambda n: (int(n.split(".")[1]), n.endswith(".value")))
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        meta = inputs[self.past_names[0]]
+        self.heads, self.head_dim = meta.shape[1], meta.shape[3]
+        self.kv_dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+        self.vocab = self.session.get_outputs()[0].shape[-1]
+
+    def start(self, rows: int, past: int, seed: int = 0) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        shape = (rows, self.heads, past, self.head_dim)
+        return [rng.standard_normal(shape).astype(self.kv_dtype) * 0.1 for _ in self.past_names]
+
+    @staticmethod
+    def step_inputs(rows: int, width: int, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return {"input_ids": tokens.reshape(rows, 1).astype(np.int64),
+                "attention_mask": np.ones((rows, width + 1), dtype=np.int64),
+                "position_ids": np.full((rows, 1), width, dtype=np.int64)}
+
+    def host_loop(self, cache: list[np.ndarray], steps: int) -> tuple[list[list[int]], float]:
+        rows, width = cache[0].shape[0], cache[0].shape[2]
+        tokens = np.ones(rows, dtype=np.int64)
+        chosen, past = [], cache
+        started = time.perf_counter()
+        for step in range(steps):
+            feeds = {**self.step_inputs(rows, width + step, tokens),
+                     **dict(zip(self.past_names, past))}
+            logits, *past = self.session.run(["logits", *self.present_names], feeds)
+            tokens = logits[:, -1, :].argmax(axis=-1)
+            chosen.append(tokens.tolist())
+        return chosen, time.perf_counter() - started
+
+    def device_loop(self, cache: list[np.ndarray], steps: int) -> tuple[list[list[int]], float]:
+        ort = self.ort
+        rows, width = cache[0].shape[0], cache[0].shape[2]
+        past = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in cache]
+        tokens = np.ones(rows, dtype=np.int64)
+        binding = self.session.io_binding()
+        chosen = []
+        started = time.perf_counter()
+        for step in range(steps):
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, value in self.step_inputs(rows, width + step, tokens).items():
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(self.past_names, past):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits", "cpu")
+            for name in self.present_names:
+                binding.bind_output(name, self.device, self.device_id)
+            self.session.run_with_iobinding(binding)
+            logits, *past = binding.get_outputs()
+            tokens = logits.numpy()[:, -1, :].argmax(axis=-1)
+            chosen.append(tokens.tolist())
+        return chosen, time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> dict:
+    began = time.perf_counter()
+    load_at_start = loadavg()
+    model_dir = args.model_dir
+    if model_dir is None:
+        from banter.demo import DEMO_GPT, build_demo
+
+        model_dir = build_demo(Path(tempfile.mkdtemp(prefix="bench-kvcache-")))[DEMO_GPT]
+    decoder = Decoder(Path(model_dir) / "model.onnx", args.gpu)
+    cache = decoder.start(args.rows, args.past)
+    log.info("providers %s, cache %d x %d positions, %.1f MB", decoder.providers, args.rows,
+             args.past, sum(a.nbytes for a in cache) / 1e6)
+    decoder.host_loop(cache, 2)  # warm-up: allocations, kernels
+    decoder.device_loop(cache, 2)
+    host_runs, device_runs, reference, agree = [], [], None, True
+    for _ in range(args.repeats):
+        host_tokens, host_s = decoder.host_loop(cache, args.steps)
+        device_tokens, device_s = decoder.device_loop(cache, args.steps)
+        reference = reference or host_tokens
+        agree = agree and host_tokens == reference and device_tokens == reference
+        host_runs.append(host_s / args.steps * 1000)
+        device_runs.append(device_s / args.steps * 1000)
+    host_ms = round(float(np.median(host_runs)), 3)
+    device_ms = round(float(np.median(device_runs)), 3)
+    log.info("host %.2f ms/step, device-bound %.2f ms/step", host_ms, device_ms)
+    return {
+        "scenario": "kvcache",
+        "unit": "ms per decode step, KV cache fed and fetched as numpy arrays (the engine's way)",
+        "served": host_ms,
+        "baselines": {"device_bound": device_ms},
+        "ratios": {"device_bound": ratio(host_ms, device_ms)},
+        "correct": agree,
+        "runs_ms_per_step": {"host": [round(x, 3) for x in host_runs],
+                             "device_bound": [round(x, 3) for x in device_runs]},
+        "providers": decoder.providers,
+        "device": decoder.device,
+        "settings": {"model_dir": str(model_dir), "rows": args.rows, "past": args.past,
+                     "steps": args.steps, "repeats": args.repeats, "gpu": args.gpu,
+                     "cache_mb_at_start": round(sum(a.nbytes for a in cache) / 1e6, 1)},
+        "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
+                    "loadavg_at_end": loadavg()},
+        "duration_s": round(time.perf_counter() - began, 2),
+    }
