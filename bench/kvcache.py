@@ -5,15 +5,16 @@ same random cache of ``--rows`` x ``--past`` positions, ``--steps`` steps each, 
 times interleaved:
 
 * ``host`` (``served``): the cache as numpy arrays, fed to ``session.run`` and fetched from it
-  every pass: what the engine does (``workers/engine.py``);
+  every pass: what the engine does on the CPU provider;
 * ``device`` (the baseline): the cache bound on the session's device with ONNX Runtime's I/O
   binding: ``present.*`` outputs stay where they were computed and are bound as the next pass's
   ``past_key_values.*``; only the logits come to the host.
 
 On the CPU provider both keep the cache in host memory, so the ratio shows the cost of the
-numpy round trip alone; with ``--gpu N`` (CUDA provider) it shows what the engine pays for
-bringing the cache to the host and back every step, i.e. what binding it on the device would
-save. ``correct``: both loops chose the same tokens at every step.
+numpy round trip alone; with ``--gpu N`` (CUDA provider) it shows what bringing the cache to
+the host and back every step would cost: what the engine saves by keeping it bound on the
+device there (``Runner.run_decoder``; on the CPU provider the engine keeps numpy arrays).
+``correct``: both loops chose the same tokens at every step.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     log.info("host %.2f ms/step, device-bound %.2f ms/step", host_ms, device_ms)
     return {
         "scenario": "kvcache",
-        "unit": "ms per decode step, KV cache fed and fetched as numpy arrays (the engine's way)",
+        "unit": "ms per decode step, KV cache fed and fetched as numpy arrays",
         "served": host_ms,
         "baselines": {"device_bound": device_ms},
         "ratios": {"device_bound": ratio(host_ms, device_ms)},

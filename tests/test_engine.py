@@ -20,7 +20,7 @@ from workers import runner as runner_module
 from workers.batching import collate, left_pad_prompts, pack_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings
-from workers.runner import ModelSpec, RunnerCache, select_providers
+from workers.runner import ModelSpec, RunnerCache, select_providers, to_host
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
 PROMPTS = ["hi", "tell me a story", "a b c d e f g h i j k l m n o p",
@@ -633,3 +633,54 @@ def test_run_loop_serves_from_a_thread(make_engine, specs):
         stop.set()
         loop.join(timeout=5)
     assert not loop.is_alive()
+
+
+def test_a_cache_bound_on_the_device_gives_the_same_tokens(cache, specs):
+    """``bind_kv``: the path a CUDA worker takes (I/O binding keeps the cache where ORT computed
+    it), here on the CPU device. The cache is an OrtValue between passes, re-packed through the
+    host when sequences join and leave, holds the same values at every step as the numpy
+    cache, and every job samples the same tokens."""
+    import onnxruntime as ort
+
+    bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
+    assert bound.get(specs["gpt"]).kv_device == "cpu" and bound.get(specs["embed"]).kv_device is None
+    assert cache.get(specs["gpt"]).kv_device is None  # the CPU provider's default: numpy
+
+    def crowd(runners: RunnerCache):
+        engine = Engine(runners, RecordingSink(), EngineSettings())
+        sampled = SamplingParams(temperature=0.9, seed=7)
+        futures, kinds, snapshots = [], [], []
+        for i, prompt in enumerate(PROMPTS * 2):  # one joins at every step, mixed lengths
+            futures.append(engine.submit_generate(f"k{i}", specs["gpt"], prompt,
+                                                  replace(sampled, max_tokens=3 + 2 * i)))
+            engine.step()
+            for batch in engine._batches.values():
+                kinds.append(type(batch.pasts[0]))
+                snapshots.append([a.copy() for a in to_host(batch.pasts)])
+        return [r.token_ids for r in drive(engine, futures)], kinds, snapshots
+
+    bound_tokens, bound_kinds, bound_caches = crowd(bound)
+    host_tokens, host_kinds, host_caches = crowd(cache)
+    assert bound_tokens == host_tokens
+    assert set(host_kinds) == {np.ndarray}
+    assert ort.OrtValue in set(bound_kinds)  # left on the device after a decode pass
+    assert len(bound_caches) == len(host_caches) == len(PROMPTS) * 2
+    for got, want in zip(bound_caches, host_caches):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and np.allclose(g, w, atol=1e-5)
+
+
+def test_a_device_that_cannot_bind_falls_back_to_host_arrays(specs, monkeypatch, caplog):
+    bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
+    runner = bound.get(specs["gpt"])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no device memory")
+
+    monkeypatch.setattr(runner, "_bound_pass", refuse)
+    engine = Engine(bound, RecordingSink(), EngineSettings())
+    result = drive(engine, [engine.submit_generate("f", specs["gpt"], "hi",
+                                                   SamplingParams(max_tokens=4))])[0]
+    assert result.completion_tokens == 4 and runner.kv_device is None
+    assert "kv_binding_off" in caplog.text

@@ -31,7 +31,7 @@ from banter.params import SamplingParams
 from banter.streams import TokenEvent
 from workers.batching import collate, left_pad_prompts, mean_pool, pack_rows, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
+from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache, to_host
 from workers.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,9 @@ class _Sequence:
 class _Batch:
     """The running sequences of one model version and their KV cache, left-padded: row b's
     real positions are the last ``seqs[b].past_len`` of the ``T`` columns that ``mask``
-    ``[B, T]`` marks; ``pasts`` holds one ``[B, H, T, D]`` array per past input. ``T`` is the
-    longest row's past, so it never exceeds the model's positions.
+    ``[B, T]`` marks; ``pasts`` holds one ``[B, H, T, D]`` array per past input (an OrtValue
+    on the model's ``kv_device`` between passes where it has one; a re-pack copies through the
+    host). ``T`` is the longest row's past, so it never exceeds the model's positions.
 
     A finished sequence's row may stay as a dead row (fed its last token, its output ignored)
     until the next re-pack: cutting rows out copies the whole cache, which on a CPU costs about
@@ -269,7 +270,8 @@ class _Batch:
                  for b in (self, arrivals) if b is not None]
         kept = [b.seqs[i] for b, rows in parts for i in rows]
         if kept:
-            self.pasts, self.mask = pack_rows([(b.pasts, b.mask, rows) for b, rows in parts])
+            self.pasts, self.mask = pack_rows([(to_host(b.pasts), b.mask, rows)
+                                               for b, rows in parts])
         self.seqs = kept
 
 
@@ -600,8 +602,9 @@ class Engine:
         mask = np.concatenate((batch.mask, np.ones((rows, 1), dtype=np.int64)), axis=1)
         out = self._pass(runner, batch.live(), ids, mask, positions, batch.pasts)
         if out is not None:
-            batch.pasts, batch.mask = [out[name] for name in runner.present_names], mask
-            self._sample(out["logits"], batch.seqs, events)
+            logits, batch.pasts = out
+            batch.mask = mask
+            self._sample(logits, batch.seqs, events)
 
     def _prefill(self, runner: Runner, seqs: list[_Sequence],
                  events: list[TokenEvent]) -> _Batch | None:
@@ -610,20 +613,19 @@ class Engine:
         out = self._pass(runner, seqs, ids, mask, positions, [empty] * len(runner.past_names))
         if out is None:
             return None
-        self._sample(out["logits"], seqs, events)
-        return _Batch(seqs, [out[name] for name in runner.present_names], mask)
+        logits, presents = out
+        self._sample(logits, seqs, events)
+        return _Batch(seqs, presents, mask)
 
     def _pass(self, runner: Runner, seqs: list[_Sequence], ids: np.ndarray, mask: np.ndarray,
-              positions: np.ndarray, pasts: list[np.ndarray]) -> dict[str, np.ndarray] | None:
-        """One decoder pass for the live ``seqs`` (dead rows ride along); on failure each of
-        them gets the error and None returns."""
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                 **dict(zip(runner.past_names, pasts))}
+              positions: np.ndarray, pasts: list) -> tuple[np.ndarray, list] | None:
+        """One decoder pass for the live ``seqs`` (dead rows ride along): (logits, presents,
+        see ``Runner.run_decoder``); on failure each of them gets the error and None returns."""
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         try:
             started = time.perf_counter()
-            out = runner.run(feeds)
+            logits, presents = runner.run_decoder(inputs, pasts)
             seconds = time.perf_counter() - started
-            logits = out["logits"]
             if logits.ndim != 3 or logits.shape[:2] != ids.shape:
                 raise InferenceError(f"{runner.spec.name}: logits have shape {logits.shape}, "
                                      f"expected {ids.shape} + [vocab]")
@@ -633,7 +635,7 @@ class Engine:
             return None
         self._sink.record_pass("generate", runner.spec.name, runner.spec.version, len(seqs),
                                seconds)
-        return out
+        return logits, presents
 
     @staticmethod
     def _sample(logits: np.ndarray, seqs: list[_Sequence], events: list[TokenEvent]) -> None:

@@ -108,10 +108,16 @@ class Runner:
     failures in ``InferenceError``. Decoder geometry (``n_layer``, ``n_head``, ``head_dim``,
     ``past_names``/``present_names`` in matching order) is read from the graph's inputs.
     Only the engine thread calls ``run``; the tokenizer may be used from any thread.
+
+    ``kv_device``: where a decoder's KV cache stays between passes (``run_decoder``). On the
+    CUDA provider it is ``"cuda"``: the ``present.*`` outputs are bound on the GPU (ONNX
+    Runtime I/O binding) and fed back as the next pass's pasts without a trip to the host. On
+    the CPU provider it is None (numpy arrays; binding saves nothing there, docs/benchmarks.md
+    ``kvcache``) unless ``bind_kv`` asks for it (the tests run the bound path on the CPU).
     """
 
     def __init__(self, spec: ModelSpec, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, bind_kv: bool | None = None) -> None:
         if spec.kind not in KINDS:
             raise ModelLoadError(f"model {spec.name}@{spec.version}: kind must be one of {KINDS}")
         if spec.backend != "onnx":
@@ -139,8 +145,12 @@ class Runner:
                               for i in range(self.n_layer) for part in ("key", "value")]
         self._check_graph(inputs)
         self.n_head, self.head_dim, self.kv_dtype = 0, 0, np.float32
+        self.kv_device: str | None = None
         if spec.kind == "generate":
             self.n_head, self.head_dim, self.kv_dtype = self._kv_geometry(inputs)
+            on_gpu = self.providers[0] == "CUDAExecutionProvider"
+            if bind_kv or (bind_kv is None and on_gpu):
+                self.kv_device = "cuda" if on_gpu else "cpu"
 
     def _create_session(self, providers: list[str],
                         intra_op_threads: int) -> ort.InferenceSession:
@@ -198,6 +208,54 @@ class Runner:
         return dict(zip(self.output_names, values))
 
 
+    def run_decoder(self, inputs: Mapping[str, np.ndarray],
+                    pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One decoder pass: ``inputs`` (``input_ids``, ``attention_mask``, ``position_ids``)
+        and one past per ``past_names``. Returns the logits (numpy) and one present per
+        ``present_names``: numpy arrays, or with ``kv_device`` OrtValues left on it (feed them
+        back as the next pass's pasts; ``to_host`` brings them back for a re-pack). A bound
+        pass that fails is run again without binding; when that succeeds the model stays
+        unbound (a warning says why), so a device that cannot bind still serves."""
+        if self.kv_device is None:
+            return self._host_pass(inputs, pasts)
+        try:
+            return self._bound_pass(inputs, pasts)
+        except Exception as exc:  # ORT raises its own non-standard exception types
+            bound_error = exc
+        result = self._host_pass(inputs, pasts)  # an InferenceError here is the model's own
+        log.warning("kv_binding_off", extra={"model": self.spec.name, "version": self.spec.version,
+                                             "device": self.kv_device, "error": str(bound_error)})
+        self.kv_device = None
+        return result
+
+    def _host_pass(self, inputs: Mapping[str, np.ndarray],
+                   pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        out = self.run({**inputs, **dict(zip(self.past_names, to_host(pasts)))})
+        return out["logits"], [out[name] for name in self.present_names]
+
+    def _bound_pass(self, inputs: Mapping[str, np.ndarray],
+                    pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.past_names, pasts):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.kv_device)
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        return logits.numpy(), presents
+
+
+def to_host(values: Sequence[Any]) -> list[np.ndarray]:
+    """Numpy arrays of a KV cache that may be OrtValues on a device (``Runner.run_decoder``)."""
+    return [v if isinstance(v, np.ndarray) else v.numpy() for v in values]
+
+
 class RunnerCache:
     """Lazily loaded runners keyed by ``(name, version)``; thread-safe.
 
@@ -207,9 +265,10 @@ class RunnerCache:
     """
 
     def __init__(self, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, bind_kv: bool | None = None) -> None:
         self.providers = list(providers)
         self._intra_op_threads = intra_op_threads
+        self._bind_kv = bind_kv
         self._lock = threading.Lock()
         self._runners: dict[tuple[str, int], Runner] = {}
         self._loading: dict[tuple[str, int], threading.Lock] = {}
@@ -225,9 +284,10 @@ class RunnerCache:
                 if key in self._runners:
                     return self._runners[key]
             try:
-                runner = Runner(spec, self.providers, self._intra_op_threads)
+                runner = Runner(spec, self.providers, self._intra_op_threads, self._bind_kv)
                 log.info("model_loaded", extra={"model": spec.name, "version": spec.version,
-                                                "providers": runner.providers})
+                                                "providers": runner.providers,
+                                                "kv_device": runner.kv_device})
                 with self._lock:
                     self._runners[key] = runner
             finally:
