@@ -2,7 +2,7 @@
 
 The broker is Redis (``redis://``, the default: the state Redis) or RabbitMQ (``amqp://``).
 Both carry the same messages; the bulk share of a worker's prefetch (``_Channel``) exists only
-on Redis, where the transport is ours to extend (docs/decisions.md, Workers).
+on Redis, where the transport is ours to extend (docs/decisions.md, Broker).
 """
 
 from __future__ import annotations
@@ -176,6 +176,10 @@ class BrokerQueues:
         counts = []
         with self._celery.pool.acquire(block=True, timeout=10) as conn:
             try:
+                # (re)connects a pooled connection, which a broker outage leaves closed;
+                # raises OperationalError when the broker does not answer
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                                       timeout=5)
                 channel = conn.channel()
                 for name in names:
                     try:

@@ -1,5 +1,5 @@
-"""``/healthz`` (the process answers), ``/readyz`` (Redis and a live worker); ``/metrics`` is
-in ``producer.metrics``."""
+"""``/healthz`` (the process answers), ``/readyz`` (Redis, the broker and a live worker);
+``/metrics`` is in ``producer.metrics``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def healthz():
 def readyz():
     c = ctx()
     ping(c.redis)
+    queued = c.jobs.queues.depth()  # Unavailable when the broker does not answer
     workers = live_workers()
     if not workers:
         raise Unavailable("no live worker: start one with 'banter worker --cpu' or '--gpu N'")
-    return jsonify({"status": "ready", "workers": workers})
+    return jsonify({"status": "ready", "workers": workers, "queued": queued})

@@ -194,7 +194,7 @@ def _paths() -> Schema:
                 "application/jsonl": {"schema": {"type": "string"}}}}},
             (404, 503), parameters=(batch,))},
         "/healthz": {"get": _op("Liveness", {"200": _json("alive", "Health")}, (), public=True)},
-        "/readyz": {"get": _op("Readiness: Redis and a live worker",
+        "/readyz": {"get": _op("Readiness: Redis, the broker and a live worker",
                                {"200": _json("ready", "Ready")}, (503,), public=True)},
         "/metrics": {"get": _op(
             "Prometheus metrics", {"200": {"description": "Prometheus text", "content": {
@@ -427,6 +427,9 @@ def _schemas(settings: Settings) -> Schema:
         }, ("data",)),
         "Health": _obj({"status": {"const": "ok"}}, ("status",)),
         "Ready": _obj({"status": {"const": "ready"},
-                       "workers": {"type": "array", "items": {"type": "string"}}},
-                      ("status", "workers")),
+                       "workers": {"type": "array", "items": {"type": "string"}},
+                       "queued": _obj({"interactive": {"type": "integer"},
+                                       "bulk": {"type": "integer"}},
+                                      ("interactive", "bulk"))},
+                      ("status", "workers", "queued")),
     }

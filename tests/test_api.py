@@ -148,6 +148,7 @@ def test_health_and_readiness(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
     assert ready.status_code == 200 and "cpu-test@localhost" in ready.json()["workers"]
+    assert set(ready.json()["queued"]) == {"interactive", "bulk"}
     metrics = api.get("/metrics").text
     assert 'banter_queue_depth{lane="interactive"}' in metrics
     assert "banter_live_workers 1" in metrics

@@ -83,9 +83,13 @@ def test_an_unreachable_rabbitmq_is_a_503(stack):
     closed = replace(stack.settings, broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
     server = Server(create_app(closed, connect(stack.settings.redis_url)))
     try:
-        answer = Api(server.url).post("/v1/jobs", {"kind": "embed", "input": "lost?"})
+        api = Api(server.url)
+        answer = api.post("/v1/jobs", {"kind": "embed", "input": "lost?"})
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["type"] == "unavailable"
+        assert "broker" in answer.json()["error"]["message"]
+        ready = api.get("/readyz")
+        assert ready.status_code == 503 and "broker" in ready.json()["error"]["message"]
     finally:
         server.close()
 
