@@ -19,6 +19,7 @@ import argparse
 import logging
 import threading
 import time
+from urllib.parse import urlparse
 
 import requests
 
@@ -64,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra environment for the worker (repeatable)")
     p.add_argument("--producer-workers", type=positive, default=2)
     p.add_argument("--producer-threads", type=positive, default=64)
+    p.add_argument("--broker-url", default=None,
+                   help="run on this broker (e.g. amqp://user:pass@host:5672//, RabbitMQ) "
+                        "with queues of the bench's own, instead of the private Redis")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
 
 
@@ -162,6 +166,14 @@ def statuses(stack: BenchStack, ids: list[str]) -> dict[str, int]:
     return counts
 
 
+def broker_name(url: str | None) -> str:
+    """The broker a run used, without credentials."""
+    if not url:
+        return "the stack's private Redis"
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or ''}{parsed.path}"
+
+
 def slowest(latencies: list[float], stages: list[dict[str, float]],
             count: int = SLOWEST) -> list[dict[str, float]]:
     """The ``count`` slowest requests with their stages, in ms: where the tail comes from."""
@@ -196,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--kinds takes {', '.join(KINDS)}")
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     settings = Settings()
-    with BenchStack(keep=args.keep) as stack:
+    with BenchStack(keep=args.keep, broker_url=args.broker_url) as stack:
         gpt_dir = build_demo(stack.model_root)[DEMO_GPT]
         embed_name, embed_dir, embed_record = encoder_model(stack, None, None, args.shape)
         models = {DEMO_GPT: stack.promote(DEMO_GPT, "generate", gpt_dir), embed_name: embed_record}
@@ -291,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
             "worker_concurrency": settings.worker_concurrency,
             "batch_size": settings.max_batch(), "max_queue_depth": settings.max_queue_depth,
             "producer": {"workers": args.producer_workers, "threads": args.producer_threads},
+            "broker": broker_name(args.broker_url),
         },
         "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
                     "loadavg_at_end": loadavg()},

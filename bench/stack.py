@@ -2,6 +2,11 @@
 promoted, worker processes (``banter worker --cpu``, or ``--gpu N`` with ``gpu=N`` or
 ``BENCH_GPU=N`` in the environment) and the producer (``banter producer``).
 
+The broker is the private Redis, or with ``broker_url`` an existing broker (RabbitMQ): the
+stack then uses queues of its own (``bench-<id>-interactive``, ``bench-<id>-bulk``) and deletes
+them (and the exchange Celery names after the first) at the end, so it never touches anyone
+else's messages.
+
 Everything lives in one temporary directory (logs in ``logs/``) and is stopped and removed by
 ``close()``. Child processes are started in their own session so that ``close()`` can kill
 exactly the process groups it started, and nothing else, if a polite SIGTERM is not enough.
@@ -19,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import requests
@@ -81,7 +87,9 @@ class BenchStack:
     ``start_producer`` and ``start_worker``/``stop_worker`` as the scenario needs."""
 
     def __init__(self, model_root: Path | None = None, log_level: str = "WARNING",
-                 heartbeat_s: float = 1.0, keep: bool = False, gpu: int | None = None) -> None:
+                 heartbeat_s: float = 1.0, keep: bool = False, gpu: int | None = None,
+                 broker_url: str | None = None) -> None:
+        self._broker_url = broker_url
         self._model_root = Path(model_root).resolve() if model_root else None
         self._log_level = log_level
         self._heartbeat_s = heartbeat_s
@@ -126,6 +134,11 @@ class BenchStack:
                     "BANTER_REGISTRY_PATH": str(home / "registry" / "history.jsonl"),
                     "BANTER_WORKER_HEARTBEAT_S": str(self._heartbeat_s),
                     "BANTER_LOG_LEVEL": self._log_level, "BANTER_AUTH_DISABLED": "true"}
+        if self._broker_url:
+            tag = f"bench-{uuid.uuid4().hex[:8]}"
+            self.env.update({"BANTER_BROKER_URL": self._broker_url,
+                             "BANTER_QUEUE_INTERACTIVE": f"{tag}-interactive",
+                             "BANTER_QUEUE_BULK": f"{tag}-bulk"})
         self.settings = Settings.from_env(self.env)
         self.redis = connect(url)
         log.info("stack in %s, redis %s", self.workdir, url)
@@ -138,6 +151,8 @@ class BenchStack:
         if self.producer:
             self.producer.stop()
             self.producer = None
+        if self._broker_url and self.settings:
+            self._delete_queues()
         if self.redis_server:
             self.redis_server.stop()
             self.redis_server = None
@@ -147,6 +162,19 @@ class BenchStack:
             else:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def _delete_queues(self) -> None:
+        from banter.broker import make_celery
+
+        names = [*self.settings.queues, *self.settings.openai_queues]
+        try:
+            with make_celery(self.settings).connection_for_write() as conn:
+                channel = conn.channel()
+                for name in names:
+                    channel.queue_delete(name)
+                channel.exchange_delete(self.settings.queue_interactive)  # Celery's default
+        except Exception as exc:  # kombu and amqp raise several kinds; the queues are ours
+            log.warning("could not delete the bench queues %s: %s", names, exc)
 
     # -- models --------------------------------------------------------------------------------
 

@@ -96,3 +96,24 @@ def test_an_unreachable_rabbitmq_is_a_503(stack):
 
 def test_kill_9_mid_generation_with_rabbitmq_loses_nothing(stack):
     rescue(stack, kill_9_mid_batch(stack, 4))
+
+
+def test_a_bench_stack_on_rabbitmq_uses_and_removes_queues_of_its_own(rabbit):
+    """``python -m bench lanes --broker-url``: the bench never touches the broker's other
+    queues; its own are gone afterwards."""
+    from kombu import Connection
+
+    from banter.broker import RUN_JOB, BrokerQueues, make_celery
+    from bench.stack import BenchStack
+
+    with BenchStack(broker_url=rabbit.url) as stack:
+        names = list(stack.settings.queues)
+        assert all(name.startswith("bench-") for name in names)
+        app = make_celery(stack.settings)
+        app.send_task(RUN_JOB, args=["x"], queue=names[1])
+        assert BrokerQueues(stack.settings, app).depth() == {"interactive": 0, "bulk": 1}
+    with Connection(rabbit.url) as conn:
+        for name in names:
+            channel = conn.channel()
+            with pytest.raises(conn.channel_errors):
+                channel.queue_declare(queue=name, passive=True)
