@@ -1,18 +1,20 @@
 """The Celery app both sides build from settings; the task name is the only shared contract.
 
 The broker is Redis (``redis://``, the default: the state Redis) or RabbitMQ (``amqp://``).
-Both carry the same messages; the bulk share of a worker's prefetch (``_Channel``) exists only
-on Redis, where the transport is ours to extend (docs/decisions.md, Broker).
+Both carry the same messages, and on both a worker holds at most its bulk share of bulk
+messages (``_Channel`` on Redis, ``LaneConsumer`` on RabbitMQ), so interactive ones never wait
+for a bulk job to end (docs/decisions.md, Broker).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
 import redis
 from celery import Celery
-from kombu import Queue
+from kombu import Consumer, Queue
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 
@@ -91,6 +93,25 @@ class _Channel(kombu_redis.Channel):
         return client
 
 
+class LaneConsumer(Consumer):
+    """kombu's consumer with a prefetch per lane on RabbitMQ, where ``basic.qos`` (per consumer,
+    the mode Celery uses there) applies to each consumer started after it: the bulk queues'
+    consumers start under ``bulk_limit``, the others under ``prefetch`` (the worker's task
+    threads). A worker then holds at most ``bulk_limit`` bulk messages and keeps the rest of its
+    threads for interactive ones, as ``_Channel`` does on Redis."""
+
+    def __init__(self, *args, bulk_queues: frozenset[str] = frozenset(), bulk_limit: int = 0,
+                 prefetch: int = 0, **kwargs) -> None:
+        self.bulk_queues, self.bulk_limit, self.prefetch = bulk_queues, bulk_limit, prefetch
+        super().__init__(*args, **kwargs)
+
+    def _basic_consume(self, queue, *args, **kwargs):
+        if self.bulk_limit and queue.name not in self._active_tags:
+            limit = self.bulk_limit if queue.name in self.bulk_queues else self.prefetch
+            self.channel.basic_qos(0, limit, False)
+        return super()._basic_consume(queue, *args, **kwargs)
+
+
 class RedisTransport(kombu_redis.Transport):
     """kombu's Redis transport with ``_Channel``; ``make_celery`` uses it for ``redis://``."""
 
@@ -124,6 +145,10 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
         task_default_queue=settings.queue_interactive,
         broker_transport_options=transport_options,
     )
+    if is_amqp(settings.broker_url):
+        app.amqp.Consumer = functools.partial(
+            LaneConsumer, bulk_queues=frozenset((settings.queues[1], settings.openai_queues[1])),
+            bulk_limit=settings.bulk_limit(), prefetch=settings.worker_concurrency)
     return app
 
 

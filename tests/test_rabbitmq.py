@@ -117,3 +117,43 @@ def test_a_bench_stack_on_rabbitmq_uses_and_removes_queues_of_its_own(rabbit):
             channel = conn.channel()
             with pytest.raises(conn.channel_errors):
                 channel.queue_declare(queue=name, passive=True)
+
+
+def test_a_worker_channel_holds_its_bulk_share_on_rabbitmq(rabbit):
+    """The worker's task consumer (``app.amqp.TaskConsumer``, as Celery builds it) takes at most
+    ``bulk_limit`` unacked bulk messages and keeps taking interactive ones."""
+    import socket
+
+    from banter.broker import RUN_JOB, make_celery
+    from banter.settings import Settings
+
+    settings = Settings.from_env({"BANTER_BROKER_URL": rabbit.url,
+                                  "BANTER_QUEUE_INTERACTIVE": "share-interactive",
+                                  "BANTER_QUEUE_BULK": "share-bulk",
+                                  "BANTER_WORKER_CONCURRENCY": "8",
+                                  "BANTER_BULK_CONCURRENCY": "2"})
+    app = make_celery(settings)
+    for i in range(5):
+        app.send_task(RUN_JOB, args=[f"bulk-{i}"], queue="share-bulk")
+    for i in range(3):
+        app.send_task(RUN_JOB, args=[f"interactive-{i}"], queue="share-interactive")
+    got = []
+    with app.connection_for_read() as conn:
+        consumer = app.amqp.TaskConsumer(conn, queues=[app.amqp.queues[name]
+                                                       for name in settings.queues])
+        consumer.register_callback(lambda body, message: got.append(message))
+        consumer.consume()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except socket.timeout:
+                pass
+        keys = [m.delivery_info["routing_key"] for m in got]
+        assert keys.count("share-bulk") == 2 and keys.count("share-interactive") == 3
+        for message in got:
+            message.ack()
+        consumer.cancel()
+        channel = conn.channel()
+        for name in settings.queues:
+            channel.queue_delete(name)
