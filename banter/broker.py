@@ -123,7 +123,8 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
     the queues of both backends: ``settings.queues`` (onnx) and ``settings.openai_queues``."""
     app = Celery(main)
     app.config_from_object("celeryconfig")
-    if is_amqp(settings.broker_url):
+    amqp = is_amqp(settings.broker_url)
+    if amqp:
         # RabbitMQ acknowledges every published message: send_task returns once the broker
         # holds the job's message (durable queue, persistent message).
         transport_options = {"confirm_publish": True}
@@ -145,7 +146,7 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
         task_default_queue=settings.queue_interactive,
         broker_transport_options=transport_options,
     )
-    if is_amqp(settings.broker_url):
+    if amqp:
         app.amqp.Consumer = functools.partial(
             LaneConsumer, bulk_queues=frozenset((settings.queues[1], settings.openai_queues[1])),
             bulk_limit=settings.bulk_limit(), prefetch=settings.worker_concurrency)
@@ -166,6 +167,7 @@ class BrokerQueues:
     def __init__(self, settings: Settings, celery: Celery, client=None) -> None:
         self._lanes = {"interactive": (settings.queues[0], settings.openai_queues[0]),
                        "bulk": (settings.queues[1], settings.openai_queues[1])}
+        self._names = [name for pair in self._lanes.values() for name in pair]
         self._celery = celery
         self._lock = threading.Lock()
         self._amqp_depth: dict[str, int] = {}
@@ -176,28 +178,29 @@ class BrokerQueues:
             self._redis = client if same else connect(settings.broker_url)
 
     def depth(self) -> dict[str, int]:
-        names = [name for pair in self._lanes.values() for name in pair]
         try:
             if self._redis is not None:
-                return self._per_lane(dict(zip(names, self._redis_counts(names))))
+                return self._per_lane(self._redis_counts())
             with self._lock:
                 if time.monotonic() - self._amqp_read_at >= AMQP_DEPTH_MAX_AGE_S:
-                    self._amqp_depth = self._per_lane(dict(zip(names, self._amqp_counts(names))))
+                    self._amqp_depth = self._per_lane(self._amqp_counts())
                     self._amqp_read_at = time.monotonic()
                 return dict(self._amqp_depth)
         except (OperationalError, redis.RedisError) as exc:
             raise Unavailable(f"the broker is not reachable: {exc}") from exc
 
-    def _per_lane(self, counts: dict[str, int]) -> dict[str, int]:
-        return {lane: sum(counts[name] for name in pair) for lane, pair in self._lanes.items()}
+    def _per_lane(self, counts: list[int]) -> dict[str, int]:
+        """Sum ``counts`` (one per name in ``_names``) per lane."""
+        by_name = dict(zip(self._names, counts))
+        return {lane: sum(by_name[name] for name in pair) for lane, pair in self._lanes.items()}
 
-    def _redis_counts(self, names: list[str]) -> list[int]:
+    def _redis_counts(self) -> list[int]:
         pipe = self._redis.pipeline(transaction=False)
-        for name in names:
+        for name in self._names:
             pipe.llen(name)
         return pipe.execute()
 
-    def _amqp_counts(self, names: list[str]) -> list[int]:
+    def _amqp_counts(self) -> list[int]:
         counts = []
         with self._celery.pool.acquire(block=True, timeout=10) as conn:
             try:
@@ -206,7 +209,7 @@ class BrokerQueues:
                 conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
                                        timeout=5)
                 channel = conn.channel()
-                for name in names:
+                for name in self._names:
                     try:
                         counts.append(channel.queue_declare(queue=name, passive=True).message_count)
                     except conn.channel_errors:  # not declared yet; the broker closed the channel

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import requests
@@ -95,7 +96,8 @@ class RawDecoder:
     """A plain greedy decode loop over an Optimum-layout decoder: onnxruntime + numpy only
     (nothing from workers/), so it is both the hardware-limit baseline and the reference."""
 
-    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+    def __init__(self, model_dir: Path, threads: int = 0,
+                 providers: Sequence[Any] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -104,7 +106,7 @@ class RawDecoder:
         if threads > 0:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=list(providers))
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()

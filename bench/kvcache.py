@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import loadavg, positive, ratio
+from bench.generate import RawDecoder
 from bench.machine import machine_facts
 
 log = logging.getLogger("bench.kvcache")
@@ -35,8 +36,8 @@ log = logging.getLogger("bench.kvcache")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, default=None,
-                   help="a decoder directory (model.onnx, Optimum layout); default: demo-gpt, "
-                        "built in a temporary directory")
+                   help="a decoder directory (model.onnx in the Optimum layout, tokenizer.json); "
+                        "default: demo-gpt, built in a temporary directory")
     p.add_argument("--rows", type=positive, default=16, help="sequences in the batch (16)")
     p.add_argument("--past", type=positive, default=128, help="cached positions at the start (128)")
     p.add_argument("--steps", type=positive, default=32, help="decode steps per loop (32)")
@@ -45,30 +46,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class Decoder:
-    """One session and the cache geometry read from its inputs."""
+    """The two loops over one ``RawDecoder`` (its session and cache geometry), on the device its
+    session actually got."""
 
-    def __init__(self, model_path: Path, gpu: int | None) -> None:
+    def __init__(self, model_dir: Path, gpu: int | None) -> None:
         import onnxruntime as ort
 
         self.ort = ort
         providers = ["CPUExecutionProvider"]
         if gpu is not None:
             providers = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), sess_options=options,
-                                            providers=providers)
+        raw = RawDecoder(model_dir, providers=providers)
+        self.session, self.past_names, self.present_names = (raw.session, raw.past_names,
+                                                             raw.present_names)
+        self.heads, self.head_dim, self.kv_dtype = raw.heads, raw.head_dim, raw.kv_dtype
         self.providers = self.session.get_providers()
         on_gpu = self.providers[0] == "CUDAExecutionProvider"
         self.device, self.device_id = ("cuda", gpu or 0) if on_gpu else ("cpu", 0)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
-                                 key=lambda n: (int(n.split(".")[1]), n.endswith(".value")))
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-        meta = inputs[self.past_names[0]]
-        self.heads, self.head_dim = meta.shape[1], meta.shape[3]
-        self.kv_dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
-        self.vocab = self.session.get_outputs()[0].shape[-1]
 
     def start(self, rows: int, past: int, seed: int = 0) -> list[np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -127,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         from banter.demo import DEMO_GPT, build_demo
 
         model_dir = build_demo(Path(tempfile.mkdtemp(prefix="bench-kvcache-")))[DEMO_GPT]
-    decoder = Decoder(Path(model_dir) / "model.onnx", args.gpu)
+    decoder = Decoder(Path(model_dir), args.gpu)
     cache = decoder.start(args.rows, args.past)
     log.info("providers %s, cache %d x %d positions, %.1f MB", decoder.providers, args.rows,
              args.past, sum(a.nbytes for a in cache) / 1e6)

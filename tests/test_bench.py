@@ -279,7 +279,7 @@ def test_kvcache_loops_agree_token_for_token(tmp_path):
     from banter.demo import DEMO_GPT, build_demo
     from bench.kvcache import Decoder
 
-    decoder = Decoder(build_demo(tmp_path)[DEMO_GPT] / "model.onnx", None)
+    decoder = Decoder(build_demo(tmp_path)[DEMO_GPT], None)
     cache = decoder.start(rows=4, past=6)
     host, _ = decoder.host_loop(cache, 5)
     device, _ = decoder.device_loop(cache, 5)

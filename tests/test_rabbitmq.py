@@ -9,12 +9,17 @@ import time
 from dataclasses import replace
 
 import pytest
+from kombu import Connection
 
+from banter.broker import RUN_JOB, BrokerQueues, make_celery
 from banter.redisconn import connect
 from banter.redisserver import free_port
+from banter.settings import Settings
+from bench.stack import BenchStack
 from producer.app import create_app
 from tests.conftest import Api, Server, stop_process
 from tests.rabbitmq_node import RabbitNode, find_server
+from tests.test_broker import drain
 from tests.test_faults import kill_9_mid_batch, open_stack, rescue
 from tests.test_metrics import parse, value
 
@@ -101,11 +106,6 @@ def test_kill_9_mid_generation_with_rabbitmq_loses_nothing(stack):
 def test_a_bench_stack_on_rabbitmq_uses_and_removes_queues_of_its_own(rabbit):
     """``python -m bench lanes --broker-url``: the bench never touches the broker's other
     queues; its own are gone afterwards."""
-    from kombu import Connection
-
-    from banter.broker import RUN_JOB, BrokerQueues, make_celery
-    from bench.stack import BenchStack
-
     with BenchStack(broker_url=rabbit.url) as stack:
         names = list(stack.settings.queues)
         assert all(name.startswith("bench-") for name in names)
@@ -122,11 +122,6 @@ def test_a_bench_stack_on_rabbitmq_uses_and_removes_queues_of_its_own(rabbit):
 def test_a_worker_channel_holds_its_bulk_share_on_rabbitmq(rabbit):
     """The worker's task consumer (``app.amqp.TaskConsumer``, as Celery builds it) takes at most
     ``bulk_limit`` unacked bulk messages and keeps taking interactive ones."""
-    import socket
-
-    from banter.broker import RUN_JOB, make_celery
-    from banter.settings import Settings
-
     settings = Settings.from_env({"BANTER_BROKER_URL": rabbit.url,
                                   "BANTER_QUEUE_INTERACTIVE": "share-interactive",
                                   "BANTER_QUEUE_BULK": "share-bulk",
@@ -143,12 +138,7 @@ def test_a_worker_channel_holds_its_bulk_share_on_rabbitmq(rabbit):
                                                        for name in settings.queues])
         consumer.register_callback(lambda body, message: got.append(message))
         consumer.consume()
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                conn.drain_events(timeout=0.5)
-            except socket.timeout:
-                pass
+        drain(conn)
         keys = [m.delivery_info["routing_key"] for m in got]
         assert keys.count("share-bulk") == 2 and keys.count("share-interactive") == 3
         for message in got:

@@ -207,7 +207,6 @@ class Runner:
                                  f"{exc}") from exc
         return dict(zip(self.output_names, values))
 
-
     def run_decoder(self, inputs: Mapping[str, np.ndarray],
                     pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         """One decoder pass: ``inputs`` (``input_ids``, ``attention_mask``, ``position_ids``)
