@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from typing import Callable
 
 import redis
 from celery import Celery
@@ -59,6 +60,9 @@ class _Channel(kombu_redis.Channel):
       unacked messages from ``bulk_queues``. With that many, its BRPOP leaves the bulk queues
       out and comes back every ``BULK_RECHECK_S``, so the rest of the worker's prefetch (its
       thread pool) stays free for interactive messages instead of waiting for a bulk job to end.
+      It also leaves them out while ``bulk_intake_wait()`` (transport option: seconds until a
+      bulk message may be taken, 0 now; the worker's ``LaneGate``) says to wait, and comes back
+      after that long.
     """
 
     _sync_client = None
@@ -68,6 +72,7 @@ class _Channel(kombu_redis.Channel):
         options = self.connection.client.transport_options
         self.bulk_queues = frozenset(options.get("bulk_queues", ()))
         self.bulk_limit = int(options.get("bulk_limit", 0))
+        self.bulk_intake_wait = options.get("bulk_intake_wait") or (lambda: 0.0)
         self.bulk_full = False
         self._queue_cycle = _LaneCycle(self._queue_cycle, self)
 
@@ -79,9 +84,12 @@ class _Channel(kombu_redis.Channel):
                    if tag not in acked and message.delivery_info.get("routing_key") in self.bulk_queues)
 
     def _brpop_start(self, timeout=None):
-        self.bulk_full = bool(self.bulk_limit) and self.bulk_held() >= self.bulk_limit
+        recheck = BULK_RECHECK_S if self.bulk_limit and self.bulk_held() >= self.bulk_limit else 0
+        if not recheck:
+            recheck = self.bulk_intake_wait()
+        self.bulk_full = recheck > 0
         if self.bulk_full and timeout is None:
-            timeout = BULK_RECHECK_S
+            timeout = recheck
         return super()._brpop_start(timeout)
 
     def _create_client(self, asynchronous=False):
@@ -118,9 +126,11 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
 
 
-def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
+def make_celery(settings: Settings, main: str = "banterhearts",
+                bulk_intake_wait: Callable[[], float] | None = None) -> Celery:
     """A Celery app configured by ``celeryconfig`` plus the settings-derived values. It knows
-    the queues of both backends: ``settings.queues`` (onnx) and ``settings.openai_queues``."""
+    the queues of both backends: ``settings.queues`` (onnx) and ``settings.openai_queues``.
+    ``bulk_intake_wait``: a worker's ``LaneGate.bulk_intake_wait`` (Redis broker only)."""
     app = Celery(main)
     app.config_from_object("celeryconfig")
     amqp = is_amqp(settings.broker_url)
@@ -139,6 +149,8 @@ def make_celery(settings: Settings, main: str = "banterhearts") -> Celery:
                              "bulk_limit": settings.bulk_limit(),
                              "unacked_restore_interval": 10,
                              "unacked_restore_throttle": 1}
+        if bulk_intake_wait is not None:
+            transport_options["bulk_intake_wait"] = bulk_intake_wait
     app.conf.update(
         broker_url=settings.broker_url,
         task_queues=[Queue(name) for lane in (0, 1)

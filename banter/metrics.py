@@ -82,7 +82,11 @@ ORT_PASS = Family("banter_ort_pass_seconds", "histogram",
                   (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    10.0))
 
+BULK_YIELD = Family("banter_bulk_yield_seconds_total", "counter",
+                    "Seconds bulk jobs waited for interactive ones in their worker "
+                    "(BANTER_BULK_YIELD_MS).", ("kind",))
+
 FAMILIES: tuple[Family, ...] = (JOBS, FAILURES, PROMPT_TOKENS, GENERATED_TOKENS,
                                 GENERATION_SECONDS, QUEUE_WAIT, TTFT, LATENCY, BATCH_SIZE,
-                                ORT_PASS)
+                                ORT_PASS, BULK_YIELD)
 BY_NAME = {family.name: family for family in FAMILIES}

@@ -83,6 +83,7 @@ class Settings:
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     worker_concurrency: int = 64
     bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
+    bulk_yield_ms: float = 20.0  # bulk lane's pace while interactive jobs run (workers/lanes.py)
     worker_heartbeat_s: float = 5.0
     default_generate_model: str = "demo-gpt"
     default_embed_model: str = "demo-embed"

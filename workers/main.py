@@ -100,6 +100,7 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
                 break
             logs.event(log, "consumer_restarting", logging.WARNING, node=runtime.node,
                        exitcode=controllers[-1].exitcode)
+            runtime.gate.clear()
             time.sleep(1.0)
     finally:
         runtime.stop()

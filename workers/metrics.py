@@ -31,6 +31,7 @@ import redis
 from banter import keys
 from banter.metrics import (
     BATCH_SIZE,
+    BULK_YIELD,
     FAILURES,
     GENERATED_TOKENS,
     GENERATION_SECONDS,
@@ -137,8 +138,9 @@ def _observe(family: Family, value: float | str, **labels: str) -> list[Any]:
 
 def job_end_spec(kind: str, lane: str, status: str, backend: str, queued_at: float | None,
                  finished_at: float, usage: dict[str, int] | None = None,
-                 error: str | None = None) -> dict[str, Any]:
-    """What ``record_job_end`` sends: the counters and observations of one finished job."""
+                 error: str | None = None, yielded_s: float = 0.0) -> dict[str, Any]:
+    """What ``record_job_end`` sends: the counters and observations of one finished job
+    (``yielded_s``: how long it waited for interactive jobs, ``workers/lanes.py``)."""
     incr: list[list[Any]] = [[JOBS.series(kind=kind, lane=lane, status=status, backend=backend),
                               1]]
     incrf: list[list[Any]] = []
@@ -154,6 +156,8 @@ def job_end_spec(kind: str, lane: str, status: str, backend: str, queued_at: flo
             incr.append([GENERATED_TOKENS.series(backend=backend),
                          int(usage.get("completion_tokens") or 0)])
             incrf.append([GENERATION_SECONDS.series(backend=backend), "run"])
+    if yielded_s > 0:
+        incrf.append([BULK_YIELD.series(kind=kind), yielded_s])
     if generate:
         observe.append(_observe(TTFT, "ttft", backend=backend, lane=lane))
     if status == "succeeded" and queued_at is not None:
@@ -165,13 +169,14 @@ def job_end_spec(kind: str, lane: str, status: str, backend: str, queued_at: flo
 
 def record_job_end(client: redis.Redis, record: Any, status: str, backend: str | None,
                    finished_at: float | None = None, usage: dict[str, int] | None = None,
-                   error: str | None = None, key: str = keys.METRICS) -> dict[str, float]:
+                   error: str | None = None, key: str = keys.METRICS,
+                   yielded_s: float = 0.0) -> dict[str, float]:
     """Count a job a worker finished (``record``: its ``JobRecord``) in one round trip.
     Returns the timings for its log line: ``queue_ms``, ``run_ms``, ``ttft_ms`` (those known).
     """
     finished_at = time.time() if finished_at is None else finished_at
     spec = job_end_spec(record.kind, record.lane, status, backend or "unknown",
-                        record.queued_at, finished_at, usage, error)
+                        record.queued_at, finished_at, usage, error, yielded_s)
     try:
         values = json.loads(_job_end_script(client)(
             keys=[key, keys.job(record.id), keys.stream(record.id)], args=[json.dumps(spec)]))

@@ -11,6 +11,7 @@ with the local cause plus that reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -39,6 +40,7 @@ from registry.records import Record
 from workers import metrics as worker_metrics
 from workers.backends import Outcome
 from workers.engine import EmbedResult, Engine, EngineSettings, GenerateResult
+from workers.lanes import LaneGate
 from workers.openai_backend import OpenAIBackend
 from workers.runner import ModelSpec, RunnerCache
 
@@ -118,6 +120,7 @@ class WorkerRuntime:
         self.engine = None if runners is None else Engine(runners, self.sink,
                                                           engine_settings(settings))
         self.celery = make_celery(settings, "banterhearts-reaper")
+        self.gate = LaneGate(settings.bulk_yield_ms / 1000.0)  # workers/lanes.py
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
         self.upstream = OpenAIBackend(settings, self.streams) if settings.openai_key else None
@@ -154,11 +157,24 @@ class WorkerRuntime:
             thread.join(timeout=5)
 
     def run_job(self, job_id: str) -> str:
-        """Run one job to a final status; safe to call again for the same id (redelivery)."""
-        record = self.jobs.get(job_id)
-        if record is None:
-            log.warning("job_missing", extra={"job_id": job_id})
-            return "missing"
+        """Run one job to a final status; safe to call again for the same id (redelivery).
+        A bulk job first waits while interactive ones are in the process (``LaneGate``)."""
+        try:
+            record = self.jobs.get(job_id)
+            if record is None:
+                log.warning("job_missing", extra={"job_id": job_id})
+                return "missing"
+            yielded = 0.0
+            if record.lane == "interactive":
+                self.gate.enter(job_id)
+            else:
+                yielded = self.gate.wait_clear()
+            return self._run_job(record, yielded)
+        finally:
+            self.gate.leave(job_id)
+
+    def _run_job(self, record: JobRecord, yielded: float) -> str:
+        job_id = record.id
         if JobStatus(record.status).terminal:
             return record.status
         now = time.time()
@@ -172,7 +188,7 @@ class WorkerRuntime:
         try:
             if current == JobStatus.RUNNING.value:
                 self._resume(record)
-            return self._run(record)
+            return self._run(record, yielded)
         finally:
             with self._held_lock:
                 self._held.discard(job_id)
@@ -188,7 +204,8 @@ class WorkerRuntime:
                    attempts=record.attempts + 1,
                    resume_from=self.sink.resume_from.get(record.id, 0))
 
-    def _run(self, record: JobRecord) -> str:
+    def _run(self, record: JobRecord, yielded: float) -> str:
+        """``yielded``: seconds the job has waited for interactive ones so far."""
         try:
             outcome = self._execute(record)
         except BanterError as exc:
@@ -196,7 +213,9 @@ class WorkerRuntime:
         except Exception as exc:  # a bug: record it on the job, keep the worker serving
             log.exception("job_crashed", extra={"job_id": record.id, "trace_id": record.trace_id})
             return self._fail(record, InferenceError(f"internal worker error: {exc!r}"))
-        return self._finish(record, outcome)
+        if record.lane != "interactive":
+            yielded += self.gate.wait_clear()
+        return self._finish(record, outcome, yielded)
 
     def _execute(self, record: JobRecord) -> Outcome:
         """Serve ``record`` on the backend its model names, or fall back (module docstring)."""
@@ -235,9 +254,11 @@ class WorkerRuntime:
             raise BackendUnavailable(f"model {record.model!r} is served by the openai backend "
                                      "and this worker has no OpenAI key: set BANTER_OPENAI_KEY "
                                      "or OPENAI_API_KEY")
-        if record.kind == JobKind.EMBED.value:
-            return self.upstream.embed(record, model)
-        return self.upstream.generate(record, model, lambda: self._cancel_requested(record.id))
+        with self._on_backend(record):
+            if record.kind == JobKind.EMBED.value:
+                return self.upstream.embed(record, model)
+            return self.upstream.generate(record, model,
+                                          lambda: self._cancel_requested(record.id))
 
     def _local(self, record: JobRecord, model: Record) -> Outcome:
         model_path = self.settings.model_root / model.path
@@ -258,12 +279,20 @@ class WorkerRuntime:
         pipe.hget(keys.job(record.id), "cancel_requested")
         if pipe.execute()[1] == "1":
             self.engine.cancel(record.id)
-        return _local_outcome(future.result(), model.version, record.input)
+        with self._on_backend(record):
+            result = future.result()
+        return _local_outcome(result, model.version, record.input)
+
+    def _on_backend(self, record: JobRecord):
+        """While an interactive job waits on its backend, it does not hold bulk jobs back."""
+        if record.lane == "interactive":
+            return self.gate.released(record.id)
+        return contextlib.nullcontext()
 
     def _cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
 
-    def _finish(self, record: JobRecord, outcome: Outcome) -> str:
+    def _finish(self, record: JobRecord, outcome: Outcome, yielded: float) -> str:
         status = _FINAL_STATUS.get(outcome.finish_reason, JobStatus.SUCCEEDED)
         finished = time.time()
         applied, current = self.jobs.transition(
@@ -275,7 +304,9 @@ class WorkerRuntime:
             return current
         self.streams.publish([DoneEvent(record.id, outcome.finish_reason, outcome.usage)])
         timings = worker_metrics.record_job_end(self.redis, record, status.value, outcome.backend,
-                                                finished, usage=outcome.usage)
+                                                finished, usage=outcome.usage, yielded_s=yielded)
+        if yielded:
+            timings["bulk_yield_ms"] = round(yielded * 1000.0, 2)
         started = record.started_at or finished
         logs.event(log, "inference_complete", trace_id=record.trace_id, job_id=record.id,
                    kind=record.kind, model=record.model, version=outcome.version,
