@@ -327,6 +327,25 @@ def test_bulk_embed_passes_stay_within_the_bulk_budget(make_engine, sink, specs)
     assert [p[3] for p in sink.passes[4:]] == [4, 4]
 
 
+def test_bulk_inputs_ride_with_interactive_ones_only_within_their_share(make_engine, sink,
+                                                                        specs):
+    """A pass with an interactive input takes bulk inputs beside it only while they add at most
+    ``bulk_ride_share`` of the bulk budget; bulk-only passes still fill to the budget."""
+    passes = {}
+    for share in (0.0, 1.0):
+        engine = make_engine(max_batch_size=4, batch_window_s=0.0, bulk_pass_s=60.0,
+                             bulk_ride_share=share)
+        drive(engine, [engine.submit_embed(specs["embed"], "cost per input measured")])
+        sink.passes.clear()
+        bulk = [engine.submit_embed(specs["embed"], "bulk", lane="bulk") for i in range(6)]
+        urgent = engine.submit_embed(specs["embed"], "urgent")
+        engine.step()
+        assert urgent.done()
+        drive(engine, bulk)
+        passes[share] = [p[3] for p in sink.passes]
+    assert passes == {0.0: [1, 4, 2], 1.0: [4, 3]}
+
+
 def test_bulk_embeds_run_after_the_steps_interactive_work(make_engine, sink, specs):
     engine = make_engine(batch_window_s=0.0, bulk_pass_s=1e-9)
     drive(engine, [engine.submit_embed(specs["embed"], "cost per input measured")])
@@ -383,6 +402,39 @@ def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, s
     assert handles == [True, False] * 3 + [False, True]
     assert len(sink.passes) == len(urgent) + 2  # the stopped passes are not counted
     assert np.allclose(bulk[0].result().embeddings, alone.embeddings, atol=1e-6)
+
+
+def test_stopped_bulk_passes_shrink_and_finished_ones_grow_back(make_engine, sink, specs, cache,
+                                                               monkeypatch):
+    """Each stopped bulk pass halves the bulk budget, so bulk passes come to fit between
+    interactive arrivals instead of being stopped and redone whole; each bulk pass that runs to
+    the end doubles it again, up to ``bulk_pass_s``."""
+    engine = make_engine(clock=FakeClock(), max_batch_size=8, batch_window_s=0.0,
+                         bulk_pass_s=1.0, bulk_ride_share=0.0)
+    drive(engine, [engine.submit_embed(specs["embed"], "cost per input measured")])
+    runner = cache.get(specs["embed"])
+    real_run, bulk_rows, arrivals = runner.run, [], [True]
+
+    def run(feeds, handle=None):
+        if handle is not None:
+            bulk_rows.append(len(feeds["input_ids"]))
+            if arrivals[0]:
+                engine.submit_embed(specs["embed"], "urgent")
+        return real_run(feeds, handle)
+
+    monkeypatch.setattr(runner, "run", run)
+    bulk = [engine.submit_embed(specs["embed"], f"bulk {i}", lane="bulk") for i in range(40)]
+    for _ in range(100):
+        if len(bulk_rows) == 24:  # 24 bulk passes stopped: the budget is 1 s / 2**24
+            break
+        engine.step()
+    assert bulk_rows[0] == 8 and bulk_rows[-1] == 1 and not any(f.done() for f in bulk)
+    arrivals[0] = False
+    stopped = len(bulk_rows)
+    drive(engine, bulk)
+    grown = bulk_rows[stopped:]
+    assert grown[0] == 1 and max(grown) == 8  # from one input back to full passes
+    assert sum(grown) == 40
 
 
 def test_a_lone_embed_waits_for_the_window_only_when_company_is_likely(make_engine, sink, specs):

@@ -65,7 +65,9 @@ class EngineSettings:
     model's cost per token slot (input x padded length) and puts no more bulk inputs in a pass
     than fit in that time (at least one), so an interactive job never waits long behind bulk
     work. On a GPU, where a pass costs about the same for 1 and for 8 inputs, bulk batches stay
-    full.
+    full. Bulk inputs ride in a pass with interactive ones only while they add at most
+    ``bulk_ride_share`` of ``bulk_pass_s`` to it (an interactive embed on a CPU does not pay
+    for bulk rows beside it; on a GPU they come nearly free and still ride).
     ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
     generate sequences of a model are admitted only while none of that model is running, so a
     batch forms, runs until all its sequences finish, then the next one forms."""
@@ -73,6 +75,7 @@ class EngineSettings:
     max_batch_size: int = 8
     batch_window_s: float = 0.005
     bulk_pass_s: float = 0.025
+    bulk_ride_share: float = 0.25
     max_running: int = 32
     max_prompt_tokens: int = 512
     enable_batching: bool = True
@@ -296,6 +299,7 @@ class Engine:
         self._running_cap = settings.max_running if settings.enable_batching else 1
         self._slot_cost: dict[Runner, float] = {}  # embed s per (input x padded token), engine
         self._bulk_stalled_at: float | None = None  # first bulk stop since one last finished
+        self._bulk_budget = settings.bulk_pass_s  # halved by each stopped bulk pass (_embed_cap)
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, _EmbedQueue] = {}
@@ -514,15 +518,20 @@ class Engine:
     def _embed_cap(self, runner: Runner, queue: _EmbedQueue) -> int:
         """The batch size for the next pass: fewer than ``max_batch_size`` only where a bulk
         input would take the padded pass past ``bulk_pass_s`` at the measured cost per token
-        slot (every interactive input that waits goes in; at least one input)."""
+        slot, or, in a pass with interactive inputs, add more than ``bulk_ride_share`` of it
+        to what they cost alone (every interactive input that waits goes in; at least one)."""
         cost = self._slot_cost.get(runner)
         if cost is None:
             return self._batch_cap
-        count, width = 0, 0
+        budget = self._bulk_budget
+        ride = self._settings.bulk_pass_s * self._settings.bulk_ride_share
+        count, width, alone = 0, 0, 0.0
         for job in queue.head(self._batch_cap):
             wider = max(width, len(job.ids))
-            if job.lane != "interactive" and count and (
-                    (count + 1) * wider * cost > self._settings.bulk_pass_s):
+            if job.lane == "interactive":
+                alone = (count + 1) * wider * cost
+            elif count and (count + 1) * wider * cost > (
+                    alone + ride if alone else budget):
                 return count
             count, width = count + 1, wider
         return self._batch_cap
@@ -536,10 +545,12 @@ class Engine:
         try:
             self._run_embed(runner, batch, handle)
             self._bulk_stalled_at = None
+            self._bulk_budget = min(self._settings.bulk_pass_s, self._bulk_budget * 2)
         except Preempted:
             log.debug("bulk_pass_preempted", extra={"model": runner.spec.name, "jobs": len(batch)})
             if stalled is None:
                 self._bulk_stalled_at = self._clock()
+            self._bulk_budget /= 2  # passes that fit between interactive arrivals
             with self._cond:
                 self._embeds.setdefault(runner, _EmbedQueue()).put_back(batch)
         finally:
