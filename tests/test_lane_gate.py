@@ -69,7 +69,11 @@ def test_intake_lets_one_bulk_message_through_per_yield():
     clock.now += 0.005
     assert gate.bulk_intake_wait() == 0.0
     assert gate.bulk_intake_wait() == pytest.approx(0.02)
-    gate.leave("urgent")
+    gate.leave("urgent")  # the next interactive job is often right behind: shut a while longer
+    clock.now += 0.009
+    assert gate.bulk_intake_wait() == pytest.approx(0.011)
+    clock.now += 0.001  # half a yield since it left
+    assert gate.bulk_intake_wait() == 0.0
     assert gate.bulk_intake_wait() == 0.0
 
 

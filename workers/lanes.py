@@ -8,7 +8,9 @@ less the time they wait on the engine thread or the upstream API: a long generat
 hold bulk work back) and, while there are any, holds the bulk lane back in two places:
 
 * intake: the broker channel (on Redis) leaves the bulk queues out (``bulk_intake_wait``),
-  except that one bulk message gets through every ``yield_s``;
+  except that one bulk message gets through every ``yield_s``, and keeps them out for
+  ``yield_s / 2`` after an interactive job leaves (the next is often right behind it: a
+  client's sequential requests);
 * bulk job threads wait (``wait_clear``, on a condition, not holding the GIL) before they start
   a job and before they record its result, at most ``yield_s`` each time.
 
@@ -24,6 +26,8 @@ import threading
 import time
 from typing import Callable, Iterator
 
+LINGER_SHARE = 0.5  # of yield_s: the intake stays shut this long after an interactive job leaves
+
 
 class LaneGate:
     def __init__(self, yield_s: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -32,6 +36,7 @@ class LaneGate:
         self._cond = threading.Condition()
         self._interactive: set[str] = set()
         self._bulk_taken_at = float("-inf")
+        self._left_at = float("-inf")  # when an interactive job last left
 
     def enter(self, job_id: str) -> None:
         """Interactive job ``job_id`` is in the process (its message came in, or it started)."""
@@ -42,7 +47,9 @@ class LaneGate:
     def leave(self, job_id: str) -> None:
         """Interactive job ``job_id`` finished (or was never run here)."""
         with self._cond:
-            self._interactive.discard(job_id)
+            if job_id in self._interactive:
+                self._interactive.remove(job_id)
+                self._left_at = self._clock()
             if not self._interactive:
                 self._cond.notify_all()
 
@@ -69,12 +76,13 @@ class LaneGate:
 
     def bulk_intake_wait(self) -> float:
         """Seconds the broker channel should leave the bulk queues out of its fetches (0: take
-        bulk messages now): while interactive jobs are in, until ``yield_s`` after the last
-        time bulk messages were let through."""
+        bulk messages now): while interactive jobs are in or one left less than
+        ``LINGER_SHARE * yield_s`` ago, until ``yield_s`` after the last time bulk messages
+        were let through."""
         with self._cond:
-            if not self._interactive:
-                return 0.0
             now = self._clock()
+            if not self._interactive and now - self._left_at >= LINGER_SHARE * self.yield_s:
+                return 0.0
             wait = self._bulk_taken_at + self.yield_s - now
             if wait > 0:
                 return wait
