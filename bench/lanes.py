@@ -8,9 +8,10 @@ requests one after another, alternating ``POST /v1/embeddings`` (one short input
 producer takes them (a 429 is retried after its Retry-After), and, with the backlog draining,
 the same interactive requests run again. Reported per kind: p50/p99 at idle and under backlog
 and their ratios; how much backlog was left; bulk sentences/s while measuring (the worker's
-embed items minus the interactive ones); then every bulk job is awaited and counted by status
-(``lost``: not succeeded). For inference each request is split into its stages (HTTP to
-submit, queue wait, run, finish to answer) from its job record.
+embed items minus the interactive ones) and how long the bulk jobs that finished meanwhile
+waited for interactive ones (``BANTER_BULK_YIELD_MS``); then every bulk job is awaited and
+counted by status (``lost``: not succeeded). For inference each request is split into its
+stages (HTTP to submit, queue wait, run, finish to answer) from its job record.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     from banter import keys
     from banter.broker import BrokerQueues, make_celery
     from banter.demo import DEMO_GPT, build_demo
+    from banter.metrics import BULK_YIELD
     from banter.settings import Settings
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -225,7 +227,9 @@ def run(args: argparse.Namespace) -> dict:
             return queues.depth()["bulk"]
 
         def counters() -> dict[str, float]:
-            return {k: float(v) for k, v in stack.redis.hgetall(keys.worker_stats(node)).items()}
+            stats = {k: float(v) for k, v in stack.redis.hgetall(keys.worker_stats(node)).items()}
+            yielded = stack.redis.hget(keys.METRICS, BULK_YIELD.series(kind="embed"))
+            return {**stats, "bulk_yield_s": float(yielded or 0.0)}
 
         ids, enqueue_s, refused = enqueue(stack.producer_url, texts, args.submitters, embed_name)
         backlog_start = waiting()
@@ -289,6 +293,7 @@ def run(args: argparse.Namespace) -> dict:
             "queued_when_measuring_began": backlog_start, "queued_when_measuring_ended": backlog_end,
             "measure_s": round(measure_s, 2),
             "sentences_per_s_while_measuring": round(bulk_items / measure_s, 1),
+            "yield_s_while_measuring": round(during.get("bulk_yield_s", 0.0), 2),
             "engine_while_measuring": engine,
             "drain_after_measuring_s": round(drain_s, 2),
             "statuses": counts, "lost": len(ids) - succeeded,
