@@ -27,6 +27,9 @@ RUN_JOB = "banter.run_job"
 
 
 BULK_RECHECK_S = 0.05  # how often a channel holding its bulk share looks again for bulk work
+# BRPOP's timeout is in seconds; one that a Redis server rounds down to 0 ms would mean "block
+# until a message comes", so a short wait never goes below 1 ms
+MIN_BRPOP_TIMEOUT_S = 0.001
 AMQP_DEPTH_MAX_AGE_S = 0.5  # RabbitMQ queue depths are read at most this often per process
 
 
@@ -89,7 +92,7 @@ class _Channel(kombu_redis.Channel):
             recheck = self.bulk_intake_wait()
         self.bulk_full = recheck > 0
         if self.bulk_full and timeout is None:
-            timeout = recheck
+            timeout = max(recheck, MIN_BRPOP_TIMEOUT_S)
         return super()._brpop_start(timeout)
 
     def _create_client(self, asynchronous=False):
