@@ -404,11 +404,13 @@ def test_an_interactive_job_stops_the_bulk_pass_in_progress(make_engine, sink, s
     assert np.allclose(bulk[0].result().embeddings, alone.embeddings, atol=1e-6)
 
 
+@pytest.mark.parametrize("stops", [24, 1100])
 def test_stopped_bulk_passes_shrink_and_finished_ones_grow_back(make_engine, sink, specs, cache,
-                                                               monkeypatch):
+                                                               monkeypatch, stops):
     """Each stopped bulk pass halves the bulk budget, so bulk passes come to fit between
     interactive arrivals instead of being stopped and redone whole; each bulk pass that runs to
-    the end doubles it again, up to ``bulk_pass_s``."""
+    the end doubles it again, up to ``bulk_pass_s``. Halving stops at a floor: after 1100 stops
+    (past where a float halved from 1 s reaches 0) the budget still grows back."""
     engine = make_engine(clock=FakeClock(), max_batch_size=8, batch_window_s=0.0,
                          bulk_pass_s=1.0, bulk_ride_share=0.0)
     drive(engine, [engine.submit_embed(specs["embed"], "cost per input measured")])
@@ -423,9 +425,9 @@ def test_stopped_bulk_passes_shrink_and_finished_ones_grow_back(make_engine, sin
         return real_run(feeds, handle)
 
     monkeypatch.setattr(runner, "run", run)
-    bulk = [engine.submit_embed(specs["embed"], f"bulk {i}", lane="bulk") for i in range(40)]
-    for _ in range(100):
-        if len(bulk_rows) == 24:  # 24 bulk passes stopped: the budget is 1 s / 2**24
+    bulk = [engine.submit_embed(specs["embed"], f"bulk {i}", lane="bulk") for i in range(80)]
+    for _ in range(3 * stops):
+        if len(bulk_rows) == stops:  # that many bulk passes stopped in a row
             break
         engine.step()
     assert bulk_rows[0] == 8 and bulk_rows[-1] == 1 and not any(f.done() for f in bulk)
@@ -434,7 +436,7 @@ def test_stopped_bulk_passes_shrink_and_finished_ones_grow_back(make_engine, sin
     drive(engine, bulk)
     grown = bulk_rows[stopped:]
     assert grown[0] == 1 and max(grown) == 8  # from one input back to full passes
-    assert sum(grown) == 40
+    assert sum(grown) == 80
 
 
 def test_a_lone_embed_waits_for_the_window_only_when_company_is_likely(make_engine, sink, specs):

@@ -40,6 +40,9 @@ LANES = ("interactive", "bulk")  # admission order
 DEAD_ROW_SHARE = 4  # finished rows kept in a generate batch until they are a quarter of it
 MAX_BULK_STALL_S = 0.25  # bulk passes stopped for this long: the next one runs to the end
 COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds per token slot
+# stopped bulk passes halve the bulk budget down to this share of bulk_pass_s, no further: so
+# it never reaches 0 (which doubling could not undo) and 30 finished passes restore it
+MIN_BULK_BUDGET_SHARE = 2.0 ** -30
 ADMISSIONS = ("continuous", "static")
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
 
@@ -550,7 +553,8 @@ class Engine:
             log.debug("bulk_pass_preempted", extra={"model": runner.spec.name, "jobs": len(batch)})
             if stalled is None:
                 self._bulk_stalled_at = self._clock()
-            self._bulk_budget /= 2  # passes that fit between interactive arrivals
+            self._bulk_budget = max(self._bulk_budget / 2,  # fit between interactive arrivals
+                                    self._settings.bulk_pass_s * MIN_BULK_BUDGET_SHARE)
             with self._cond:
                 self._embeds.setdefault(runner, _EmbedQueue()).put_back(batch)
         finally:
