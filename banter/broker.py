@@ -148,7 +148,7 @@ def make_celery(settings: Settings, main: str = "banterhearts",
         # "priority": a worker with a free slot always takes an interactive message first.
         transport_options = {"visibility_timeout": settings.visibility_timeout_s,
                              "queue_order_strategy": "priority",
-                             "bulk_queues": [settings.queues[1], settings.openai_queues[1]],
+                             "bulk_queues": list(settings.lane_queues("bulk")),
                              "bulk_limit": settings.bulk_limit(),
                              "unacked_restore_interval": 10,
                              "unacked_restore_throttle": 1}
@@ -163,7 +163,7 @@ def make_celery(settings: Settings, main: str = "banterhearts",
     )
     if amqp:
         app.amqp.Consumer = functools.partial(
-            LaneConsumer, bulk_queues=frozenset((settings.queues[1], settings.openai_queues[1])),
+            LaneConsumer, bulk_queues=frozenset(settings.lane_queues("bulk")),
             bulk_limit=settings.bulk_limit(), prefetch=settings.worker_concurrency)
     return app
 
@@ -180,8 +180,7 @@ class BrokerQueues:
     """
 
     def __init__(self, settings: Settings, celery: Celery, client=None) -> None:
-        self._lanes = {"interactive": (settings.queues[0], settings.openai_queues[0]),
-                       "bulk": (settings.queues[1], settings.openai_queues[1])}
+        self._lanes = {lane: settings.lane_queues(lane) for lane in ("interactive", "bulk")}
         self._names = [name for pair in self._lanes.values() for name in pair]
         self._celery = celery
         self._lock = threading.Lock()

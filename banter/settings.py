@@ -178,6 +178,10 @@ class Settings:
         queue = self.queue_bulk if lane == "bulk" else self.queue_interactive
         return queue + OPENAI_QUEUE_SUFFIX if backend == "openai" else queue
 
+    def lane_queues(self, lane: str) -> tuple[str, str]:
+        """Both backends' queues of ``lane``: (onnx, openai)."""
+        return (self.lane_queue(lane), self.lane_queue(lane, "openai"))
+
     def fallback_blocker(self) -> str:
         """Why a job that no local model can serve may not fall back to the openai backend,
         naming the setting to change; empty when it may."""

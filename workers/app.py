@@ -13,7 +13,7 @@ from workers.runtime import WorkerRuntime
 def create_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     gate = runtime.gate
     app = make_celery(settings, "banterhearts-worker", bulk_intake_wait=gate.bulk_intake_wait)
-    interactive = frozenset((settings.queues[0], settings.openai_queues[0]))
+    interactive = frozenset(settings.lane_queues("interactive"))
 
     @task_received.connect(weak=False)
     def on_received(sender, request, **_) -> None:
