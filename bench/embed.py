@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -183,7 +184,8 @@ def start_naive_worker(stack: BenchStack, model_dir: Path, concurrency: int,
 
     url = stack.env["BANTER_REDIS_URL"]
     env = {"BENCH_NAIVE_REDIS_URL": url, "BENCH_NAIVE_MODEL_DIR": str(model_dir),
-           "BENCH_NAIVE_PROVIDERS": providers, "PYTHONPATH": str(REPO_ROOT)}
+           "BENCH_NAIVE_PROVIDERS": providers,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     if stack.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(stack.gpu)
     child = stack.start_child("naive-worker", [
@@ -228,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     unknown = baselines - {"raw_ort", "naive_celery"}
     if unknown:
         raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
-    defaults = Settings()
+    defaults = Settings.from_env()  # BANTER_INFERENCE_MAX_BATCH_SIZE: raw loop and worker alike
     batch_size = defaults.max_batch()
     if args.inputs_per_request > defaults.embed_max_inputs:
         raise ValueError(f"--inputs-per-request is at most {defaults.embed_max_inputs}")

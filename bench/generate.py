@@ -280,13 +280,13 @@ def run_engine_alone(runners, spec, workload: list[Request], clients: int, admis
 
 def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Request],
                  clients: int, max_running: int, threads: int, repeats: int,
-                 reference: list[list[int]]) -> dict:
+                 reference: list[list[int]], providers: Sequence[str]) -> dict:
     """``run_engine_alone`` for both admissions, interleaved ``repeats`` times; medians."""
     from workers.runner import ModelSpec, RunnerCache
 
     spec = ModelSpec(name, promoted["version"], "generate", model_dir / "model.onnx",
                      model_dir / "tokenizer.json", promoted["sha256"])
-    runners = RunnerCache(intra_op_threads=threads)
+    runners = RunnerCache(providers, intra_op_threads=threads)
     run_engine_alone(runners, spec, workload[:1], 1, "continuous", max_running)  # warm-up
     runs: dict[str, list[dict]] = {"continuous": [], "static": []}
     correct = {"continuous": True, "static": True}
@@ -373,6 +373,7 @@ class Sample:
     outcomes: list[Outcome]
     wall_s: float
     counters: dict[str, float]
+    providers: dict[str, list[str]]
 
     @property
     def tokens(self) -> int:
@@ -397,11 +398,12 @@ def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str
             log.warning("%s: %d requests failed, first: %s\n--- producer log tail:\n%s\n"
                         "--- worker log tail:\n%s", label, len(failed), failed[0][:300],
                         stack.producer.log_tail(), stack.workers[node].log_tail())
+        providers = stack.worker_providers(node)
     finally:
         stack.stop_worker(node)
     counters = {k: after.get(k, 0.0) - before.get(k, 0.0)
                 for k in ("generate_passes", "generate_items", "generate_seconds")}
-    sample = Sample(outcomes, wall, counters)
+    sample = Sample(outcomes, wall, counters, providers)
     log.info("%s: %d tokens in %.2fs = %.1f tokens/s, %d passes", label, sample.tokens, wall,
              sample.tokens / wall, counters["generate_passes"])
     return sample
@@ -482,6 +484,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-threads", type=int, default=DEFAULT_RAW_THREADS,
                    help="intra-op threads of the raw loop's ORT session (0: ORT's default, "
                         f"all cores; default {DEFAULT_RAW_THREADS})")
+    p.add_argument("--gpu", type=int, default=None,
+                   help="serve with banter worker --gpu N (CUDA provider); the raw loops and the "
+                        "engine-alone diagnostic run on the CUDA provider too (default: "
+                        "BENCH_GPU, else the CPU)")
     p.add_argument("--producer-workers", type=positive, default=2)
     p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true",
@@ -509,7 +515,10 @@ def run(args: argparse.Namespace) -> dict:
     if "batch1" in baselines:
         served_phases["batch1"] = ("batch1", {"BANTER_MAX_RUNNING": "1"})
 
-    with BenchStack(model_root=model_root, keep=args.keep) as stack:
+    with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
+        providers = ["CPUExecutionProvider"]
+        if stack.gpu is not None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if args.model_dir:
             model_dir = args.model_dir.resolve()
             name = args.model_name or model_dir.name
@@ -519,13 +528,13 @@ def run(args: argparse.Namespace) -> dict:
         promoted = stack.promote(name, "generate", model_dir)
 
         log.info("raw onnxruntime loops: the reference, one request at a time, and batched")
-        decoder = RawDecoder(model_dir, args.raw_threads)
+        decoder = RawDecoder(model_dir, args.raw_threads, providers)
         raw = run_raw(decoder, workload, args.clients, args.repeats)
         reference = raw.pop("reference")
 
         log.info("the engine alone, in this process (diagnostic)")
         alone = engine_alone(model_dir, name, promoted, workload, args.clients, max_running,
-                             args.raw_threads, args.repeats, reference)
+                             args.raw_threads, args.repeats, reference, providers)
 
         stack.start_producer(args.producer_workers, args.producer_threads)
         samples: dict[str, list[Sample]] = {phase: [] for phase in served_phases}
@@ -573,7 +582,10 @@ def run(args: argparse.Namespace) -> dict:
             "max_running": max_running,
             "batch1_max_running": 1,
             "worker_concurrency": defaults.worker_concurrency,
-            "worker": "banter worker --cpu (ORT CPU provider, ORT's default intra-op threads)",
+            "worker": f"banter worker {'--gpu %d' % stack.gpu if stack.gpu is not None else '--cpu'}"
+                      " (ORT's default intra-op threads)",
+            "worker_providers": {phase: samples[phase][0].providers for phase in samples},
+            "raw_providers": decoder.session.get_providers(),
             "raw_ort_intra_op_threads": args.raw_threads,
             "producer": {"workers": args.producer_workers, "threads": args.producer_threads},
         },

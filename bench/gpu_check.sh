@@ -5,10 +5,13 @@
 #
 #   bash bench/gpu_check.sh            # GPU 0
 #   BENCH_GPU=1 bash bench/gpu_check.sh
+#   BENCH_PYTHON=/opt/venv/bin/python bash bench/gpu_check.sh   # an interpreter set up already
 #
 # Steps: 1. nvidia-smi must work (else exit 3: no GPU here). 2. use .venv (create it and
-# `pip install -e .` when missing). 3. when onnxruntime has no CUDAExecutionProvider, replace it
-# with onnxruntime-gpu (pip; needs the package index, or a wheel via PIP_FIND_LINKS). 4. print the
+# `pip install -e .` when missing), or the interpreter BENCH_PYTHON names (it must import the
+# project, from PYTHONPATH or an install, and onnxruntime-gpu: nothing is installed into it).
+# 3. when .venv's onnxruntime has no CUDAExecutionProvider, replace it with onnxruntime-gpu
+# (pip; needs the package index, or a wheel via PIP_FIND_LINKS). 4. print the
 # providers ONNX Runtime has and the ones a worker's session actually gets (the worker's own
 # code path: workers.runner.select_providers + Runner; ORT falls back to the CPU provider when
 # CUDA or cuDNN libraries cannot be loaded, so "available" is not enough). 5. run
@@ -24,7 +27,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU="${BENCH_GPU:-0}"
 OUT_DIR="${OUT_DIR:-gpu-check-out}"
-SCENARIO_TIMEOUT_S="${SCENARIO_TIMEOUT_S:-210}"
 started=$(date +%s)
 
 say() { echo "gpu_check: $*" >&2; }
@@ -40,8 +42,8 @@ if ! nvidia-smi -L >&2; then
 fi
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv >&2 || true
 
-PY=.venv/bin/python
-if [ ! -x "$PY" ]; then
+PY="${BENCH_PYTHON:-.venv/bin/python}"
+if [ -z "${BENCH_PYTHON:-}" ] && [ ! -x "$PY" ]; then
   say "creating .venv and installing the project"
   python3 -m venv .venv
   "$PY" -m pip install -q -e '.[test]'
@@ -62,7 +64,7 @@ EOF
 }
 
 available="$(providers)"
-if [[ "$available" != *CUDAExecutionProvider* ]]; then
+if [[ "$available" != *CUDAExecutionProvider* ]] && [ -z "${BENCH_PYTHON:-}" ]; then
   say "onnxruntime has no CUDA provider ($available): installing onnxruntime-gpu"
   "$PY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu || true
   if ! "$PY" -m pip install -q 'onnxruntime-gpu[cuda,cudnn]' && ! "$PY" -m pip install -q onnxruntime-gpu; then
@@ -105,10 +107,11 @@ fi
 mkdir -p "$OUT_DIR"
 export BENCH_GPU="$GPU"
 status=0
+# each scenario's time limit (seconds); the four together stay under 8 minutes
 run_scenario() {
-  local label="$1" name="$2"; shift 2
-  say "running: python -m bench $name $* (GPU $GPU, at most ${SCENARIO_TIMEOUT_S}s)"
-  if timeout "$SCENARIO_TIMEOUT_S" "$PY" -m bench --log-level INFO "$name" "$@" \
+  local label="$1" limit="$2" name="$3"; shift 3
+  say "running: python -m bench $name $* (GPU $GPU, at most ${limit}s)"
+  if timeout "$limit" "$PY" -m bench --log-level INFO "$name" "$@" \
       >"$OUT_DIR/$label.json" 2>"$OUT_DIR/$label.log"; then
     cat "$OUT_DIR/$label.json"
     grep -o 'worker [^ ]* ran .*' "$OUT_DIR/$label.log" >&2 || true
@@ -118,16 +121,22 @@ run_scenario() {
     status=1
   fi
 }
-# the KV cache's host round trip per decode step, on a GPT-2-small-shaped decoder (built here)
-if "$PY" -m banter.cli models import --random-gpt2-small "$OUT_DIR/gpt2-small-random" >&2; then
-  run_scenario kvcache kvcache --gpu "$GPU" --model-dir "$OUT_DIR/gpt2-small-random" --repeats 3
-  rm -f "$OUT_DIR/gpt2-small-random/model.onnx"
+# A GPT-2-small-shaped decoder (12 layers, 768 wide, random weights; ~500 MB), built here in a
+# temporary directory: `kvcache` (the KV cache's host round trip per decode step) and
+# `generate` (continuous vs static batching vs batch-1 vs raw ORT) run on it.
+model_tmp="$(mktemp -d)"
+trap 'rm -rf "$model_tmp"' EXIT
+gpt2="$model_tmp/gpt2-small-random"
+if "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
+  run_scenario kvcache "${KVCACHE_TIMEOUT_S:-60}" kvcache --gpu "$GPU" --model-dir "$gpt2" --repeats 3
+  run_scenario generate "${GENERATE_TIMEOUT_S:-200}" generate --gpu "$GPU" --model-dir "$gpt2" \
+    --rounds 3 --repeats 2
 else
-  say "could not build the GPT-2-small-shaped decoder; kvcache skipped"
+  say "could not build the GPT-2-small-shaped decoder; kvcache and generate skipped"
   status=1
 fi
-run_scenario embed-minilm embed --gpu "$GPU" --shape minilm --sentences 4000 --repeats 2
-run_scenario embed-demo embed --gpu "$GPU" --sentences 4000 --repeats 1 --baselines raw_ort
-run_scenario generate generate --rounds 3 --repeats 2
+run_scenario embed-minilm "${EMBED_TIMEOUT_S:-120}" embed --gpu "$GPU" --shape minilm --sentences 4000 --repeats 2
+run_scenario embed-demo "${EMBED_DEMO_TIMEOUT_S:-90}" embed --gpu "$GPU" --sentences 4000 --repeats 1 \
+  --baselines raw_ort
 say "done in $(( $(date +%s) - started ))s; JSON in $OUT_DIR/"
 exit "$status"
