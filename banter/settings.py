@@ -17,7 +17,8 @@ from banter.errors import InvalidRequest
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
 # int settings that may be 0
-_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency")
+_ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
+                 "publish_ahead_steps")
 
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")  # RabbitMQ as the Celery broker
@@ -81,6 +82,7 @@ class Settings:
     bulk_pass_ms: float = 25.0  # a pass with bulk embeds in it is kept about this short
     max_running: int = 32
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
+    publish_ahead_steps: int = 2  # generate steps the engine may run ahead of publishing their tokens
     worker_concurrency: int = 64
     bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
     bulk_yield_ms: float = 20.0  # bulk lane's pace while interactive jobs run (workers/lanes.py)

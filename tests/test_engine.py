@@ -20,6 +20,7 @@ from workers import runner as runner_module
 from workers.batching import collate, left_pad_prompts, pack_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings
+from workers.kvpacker import KVPacker
 from workers.runner import ModelSpec, RunnerCache, select_providers, to_host
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
@@ -87,7 +88,8 @@ def drive(engine, futures, max_steps=1000):
     for _ in range(max_steps):
         if all(f.done() for f in futures):
             return [f.result() for f in futures]
-        engine.step()
+        if not engine.step():
+            engine.flush()  # with publish_ahead, finished jobs resolve once their tokens are out
     raise AssertionError("futures did not finish")
 
 
@@ -691,9 +693,9 @@ def test_run_loop_serves_from_a_thread(make_engine, specs):
 
 def test_a_cache_bound_on_the_device_gives_the_same_tokens(cache, specs):
     """``bind_kv``: the path a CUDA worker takes (I/O binding keeps the cache where ORT computed
-    it), here on the CPU device. The cache is an OrtValue between passes, re-packed through the
-    host when sequences join and leave, holds the same values at every step as the numpy
-    cache, and every job samples the same tokens."""
+    it), here on the CPU device. The cache is an OrtValue between passes and stays one when
+    sequences join and leave (re-packed on the device, ``KVPacker``), holds the same values at
+    every step as the numpy cache, and every job samples the same tokens."""
     import onnxruntime as ort
 
     bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
@@ -717,12 +719,146 @@ def test_a_cache_bound_on_the_device_gives_the_same_tokens(cache, specs):
     host_tokens, host_kinds, host_caches = crowd(cache)
     assert bound_tokens == host_tokens
     assert set(host_kinds) == {np.ndarray}
-    assert ort.OrtValue in set(bound_kinds)  # left on the device after a decode pass
+    assert set(bound_kinds) == {ort.OrtValue}  # never back on the host, re-packs included
     assert len(bound_caches) == len(host_caches) == len(PROMPTS) * 2
     for got, want in zip(bound_caches, host_caches):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert g.shape == w.shape and np.allclose(g, w, atol=1e-5)
+
+
+class SlowSink(RecordingSink):
+    """Publishes from whatever thread calls it, slowly, noting which jobs had already resolved
+    (they must not have: a job resolves only after its tokens are out)."""
+
+    def __init__(self, futures, delay_s=0.002, fail_first=False):
+        super().__init__()
+        self.futures, self.delay_s, self.fail_first = futures, delay_s, fail_first
+        self.threads, self.resolved_early = set(), []
+
+    def publish_tokens(self, events):
+        self.threads.add(threading.current_thread().name)
+        self.resolved_early += [e.job_id for e in events if self.futures[e.job_id].done()]
+        time.sleep(self.delay_s)
+        if self.fail_first:
+            self.fail_first = False
+            raise ConnectionError("redis went away")
+        super().publish_tokens(events)
+
+
+def test_published_ahead_the_same_tokens_in_order_and_jobs_resolve_after_their_last(specs):
+    """``publish_ahead``: a publisher thread sends each step's tokens while the engine runs on;
+    every job gets the tokens it gets with in-step publishing, in order, and resolves only
+    after its last token went out."""
+    def crowd(ahead):
+        futures = {}
+        sink = SlowSink(futures)
+        engine = Engine(RunnerCache(select_providers(use_gpu=False), intra_op_threads=1), sink,
+                        EngineSettings(publish_ahead=ahead))
+        for i, prompt in enumerate(PROMPTS * 2):
+            params = SamplingParams(temperature=0.8, seed=i, max_tokens=4 + 3 * i)
+            futures[f"p{i}"] = engine.submit_generate(f"p{i}", specs["gpt"], prompt, params)
+            engine.step()
+        results = drive(engine, list(futures.values()))
+        return results, sink
+
+    ahead_results, ahead_sink = crowd(2)
+    inline_results, inline_sink = crowd(0)
+    assert [r.token_ids for r in ahead_results] == [r.token_ids for r in inline_results]
+    assert ahead_sink.threads == {"engine-publisher"} and "engine-publisher" not in inline_sink.threads
+    assert ahead_sink.resolved_early == [] == inline_sink.resolved_early
+    for i, result in enumerate(ahead_results):
+        streamed = ahead_sink.streamed(f"p{i}")
+        assert [e.seq for e in streamed] == list(range(len(result.token_ids)))
+        assert [e.token_id for e in streamed] == result.token_ids
+
+
+def test_the_engine_runs_at_most_publish_ahead_steps_ahead_of_its_publisher(specs):
+    release = threading.Event()
+    published = []
+
+    class BlockedSink(RecordingSink):
+        def publish_tokens(self, events):
+            release.wait()
+            published.append(len(events))
+
+    engine = Engine(RunnerCache(select_providers(use_gpu=False), intra_op_threads=1),
+                    BlockedSink(), EngineSettings(publish_ahead=2))
+    future = engine.submit_generate("b", specs["gpt"], "hi", SamplingParams(max_tokens=20))
+    steps = []
+    stepper = threading.Thread(target=lambda: [steps.append(engine.step()) for _ in range(6)],
+                               daemon=True)
+    stepper.start()
+    deadline = time.monotonic() + 10
+    while len(steps) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stepper.join(timeout=0.3)
+    # the first step's tokens blocked in the sink, two steps' waiting behind them: the third
+    # step returned, the fourth waits for room
+    assert len(steps) == 3 and stepper.is_alive() and not future.done()
+    release.set()
+    stepper.join(timeout=10)
+    assert len(steps) == 6
+    assert drive(engine, [future])[0].completion_tokens == 20 and sum(published) == 20
+
+
+def test_a_failed_publish_still_resolves_the_jobs_and_the_next_steps_go_out(specs, caplog):
+    futures = {}
+    sink = SlowSink(futures, fail_first=True)
+    engine = Engine(RunnerCache(select_providers(use_gpu=False), intra_op_threads=1), sink,
+                    EngineSettings(publish_ahead=1))
+    futures["f"] = engine.submit_generate("f", specs["gpt"], "hi", SamplingParams(max_tokens=5))
+    result = drive(engine, [futures["f"]])[0]
+    assert result.completion_tokens == 5
+    assert [e.seq for e in sink.streamed("f")] == [1, 2, 3, 4]  # the first step's token was lost
+    assert "engine publish failed" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("as_ortvalues", [False, True])
+def test_kv_packer_cuts_the_same_rows_as_the_host_pack(dtype, as_ortvalues):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    first = [rng.standard_normal((3, 2, 5, 4)).astype(dtype) for _ in range(4)]
+    first_mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    second = [rng.standard_normal((2, 2, 3, 4)).astype(dtype) for _ in range(4)]
+    second_mask = np.array([[1, 1, 1], [0, 1, 1]])
+    packer = KVPacker(4, dtype, ["CPUExecutionProvider"], "cpu")
+    wrap = ort.OrtValue.ortvalue_from_numpy if as_ortvalues else (lambda a: a)
+    for parts in ([(first, first_mask, [0, 2]), (second, second_mask, [1])],
+                  [(first, first_mask, [2, 1, 0])],
+                  [(first, first_mask, []), (second, second_mask, [1, 0])]):
+        want, want_mask = pack_rows(parts)
+        got, got_mask = packer.pack([([wrap(a) for a in pasts], mask, rows)
+                                     for pasts, mask, rows in parts])
+        np.testing.assert_array_equal(got_mask, want_mask)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert isinstance(g, ort.OrtValue)
+            np.testing.assert_array_equal(g.numpy(), w)
+
+
+def test_a_device_that_cannot_pack_falls_back_to_the_host(specs, monkeypatch, caplog):
+    bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
+    runner = bound.get(specs["gpt"])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no device memory")
+
+    monkeypatch.setattr(runner._packer, "pack", refuse)
+    engine = Engine(bound, RecordingSink(), EngineSettings())
+    params = SamplingParams(max_tokens=6)
+    futures = [engine.submit_generate(f"p{i}", specs["gpt"], prompt, params)
+               for i, prompt in enumerate(PROMPTS[:3])]
+    engine.step()  # the first three are a batch; the next one joins it: a re-pack
+    futures.append(engine.submit_generate("p3", specs["gpt"], PROMPTS[3], params))
+    results = drive(engine, futures)
+    alone = [drive(engine, [engine.submit_generate(f"a{i}", specs["gpt"], prompt, params)])[0]
+             for i, prompt in enumerate(PROMPTS[:4])]
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+    assert "kv_pack_on_host" in caplog.text and runner._packer is None
+    assert runner.kv_device == "cpu"  # passes stay bound; only re-packs moved to the host
 
 
 def test_a_device_that_cannot_bind_falls_back_to_host_arrays(specs, monkeypatch, caplog):
@@ -738,3 +874,15 @@ def test_a_device_that_cannot_bind_falls_back_to_host_arrays(specs, monkeypatch,
                                                    SamplingParams(max_tokens=4))])[0]
     assert result.completion_tokens == 4 and runner.kv_device is None
     assert "kv_binding_off" in caplog.text
+
+
+def test_publish_ahead_setting_is_validated_and_reaches_the_engine():
+    from banter.settings import Settings, SettingsError
+    from workers.runtime import engine_settings
+
+    assert engine_settings(Settings()).publish_ahead == 2
+    assert engine_settings(Settings.from_env({"BANTER_PUBLISH_AHEAD_STEPS": "0"})).publish_ahead == 0
+    with pytest.raises(SettingsError, match="BANTER_PUBLISH_AHEAD_STEPS='-1': must be at least 0"):
+        Settings.from_env({"BANTER_PUBLISH_AHEAD_STEPS": "-1"})
+    with pytest.raises(ValueError, match="publish_ahead"):
+        EngineSettings(publish_ahead=-1)

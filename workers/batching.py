@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence, TypeVar
 
 import numpy as np
@@ -60,29 +61,52 @@ def left_pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return ids, mask, positions
 
 
-def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]]
-              ) -> tuple[list[np.ndarray], np.ndarray]:
-    """One left-padded batch of the chosen rows of several: each part is ``(pasts [B_i, H, T_i,
-    D] per past input, mask [B_i, T_i], rows to keep)``. The result is as wide as the widest
-    real past among the kept rows (leading columns no kept row uses are dropped); every kept
-    row's cache is copied exactly once, straight into the new arrays."""
+@dataclass(frozen=True)
+class PackPlan:
+    """How to cut chosen rows of several left-padded batches into one: each part's ``rows``
+    keep the columns from ``first`` on and get ``pad`` zero columns in front, so every row ends
+    up ``width`` wide (the widest real past among the kept rows); ``mask`` is the new
+    ``[rows, width]`` attention mask."""
+
+    parts: tuple[tuple[tuple[int, ...], int, int], ...]  # (rows, first, pad) per part
+    width: int
+    mask: np.ndarray
+
+
+def plan_pack(parts: Sequence[tuple[np.ndarray, Sequence[int]]]) -> PackPlan:
+    """The ``PackPlan`` for ``(mask [B_i, T_i], rows to keep)`` parts, from the masks alone
+    (leading columns no kept row uses are dropped; parts with no rows are left out)."""
     firsts = []
-    for _, mask, rows in parts:
+    for mask, rows in parts:
         used = mask[list(rows)].any(axis=0) if len(rows) else np.zeros(0, dtype=bool)
         firsts.append(int(used.argmax()) if used.any() else mask.shape[1])
-    width = max((mask.shape[1] - first for (_, mask, _), first in zip(parts, firsts)), default=0)
-    total = sum(len(rows) for _, _, rows in parts)
-    template = parts[0][0]
-    pasts = [np.empty((total, p.shape[1], width, p.shape[3]), dtype=p.dtype) for p in template]
-    out_mask = np.zeros((total, width), dtype=np.int64)
-    b = 0
-    for (src, mask, rows), first in zip(parts, firsts):
-        real = mask.shape[1] - first
-        for row in rows:
-            out_mask[b, width - real:] = mask[row, first:]
-            for out, past in zip(pasts, src):
-                out[b, :, :width - real] = 0
-                out[b, :, width - real:] = past[row, :, first:]
-            b += 1
-    return pasts, out_mask
+    width = max((mask.shape[1] - first for (mask, _), first in zip(parts, firsts)), default=0)
+    out_mask = np.zeros((sum(len(rows) for _, rows in parts), width), dtype=np.int64)
+    planned, b = [], 0
+    for (mask, rows), first in zip(parts, firsts):
+        if not len(rows):
+            continue
+        pad = width - (mask.shape[1] - first)
+        out_mask[b:b + len(rows), pad:] = mask[list(rows), first:]
+        planned.append((tuple(rows), first, pad))
+        b += len(rows)
+    return PackPlan(tuple(planned), width, out_mask)
 
+
+def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]]
+              ) -> tuple[list[np.ndarray], np.ndarray]:
+    """One left-padded batch of the chosen rows of several, on the host: each part is
+    ``(pasts [B_i, H, T_i, D] per past input, mask [B_i, T_i], rows to keep)``; laid out by
+    ``plan_pack``, every kept row's cache copied exactly once, straight into the new arrays."""
+    plan = plan_pack([(mask, rows) for _, mask, rows in parts])
+    sources = [src for src, _, rows in parts if len(rows)]
+    template = parts[0][0]
+    total = plan.mask.shape[0]
+    pasts = [np.zeros((total, p.shape[1], plan.width, p.shape[3]), dtype=p.dtype) for p in template]
+    b = 0
+    for src, (rows, first, pad) in zip(sources, plan.parts):
+        for row in rows:
+            for out, past in zip(pasts, src):
+                out[b, :, pad:] = past[row, :, first:]
+            b += 1
+    return pasts, plan.mask

@@ -22,6 +22,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import chain, islice
+from queue import Queue
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -29,9 +30,9 @@ import numpy as np
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
 from banter.streams import TokenEvent
-from workers.batching import collate, left_pad_prompts, mean_pool, pack_rows, right_pad
+from workers.batching import collate, left_pad_prompts, mean_pool, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache, to_host
+from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
 from workers.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ class EngineSettings:
     for bulk rows beside it; on a GPU they come nearly free and still ride).
     ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
     generate sequences of a model are admitted only while none of that model is running, so a
-    batch forms, runs until all its sequences finish, then the next one forms."""
+    batch forms, runs until all its sequences finish, then the next one forms.
+    ``publish_ahead``: with 0 a step publishes its tokens and resolves its finished jobs before
+    it returns; with N > 0 a publisher thread does that, in step order, while the engine runs
+    the next passes (ONNX Runtime releases the GIL during a pass), at most N steps behind it."""
 
     max_batch_size: int = 8
     batch_window_s: float = 0.005
@@ -83,8 +87,11 @@ class EngineSettings:
     max_prompt_tokens: int = 512
     enable_batching: bool = True
     admission: str = "continuous"
+    publish_ahead: int = 0
 
     def __post_init__(self) -> None:
+        if self.publish_ahead < 0:
+            raise ValueError(f"publish_ahead must be >= 0, got {self.publish_ahead}")
         if self.admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, "
                              f"got {self.admission!r}")
@@ -249,8 +256,9 @@ class _Batch:
     """The running sequences of one model version and their KV cache, left-padded: row b's
     real positions are the last ``seqs[b].past_len`` of the ``T`` columns that ``mask``
     ``[B, T]`` marks; ``pasts`` holds one ``[B, H, T, D]`` array per past input (an OrtValue
-    on the model's ``kv_device`` between passes where it has one; a re-pack copies through the
-    host). ``T`` is the longest row's past, so it never exceeds the model's positions.
+    on the model's ``kv_device`` between passes where it has one, re-packed there too:
+    ``Runner.pack_kv``). ``T`` is the longest row's past, so it never exceeds the model's
+    positions.
 
     A finished sequence's row may stay as a dead row (fed its last token, its output ignored)
     until the next re-pack: cutting rows out copies the whole cache, which on a CPU costs about
@@ -263,22 +271,56 @@ class _Batch:
     def live(self) -> list[_Sequence]:
         return [seq for seq in self.seqs if not seq.done]
 
-    def settle(self, arrivals: _Batch | None, max_width: int) -> None:
+    def settle(self, arrivals: _Batch | None, runner: Runner) -> None:
         """Stack ``arrivals``' unfinished rows on, dropping dead rows in the same copy (each
         kept row's cache is copied once); without arrivals, re-pack only when dead rows are
         at least ``1 / DEAD_ROW_SHARE`` of the batch, nothing is live, or the next decode pass
-        would make the cache wider than ``max_width`` (a dead row's columns keep growing)."""
+        would make the cache wider than the model's positions allow (a dead row's columns
+        keep growing). Each copy is ``runner.pack_kv``: on the cache's device where it has one."""
         dead = sum(seq.done for seq in self.seqs)
-        roomy = self.mask.shape[1] < max_width
+        roomy = self.mask.shape[1] < runner.max_positions - 1
         if arrivals is None and (not dead or (DEAD_ROW_SHARE * dead < len(self.seqs) and roomy)):
             return
         parts = [(b, [i for i, seq in enumerate(b.seqs) if not seq.done])
                  for b in (self, arrivals) if b is not None]
         kept = [b.seqs[i] for b, rows in parts for i in rows]
         if kept:
-            self.pasts, self.mask = pack_rows([(to_host(b.pasts), b.mask, rows)
-                                               for b, rows in parts])
+            self.pasts, self.mask = runner.pack_kv([(b.pasts, b.mask, rows) for b, rows in parts])
         self.seqs = kept
+
+
+class _Publisher:
+    """The engine's publishing thread (``EngineSettings.publish_ahead``): each step's tokens go
+    out in step order, and a step's finished jobs resolve only after its tokens are out, so a
+    job's ``done`` event (published by whoever waits on its future) always follows its last
+    token. ``put`` blocks while ``ahead`` steps are waiting: the engine never runs further
+    ahead of Redis than that."""
+
+    def __init__(self, sink: EngineSink, resolve: Callable[[list[_Sequence]], None],
+                 ahead: int) -> None:
+        self._sink, self._resolve = sink, resolve
+        self._queue: Queue[tuple[list[TokenEvent], list[_Sequence]]] = Queue(ahead)
+        self._thread = threading.Thread(target=self._loop, name="engine-publisher", daemon=True)
+        self._thread.start()
+
+    def put(self, events: list[TokenEvent], leaving: list[_Sequence]) -> None:
+        if events or leaving:
+            self._queue.put((events, leaving))
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def _loop(self) -> None:
+        while True:
+            events, leaving = self._queue.get()
+            try:
+                if events:
+                    self._sink.publish_tokens(events)
+            except Exception:  # the jobs still resolve; the next step's tokens still go out
+                log.exception("engine publish failed")
+            finally:
+                self._resolve(leaving)
+                self._queue.task_done()
 
 
 class Engine:
@@ -314,6 +356,8 @@ class Engine:
         # engine thread only (admission writes them under _cond):
         self._batches: dict[Runner, _Batch] = {}  # running sequences with their caches
         self._joining: dict[Runner, list[_Sequence]] = {}  # admitted at this step, no cache yet
+        self._publisher = (_Publisher(sink, self._resolve, settings.publish_ahead)
+                           if settings.publish_ahead else None)
 
     # -- caller threads ---------------------------------------------------------------------
 
@@ -421,7 +465,8 @@ class Engine:
     # -- engine thread ----------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Step until ``stop`` is set; sleeps on a condition while there is nothing to do."""
+        """Step until ``stop`` is set; sleeps on a condition while there is nothing to do.
+        Returns once every step's tokens are published."""
         while not stop.is_set():
             try:
                 worked = self.step()
@@ -430,6 +475,13 @@ class Engine:
                 worked = False
             if not worked:
                 self._wait_for_work(stop)
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until the steps run so far have published their tokens and resolved their
+        finished jobs (nothing to wait for with ``publish_ahead=0``)."""
+        if self._publisher is not None:
+            self._publisher.flush()
 
     def step(self, now: float | None = None) -> bool:
         """One iteration: drop cancelled/expired jobs, admit waiting ones; run the embed passes
@@ -448,11 +500,14 @@ class Engine:
         events: list[TokenEvent] = []
         for runner in {*self._batches, *self._joining}:
             leaving += self._run_generate(runner, events)
-        try:
-            if events:
-                self._sink.publish_tokens(events)
-        finally:
-            self._resolve(leaving)
+        if self._publisher is not None:
+            self._publisher.put(events, leaving)
+        else:
+            try:
+                if events:
+                    self._sink.publish_tokens(events)
+            finally:
+                self._resolve(leaving)
         for runner, batch in bulk_only:  # once everything interactive is out the door
             self._run_bulk_embed(runner, batch)
         return bool(leaving or embed_batches or events)
@@ -604,7 +659,7 @@ class Engine:
         return leaving
 
     def _keep_unfinished(self, runner: Runner, batch: _Batch, arrivals: _Batch | None = None) -> None:
-        batch.settle(arrivals, max_width=runner.max_positions - 1)
+        batch.settle(arrivals, runner)
         if batch.live():
             self._batches[runner] = batch
         else:

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer
 
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
 from registry.artifacts import sha256_file
+from workers.batching import pack_rows
+from workers.kvpacker import KVPacker
 
 log = logging.getLogger("banter.worker")
 
@@ -111,7 +113,8 @@ class Runner:
 
     ``kv_device``: where a decoder's KV cache stays between passes (``run_decoder``). On the
     CUDA provider it is ``"cuda"``: the ``present.*`` outputs are bound on the GPU (ONNX
-    Runtime I/O binding) and fed back as the next pass's pasts without a trip to the host. On
+    Runtime I/O binding) and fed back as the next pass's pasts without a trip to the host;
+    ``pack_kv`` re-packs them there too (rows joining and leaving the batch). On
     the CPU provider it is None (numpy arrays; binding saves nothing there, docs/benchmarks.md
     ``kvcache``) unless ``bind_kv`` asks for it (the tests run the bound path on the CPU).
     """
@@ -151,6 +154,10 @@ class Runner:
             on_gpu = self.providers[0] == "CUDAExecutionProvider"
             if bind_kv or (bind_kv is None and on_gpu):
                 self.kv_device = "cuda" if on_gpu else "cpu"
+        self._packer: KVPacker | None = None
+        if self.kv_device is not None:
+            self._packer = KVPacker(len(self.past_names), self.kv_dtype, self.providers,
+                                    self.kv_device)
 
     def _create_session(self, providers: list[str],
                         intra_op_threads: int) -> ort.InferenceSession:
@@ -226,6 +233,22 @@ class Runner:
                                              "device": self.kv_device, "error": str(bound_error)})
         self.kv_device = None
         return result
+
+    def pack_kv(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]]
+                ) -> tuple[list[Any], np.ndarray]:
+        """``batching.pack_rows`` for pasts from ``run_decoder``: with ``kv_device`` the cache
+        is re-packed there (``KVPacker``), else on the host. A device re-pack that fails is done
+        on the host instead, and this model re-packs on the host from then on (a warning says
+        why)."""
+        if self._packer is not None:
+            try:
+                return self._packer.pack(parts)
+            except Exception as exc:  # ORT raises its own non-standard exception types
+                log.warning("kv_pack_on_host", extra={"model": self.spec.name,
+                                                      "version": self.spec.version,
+                                                      "device": self.kv_device, "error": str(exc)})
+                self._packer = None
+        return pack_rows([(to_host(pasts), mask, rows) for pasts, mask, rows in parts])
 
     def _host_pass(self, inputs: Mapping[str, np.ndarray],
                    pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import replace
 from typing import Sequence
 
@@ -62,13 +63,15 @@ class RedisSink:
         self.streams = streams
         self.node = node
         self.resume_from: dict[str, int] = {}
-        self._passes: list[tuple[str, int, float]] = []  # generate passes of this step
+        # generate passes not yet published: appended by the engine thread, drained by
+        # whichever thread publishes (the engine's publisher with publish_ahead)
+        self._passes: deque[tuple[str, int, float]] = deque()
 
     def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
         """The step's tokens and its pass counters, in one round trip."""
         if self.resume_from:
             events = [e for e in events if e.seq >= self.resume_from.get(e.job_id, 0)]
-        passes, self._passes = self._passes, []
+        passes = [self._passes.popleft() for _ in range(len(self._passes))]
 
         def add_passes(pipe) -> None:
             for kind, batch_size, seconds in passes:
@@ -99,7 +102,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
                           max_running=settings.max_running,
                           max_prompt_tokens=settings.max_prompt_tokens,
                           enable_batching=settings.enable_batching,
-                          admission=settings.admission)
+                          admission=settings.admission,
+                          publish_ahead=settings.publish_ahead_steps)
 
 
 class WorkerRuntime:
