@@ -100,7 +100,7 @@ EOF
 echo "worker session providers (GPU $GPU): $session_providers"
 if [[ "$session_providers" != CUDAExecutionProvider* ]]; then
   say "a worker session fell back to '$session_providers': CUDA or cuDNN libraries did not load" \
-      "(see the onnxruntime error above; onnxruntime-gpu needs CUDA 12 and cuDNN 9)"
+      "(see the onnxruntime error above; onnxruntime-gpu needs the CUDA and cuDNN versions its build names: 1.31 wants CUDA 13 and cuDNN 9)"
   exit 5
 fi
 
