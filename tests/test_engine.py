@@ -872,7 +872,7 @@ def test_a_device_that_cannot_bind_falls_back_to_host_arrays(specs, monkeypatch,
     engine = Engine(bound, RecordingSink(), EngineSettings())
     result = drive(engine, [engine.submit_generate("f", specs["gpt"], "hi",
                                                    SamplingParams(max_tokens=4))])[0]
-    assert result.completion_tokens == 4 and runner.kv_device is None
+    assert result.completion_tokens == 4 and runner.kv_device is None and runner._packer is None
     assert "kv_binding_off" in caplog.text
 
 

@@ -221,7 +221,8 @@ class Runner:
         ``present_names``: numpy arrays, or with ``kv_device`` OrtValues left on it (feed them
         back as the next pass's pasts; ``to_host`` brings them back for a re-pack). A bound
         pass that fails is run again without binding; when that succeeds the model stays
-        unbound (a warning says why), so a device that cannot bind still serves."""
+        unbound, re-packed on the host too (a warning says why), so a device that cannot bind
+        still serves."""
         if self.kv_device is None:
             return self._host_pass(inputs, pasts)
         try:
@@ -231,7 +232,7 @@ class Runner:
         result = self._host_pass(inputs, pasts)  # an InferenceError here is the model's own
         log.warning("kv_binding_off", extra={"model": self.spec.name, "version": self.spec.version,
                                              "device": self.kv_device, "error": str(bound_error)})
-        self.kv_device = None
+        self.kv_device, self._packer = None, None
         return result
 
     def pack_kv(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]]
