@@ -2,6 +2,7 @@
 ``python -m bench generate`` benchmark (no timing assertions)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -302,3 +303,22 @@ def test_gpu_check_fails_clearly_without_a_gpu():
     assert run.returncode == 3
     assert "nvidia-smi not found" in run.stderr and "nothing was run" in run.stderr
     assert run.stdout == ""
+
+
+def test_gpu_check_with_a_prepared_interpreter_installs_nothing_and_says_cuda_is_missing(tmp_path):
+    """``BENCH_PYTHON``: the script uses that interpreter as it is; one whose onnxruntime has no
+    CUDA provider ends the check (exit 4) instead of a pip install into it."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: a test stand-in'\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+           "BENCH_PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "out")}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 4, run.stderr
+    assert "CPUExecutionProvider" in run.stdout and "CUDAExecutionProvider" not in run.stdout
+    assert "still has no CUDAExecutionProvider" in run.stderr
+    assert "installing onnxruntime-gpu" not in run.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
