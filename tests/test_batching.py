@@ -36,7 +36,7 @@ def test_32_concurrent_embeds_run_batched_and_match_one_at_a_time(api, redis_cli
     passes = embed_passes(redis_client) - before
     assert all(job["status"] == "succeeded" for job in crowd)
     assert max(job["batch_size"] for job in crowd) > 1
-    assert passes < len(TEXTS)
+    assert len(TEXTS) // 8 <= passes < len(TEXTS)  # every pass counted by the time its jobs end
     for one, many in zip(alone, crowd):
         np.testing.assert_allclose(one["result"]["embedding"], many["result"]["embedding"],
                                    atol=1e-5)

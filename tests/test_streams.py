@@ -171,3 +171,30 @@ def test_a_generate_step_costs_one_redis_round_trip(redis_client, monkeypatch):
     assert len(calls) == 1
     assert all(redis_client.xlen(f"banter:stream:rt-{i}") == 1 for i in range(3))
     assert redis_client.hget("banter:worker:round-trip@test:stats", "generate_passes") == "1"
+
+
+def test_an_embed_pass_costs_no_round_trip_and_rides_on_the_next_terminal_event(redis_client,
+                                                                                  monkeypatch):
+    """The engine thread never waits on Redis for pass counters: they go out with the next
+    write that takes them (here a finishing job's done event, as ``WorkerRuntime._finish``
+    sends it)."""
+    from redis.client import Pipeline
+
+    from banter.streams import DoneEvent, StreamWriter
+    from workers.runtime import RedisSink
+
+    sink = RedisSink(redis_client, StreamWriter(redis_client, 100, 60), "embed-ride@test")
+    sink.streams.publish([])
+    calls = []
+    real = Pipeline.execute
+    monkeypatch.setattr(Pipeline, "execute", lambda self, *a, **k: calls.append(1) or real(self))
+    sink.record_pass("embed", "demo-embed", 1, 8, 0.002)
+    sink.record_pass("embed", "demo-embed", 1, 3, 0.001)
+    assert calls == []
+    sink.streams.publish([DoneEvent("er-1", "stop", {"prompt_tokens": 3, "completion_tokens": 0})],
+                         also=sink.add_passes)
+    assert len(calls) == 1
+    stats = redis_client.hgetall("banter:worker:embed-ride@test:stats")
+    assert stats["embed_passes"] == "2" and stats["embed_items"] == "11"
+    sink.streams.publish([DoneEvent("er-2", "stop", {})], also=sink.add_passes)
+    assert redis_client.hget("banter:worker:embed-ride@test:stats", "embed_passes") == "2"  # once

@@ -65,17 +65,6 @@ def add_pass(pipe: Any, node: str, kind: str, batch_size: int, seconds: float,
     pipe.hincrbyfloat(key, f"{ort}|sum", seconds)
 
 
-def record_pass(client: redis.Redis, node: str, kind: str, batch_size: int,
-                seconds: float) -> None:
-    """One round trip per pass; a Redis error drops the observation (the engine goes on)."""
-    try:
-        pipe = client.pipeline(transaction=False)
-        add_pass(pipe, node, kind, batch_size, seconds)
-        pipe.execute()
-    except redis.RedisError as exc:
-        log.warning("metrics_dropped", extra={"error": str(exc), "what": "ort_pass"})
-
-
 # -- per finished job ---------------------------------------------------------------------------
 
 # KEYS[1] metrics hash, KEYS[2] job hash, KEYS[3] job stream. ARGV[1] JSON

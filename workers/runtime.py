@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import redis
 
@@ -68,19 +68,13 @@ class RedisSink:
         self._passes: deque[tuple[str, int, float]] = deque()
 
     def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
-        """The step's tokens and its pass counters, in one round trip."""
+        """The step's tokens and the pass counters waiting, in one round trip."""
         if self.resume_from:
             events = [e for e in events if e.seq >= self.resume_from.get(e.job_id, 0)]
-        passes = [self._passes.popleft() for _ in range(len(self._passes))]
-
-        def add_passes(pipe) -> None:
-            for kind, batch_size, seconds in passes:
-                worker_metrics.add_pass(pipe, self.node, kind, batch_size, seconds)
-
         delay = 0.1
         while True:
             try:
-                self.streams.publish(events, also=add_passes)
+                self.streams.publish(events, also=self.add_passes)
                 return
             except redis.ConnectionError as exc:  # Redis restarting: hold the engine, keep the tokens
                 log.warning("publish_retry", extra={"error": str(exc), "delay_s": delay})
@@ -89,10 +83,17 @@ class RedisSink:
 
     def record_pass(self, kind: str, model: str, version: int, batch_size: int,
                     seconds: float) -> None:
-        if kind == "generate":  # the engine publishes this step's tokens next: ride along
-            self._passes.append((kind, batch_size, seconds))
-        else:
-            worker_metrics.record_pass(self.redis, self.node, kind, batch_size, seconds)
+        """Queue a pass's counters: they ride on the next write that takes them (a step's
+        token publish, a finishing job's terminal event, the heartbeat), never a round trip of
+        their own on the engine thread. An embed pass is recorded before its jobs resolve, so
+        its counters are in Redis by the time those jobs' ends are."""
+        self._passes.append((kind, batch_size, seconds))
+
+    def add_passes(self, pipe: Any) -> None:
+        """Move the queued pass counters onto ``pipe`` (lost with it if it fails)."""
+        for _ in range(len(self._passes)):
+            kind, batch_size, seconds = self._passes.popleft()
+            worker_metrics.add_pass(pipe, self.node, kind, batch_size, seconds)
 
 
 def engine_settings(settings: Settings) -> EngineSettings:
@@ -306,7 +307,8 @@ class WorkerRuntime:
             backend=outcome.backend)
         if not applied:
             return current
-        self.streams.publish([DoneEvent(record.id, outcome.finish_reason, outcome.usage)])
+        self.streams.publish([DoneEvent(record.id, outcome.finish_reason, outcome.usage)],
+                             also=self.sink.add_passes)
         timings = worker_metrics.record_job_end(self.redis, record, status.value, outcome.backend,
                                                 finished, usage=outcome.usage, yielded_s=yielded)
         if yielded:
@@ -325,7 +327,7 @@ class WorkerRuntime:
             record.id, (JobStatus.RUNNING,), JobStatus.FAILED, owner=self.node,
             finished_at=time.time(), error=exc.to_dict())
         if applied:
-            self.streams.publish([ErrorEvent(record.id, exc.to_dict())])
+            self.streams.publish([ErrorEvent(record.id, exc.to_dict())], also=self.sink.add_passes)
             timings = worker_metrics.record_job_end(self.redis, record, JobStatus.FAILED.value,
                                                     record.backend, error=exc.type)
             logs.event(log, "inference_failed", logging.WARNING, trace_id=record.trace_id,
@@ -358,6 +360,7 @@ class WorkerRuntime:
                 pipe = self.redis.pipeline(transaction=False)
                 for key in (keys.WORKERS, *map(keys.workers_for, self.backends)):
                     pipe.zadd(key, now)
+                self.sink.add_passes(pipe)  # an idle worker's last pass counters
                 pipe.execute()
                 self._renew_leases()
                 self._requeue_orphans()
