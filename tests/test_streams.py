@@ -198,3 +198,52 @@ def test_an_embed_pass_costs_no_round_trip_and_rides_on_the_next_terminal_event(
     assert stats["embed_passes"] == "2" and stats["embed_items"] == "11"
     sink.streams.publish([DoneEvent("er-2", "stop", {})], also=sink.add_passes)
     assert redis_client.hget("banter:worker:embed-ride@test:stats", "embed_passes") == "2"  # once
+
+
+def test_pass_counters_drained_by_several_threads_at_once_are_each_counted_once():
+    """The publisher, finishing jobs and the heartbeat drain the queued pass counters
+    concurrently: none may fail on an emptied queue, none may be counted twice."""
+    import sys
+    import threading
+
+    from workers.runtime import RedisSink
+
+    class CountingPipe:
+        def __init__(self):
+            self.passes = 0
+
+        def hincrby(self, key, field, amount):
+            self.passes += field == "embed_passes"
+
+        def hincrbyfloat(self, key, field, amount):
+            pass
+
+    sink = RedisSink(None, None, "drain@test")
+    done, errors, pipes = threading.Event(), [], []
+
+    def drain():
+        pipe = CountingPipe()
+        pipes.append(pipe)
+        try:
+            while not done.is_set():
+                sink.add_passes(pipe)
+        except Exception as exc:  # an emptied queue must not raise
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        drainers = [threading.Thread(target=drain) for _ in range(6)]
+        for thread in drainers:
+            thread.start()
+        for _ in range(20000):
+            sink.record_pass("embed", "demo-embed", 1, 2, 0.001)
+        done.set()
+        for thread in drainers:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    last = CountingPipe()
+    sink.add_passes(last)
+    assert errors == []
+    assert sum(p.passes for p in pipes) + last.passes == 20000

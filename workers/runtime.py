@@ -90,9 +90,14 @@ class RedisSink:
         self._passes.append((kind, batch_size, seconds))
 
     def add_passes(self, pipe: Any) -> None:
-        """Move the queued pass counters onto ``pipe`` (lost with it if it fails)."""
-        for _ in range(len(self._passes)):
-            kind, batch_size, seconds = self._passes.popleft()
+        """Move the queued pass counters onto ``pipe`` (lost with it if it fails). Several
+        threads drain at once (the publisher, finishing jobs, the heartbeat): each counter goes
+        to exactly one of them."""
+        while True:
+            try:
+                kind, batch_size, seconds = self._passes.popleft()
+            except IndexError:
+                return
             worker_metrics.add_pass(pipe, self.node, kind, batch_size, seconds)
 
 
