@@ -16,10 +16,12 @@
 # code path: workers.runner.select_providers + Runner; ORT falls back to the CPU provider when
 # CUDA or cuDNN libraries cannot be loaded, so "available" is not enough). 5. run
 # `python -m bench kvcache` (what the engine's host round trip of the KV cache costs per decode
-# step on the GPU), `python -m bench embed` and `python -m bench generate` with BENCH_GPU set, so
+# step on the GPU) and `python -m bench generate` on a GPT-2-small-shaped decoder built in a
+# temporary directory, then `python -m bench embed` (MiniLM shape, demo), with BENCH_GPU set, so
 # every worker is `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default
 # gpu-check-out/), and the providers each worker's model actually ran on are printed from the
-# JSON / logs.
+# JSON / logs. Each scenario has its own time limit (KVCACHE_TIMEOUT_S 60, GENERATE_TIMEOUT_S
+# 200, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90).
 # Exit codes: 0 done on CUDA, 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
 # session did not get CUDA, 1 a benchmark failed.
 set -euo pipefail
