@@ -63,19 +63,19 @@ def left_pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
 
 @dataclass(frozen=True)
 class PackPlan:
-    """How to cut chosen rows of several left-padded batches into one: each part's ``rows``
-    keep the columns from ``first`` on and get ``pad`` zero columns in front, so every row ends
-    up ``width`` wide (the widest real past among the kept rows); ``mask`` is the new
-    ``[rows, width]`` attention mask."""
+    """How to cut chosen rows of several left-padded batches into one: the ``rows`` of source
+    part ``source`` keep the columns from ``first`` on and get ``pad`` zero columns in front, so
+    every row ends up ``width`` wide (the widest real past among the kept rows); ``mask`` is
+    the new ``[rows, width]`` attention mask. Parts with no rows to keep are not in ``parts``."""
 
-    parts: tuple[tuple[tuple[int, ...], int, int], ...]  # (rows, first, pad) per part
+    parts: tuple[tuple[int, tuple[int, ...], int, int], ...]  # (source, rows, first, pad)
     width: int
     mask: np.ndarray
 
 
 def plan_pack(parts: Sequence[tuple[np.ndarray, Sequence[int]]]) -> PackPlan:
     """The ``PackPlan`` for ``(mask [B_i, T_i], rows to keep)`` parts, from the masks alone
-    (leading columns no kept row uses are dropped; parts with no rows are left out)."""
+    (leading columns no kept row uses are dropped)."""
     firsts = []
     for mask, rows in parts:
         used = mask[list(rows)].any(axis=0) if len(rows) else np.zeros(0, dtype=bool)
@@ -83,12 +83,12 @@ def plan_pack(parts: Sequence[tuple[np.ndarray, Sequence[int]]]) -> PackPlan:
     width = max((mask.shape[1] - first for (mask, _), first in zip(parts, firsts)), default=0)
     out_mask = np.zeros((sum(len(rows) for _, rows in parts), width), dtype=np.int64)
     planned, b = [], 0
-    for (mask, rows), first in zip(parts, firsts):
+    for source, ((mask, rows), first) in enumerate(zip(parts, firsts)):
         if not len(rows):
             continue
         pad = width - (mask.shape[1] - first)
         out_mask[b:b + len(rows), pad:] = mask[list(rows), first:]
-        planned.append((tuple(rows), first, pad))
+        planned.append((source, tuple(rows), first, pad))
         b += len(rows)
     return PackPlan(tuple(planned), width, out_mask)
 
@@ -99,14 +99,13 @@ def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]]
     ``(pasts [B_i, H, T_i, D] per past input, mask [B_i, T_i], rows to keep)``; laid out by
     ``plan_pack``, every kept row's cache copied exactly once, straight into the new arrays."""
     plan = plan_pack([(mask, rows) for _, mask, rows in parts])
-    sources = [src for src, _, rows in parts if len(rows)]
     template = parts[0][0]
     total = plan.mask.shape[0]
     pasts = [np.zeros((total, p.shape[1], plan.width, p.shape[3]), dtype=p.dtype) for p in template]
     b = 0
-    for src, (rows, first, pad) in zip(sources, plan.parts):
+    for source, rows, first, pad in plan.parts:
         for row in rows:
-            for out, past in zip(pasts, src):
+            for out, past in zip(pasts, parts[source][0]):
                 out[b, :, pad:] = past[row, :, first:]
             b += 1
     return pasts, plan.mask

@@ -33,14 +33,13 @@ class KVPacker:
     def pack(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]]
              ) -> tuple[list[Any], np.ndarray]:
         plan = plan_pack([(mask, rows) for _, mask, rows in parts])
-        sources = [pasts for pasts, _, rows in parts if len(rows)]
-        session = self._session(len(sources))
+        session = self._session(len(plan.parts))
         binding = session.io_binding()
-        for p, (pasts, (rows, first, pad)) in enumerate(zip(sources, plan.parts)):
+        for p, (source, rows, first, pad) in enumerate(plan.parts):
             binding.bind_cpu_input(f"rows_{p}", np.array(rows, dtype=np.int64))
             binding.bind_cpu_input(f"start_{p}", np.array([first], dtype=np.int64))
             binding.bind_cpu_input(f"pads_{p}", np.array([0, 0, pad, 0, 0, 0, 0, 0], dtype=np.int64))
-            for j, value in enumerate(pasts):
+            for j, value in enumerate(parts[source][0]):
                 if isinstance(value, np.ndarray):
                     binding.bind_cpu_input(f"past_{p}_{j}", value)
                 else:

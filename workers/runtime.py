@@ -63,8 +63,8 @@ class RedisSink:
         self.streams = streams
         self.node = node
         self.resume_from: dict[str, int] = {}
-        # generate passes not yet published: appended by the engine thread, drained by
-        # whichever thread publishes (the engine's publisher with publish_ahead)
+        # pass counters not yet written: appended by the engine thread, drained by whichever
+        # thread writes next (add_passes)
         self._passes: deque[tuple[str, int, float]] = deque()
 
     def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
