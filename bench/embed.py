@@ -225,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     load_at_start = loadavg()
     from banter.settings import Settings
+    from workers.runner import select_providers
 
     baselines = {b.strip() for b in args.baselines.split(",") if b.strip()}
     unknown = baselines - {"raw_ort", "naive_celery"}
@@ -236,11 +237,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--inputs-per-request is at most {defaults.embed_max_inputs}")
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     model_root = args.model_dir.resolve().parent if args.model_dir else None
-    providers = ["CPUExecutionProvider"]
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
-        if stack.gpu is not None:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = select_providers(use_gpu=stack.gpu is not None)  # the worker's own choice
         name, model_dir, promoted = encoder_model(stack, args.model_dir, args.model_name,
                                                   args.shape)
         raw_by_threads, reference, encoder = {}, None, None

@@ -499,6 +499,7 @@ def run(args: argparse.Namespace) -> dict:
     load_at_start = _loadavg()
     from banter.demo import DEMO_GPT, build_demo
     from banter.settings import Settings
+    from workers.runner import select_providers
 
     baselines = {b.strip() for b in args.baselines.split(",") if b.strip()}
     unknown = baselines - {"static", "batch1", "raw_ort"}
@@ -516,9 +517,7 @@ def run(args: argparse.Namespace) -> dict:
         served_phases["batch1"] = ("batch1", {"BANTER_MAX_RUNNING": "1"})
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
-        providers = ["CPUExecutionProvider"]
-        if stack.gpu is not None:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = select_providers(use_gpu=stack.gpu is not None)  # the worker's own choice
         if args.model_dir:
             model_dir = args.model_dir.resolve()
             name = args.model_name or model_dir.name
