@@ -68,13 +68,15 @@ class RedisSink:
         self._passes: deque[tuple[str, int, float]] = deque()
 
     def publish_tokens(self, events: Sequence[TokenEvent]) -> None:
-        """The step's tokens and the pass counters waiting, in one round trip."""
+        """The step's tokens and the pass counters waiting, in one round trip (the same
+        counters again on each retry)."""
         if self.resume_from:
             events = [e for e in events if e.seq >= self.resume_from.get(e.job_id, 0)]
+        passes = self._take_passes()
         delay = 0.1
         while True:
             try:
-                self.streams.publish(events, also=self.add_passes)
+                self.streams.publish(events, also=lambda pipe: self._write_passes(pipe, passes))
                 return
             except redis.ConnectionError as exc:  # Redis restarting: hold the engine, keep the tokens
                 log.warning("publish_retry", extra={"error": str(exc), "delay_s": delay})
@@ -90,14 +92,21 @@ class RedisSink:
         self._passes.append((kind, batch_size, seconds))
 
     def add_passes(self, pipe: Any) -> None:
-        """Move the queued pass counters onto ``pipe`` (lost with it if it fails). Several
-        threads drain at once (the publisher, finishing jobs, the heartbeat): each counter goes
-        to exactly one of them."""
+        """Move the queued pass counters onto ``pipe`` (lost with it if it fails)."""
+        self._write_passes(pipe, self._take_passes())
+
+    def _take_passes(self) -> list[tuple[str, int, float]]:
+        """Empty the queue. Several threads drain at once (the publisher, finishing jobs, the
+        heartbeat): each counter goes to exactly one of them."""
+        taken = []
         while True:
             try:
-                kind, batch_size, seconds = self._passes.popleft()
+                taken.append(self._passes.popleft())
             except IndexError:
-                return
+                return taken
+
+    def _write_passes(self, pipe: Any, passes: list[tuple[str, int, float]]) -> None:
+        for kind, batch_size, seconds in passes:
             worker_metrics.add_pass(pipe, self.node, kind, batch_size, seconds)
 
 
