@@ -97,7 +97,8 @@ class RawDecoder:
     (nothing from workers/), so it is both the hardware-limit baseline and the reference."""
 
     def __init__(self, model_dir: Path, threads: int = 0,
-                 providers: Sequence[Any] = ("CPUExecutionProvider",)) -> None:
+                 providers: Sequence[Any] = ("CPUExecutionProvider",),
+                 profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -105,6 +106,9 @@ class RawDecoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
             options.intra_op_num_threads = threads
+        if profile_prefix is not None:  # ORT's profiler (bench kvcache --profile-ops)
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=options,
                                             providers=list(providers))
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

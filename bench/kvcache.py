@@ -15,11 +15,18 @@ numpy round trip alone; with ``--gpu N`` (CUDA provider) it shows what bringing 
 the host and back every step would cost: what the engine saves by keeping it bound on the
 device there (``Runner.run_decoder``; on the CPU provider the engine keeps numpy arrays).
 ``correct``: both loops chose the same tokens at every step.
+
+``--profile-ops`` adds ``ops``: the host loop on a session with ONNX Runtime's profiler on
+(after a warm-up loop), its kernel time per step split by operator type (``Concat`` is where an
+Optimum-layout decoder copies the whole past into each ``present.*``; ``MatMul`` and
+``FusedMatMul`` the weights and the attention): what a decode step's time is made of.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import logging
 import tempfile
 import time
@@ -43,20 +50,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive, default=32, help="decode steps per loop (32)")
     p.add_argument("--repeats", type=positive, default=3, help="interleaved runs of each loop (3)")
     p.add_argument("--gpu", type=int, default=None, help="run on GPU N (CUDA provider)")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="add the host loop's kernel time per step by operator type (ORT's "
+                        "profiler, two more loops of --steps)")
 
 
 class Decoder:
     """The two loops over one ``RawDecoder`` (its session and cache geometry), on the device its
     session actually got."""
 
-    def __init__(self, model_dir: Path, gpu: int | None) -> None:
+    def __init__(self, model_dir: Path, gpu: int | None, profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
 
         self.ort = ort
         providers = ["CPUExecutionProvider"]
         if gpu is not None:
             providers = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
-        raw = RawDecoder(model_dir, providers=providers)
+        raw = RawDecoder(model_dir, providers=providers, profile_prefix=profile_prefix)
         self.session, self.past_names, self.present_names = (raw.session, raw.past_names,
                                                              raw.present_names)
         self.heads, self.head_dim, self.kv_dtype = raw.heads, raw.head_dim, raw.kv_dtype
@@ -113,6 +123,34 @@ class Decoder:
         return chosen, time.perf_counter() - started
 
 
+def kernel_ms_by_op(trace: list[dict], steps: int, skip_runs: int = 0) -> dict:
+    """ORT profiler events -> kernel milliseconds per step by operator type, largest first,
+    with each type's share of the total; the first ``skip_runs`` session runs are left out."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("name") == "model_run")
+    after = runs[skip_runs - 1][1] if skip_runs else 0
+    totals: collections.Counter[str] = collections.Counter()
+    for event in trace:
+        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                and event["ts"] >= after):
+            totals[event["args"]["op_name"]] += event["dur"]  # microseconds
+    whole = sum(totals.values())
+    return {"kernel_ms_per_step": round(whole / 1000 / steps, 3),
+            "by_type": {op: {"ms_per_step": round(us / 1000 / steps, 3),
+                             "share": round(us / whole, 4)}
+                        for op, us in totals.most_common()}}
+
+
+def profile_ops(model_dir: Path, gpu: int | None, cache: list[np.ndarray], steps: int) -> dict:
+    """The host loop twice on a session with ORT's profiler on; the first loop is a warm-up
+    (a new session's memory arena grows during its first steps)."""
+    with tempfile.TemporaryDirectory(prefix="bench-kvcache-profile-") as directory:
+        decoder = Decoder(model_dir, gpu, profile_prefix=str(Path(directory) / "ort"))
+        decoder.host_loop(cache, steps)
+        decoder.host_loop(cache, steps)
+        trace = json.loads(Path(decoder.session.end_profiling()).read_text())
+    return kernel_ms_by_op(trace, steps, skip_runs=steps)
+
+
 def run(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     load_at_start = loadavg()
@@ -138,6 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     host_ms = round(float(np.median(host_runs)), 3)
     device_ms = round(float(np.median(device_runs)), 3)
     log.info("host %.2f ms/step, device-bound %.2f ms/step", host_ms, device_ms)
+    ops = profile_ops(Path(model_dir), args.gpu, cache, args.steps) if args.profile_ops else None
     return {
         "scenario": "kvcache",
         "unit": "ms per decode step, KV cache fed and fetched as numpy arrays",
@@ -149,8 +188,10 @@ def run(args: argparse.Namespace) -> dict:
                              "device_bound": [round(x, 3) for x in device_runs]},
         "providers": decoder.providers,
         "device": decoder.device,
+        **({"ops": ops} if ops is not None else {}),
         "settings": {"model_dir": str(model_dir), "rows": args.rows, "past": args.past,
                      "steps": args.steps, "repeats": args.repeats, "gpu": args.gpu,
+                     "profile_ops": args.profile_ops,
                      "cache_mb_at_start": round(sum(a.nbytes for a in cache) / 1e6, 1)},
         "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
                     "loadavg_at_end": loadavg()},

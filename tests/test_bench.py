@@ -145,7 +145,7 @@ SMOKE_RUNS = {
     "latency": ["--requests", "5", "--warmup", "1", "--no-window-diagnostic"],
     "sse": ["--subscribers", "6", "--followers", "3", "--max-tokens", "4"],
     "lanes": ["--bulk", "40", "--requests", "2", "--submitters", "4"],
-    "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2"],
+    "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2", "--profile-ops"],
 }
 
 
@@ -271,6 +271,33 @@ def test_kvcache_benchmark_smoke_run(smoke_runs):
     assert result["providers"] == ["CPUExecutionProvider"]
     assert len(result["runs_ms_per_step"]["host"]) == 2
     assert result["served"] > 0 and result["baselines"]["device_bound"] > 0
+    ops = result["ops"]["by_type"]  # --profile-ops: demo-gpt's present.* come from Concat
+    assert "Concat" in ops and "MatMul" in ops and ops["Concat"]["ms_per_step"] > 0
+    assert sum(op["share"] for op in ops.values()) == pytest.approx(1.0, abs=0.01)
+    assert result["ops"]["kernel_ms_per_step"] == pytest.approx(
+        sum(op["ms_per_step"] for op in ops.values()), rel=0.01)
+
+
+def test_kvcache_kernel_time_leaves_out_the_warm_up_runs():
+    from bench.kvcache import kernel_ms_by_op
+
+    def node(op, ts, dur):
+        return {"cat": "Node", "name": f"n_{op}_kernel_time", "ts": ts, "dur": dur,
+                "args": {"op_name": op}}
+
+    trace = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+             node("Concat", 10, 90),
+             {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100},
+             node("Concat", 210, 3000), node("MatMul", 220, 1000),
+             {"cat": "Session", "name": "model_run", "ts": 400, "dur": 100},
+             node("Concat", 410, 1000), node("MatMul", 420, 3000),
+             {"cat": "Node", "name": "n_fence_before", "ts": 430, "dur": 50}]
+    assert kernel_ms_by_op(trace, 2, skip_runs=1) == {
+        "kernel_ms_per_step": 4.0,
+        "by_type": {"Concat": {"ms_per_step": 2.0, "share": 0.5},
+                    "MatMul": {"ms_per_step": 2.0, "share": 0.5}}}
+    assert kernel_ms_by_op(trace, 3)["by_type"]["Concat"]["ms_per_step"] == pytest.approx(1.363,
+                                                                                           abs=0.001)
 
 
 def test_kvcache_loops_agree_token_for_token(tmp_path):
