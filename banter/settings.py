@@ -83,6 +83,7 @@ class Settings:
     max_running: int = 32
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     publish_ahead_steps: int = 2  # generate steps the engine may run ahead of publishing their tokens
+    prefill_overlap: str = "off"  # joining prompts' prefill beside the decode pass: off, on, auto
     worker_concurrency: int = 64
     bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
     bulk_yield_ms: float = 20.0  # bulk lane's pace while interactive jobs run (workers/lanes.py)
@@ -120,6 +121,9 @@ class Settings:
         if self.admission not in ("continuous", "static"):
             raise SettingsError(f"BANTER_ADMISSION={self.admission!r}: expected continuous "
                                 "or static")
+        if self.prefill_overlap not in ("off", "on", "auto"):
+            raise SettingsError(f"BANTER_PREFILL_OVERLAP={self.prefill_overlap!r}: expected "
+                                "off, on or auto")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

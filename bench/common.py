@@ -34,6 +34,14 @@ def positive(raw: str) -> int:
     return value
 
 
+def env_pair(raw: str) -> tuple[str, str]:
+    """argparse type of ``--worker-env``: ``NAME=VALUE``."""
+    name, sep, value = raw.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {raw!r}")
+    return name, value
+
+
 def p50_p99_ms(values: Sequence[float]) -> dict[str, float | None]:
     """p50 and p99 in milliseconds, two decimals (the generate and soak scenarios' shape)."""
     if not values:

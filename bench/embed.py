@@ -37,6 +37,7 @@ import requests
 from bench.common import (
     RawEncoder,
     encoder_model,
+    env_pair,
     loadavg,
     make_sentences,
     max_abs_diff,
@@ -91,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="intra-op thread counts to try for the raw loop, comma-separated (0: "
                         "ORT's default, all cores, as the workers use); the baseline is the "
                         "fastest (default 1,0)")
-    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE", type=env_pair,
                    help="extra environment for the served worker (repeatable), e.g. "
                         "BANTER_BATCH_WINDOW_MS=2")
     p.add_argument("--gpu", type=int, default=None,
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
     batch_size = defaults.max_batch()
     if args.inputs_per_request > defaults.embed_max_inputs:
         raise ValueError(f"--inputs-per-request is at most {defaults.embed_max_inputs}")
-    worker_env = dict(item.split("=", 1) for item in args.worker_env)
+    worker_env = dict(args.worker_env)
     model_root = args.model_dir.resolve().parent if args.model_dir else None
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:

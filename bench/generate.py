@@ -24,17 +24,21 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import requests
 
 from banter.client import sse_events
-from bench.common import p50_p99_ms, positive, run_released
+from bench.common import env_pair, p50_p99_ms, positive, run_released
 from bench.machine import machine_facts
 from bench.stack import BenchStack
+
+if TYPE_CHECKING:
+    from banter.settings import Settings
+    from workers.engine import EngineSettings
 
 log = logging.getLogger("bench.generate")
 
@@ -227,6 +231,50 @@ def run_raw(decoder: RawDecoder, workload: list[Request], clients: int,
             "batched": {**summary(batched_runs), "correct": batched_ok}}
 
 
+# -- the schedule with every pass costing the same -----------------------------------------
+
+def flat_pass_model(workload: list[Request], clients: int, max_running: int,
+                    think_passes: float = 1.0) -> dict:
+    """A model, not a measurement: how many pass-times the closed-loop workload takes if every
+    ORT pass costs the same whatever its rows (roughly a GPU's regime; on a CPU a pass costs
+    in proportion to its rows). A step is a decode pass over the running sequences plus, when
+    sequences join, a prefill pass that gives them their first token; a client sends its next
+    request ``think_passes`` after its previous one ends. ``static`` admits only into an empty
+    batch; ``continuous_prefill_beside`` counts a step with both passes as one pass-time
+    (``BANTER_PREFILL_OVERLAP`` at best). Every request runs to its ``max_tokens``."""
+    def run(static: bool, beside: bool) -> float:
+        queues = {c: [r.max_tokens for r in workload if r.client == c] for c in range(clients)}
+        ready = {c: 0.0 for c, todo in queues.items() if todo}  # when its next request arrives
+        running: dict[int, int] = {}  # client -> tokens still to make
+        t = 0.0
+        while ready or running:
+            joining = [] if static and running else sorted(
+                (c for c, at in ready.items() if at <= t), key=ready.get)
+            joining = joining[:max(0, max_running - len(running))]
+            for c in joining:
+                del ready[c]
+                running[c] = queues[c].pop(0)
+            if not running:
+                t = min(ready.values())
+                continue
+            decoding = len(running) > len(joining)
+            t += 2.0 if joining and decoding and not beside else 1.0
+            for c in list(running):
+                running[c] -= 1
+                if not running[c]:
+                    del running[c]
+                    if queues[c]:
+                        ready[c] = t + think_passes
+        return t
+
+    passes = {"continuous": run(False, False), "continuous_prefill_beside": run(False, True),
+              "static": run(True, False)}
+    return {"pass_times": passes, "think_passes": think_passes,
+            "ratios": {"static": round(passes["static"] / passes["continuous"], 3),
+                       "static_prefill_beside": round(passes["static"]
+                                                      / passes["continuous_prefill_beside"], 3)}}
+
+
 # -- engine alone ----------------------------------------------------------------------------
 
 class _NullSink:
@@ -245,15 +293,15 @@ class _NullSink:
         self.seconds += seconds
 
 
-def run_engine_alone(runners, spec, workload: list[Request], clients: int, admission: str,
-                     max_running: int) -> tuple[dict, list[list[int]]]:
+def run_engine_alone(runners, spec, workload: list[Request], clients: int,
+                     settings: EngineSettings) -> tuple[dict, list[list[int]]]:
     """The same closed-loop workload straight into ``workers.engine.Engine.step`` in this
     process (no Redis, HTTP or Celery): what the engine's scheduling costs by itself."""
     from banter.params import SamplingParams
-    from workers.engine import Engine, EngineSettings
+    from workers.engine import Engine
 
     sink = _NullSink()
-    engine = Engine(runners, sink, EngineSettings(max_running=max_running, admission=admission))
+    engine = Engine(runners, sink, settings)
     queues = {c: [r for r in workload if r.client == c] for c in range(clients)}
     active, outputs = {}, {}
 
@@ -284,20 +332,25 @@ def run_engine_alone(runners, spec, workload: list[Request], clients: int, admis
 
 def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Request],
                  clients: int, max_running: int, threads: int, repeats: int,
-                 reference: list[list[int]], providers: Sequence[str]) -> dict:
-    """``run_engine_alone`` for both admissions, interleaved ``repeats`` times; medians."""
+                 reference: list[list[int]], providers: Sequence[str],
+                 settings: Settings) -> dict:
+    """``run_engine_alone`` for both admissions, interleaved ``repeats`` times; medians. The
+    engine gets the worker's settings (``settings``), publishing in the step (nothing to
+    publish to)."""
     from workers.runner import ModelSpec, RunnerCache
+    from workers.runtime import engine_settings
 
     spec = ModelSpec(name, promoted["version"], "generate", model_dir / "model.onnx",
                      model_dir / "tokenizer.json", promoted["sha256"])
     runners = RunnerCache(providers, intra_op_threads=threads)
-    run_engine_alone(runners, spec, workload[:1], 1, "continuous", max_running)  # warm-up
+    base = replace(engine_settings(settings), max_running=max_running, publish_ahead=0)
+    run_engine_alone(runners, spec, workload[:1], 1, base)  # warm-up
     runs: dict[str, list[dict]] = {"continuous": [], "static": []}
     correct = {"continuous": True, "static": True}
     for _ in range(repeats):
         for admission in runs:
-            result, outputs = run_engine_alone(runners, spec, workload, clients, admission,
-                                               max_running)
+            result, outputs = run_engine_alone(runners, spec, workload, clients,
+                                               replace(base, admission=admission))
             runs[admission].append(result)
             correct[admission] &= outputs == reference
     return {admission: {
@@ -492,6 +545,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve with banter worker --gpu N (CUDA provider); the raw loops and the "
                         "engine-alone diagnostic run on the CUDA provider too (default: "
                         "BENCH_GPU, else the CPU)")
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                   type=env_pair,
+                   help="extra environment for every served phase's worker (repeatable; each "
+                        "phase's own BANTER_ADMISSION / BANTER_MAX_RUNNING win), e.g. "
+                        "BANTER_PREFILL_OVERLAP=on; the engine-alone diagnostic reads it too")
     p.add_argument("--producer-workers", type=positive, default=2)
     p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true",
@@ -511,14 +569,16 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
     workload = make_workload(args.clients, args.rounds, args.max_tokens)
     model_root = args.model_dir.resolve().parent if args.model_dir else None
-    defaults = Settings()
+    worker_env = dict(args.worker_env)
+    # the workers' settings (the environment plus --worker-env): a bad value stops the run here
+    defaults = Settings.from_env({**os.environ, **worker_env})
     max_running = args.max_running or defaults.max_running
-    batching = {"BANTER_MAX_RUNNING": str(max_running)}
+    batching = {**worker_env, "BANTER_MAX_RUNNING": str(max_running)}
     served_phases = {"served": ("continuous", {**batching, "BANTER_ADMISSION": "continuous"})}
     if "static" in baselines:
         served_phases["static"] = ("static", {**batching, "BANTER_ADMISSION": "static"})
     if "batch1" in baselines:
-        served_phases["batch1"] = ("batch1", {"BANTER_MAX_RUNNING": "1"})
+        served_phases["batch1"] = ("batch1", {**worker_env, "BANTER_MAX_RUNNING": "1"})
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
         providers = select_providers(use_gpu=stack.gpu is not None)  # the worker's own choice
@@ -537,7 +597,7 @@ def run(args: argparse.Namespace) -> dict:
 
         log.info("the engine alone, in this process (diagnostic)")
         alone = engine_alone(model_dir, name, promoted, workload, args.clients, max_running,
-                             args.raw_threads, args.repeats, reference, providers)
+                             args.raw_threads, args.repeats, reference, providers, defaults)
 
         stack.start_producer(args.producer_workers, args.producer_threads)
         samples: dict[str, list[Sample]] = {phase: [] for phase in served_phases}
@@ -571,7 +631,8 @@ def run(args: argparse.Namespace) -> dict:
         "correct": all(correctness.values()),
         "correctness": correctness,
         "phases": {**phases, "raw_ort": raw["batched"], "raw_ort_batch1": raw["batch1"]},
-        "diagnostics": {"engine_alone": alone},
+        "diagnostics": {"engine_alone": alone,
+                        "flat_pass_model": flat_pass_model(workload, args.clients, max_running)},
         "settings": {
             "clients": args.clients,
             "rounds": args.rounds,
@@ -591,6 +652,7 @@ def run(args: argparse.Namespace) -> dict:
             "raw_providers": decoder.session.get_providers(),
             "raw_ort_intra_op_threads": args.raw_threads,
             "producer": {"workers": args.producer_workers, "threads": args.producer_threads},
+            "worker_env": worker_env,
         },
         "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
                     "loadavg_at_end": _loadavg()},

@@ -106,6 +106,33 @@ def test_static_admission_still_caps_the_batch(cache, gpt):
     assert [size for _, size in sink.passes] == [2, 2, 1, 1]
 
 
+@pytest.mark.parametrize("flag, code, message", [
+    ("NOPE", 2, "expected NAME=VALUE, got 'NOPE'"),
+    ("BANTER_PREFILL_OVERLAP=yes", 1, "BANTER_PREFILL_OVERLAP='yes': expected off, on or auto")])
+def test_generate_rejects_a_bad_worker_env_before_starting_anything(flag, code, message):
+    run = subprocess.run([sys.executable, "-m", "bench", "generate", "--worker-env", flag],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == code and message in run.stderr, run.stderr[-2000:]
+    assert run.stdout == "" and "raw onnxruntime loops" not in run.stderr
+
+
+def test_flat_pass_model_counts_a_join_beside_a_decode_as_a_second_pass():
+    """Client 0 wants 4 tokens; client 1 wants 1, then 1 more a pass-time after its first
+    ends. Continuous: 1 prefill (both) + 1 decode + (decode + prefill of client 1's second
+    request: 2) + 1 decode = 5; with the prefill beside the decode that step is 1: 4. Static:
+    client 1's second request waits for client 0 to finish: 4 + 1 = 5."""
+    from bench.generate import Request, flat_pass_model
+
+    workload = [Request(0, 0, 0, "a", 4), Request(1, 1, 0, "b", 1), Request(2, 1, 1, "c", 1)]
+    model = flat_pass_model(workload, clients=2, max_running=32)
+    assert model["pass_times"] == {"continuous": 5.0, "continuous_prefill_beside": 4.0,
+                                   "static": 5.0}
+    assert model["ratios"] == {"static": 1.0, "static_prefill_beside": 1.25}
+    # one at a time: 4 passes, client 1's two (1 each) with its think time between: 7
+    capped = flat_pass_model(workload, clients=2, max_running=1)
+    assert capped["pass_times"]["continuous"] == capped["pass_times"]["static"] == 7.0
+
+
 def test_admission_setting_is_validated_and_reaches_the_engine():
     assert Settings().admission == "continuous"
     settings = Settings.from_env({"BANTER_ADMISSION": "static"})
@@ -119,7 +146,8 @@ def test_admission_setting_is_validated_and_reaches_the_engine():
 @pytest.mark.slow
 def test_generate_benchmark_smoke_run():
     run = subprocess.run([sys.executable, "-m", "bench", "generate", "--clients", "2",
-                          "--max-tokens", "4,8", "--rounds", "1", "--repeats", "1"],
+                          "--max-tokens", "4,8", "--rounds", "1", "--repeats", "1",
+                          "--worker-env", "BANTER_PREFILL_OVERLAP=on"],
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
@@ -133,6 +161,7 @@ def test_generate_benchmark_smoke_run():
     assert set(result["ttft_ms"]) == {"served", "static"}
     assert set(result["ttft_ms"]["served"]) == {"p50", "p99"}
     assert result["settings"]["clients"] == 2 and result["settings"]["max_tokens"] == [4, 8]
+    assert result["settings"]["worker_env"] == {"BANTER_PREFILL_OVERLAP": "on"}
     assert result["phases"]["served"]["tokens_per_run"] == 12
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["onnxruntime"]
 

@@ -886,3 +886,136 @@ def test_publish_ahead_setting_is_validated_and_reaches_the_engine():
         Settings.from_env({"BANTER_PUBLISH_AHEAD_STEPS": "-1"})
     with pytest.raises(ValueError, match="publish_ahead"):
         EngineSettings(publish_ahead=-1)
+
+
+class Meeting:
+    """Wraps a runner's ``run_decoder``: once ``due`` is set, the next two passes (the decode
+    pass and the joining prompts' prefill pass) each wait at a barrier for the other, so the
+    step completes only if they are in flight at once (else the barrier breaks the step)."""
+
+    def __init__(self):
+        self.barrier, self.due, self.met = threading.Barrier(2, timeout=10), False, False
+        self.threads = set()
+
+    def wrap(self, runner, monkeypatch):
+        run = runner.run_decoder
+
+        def meeting(inputs, pasts):
+            self.threads.add(threading.current_thread().name)
+            if self.due and not self.met:
+                self.barrier.wait()
+                self.met = True
+            return run(inputs, pasts)
+
+        monkeypatch.setattr(runner, "run_decoder", meeting)
+
+
+@pytest.mark.parametrize("bind_kv", [False, True])
+def test_overlapped_prefill_runs_beside_the_decode_pass_with_the_same_tokens(specs, monkeypatch,
+                                                                             bind_kv):
+    """``prefill_overlap="on"``: at a step where prompts join a running batch, their prefill
+    pass and the decode pass are in flight at once (each waits for the other at a barrier);
+    every job samples the tokens it samples with one pass after the other, and each step
+    still publishes all its tokens at once. ``bind_kv``: both passes on one session with I/O
+    binding, as on a GPU."""
+    def crowd(overlap, meeting=None):
+        runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1,
+                              bind_kv=bind_kv)
+        if meeting is not None:
+            meeting.wrap(runners.get(specs["gpt"]), monkeypatch)
+        sink = RecordingSink()
+        engine = Engine(runners, sink, EngineSettings(prefill_overlap=overlap))
+        futures = []
+        for i, prompt in enumerate(PROMPTS * 2):  # one joins at every step, mixed lengths
+            if meeting is not None:
+                meeting.due = i == 1  # the first step with a running batch to decode
+            params = SamplingParams(temperature=0.9, seed=i, max_tokens=3 + 2 * i)
+            futures.append(engine.submit_generate(f"o{i}", specs["gpt"], prompt, params))
+            engine.step()
+        return [r.token_ids for r in drive(engine, futures)], sink
+
+    meeting = Meeting()
+    overlapped, overlapped_sink = crowd("on", meeting)
+    serial, serial_sink = crowd("off")
+    assert meeting.met and "MainThread" in meeting.threads
+    assert any(name.startswith("engine-prefill") for name in meeting.threads)
+    assert overlapped == serial
+    assert [len(step) for step in overlapped_sink.published] == [
+        len(step) for step in serial_sink.published]
+    assert sorted(p[3] for p in overlapped_sink.passes) == sorted(p[3] for p in serial_sink.passes)
+
+
+def test_serial_prefill_never_leaves_the_engine_thread(specs, monkeypatch):
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1)
+    runner = runners.get(specs["gpt"])
+    threads = set()
+    run = runner.run_decoder
+
+    def recording(inputs, pasts):
+        threads.add(threading.current_thread().name)
+        return run(inputs, pasts)
+
+    monkeypatch.setattr(runner, "run_decoder", recording)
+    engine = Engine(runners, RecordingSink(), EngineSettings(prefill_overlap="auto"))
+    futures = []
+    for i, prompt in enumerate(PROMPTS):
+        futures.append(engine.submit_generate(f"s{i}", specs["gpt"], prompt,
+                                              SamplingParams(max_tokens=4)))
+        engine.step()
+    drive(engine, futures)
+    assert threads == {"MainThread"}  # auto on the CPU provider: one pass after the other
+    assert engine._prefiller is None
+
+
+@pytest.mark.parametrize("mode, kv_device, overlaps", [
+    ("off", "cuda", False), ("on", None, True), ("auto", "cuda", True), ("auto", "cpu", False),
+    ("auto", None, False)])
+def test_prefill_overlap_auto_overlaps_where_the_cache_is_on_a_gpu(cache, mode, kv_device,
+                                                                     overlaps):
+    class Placed:
+        def __init__(self, device):
+            self.kv_device = device
+
+    engine = Engine(cache, RecordingSink(), EngineSettings(prefill_overlap=mode))
+    assert engine._overlaps(Placed(kv_device)) is overlaps
+
+
+def test_a_failed_decode_pass_still_waits_for_the_overlapped_prefill(specs, monkeypatch):
+    """A decode pass that raises (a bug, not an ORT failure) leaves the step only once the
+    joining sequences' prefill is done: they are never left half-started."""
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1)
+    engine = Engine(runners, RecordingSink(), EngineSettings(prefill_overlap="on"))
+    first = engine.submit_generate("d0", specs["gpt"], PROMPTS[0], SamplingParams(max_tokens=8))
+    engine.step()
+    prefill_done = []
+    real_prefill = engine._prefill
+
+    def slow_prefill(runner, seqs, events):
+        time.sleep(0.05)
+        result = real_prefill(runner, seqs, events)
+        prefill_done.append(True)
+        return result
+
+    def broken_decode(runner, batch, events):
+        raise RuntimeError("decode bug")
+
+    monkeypatch.setattr(engine, "_prefill", slow_prefill)
+    monkeypatch.setattr(engine, "_decode", broken_decode)
+    engine.submit_generate("d1", specs["gpt"], PROMPTS[1], SamplingParams(max_tokens=8))
+    with pytest.raises(RuntimeError, match="decode bug"):
+        engine.step()
+    assert prefill_done == [True]
+    assert not first.done()
+
+
+def test_prefill_overlap_setting_is_validated_and_reaches_the_engine():
+    from banter.settings import Settings, SettingsError
+    from workers.runtime import engine_settings
+
+    assert engine_settings(Settings()).prefill_overlap == "off"
+    assert engine_settings(Settings.from_env({"BANTER_PREFILL_OVERLAP": "auto"})
+                           ).prefill_overlap == "auto"
+    with pytest.raises(SettingsError, match="BANTER_PREFILL_OVERLAP='yes': expected off, on or auto"):
+        Settings.from_env({"BANTER_PREFILL_OVERLAP": "yes"})
+    with pytest.raises(ValueError, match="prefill_overlap"):
+        EngineSettings(prefill_overlap="always")

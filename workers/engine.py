@@ -10,7 +10,8 @@ Generate KV caches live per model version as one left-padded batch (``_Batch``):
 feeds the previous pass's ``present.*`` arrays back as ``past_key_values.*`` without copying;
 the arrays are re-packed only when sequences join (their prefill output is stacked on) or
 leave (their rows are cut out and the columns no row uses any more are dropped). Prefill runs
-as a pass of its own so a joining prompt never pads every running row to its length.
+as a pass of its own so a joining prompt never pads every running row to its length; with
+``EngineSettings.prefill_overlap`` that pass runs on a thread of its own, beside the decode pass.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
 from queue import Queue
@@ -45,6 +46,7 @@ COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds
 # it never reaches 0 (which doubling could not undo) and 30 finished passes restore it
 MIN_BULK_BUDGET_SHARE = 2.0 ** -30
 ADMISSIONS = ("continuous", "static")
+PREFILL_OVERLAPS = ("off", "on", "auto")
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
 
 
@@ -77,7 +79,11 @@ class EngineSettings:
     batch forms, runs until all its sequences finish, then the next one forms.
     ``publish_ahead``: with 0 a step publishes its tokens and resolves its finished jobs before
     it returns; with N > 0 a publisher thread does that, in step order, while the engine runs
-    the next passes (ONNX Runtime releases the GIL during a pass), at most N steps behind it."""
+    the next passes (ONNX Runtime releases the GIL during a pass), at most N steps behind it.
+    ``prefill_overlap``: at a step where sequences join a running batch, "on" runs their
+    prefill pass on a thread of its own while the engine thread runs the decode pass (one ORT
+    session, two passes in flight); "off" runs one after the other; "auto" overlaps for models
+    whose KV cache is on a GPU (``Runner.kv_device == "cuda"``)."""
 
     max_batch_size: int = 8
     batch_window_s: float = 0.005
@@ -88,8 +94,12 @@ class EngineSettings:
     enable_batching: bool = True
     admission: str = "continuous"
     publish_ahead: int = 0
+    prefill_overlap: str = "off"
 
     def __post_init__(self) -> None:
+        if self.prefill_overlap not in PREFILL_OVERLAPS:
+            raise ValueError(f"prefill_overlap must be one of {', '.join(PREFILL_OVERLAPS)}, "
+                             f"got {self.prefill_overlap!r}")
         if self.publish_ahead < 0:
             raise ValueError(f"publish_ahead must be >= 0, got {self.publish_ahead}")
         if self.admission not in ADMISSIONS:
@@ -358,6 +368,7 @@ class Engine:
         self._joining: dict[Runner, list[_Sequence]] = {}  # admitted at this step, no cache yet
         self._publisher = (_Publisher(sink, self._resolve, settings.publish_ahead)
                            if settings.publish_ahead else None)
+        self._prefiller: ThreadPoolExecutor | None = None  # prefill_overlap's thread, made on use
 
     # -- caller threads ---------------------------------------------------------------------
 
@@ -648,15 +659,35 @@ class Engine:
         batch = self._batches.pop(runner, None)
         joining = self._joining.pop(runner, [])
         running = [] if batch is None else batch.live()
-        if batch is not None:
-            self._decode(runner, batch, events)
-        arrivals = self._prefill(runner, joining, events) if joining else None
+        arrivals = None
+        if batch is not None and joining and self._overlaps(runner):
+            joined: list[TokenEvent] = []
+            prefill = self._prefill_thread().submit(self._prefill, runner, joining, joined)
+            try:
+                self._decode(runner, batch, events)
+            finally:  # never leave the joining sequences' pass behind
+                arrivals = prefill.result()
+                events += joined
+        else:
+            if batch is not None:
+                self._decode(runner, batch, events)
+            if joining:
+                arrivals = self._prefill(runner, joining, events)
         leaving = [seq for seq in running + joining if seq.done]
         if batch is None:
             batch, arrivals = arrivals, None
         if batch is not None:
             self._keep_unfinished(runner, batch, arrivals)
         return leaving
+
+    def _overlaps(self, runner: Runner) -> bool:
+        mode = self._settings.prefill_overlap
+        return mode == "on" or (mode == "auto" and runner.kv_device == "cuda")
+
+    def _prefill_thread(self) -> ThreadPoolExecutor:
+        if self._prefiller is None:
+            self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="engine-prefill")
+        return self._prefiller
 
     def _keep_unfinished(self, runner: Runner, batch: _Batch, arrivals: _Batch | None = None) -> None:
         batch.settle(arrivals, runner)

@@ -109,7 +109,10 @@ class Runner:
     (``ChecksumMismatch``); any other load failure is a ``ModelLoadError``. ``run`` wraps ORT
     failures in ``InferenceError``. Decoder geometry (``n_layer``, ``n_head``, ``head_dim``,
     ``past_names``/``present_names`` in matching order) is read from the graph's inputs.
-    Only the engine thread calls ``run``; the tokenizer may be used from any thread.
+    Only the engine calls ``run`` / ``run_decoder``: from its thread, and with
+    ``EngineSettings.prefill_overlap`` a prefill pass from its prefill thread at the same time
+    (ONNX Runtime sessions run concurrently; each bound pass has its own I/O binding). The
+    tokenizer may be used from any thread.
 
     ``kv_device``: where a decoder's KV cache stays between passes (``run_decoder``). On the
     CUDA provider it is ``"cuda"``: the ``present.*`` outputs are bound on the GPU (ONNX

@@ -118,7 +118,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
                           max_prompt_tokens=settings.max_prompt_tokens,
                           enable_batching=settings.enable_batching,
                           admission=settings.admission,
-                          publish_ahead=settings.publish_ahead_steps)
+                          publish_ahead=settings.publish_ahead_steps,
+                          prefill_overlap=settings.prefill_overlap)
 
 
 class WorkerRuntime:
