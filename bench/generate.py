@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -505,6 +506,15 @@ def summarize(samples: list[Sample], env: dict[str, str], workload: list[Request
 
 # -- scenario --------------------------------------------------------------------------------
 
+def variant_summary(phase: dict, served: float, baselines: dict[str, float],
+                    env: dict[str, str]) -> dict:
+    """A ``--variant`` phase against served and every baseline of the same run."""
+    value = phase["tokens_per_s"]
+    against = {"served": served, **baselines}
+    return {"tokens_per_s": value, "worker_env": env, "ttft_ms": phase["ttft_ms"],
+            "ratios": {name: round(value / other, 3) for name, other in against.items() if other}}
+
+
 def _int_list(raw: str) -> list[int]:
     try:
         values = [int(x) for x in raw.split(",") if x.strip()]
@@ -513,6 +523,15 @@ def _int_list(raw: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("max_tokens values must be integers >= 1")
     return values
+
+
+def variant(raw: str) -> tuple[str, dict[str, str]]:
+    """argparse type of ``--variant``: ``NAME:VAR=VALUE[,VAR=VALUE...]``."""
+    name, sep, rest = raw.partition(":")
+    if not sep or not rest or not re.fullmatch(r"[a-z0-9_]+", name):
+        raise argparse.ArgumentTypeError(f"expected NAME:VAR=VALUE[,VAR=VALUE...] with NAME of "
+                                         f"a-z, 0-9 and _, got {raw!r}")
+    return name, dict(env_pair(item) for item in rest.split(","))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -550,6 +569,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra environment for every served phase's worker (repeatable; each "
                         "phase's own BANTER_ADMISSION / BANTER_MAX_RUNNING win), e.g. "
                         "BANTER_PREFILL_OVERLAP=on; the engine-alone diagnostic reads it too")
+    p.add_argument("--variant", action="append", default=[], type=variant,
+                   metavar="NAME:VAR=VALUE[,VAR=VALUE...]",
+                   help="one more continuous-batching phase (repeatable), interleaved with the "
+                        "others, its worker with this environment on top; reported under "
+                        "variants.NAME against served and the baselines of the same run, e.g. "
+                        "prefill_overlap:BANTER_PREFILL_OVERLAP=on")
     p.add_argument("--producer-workers", type=positive, default=2)
     p.add_argument("--producer-threads", type=positive, default=64)
     p.add_argument("--keep", action="store_true",
@@ -579,6 +604,13 @@ def run(args: argparse.Namespace) -> dict:
         served_phases["static"] = ("static", {**batching, "BANTER_ADMISSION": "static"})
     if "batch1" in baselines:
         served_phases["batch1"] = ("batch1", {**worker_env, "BANTER_MAX_RUNNING": "1"})
+    variants = dict(args.variant)
+    for name, env in variants.items():
+        if name in ("served", "static", "batch1", "raw_ort", "raw_ort_batch1"):
+            raise ValueError(f"--variant {name}: the name of a phase already in the run")
+        phase_env = {**batching, "BANTER_ADMISSION": "continuous", **env}
+        Settings.from_env({**os.environ, **phase_env})  # a bad value stops the run here
+        served_phases[f"variant_{name}"] = (f"variant-{name.replace('_', '-')}", phase_env)
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
         providers = select_providers(use_gpu=stack.gpu is not None)  # the worker's own choice
@@ -612,7 +644,7 @@ def run(args: argparse.Namespace) -> dict:
 
     served = phases["served"]["tokens_per_s"]
     numbers = {phase: result["tokens_per_s"] for phase, result in phases.items()
-               if phase != "served"}
+               if phase in ("static", "batch1")}
     if "raw_ort" in baselines:
         numbers["raw_ort"] = raw["batched"]["tokens_per_s"]
     numbers["raw_ort_batch1"] = raw["batch1"]["tokens_per_s"]
@@ -625,6 +657,8 @@ def run(args: argparse.Namespace) -> dict:
         "served": served,
         "baselines": numbers,
         "ratios": {b: round(served / value, 3) for b, value in numbers.items() if value},
+        "variants": {name: variant_summary(phases[f"variant_{name}"], served, numbers, env)
+                     for name, env in variants.items()},
         "ttft_ms": {phase: result["ttft_ms"] for phase, result in phases.items()
                     if phase in ("served", "static")},
         "latency_ms": {phase: result["latency_ms"] for phase, result in phases.items()},

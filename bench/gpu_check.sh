@@ -125,14 +125,17 @@ run_scenario() {
 }
 # A GPT-2-small-shaped decoder (12 layers, 768 wide, random weights; ~500 MB), built here in a
 # temporary directory: `kvcache` (the KV cache's host round trip per decode step) and
-# `generate` (continuous vs static batching vs batch-1 vs raw ORT) run on it.
+# `generate` (continuous vs static batching vs raw ORT, plus the prefill-overlap variant) run on it.
 model_tmp="$(mktemp -d)"
 trap 'rm -rf "$model_tmp"' EXIT
 gpt2="$model_tmp/gpt2-small-random"
 if "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
   run_scenario kvcache "${KVCACHE_TIMEOUT_S:-60}" kvcache --gpu "$GPU" --model-dir "$gpt2" --repeats 3
+  # continuous against static batching, and the same with the joining prompts' prefill beside
+  # the decode pass (BANTER_PREFILL_OVERLAP, off by default until measured here), interleaved
   run_scenario generate "${GENERATE_TIMEOUT_S:-200}" generate --gpu "$GPU" --model-dir "$gpt2" \
-    --rounds 3 --repeats 2
+    --rounds 3 --repeats 2 --baselines static,raw_ort \
+    --variant prefill_overlap:BANTER_PREFILL_OVERLAP=on
 else
   say "could not build the GPT-2-small-shaped decoder; kvcache and generate skipped"
   status=1

@@ -106,11 +106,16 @@ def test_static_admission_still_caps_the_batch(cache, gpt):
     assert [size for _, size in sink.passes] == [2, 2, 1, 1]
 
 
-@pytest.mark.parametrize("flag, code, message", [
-    ("NOPE", 2, "expected NAME=VALUE, got 'NOPE'"),
-    ("BANTER_PREFILL_OVERLAP=yes", 1, "BANTER_PREFILL_OVERLAP='yes': expected off, on or auto")])
-def test_generate_rejects_a_bad_worker_env_before_starting_anything(flag, code, message):
-    run = subprocess.run([sys.executable, "-m", "bench", "generate", "--worker-env", flag],
+@pytest.mark.parametrize("flags, code, message", [
+    (["--worker-env", "NOPE"], 2, "expected NAME=VALUE, got 'NOPE'"),
+    (["--worker-env", "BANTER_PREFILL_OVERLAP=yes"], 1,
+     "BANTER_PREFILL_OVERLAP='yes': expected off, on or auto"),
+    (["--variant", "BANTER_PREFILL_OVERLAP=on"], 2, "expected NAME:VAR=VALUE"),
+    (["--variant", "Big:BANTER_PREFILL_OVERLAP=on"], 2, "expected NAME:VAR=VALUE"),
+    (["--variant", "x:BANTER_PREFILL_OVERLAP=sometimes"], 1, "BANTER_PREFILL_OVERLAP='sometimes'"),
+    (["--variant", "static:BANTER_PREFILL_OVERLAP=on"], 1, "the name of a phase already in")])
+def test_generate_rejects_bad_worker_flags_before_starting_anything(flags, code, message):
+    run = subprocess.run([sys.executable, "-m", "bench", "generate", *flags],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == code and message in run.stderr, run.stderr[-2000:]
     assert run.stdout == "" and "raw onnxruntime loops" not in run.stderr
@@ -147,7 +152,8 @@ def test_admission_setting_is_validated_and_reaches_the_engine():
 def test_generate_benchmark_smoke_run():
     run = subprocess.run([sys.executable, "-m", "bench", "generate", "--clients", "2",
                           "--max-tokens", "4,8", "--rounds", "1", "--repeats", "1",
-                          "--worker-env", "BANTER_PREFILL_OVERLAP=on"],
+                          "--worker-env", "BANTER_PUBLISH_AHEAD_STEPS=1",
+                          "--variant", "prefill_overlap:BANTER_PREFILL_OVERLAP=on"],
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
@@ -161,7 +167,12 @@ def test_generate_benchmark_smoke_run():
     assert set(result["ttft_ms"]) == {"served", "static"}
     assert set(result["ttft_ms"]["served"]) == {"p50", "p99"}
     assert result["settings"]["clients"] == 2 and result["settings"]["max_tokens"] == [4, 8]
-    assert result["settings"]["worker_env"] == {"BANTER_PREFILL_OVERLAP": "on"}
+    assert result["settings"]["worker_env"] == {"BANTER_PUBLISH_AHEAD_STEPS": "1"}
+    variant = result["variants"]["prefill_overlap"]  # a served phase of its own, same baselines
+    assert variant["worker_env"] == {"BANTER_PREFILL_OVERLAP": "on"} and variant["tokens_per_s"] > 0
+    assert set(variant["ratios"]) == {"served", *result["baselines"]}
+    assert result["correctness"]["variant_prefill_overlap"] is True
+    assert result["phases"]["variant_prefill_overlap"]["tokens_per_run"] == 12
     assert result["phases"]["served"]["tokens_per_run"] == 12
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["onnxruntime"]
 
