@@ -6,15 +6,18 @@ times interleaved:
 
 * ``host`` (``served``): the cache as numpy arrays, fed to ``session.run`` and fetched from it
   every pass: what the engine does on the CPU provider;
-* ``device`` (the baseline): the cache bound on the session's device with ONNX Runtime's I/O
-  binding: ``present.*`` outputs stay where they were computed and are bound as the next pass's
-  ``past_key_values.*``; only the logits come to the host.
+* ``device_bound`` (a baseline): the cache bound on the session's device with ONNX Runtime's
+  I/O binding: ``present.*`` outputs stay where they were computed and are bound as the next
+  pass's ``past_key_values.*``; only the logits come to the host;
+* ``inplace_cache`` (a baseline, with ``--inplace``; CPU provider): the same decoder rebuilt
+  from its own weights with its cache appended to in place (``bench/inplace.py``): each step
+  writes one new position instead of copying the whole past into ``present.*``.
 
 On the CPU provider both keep the cache in host memory, so the ratio shows the cost of the
 numpy round trip alone; with ``--gpu N`` (CUDA provider) it shows what bringing the cache to
 the host and back every step would cost: what the engine saves by keeping it bound on the
 device there (``Runner.run_decoder``; on the CPU provider the engine keeps numpy arrays).
-``correct``: both loops chose the same tokens at every step.
+``correct``: every loop chose the same tokens at every step.
 
 ``--profile-ops`` adds ``ops``: the host loop on a session with ONNX Runtime's profiler on
 (after a warm-up loop), its kernel time per step split by operator type (``Concat`` is where an
@@ -36,6 +39,7 @@ import numpy as np
 
 from bench.common import loadavg, positive, ratio
 from bench.generate import RawDecoder
+from bench.inplace import Inplace
 from bench.machine import machine_facts
 
 log = logging.getLogger("bench.kvcache")
@@ -50,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive, default=32, help="decode steps per loop (32)")
     p.add_argument("--repeats", type=positive, default=3, help="interleaved runs of each loop (3)")
     p.add_argument("--gpu", type=int, default=None, help="run on GPU N (CUDA provider)")
+    p.add_argument("--inplace", action="store_true",
+                   help="add baselines.inplace_cache: the same decoder rebuilt with its cache "
+                        "appended to in place (bench/inplace.py; CPU provider, gpt_graph "
+                        "decoders: the demo and imported GPT-2s)")
     p.add_argument("--profile-ops", action="store_true",
                    help="add the host loop's kernel time per step by operator type (ORT's "
                         "profiler, two more loops of --steps)")
@@ -123,6 +131,28 @@ class Decoder:
         return chosen, time.perf_counter() - started
 
 
+class InplaceLoop:
+    """The greedy loop of the other two on ``bench.inplace.Inplace``: the cache is copied into
+    buffers of ``capacity`` positions before each run (not timed), then every step writes its
+    one new position in place."""
+
+    def __init__(self, model_dir: Path, rows: int, capacity: int) -> None:
+        self.inplace = Inplace(model_dir / "model.onnx", rows, capacity)
+
+    def run(self, cache: list[np.ndarray], steps: int) -> tuple[list[list[int]], float]:
+        self.inplace.load(cache)
+        rows, width = cache[0].shape[0], cache[0].shape[2]
+        tokens = np.ones(rows, dtype=np.int64)
+        chosen = []
+        started = time.perf_counter()
+        for step in range(steps):
+            logits = self.inplace.step(tokens.reshape(rows, 1),
+                                       np.full((rows, 1), width + step), width + step)
+            tokens = logits[:, -1, :].argmax(axis=-1)
+            chosen.append(tokens.tolist())
+        return chosen, time.perf_counter() - started
+
+
 def kernel_ms_by_op(trace: list[dict], steps: int, skip_runs: int = 0) -> dict:
     """ORT profiler events -> kernel milliseconds per step by operator type, largest first,
     with each type's share of the total; the first ``skip_runs`` session runs are left out."""
@@ -163,35 +193,42 @@ def run(args: argparse.Namespace) -> dict:
     cache = decoder.start(args.rows, args.past)
     log.info("providers %s, cache %d x %d positions, %.1f MB", decoder.providers, args.rows,
              args.past, sum(a.nbytes for a in cache) / 1e6)
-    decoder.host_loop(cache, 2)  # warm-up: allocations, kernels
-    decoder.device_loop(cache, 2)
-    host_runs, device_runs, reference, agree = [], [], None, True
+    loops = {"host": decoder.host_loop, "device_bound": decoder.device_loop}
+    if args.inplace:
+        if decoder.device != "cpu":
+            raise ValueError("--inplace runs on the CPU provider only (ONNX Runtime's CUDA "
+                             "GroupQueryAttention takes float16)")
+        loops["inplace_cache"] = InplaceLoop(Path(model_dir), args.rows,
+                                             args.past + args.steps).run
+    for loop in loops.values():
+        loop(cache, 2)  # warm-up: allocations, kernels
+    runs: dict[str, list[float]] = {name: [] for name in loops}
+    reference, agree = None, True
     for _ in range(args.repeats):
-        host_tokens, host_s = decoder.host_loop(cache, args.steps)
-        device_tokens, device_s = decoder.device_loop(cache, args.steps)
-        reference = reference or host_tokens
-        agree = agree and host_tokens == reference and device_tokens == reference
-        host_runs.append(host_s / args.steps * 1000)
-        device_runs.append(device_s / args.steps * 1000)
-    host_ms = round(float(np.median(host_runs)), 3)
-    device_ms = round(float(np.median(device_runs)), 3)
-    log.info("host %.2f ms/step, device-bound %.2f ms/step", host_ms, device_ms)
+        for name, loop in loops.items():
+            tokens, seconds = loop(cache, args.steps)
+            reference = reference or tokens
+            agree = agree and tokens == reference
+            runs[name].append(seconds / args.steps * 1000)
+    ms = {name: round(float(np.median(values)), 3) for name, values in runs.items()}
+    host_ms = ms.pop("host")
+    log.info("host %.2f ms/step; %s", host_ms,
+             ", ".join(f"{name} {value:.2f}" for name, value in ms.items()))
     ops = profile_ops(Path(model_dir), args.gpu, cache, args.steps) if args.profile_ops else None
     return {
         "scenario": "kvcache",
         "unit": "ms per decode step, KV cache fed and fetched as numpy arrays",
         "served": host_ms,
-        "baselines": {"device_bound": device_ms},
-        "ratios": {"device_bound": ratio(host_ms, device_ms)},
+        "baselines": ms,
+        "ratios": {name: ratio(host_ms, value) for name, value in ms.items()},
         "correct": agree,
-        "runs_ms_per_step": {"host": [round(x, 3) for x in host_runs],
-                             "device_bound": [round(x, 3) for x in device_runs]},
+        "runs_ms_per_step": {name: [round(x, 3) for x in values] for name, values in runs.items()},
         "providers": decoder.providers,
         "device": decoder.device,
         **({"ops": ops} if ops is not None else {}),
         "settings": {"model_dir": str(model_dir), "rows": args.rows, "past": args.past,
                      "steps": args.steps, "repeats": args.repeats, "gpu": args.gpu,
-                     "profile_ops": args.profile_ops,
+                     "profile_ops": args.profile_ops, "inplace": args.inplace,
                      "cache_mb_at_start": round(sum(a.nbytes for a in cache) / 1e6, 1)},
         "machine": {**machine_facts(), "loadavg_at_start": load_at_start,
                     "loadavg_at_end": loadavg()},

@@ -185,7 +185,8 @@ SMOKE_RUNS = {
     "latency": ["--requests", "5", "--warmup", "1", "--no-window-diagnostic"],
     "sse": ["--subscribers", "6", "--followers", "3", "--max-tokens", "4"],
     "lanes": ["--bulk", "40", "--requests", "2", "--submitters", "4"],
-    "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2", "--profile-ops"],
+    "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2", "--profile-ops",
+                "--inplace"],
 }
 
 
@@ -311,11 +312,53 @@ def test_kvcache_benchmark_smoke_run(smoke_runs):
     assert result["providers"] == ["CPUExecutionProvider"]
     assert len(result["runs_ms_per_step"]["host"]) == 2
     assert result["served"] > 0 and result["baselines"]["device_bound"] > 0
+    # --inplace: the cache-in-place twin chose the same tokens (``correct`` covers it)
+    assert result["baselines"]["inplace_cache"] > 0 and len(result["runs_ms_per_step"]["inplace_cache"]) == 2
     ops = result["ops"]["by_type"]  # --profile-ops: demo-gpt's present.* come from Concat
     assert "Concat" in ops and "MatMul" in ops and ops["Concat"]["ms_per_step"] > 0
     assert sum(op["share"] for op in ops.values()) == pytest.approx(1.0, abs=0.01)
     assert result["ops"]["kernel_ms_per_step"] == pytest.approx(
         sum(op["ms_per_step"] for op in ops.values()), rel=0.01)
+
+
+def test_the_inplace_twin_computes_what_the_decoder_computes(tmp_path):
+    """``bench.inplace``: demo-gpt rebuilt with GroupQueryAttention and one cache buffer per
+    past input gives the original's logits for a prompt (prefill, no past) and for the decode
+    steps after it, each step writing its position into the buffer in place."""
+    import onnxruntime as ort
+
+    from banter.demo import DEMO_GPT, build_demo
+    from bench.inplace import Inplace
+
+    model = build_demo(tmp_path)[DEMO_GPT] / "model.onnx"
+    original = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    past_names = [i.name for i in original.get_inputs() if i.name.startswith("past_key_values.")]
+    head = original.get_inputs()[3].shape  # past_key_values.0.key [B, H, P, D]
+    present_names = [n.replace("past_key_values.", "present.") for n in past_names]
+    rows, prompt = 2, np.array([[5, 9, 11, 4], [7, 3, 3, 8]], dtype=np.int64)
+    twin = Inplace(model, rows, capacity=12)
+    pasts = [np.zeros((rows, head[1], 0, head[3]), np.float32) for _ in past_names]
+    ids, cached = prompt, 0
+    for _ in range(4):
+        width = ids.shape[1]
+        positions = np.tile(np.arange(cached, cached + width), (rows, 1))
+        feeds = {"input_ids": ids, "attention_mask": np.ones((rows, cached + width), np.int64),
+                 "position_ids": positions, **dict(zip(past_names, pasts))}
+        want, *pasts = original.run(["logits", *present_names], feeds)
+        got = twin.step(ids, positions, cached)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+        cached += width
+        ids = want[:, -1].argmax(-1)[:, None]
+    with pytest.raises(ValueError, match="13 positions exceed the capacity 12"):
+        twin.step(np.ones((rows, 6), np.int64), np.zeros((rows, 6), np.int64), cached)
+
+
+def test_the_inplace_twin_needs_a_gpt_graph_decoder(tmp_path):
+    from banter.demo import DEMO_EMBED, build_demo
+    from bench.inplace import inplace_model
+
+    with pytest.raises(ValueError, match="not a banterhearts gpt_graph decoder"):
+        inplace_model(build_demo(tmp_path)[DEMO_EMBED] / "model.onnx")
 
 
 def test_kvcache_kernel_time_leaves_out_the_warm_up_runs():
