@@ -12,8 +12,12 @@ cycling ``--max-tokens`` list; every request has its own prompt. The same worklo
   N sequences in one batch from the start (finished rows leave the batch), no Redis/HTTP;
 * raw_ort_batch1: the same loop one request at a time; its outputs are the greedy reference
   every other path must reproduce exactly (``correct``);
+* variants.NAME (``--variant``): the served phase again on a worker with more environment,
+  against served and the same baselines;
 * diagnostics.engine_alone: the closed loop fed straight into ``Engine.step`` in this process,
-  continuous and static, to tell the engine's own costs from the serving path's.
+  continuous and static, to tell the engine's own costs from the serving path's;
+* diagnostics.flat_pass_model: not a measurement; the pass-times the schedule takes if every
+  pass costs the same (``flat_pass_model``), the ceiling of ``ratios.static`` in that regime.
 """
 
 from __future__ import annotations
