@@ -34,6 +34,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -64,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class Decoder:
-    """The two loops over one ``RawDecoder`` (its session and cache geometry), on the device its
-    session actually got."""
+    """The host and device loops over one ``RawDecoder`` (its session and cache geometry), on the
+    device its session actually got."""
 
     def __init__(self, model_dir: Path, gpu: int | None, profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
@@ -95,29 +96,27 @@ class Decoder:
 
     def host_loop(self, cache: list[np.ndarray], steps: int) -> tuple[list[list[int]], float]:
         rows, width = cache[0].shape[0], cache[0].shape[2]
-        tokens = np.ones(rows, dtype=np.int64)
-        chosen, past = [], cache
-        started = time.perf_counter()
-        for step in range(steps):
-            feeds = {**self.step_inputs(rows, width + step, tokens),
-                     **dict(zip(self.past_names, past))}
+        past = list(cache)
+
+        def step(tokens: np.ndarray, position: int) -> np.ndarray:
+            nonlocal past
+            feeds = {**self.step_inputs(rows, position, tokens), **dict(zip(self.past_names, past))}
             logits, *past = self.session.run(["logits", *self.present_names], feeds)
-            tokens = logits[:, -1, :].argmax(axis=-1)
-            chosen.append(tokens.tolist())
-        return chosen, time.perf_counter() - started
+            return logits
+
+        return greedy(rows, width, steps, step)
 
     def device_loop(self, cache: list[np.ndarray], steps: int) -> tuple[list[list[int]], float]:
         ort = self.ort
         rows, width = cache[0].shape[0], cache[0].shape[2]
         past = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in cache]
-        tokens = np.ones(rows, dtype=np.int64)
         binding = self.session.io_binding()
-        chosen = []
-        started = time.perf_counter()
-        for step in range(steps):
+
+        def step(tokens: np.ndarray, position: int) -> np.ndarray:
+            nonlocal past
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            for name, value in self.step_inputs(rows, width + step, tokens).items():
+            for name, value in self.step_inputs(rows, position, tokens).items():
                 binding.bind_cpu_input(name, value)
             for name, value in zip(self.past_names, past):
                 binding.bind_ortvalue_input(name, value)
@@ -126,9 +125,23 @@ class Decoder:
                 binding.bind_output(name, self.device, self.device_id)
             self.session.run_with_iobinding(binding)
             logits, *past = binding.get_outputs()
-            tokens = logits.numpy()[:, -1, :].argmax(axis=-1)
-            chosen.append(tokens.tolist())
-        return chosen, time.perf_counter() - started
+            return logits.numpy()
+
+        return greedy(rows, width, steps, step)
+
+
+def greedy(rows: int, width: int, steps: int,
+           step: Callable[[np.ndarray, int], np.ndarray]) -> tuple[list[list[int]], float]:
+    """A timed greedy decode loop every variant shares: ``step(tokens [rows], position)`` runs one
+    pass of the previous step's tokens (ones at first) at ``position`` (``width`` on) and returns
+    its logits. Returns each step's chosen tokens and the seconds the loop took."""
+    tokens = np.ones(rows, dtype=np.int64)
+    chosen = []
+    started = time.perf_counter()
+    for i in range(steps):
+        tokens = step(tokens, width + i)[:, -1, :].argmax(axis=-1)
+        chosen.append(tokens.tolist())
+    return chosen, time.perf_counter() - started
 
 
 class InplaceLoop:
@@ -142,15 +155,8 @@ class InplaceLoop:
     def run(self, cache: list[np.ndarray], steps: int) -> tuple[list[list[int]], float]:
         self.inplace.load(cache)
         rows, width = cache[0].shape[0], cache[0].shape[2]
-        tokens = np.ones(rows, dtype=np.int64)
-        chosen = []
-        started = time.perf_counter()
-        for step in range(steps):
-            logits = self.inplace.step(tokens.reshape(rows, 1),
-                                       np.full((rows, 1), width + step), width + step)
-            tokens = logits[:, -1, :].argmax(axis=-1)
-            chosen.append(tokens.tolist())
-        return chosen, time.perf_counter() - started
+        return greedy(rows, width, steps, lambda tokens, position: self.inplace.step(
+            tokens.reshape(rows, 1), np.full((rows, 1), position), position))
 
 
 def kernel_ms_by_op(trace: list[dict], steps: int, skip_runs: int = 0) -> dict:
