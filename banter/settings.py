@@ -16,6 +16,8 @@ from banter.errors import InvalidRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
+ADMISSIONS = ("continuous", "static")  # BANTER_ADMISSION and EngineSettings.admission
+PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSettings.prefill_overlap
 # int settings that may be 0
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
                  "publish_ahead_steps")
@@ -118,10 +120,10 @@ class Settings:
     openai_fallback: bool = True  # serve through openai when no local model can
 
     def __post_init__(self) -> None:
-        if self.admission not in ("continuous", "static"):
+        if self.admission not in ADMISSIONS:
             raise SettingsError(f"BANTER_ADMISSION={self.admission!r}: expected continuous "
                                 "or static")
-        if self.prefill_overlap not in ("off", "on", "auto"):
+        if self.prefill_overlap not in PREFILL_OVERLAPS:
             raise SettingsError(f"BANTER_PREFILL_OVERLAP={self.prefill_overlap!r}: expected "
                                 "off, on or auto")
 

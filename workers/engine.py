@@ -30,6 +30,7 @@ import numpy as np
 
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
+from banter.settings import ADMISSIONS, PREFILL_OVERLAPS
 from banter.streams import TokenEvent
 from workers.batching import collate, left_pad_prompts, mean_pool, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
@@ -45,8 +46,6 @@ COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds
 # stopped bulk passes halve the bulk budget down to this share of bulk_pass_s, no further: so
 # it never reaches 0 (which doubling could not undo) and 30 finished passes restore it
 MIN_BULK_BUDGET_SHARE = 2.0 ** -30
-ADMISSIONS = ("continuous", "static")
-PREFILL_OVERLAPS = ("off", "on", "auto")
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
 
 
