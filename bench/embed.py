@@ -232,11 +232,13 @@ def run(args: argparse.Namespace) -> dict:
     unknown = baselines - {"raw_ort", "naive_celery"}
     if unknown:
         raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
-    defaults = Settings.from_env()  # BANTER_INFERENCE_MAX_BATCH_SIZE: raw loop and worker alike
+    worker_env = dict(args.worker_env)
+    # the served worker's settings (the environment plus --worker-env): its
+    # BANTER_INFERENCE_MAX_BATCH_SIZE is the raw loop's batch size too
+    defaults = Settings.from_env({**os.environ, **worker_env})
     batch_size = defaults.max_batch()
     if args.inputs_per_request > defaults.embed_max_inputs:
         raise ValueError(f"--inputs-per-request is at most {defaults.embed_max_inputs}")
-    worker_env = dict(args.worker_env)
     model_root = args.model_dir.resolve().parent if args.model_dir else None
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
