@@ -10,6 +10,9 @@ cycling ``--max-tokens`` list; every request has its own prompt. The same worklo
 * batch1  baseline: the same stack with ``BANTER_MAX_RUNNING=1`` (one sequence at a time);
 * raw_ort baseline: one process, a plain onnxruntime greedy loop with KV cache, each round's
   N sequences in one batch from the start (finished rows leave the batch), no Redis/HTTP;
+* raw_ort_inplace baseline: the raw_ort loop on the model's in-place twin (``workers.inplace``,
+  what a worker serves with ``BANTER_KV_LAYOUT`` auto on the CPU provider), for a ``gpt_graph``
+  decoder on the CPU provider (else it is left out, ``skipped_baselines`` says why);
 * raw_ort_batch1: the same loop one request at a time; its outputs are the greedy reference
   every other path must reproduce exactly (``correct``);
 * variants.NAME (``--variant``): the served phase again on a worker with more environment,
@@ -38,6 +41,7 @@ import requests
 
 from banter.client import sse_events
 from bench.common import env_pair, p50_p99_ms, positive, run_released
+from bench.inplace import Inplace
 from bench.machine import machine_facts
 from bench.stack import BenchStack
 
@@ -196,12 +200,14 @@ class RawDecoder:
 
 
 def run_raw(decoder: RawDecoder, workload: list[Request], clients: int,
-            repeats: int) -> dict:
+            repeats: int, inplace: Inplace | None = None) -> dict:
     """The reference (one request at a time) and the batched loop (one batch per round, as a
-    round's requests are sent together), ``repeats`` times each; medians of tokens/s."""
+    round's requests are sent together), ``repeats`` times each; medians of tokens/s. With
+    ``inplace``, the batched loop on the in-place layout too (``inplace_batched``)."""
     encoded = [decoder.encode(r.prompt) for r in workload]
     reference: list[list[int]] = []
     alone_runs, batched_runs, batched_ok = [], [], True
+    inplace_runs, inplace_ok = [], True
     for repeat in range(repeats):
         outputs, seconds, passes = [], 0.0, 0
         for r, ids in zip(workload, encoded):
@@ -223,6 +229,18 @@ def run_raw(decoder: RawDecoder, workload: list[Request], clients: int,
             passes += n
         batched_ok &= outputs == reference
         batched_runs.append((sum(len(t) for t in outputs), seconds, passes))
+        if inplace is None:
+            continue
+        outputs, seconds, passes = [], 0.0, 0
+        for start in range(0, len(workload), clients):
+            part = workload[start:start + clients]
+            tokens, took, n = inplace.generate(encoded[start:start + clients],
+                                               [r.max_tokens for r in part], decoder.eos)
+            outputs += tokens
+            seconds += took
+            passes += n
+        inplace_ok &= outputs == reference
+        inplace_runs.append((sum(len(t) for t in outputs), seconds, passes))
 
     def summary(runs: list[tuple[int, float, int]]) -> dict:
         rates = [tokens / seconds for tokens, seconds, _ in runs]
@@ -231,9 +249,23 @@ def run_raw(decoder: RawDecoder, workload: list[Request], clients: int,
                 "tokens": runs[0][0], "passes": runs[0][2],
                 "seconds": [round(seconds, 4) for _, seconds, _ in runs]}
 
-    return {"reference": reference, "prompt_tokens": [len(e) for e in encoded],
-            "batch1": summary(alone_runs),
-            "batched": {**summary(batched_runs), "correct": batched_ok}}
+    raw = {"reference": reference, "prompt_tokens": [len(e) for e in encoded],
+           "batch1": summary(alone_runs),
+           "batched": {**summary(batched_runs), "correct": batched_ok}}
+    if inplace is not None:
+        raw["inplace_batched"] = {**summary(inplace_runs), "correct": inplace_ok}
+    return raw
+
+
+def raw_inplace(model_dir: Path, providers: Sequence[Any], rows: int, threads: int) -> Inplace:
+    """The raw loop on the in-place layout (``BANTER_KV_LAYOUT``), for a ``gpt_graph`` decoder
+    on the CPU provider; ValueError for anything else."""
+    if providers[0] != "CPUExecutionProvider":
+        raise ValueError("the in-place layout runs on the CPU provider only")
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    capacity = config.get("n_positions") or config.get("max_position_embeddings") or 1024
+    return Inplace(model_dir / "model.onnx", rows, capacity, threads)  # NotInplaceable: ValueError
 
 
 # -- the schedule with every pass costing the same -----------------------------------------
@@ -347,7 +379,7 @@ def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Requ
 
     spec = ModelSpec(name, promoted["version"], "generate", model_dir / "model.onnx",
                      model_dir / "tokenizer.json", promoted["sha256"])
-    runners = RunnerCache(providers, intra_op_threads=threads)
+    runners = RunnerCache(providers, intra_op_threads=threads, kv_layout=settings.kv_layout)
     base = replace(engine_settings(settings), max_running=max_running, publish_ahead=0)
     run_engine_alone(runners, spec, workload[:1], 1, base)  # warm-up
     runs: dict[str, list[dict]] = {"continuous": [], "static": []}
@@ -558,8 +590,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "parent becomes the model root")
     p.add_argument("--model-name", default=None,
                    help="registry name for --model-dir (default: the directory's name)")
-    p.add_argument("--baselines", default="static,batch1,raw_ort",
-                   help="baselines to run, comma-separated, from static, batch1, raw_ort "
+    p.add_argument("--baselines", default="static,batch1,raw_ort,raw_ort_inplace",
+                   help="baselines to run, comma-separated, from static, batch1, raw_ort, "
+                        "raw_ort_inplace "
                         "(the raw reference loop always runs: it is the correctness oracle)")
     p.add_argument("--raw-threads", type=int, default=DEFAULT_RAW_THREADS,
                    help="intra-op threads of the raw loop's ORT session (0: ORT's default, "
@@ -593,7 +626,7 @@ def run(args: argparse.Namespace) -> dict:
     from workers.runner import select_providers
 
     baselines = {b.strip() for b in args.baselines.split(",") if b.strip()}
-    unknown = baselines - {"static", "batch1", "raw_ort"}
+    unknown = baselines - {"static", "batch1", "raw_ort", "raw_ort_inplace"}
     if unknown:
         raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
     workload = make_workload(args.clients, args.rounds, args.max_tokens)
@@ -610,7 +643,7 @@ def run(args: argparse.Namespace) -> dict:
         served_phases["batch1"] = ("batch1", {**worker_env, "BANTER_MAX_RUNNING": "1"})
     variants = dict(args.variant)
     for name, env in variants.items():
-        if name in ("served", "static", "batch1", "raw_ort", "raw_ort_batch1"):
+        if name in ("served", "static", "batch1", "raw_ort", "raw_ort_batch1", "raw_ort_inplace"):
             raise ValueError(f"--variant {name}: the name of a phase already in the run")
         phase_env = {**batching, "BANTER_ADMISSION": "continuous", **env}
         Settings.from_env({**os.environ, **phase_env})  # a bad value stops the run here
@@ -628,7 +661,14 @@ def run(args: argparse.Namespace) -> dict:
 
         log.info("raw onnxruntime loops: the reference, one request at a time, and batched")
         decoder = RawDecoder(model_dir, args.raw_threads, providers)
-        raw = run_raw(decoder, workload, args.clients, args.repeats)
+        inplace, skipped = None, {}
+        if "raw_ort_inplace" in baselines:
+            try:
+                inplace = raw_inplace(model_dir, providers, args.clients, args.raw_threads)
+            except ValueError as exc:
+                skipped["raw_ort_inplace"] = str(exc)
+                log.warning("raw_ort_inplace left out: %s", exc)
+        raw = run_raw(decoder, workload, args.clients, args.repeats, inplace)
         reference = raw.pop("reference")
 
         log.info("the engine alone, in this process (diagnostic)")
@@ -651,9 +691,13 @@ def run(args: argparse.Namespace) -> dict:
                if phase in ("static", "batch1")}
     if "raw_ort" in baselines:
         numbers["raw_ort"] = raw["batched"]["tokens_per_s"]
+    if "inplace_batched" in raw:
+        numbers["raw_ort_inplace"] = raw["inplace_batched"]["tokens_per_s"]
     numbers["raw_ort_batch1"] = raw["batch1"]["tokens_per_s"]
     correctness = {phase: result["correct"] for phase, result in phases.items()}
     correctness["raw_ort"] = raw["batched"]["correct"]
+    if "inplace_batched" in raw:
+        correctness["raw_ort_inplace"] = raw["inplace_batched"]["correct"]
     correctness.update({f"engine_alone_{a}": r["correct"] for a, r in alone.items()})
     return {
         "scenario": "generate",
@@ -668,7 +712,9 @@ def run(args: argparse.Namespace) -> dict:
         "latency_ms": {phase: result["latency_ms"] for phase, result in phases.items()},
         "correct": all(correctness.values()),
         "correctness": correctness,
-        "phases": {**phases, "raw_ort": raw["batched"], "raw_ort_batch1": raw["batch1"]},
+        "phases": {**phases, "raw_ort": raw["batched"], "raw_ort_batch1": raw["batch1"],
+                   **({"raw_ort_inplace": raw["inplace_batched"]} if "inplace_batched" in raw else {})},
+        "skipped_baselines": skipped,
         "diagnostics": {"engine_alone": alone,
                         "flat_pass_model": flat_pass_model(workload, args.clients, max_running)},
         "settings": {

@@ -10,8 +10,9 @@ times interleaved:
   I/O binding: ``present.*`` outputs stay where they were computed and are bound as the next
   pass's ``past_key_values.*``; only the logits come to the host;
 * ``inplace_cache`` (a baseline, with ``--inplace``; CPU provider): the same decoder rebuilt
-  from its own weights with its cache appended to in place (``bench/inplace.py``): each step
-  writes one new position instead of copying the whole past into ``present.*``.
+  from its own weights with its cache appended to in place (``workers/inplace.py``, what a
+  worker serves with ``BANTER_KV_LAYOUT`` auto on the CPU provider): each step writes one new
+  position instead of copying the whole past into ``present.*``.
 
 On the CPU provider both keep the cache in host memory, so the ratio shows the cost of the
 numpy round trip alone; with ``--gpu N`` (CUDA provider) it shows what bringing the cache to

@@ -162,7 +162,9 @@ def test_generate_benchmark_smoke_run():
         assert key in result, key
     assert result["scenario"] == "generate" and result["unit"] == "tokens/s"
     assert result["correct"] is True, result["correctness"]
-    assert set(result["baselines"]) == {"static", "batch1", "raw_ort", "raw_ort_batch1"}
+    assert set(result["baselines"]) == {"static", "batch1", "raw_ort", "raw_ort_inplace",
+                                        "raw_ort_batch1"}
+    assert result["correctness"]["raw_ort_inplace"] is True and result["skipped_baselines"] == {}
     assert set(result["ratios"]) == set(result["baselines"])
     assert set(result["ttft_ms"]) == {"served", "static"}
     assert set(result["ttft_ms"]["served"]) == {"p50", "p99"}
@@ -353,11 +355,32 @@ def test_the_inplace_twin_computes_what_the_decoder_computes(tmp_path):
         twin.step(np.ones((rows, 6), np.int64), np.zeros((rows, 6), np.int64), cached)
 
 
+def test_the_raw_inplace_loop_decodes_what_the_raw_loop_decodes(tmp_path):
+    """``bench generate``'s raw_ort_inplace: a round of ragged prompts with mixed max_tokens,
+    rows leaving at different steps, gives the raw_ort loop's tokens row for row."""
+    from banter.demo import DEMO_GPT, build_demo
+    from bench.generate import RawDecoder, raw_inplace
+
+    model_dir = build_demo(tmp_path)[DEMO_GPT]
+    raw = RawDecoder(model_dir, threads=1)
+    inplace = raw_inplace(model_dir, ["CPUExecutionProvider"], rows=5, threads=1)
+    prompts = [raw.encode(p) for p in ("hi", "tell me a story", "a b c d e f g h", "x", "the cache")]
+    limits = [3, 9, 1, 6, 4]
+    want, _, want_passes = raw.generate(prompts, limits)
+    got, seconds, passes = inplace.generate(prompts, limits, raw.eos)
+    assert got == want and [len(t) for t in got] == limits
+    assert passes == want_passes == 9 and seconds > 0
+    with pytest.raises(ValueError, match="6 prompts exceed the 5 rows"):
+        inplace.generate(prompts + prompts[:1], limits + [2], raw.eos)
+    with pytest.raises(ValueError, match="CPU provider only"):
+        raw_inplace(model_dir, ["CUDAExecutionProvider"], rows=5, threads=1)
+
+
 def test_the_inplace_twin_needs_a_gpt_graph_decoder(tmp_path):
     from banter.demo import DEMO_EMBED, build_demo
-    from bench.inplace import inplace_model
+    from workers.inplace import NotInplaceable, inplace_model
 
-    with pytest.raises(ValueError, match="not a banterhearts gpt_graph decoder"):
+    with pytest.raises(NotInplaceable, match="not a banterhearts gpt_graph decoder"):
         inplace_model(build_demo(tmp_path)[DEMO_EMBED] / "model.onnx")
 
 

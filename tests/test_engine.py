@@ -67,8 +67,16 @@ def specs(tmp_path_factory):
     return {"gpt": spec("demo-gpt", "generate"), "embed": spec("demo-embed", "embed")}
 
 
+@pytest.fixture(scope="module", params=["concat", "inplace"])
+def cache(request):
+    """Both KV cache layouts: the model's own graph, and its in-place twin."""
+    cache = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout=request.param)
+    return cache
+
+
 @pytest.fixture(scope="module")
-def cache():
+def concat_cache():
+    """The model's own graph only: for what only the concat layout has (left padding, re-packs)."""
     return RunnerCache(select_providers(use_gpu=False), intra_op_threads=1)
 
 
@@ -81,6 +89,13 @@ def sink():
 def make_engine(cache, sink):
     def make(clock=time.monotonic, **settings):
         return Engine(cache, sink, EngineSettings(**settings), clock)
+    return make
+
+
+@pytest.fixture
+def make_concat_engine(concat_cache, sink):
+    def make(**settings):
+        return Engine(concat_cache, sink, EngineSettings(**settings))
     return make
 
 
@@ -211,10 +226,10 @@ def test_pack_rows_keeps_chosen_rows_of_several_batches_in_one_copy():
     assert pack_rows([(first, first_mask, [])])[1].shape == (0, 0)
 
 
-def test_left_padded_batch_matches_each_sequence_alone(cache, specs):
+def test_left_padded_batch_matches_each_sequence_alone(concat_cache, specs):
     """Prefill a and b together, decode them one step, stack c's prefill on, cut a out: what
     is left must equal b's and c's unpadded runs, logits and caches."""
-    runner = cache.get(specs["gpt"])
+    runner = concat_cache.get(specs["gpt"])
     a, b, c = (np.array(runner.tokenizer.encode(p).ids) for p in PROMPTS[1:4])
     _, pasts, mask = prefill(runner, [a, b])
     logits, pasts, mask = decode(runner, pasts, mask, [a[0], b[0]], [len(a), len(b)])
@@ -513,15 +528,16 @@ def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, sp
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, seed=7)])
-def test_finished_rows_stay_until_a_join_or_a_quarter_of_the_batch(make_engine, specs, cache,
-                                                                     params):
+def test_finished_rows_stay_until_a_join_or_a_quarter_of_the_batch(make_concat_engine, specs,
+                                                                     concat_cache, params):
     """A finished sequence's row rides along (no copy of the cache) until sequences join (one
     re-pack for both) or dead rows are a quarter of the batch; nobody's tokens change."""
+    make_engine = make_concat_engine
     lengths = [2, 3, 12, 12, 12, 12, 12, 12]
     alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=n))
              for p, n in zip(PROMPTS * 2, lengths)]
     engine = make_engine()
-    runner = cache.get(specs["gpt"])
+    runner = concat_cache.get(specs["gpt"])
     futures = [engine.submit_generate(f"d{i}", specs["gpt"], p, replace(params, max_tokens=n))
                for i, (p, n) in enumerate(zip(PROMPTS * 2, lengths))]
     engine.step()  # prefill: 8 rows
@@ -542,9 +558,10 @@ def test_finished_rows_stay_until_a_join_or_a_quarter_of_the_batch(make_engine, 
                                                  replace(params, max_tokens=3)).token_ids
 
 
-def test_a_dead_row_never_widens_the_cache_past_the_positions(make_engine, specs, cache,
-                                                              monkeypatch):
-    runner = cache.get(specs["gpt"])
+def test_a_dead_row_never_widens_the_cache_past_the_positions(make_concat_engine, specs,
+                                                              concat_cache, monkeypatch):
+    make_engine = make_concat_engine
+    runner = concat_cache.get(specs["gpt"])
     long_prompt = PROMPTS[2]
     p = len(runner.tokenizer.encode(long_prompt).ids)
     monkeypatch.setattr(runner, "max_positions", p + 6)
@@ -660,10 +677,11 @@ def test_ort_failure_fails_the_pass_and_the_engine_keeps_serving(make_engine, sp
     engine = make_engine()
     runner = cache.get(specs["gpt"])
 
-    def broken(feeds):
-        raise InferenceError("boom")
+    class BrokenSession:  # what ONNX Runtime does when a pass fails: raise its own error
+        def __getattr__(self, name):
+            raise RuntimeError("boom")
 
-    monkeypatch.setattr(runner, "run", broken)
+    monkeypatch.setattr(runner, "session", BrokenSession())
     failed = [engine.submit_generate(f"f{i}", specs["gpt"], "hi", SamplingParams())
               for i in range(2)]
     engine.step()
@@ -691,7 +709,7 @@ def test_run_loop_serves_from_a_thread(make_engine, specs):
     assert not loop.is_alive()
 
 
-def test_a_cache_bound_on_the_device_gives_the_same_tokens(cache, specs):
+def test_a_cache_bound_on_the_device_gives_the_same_tokens(concat_cache, specs):
     """``bind_kv``: the path a CUDA worker takes (I/O binding keeps the cache where ORT computed
     it), here on the CPU device. The cache is an OrtValue between passes and stays one when
     sequences join and leave (re-packed on the device, ``KVPacker``), holds the same values at
@@ -700,6 +718,7 @@ def test_a_cache_bound_on_the_device_gives_the_same_tokens(cache, specs):
 
     bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
     assert bound.get(specs["gpt"]).kv_device == "cpu" and bound.get(specs["embed"]).kv_device is None
+    cache = concat_cache
     assert cache.get(specs["gpt"]).kv_device is None  # the CPU provider's default: numpy
 
     def crowd(runners: RunnerCache):
@@ -990,9 +1009,9 @@ def test_a_failed_decode_pass_still_waits_for_the_overlapped_prefill(specs, monk
     prefill_done = []
     real_prefill = engine._prefill
 
-    def slow_prefill(runner, seqs, events):
+    def slow_prefill(runner, seqs, events, first):
         time.sleep(0.05)
-        result = real_prefill(runner, seqs, events)
+        result = real_prefill(runner, seqs, events, first)
         prefill_done.append(True)
         return result
 
@@ -1019,3 +1038,90 @@ def test_prefill_overlap_setting_is_validated_and_reaches_the_engine():
         Settings.from_env({"BANTER_PREFILL_OVERLAP": "yes"})
     with pytest.raises(ValueError, match="prefill_overlap"):
         EngineSettings(prefill_overlap="always")
+
+
+# -- the in-place layout -----------------------------------------------------------------------
+
+def test_the_inplace_layout_serves_the_twin_of_a_gpt_graph_decoder(specs, concat_cache):
+    for layout in ("inplace", "auto"):
+        runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout=layout)
+        gpt = runners.get(specs["gpt"])
+        assert gpt.kv_layout == "inplace" and "seqlens_k" in gpt.input_names
+        assert gpt.past_names[:2] == ["past_key.0", "past_value.0"] and gpt.kv_device is None
+        assert runners.get(specs["embed"]).kv_layout == "concat"
+    assert concat_cache.get(specs["gpt"]).kv_layout == "concat"
+
+
+def test_a_twin_that_disagrees_with_its_model_is_not_served(specs, tmp_path, monkeypatch, caplog):
+    """The load-time check: a twin whose logits differ (here: built from other weights) is
+    dropped with a warning and the model's own graph serves."""
+    import onnx
+    from onnx import numpy_helper
+
+    from workers import inplace
+
+    model = onnx.load(str(specs["gpt"].model_path))
+    for init in model.graph.initializer:
+        if init.name == "h.0.fc.w":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    real = inplace.inplace_model
+    monkeypatch.setattr(inplace, "inplace_model", lambda path: real(other))
+    runner = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1,
+                         kv_layout="auto").get(specs["gpt"])
+    assert runner.kv_layout == "concat" and "seqlens_k" not in runner.input_names
+    warning = next(r for r in caplog.records if r.getMessage() == "kv_layout_concat")
+    assert "differ from the model's own" in warning.reason
+    engine = Engine(RunnerCache(select_providers(use_gpu=False), intra_op_threads=1), RecordingSink())
+    future = engine.submit_generate("t", specs["gpt"], "hi", SamplingParams(max_tokens=3))
+    assert drive(engine, [future])[0].text == demo_words(3)
+
+
+@pytest.mark.parametrize("layout, warned", [("auto", False), ("inplace", True)])
+def test_a_model_without_a_twin_keeps_its_graph(specs, monkeypatch, caplog, layout, warned):
+    from workers import inplace
+
+    def refuse(path):
+        raise inplace.NotInplaceable(f"{path} is not a banterhearts gpt_graph decoder")
+
+    monkeypatch.setattr(inplace, "inplace_model", refuse)
+    runner = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1,
+                         kv_layout=layout).get(specs["gpt"])
+    assert runner.kv_layout == "concat"
+    assert ("kv_layout_concat" in caplog.text) is warned
+
+
+def test_inplace_rows_hold_each_sequence_cache_as_sequences_join_and_leave(concat_cache,
+                                                                            specs):
+    """Sequences of mixed lengths join at every step and leave at different ones; after every
+    step row b of the slots holds exactly the cache of ``seqs[b]`` (what the model's own graph
+    computes for that sequence's tokens alone), no finished row is left in the batch, and
+    finished rows were filled from the end (rows moved)."""
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="inplace")
+    runner, own = runners.get(specs["gpt"]), concat_cache.get(specs["gpt"])
+    engine = Engine(runners, RecordingSink(), EngineSettings(max_running=6))
+    sampled = SamplingParams(temperature=0.9, seed=3)
+    futures, moved, checked = [], 0, 0
+    rows_of: dict[str, int] = {}
+    for step in range(40):
+        if step < 12:
+            prompt = PROMPTS[step % len(PROMPTS)]
+            futures.append(engine.submit_generate(f"j{step}", specs["gpt"], prompt,
+                                                  replace(sampled, max_tokens=2 + (5 * step) % 9)))
+        engine.step()
+        batch = engine._batches.get(runner)
+        if batch is None:
+            continue
+        assert len(batch.seqs) == len(batch.live())
+        for b, seq in enumerate(batch.seqs):
+            moved += rows_of.setdefault(seq.job_id, b) != b
+            rows_of[seq.job_id] = b
+            history = np.r_[runner.tokenizer.encode(PROMPTS[int(seq.job_id[1:]) % len(PROMPTS)]).ids,
+                            seq.token_ids[:-1]]
+            assert seq.past_len == len(history)
+            _, want, _ = prefill(own, [history])
+            for buffer, w in zip(batch.slots, want):
+                np.testing.assert_allclose(buffer[b, :, :seq.past_len], w[0], atol=1e-4)
+            checked += 1
+    assert all(f.done() for f in futures) and moved > 0 and checked > 20

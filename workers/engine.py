@@ -12,6 +12,8 @@ the arrays are re-packed only when sequences join (their prefill output is stack
 leave (their rows are cut out and the columns no row uses any more are dropped). Prefill runs
 as a pass of its own so a joining prompt never pads every running row to its length; with
 ``EngineSettings.prefill_overlap`` that pass runs on a thread of its own, beside the decode pass.
+A model served in place (``Runner.kv_layout == "inplace"``) keeps its caches in fixed rows
+instead (``_SlotBatch``): nothing is re-packed, a pass writes only its new positions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from banter.settings import ADMISSIONS, PREFILL_OVERLAPS
 from banter.streams import TokenEvent
 from workers.batching import collate, left_pad_prompts, mean_pool, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from workers.inplace import decode_inputs, prompt_inputs
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
 from workers.sampling import sample
 
@@ -298,6 +302,33 @@ class _Batch:
         self.seqs = kept
 
 
+class _SlotBatch:
+    """The running sequences of an in-place model and their cache: ``slots`` is the runner's
+    ``kv_slots``, row b holding ``seqs[b]``'s first ``past_len`` positions; a pass binds rows
+    ``0 .. len(seqs) - 1``. Joining sequences are prefilled straight into the rows after those
+    (``arrivals``). ``settle`` fills each finished sequence's row with a live row from the end
+    (a copy of that one sequence's positions), so rows stay contiguous and no pass carries a
+    dead row."""
+
+    def __init__(self, seqs: list[_Sequence], slots: list[np.ndarray]) -> None:
+        self.seqs, self.slots = seqs, slots
+
+    def live(self) -> list[_Sequence]:
+        return [seq for seq in self.seqs if not seq.done]
+
+    def settle(self, arrivals: _SlotBatch | None, runner: Runner) -> None:
+        rows = self.seqs + (arrivals.seqs if arrivals is not None else [])
+        count = sum(not seq.done for seq in rows)
+        holes = [b for b in range(count) if rows[b].done]
+        movers = [b for b in range(count, len(rows)) if not rows[b].done]
+        for hole, mover in zip(holes, movers):
+            used = rows[mover].past_len
+            for buffer in self.slots:
+                buffer[hole, :, :used] = buffer[mover, :, :used]
+            rows[hole] = rows[mover]
+        self.seqs = rows[:count]
+
+
 class _Publisher:
     """The engine's publishing thread (``EngineSettings.publish_ahead``): each step's tokens go
     out in step order, and a step's finished jobs resolve only after its tokens are out, so a
@@ -363,8 +394,10 @@ class Engine:
         self._cancels: set[str] = set()
         self._preemptible: PassHandle | None = None  # the bulk-only pass running now
         # engine thread only (admission writes them under _cond):
-        self._batches: dict[Runner, _Batch] = {}  # running sequences with their caches
+        self._batches: dict[Runner, _Batch | _SlotBatch] = {}  # running sequences, their caches
         self._joining: dict[Runner, list[_Sequence]] = {}  # admitted at this step, no cache yet
+        # in-place models' caches (Runner.kv_slots), freed with a retired runner:
+        self._slots: weakref.WeakKeyDictionary[Runner, list[np.ndarray]] = weakref.WeakKeyDictionary()
         self._publisher = (_Publisher(sink, self._resolve, settings.publish_ahead)
                            if settings.publish_ahead else None)
         self._prefiller: ThreadPoolExecutor | None = None  # prefill_overlap's thread, made on use
@@ -658,10 +691,11 @@ class Engine:
         batch = self._batches.pop(runner, None)
         joining = self._joining.pop(runner, [])
         running = [] if batch is None else batch.live()
+        first = 0 if batch is None else len(batch.seqs)  # the joining rows' first slot
         arrivals = None
         if batch is not None and joining and self._overlaps(runner):
             joined: list[TokenEvent] = []
-            prefill = self._prefill_thread().submit(self._prefill, runner, joining, joined)
+            prefill = self._prefill_thread().submit(self._prefill, runner, joining, joined, first)
             try:
                 self._decode(runner, batch, events)
             finally:  # never leave the joining sequences' pass behind
@@ -671,7 +705,7 @@ class Engine:
             if batch is not None:
                 self._decode(runner, batch, events)
             if joining:
-                arrivals = self._prefill(runner, joining, events)
+                arrivals = self._prefill(runner, joining, events, first)
         leaving = [seq for seq in running + joining if seq.done]
         if batch is None:
             batch, arrivals = arrivals, None
@@ -688,40 +722,65 @@ class Engine:
             self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="engine-prefill")
         return self._prefiller
 
-    def _keep_unfinished(self, runner: Runner, batch: _Batch, arrivals: _Batch | None = None) -> None:
-        batch.settle(arrivals, runner)
+    def _keep_unfinished(self, runner: Runner, batch: _Batch | _SlotBatch,
+                         arrivals: _Batch | _SlotBatch | None = None) -> None:
+        batch.settle(arrivals, runner)  # type: ignore[arg-type]  # arrivals match the batch
         if batch.live():
             self._batches[runner] = batch
         else:
             self._batches.pop(runner, None)
 
-    def _decode(self, runner: Runner, batch: _Batch, events: list[TokenEvent]) -> None:
+    def _decode(self, runner: Runner, batch: _Batch | _SlotBatch, events: list[TokenEvent]) -> None:
         rows = len(batch.seqs)
-        ids = np.array([[seq.pending[0]] for seq in batch.seqs], dtype=np.int64)
-        positions = np.array([[seq.past_len] for seq in batch.seqs], dtype=np.int64)
+        tokens = np.array([seq.pending[0] for seq in batch.seqs], dtype=np.int64)
+        positions = np.array([seq.past_len for seq in batch.seqs], dtype=np.int64)
+        if isinstance(batch, _SlotBatch):
+            pasts = [buffer[:rows] for buffer in batch.slots]
+            out = self._pass(runner, batch.live(), decode_inputs(tokens, positions), pasts)
+            if out is not None:
+                self._sample(out[0], batch.seqs, events)
+            return
         mask = np.concatenate((batch.mask, np.ones((rows, 1), dtype=np.int64)), axis=1)
-        out = self._pass(runner, batch.live(), ids, mask, positions, batch.pasts)
+        inputs = {"input_ids": tokens[:, None], "attention_mask": mask,
+                  "position_ids": positions[:, None]}
+        out = self._pass(runner, batch.live(), inputs, batch.pasts)
         if out is not None:
             logits, batch.pasts = out
             batch.mask = mask
             self._sample(logits, batch.seqs, events)
 
-    def _prefill(self, runner: Runner, seqs: list[_Sequence],
-                 events: list[TokenEvent]) -> _Batch | None:
-        ids, mask, positions = left_pad_prompts([seq.pending for seq in seqs])
+    def _prefill(self, runner: Runner, seqs: list[_Sequence], events: list[TokenEvent],
+                 first: int) -> _Batch | _SlotBatch | None:
+        """The joining ``seqs``' prompt pass; an in-place model's caches go to rows ``first``
+        on of its slots."""
+        prompts = [seq.pending for seq in seqs]
+        if runner.kv_layout == "inplace":
+            if runner not in self._slots:  # first == 0: no decode pass beside this one
+                self._slots[runner] = runner.kv_slots(self._running_cap)
+            slots = self._slots[runner]
+            inputs = prompt_inputs(prompts)
+            out = self._pass(runner, seqs, inputs,
+                             [buffer[first:first + len(seqs)] for buffer in slots])
+            if out is None:
+                return None
+            last = out[0][np.arange(len(seqs)), inputs["seqlens_k"]]  # each prompt's last token
+            self._sample(last[:, None], seqs, events)
+            return _SlotBatch(seqs, slots)
+        ids, mask, positions = left_pad_prompts(prompts)
         empty = np.zeros((len(seqs), runner.n_head, 0, runner.head_dim), dtype=runner.kv_dtype)
-        out = self._pass(runner, seqs, ids, mask, positions, [empty] * len(runner.past_names))
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        out = self._pass(runner, seqs, inputs, [empty] * len(runner.past_names))
         if out is None:
             return None
         logits, presents = out
         self._sample(logits, seqs, events)
         return _Batch(seqs, presents, mask)
 
-    def _pass(self, runner: Runner, seqs: list[_Sequence], ids: np.ndarray, mask: np.ndarray,
-              positions: np.ndarray, pasts: list) -> tuple[np.ndarray, list] | None:
+    def _pass(self, runner: Runner, seqs: list[_Sequence], inputs: dict[str, np.ndarray],
+              pasts: list) -> tuple[np.ndarray, list] | None:
         """One decoder pass for the live ``seqs`` (dead rows ride along): (logits, presents,
         see ``Runner.run_decoder``); on failure each of them gets the error and None returns."""
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        ids = inputs["input_ids"]
         try:
             started = time.perf_counter()
             logits, presents = runner.run_decoder(inputs, pasts)

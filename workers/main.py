@@ -48,8 +48,8 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     logs.setup(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     providers = select_providers(use_gpu=gpu is not None)
-    runtime = WorkerRuntime(settings, connect(settings.redis_url), RunnerCache(providers),
-                            node_name(gpu, name))
+    runners = RunnerCache(providers, kv_layout=settings.kv_layout)
+    runtime = WorkerRuntime(settings, connect(settings.redis_url), runners, node_name(gpu, name))
     return _serve(settings, runtime, concurrency, providers=providers, gpu=gpu)
 
 

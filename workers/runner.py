@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import threading
@@ -14,8 +16,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
+from banter.settings import KV_LAYOUTS
 from registry.artifacts import sha256_file
-from workers.batching import pack_rows
+from workers import inplace
+from workers.batching import left_pad_prompts, pack_rows
 from workers.kvpacker import KVPacker
 
 log = logging.getLogger("banter.worker")
@@ -114,7 +118,16 @@ class Runner:
     (ONNX Runtime sessions run concurrently; each bound pass has its own I/O binding). The
     tokenizer may be used from any thread.
 
-    ``kv_device``: where a decoder's KV cache stays between passes (``run_decoder``). On the
+    ``kv_layout``: ``"inplace"`` where the session is the model's in-place twin
+    (``workers.inplace``: the cache is the runner's ``kv_slots``, each pass writes its new
+    positions into the rows it is given), else ``"concat"`` (Optimum layout: each pass returns
+    the cache grown by its positions). The twin is taken when the ``kv_layout`` argument allows
+    it: ``"auto"`` for a ``gpt_graph`` decoder on the CPU provider, ``"inplace"`` likewise but
+    with a warning where it cannot be; either way only once its logits match the model's own
+    for a ragged prompt batch and a decode step (checked at load, so an ONNX Runtime whose
+    ``GroupQueryAttention`` behaves otherwise keeps the model's own graph, with a warning).
+
+    ``kv_device``: where a concat-layout KV cache stays between passes (``run_decoder``). On the
     CUDA provider it is ``"cuda"``: the ``present.*`` outputs are bound on the GPU (ONNX
     Runtime I/O binding) and fed back as the next pass's pasts without a trip to the host;
     ``pack_kv`` re-packs them there too (rows joining and leaving the batch). On
@@ -123,7 +136,8 @@ class Runner:
     """
 
     def __init__(self, spec: ModelSpec, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int = 0, bind_kv: bool | None = None) -> None:
+                 intra_op_threads: int = 0, bind_kv: bool | None = None,
+                 kv_layout: str = "concat") -> None:
         if spec.kind not in KINDS:
             raise ModelLoadError(f"model {spec.name}@{spec.version}: kind must be one of {KINDS}")
         if spec.backend != "onnx":
@@ -133,7 +147,7 @@ class Runner:
         self.spec = spec
         self.tokenizer = _load_tokenizer(spec.tokenizer_path)
         self.config = _load_config(spec.model_path)
-        self.session = self._create_session(list(providers), intra_op_threads)
+        self.session = self._create_session(list(providers), intra_op_threads, spec.model_path)
         self.providers: list[str] = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = frozenset(inputs)
@@ -152,18 +166,21 @@ class Runner:
         self._check_graph(inputs)
         self.n_head, self.head_dim, self.kv_dtype = 0, 0, np.float32
         self.kv_device: str | None = None
+        self.kv_layout = "concat"
         if spec.kind == "generate":
             self.n_head, self.head_dim, self.kv_dtype = self._kv_geometry(inputs)
+            if kv_layout != "concat":
+                self._take_inplace(kv_layout, intra_op_threads)
             on_gpu = self.providers[0] == "CUDAExecutionProvider"
-            if bind_kv or (bind_kv is None and on_gpu):
+            if self.kv_layout == "concat" and (bind_kv or (bind_kv is None and on_gpu)):
                 self.kv_device = "cuda" if on_gpu else "cpu"
         self._packer: KVPacker | None = None
         if self.kv_device is not None:
             self._packer = KVPacker(len(self.past_names), self.kv_dtype, self.providers,
                                     self.kv_device)
 
-    def _create_session(self, providers: list[str],
-                        intra_op_threads: int) -> ort.InferenceSession:
+    def _create_session(self, providers: list[str], intra_op_threads: int,
+                        model: Path | bytes) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
@@ -175,11 +192,68 @@ class Runner:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         try:
-            return ort.InferenceSession(str(self.spec.model_path), sess_options=options,
-                                        providers=providers)
+            source = model if isinstance(model, bytes) else str(model)
+            return ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own non-standard exception types
             raise ModelLoadError(f"cannot load {self.spec.model_path} "
                                  f"({self.spec.name}@{self.spec.version}): {exc}") from exc
+
+    def _take_inplace(self, requested: str, intra_op_threads: int) -> None:
+        """Swap the session for the model's in-place twin where ``requested`` and the model
+        allow it (see the class docstring); otherwise keep the model's own graph."""
+        quiet = requested == "auto"  # auto: a model or provider the twin is not for is no news
+        try:
+            if self.providers[0] != "CPUExecutionProvider":
+                raise inplace.NotInplaceable("the in-place layout runs on the CPU provider only "
+                                             "(GroupQueryAttention on CUDA takes float16 only)")
+            blob, _ = inplace.inplace_model(self.spec.model_path)
+            twin = self._create_session(self.providers, intra_op_threads, blob)
+            self._check_twin(twin)
+        except inplace.NotInplaceable as exc:
+            if not quiet:
+                self._keep_concat(str(exc))
+            return
+        except Exception as exc:  # ORT and onnx raise their own exception types
+            self._keep_concat(f"its in-place twin does not serve: {exc}")
+            return
+        self.session, self.kv_layout = twin, "inplace"
+        self.input_names = frozenset(i.name for i in twin.get_inputs())
+        self.output_names = [o.name for o in twin.get_outputs()]
+        self.past_names = inplace.past_names(self.n_layer)
+        self.present_names = inplace.present_names(self.n_layer)
+
+    def _keep_concat(self, reason: str) -> None:
+        log.warning("kv_layout_concat", extra={"model": self.spec.name, "version": self.spec.version,
+                                               "reason": reason})
+
+    def _check_twin(self, twin: ort.InferenceSession) -> None:
+        """Raise unless ``twin`` gives the logits the model's own graph gives for two prompts
+        of different lengths and one decode step after them."""
+        prompts = [np.array([1, 2, 3], dtype=np.int64), np.array([4], dtype=np.int64)]
+        ids, mask, positions = left_pad_prompts(prompts)
+        empty = np.zeros((2, self.n_head, 0, self.head_dim), dtype=self.kv_dtype)
+        first, pasts = self._host_pass({"input_ids": ids, "attention_mask": mask,
+                                        "position_ids": positions}, [empty] * len(self.past_names))
+        tokens, cached = np.array([5, 6], dtype=np.int64), np.array([3, 1])
+        second, _ = self._host_pass({"input_ids": tokens[:, None],
+                                     "attention_mask": np.concatenate((mask, np.ones((2, 1), np.int64)), 1),
+                                     "position_ids": cached[:, None]}, pasts)
+        shape = (2, self.n_head, 4, self.head_dim)
+        buffers = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        n = self.n_layer
+        twin_first = _bound_run(twin, inplace.prompt_inputs(prompts), buffers, n)
+        twin_second = _bound_run(twin, inplace.decode_inputs(tokens, cached), buffers, n)
+        for expected, got in ((first[:, -1], twin_first[[0, 1], [2, 0]]), (second[:, -1], twin_second[:, -1])):
+            if not np.allclose(expected, got, rtol=1e-3, atol=1e-3):
+                raise ValueError("its logits differ from the model's own by up to "
+                                 f"{float(np.abs(expected - got).max()):.3g}")
+
+    def kv_slots(self, rows: int) -> list[np.ndarray]:
+        """A new cache for an in-place model: one ``[rows, H, max_positions, D]`` array per
+        past input, zeros (the memory is committed as positions are written). The engine binds
+        leading rows of them to ``run_decoder``."""
+        shape = (rows, self.n_head, self.max_positions, self.head_dim)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
 
     def _check_graph(self, inputs: Mapping[str, Any]) -> None:
         needed_in = {"input_ids", "attention_mask"}
@@ -225,7 +299,18 @@ class Runner:
         back as the next pass's pasts; ``to_host`` brings them back for a re-pack). A bound
         pass that fails is run again without binding; when that succeeds the model stays
         unbound, re-packed on the host too (a warning says why), so a device that cannot bind
-        still serves."""
+        still serves.
+
+        In-place (``kv_layout``): ``inputs`` are the twin's (``inplace.prompt_inputs`` /
+        ``decode_inputs``) and ``pasts`` C-contiguous arrays (leading rows of ``kv_slots``),
+        bound as both past and present: the pass writes its positions into them and returns
+        them as the presents."""
+        if self.kv_layout == "inplace":
+            try:
+                return _bound_run(self.session, inputs, pasts, self.n_layer), list(pasts)
+            except Exception as exc:  # ORT raises its own non-standard exception types
+                raise InferenceError(f"{self.spec.name}@{self.spec.version}: ORT run failed: "
+                                     f"{exc}") from exc
         if self.kv_device is None:
             return self._host_pass(inputs, pasts)
         try:
@@ -277,6 +362,35 @@ class Runner:
         return logits.numpy(), presents
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS: glibc keeps it otherwise (``malloc_trim``); a no-op
+    where there is no glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _bound_run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray],
+               buffers: Sequence[np.ndarray], n_layer: int) -> np.ndarray:
+    """One pass of an in-place twin with ``buffers`` as both its pasts and its presents;
+    returns the logits."""
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output("logits", "cpu")
+    pairs = zip(inplace.past_names(n_layer), inplace.present_names(n_layer), buffers)
+    for past, present, buffer in pairs:
+        if not buffer.flags.c_contiguous:
+            raise ValueError(f"{past}: an in-place cache must be C-contiguous")
+        value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the array's memory
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
 def to_host(values: Sequence[Any]) -> list[np.ndarray]:
     """Numpy arrays of a KV cache that may be OrtValues on a device (``Runner.run_decoder``)."""
     return [v if isinstance(v, np.ndarray) else v.numpy() for v in values]
@@ -291,10 +405,14 @@ class RunnerCache:
     """
 
     def __init__(self, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int = 0, bind_kv: bool | None = None) -> None:
+                 intra_op_threads: int = 0, bind_kv: bool | None = None,
+                 kv_layout: str = "concat") -> None:
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {kv_layout!r}")
         self.providers = list(providers)
         self._intra_op_threads = intra_op_threads
         self._bind_kv = bind_kv
+        self._kv_layout = kv_layout
         self._lock = threading.Lock()
         self._runners: dict[tuple[str, int], Runner] = {}
         self._loading: dict[tuple[str, int], threading.Lock] = {}
@@ -310,10 +428,14 @@ class RunnerCache:
                 if key in self._runners:
                     return self._runners[key]
             try:
-                runner = Runner(spec, self.providers, self._intra_op_threads, self._bind_kv)
+                runner = Runner(spec, self.providers, self._intra_op_threads, self._bind_kv,
+                                self._kv_layout)
+                if runner.kv_layout == "inplace":
+                    _return_freed_memory()  # building the twin's (GPT-2 small: about 1 GB)
                 log.info("model_loaded", extra={"model": spec.name, "version": spec.version,
                                                 "providers": runner.providers,
-                                                "kv_device": runner.kv_device})
+                                                "kv_device": runner.kv_device,
+                                                "kv_layout": runner.kv_layout})
                 with self._lock:
                     self._runners[key] = runner
             finally:

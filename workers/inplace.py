@@ -1,0 +1,125 @@
+"""The in-place decoder: a ``gpt_graph`` decoder rebuilt so each pass appends to its KV cache
+where it lies instead of copying it.
+
+An Optimum-layout decoder returns every ``present.*`` as ``Concat(past, new)``: each decode
+step reads the whole cache and writes it out again, and on a CPU that copy is most of a long
+sequence's step (docs/benchmarks.md, ``kvcache``). ``inplace_model`` rebuilds a decoder made
+by ``banter.demo.gpt_graph`` (the demo decoder and every ``banter models import`` GPT-2) from
+its own weights with ONNX Runtime's ``GroupQueryAttention`` contrib operator: a layer's past
+and present are one buffer of fixed capacity, bound as both input and output, and
+``seqlens_k`` says how much of it each row uses. Rows may differ in length (prompts are
+right-padded; each row attends to its own positions only), so a batch costs what its rows
+hold, not ``rows x`` the longest. ``Runner`` serves this twin when ``BANTER_KV_LAYOUT`` allows
+it and it reproduces the original's logits (checked at load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from banter.demo import _Graph, _layer_norm, _linear, _mlp
+
+CONTRIB = "com.microsoft"
+PAST_PREFIX = "past_"  # past_key.{i}, past_value.{i}
+PRESENT_PREFIX = "present_"
+INPUTS = ("input_ids", "position_ids", "seqlens_k", "total_sequence_length")
+
+
+class NotInplaceable(ValueError):
+    """The model is not a ``gpt_graph`` decoder, so it has no in-place twin."""
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"{PAST_PREFIX}{part}.{i}" for i in range(n_layer) for part in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"{PRESENT_PREFIX}{part}.{i}" for i in range(n_layer) for part in ("key", "value")]
+
+
+def _graph_facts(model: onnx.ModelProto) -> dict:
+    """Layers, heads, LayerNorm epsilon and GELU kind of a ``gpt_graph`` decoder."""
+    graph = model.graph
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+    dims = past[0].type.tensor_type.shape.dim
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    eps = next(a.f for a in norms[0].attribute if a.name == "epsilon")
+    ops = {n.op_type for n in graph.node}
+    return {"n_layer": len(past) // 2, "n_head": dims[1].dim_value, "head_dim": dims[3].dim_value,
+            "eps": eps, "gelu": "tanh" if "Tanh" in ops else "erf"}
+
+
+def inplace_model(model_path: Path) -> tuple[bytes, dict]:
+    """The in-place twin of the ``gpt_graph`` decoder at ``model_path`` (ONNX bytes) and its
+    geometry (``n_layer``, ``n_head``, ``head_dim``). Inputs: ``input_ids``, ``position_ids``
+    [B, S] int64 (a prompt batch right-padded); ``seqlens_k`` [B] int32 (each row's cached
+    length after this pass, minus 1); ``total_sequence_length`` int32 scalar (the longest row's
+    cached length after this pass); ``past_key.{i}`` / ``past_value.{i}`` [B, H, capacity, D].
+    Outputs: ``logits`` [B, S, vocab] and ``present_key.{i}`` / ``present_value.{i}`` (bind
+    them to the past buffers). Raises ``NotInplaceable`` for any other model."""
+    model = onnx.load(str(model_path))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if "h.0.q.w" not in weights or not any(i.name.startswith("past_key_values.")
+                                            for i in model.graph.input):
+        raise NotInplaceable(f"{model_path} is not a banterhearts gpt_graph decoder (its "
+                             "weights are not named h.0.q.w and so on, or it has no KV cache "
+                             "inputs)")
+    facts = _graph_facts(model)
+    g = _Graph(weights, facts["eps"])
+    n_layer, heads, hd = facts["n_layer"], facts["n_head"], facts["head_dim"]
+    B, S, C = "batch_size", "sequence_length", "capacity"
+    x = g.op("Add", g.op("Gather", g.w("wte"), "input_ids"), g.op("Gather", g.w("wpe"), "position_ids"))
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [B]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    vocab = weights["wte"].shape[0]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, vocab])]
+    pasts, presents = past_names(n_layer), present_names(n_layer)
+    for i in range(n_layer):
+        p = f"h.{i}"
+        h = _layer_norm(g, x, f"{p}.ln_1")
+        q, k, v = (_linear(g, h, f"{p}.{n}") for n in "qkv")
+        past, present = pasts[2 * i:2 * i + 2], presents[2 * i:2 * i + 2]
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, *past, "seqlens_k", "total_sequence_length"],
+            [f"attn_{i}", *present], name=f"GroupQueryAttention_{i}", domain=CONTRIB,
+            num_heads=heads, kv_num_heads=heads))
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, heads, C, hd]) for n in past]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, heads, C, hd])
+                    for n in present]
+        x = g.op("Add", x, _linear(g, f"attn_{i}", f"{p}.o"))
+        x = g.op("Add", x, _mlp(g, _layer_norm(g, x, f"{p}.ln_2"), p, facts["gelu"]))
+    x = _layer_norm(g, x, "ln_f")
+    head = g.w("lm_head") if "lm_head" in weights else g.op("Transpose", g.w("wte"), perm=[1, 0])
+    g.op("MatMul", x, head, out="logits")
+    graph = helper.make_graph(g.nodes, "inplace", inputs, outputs, g.inits)
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(CONTRIB, 1)])
+    return built.SerializeToString(), facts
+
+
+def prompt_inputs(prompts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A prefill pass's inputs: ``prompts`` right-padded, each row's cache empty before it."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int32)
+    width = int(lengths.max())
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    positions = np.zeros((len(prompts), width), dtype=np.int64)
+    for b, prompt in enumerate(prompts):
+        ids[b, :len(prompt)] = prompt
+        positions[b, :len(prompt)] = np.arange(len(prompt))
+    return {"input_ids": ids, "position_ids": positions, "seqlens_k": lengths - 1,
+            "total_sequence_length": np.array(width, dtype=np.int32)}
+
+
+def decode_inputs(tokens: np.ndarray, cached: np.ndarray) -> dict[str, np.ndarray]:
+    """A decode pass's inputs: one token per row after ``cached`` [B] positions."""
+    positions = cached.astype(np.int64)
+    return {"input_ids": tokens.astype(np.int64).reshape(-1, 1),
+            "position_ids": positions.reshape(-1, 1),
+            "seqlens_k": positions.astype(np.int32),
+            "total_sequence_length": np.array(int(positions.max()) + 1, dtype=np.int32)}
