@@ -1042,6 +1042,17 @@ def test_prefill_overlap_setting_is_validated_and_reaches_the_engine():
 
 # -- the in-place layout -----------------------------------------------------------------------
 
+def test_kv_layout_setting_is_validated():
+    from banter.settings import Settings, SettingsError
+
+    assert Settings().kv_layout == "auto"
+    assert Settings.from_env({"BANTER_KV_LAYOUT": "concat"}).kv_layout == "concat"
+    with pytest.raises(SettingsError, match="BANTER_KV_LAYOUT='paged': expected auto, inplace or concat"):
+        Settings.from_env({"BANTER_KV_LAYOUT": "paged"})
+    with pytest.raises(ValueError, match="kv_layout must be one of auto, inplace, concat"):
+        RunnerCache(kv_layout="paged")
+
+
 def test_the_inplace_layout_serves_the_twin_of_a_gpt_graph_decoder(specs, concat_cache):
     for layout in ("inplace", "auto"):
         runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout=layout)

@@ -77,6 +77,7 @@ def test_trace_id_reaches_every_worker_line_of_the_job(logged):
     # job of a fresh worker loads its model inside the task
     loaded = [line for line in of_job if line["event"] == "model_loaded"]
     assert loaded and loaded[0]["model"] == "demo-gpt"
+    assert loaded[0]["kv_layout"] == "inplace"  # BANTER_KV_LAYOUT=auto, a CPU worker
 
 
 def test_a_failed_job_logs_its_trace_and_error(logged):
