@@ -1136,3 +1136,30 @@ def test_inplace_rows_hold_each_sequence_cache_as_sequences_join_and_leave(conca
                 np.testing.assert_allclose(buffer[b, :, :seq.past_len], w[0], atol=1e-4)
             checked += 1
     assert all(f.done() for f in futures) and moved > 0 and checked > 20
+
+
+def test_an_inplace_cache_that_cannot_be_reserved_fails_its_jobs_and_the_engine_goes_on(
+        specs, monkeypatch):
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="inplace")
+    runner = runners.get(specs["gpt"])
+    monkeypatch.setattr(runner, "max_positions", 2 ** 36)  # petabytes of cache
+    engine = Engine(runners, RecordingSink())
+    failed = engine.submit_generate("big", specs["gpt"], "hi", SamplingParams(max_tokens=2))
+    engine.step()
+    with pytest.raises(InferenceError, match="cannot reserve its in-place KV cache.*BANTER_KV_LAYOUT=concat"):
+        failed.result(timeout=1)
+    monkeypatch.undo()
+    ok = engine.submit_generate("ok", specs["gpt"], "hi", SamplingParams(max_tokens=2))
+    assert drive(engine, [ok])[0].text == demo_words(2)
+
+
+def test_a_cuda_session_keeps_the_model_graph(specs, caplog):
+    """CUDA's GroupQueryAttention takes float16 only: a runner on the CUDA provider keeps the
+    model's own graph, quietly under auto, with a warning under inplace."""
+    runner = runner_module.Runner(specs["gpt"], select_providers(use_gpu=False), 1)
+    runner.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as ORT would report
+    runner._take_inplace("auto", 1)
+    assert runner.kv_layout == "concat" and "kv_layout_concat" not in caplog.text
+    runner._take_inplace("inplace", 1)
+    warning = next(r for r in caplog.records if r.getMessage() == "kv_layout_concat")
+    assert runner.kv_layout == "concat" and "CPU provider only" in warning.reason

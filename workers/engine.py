@@ -756,7 +756,12 @@ class Engine:
         prompts = [seq.pending for seq in seqs]
         if runner.kv_layout == "inplace":
             if runner not in self._slots:  # first == 0: no decode pass beside this one
-                self._slots[runner] = runner.kv_slots(self._running_cap)
+                try:
+                    self._slots[runner] = runner.kv_slots(self._running_cap)
+                except InferenceError as exc:
+                    for seq in seqs:
+                        seq.error = exc
+                    return None
             slots = self._slots[runner]
             inputs = prompt_inputs(prompts)
             out = self._pass(runner, seqs, inputs,

@@ -251,9 +251,16 @@ class Runner:
     def kv_slots(self, rows: int) -> list[np.ndarray]:
         """A new cache for an in-place model: one ``[rows, H, max_positions, D]`` array per
         past input, zeros (the memory is committed as positions are written). The engine binds
-        leading rows of them to ``run_decoder``."""
+        leading rows of them to ``run_decoder``. InferenceError when the memory cannot be
+        reserved."""
         shape = (rows, self.n_head, self.max_positions, self.head_dim)
-        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        try:
+            return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        except (MemoryError, ValueError) as exc:  # ValueError: larger than numpy can address
+            raise InferenceError(f"{self.spec.name}@{self.spec.version}: cannot reserve its "
+                                 f"in-place KV cache ({rows} rows x {self.max_positions} "
+                                 f"positions): {exc}; lower BANTER_MAX_RUNNING or set "
+                                 "BANTER_KV_LAYOUT=concat") from exc
 
     def _check_graph(self, inputs: Mapping[str, Any]) -> None:
         needed_in = {"input_ids", "attention_mask"}
