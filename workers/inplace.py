@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from banter.demo import _Graph, _layer_norm, _linear, _mlp
 
@@ -42,15 +42,31 @@ def present_names(n_layer: int) -> list[str]:
 
 
 def _graph_facts(model: onnx.ModelProto) -> dict:
-    """Layers, heads, LayerNorm epsilon and GELU kind of a ``gpt_graph`` decoder."""
+    """Layers, heads, vocabulary, LayerNorm epsilon and GELU kind of a ``gpt_graph`` decoder."""
     graph = model.graph
     past = [i for i in graph.input if i.name.startswith("past_key_values.")]
     dims = past[0].type.tensor_type.shape.dim
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     eps = next(a.f for a in norms[0].attribute if a.name == "epsilon")
     ops = {n.op_type for n in graph.node}
+    wte = next(t for t in graph.initializer if t.name == "wte")
     return {"n_layer": len(past) // 2, "n_head": dims[1].dim_value, "head_dim": dims[3].dim_value,
-            "eps": eps, "gelu": "tanh" if "Tanh" in ops else "erf"}
+            "vocab": wte.dims[0], "eps": eps, "gelu": "tanh" if "Tanh" in ops else "erf"}
+
+
+class _InPlaceGraph(_Graph):
+    """A ``_Graph`` over the weights already in the loaded model: ``w`` names an initializer
+    there (and notes it used) instead of adding a copy."""
+
+    def __init__(self, present: set[str], eps: float) -> None:
+        super().__init__({}, eps)
+        self.present, self.used = present, set()
+
+    def w(self, name: str) -> str:
+        if name not in self.present:
+            raise NotInplaceable(f"the decoder has no weight {name!r}")
+        self.used.add(name)
+        return name
 
 
 def inplace_model(model_path: Path) -> tuple[bytes, dict]:
@@ -60,16 +76,37 @@ def inplace_model(model_path: Path) -> tuple[bytes, dict]:
     length after this pass, minus 1); ``total_sequence_length`` int32 scalar (the longest row's
     cached length after this pass); ``past_key.{i}`` / ``past_value.{i}`` [B, H, capacity, D].
     Outputs: ``logits`` [B, S, vocab] and ``present_key.{i}`` / ``present_value.{i}`` (bind
-    them to the past buffers). Raises ``NotInplaceable`` for any other model."""
+    them to the past buffers). Raises ``NotInplaceable`` for any other model.
+
+    The loaded model is edited where it lies (its nodes, inputs and outputs replaced, its
+    weights kept as they are), so the weights are never copied before the one serialization."""
     model = onnx.load(str(model_path))
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    if "h.0.q.w" not in weights or not any(i.name.startswith("past_key_values.")
-                                            for i in model.graph.input):
+    names = {t.name for t in model.graph.initializer}
+    if "h.0.q.w" not in names or "wte" not in names or not any(
+            i.name.startswith("past_key_values.") for i in model.graph.input):
         raise NotInplaceable(f"{model_path} is not a banterhearts gpt_graph decoder (its "
                              "weights are not named h.0.q.w and so on, or it has no KV cache "
                              "inputs)")
     facts = _graph_facts(model)
-    g = _Graph(weights, facts["eps"])
+    g = _InPlaceGraph(names, facts["eps"])
+    inputs, outputs = _build(g, facts, "lm_head" in names)
+    graph = model.graph
+    for i in reversed(range(len(graph.initializer))):  # the old graph's constants go
+        if graph.initializer[i].name not in g.used:
+            del graph.initializer[i]
+    graph.initializer.extend(g.inits)
+    for field, values in (("node", g.nodes), ("input", inputs), ("output", outputs)):
+        graph.ClearField(field)
+        getattr(graph, field).extend(values)
+    graph.ClearField("value_info")
+    graph.name = "inplace"
+    model.ClearField("opset_import")
+    model.opset_import.extend([helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)])
+    return model.SerializeToString(), facts
+
+
+def _build(g: _Graph, facts: dict, own_head: bool) -> tuple[list, list]:
+    """The twin's nodes into ``g``; returns its inputs and outputs."""
     n_layer, heads, hd = facts["n_layer"], facts["n_head"], facts["head_dim"]
     B, S, C = "batch_size", "sequence_length", "capacity"
     x = g.op("Add", g.op("Gather", g.w("wte"), "input_ids"), g.op("Gather", g.w("wpe"), "position_ids"))
@@ -77,8 +114,7 @@ def inplace_model(model_path: Path) -> tuple[bytes, dict]:
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [B]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
-    vocab = weights["wte"].shape[0]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, facts["vocab"]])]
     pasts, presents = past_names(n_layer), present_names(n_layer)
     for i in range(n_layer):
         p = f"h.{i}"
@@ -95,12 +131,9 @@ def inplace_model(model_path: Path) -> tuple[bytes, dict]:
         x = g.op("Add", x, _linear(g, f"attn_{i}", f"{p}.o"))
         x = g.op("Add", x, _mlp(g, _layer_norm(g, x, f"{p}.ln_2"), p, facts["gelu"]))
     x = _layer_norm(g, x, "ln_f")
-    head = g.w("lm_head") if "lm_head" in weights else g.op("Transpose", g.w("wte"), perm=[1, 0])
+    head = g.w("lm_head") if own_head else g.op("Transpose", g.w("wte"), perm=[1, 0])
     g.op("MatMul", x, head, out="logits")
-    graph = helper.make_graph(g.nodes, "inplace", inputs, outputs, g.inits)
-    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(CONTRIB, 1)])
-    return built.SerializeToString(), facts
+    return inputs, outputs
 
 
 def prompt_inputs(prompts: list[np.ndarray]) -> dict[str, np.ndarray]:
