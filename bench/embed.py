@@ -161,7 +161,9 @@ def naive_call(app, redis_url: str, timeout_s: float = 300.0):
 
     from bench.naive_worker import QUEUE, TASK
 
-    client = redis.Redis.from_url(redis_url)
+    # the reply wait blocks up to timeout_s: the socket must outlast it (redis-py 8 defaults
+    # socket_timeout to 5 s, and a BLPOP past it fails with "Timeout reading from socket")
+    client = redis.Redis.from_url(redis_url, socket_timeout=timeout_s + 5)
 
     def call(state: dict, texts: list[str]) -> list[list[float]]:
         replies = [f"bench:naive:reply:{uuid.uuid4().hex}" for _ in texts]

@@ -455,3 +455,22 @@ def test_gpu_check_with_a_prepared_interpreter_installs_nothing_and_says_cuda_is
     assert "still has no CUDAExecutionProvider" in run.stderr
     assert "installing onnxruntime-gpu" not in run.stderr
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_the_naive_baseline_waits_for_a_reply_longer_than_a_default_socket_timeout(settings):
+    """``bench embed``'s naive client blocks on each reply; a reply that comes after redis-py's
+    default socket timeout (5 s in redis-py 8) must still arrive, not fail the run."""
+    import threading
+
+    import redis
+
+    from bench.embed import naive_call
+
+    class App:  # the Celery app's send_task: here the "worker" answers 6 s later
+        def send_task(self, name, args, queue):
+            text, key = args
+            threading.Timer(6.0, lambda: redis.Redis.from_url(settings.redis_url).rpush(
+                key, json.dumps([len(text)]))).start()
+
+    call = naive_call(App(), settings.redis_url, timeout_s=20.0)
+    assert call({}, ["late"]) == [[4]]
