@@ -262,10 +262,7 @@ def raw_inplace(model_dir: Path, providers: Sequence[Any], rows: int, threads: i
     on the CPU provider; ValueError for anything else."""
     if providers[0] != "CPUExecutionProvider":
         raise ValueError("the in-place layout runs on the CPU provider only")
-    config_path = model_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    capacity = config.get("n_positions") or config.get("max_position_embeddings") or 1024
-    return Inplace(model_dir / "model.onnx", rows, capacity, threads)  # NotInplaceable: ValueError
+    return Inplace(model_dir / "model.onnx", rows, threads=threads)  # NotInplaceable: ValueError
 
 
 # -- the schedule with every pass costing the same -----------------------------------------

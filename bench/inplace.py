@@ -10,19 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.inplace import decode_inputs, inplace_model, past_names, present_names, prompt_inputs
+from workers.inplace import decode_inputs, inplace_model, prompt_inputs, run_in_place
 
 
 class Inplace:
     """A session of ``inplace_model`` on the CPU provider, with one cache buffer per past input
-    of ``capacity`` positions for ``rows`` rows, written in place by every pass (a pass binds
-    the leading rows it runs)."""
+    of ``capacity`` positions (default: the model's) for ``rows`` rows, written in place by
+    every pass (a pass binds the leading rows it runs)."""
 
-    def __init__(self, model_path: Path, rows: int, capacity: int, threads: int = 0) -> None:
+    def __init__(self, model_path: Path, rows: int, capacity: int | None = None,
+                 threads: int = 0) -> None:
         import onnxruntime as ort
 
-        self.ort = ort
         model, facts = inplace_model(model_path)
+        capacity = capacity or facts["positions"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
@@ -52,17 +53,7 @@ class Inplace:
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One pass over the leading ``len(input_ids)`` rows; returns the logits."""
         rows = len(inputs["input_ids"])
-        binding = self.session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output("logits", "cpu")  # get_outputs() follows the binding order
-        pairs = zip(past_names(self.n_layer), present_names(self.n_layer), self.buffers)
-        for past, present, buffer in pairs:
-            value = self.ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # shares the memory
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return run_in_place(self.session, inputs, [b[:rows] for b in self.buffers], self.n_layer)
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int],
                  eos: int | None) -> tuple[list[list[int]], float, int]:

@@ -16,9 +16,11 @@ it and it reproduces the original's logits (checked at load).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from banter.demo import _Graph, _layer_norm, _linear, _mlp
@@ -26,7 +28,6 @@ from banter.demo import _Graph, _layer_norm, _linear, _mlp
 CONTRIB = "com.microsoft"
 PAST_PREFIX = "past_"  # past_key.{i}, past_value.{i}
 PRESENT_PREFIX = "present_"
-INPUTS = ("input_ids", "position_ids", "seqlens_k", "total_sequence_length")
 
 
 class NotInplaceable(ValueError):
@@ -42,16 +43,18 @@ def present_names(n_layer: int) -> list[str]:
 
 
 def _graph_facts(model: onnx.ModelProto) -> dict:
-    """Layers, heads, vocabulary, LayerNorm epsilon and GELU kind of a ``gpt_graph`` decoder."""
+    """Layers, heads, vocabulary, positions, LayerNorm epsilon and GELU kind of a ``gpt_graph``
+    decoder."""
     graph = model.graph
     past = [i for i in graph.input if i.name.startswith("past_key_values.")]
     dims = past[0].type.tensor_type.shape.dim
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     eps = next(a.f for a in norms[0].attribute if a.name == "epsilon")
     ops = {n.op_type for n in graph.node}
-    wte = next(t for t in graph.initializer if t.name == "wte")
+    rows = {t.name: t.dims[0] for t in graph.initializer if t.name in ("wte", "wpe")}
     return {"n_layer": len(past) // 2, "n_head": dims[1].dim_value, "head_dim": dims[3].dim_value,
-            "vocab": wte.dims[0], "eps": eps, "gelu": "tanh" if "Tanh" in ops else "erf"}
+            "vocab": rows["wte"], "positions": rows["wpe"], "eps": eps,
+            "gelu": "tanh" if "Tanh" in ops else "erf"}
 
 
 class _InPlaceGraph(_Graph):
@@ -71,7 +74,7 @@ class _InPlaceGraph(_Graph):
 
 def inplace_model(model_path: Path) -> tuple[bytes, dict]:
     """The in-place twin of the ``gpt_graph`` decoder at ``model_path`` (ONNX bytes) and its
-    geometry (``n_layer``, ``n_head``, ``head_dim``). Inputs: ``input_ids``, ``position_ids``
+    geometry (``n_layer``, ``n_head``, ``head_dim``, ``positions``). Inputs: ``input_ids``, ``position_ids``
     [B, S] int64 (a prompt batch right-padded); ``seqlens_k`` [B] int32 (each row's cached
     length after this pass, minus 1); ``total_sequence_length`` int32 scalar (the longest row's
     cached length after this pass); ``past_key.{i}`` / ``past_value.{i}`` [B, H, capacity, D].
@@ -82,7 +85,7 @@ def inplace_model(model_path: Path) -> tuple[bytes, dict]:
     weights kept as they are), so the weights are never copied before the one serialization."""
     model = onnx.load(str(model_path))
     names = {t.name for t in model.graph.initializer}
-    if "h.0.q.w" not in names or "wte" not in names or not any(
+    if not {"h.0.q.w", "wte", "wpe"} <= names or not any(
             i.name.startswith("past_key_values.") for i in model.graph.input):
         raise NotInplaceable(f"{model_path} is not a banterhearts gpt_graph decoder (its "
                              "weights are not named h.0.q.w and so on, or it has no KV cache "
@@ -156,3 +159,21 @@ def decode_inputs(tokens: np.ndarray, cached: np.ndarray) -> dict[str, np.ndarra
             "position_ids": positions.reshape(-1, 1),
             "seqlens_k": positions.astype(np.int32),
             "total_sequence_length": np.array(int(positions.max()) + 1, dtype=np.int32)}
+
+
+def run_in_place(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray],
+                 buffers: Sequence[np.ndarray], n_layer: int) -> np.ndarray:
+    """One pass of a twin ``session`` with ``buffers`` (C-contiguous arrays, one per past
+    input: leading rows of a cache) as both its pasts and its presents; returns the logits."""
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output("logits", "cpu")
+    for past, present, buffer in zip(past_names(n_layer), present_names(n_layer), buffers):
+        if not buffer.flags.c_contiguous:
+            raise ValueError(f"{past}: an in-place cache must be C-contiguous")
+        value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the array's memory
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()

@@ -241,8 +241,8 @@ class Runner:
         shape = (2, self.n_head, 4, self.head_dim)
         buffers = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
         n = self.n_layer
-        twin_first = _bound_run(twin, inplace.prompt_inputs(prompts), buffers, n)
-        twin_second = _bound_run(twin, inplace.decode_inputs(tokens, cached), buffers, n)
+        twin_first = inplace.run_in_place(twin, inplace.prompt_inputs(prompts), buffers, n)
+        twin_second = inplace.run_in_place(twin, inplace.decode_inputs(tokens, cached), buffers, n)
         for expected, got in ((first[:, -1], twin_first[[0, 1], [2, 0]]), (second[:, -1], twin_second[:, -1])):
             if not np.allclose(expected, got, rtol=1e-3, atol=1e-3):
                 raise ValueError("its logits differ from the model's own by up to "
@@ -314,7 +314,7 @@ class Runner:
         them as the presents."""
         if self.kv_layout == "inplace":
             try:
-                return _bound_run(self.session, inputs, pasts, self.n_layer), list(pasts)
+                return inplace.run_in_place(self.session, inputs, pasts, self.n_layer), list(pasts)
             except Exception as exc:  # ORT raises its own non-standard exception types
                 raise InferenceError(f"{self.spec.name}@{self.spec.version}: ORT run failed: "
                                      f"{exc}") from exc
@@ -377,25 +377,6 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _bound_run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray],
-               buffers: Sequence[np.ndarray], n_layer: int) -> np.ndarray:
-    """One pass of an in-place twin with ``buffers`` as both its pasts and its presents;
-    returns the logits."""
-    binding = session.io_binding()
-    for name, value in inputs.items():
-        binding.bind_cpu_input(name, value)
-    binding.bind_output("logits", "cpu")
-    pairs = zip(inplace.past_names(n_layer), inplace.present_names(n_layer), buffers)
-    for past, present, buffer in pairs:
-        if not buffer.flags.c_contiguous:
-            raise ValueError(f"{past}: an in-place cache must be C-contiguous")
-        value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the array's memory
-        binding.bind_ortvalue_input(past, value)
-        binding.bind_ortvalue_output(present, value)
-    session.run_with_iobinding(binding)
-    return binding.get_outputs()[0].numpy()
 
 
 def to_host(values: Sequence[Any]) -> list[np.ndarray]:
