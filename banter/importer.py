@@ -549,6 +549,14 @@ def import_model(src: Path | str, out: Path | str, *, name: str | None = None,
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}
 
 
+def random_gpt2_config(vocab_size: int, dims: dict | None = None) -> dict:
+    """The Hugging Face config of a GPT-2-small-shaped decoder (``dims`` overriding
+    ``GPT2_SMALL``) with ``vocab_size`` vocabulary rows and no EOS token."""
+    return {"model_type": "gpt2", **GPT2_SMALL, **(dims or {}), "vocab_size": vocab_size,
+            "bos_token_id": 0, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "n_inner": None}
+
+
 def write_random_gpt2(out: Path | str, *, name: str = "gpt2-small-random", seed: int = 0,
                       dims: dict | None = None) -> Imported:
     """A GPT-2-small-shaped decoder (12 layers, 768 wide, 12 heads, 1024 positions) with random
@@ -556,9 +564,7 @@ def write_random_gpt2(out: Path | str, *, name: str = "gpt2-small-random", seed:
     real GPT-2's). No eos_token_id: generation always runs to max_tokens, as timing wants."""
     started = time.perf_counter()
     tok, _ = gpt_tokenizer()
-    config = {"model_type": "gpt2", **GPT2_SMALL, **(dims or {}), "vocab_size": tok.get_vocab_size(),
-              "bos_token_id": 0, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-              "n_inner": None}
+    config = random_gpt2_config(tok.get_vocab_size(), dims)
     tensors = random_gpt2_tensors(config, seed)
     model = gpt2_onnx(config, tensors, check_name(name))
     diff = _verify("generate", model, config, tensors, tok)

@@ -21,6 +21,7 @@ SCENARIOS = {
     "lanes": "bench.lanes",
     "soak": "bench.soak",
     "kvcache": "bench.kvcache",
+    "prefill": "bench.prefill",
 }
 
 log = logging.getLogger("bench")

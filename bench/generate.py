@@ -327,10 +327,56 @@ class _NullSink:
         self.seconds += seconds
 
 
+class _PassProbe:
+    """Wraps a runner's ``run_decoder`` for one run and splits its passes into prompt passes
+    (more than one position per row) and decode passes: count, rows (and positions, padding
+    included, for prompts), seconds, and decode seconds by rows."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.run = runner, runner.run_decoder
+        self.passes: list[tuple[int, int, float, bool]] = []  # rows, positions, seconds, prompt?
+
+    def __enter__(self) -> _PassProbe:
+        self.runner.run_decoder = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.runner.run_decoder  # the class's method again
+
+    def __call__(self, inputs, pasts):
+        started = time.perf_counter()
+        out = self.run(inputs, pasts)
+        rows, width = inputs["input_ids"].shape
+        self.passes.append((rows, width, time.perf_counter() - started, self.prompt_pass(inputs)))
+        return out
+
+    @staticmethod
+    def prompt_pass(inputs) -> bool:
+        ids = inputs["input_ids"]
+        if "seqlens_k" in inputs:  # in place: a decode row has at least its prompt cached
+            return ids.shape[1] > 1 or int(inputs["seqlens_k"].max()) == 0
+        return inputs["attention_mask"].shape[1] == ids.shape[1]  # nothing cached before
+
+    def split(self) -> dict:
+        decode = [p for p in self.passes if not p[3]]
+        prompt = [p for p in self.passes if p[3]]
+        by_rows: dict[int, list[float]] = {}
+        for rows, _, seconds, _ in decode:
+            by_rows.setdefault(rows, []).append(seconds)
+        return {"decode": {"passes": len(decode), "rows": sum(p[0] for p in decode),
+                           "seconds": round(sum(p[2] for p in decode), 3),
+                           "ms_by_rows": {rows: {"passes": len(v), "mean_ms": round(1000 * float(np.mean(v)), 2)}
+                                          for rows, v in sorted(by_rows.items())}},
+                "prompt": {"passes": len(prompt), "rows": sum(p[0] for p in prompt),
+                           "positions": sum(p[0] * p[1] for p in prompt),
+                           "seconds": round(sum(p[2] for p in prompt), 3)}}
+
+
 def run_engine_alone(runners, spec, workload: list[Request], clients: int,
                      settings: EngineSettings) -> tuple[dict, list[list[int]]]:
     """The same closed-loop workload straight into ``workers.engine.Engine.step`` in this
-    process (no Redis, HTTP or Celery): what the engine's scheduling costs by itself."""
+    process (no Redis, HTTP or Celery): what the engine's scheduling costs by itself, with its
+    passes split into decode and prompt passes (``_PassProbe``)."""
     from banter.params import SamplingParams
     from workers.engine import Engine
 
@@ -344,23 +390,24 @@ def run_engine_alone(runners, spec, workload: list[Request], clients: int,
         active[client] = (r, engine.submit_generate(
             f"r{r.index}", spec, r.prompt, SamplingParams(max_tokens=r.max_tokens)))
 
-    started = time.perf_counter()
-    for c in range(clients):
-        if queues[c]:
-            submit(c)
-    while active:
-        engine.step()
-        for c, (r, future) in list(active.items()):
-            if future.done():
-                outputs[r.index] = future.result().token_ids
-                del active[c]
-                if queues[c]:
-                    submit(c)
-    wall = time.perf_counter() - started
+    with _PassProbe(runners.get(spec)) as probe:
+        started = time.perf_counter()
+        for c in range(clients):
+            if queues[c]:
+                submit(c)
+        while active:
+            engine.step()
+            for c, (r, future) in list(active.items()):
+                if future.done():
+                    outputs[r.index] = future.result().token_ids
+                    del active[c]
+                    if queues[c]:
+                        submit(c)
+        wall = time.perf_counter() - started
     tokens = sum(len(t) for t in outputs.values())
     return ({"tokens_per_s": tokens / wall, "passes": sink.passes,
              "mean_batch": round(sink.items / sink.passes, 2) if sink.passes else 0,
-             "ort_s": round(sink.seconds, 3)},
+             "ort_s": round(sink.seconds, 3), **probe.split()},
             [outputs[r.index] for r in workload])
 
 
@@ -392,6 +439,7 @@ def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Requ
         "runs_tokens_per_s": [round(r["tokens_per_s"], 2) for r in results],
         "passes": results[0]["passes"], "mean_batch": results[0]["mean_batch"],
         "ort_s": [r["ort_s"] for r in results],
+        "decode": results[0]["decode"], "prompt": results[0]["prompt"],
         "correct": correct[admission]} for admission, results in runs.items()}
 
 

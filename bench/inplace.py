@@ -41,17 +41,19 @@ class Inplace:
 
     def step(self, ids: np.ndarray, positions: np.ndarray, cached: int) -> np.ndarray:
         """One pass of ``ids`` [rows, S] after ``cached`` positions in every row; returns the
-        logits."""
+        logits of each row's last position [rows, 1, vocab]."""
         rows, width = ids.shape
         if cached + width > self.capacity:
             raise ValueError(f"{cached + width} positions exceed the capacity {self.capacity}")
         return self.run({"input_ids": ids.astype(np.int64),
                          "position_ids": positions.astype(np.int64),
                          "seqlens_k": np.full(rows, cached + width - 1, np.int32),
-                         "total_sequence_length": np.array(cached + width, np.int32)})
+                         "total_sequence_length": np.array(cached + width, np.int32),
+                         "logits_index": np.arange(rows, dtype=np.int64) * width + width - 1})
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One pass over the leading ``len(input_ids)`` rows; returns the logits."""
+        """One pass over the leading ``len(input_ids)`` rows; returns the logits
+        (``run_in_place``)."""
         rows = len(inputs["input_ids"])
         return run_in_place(self.session, inputs, [b[:rows] for b in self.buffers], self.n_layer)
 
@@ -71,7 +73,7 @@ class Inplace:
         limits = np.asarray(max_tokens)
         passes = 0
         started = time.perf_counter()
-        logits = self.run(inputs)[rows, cached - 1]
+        logits = self.run(inputs)[:, -1]
         while True:
             passes += 1
             tokens = logits.argmax(axis=-1)

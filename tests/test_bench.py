@@ -148,6 +148,40 @@ def test_admission_setting_is_validated_and_reaches_the_engine():
         EngineSettings(admission="sometimes")
 
 
+def test_engine_alone_splits_its_passes_into_prompt_and_decode_passes(gpt):
+    """``diagnostics.engine_alone``'s split, in place: one prompt row per job, one decode row
+    per token after each job's first, and the probe leaves the runner as it found it."""
+    from bench.generate import make_workload, run_engine_alone
+
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="inplace")
+    workload = make_workload(3, 2, [4, 9, 2])
+    result, outputs = run_engine_alone(runners, gpt, workload, 3, EngineSettings(max_running=8))
+    jobs, tokens = len(workload), sum(len(t) for t in outputs)
+    assert tokens == sum(r.max_tokens for r in workload)
+    prompt, decode = result["prompt"], result["decode"]
+    assert prompt["rows"] == jobs and prompt["positions"] >= jobs
+    assert decode["rows"] == tokens - jobs
+    assert sum(v["passes"] for v in decode["ms_by_rows"].values()) == decode["passes"]
+    assert prompt["passes"] + decode["passes"] == result["passes"]
+    assert "run_decoder" not in vars(runners.get(gpt))
+
+
+@pytest.mark.parametrize("layout", ["inplace", "concat"])
+def test_a_one_token_prompt_pass_is_a_prompt_pass(layout):
+    from bench.generate import _PassProbe
+    from workers.batching import left_pad_prompts
+    from workers.inplace import decode_inputs, prompt_inputs
+
+    one = [np.array([7], dtype=np.int64)] * 2
+    if layout == "inplace":
+        assert _PassProbe.prompt_pass(prompt_inputs(one))
+        assert not _PassProbe.prompt_pass(decode_inputs(np.array([3, 4]), np.array([1, 5])))
+    else:
+        ids, mask, positions = left_pad_prompts(one)
+        assert _PassProbe.prompt_pass({"input_ids": ids, "attention_mask": mask})
+        assert not _PassProbe.prompt_pass({"input_ids": ids, "attention_mask": np.c_[mask, mask]})
+
+
 @pytest.mark.slow
 def test_generate_benchmark_smoke_run():
     run = subprocess.run([sys.executable, "-m", "bench", "generate", "--clients", "2",
@@ -179,9 +213,9 @@ def test_generate_benchmark_smoke_run():
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["onnxruntime"]
 
 
-# -- embed, latency, sse, lanes, kvcache: smoke runs with tiny flags, and the pure checks -----
+# -- embed, latency, sse, lanes, kvcache, prefill: smoke runs with tiny flags, and the pure checks -----
 
-# each smoke run starts its own stack (kvcache: none); they run side by side
+# each smoke run starts its own stack (kvcache, prefill: none); they run side by side
 SMOKE_RUNS = {
     "embed": ["--sentences", "24", "--clients", "4", "--repeats", "1", "--inputs-per-request", "2"],
     "latency": ["--requests", "5", "--warmup", "1", "--no-window-diagnostic"],
@@ -189,6 +223,7 @@ SMOKE_RUNS = {
     "lanes": ["--bulk", "40", "--requests", "2", "--submitters", "4"],
     "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2", "--profile-ops",
                 "--inplace"],
+    "prefill": ["--rows", "3", "--prompt-tokens", "6", "--repeats", "2"],
 }
 
 
@@ -325,8 +360,9 @@ def test_kvcache_benchmark_smoke_run(smoke_runs):
 
 def test_the_inplace_twin_computes_what_the_decoder_computes(tmp_path):
     """``bench.inplace``: demo-gpt rebuilt with GroupQueryAttention and one cache buffer per
-    past input gives the original's logits for a prompt (prefill, no past) and for the decode
-    steps after it, each step writing its position into the buffer in place."""
+    past input gives the original's logits at each row's last position for a prompt (prefill,
+    no past) and for the decode steps after it, each step writing its position into the buffer
+    in place."""
     import onnxruntime as ort
 
     from banter.demo import DEMO_GPT, build_demo
@@ -348,7 +384,7 @@ def test_the_inplace_twin_computes_what_the_decoder_computes(tmp_path):
                  "position_ids": positions, **dict(zip(past_names, pasts))}
         want, *pasts = original.run(["logits", *present_names], feeds)
         got = twin.step(ids, positions, cached)
-        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+        assert got.shape == (rows, 1, want.shape[2]) and np.abs(got - want[:, -1:]).max() < 1e-4
         cached += width
         ids = want[:, -1].argmax(-1)[:, None]
     with pytest.raises(ValueError, match="13 positions exceed the capacity 12"):
@@ -382,6 +418,33 @@ def test_the_inplace_twin_needs_a_gpt_graph_decoder(tmp_path):
 
     with pytest.raises(NotInplaceable, match="not a banterhearts gpt_graph decoder"):
         inplace_model(build_demo(tmp_path)[DEMO_EMBED] / "model.onnx")
+
+
+def test_prefill_benchmark_smoke_run(smoke_runs):
+    """demo-gpt's prompt pass on its in-place twin and on its own graph: same next tokens."""
+    result = smoke_result(smoke_runs, "prefill")
+    assert result["correct"] is True
+    assert result["served"] > 0 and result["baselines"]["own_graph"] > 0
+    assert all(len(runs) == 2 for runs in result["runs_ms"].values())
+    assert result["settings"]["prompt_tokens_total"] == 6 + 5 + 4
+
+
+def test_prefill_loops_agree_on_a_random_decoder_with_its_own_vocabulary(tmp_path):
+    """``--random-gpt2-small``'s decoder (here a small shape with 1000 vocabulary rows, more
+    than the tokenizer's): the twin projects only each prompt's last position and picks what
+    the model's own graph picks there, row for row, for ragged prompts."""
+    from bench.prefill import OwnGraph, Twin, make_prompts, write_random_decoder
+    from workers.inplace import prompt_inputs
+
+    dims = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 32}
+    model = write_random_decoder(tmp_path / "m", 1000, dims)
+    own, twin = OwnGraph(model, threads=1), Twin(model, rows=5, capacity=9, threads=1)
+    assert own.raw.session.get_outputs()[0].shape[2] == 1000
+    prompts = make_prompts(5, 9, 1000, seed=4)
+    assert [len(p) for p in prompts] == [9, 8, 7, 6, 9]
+    logits = twin.inplace.run(prompt_inputs(prompts))
+    assert logits.shape == (5, 1, 1000)
+    assert twin.next_tokens(prompts).tolist() == own.next_tokens(prompts).tolist()
 
 
 def test_kvcache_kernel_time_leaves_out_the_warm_up_runs():

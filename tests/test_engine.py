@@ -1063,6 +1063,24 @@ def test_the_inplace_layout_serves_the_twin_of_a_gpt_graph_decoder(specs, concat
     assert concat_cache.get(specs["gpt"]).kv_layout == "concat"
 
 
+def test_an_inplace_prompt_pass_returns_each_prompt_last_position_only(specs, concat_cache):
+    """Right-padded prompts of three lengths in one twin pass: one row of logits per prompt,
+    equal to the model's own graph's at that prompt's last token (not at the padding)."""
+    from workers import inplace
+
+    runner = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1,
+                         kv_layout="inplace").get(specs["gpt"])
+    own = concat_cache.get(specs["gpt"])
+    prompts = [np.array(own.tokenizer.encode(p).ids, dtype=np.int64) for p in PROMPTS[:3]]
+    assert len({len(p) for p in prompts}) == 3
+    slots = runner.kv_slots(3)
+    logits, _ = runner.run_decoder(inplace.prompt_inputs(prompts), slots)
+    assert logits.shape == (3, 1, own.tokenizer.get_vocab_size())
+    for row, prompt in enumerate(prompts):
+        want, _, _ = prefill(own, [prompt])
+        np.testing.assert_allclose(logits[row, 0], want[0], atol=1e-4)
+
+
 def test_a_twin_that_disagrees_with_its_model_is_not_served(specs, tmp_path, monkeypatch, caplog):
     """The load-time check: a twin whose logits differ (here: built from other weights) is
     dropped with a warning and the model's own graph serves."""

@@ -768,8 +768,7 @@ class Engine:
                              [buffer[first:first + len(seqs)] for buffer in slots])
             if out is None:
                 return None
-            last = out[0][np.arange(len(seqs)), inputs["seqlens_k"]]  # each prompt's last token
-            self._sample(last[:, None], seqs, events)
+            self._sample(out[0], seqs, events)  # the twin returns each prompt's last position
             return _SlotBatch(seqs, slots)
         ids, mask, positions = left_pad_prompts(prompts)
         empty = np.zeros((len(seqs), runner.n_head, 0, runner.head_dim), dtype=runner.kv_dtype)
@@ -790,9 +789,10 @@ class Engine:
             started = time.perf_counter()
             logits, presents = runner.run_decoder(inputs, pasts)
             seconds = time.perf_counter() - started
-            if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+            expected = (len(ids), 1 if runner.kv_layout == "inplace" else ids.shape[1])
+            if logits.ndim != 3 or logits.shape[:2] != expected:
                 raise InferenceError(f"{runner.spec.name}: logits have shape {logits.shape}, "
-                                     f"expected {ids.shape} + [vocab]")
+                                     f"expected {list(expected)} + [vocab]")
         except InferenceError as exc:
             for seq in seqs:
                 seq.error = exc
