@@ -311,7 +311,8 @@ class Runner:
         In-place (``kv_layout``): ``inputs`` are the twin's (``inplace.prompt_inputs`` /
         ``decode_inputs``) and ``pasts`` C-contiguous arrays (leading rows of ``kv_slots``),
         bound as both past and present: the pass writes its positions into them and returns
-        them as the presents."""
+        them as the presents. Its logits are ``[B, 1, vocab]``: each row's sampled position
+        only (``logits_index``)."""
         if self.kv_layout == "inplace":
             try:
                 return inplace.run_in_place(self.session, inputs, pasts, self.n_layer), list(pasts)
