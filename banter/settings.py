@@ -18,7 +18,6 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
 ADMISSIONS = ("continuous", "static")  # BANTER_ADMISSION and EngineSettings.admission
 PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSettings.prefill_overlap
-PREFILL_MERGES = ("auto", "off")  # BANTER_PREFILL_MERGE and EngineSettings.prefill_merge
 KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's kv_layout
 # int settings that may be 0
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
@@ -88,7 +87,6 @@ class Settings:
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     publish_ahead_steps: int = 2  # generate steps the engine may run ahead of publishing their tokens
     prefill_overlap: str = "off"  # joining prompts' prefill beside the decode pass: off, on, auto
-    prefill_merge: str = "auto"  # in place, joining prompts ride in the decode pass: auto, off
     kv_layout: str = "auto"  # generate KV cache: auto, inplace (workers/inplace.py) or concat
     worker_concurrency: int = 64
     bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
@@ -130,9 +128,6 @@ class Settings:
         if self.prefill_overlap not in PREFILL_OVERLAPS:
             raise SettingsError(f"BANTER_PREFILL_OVERLAP={self.prefill_overlap!r}: expected "
                                 "off, on or auto")
-        if self.prefill_merge not in PREFILL_MERGES:
-            raise SettingsError(f"BANTER_PREFILL_MERGE={self.prefill_merge!r}: expected auto "
-                                "or off")
         if self.kv_layout not in KV_LAYOUTS:
             raise SettingsError(f"BANTER_KV_LAYOUT={self.kv_layout!r}: expected auto, inplace "
                                 "or concat")

@@ -328,16 +328,13 @@ class _NullSink:
 
 
 class _PassProbe:
-    """Wraps a runner's ``run_decoder`` for one run and splits its passes into decode passes,
-    prompt passes and (in place, ``BANTER_PREFILL_MERGE``) decode passes with prompts joining
-    in them: count, rows, prompts among them and their positions (padding included),
-    seconds, and the plain decode passes' mean ms by rows."""
-
-    KINDS = ("decode", "prompt", "decode_joining")
+    """Wraps a runner's ``run_decoder`` for one run and splits its passes into prompt passes
+    (more than one position per row) and decode passes: count, rows (and positions, padding
+    included, for prompts), seconds, and decode seconds by rows."""
 
     def __init__(self, runner) -> None:
         self.runner, self.run = runner, runner.run_decoder
-        self.passes: list[tuple[str, int, int, int, float]] = []  # kind, rows, prompts, positions, s
+        self.passes: list[tuple[int, int, float, bool]] = []  # rows, positions, seconds, prompt?
 
     def __enter__(self) -> _PassProbe:
         self.runner.run_decoder = self
@@ -346,19 +343,11 @@ class _PassProbe:
     def __exit__(self, *exc) -> None:
         del self.runner.run_decoder  # the class's method again
 
-    def __call__(self, inputs, pasts, joining=None):
+    def __call__(self, inputs, pasts):
         started = time.perf_counter()
-        out = self.run(inputs, pasts, joining)
-        seconds = time.perf_counter() - started
-        ids = inputs["input_ids"]
-        if joining is not None:
-            joined = inputs["join_input_ids"]
-            self.passes.append(("decode_joining", len(ids) + len(joined), len(joined),
-                                joined.size, seconds))
-        elif self.prompt_pass(inputs):
-            self.passes.append(("prompt", len(ids), len(ids), ids.size, seconds))
-        else:
-            self.passes.append(("decode", len(ids), 0, 0, seconds))
+        out = self.run(inputs, pasts)
+        rows, width = inputs["input_ids"].shape
+        self.passes.append((rows, width, time.perf_counter() - started, self.prompt_pass(inputs)))
         return out
 
     @staticmethod
@@ -369,20 +358,18 @@ class _PassProbe:
         return inputs["attention_mask"].shape[1] == ids.shape[1]  # nothing cached before
 
     def split(self) -> dict:
-        split = {}
-        for kind in self.KINDS:
-            passes = [p for p in self.passes if p[0] == kind]
-            split[kind] = {"passes": len(passes), "rows": sum(p[1] for p in passes),
-                           "prompts": sum(p[2] for p in passes),
-                           "prompt_positions": sum(p[3] for p in passes),
-                           "seconds": round(sum(p[4] for p in passes), 3)}
+        decode = [p for p in self.passes if not p[3]]
+        prompt = [p for p in self.passes if p[3]]
         by_rows: dict[int, list[float]] = {}
-        for _, rows, _, _, seconds in (p for p in self.passes if p[0] == "decode"):
+        for rows, _, seconds, _ in decode:
             by_rows.setdefault(rows, []).append(seconds)
-        split["decode"]["ms_by_rows"] = {
-            rows: {"passes": len(v), "mean_ms": round(1000 * float(np.mean(v)), 2)}
-            for rows, v in sorted(by_rows.items())}
-        return split
+        return {"decode": {"passes": len(decode), "rows": sum(p[0] for p in decode),
+                           "seconds": round(sum(p[2] for p in decode), 3),
+                           "ms_by_rows": {rows: {"passes": len(v), "mean_ms": round(1000 * float(np.mean(v)), 2)}
+                                          for rows, v in sorted(by_rows.items())}},
+                "prompt": {"passes": len(prompt), "rows": sum(p[0] for p in prompt),
+                           "positions": sum(p[0] * p[1] for p in prompt),
+                           "seconds": round(sum(p[2] for p in prompt), 3)}}
 
 
 def run_engine_alone(runners, spec, workload: list[Request], clients: int,
@@ -452,7 +439,7 @@ def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Requ
         "runs_tokens_per_s": [round(r["tokens_per_s"], 2) for r in results],
         "passes": results[0]["passes"], "mean_batch": results[0]["mean_batch"],
         "ort_s": [r["ort_s"] for r in results],
-        **{kind: results[0][kind] for kind in _PassProbe.KINDS},
+        "decode": results[0]["decode"], "prompt": results[0]["prompt"],
         "correct": correct[admission]} for admission, results in runs.items()}
 
 

@@ -148,26 +148,21 @@ def test_admission_setting_is_validated_and_reaches_the_engine():
         EngineSettings(admission="sometimes")
 
 
-@pytest.mark.parametrize("merge", ["auto", "off"])
-def test_engine_alone_splits_its_passes_into_prompt_and_decode_passes(gpt, merge):
-    """``diagnostics.engine_alone``'s split, in place: one prompt row per job, in a prompt
-    pass or (``prefill_merge``) joining a decode pass, one decode row per token after each
-    job's first; the probe leaves the runner as it found it."""
+def test_engine_alone_splits_its_passes_into_prompt_and_decode_passes(gpt):
+    """``diagnostics.engine_alone``'s split, in place: one prompt row per job, one decode row
+    per token after each job's first, and the probe leaves the runner as it found it."""
     from bench.generate import make_workload, run_engine_alone
 
     runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="inplace")
     workload = make_workload(3, 2, [4, 9, 2])
-    result, outputs = run_engine_alone(runners, gpt, workload, 3,
-                                       EngineSettings(max_running=8, prefill_merge=merge))
+    result, outputs = run_engine_alone(runners, gpt, workload, 3, EngineSettings(max_running=8))
     jobs, tokens = len(workload), sum(len(t) for t in outputs)
     assert tokens == sum(r.max_tokens for r in workload)
-    split = [result[kind] for kind in ("decode", "prompt", "decode_joining")]
-    assert sum(part["rows"] for part in split) == tokens
-    assert sum(part["prompts"] for part in split) == jobs
-    assert sum(part["passes"] for part in split) == result["passes"]
-    assert (result["decode_joining"]["passes"] > 0) is (merge == "auto")
-    decode = result["decode"]
+    prompt, decode = result["prompt"], result["decode"]
+    assert prompt["rows"] == jobs and prompt["positions"] >= jobs
+    assert decode["rows"] == tokens - jobs
     assert sum(v["passes"] for v in decode["ms_by_rows"].values()) == decode["passes"]
+    assert prompt["passes"] + decode["passes"] == result["passes"]
     assert "run_decoder" not in vars(runners.get(gpt))
 
 

@@ -504,8 +504,7 @@ def test_empty_prompt_starts_from_bos(make_engine, specs):
     SamplingParams(max_tokens=12, temperature=0.8, seed=1234),
     SamplingParams(max_tokens=12, temperature=2.0, top_p=0.9, seed=99),  # far from greedy
 ])
-def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, cache, sink, specs,
-                                                          params):
+def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, specs, params):
     alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=9 + i))
              for i, p in enumerate(PROMPTS)]
     sink.passes.clear()
@@ -521,16 +520,11 @@ def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, cache, s
         assert c.token_ids == a.token_ids and c.text == a.text and c.finish_reason == "length"
     assert max(c.batch_size for c in crowd) == len(PROMPTS)
     # every step published all its tokens at once: one decode pass over every running row
-    # (plus, at a step where a job joined, its prefill pass: in place, the joining prompt
-    # rides in the decode pass); none after the last join
+    # (plus, at a step where a job joined, its prefill pass); none after the last join
     passes = [p[3] for p in sink.passes if p[0] == "generate"]
-    if cache.get(specs["gpt"]).kv_layout == "inplace":
-        joins = len(PROMPTS)
-        assert passes[:joins] == [1, 2, 3, 4, 5]
-    else:
-        joins = 2 * len(PROMPTS) - 1
-        assert passes[:joins] == [1] + [n for i in range(1, len(PROMPTS)) for n in (i, 1)]
-    assert [len(step) for step in sink.published] == [1, 2, 3, 4, 5] + passes[joins:]
+    assert passes[:2 * len(PROMPTS) - 1] == [1] + [n for i in range(1, len(PROMPTS))
+                                                    for n in (i, 1)]
+    assert [len(step) for step in sink.published] == [1, 2, 3, 4, 5] + passes[2 * len(PROMPTS) - 1:]
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, seed=7)])
@@ -648,9 +642,9 @@ def test_interactive_is_admitted_before_bulk(make_engine, sink, specs):
 
 def test_a_prompt_joins_beside_a_long_run_whatever_the_position_limit(
         make_engine, sink, specs, cache, monkeypatch):
-    """Prefill runs apart from decode (in place: in the decode pass, attending in its own
-    rows) and the cache is kept per row, so a joining prompt never pads the running rows: it
-    joins even where padding them together would pass the model's positions."""
+    """Prefill runs apart from decode and the cache is left-padded per row, so a joining prompt
+    never pads the running rows: it joins even where padding them together would pass the
+    model's positions."""
     runner = cache.get(specs["gpt"])
     first, second = "hi", PROMPTS[2]
     a, b = (len(runner.tokenizer.encode(p).ids) for p in (first, second))
@@ -663,10 +657,7 @@ def test_a_prompt_joins_beside_a_long_run_whatever_the_position_limit(
     late = engine.submit_generate("late", specs["gpt"], second, SamplingParams(max_tokens=2))
     engine.step()
     assert sorted(engine.running_jobs()) == ["late", "long"]
-    if runner.kv_layout == "inplace":  # one pass: decode "long", prefill "late"
-        assert sink.passes[-1] == ("generate", "demo-gpt", 1, 2)
-    else:  # decode "long", then prefill "late"
-        assert sink.passes[-2:] == [("generate", "demo-gpt", 1, 1)] * 2
+    assert sink.passes[-2:] == [("generate", "demo-gpt", 1, 1)] * 2  # decode "long", prefill "late"
     long_result, late_result = drive(engine, [long_run, late])
     assert late_result.text == demo_words(2) and long_result.text == demo_words(30)
 
@@ -700,59 +691,6 @@ def test_ort_failure_fails_the_pass_and_the_engine_keeps_serving(make_engine, sp
     monkeypatch.undo()
     ok = engine.submit_generate("ok", specs["gpt"], "hi", SamplingParams(max_tokens=2))
     assert drive(engine, [ok])[0].text == demo_words(2)
-
-
-def test_a_failed_merged_pass_fails_running_and_joining_jobs_alike(specs, monkeypatch):
-    """In place, a step's joining prompt rides in the decode pass: when that pass fails, the
-    running job and the joining one both fail, and the engine serves the next job."""
-    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="inplace")
-    runner = runners.get(specs["gpt"])
-    engine = Engine(runners, RecordingSink())
-    running = engine.submit_generate("r", specs["gpt"], "hi", SamplingParams(max_tokens=9))
-    engine.step()
-    joining = engine.submit_generate("j", specs["gpt"], "tell me", SamplingParams(max_tokens=9))
-    seen = []
-
-    def broken(inputs, pasts, joining_rows=None):
-        seen.append(joining_rows is not None)
-        raise InferenceError("demo-gpt@1: ORT run failed: boom")
-
-    monkeypatch.setattr(runner, "run_decoder", broken)
-    engine.step()
-    assert seen == [True]  # one pass for both
-    for future in (running, joining):
-        with pytest.raises(InferenceError, match="boom"):
-            future.result(timeout=1)
-    monkeypatch.undo()
-    ok = engine.submit_generate("ok", specs["gpt"], "hi", SamplingParams(max_tokens=2))
-    assert drive(engine, [ok])[0].text == demo_words(2)
-
-
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, seed=5)])
-def test_merged_and_separate_prefill_give_the_same_tokens(specs, params):
-    """``prefill_merge``: "auto" runs a step's joining prompts in the decode pass (one pass a
-    step), "off" in a pass of their own; every job's tokens and every step's published
-    tokens are the same either way."""
-    def crowd(merge):
-        runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1,
-                              kv_layout="inplace")
-        sink = RecordingSink()
-        engine = Engine(runners, sink, EngineSettings(prefill_merge=merge))
-        futures = []
-        for i, prompt in enumerate(PROMPTS * 2):  # one or two join at every step
-            for j in range(1 + i % 2):
-                futures.append(engine.submit_generate(
-                    f"m{i}.{j}", specs["gpt"], prompt, replace(params, max_tokens=2 + 3 * i + j)))
-            engine.step()
-        return [r.token_ids for r in drive(engine, futures)], sink
-
-    merged, merged_sink = crowd("auto")
-    separate, separate_sink = crowd("off")
-    assert merged == separate
-    assert [len(step) for step in merged_sink.published] == [
-        len(step) for step in separate_sink.published]
-    steps = len(merged_sink.published)
-    assert len(merged_sink.passes) == steps < len(separate_sink.passes)
 
 
 def test_run_loop_serves_from_a_thread(make_engine, specs):
@@ -981,12 +919,12 @@ class Meeting:
     def wrap(self, runner, monkeypatch):
         run = runner.run_decoder
 
-        def meeting(inputs, pasts, joining=None):
+        def meeting(inputs, pasts):
             self.threads.add(threading.current_thread().name)
             if self.due and not self.met:
                 self.barrier.wait()
                 self.met = True
-            return run(inputs, pasts, joining)
+            return run(inputs, pasts)
 
         monkeypatch.setattr(runner, "run_decoder", meeting)
 
@@ -1032,9 +970,9 @@ def test_serial_prefill_never_leaves_the_engine_thread(specs, monkeypatch):
     threads = set()
     run = runner.run_decoder
 
-    def recording(inputs, pasts, joining=None):
+    def recording(inputs, pasts):
         threads.add(threading.current_thread().name)
-        return run(inputs, pasts, joining)
+        return run(inputs, pasts)
 
     monkeypatch.setattr(runner, "run_decoder", recording)
     engine = Engine(runners, RecordingSink(), EngineSettings(prefill_overlap="auto"))
@@ -1104,19 +1042,6 @@ def test_prefill_overlap_setting_is_validated_and_reaches_the_engine():
 
 # -- the in-place layout -----------------------------------------------------------------------
 
-def test_prefill_merge_setting_is_validated():
-    from banter.settings import Settings, SettingsError
-    from workers.runtime import engine_settings
-
-    assert Settings().prefill_merge == "auto" and EngineSettings().prefill_merge == "auto"
-    off = Settings.from_env({"BANTER_PREFILL_MERGE": "off"})
-    assert engine_settings(off).prefill_merge == "off"
-    with pytest.raises(SettingsError, match="BANTER_PREFILL_MERGE='yes': expected auto or off"):
-        Settings.from_env({"BANTER_PREFILL_MERGE": "yes"})
-    with pytest.raises(ValueError, match="prefill_merge must be one of auto, off"):
-        EngineSettings(prefill_merge="on")
-
-
 def test_kv_layout_setting_is_validated():
     from banter.settings import Settings, SettingsError
 
@@ -1154,26 +1079,6 @@ def test_an_inplace_prompt_pass_returns_each_prompt_last_position_only(specs, co
     for row, prompt in enumerate(prompts):
         want, _, _ = prefill(own, [prompt])
         np.testing.assert_allclose(logits[row, 0], want[0], atol=1e-4)
-
-
-def test_the_load_check_covers_a_pass_with_prompts_joining(specs, monkeypatch, caplog):
-    """A twin whose joining rows come out wrong (here: logits taken at a joining prompt's
-    first position, not its last) is refused at load like any other disagreement."""
-    from workers import inplace
-
-    real = inplace.with_joining
-
-    def first_position(inputs, prompts):
-        joined = real(inputs, prompts)
-        joined["logits_index"][len(inputs["logits_index"]):] = inputs["input_ids"].size
-        return joined
-
-    monkeypatch.setattr(inplace, "with_joining", first_position)
-    runner = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1,
-                         kv_layout="auto").get(specs["gpt"])
-    assert runner.kv_layout == "concat"
-    warning = next(r for r in caplog.records if r.getMessage() == "kv_layout_concat")
-    assert "differ from the model's own" in warning.reason
 
 
 def test_a_twin_that_disagrees_with_its_model_is_not_served(specs, tmp_path, monkeypatch, caplog):
@@ -1216,16 +1121,15 @@ def test_a_model_without_a_twin_keeps_its_graph(specs, monkeypatch, caplog, layo
     assert ("kv_layout_concat" in caplog.text) is warned
 
 
-@pytest.mark.parametrize("merge", ["auto", "off"])
 def test_inplace_rows_hold_each_sequence_cache_as_sequences_join_and_leave(concat_cache,
-                                                                            specs, merge):
+                                                                            specs):
     """Sequences of mixed lengths join at every step and leave at different ones; after every
     step row b of the slots holds exactly the cache of ``seqs[b]`` (what the model's own graph
     computes for that sequence's tokens alone), no finished row is left in the batch, and
     finished rows were filled from the end (rows moved)."""
     runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="inplace")
     runner, own = runners.get(specs["gpt"]), concat_cache.get(specs["gpt"])
-    engine = Engine(runners, RecordingSink(), EngineSettings(max_running=6, prefill_merge=merge))
+    engine = Engine(runners, RecordingSink(), EngineSettings(max_running=6))
     sampled = SamplingParams(temperature=0.9, seed=3)
     futures, moved, checked = [], 0, 0
     rows_of: dict[str, int] = {}

@@ -13,8 +13,7 @@ leave (their rows are cut out and the columns no row uses any more are dropped).
 as a pass of its own so a joining prompt never pads every running row to its length; with
 ``EngineSettings.prefill_overlap`` that pass runs on a thread of its own, beside the decode pass.
 A model served in place (``Runner.kv_layout == "inplace"``) keeps its caches in fixed rows
-instead (``_SlotBatch``): nothing is re-packed, a pass writes only its new positions, and
-(``EngineSettings.prefill_merge``) the joining prompts ride in the decode pass itself.
+instead (``_SlotBatch``): nothing is re-packed, a pass writes only its new positions.
 """
 
 from __future__ import annotations
@@ -34,11 +33,11 @@ import numpy as np
 
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
-from banter.settings import ADMISSIONS, PREFILL_MERGES, PREFILL_OVERLAPS
+from banter.settings import ADMISSIONS, PREFILL_OVERLAPS
 from banter.streams import TokenEvent
 from workers.batching import collate, left_pad_prompts, mean_pool, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from workers.inplace import decode_inputs, prompt_inputs, with_joining
+from workers.inplace import decode_inputs, prompt_inputs
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
 from workers.sampling import sample
 
@@ -87,11 +86,7 @@ class EngineSettings:
     ``prefill_overlap``: at a step where sequences join a running batch, "on" runs their
     prefill pass on a thread of its own while the engine thread runs the decode pass (one ORT
     session, two passes in flight); "off" runs one after the other; "auto" overlaps for models
-    whose KV cache is on a GPU (``Runner.kv_device == "cuda"``). ``prefill_merge``: "auto"
-    runs such a step of an in-place model (``Runner.kv_layout == "inplace"``) as one pass, the
-    joining prompts beside the decode rows (their linear layers together, each group attending
-    in its own cache rows); "off" gives them a prefill pass of their own. An overlapping step
-    ("on" above) keeps its two passes."""
+    whose KV cache is on a GPU (``Runner.kv_device == "cuda"``)."""
 
     max_batch_size: int = 8
     batch_window_s: float = 0.005
@@ -103,12 +98,8 @@ class EngineSettings:
     admission: str = "continuous"
     publish_ahead: int = 0
     prefill_overlap: str = "off"
-    prefill_merge: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.prefill_merge not in PREFILL_MERGES:
-            raise ValueError(f"prefill_merge must be one of {', '.join(PREFILL_MERGES)}, "
-                             f"got {self.prefill_merge!r}")
         if self.prefill_overlap not in PREFILL_OVERLAPS:
             raise ValueError(f"prefill_overlap must be one of {', '.join(PREFILL_OVERLAPS)}, "
                              f"got {self.prefill_overlap!r}")
@@ -710,8 +701,6 @@ class Engine:
             finally:  # never leave the joining sequences' pass behind
                 arrivals = prefill.result()
                 events += joined
-        elif isinstance(batch, _SlotBatch) and joining and self._merges():
-            arrivals = self._decode_joining(runner, batch, joining, events)
         else:
             if batch is not None:
                 self._decode(runner, batch, events)
@@ -727,9 +716,6 @@ class Engine:
     def _overlaps(self, runner: Runner) -> bool:
         mode = self._settings.prefill_overlap
         return mode == "on" or (mode == "auto" and runner.kv_device == "cuda")
-
-    def _merges(self) -> bool:
-        return self._settings.prefill_merge == "auto"
 
     def _prefill_thread(self) -> ThreadPoolExecutor:
         if self._prefiller is None:
@@ -763,23 +749,6 @@ class Engine:
             batch.mask = mask
             self._sample(logits, batch.seqs, events)
 
-    def _decode_joining(self, runner: Runner, batch: _SlotBatch, joining: list[_Sequence],
-                        events: list[TokenEvent]) -> _SlotBatch | None:
-        """One pass for an in-place model: the running rows' decode step and the joining
-        prompts, prefilled into the rows after them (``prefill_merge``)."""
-        rows = len(batch.seqs)
-        tokens = np.array([seq.pending[0] for seq in batch.seqs], dtype=np.int64)
-        positions = np.array([seq.past_len for seq in batch.seqs], dtype=np.int64)
-        inputs = with_joining(decode_inputs(tokens, positions), [seq.pending for seq in joining])
-        out = self._pass(runner, batch.live() + joining, inputs,
-                         [buffer[:rows] for buffer in batch.slots],
-                         [buffer[rows:rows + len(joining)] for buffer in batch.slots])
-        if out is None:
-            return None
-        self._sample(out[0][:rows], batch.seqs, events)
-        self._sample(out[0][rows:], joining, events)
-        return _SlotBatch(joining, batch.slots)
-
     def _prefill(self, runner: Runner, seqs: list[_Sequence], events: list[TokenEvent],
                  first: int) -> _Batch | _SlotBatch | None:
         """The joining ``seqs``' prompt pass; an in-place model's caches go to rows ``first``
@@ -812,16 +781,15 @@ class Engine:
         return _Batch(seqs, presents, mask)
 
     def _pass(self, runner: Runner, seqs: list[_Sequence], inputs: dict[str, np.ndarray],
-              pasts: list, joining: list | None = None) -> tuple[np.ndarray, list] | None:
+              pasts: list) -> tuple[np.ndarray, list] | None:
         """One decoder pass for the live ``seqs`` (dead rows ride along): (logits, presents,
         see ``Runner.run_decoder``); on failure each of them gets the error and None returns."""
         ids = inputs["input_ids"]
         try:
             started = time.perf_counter()
-            logits, presents = runner.run_decoder(inputs, pasts, joining)
+            logits, presents = runner.run_decoder(inputs, pasts)
             seconds = time.perf_counter() - started
-            expected = ((len(inputs["logits_index"]), 1) if runner.kv_layout == "inplace"
-                        else ids.shape)
+            expected = (len(ids), 1 if runner.kv_layout == "inplace" else ids.shape[1])
             if logits.ndim != 3 or logits.shape[:2] != expected:
                 raise InferenceError(f"{runner.spec.name}: logits have shape {logits.shape}, "
                                      f"expected {list(expected)} + [vocab]")

@@ -228,38 +228,25 @@ class Runner:
 
     def _check_twin(self, twin: ort.InferenceSession) -> None:
         """Raise unless ``twin`` gives the logits the model's own graph gives for two prompts
-        of different lengths, then for a pass with their decode step and a third prompt
-        joining it."""
+        of different lengths and one decode step after them."""
         prompts = [np.array([1, 2, 3], dtype=np.int64), np.array([4], dtype=np.int64)]
-        joining = np.array([7, 8], dtype=np.int64)
-        first, pasts, mask = self._own_prompts(prompts)
+        ids, mask, positions = left_pad_prompts(prompts)
+        empty = np.zeros((2, self.n_head, 0, self.head_dim), dtype=self.kv_dtype)
+        first, pasts = self._host_pass({"input_ids": ids, "attention_mask": mask,
+                                        "position_ids": positions}, [empty] * len(self.past_names))
         tokens, cached = np.array([5, 6], dtype=np.int64), np.array([3, 1])
         second, _ = self._host_pass({"input_ids": tokens[:, None],
                                      "attention_mask": np.concatenate((mask, np.ones((2, 1), np.int64)), 1),
                                      "position_ids": cached[:, None]}, pasts)
-        joined, _, _ = self._own_prompts([joining])
-        shape = (3, self.n_head, 4, self.head_dim)
+        shape = (2, self.n_head, 4, self.head_dim)
         buffers = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
         n = self.n_layer
-        twin_first = inplace.run_in_place(twin, inplace.prompt_inputs(prompts),
-                                          [b[:2] for b in buffers], n)
-        twin_second = inplace.run_in_place(
-            twin, inplace.with_joining(inplace.decode_inputs(tokens, cached), [joining]),
-            [b[:2] for b in buffers], n, [b[2:] for b in buffers])
-        want = np.concatenate((first[:, -1], second[:, -1], joined[:, -1]))
-        got = np.concatenate((twin_first[:, -1], twin_second[:, -1]))
-        if not np.allclose(want, got, rtol=1e-3, atol=1e-3):
-            raise ValueError("its logits differ from the model's own by up to "
-                             f"{float(np.abs(want - got).max()):.3g}")
-
-    def _own_prompts(self, prompts: list[np.ndarray]) -> tuple[np.ndarray, list, np.ndarray]:
-        """A prompt pass of the model's own graph: (logits, presents, attention mask)."""
-        ids, mask, positions = left_pad_prompts(prompts)
-        empty = np.zeros((len(prompts), self.n_head, 0, self.head_dim), dtype=self.kv_dtype)
-        logits, presents = self._host_pass({"input_ids": ids, "attention_mask": mask,
-                                            "position_ids": positions},
-                                           [empty] * len(self.past_names))
-        return logits, presents, mask
+        twin_first = inplace.run_in_place(twin, inplace.prompt_inputs(prompts), buffers, n)
+        twin_second = inplace.run_in_place(twin, inplace.decode_inputs(tokens, cached), buffers, n)
+        for expected, got in ((first[:, -1], twin_first[:, -1]), (second[:, -1], twin_second[:, -1])):
+            if not np.allclose(expected, got, rtol=1e-3, atol=1e-3):
+                raise ValueError("its logits differ from the model's own by up to "
+                                 f"{float(np.abs(expected - got).max()):.3g}")
 
     def kv_slots(self, rows: int) -> list[np.ndarray]:
         """A new cache for an in-place model: one ``[rows, H, max_positions, D]`` array per
@@ -311,8 +298,8 @@ class Runner:
                                  f"{exc}") from exc
         return dict(zip(self.output_names, values))
 
-    def run_decoder(self, inputs: Mapping[str, np.ndarray], pasts: Sequence[Any],
-                    joining: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, list[Any]]:
+    def run_decoder(self, inputs: Mapping[str, np.ndarray],
+                    pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         """One decoder pass: ``inputs`` (``input_ids``, ``attention_mask``, ``position_ids``)
         and one past per ``past_names``. Returns the logits (numpy) and one present per
         ``present_names``: numpy arrays, or with ``kv_device`` OrtValues left on it (feed them
@@ -325,12 +312,10 @@ class Runner:
         ``decode_inputs``) and ``pasts`` C-contiguous arrays (leading rows of ``kv_slots``),
         bound as both past and present: the pass writes its positions into them and returns
         them as the presents. Its logits are ``[B, 1, vocab]``: each row's sampled position
-        only (``logits_index``). ``joining``: the rows after ``pasts`` for prompts joining in
-        the same pass (``inplace.with_joining`` inputs), their logits after the others."""
+        only (``logits_index``)."""
         if self.kv_layout == "inplace":
             try:
-                logits = inplace.run_in_place(self.session, inputs, pasts, self.n_layer, joining)
-                return logits, list(pasts)
+                return inplace.run_in_place(self.session, inputs, pasts, self.n_layer), list(pasts)
             except Exception as exc:  # ORT raises its own non-standard exception types
                 raise InferenceError(f"{self.spec.name}@{self.spec.version}: ORT run failed: "
                                      f"{exc}") from exc

@@ -119,8 +119,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
                           enable_batching=settings.enable_batching,
                           admission=settings.admission,
                           publish_ahead=settings.publish_ahead_steps,
-                          prefill_overlap=settings.prefill_overlap,
-                          prefill_merge=settings.prefill_merge)
+                          prefill_overlap=settings.prefill_overlap)
 
 
 class WorkerRuntime:
