@@ -10,6 +10,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from banter.errors import BanterError, InvalidRequest, Unavailable
 from banter.settings import Settings, SettingsError
@@ -64,7 +65,13 @@ def cmd_submit(args, settings: Settings) -> int:
 
 
 def cmd_stream(args, settings: Settings) -> int:
-    return _print_events(_client(args).events(f"/v1/jobs/{args.job_id}/events"))
+    client = _client(args)
+    job = client.request("GET", f"/v1/jobs/{args.job_id}")
+    if job["kind"] != "generate":
+        print(f"banter: job {job['id']} is an {job['kind']} job: it streams no tokens; its "
+              f"result is in GET /v1/jobs/{job['id']} (status {job['status']})", file=sys.stderr)
+        return EXIT_USAGE
+    return _print_events(client.events(f"/v1/jobs/{args.job_id}/events"))
 
 
 def _print_events(events) -> int:
@@ -198,6 +205,14 @@ def cmd_models_import(args, settings: Settings) -> int:
     return EXIT_OK
 
 
+def server_url(raw: str) -> str:
+    """``--url``: an http(s) URL with a host (a malformed one is a usage error, exit 2)."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an http:// or https:// URL with a host")
+    return raw
+
+
 def positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
@@ -211,7 +226,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def client_args(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("--url", default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
+        cmd.add_argument("--url", type=server_url,
+                         default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
         cmd.add_argument("--api-key", default=os.environ.get("BANTER_API_KEY"))
 
     up = sub.add_parser("up", help="run the whole stack on embedded defaults")

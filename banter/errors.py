@@ -74,6 +74,12 @@ class Conflict(BanterError):
     status = 409
 
 
+class IdempotencyKeyReused(Conflict):
+    """An idempotency key came back with a different request than its first one."""
+
+    type = "idempotency_key_reused"
+
+
 class FeatureDisabled(NotFound):
     type = "feature_disabled"
 

@@ -20,7 +20,7 @@ import orjson
 import redis
 
 from banter import keys
-from banter.errors import WireError
+from banter.errors import IdempotencyKeyReused, WireError
 
 
 class JobStatus(str, Enum):
@@ -34,6 +34,10 @@ class JobStatus(str, Enum):
     @property
     def terminal(self) -> bool:
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0}  # a job that never ran
+EXPIRED_ERROR = {"type": "expired", "message": "the job's deadline passed before it could run"}
 
 
 class JobKind(str, Enum):
@@ -63,6 +67,7 @@ class JobRecord:
     lane: str = Lane.INTERACTIVE.value
     status: str = JobStatus.QUEUED.value
     idempotency_key: str | None = None
+    request_hash: str | None = None  # what was asked, to tell a reused idempotency key apart
     deadline_at: float | None = None
     trace_id: str = ""
     queued_at: float | None = None
@@ -250,7 +255,8 @@ class JobStore:
 
     def create_idempotent(self, record: JobRecord) -> tuple[JobRecord, bool]:
         """Create unless ``(owner, idempotency_key)`` already names a live job; return (job,
-        created). Claiming the key and writing the record are one atomic script, so two
+        created), or raise IdempotencyKeyReused when that job was asked with another
+        ``request_hash``. Claiming the key and writing the record are one atomic script, so two
         concurrent submissions with one key always get one job."""
         if not record.idempotency_key:
             self.create(record)
@@ -265,6 +271,10 @@ class JobStore:
         existing = self.get(job_id)
         if existing is None:  # expired between the script and this read: a new job after all
             return self.create_idempotent(record)
+        if existing.request_hash and existing.request_hash != record.request_hash:
+            raise IdempotencyKeyReused(
+                f"idempotency_key {record.idempotency_key!r} was used for a different request "
+                f"(job {existing.id}); send that request again, or use a new key")
         return existing, False
 
     def forget_idempotency(self, record: JobRecord) -> None:

@@ -12,6 +12,7 @@ MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
+PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # the wire names
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,16 @@ class SamplingParams:
     def from_dict(cls, d: Mapping[str, Any], max_tokens_limit: int) -> SamplingParams:
         """Validate request parameters; raises ``InvalidRequest`` naming the field and its range.
 
-        Unknown keys are ignored; a missing or null field takes its default (``max_tokens``
-        defaults to ``min(16, max_tokens_limit)``).
+        An unknown key is refused (a misspelt option must not pass as its default); a
+        missing or null field takes its default (``max_tokens`` defaults to
+        ``min(16, max_tokens_limit)``).
         """
         if not isinstance(d, Mapping):
             raise InvalidRequest("sampling parameters must be a JSON object")
+        unknown = sorted(set(d) - set(PARAMS))
+        if unknown:
+            raise InvalidRequest(f"unknown sampling parameter {unknown[0]!r}: the parameters "
+                                 f"are {', '.join(PARAMS)}")
         return cls(
             max_tokens=_int(d, "max_tokens", min(cls.max_tokens, max_tokens_limit),
                             1, max_tokens_limit),

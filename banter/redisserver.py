@@ -52,7 +52,10 @@ class RedisServer:
                 "--dir", str(self.directory), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
                 "--maxmemory-policy", "noeviction", "--logfile", "redis.log"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a session of its own: Ctrl-C in a terminal reaches the stack's processes, not Redis,
+        # which the stack stops last, after everything that still writes to it
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

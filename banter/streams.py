@@ -150,3 +150,24 @@ def read_events(client: redis.Redis, job_id: str, after: str = "0-0",
     reply = client.xread({keys.stream(job_id): after}, block=block_ms, count=512)
     return [(entry_id, *decode_entry(fields))
             for _stream, entries in reply or [] for entry_id, fields in entries]
+
+
+def entry_key(entry_id: str) -> tuple[int, int] | None:
+    """A stream entry id ``MS-SEQ`` as a pair to compare, or None when it is not one Redis
+    accepts (two decimal parts, each below 2**64)."""
+    ms, dash, seq = entry_id.partition("-")
+    if not (dash and ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
+        return None
+    pair = int(ms), int(seq)
+    return pair if max(pair) < 2 ** 64 else None
+
+
+def ended_by(client: redis.Redis, job_id: str, after: str) -> bool:
+    """Whether the job's stream ends (its ``done`` or ``error`` entry) at or before entry id
+    ``after``: a reader who has everything up to ``after`` has the whole stream."""
+    last = client.xrevrange(keys.stream(job_id), count=1)
+    if not last:
+        return False
+    entry_id, fields = last[0]
+    final = decode_entry(fields)[0] is not EventType.TOKEN
+    return final and entry_key(entry_id) <= (entry_key(after) or (0, 0))

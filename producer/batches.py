@@ -27,7 +27,7 @@ from flask import Blueprint, Response, jsonify, url_for
 
 from banter import keys
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
-from banter.errors import InvalidRequest, NotFound, QueueFull, TooLarge, status_for
+from banter.errors import IdempotencyKeyReused, InvalidRequest, NotFound, QueueFull, TooLarge, status_for
 from banter.jobs import JobRecord, JobStatus, Lane
 from producer import openai_api as oa
 from producer import validation as v
@@ -65,7 +65,7 @@ def submit_line(c: Context, owner: str, line: BatchLine, key: str | None) -> Sub
             request = text_request(c, line.url, line.body)
         request = replace(request, lane=Lane.BULK, idempotency_key=key)
         job_id = c.jobs.submit(request, owner, trace_id())[0].id
-    except (InvalidRequest, NotFound) as exc:
+    except (InvalidRequest, NotFound, IdempotencyKeyReused) as exc:
         refused = response_line(line.custom_id, uuid.uuid4().hex, exc.status,
                                 {"error": exc.to_dict()})
         return Submitted(line.custom_id, line.url, refused=refused)

@@ -55,8 +55,11 @@ def _message(message: Any, where: str) -> Message:
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content'")
     role = message.get("role")
+    if role == "developer":  # OpenAI's newer name for the system role (o1 and later)
+        role = "system"
     if role not in ROLES:
-        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)} (or developer, "
+                             f"taken as system), got {role!r}")
     return role, _content(message.get("content"), f"{where}.content")
 
 

@@ -59,13 +59,21 @@ def stream_job(c: Context, record: JobRecord, owner: str, keep: bool,
     return sse.response(stream, {"X-Job-ID": record.id, "X-Backend": record.backend or ""})
 
 
+INFERENCE_FIELDS = ("prompt", "model", "keep_running", *v.SAMPLING_FIELDS)
+BATCH_FIELDS = ("prompts", "model", *v.SAMPLING_FIELDS)
+HINTS = {"stream": "ask for a stream with POST /v1/inference?stream=true",
+         "deadline_s": "a deadline is for jobs submitted with POST /v1/jobs",
+         "input": "the text goes in 'prompt' here"}
+
+
 @blueprint.post("/v1/inference")
 def inference():
     c = ctx()
     owner = c.owner()
     body = c.body()
+    v.known_fields(body, INFERENCE_FIELDS, HINTS)
     prompt = v.string(body, "prompt", required=True, max_len=c.settings.max_prompt_chars)
-    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id())
+    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id(), waited=True)
     if request.args.get("stream", "").lower() in ("1", "true", "yes"):
         return stream_job(c, record, owner, keep_running(body))
     record = c.jobs.wait(record.id)
@@ -81,12 +89,14 @@ def inference_batch():
         raise FeatureDisabled("batch inference is off (BANTER_ENABLE_BATCHING=false)")
     owner = c.owner()
     body = c.body()
+    v.known_fields(body, BATCH_FIELDS, {**HINTS, "prompt": "a batch takes a list in 'prompts'"})
     limit = c.settings.inference_max_batch_size
     if isinstance(body.get("prompts"), list) and len(body["prompts"]) > limit:
         raise TooLarge(f"{len(body['prompts'])} prompts; the limit is {limit} "
                        "(BANTER_INFERENCE_MAX_BATCH_SIZE)")
     prompts = v.string_list(body, "prompts", max_items=limit, max_len=c.settings.max_prompt_chars)
-    submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id())[0] for p in prompts]
+    submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id(), waited=True)[0]
+                 for p in prompts]
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
         records = list(pool.map(lambda r: c.jobs.wait(r.id), submitted))
     results = []

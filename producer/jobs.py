@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify, url_for
 from banter.errors import InvalidRequest, JobNotFound
 from banter.jobs import JobKind, JobRecord, Lane
 from banter.settings import Settings
+from banter.streams import ended_by
 from producer import sse
 from producer import validation as v
 from producer.context import ctx, trace_id
@@ -21,6 +22,7 @@ def job_request(body: dict, settings: Settings) -> JobRequest:
     """``input`` is a text; an embed job may carry a list of texts instead (at most
     BANTER_EMBED_MAX_INPUTS), embedded in order into ``result.embeddings``."""
     kind = JobKind(v.choice(body, "kind", tuple(k.value for k in JobKind), ""))
+    v.known_fields(body, JOB_FIELDS)
     params = body.get("params")
     if params is not None and not isinstance(params, dict):
         raise InvalidRequest("'params' must be an object")
@@ -39,6 +41,9 @@ def job_request(body: dict, settings: Settings) -> JobRequest:
         idempotency_key=v.string(body, "idempotency_key", max_len=128),
         deadline_s=v.number(body, "deadline_s", low=0.001, high=86400),
     )
+
+
+JOB_FIELDS = ("kind", "input", "model", "params", "lane", "idempotency_key", "deadline_s")
 
 
 def links(job_id: str) -> dict[str, str]:
@@ -79,5 +84,10 @@ def cancel_job(job_id: str):
 @blueprint.get("/v1/jobs/<job_id>/events")
 def job_events(job_id: str):
     c = ctx()
-    record = c.jobs.get(checked_id(job_id), c.owner())
-    return sse.response(sse.events(c.redis, record.id, sse.resume_point()))
+    owner = c.owner()
+    record = c.jobs.get(checked_id(job_id), owner)
+    after = sse.resume_point()
+    if ended_by(c.redis, record.id, after):  # resumed at or past the final event
+        return "", 204  # EventSource does not reconnect after a 204
+    return sse.response(sse.events(c.redis, record.id, after,
+                                   on_idle=lambda: c.jobs.get(record.id, owner)))

@@ -6,9 +6,10 @@ from datetime import datetime
 
 from flask import Blueprint, jsonify, request
 
-from banter.errors import InvalidRequest
+from banter.errors import InvalidRequest, ModelNotFound
 from producer import validation as v
 from producer.context import ctx
+from registry.records import Record
 
 blueprint = Blueprint("models", __name__)
 
@@ -17,10 +18,23 @@ blueprint = Blueprint("models", __name__)
 def list_models():
     c = ctx()
     c.owner()
-    data = [{"id": r.name, "object": "model", "owned_by": "banterhearts",
-             "created": int(datetime.fromisoformat(r.time).timestamp()), **r.to_public()}
-            for r in c.registry.list_active()]
-    return jsonify({"object": "list", "data": data})
+    return jsonify({"object": "list", "data": [model_object(r) for r in c.registry.list_active()]})
+
+
+@blueprint.get("/v1/models/<model_id>")
+def retrieve_model(model_id: str):
+    """OpenAI ``models.retrieve``: one active model, as ``/v1/models`` lists it."""
+    c = ctx()
+    c.owner()
+    for record in c.registry.list_active():
+        if record.name == model_id:
+            return jsonify(model_object(record))
+    raise ModelNotFound(f"no active model {model_id!r}: GET /v1/models lists them")
+
+
+def model_object(record: Record) -> dict:
+    return {"id": record.name, "object": "model", "owned_by": "banterhearts",
+            "created": int(datetime.fromisoformat(record.time).timestamp()), **record.to_public()}
 
 
 @blueprint.get("/v1/models/history")

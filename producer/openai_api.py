@@ -146,6 +146,10 @@ def refuse_unsupported(body: dict, names: tuple[str, ...]) -> None:
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or value != 1):
             raise InvalidRequest(f"'{name}' must be 1: this server returns one choice per request")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise InvalidRequest("'response_format' other than {\"type\": \"text\"} is not supported: "
+                             "this server returns plain text (no JSON mode)")
 
 
 def completion_prompt(body: dict, max_chars: int) -> str:
@@ -191,7 +195,7 @@ def run_text_job(c: Context, owner: str, body: dict, prompt: str, shape: TextSha
     stream = flag(body, "stream")
     usage = include_usage(body)
     keep = keep_running(body)
-    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id())
+    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id(), waited=True)
     if stream:
         return stream_job(c, record, owner, keep, Chunks(shape, record, usage))
     record = c.jobs.wait(record.id)
@@ -236,7 +240,7 @@ def embeddings():
     c = ctx()
     owner = c.owner()
     req, encoding = embed_request(c, c.body())
-    record = c.jobs.wait(c.jobs.submit(req, owner, trace_id())[0].id)
+    record = c.jobs.wait(c.jobs.submit(req, owner, trace_id(), waited=True)[0].id)
     if record.status != JobStatus.SUCCEEDED.value:
         raise errors.from_dict(record.error or {"type": record.status,
                                                 "message": f"job {record.status}"})

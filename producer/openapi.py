@@ -161,6 +161,10 @@ def _paths() -> Schema:
             sync_errors, body="EmbeddingRequest")},
         "/v1/models": {"get": _op("Active models", {"200": _json("models", "ModelList")},
                                   (503,))},
+        "/v1/models/{model_id}": {"get": _op(
+            "One active model (OpenAI models.retrieve)", {"200": _json("the model", "Model")},
+            (404, 503), parameters=({"name": "model_id", "in": "path", "required": True,
+                                     "schema": {"type": "string"}},))},
         "/v1/models/history": {"get": _op(
             "Every registry record (admin)", {"200": _json("records", "RecordList")},
             (403, 503), parameters=({"name": "name", "in": "query", "required": False,
@@ -362,11 +366,13 @@ def _schemas(settings: Settings) -> Schema:
             "usage": _obj({"prompt_tokens": {"type": "integer"},
                            "total_tokens": {"type": "integer"}}, ("prompt_tokens", "total_tokens")),
         }, ("object", "data", "model")),
-        "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _obj({
+        "Model": _obj({
             "id": {"type": "string"}, "object": {"const": "model"},
             "created": {"type": "integer"}, "owned_by": {"type": "string"},
             "version": {"type": "integer"}, "kind": {"enum": ["generate", "embed"]},
-            "backend": {"enum": ["onnx", "openai"]}}, ("id", "object"))}}, ("object", "data")),
+            "backend": {"enum": ["onnx", "openai"]}}, ("id", "object")),
+        "ModelList": _obj({"object": {"const": "list"},
+                           "data": {"type": "array", "items": _ref("Model")}}, ("object", "data")),
         "Record": record,
         "RecordList": _obj({"object": {"const": "list"},
                             "data": {"type": "array", "items": _ref("Record")}},

@@ -9,6 +9,8 @@ too, for what only they can see (an artifact that fails to load, a checksum mism
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,8 +22,16 @@ from kombu.exceptions import OperationalError
 
 from banter import keys
 from banter.broker import RUN_JOB, BrokerQueues
-from banter.errors import InvalidRequest, JobNotFound, ModelNotFound, QueueFull, Timeout, Unavailable
-from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane
+from banter.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    JobNotFound,
+    ModelNotFound,
+    QueueFull,
+    Timeout,
+    Unavailable,
+)
+from banter.jobs import EXPIRED_ERROR, NO_USAGE, JobKind, JobRecord, JobStatus, JobStore, Lane
 from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, EventType, StreamWriter, read_events
@@ -58,11 +68,17 @@ class JobService:
             return self.settings.default_embed_model
         return self.settings.default_generate_model
 
-    def submit(self, req: JobRequest, owner: str, trace_id: str) -> tuple[JobRecord, bool]:
+    def submit(self, req: JobRequest, owner: str, trace_id: str,
+               waited: bool = False) -> tuple[JobRecord, bool]:
         """Check, record and enqueue one job; returns (job, created). An idempotency key
-        already used by this owner returns the earlier job instead."""
+        already used by this owner returns the earlier job instead. ``waited``: the caller
+        waits on the job (a synchronous or streamed call), so it is refused at once
+        (BackendUnavailable, 503) when no live worker serves its backend, instead of queueing
+        for a worker that may never come; a job submitted to be polled queues."""
         model_ref = req.model or self.default_model(req.kind)
         backend = self.backend_for(self.resolve(model_ref, req.kind))
+        if waited and not self._worker_live(backend):
+            raise BackendUnavailable(_NO_WORKER[backend])
         params: dict[str, Any] = {}
         if req.kind is JobKind.GENERATE:
             params = _params_dict(SamplingParams.from_dict(req.params or {},
@@ -75,7 +91,8 @@ class JobService:
             id=JobRecord.new_id(), kind=req.kind.value, model=model_ref, input=req.input,
             owner=owner, params=params, lane=req.lane.value, trace_id=trace_id,
             idempotency_key=req.idempotency_key, queued_at=now, backend=backend,
-            deadline_at=now + req.deadline_s if req.deadline_s else None)
+            deadline_at=now + req.deadline_s if req.deadline_s else None,
+            request_hash=request_hash(req, model_ref) if req.idempotency_key else None)
         record, created = self.jobs.create_idempotent(record)
         if created:
             self._enqueue(record)
@@ -112,14 +129,14 @@ class JobService:
         if model is None:
             return "openai"
         if (model.backend == "onnx" and not self.settings.fallback_blocker()
-                and not self._onnx_worker_live()):
+                and not self._worker_live("onnx")):
             return "openai"
         return model.backend
 
-    def _onnx_worker_live(self) -> bool:
-        """Whether a worker with an engine beat its heartbeat within three periods."""
+    def _worker_live(self, backend: str) -> bool:
+        """Whether a worker serving ``backend`` beat its heartbeat within three periods."""
         since = time.time() - 3 * self.settings.worker_heartbeat_s
-        return self.redis.zcount(keys.workers_for("onnx"), since, "+inf") > 0
+        return self.redis.zcount(keys.workers_for(backend), since, "+inf") > 0
 
     def _check_depth(self, lane: Lane) -> None:
         limit = self.settings.max_queue_depth
@@ -128,9 +145,20 @@ class JobService:
                             retry_after_s=2)
 
     def get(self, job_id: str, owner: str) -> JobRecord:
+        """The owner's job. One still queued past its deadline expires here, as a worker
+        taking it would expire it: its stream ends with an ``expired`` done event even while
+        no worker takes from its queue."""
         record = self.jobs.get(job_id)
         if record is None or record.owner != owner:
             raise JobNotFound(f"no job {job_id!r}")
+        now = time.time()
+        if (record.status == JobStatus.QUEUED.value and record.deadline_at is not None
+                and now >= record.deadline_at):
+            applied, _ = self.jobs.transition(job_id, (JobStatus.QUEUED,), JobStatus.EXPIRED,
+                                              finished_at=now, error=EXPIRED_ERROR)
+            if applied:
+                self.streams.publish([DoneEvent(job_id, "expired", NO_USAGE)])
+            record = self.jobs.get(job_id) or record
         return record
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
@@ -158,14 +186,29 @@ class JobService:
         applied, current = self.jobs.transition(job_id, (JobStatus.QUEUED,),
                                                 JobStatus.CANCELLED, finished_at=time.time())
         if applied:
-            self.streams.publish([DoneEvent(job_id, "cancelled",
-                                            {"prompt_tokens": 0, "completion_tokens": 0})])
+            self.streams.publish([DoneEvent(job_id, "cancelled", NO_USAGE)])
         elif current == JobStatus.RUNNING.value:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.job(job_id), "cancel_requested", "1")
             pipe.publish(keys.CANCEL, job_id)
             pipe.execute()
         return self.get(job_id, owner)
+
+
+_NO_WORKER = {
+    "onnx": "no live worker runs ONNX Runtime models: start one with 'banter worker --cpu' or "
+            "'--gpu N' (or submit with POST /v1/jobs: the job waits in the queue for one)",
+    "openai": "no live worker serves the openai backend: start one with an OpenAI key "
+              "(BANTER_OPENAI_KEY or OPENAI_API_KEY; 'banter worker --openai' needs no GPU), or "
+              "submit with POST /v1/jobs: the job waits in the queue for one"}
+
+
+def request_hash(req: JobRequest, model_ref: str) -> str:
+    """What a submission asks for, as a digest: the same request sent again (a retry with
+    its idempotency key) has the same one."""
+    asked = {"kind": req.kind.value, "input": req.input, "model": model_ref,
+             "params": req.params or {}, "lane": req.lane.value, "deadline_s": req.deadline_s}
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _params_dict(params: SamplingParams) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import redis
 from flask import Response, request, stream_with_context
 
-from banter.streams import EventType, read_events
+from banter.streams import EventType, ended_by, entry_key, read_events
 
 KEEPALIVE_S = 15
 
@@ -21,17 +21,25 @@ def sse_event(entry_id: str, kind: EventType, data: dict) -> str:
 
 
 def resume_point() -> str:
-    """``Last-Event-ID`` (header or ``last_event_id`` query) when it is a stream id, else the start."""
+    """``Last-Event-ID`` (header or ``last_event_id`` query) when it is a stream id Redis
+    accepts, else the start (a full replay)."""
     sent = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or ""
-    left, _, right = sent.partition("-")
-    return sent if left.isdigit() and right.isdigit() else "0-0"
+    return sent if entry_key(sent) is not None else "0-0"
 
 
-def events(client: redis.Redis, job_id: str, after: str,
-           fmt: Formatter = sse_event) -> Iterator[str]:
+def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_event,
+           on_idle: Callable[[], object] | None = None) -> Iterator[str]:
+    """The job's events after ``after``, live until its final one. A reader already past the
+    final event (a resume with its id, or a later one) gets no more: the stream ends.
+    ``on_idle`` runs whenever nothing came for a keep-alive period (a queued job's deadline
+    is checked there)."""
     while True:
         batch = read_events(client, job_id, after, block_ms=KEEPALIVE_S * 1000)
         if not batch:
+            if ended_by(client, job_id, after):
+                return
+            if on_idle is not None:
+                on_idle()
             yield ": keep-alive\n\n"
             continue
         for entry_id, kind, data in batch:

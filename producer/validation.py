@@ -10,6 +10,7 @@ from typing import Any
 from flask import Request
 
 from banter.errors import BadJSON, InvalidRequest, TooLarge, UnsupportedMediaType
+from banter.params import PARAMS
 
 _MISSING = object()
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -127,7 +128,17 @@ def embed_input(body: dict, name: str, *, max_items: int, max_len: int) -> str |
     return string(body, name, required=True, max_len=max_len)
 
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+SAMPLING_FIELDS = PARAMS
+
+
+def known_fields(body: dict, known: tuple[str, ...], hints: dict[str, str] | None = None) -> None:
+    """InvalidRequest naming the first field of ``body`` outside ``known`` (a misspelt or
+    unsupported option must not pass silently as its default); ``hints`` say what to do
+    instead for some."""
+    for name in body:
+        if name not in known:
+            hint = (hints or {}).get(name) or f"the fields are {', '.join(sorted(known))}"
+            raise InvalidRequest(f"unknown field {name!r}: {hint}")
 
 
 def sampling_params(body: dict, default_max_tokens: int) -> dict[str, Any]:

@@ -74,17 +74,20 @@ class Registry:
             raise InvalidRequest(f"invalid backend {backend!r}: use one of {', '.join(BACKENDS)}")
         if backend == "onnx":
             if upstream_model:
-                raise InvalidRequest("upstream_model applies only to backend 'openai': leave "
-                                     "it out for an onnx model")
+                raise InvalidRequest("an upstream model ('model' in POST /v1/models/promote, "
+                                     "--model in banter models promote) applies only to "
+                                     "backend 'openai': leave it out for an onnx model")
             artifact = inspect_artifact(self.model_root, path, kind)
             rel_path, sha256, upstream = artifact.rel_path, artifact.sha256, None
         else:
             if path:
                 raise InvalidRequest("backend 'openai' takes no path: leave it empty and name "
-                                     "the remote model in upstream_model")
+                                     "the upstream model in 'model' (--model in banter models "
+                                     "promote)")
             if not isinstance(upstream_model, str) or not upstream_model.strip():
-                raise InvalidRequest("backend 'openai' needs upstream_model: the model name "
-                                     "the upstream API serves, e.g. 'gpt-4o-mini'")
+                raise InvalidRequest("backend 'openai' needs 'model' (--model in banter models "
+                                     "promote): the model name the upstream API serves, e.g. "
+                                     "'gpt-4o-mini'")
             rel_path, sha256, upstream = "", "", upstream_model.strip()
 
         def make(records: list[Record]) -> Record:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -109,6 +110,60 @@ def test_idempotency_key_returns_the_same_job(api):
     assert first.json()["id"] == second.json()["id"]
 
 
+def test_an_idempotency_key_reused_for_another_request_is_a_conflict(api):
+    """Stripe's rule: a key names one request. The same key with another input, kind,
+    parameter or model is refused (409), and the first job is left as it was; a sampled
+    generation resent as it was still finds its job (its server-drawn seed is not compared)."""
+    key = uuid.uuid4().hex
+    first = api.post("/v1/jobs", {"kind": "generate", "input": "hello", "idempotency_key": key,
+                                  "params": {"max_tokens": 3, "temperature": 0.7}})
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    for other in ({"kind": "generate", "input": "DIFFERENT", "params": {"max_tokens": 3, "temperature": 0.7}},
+                  {"kind": "generate", "input": "hello", "params": {"max_tokens": 4, "temperature": 0.7}},
+                  {"kind": "embed", "input": "hello"},
+                  {"kind": "generate", "input": "hello", "lane": "bulk",
+                   "params": {"max_tokens": 3, "temperature": 0.7}}):
+        reused = api.post("/v1/jobs", {**other, "idempotency_key": key})
+        assert reused.status_code == 409, reused.text
+        error = reused.json()["error"]
+        assert error["type"] == "idempotency_key_reused" and job_id in error["message"]
+    again = api.post("/v1/jobs", {"kind": "generate", "input": "hello", "idempotency_key": key,
+                                  "params": {"temperature": 0.7, "max_tokens": 3}})
+    assert again.status_code == 200 and again.json()["id"] == job_id
+
+
+def test_a_waited_call_with_no_worker_for_its_backend_is_refused_at_once(api):
+    """A model served upstream (openai backend) while no worker has an OpenAI key: a
+    synchronous or streamed call gets 503 backend_unavailable at once (not a 504 after
+    BANTER_SYNC_TIMEOUT_S), saying what to start; a job submitted to be polled queues."""
+    name = f"cloud-{uuid.uuid4().hex[:8]}"
+    promoted = api.post("/v1/models/promote", {"name": name, "kind": "generate",
+                                               "backend": "openai", "model": "gpt-4o-mini"})
+    assert promoted.status_code == 201, promoted.text
+    for path, body in (("/v1/inference", {"prompt": "hi", "model": name}),
+                       ("/v1/inference?stream=true", {"prompt": "hi", "model": name}),
+                       ("/v1/completions", {"prompt": "hi", "model": name}),
+                       ("/v1/chat/completions", {"model": name, "stream": True,
+                                                 "messages": [{"role": "user", "content": "hi"}]})):
+        refused = api.post(path, body)
+        assert refused.status_code == 503, (path, refused.text)
+        error = refused.json()["error"]
+        assert error["type"] == "backend_unavailable" and "OpenAI key" in error["message"]
+    queued = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "model": name})
+    assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    assert api.delete(f"/v1/jobs/{queued.json()['id']}").json()["status"] == "cancelled"
+
+    # a deadline passes while no worker takes from that queue: the job expires all the same
+    due = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "model": name,
+                                "deadline_s": 0.5}).json()["id"]
+    time.sleep(0.7)
+    expired = api.get(f"/v1/jobs/{due}").json()
+    assert expired["status"] == "expired" and expired["error"]["type"] == "expired"
+    events = api.session.get(f"{api.url}/v1/jobs/{due}/events", timeout=10).text
+    assert events.count("event: done") == 1 and '"finish_reason": "expired"' in events
+
+
 def test_inference_batch_keeps_prompt_order(api):
     response = api.post("/v1/inference/batch", {"prompts": ["a", "bb", "ccc"], "max_tokens": 2})
     assert response.status_code == 200, response.text
@@ -188,6 +243,13 @@ BAD_INPUTS = [
     ("/v1/inference", {"prompt": "x", "model": "demo-gpt@99"}, 404, "demo-gpt@99"),
     ("/v1/inference", {"prompt": "x", "model": "demo-gpt@zero"}, 422, "version"),
     ("/v1/inference", ["a list"], 422, "object"),
+    ("/v1/inference", {"prompt": "x", "max_token": 3}, 422, "unknown field 'max_token'"),
+    ("/v1/inference", {"prompt": "x", "stream": True}, 422, "?stream=true"),
+    ("/v1/inference", {"prompt": "x", "deadline_s": 3}, 422, "POST /v1/jobs"),
+    ("/v1/inference/batch", {"prompts": ["x"], "prompt": "y"}, 422, "'prompts'"),
+    ("/v1/jobs", {"kind": "generate", "input": "x", "bogus": 1}, 422, "unknown field 'bogus'"),
+    ("/v1/jobs", {"kind": "generate", "input": "x", "params": {"max_token": 100}}, 422,
+     "unknown sampling parameter 'max_token'"),
     ("/v1/jobs", {"kind": "train", "input": "x"}, 422, "kind"),
     ("/v1/jobs", {"kind": "embed"}, 422, "input"),
     ("/v1/jobs", {"kind": "embed", "input": "x", "lane": "fast"}, 422, "lane"),

@@ -103,6 +103,13 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     assert result.returncode == 2 and "invalid choice: 'train'" in result.stderr
 
 
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host", "http://"])
+def test_a_malformed_server_url_is_a_usage_error(url):
+    result = banter("submit", "--url", url, "hi")
+    assert result.returncode == 2, result.stderr
+    assert "is not an http:// or https:// URL with a host" in result.stderr
+
+
 # ----------------------------------------------------------------------------- build-demo
 def test_build_demo_writes_both_models(tmp_path, demo_models):
     root = tmp_path / "models"
@@ -151,6 +158,14 @@ def test_stream_replays_a_finished_job(api):
     assert result.returncode == 0, result.stderr
     assert result.stdout == finished["result"]["text"] + "\n"
     assert result.stdout == " banterhearts streams every token from one\n"
+
+
+def test_stream_of_an_embed_job_says_it_has_no_tokens(api):
+    job = api.post("/v1/jobs", {"kind": "embed", "input": "no tokens here"}).json()
+    api.wait_job(job["id"])
+    result = banter("stream", job["id"], "--url", api.url)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"job {job['id']} is an embed job: it streams no tokens" in result.stderr
 
 
 def test_stream_of_unknown_job_fails(api):
@@ -319,6 +334,8 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         leftovers = processes_with_home(home)
         kill_leftovers(home)
     assert code == 0, out.read_text() + err.read_text()[-3000:]
+    # Redis (a session of its own) outlived what writes to it: nobody's shutdown broke
+    assert "Traceback" not in err.read_text(), err.read_text()[-3000:]
     assert port_is_closed(redis_port), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
     assert leftovers == []

@@ -100,6 +100,16 @@ def test_client_models_list(client):
     assert "demo-gpt" in {m.id for m in client.models.list()}
 
 
+def test_client_models_retrieve(client, api):
+    model = client.models.retrieve("demo-embed")
+    assert (model.id, model.object, model.owned_by) == ("demo-embed", "model", "banterhearts")
+    assert model.model_extra["kind"] == "embed" and model.model_extra["version"] >= 1
+    missing = api.get("/v1/models/no-such-model")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "model_not_found"
+    assert api.get("/v1/models/history").json()["object"] == "list"  # still the registry list
+
+
 def test_client_sees_a_job_error_in_the_stream(client):
     with pytest.raises(APIError, match="tokens"):
         list(client.completions.create(model="demo-gpt", prompt=LONG_PROMPT, max_tokens=2,
@@ -139,6 +149,19 @@ def test_chat_shape_with_text_parts(api):
                                 "finish_reason": "length", "logprobs": None}]
     assert body["usage"]["completion_tokens"] == 3
     assert response.headers["X-Backend"] == "onnx"
+
+
+def test_a_developer_message_is_a_system_message_and_text_format_is_the_default(api):
+    """Current OpenAI clients send the system prompt as role ``developer``; it is rendered as
+    ``system``. ``response_format: {"type": "text"}`` is what this server does anyway."""
+    def answer(messages, **extra):
+        response = api.post("/v1/chat/completions", {"messages": messages, "max_tokens": 3,
+                                                     **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"], response.json()["choices"]
+
+    developer = [{"role": "developer", "content": "Be brief."}, MESSAGES[1]]
+    assert answer(developer, response_format={"type": "text"}) == answer(MESSAGES)
 
 
 def test_stop_string_ends_with_finish_reason_stop(api):
@@ -221,6 +244,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": 1}, 422, "stream"),
     ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 422,
      "tools"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+     422, "response_format"),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 422,
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 2,

@@ -222,8 +222,10 @@ def test_kind_cannot_change_and_openai_backend(reg: Registry):
     other, created = reg.promote("remote", "generate", "", backend="openai",
                                  upstream_model="gpt-4o")
     assert created and other.version == 2
-    with pytest.raises(InvalidRequest, match="upstream_model"):
+    with pytest.raises(InvalidRequest, match=r"backend 'openai' needs 'model' \(--model"):
         reg.promote("remote2", "generate", "", backend="openai")
+    with pytest.raises(InvalidRequest, match="applies only to backend 'openai'"):
+        reg.promote("remote3", "generate", "gpt-a", upstream_model="gpt-4o")
     with pytest.raises(InvalidRequest, match="backend"):
         reg.promote("x", "generate", "gpt-a", backend="torch")
     with pytest.raises(InvalidRequest, match="kind"):

@@ -10,10 +10,13 @@ from workers.sampling import sample
 LIMIT = 256
 
 
-def test_defaults_and_unknown_keys_ignored():
-    params = SamplingParams.from_dict({"prompt": "hi", "temperature": None}, LIMIT)
+def test_defaults_and_unknown_keys_refused():
+    params = SamplingParams.from_dict({"temperature": None}, LIMIT)
     assert params == SamplingParams()
     assert SamplingParams.from_dict({}, 8).max_tokens == 8
+    with pytest.raises(InvalidRequest, match="unknown sampling parameter 'max_token': the "
+                                             "parameters are max_tokens, temperature"):
+        SamplingParams.from_dict({"max_token": 100}, LIMIT)
 
 
 def test_valid_values_are_normalised():

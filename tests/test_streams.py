@@ -60,6 +60,43 @@ def test_last_event_id_resumes_with_exactly_the_rest(api):
         assert list(sse_events(r)) == events
 
 
+def test_a_resume_at_or_past_the_final_event_ends_at_once(api):
+    """A client that already has ``done`` (EventSource reconnects with its id) or names a later
+    id gets 204 No Content, which stops EventSource reconnecting; an id Redis would refuse
+    (a part of 2**64 or more) is malformed like any other: a full replay, never a 500."""
+    job_id = submit(api, 3)
+    api.wait_job(job_id)
+    url = f"{api.url}/v1/jobs/{job_id}/events"
+    with api.session.get(url, stream=True, timeout=30) as r:
+        events = list(sse_events(r))
+    done_id = events[-1][0]
+    ms, seq = (int(part) for part in done_id.split("-"))
+    for after in (done_id, f"{ms}-{seq + 1}", f"{ms + 10 ** 6}-0"):
+        r = api.session.get(url, timeout=10, headers={"Last-Event-ID": after})
+        assert r.status_code == 204 and r.text == "", after
+    r = api.session.get(url, timeout=10, params={"last_event_id": done_id})
+    assert r.status_code == 204
+    for huge in (f"{2 ** 64}-0", f"0-{2 ** 64}"):
+        with api.session.get(url, stream=True, timeout=30, headers={"Last-Event-ID": huge}) as r:
+            assert r.status_code == 200 and list(sse_events(r)) == events, huge
+    # digits Python calls digits and Redis does not (a header cannot carry them: the query can)
+    with api.session.get(url, stream=True, timeout=30, params={"last_event_id": "١٢-٣"}) as r:
+        assert r.status_code == 200 and list(sse_events(r)) == events
+
+
+def test_ended_by_says_whether_a_reader_has_the_final_event(redis_client):
+    from banter.streams import DoneEvent, StreamWriter, TokenEvent, ended_by
+
+    writer = StreamWriter(redis_client, maxlen=100, ttl_s=60)
+    job = "ended-by-job"
+    assert not ended_by(redis_client, job, "0-0")  # no stream yet
+    first = writer.publish([TokenEvent(job, 0, "a", 1)])[0]
+    assert not ended_by(redis_client, job, first)  # the job goes on
+    done = writer.publish([DoneEvent(job, "length", {"prompt_tokens": 1, "completion_tokens": 1})])[0]
+    assert not ended_by(redis_client, job, first) and not ended_by(redis_client, job, "0-0")
+    assert ended_by(redis_client, job, done) and ended_by(redis_client, job, "99999999999999-0")
+
+
 def test_live_sse_and_raw_redis_subscriber_see_the_same_tokens(api, redis_client):
     job_id = submit(api, 400)
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)

@@ -32,7 +32,15 @@ from banter.errors import (
     ModelLoadError,
     ModelNotFound,
 )
-from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, embed_result
+from banter.jobs import (
+    EXPIRED_ERROR,
+    NO_USAGE,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    JobStore,
+    embed_result,
+)
 from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
@@ -47,7 +55,6 @@ from workers.runner import ModelSpec, RunnerCache
 
 log = logging.getLogger("banter.worker")
 
-_NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0}
 _FINAL_STATUS = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
 
 
@@ -168,11 +175,16 @@ class WorkerRuntime:
         os._exit(70)
 
     def stop(self) -> None:
+        """Stop the heartbeat and leave the worker sets; with Redis already gone the entries
+        lapse on their own (three heartbeat periods)."""
         self._stop.set()
         pipe = self.redis.pipeline(transaction=False)
         for key in (keys.WORKERS, *map(keys.workers_for, self.backends)):
             pipe.zrem(key, self.node)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("worker_stop_unregistered", extra={"node": self.node, "error": str(exc)})
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -351,11 +363,10 @@ class WorkerRuntime:
         return JobStatus.FAILED.value if applied else current
 
     def _expire(self, record: JobRecord, now: float) -> str:
-        error = {"type": "expired", "message": "the job's deadline passed before it could run"}
         applied, current = self.jobs.transition(record.id, (JobStatus.QUEUED,), JobStatus.EXPIRED,
-                                                finished_at=now, error=error)
+                                                finished_at=now, error=EXPIRED_ERROR)
         if applied:
-            self.streams.publish([DoneEvent(record.id, "expired", _NO_USAGE)])
+            self.streams.publish([DoneEvent(record.id, "expired", NO_USAGE)])
             worker_metrics.record_job_end(self.redis, record, JobStatus.EXPIRED.value,
                                           record.backend, now)
         return JobStatus.EXPIRED.value if applied else current
