@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from banter.errors import BadJSON, InvalidRequest, QueueFull, Timeout, Unavailable
+from banter.errors import BadJSON, InvalidRequest, QueueFull, RateLimited, Timeout, Unavailable
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_CUSTOM_ID_CHARS = 512
@@ -135,6 +135,17 @@ def default_errors_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
+def check_writable(path: Path) -> None:
+    """BulkFileError unless ``path`` can be an output file: a regular file or nothing yet, in
+    a directory that exists. The errors file is written whole and renamed into place, which
+    would replace a device or a symlink (``--errors /dev/null``) instead of writing to it."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BulkFileError(f"{path} is not a regular file: name a file to write (it is "
+                            "replaced whole, so a device or a symlink would be replaced too)")
+    if not path.parent.is_dir():
+        raise BulkFileError(f"{path}: the directory {path.parent} does not exist")
+
+
 def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of every non-blank line, read one at a time."""
     with open(path, "rb") as file:
@@ -222,7 +233,7 @@ def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
             return client.request("POST", REQUEST_PATH, {**line.to_dict(), "idempotency_key": key})
         except Timeout:
             give_up_at = time.monotonic() + RETRY_WINDOW_S
-        except (QueueFull, Unavailable) as exc:
+        except (QueueFull, RateLimited, Unavailable) as exc:
             if time.monotonic() + delay > give_up_at:
                 raise Unavailable(f"gave up on custom_id {line.custom_id!r} after "
                                   f"{RETRY_WINDOW_S:g}s of retries: {exc.message}") from None
@@ -243,6 +254,8 @@ def run(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path:
     Two passes over the input (check, then send), so memory holds the custom_id index, not the
     file. ``max_in_flight`` threads each send one request at a time (each with its own client
     from ``make_client``); only this thread writes ``out_path``, one ``write`` per line."""
+    for path in (out_path, err_path):
+        check_writable(path)
     scan = scan_input(in_path, err_path)
     make_client().request("GET", "/healthz")  # an unreachable server stops the run at once
     finished = load_finished(out_path)

@@ -186,7 +186,7 @@ def cmd_models_import(args, settings: Settings) -> int:
     if args.random_gpt2_small:
         name = importer.check_name(args.name or "gpt2-small-random")
         out = args.out or args.dir or settings.model_root / name
-        result = importer.write_random_gpt2(out, name=name)
+        result = importer.write_random_gpt2(out, name=name, overwrite=args.overwrite)
     elif args.dir is None:
         print("banter: give the model directory to import (or --random-gpt2-small)",
               file=sys.stderr)
@@ -194,7 +194,7 @@ def cmd_models_import(args, settings: Settings) -> int:
     else:
         name = importer.check_name(args.name or importer.default_name(args.dir))
         result = importer.import_model(args.dir, args.out or settings.model_root / name,
-                                       name=name, kind=args.kind)
+                                       name=name, kind=args.kind, overwrite=args.overwrite)
     print(f"imported {result.model_type} ({result.kind} model) in {result.seconds:.1f} s "
           f"(max |onnx - numpy reference| {result.max_abs_diff:.2g})", file=sys.stderr)
     print(result.path.resolve())
@@ -305,6 +305,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", type=Path, metavar="OUT_DIR",
                      help="where to write (default MODEL_ROOT/NAME)")
     imp.add_argument("--name", help="registry name (default from DIR)")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace the files of an output directory that holds some (refused "
+                          "by default: a promoted version may be served from them)")
     imp.add_argument("--kind", choices=("embed", "generate"),
                      help="check the model is of this kind (bert: embed, gpt2: generate)")
     imp.add_argument("--random-gpt2-small", action="store_true",
@@ -345,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except BanterError as exc:
         print(f"banter: {exc.type}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # a path or port given on the command line that cannot be used
+        print(f"banter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -94,6 +94,18 @@ class QueueFull(BanterError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimited(BanterError):
+    """The API key sent more requests this minute than BANTER_RATE_LIMIT_PER_MIN (429)."""
+
+    type = "rate_limited"
+    status = 429
+    retry_after_s = 1
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(BanterError):
     """No broker, no Redis or no live worker (503)."""
 

@@ -474,11 +474,27 @@ def _sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """ImportFailed unless ``out`` can take an import: nothing there yet, an empty directory,
+    or (``overwrite``) a directory whose files may be replaced. Refusing by default keeps an
+    import from rewriting the artifact a promoted version is served from (its workers would
+    then fail its checksum)."""
+    if out.exists() and not out.is_dir():
+        raise ImportFailed(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ImportFailed(f"{out} already holds files, perhaps an artifact a promoted version "
+                           "is served from: import under another --name or --out, or pass "
+                           "--overwrite to replace them")
+
+
 def _write_out(out: Path, model: bytes, tok: Tokenizer, config: dict) -> None:
     if len(model) > MAX_ONNX_BYTES:
         raise ImportFailed(f"the model is {len(model) >> 20} MiB; ONNX files over 2 GiB need "
                            "external data, which banterhearts does not import")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImportFailed(f"cannot write {out}: {exc.strerror or exc}") from None
     _write(out / "model.onnx", model)
     _write(out / "tokenizer.json", tok.to_str(pretty=True).encode())
     _write(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -508,14 +524,16 @@ def check_name(name: str) -> str:
 
 
 def import_model(src: Path | str, out: Path | str, *, name: str | None = None,
-                 kind: str | None = None) -> Imported:
+                 kind: str | None = None, overwrite: bool = False) -> Imported:
     """Convert the Hugging Face model directory ``src`` into ``out`` (model.onnx,
     tokenizer.json, config.json). ``kind`` is checked against the model type when given.
-    Raises ImportFailed (nothing written) when the directory cannot be served faithfully."""
+    Raises ImportFailed (nothing written) when the directory cannot be served faithfully, or
+    when ``out`` already holds files and ``overwrite`` is not set (``check_out``)."""
     started = time.perf_counter()
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
         raise ImportFailed(f"{src} is not a directory")
+    check_out(out, overwrite)
     config = read_config(src)
     model_type = config.get("model_type", "")
     if model_type not in SUPPORTED:
@@ -558,17 +576,18 @@ def random_gpt2_config(vocab_size: int, dims: dict | None = None) -> dict:
 
 
 def write_random_gpt2(out: Path | str, *, name: str = "gpt2-small-random", seed: int = 0,
-                      dims: dict | None = None) -> Imported:
+                      dims: dict | None = None, overwrite: bool = False) -> Imported:
     """A GPT-2-small-shaped decoder (12 layers, 768 wide, 12 heads, 1024 positions) with random
     weights and the demo decoder's tokenizer (so its vocab is small: the lm_head is ~1/70 of
     real GPT-2's). No eos_token_id: generation always runs to max_tokens, as timing wants."""
     started = time.perf_counter()
+    out = Path(out).expanduser()
+    check_out(out, overwrite)
     tok, _ = gpt_tokenizer()
     config = random_gpt2_config(tok.get_vocab_size(), dims)
     tensors = random_gpt2_tensors(config, seed)
     model = gpt2_onnx(config, tensors, check_name(name))
     diff = _verify("generate", model, config, tensors, tok)
-    out = Path(out).expanduser()
     _write_out(out, model, tok, {**config, "banter_import": {"source": f"random (seed {seed})",
                                                              "max_abs_diff_vs_reference": diff}})
     return Imported(out, name, "generate", "gpt2", diff, time.perf_counter() - started)

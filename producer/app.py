@@ -49,7 +49,9 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
     registry = Registry.from_settings(settings, client)
     celery = celery or make_celery(settings, "banterhearts-producer")
     app = Flask("banterhearts")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    # one byte over the limit: a chunked body (no Content-Length) is cut there when read, so
+    # validation.json_body sees it is too long (413) instead of parsing a truncated body
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
     app.json = FastJSON(app)
     app.extensions["banter"] = Context(settings, client,
                                        JobService(settings, client, celery, registry),

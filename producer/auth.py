@@ -46,8 +46,8 @@ class KeyRing:
     def from_settings(cls, settings: Settings) -> "KeyRing":
         """The keys of ``settings``; AuthNotConfigured when there are none and auth is not
         explicitly disabled, when auth is disabled while keys are set, or for a bad keys file."""
-        users = {_entry_digest(k) for k in _split(settings.api_keys)}
-        admins = {_entry_digest(k) for k in _split(settings.admin_keys)}
+        users = {_entry_digest(k, "BANTER_API_KEYS") for k in _split(settings.api_keys)}
+        admins = {_entry_digest(k, "BANTER_ADMIN_KEYS") for k in _split(settings.admin_keys)}
         if settings.keys_file:
             for scope, digest in read_keys_file(Path(settings.keys_file)):
                 (admins if scope == "admin" else users).add(digest)
@@ -104,7 +104,7 @@ def read_keys_file(path: Path) -> list[tuple[str, str]]:
                                     "'user:KEY' or 'admin:KEY'")
         if not key.strip():
             raise AuthNotConfigured(f"{path}:{number}: the key after '{scope}:' is empty")
-        entries.append((scope, _entry_digest(key.strip())))
+        entries.append((scope, _entry_digest(key.strip(), f"{path}:{number}")))
     return entries
 
 
@@ -112,12 +112,19 @@ def _split(raw: str) -> list[str]:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-def _entry_digest(entry: str) -> str:
+def _entry_digest(entry: str, where: str) -> str:
     """The digest a configured key entry stands for: ``sha256:<hex>`` names it, any other
     entry is the key itself. (A key a caller sends is always hashed: knowing a digest is not
-    knowing the key.)"""
+    knowing the key.) An entry that starts ``sha256:`` but is not 64 hex digits is refused
+    (AuthNotConfigured naming ``where``): taken as a key, a mistyped digest (meant to be safe
+    to publish) would be a working password."""
     hashed = _HASHED.match(entry)
-    return hashed.group(1).lower() if hashed else _hash(entry)
+    if hashed:
+        return hashed.group(1).lower()
+    if entry.lower().startswith("sha256:"):
+        raise AuthNotConfigured(f"{where}: sha256:... must be followed by exactly 64 hex "
+                                "digits (the SHA-256 of the key)")
+    return _hash(entry)
 
 
 def _hash(key: str) -> str:

@@ -138,6 +138,9 @@ def create_batch():
     c = ctx()
     owner = c.owner()
     body = c.body()
+    v.known_fields(body, ("requests", "endpoint", "completion_window", "metadata"),
+                   {"input_file_id": "send the request lines themselves in 'requests' (or run "
+                                     "the file with banter bulk)"})
     lines = batch_lines(body)
     endpoint = body.get("endpoint")
     if endpoint is not None and (endpoint not in URLS or any(x.url != endpoint for x in lines)):
@@ -188,9 +191,12 @@ def batch_lines(body: dict) -> list[BatchLine]:
 
 
 def check_room(c: Context, lines: int) -> None:
-    """QueueFull unless the bulk queue can take a job per line (so a batch is rarely cut in two:
-    see docs/decisions.md, Bulk)."""
+    """QueueFull unless the bulk queue can take a job per line now (so a batch is rarely cut in
+    two: see docs/decisions.md, Bulk); TooLarge when it never could."""
     limit = c.settings.max_queue_depth
+    if limit and lines > limit:  # no wait would help: 413, not a 429 to retry for ever
+        raise TooLarge(f"a batch of {lines} requests cannot fit the bulk queue's limit of "
+                       f"{limit} jobs (BANTER_MAX_QUEUE_DEPTH): split it, or use banter bulk")
     if limit and c.jobs.queues.depth()[Lane.BULK.value] + lines > limit:
         raise QueueFull(f"the bulk queue cannot take {lines} more jobs now (limit {limit}); "
                         "retry later", retry_after_s=5)

@@ -9,8 +9,14 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from banter.errors import BanterError, QueueFull, Unauthorized, Unavailable
-from producer.ratelimit import RateLimited
+from banter.errors import (
+    BanterError,
+    QueueFull,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    WireError,
+)
 
 log = logging.getLogger("banter.producer")
 
@@ -27,6 +33,10 @@ def error_response(exc: BanterError) -> tuple[Response, int]:
 def register(app: Flask) -> None:
     @app.errorhandler(BanterError)
     def banter_error(exc: BanterError):
+        if isinstance(exc, WireError):  # its message names server files: the log gets it
+            log.error("wire_error", extra={"error": exc.message})
+            return error_response(WireError("the server holds data it cannot read (a registry "
+                                            "or job record); the producer log says which"))
         return error_response(exc)
 
     @app.errorhandler(HTTPException)

@@ -51,6 +51,8 @@ def promote():
     c = ctx()
     actor = c.owner(admin=True)
     body = c.body()
+    v.known_fields(body, ("name", "kind", "path", "backend", "model", "reason"),
+                   {"upstream_model": "the upstream model's name goes in 'model'"})
     backend = v.choice(body, "backend", ("onnx", "openai"), "onnx")
     record, created = c.registry.promote(
         name=v.string(body, "name", required=True, max_len=64),
@@ -69,6 +71,7 @@ def rollback():
     c = ctx()
     actor = c.owner(admin=True)
     body = c.body()
+    v.known_fields(body, ("name", "reason"))
     name = v.string(body, "name", required=True, max_len=64)
     if name is None:
         raise InvalidRequest("'name' is required")

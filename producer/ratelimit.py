@@ -13,20 +13,9 @@ import time
 import redis
 
 from banter import keys
-from banter.errors import BanterError
+from banter.errors import RateLimited
 
 WINDOW_S = 60
-
-
-class RateLimited(BanterError):
-    """The API key sent more requests this minute than BANTER_RATE_LIMIT_PER_MIN (429)."""
-
-    type = "rate_limited"
-    status = 429
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 def check(client: redis.Redis, key_id: str, limit: int) -> None:

@@ -12,6 +12,8 @@ from gunicorn.app.base import BaseApplication
 from banter.settings import Settings
 from producer.auth import KeyRing
 
+NEWER_SETTINGS = {"control_socket_disable"}  # set only where the installed gunicorn has them
+
 
 class _Gunicorn(BaseApplication):
     def __init__(self, settings: Settings, options: dict) -> None:
@@ -21,6 +23,8 @@ class _Gunicorn(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in self.options.items():
+            if key in NEWER_SETTINGS and key not in self.cfg.settings:
+                continue  # an older gunicorn without that feature
             self.cfg.set(key, value)
 
     def load(self):
@@ -37,4 +41,20 @@ def serve(settings: Settings, host: str, port: int, workers: int = 2, threads: i
         "bind": f"{host}:{port}", "worker_class": "gthread", "workers": workers,
         "threads": threads, "timeout": 0, "graceful_timeout": 10, "keepalive": 5,
         "accesslog": None, "errorlog": "-", "loglevel": settings.log_level.lower(),
+        "logconfig_dict": json_logging(settings.log_level),
+        # gunicorn 25.1+ listens on one control socket per user ($HOME/.gunicorn/gunicorn.ctl):
+        # a second producer on the host would take the first one's over
+        "control_socket_disable": True,
     }).run()
+
+
+def json_logging(level: str) -> dict:
+    """gunicorn's own log lines (start-up, worker boots, refused requests) as the JSON lines
+    every other part of banterhearts writes (``banter.logs.JSONFormatter``)."""
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": "banter.logs.JSONFormatter"}},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                    "stream": "ext://sys.stderr"}},
+            "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": level.upper(),
+                                           "propagate": False}},
+            "root": {"handlers": [], "level": level.upper()}}  # banter.logs.setup adds its own

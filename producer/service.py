@@ -141,8 +141,8 @@ class JobService:
     def _check_depth(self, lane: Lane) -> None:
         limit = self.settings.max_queue_depth
         if limit and self.queues.depth()[lane.value] >= limit:
-            raise QueueFull(f"the {lane.value} queue holds {limit} jobs; retry later",
-                            retry_after_s=2)
+            raise QueueFull(f"the {lane.value} queue is at its limit of {limit} jobs "
+                            "(BANTER_MAX_QUEUE_DEPTH); retry later", retry_after_s=2)
 
     def get(self, job_id: str, owner: str) -> JobRecord:
         """The owner's job. One still queued past its deadline expires here, as a worker

@@ -184,11 +184,28 @@ class Registry:
         before: list[list[Record]] = []
 
         def capture(records: list[Record]) -> Record:
+            self._check_not_behind(records[-1].seq if records else 0)
             before.append(records)
             return make(records)
 
         record = self.history_file.append(capture)
         return record, replay([*before[0], record])
+
+    def _check_not_behind(self, file_seq: int) -> None:
+        """Conflict when the mirror workers read is past the file's last seq: the file was
+        replaced by an older copy (or another file), and a change appended to it would never
+        reach the mirror. Unchecked while Redis is down (the change then stands in the file
+        and ensure_mirror() applies it later)."""
+        try:
+            mirror_seq = self.mirror.seq()
+        except Unavailable:
+            return
+        if mirror_seq is not None and mirror_seq > file_seq:
+            raise Conflict(
+                f"{self.history_file.path.name} ends at seq {file_seq}, but the Redis mirror "
+                f"workers serve from is at seq {mirror_seq}: the file was replaced by an older "
+                "copy. Restore the newest history.jsonl (or set BANTER_REGISTRY_PATH to it); "
+                "nothing was changed")
 
     def _mirror(self, record: Record, state: RegistryState) -> None:
         """Mirror a change already in the file; a Redis failure is logged, not raised: the

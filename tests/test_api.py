@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -293,6 +294,47 @@ def test_malformed_requests(api):
         assert response.status_code == status, (kwargs.get("headers"), response.text[:200])
         if kind:
             assert response.json()["error"]["type"] == kind
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_cut_and_parsed(api):
+    """No Content-Length (Transfer-Encoding: chunked): the body is still measured whole. One
+    whose first 1 MiB is valid JSON must not pass as that first MiB."""
+    limit = 1_048_576  # BANTER_MAX_REQUEST_BYTES's default
+    head = json.dumps({"kind": "embed", "input": "x"}).encode() + b" " * (limit - 100)
+    assert len(head) < limit  # valid JSON (whitespace after the object), just under the limit
+    for body in (b'{"kind": "embed", "input": "' + b"x" * (limit + 100) + b'"}',
+                 head + b" " * (limit - len(head)) + b"trailing"):
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+        response = api.session.post(api.url + "/v1/jobs", data=chunks, timeout=30,
+                                    headers={"Content-Type": "application/json"})
+        assert response.status_code == 413, response.text[:200]
+        assert response.json()["error"]["type"] == "too_large"
+    ok = api.session.post(api.url + "/v1/jobs", data=iter([head]), timeout=30,
+                          headers={"Content-Type": "application/json"})
+    assert ok.status_code == 202, ok.text[:200]
+
+
+def test_a_wire_error_answers_without_the_server_paths_it_names(caplog):
+    """A registry line that does not decode names its file: the log gets that, the caller a
+    500 wire_error that says where to look."""
+    from flask import Flask
+
+    from banter.errors import WireError
+    from producer.errors import register
+
+    app = Flask("wire")
+    register(app)
+
+    @app.get("/boom")
+    def boom():
+        raise WireError("/srv/secret/registry/history.jsonl line 5 is not a valid registry record")
+
+    response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert error["type"] == "wire_error" and "/srv/secret" not in error["message"]
+    assert "producer log" in error["message"]
+    assert any("/srv/secret/registry" in r.error for r in caplog.records if r.msg == "wire_error")
 
 
 def test_unknown_route_and_method_are_json_errors(api):

@@ -235,6 +235,53 @@ def test_an_output_file_that_is_not_ours_is_refused(api, tmp_path):
     assert out.read_text() == "hello\n"
 
 
+def test_an_output_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    """The errors file is written whole and renamed into place: a device or a symlink given as
+    --errors (or --out) would be replaced, so neither is taken (checked before any request)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(request_line(1, "x")) + "\n")
+    target = tmp_path / "kept.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    for flags, named in ((["--errors", "/dev/null"], "/dev/null"),
+                         (["--errors", str(link)], str(link)),
+                         (["--errors", str(tmp_path)], str(tmp_path))):
+        result = bulk(str(source), "--out", str(tmp_path / "out.jsonl"), *flags, "--url", unreachable)
+        assert result.returncode == 2, result.stderr
+        assert f"{named} is not a regular file" in result.stderr
+    result = bulk(str(source), "--out", str(link), "--url", unreachable)
+    assert result.returncode == 2 and f"{link} is not a regular file" in result.stderr
+    result = bulk(str(source), "--out", str(tmp_path / "no" / "out.jsonl"), "--url", unreachable)
+    assert result.returncode == 2 and f"the directory {tmp_path / 'no'} does not exist" in result.stderr
+    assert Path("/dev/null").is_char_device() and target.read_text() == "keep me\n"
+    assert link.is_symlink()
+
+
+def test_a_rate_limited_request_is_retried_like_a_full_queue(monkeypatch):
+    """The per-key rate limit's 429 (``rate_limited``, rebuilt as RateLimited from the HTTP
+    body the client reads) is waited out with backoff, as queue_full is."""
+    from banter import bulk
+    from banter.errors import RateLimited, from_dict
+
+    assert isinstance(from_dict({"type": "rate_limited", "message": "slow down"}), RateLimited)
+    monkeypatch.setattr(bulk.time, "sleep", lambda s: None)
+
+    class Limited:
+        calls = 0
+
+        def request(self, method, path, body):
+            self.calls += 1
+            if self.calls < 3:
+                raise from_dict({"type": "rate_limited", "message": "retry in 4 s"})
+            return {"custom_id": body["custom_id"], "response": {"status_code": 200}}
+
+    client = Limited()
+    line = bulk.decode_line(json.dumps(request_line(1, "x")).encode())
+    assert bulk.send(client, line, "k")["custom_id"] == line.custom_id and client.calls == 3
+
+
 def test_bulk_against_an_unreachable_server_exits_3(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(request_line(1, "x")) + "\n")
@@ -339,6 +386,16 @@ def test_batch_cancel(api):
     assert any(x["error"] == {"code": "cancelled",
                               "message": "the request was cancelled before it finished"}
                and x["response"] is None for x in lines)
+
+
+def test_a_batch_with_an_unknown_field_is_refused(api):
+    line = request_line(1, "unknown-field")
+    for body, needle in (({"requests": [line], "foo": 1}, "unknown field 'foo'"),
+                         ({"input_file_id": "file-1"}, "send the request lines themselves")):
+        refused = api.post("/v1/batches", body)
+        assert refused.status_code == 422 and needle in refused.json()["error"]["message"]
+    rollback = api.post("/v1/models/rollback", {"name": "demo-gpt", "dry_run": True})
+    assert rollback.status_code == 422 and "unknown field 'dry_run'" in rollback.text
 
 
 def test_batch_bad_input_creates_nothing(api):

@@ -103,11 +103,39 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     assert result.returncode == 2 and "invalid choice: 'train'" in result.stderr
 
 
+@pytest.mark.parametrize("root", ["/proc/no-such-dir", "/etc/passwd"])
+def test_an_unusable_path_is_a_usage_error_not_a_traceback(root):
+    result = banter("models", "build-demo", "--root", root)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("banter: ") and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("url", ["notaurl", "ftp://host", "http://"])
 def test_a_malformed_server_url_is_a_usage_error(url):
     result = banter("submit", "--url", url, "hi")
     assert result.returncode == 2, result.stderr
     assert "is not an http:// or https:// URL with a host" in result.stderr
+
+
+def test_the_producer_logs_only_json_lines_and_opens_no_control_socket(tmp_path, stack_env):
+    """gunicorn's own lines (start-up, worker boots, signals) are JSON like every other log
+    line; gunicorn 25.1+'s per-user control socket stays closed, so two producers on one
+    host do not fight over it."""
+    err = tmp_path / "producer.err"
+    with open(err, "w") as stderr:
+        process = subprocess.Popen([*CLI, "producer", "--port", str(free_port()), "--workers", "1"],
+                                   env={**os.environ, **stack_env, "BANTER_LOG_LEVEL": "INFO"},
+                                   stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    try:
+        wait_for_text(err, "Booting worker", process, timeout_s=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    lines = [line for line in err.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is a JSON object
+    assert any(r["logger"] == "gunicorn.error" and "Booting worker" in r["event"] for r in records)
+    assert not any("Control socket" in r["event"] for r in records)
 
 
 # ----------------------------------------------------------------------------- build-demo

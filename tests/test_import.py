@@ -286,6 +286,16 @@ def test_cli_import(tied_gpt2, tmp_path, monkeypatch, capsys):
     assert lines == [str(root / "tiny-gpt2"), "banter models promote tiny-gpt2 tiny-gpt2 --kind generate"]
     assert cli.main(["models", "import", str(src), "--kind", "embed"]) == cli.EXIT_FAILED
     assert "import_failed" in capsys.readouterr().err
+    # the same name again would rewrite the files a promoted version is served from
+    served = (root / "tiny-gpt2" / "model.onnx").read_bytes()
+    assert cli.main(["models", "import", str(src)]) == cli.EXIT_FAILED
+    assert "already holds files" in capsys.readouterr().err
+    assert (root / "tiny-gpt2" / "model.onnx").read_bytes() == served
+    assert cli.main(["models", "import", str(src), "--overwrite"]) == cli.EXIT_OK
+    capsys.readouterr()
+    for out in ("/proc/no-such-dir", "/etc/passwd"):  # a clear error, never a traceback
+        assert cli.main(["models", "import", str(src), "--out", out]) == cli.EXIT_FAILED
+        assert "import_failed" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- served

@@ -366,6 +366,26 @@ def test_flushall_then_ensure_mirror_rebuilds(reg: Registry, client: redis.Redis
     assert reg.resolve("emb", "embed").name == "emb"  # resolve repairs by itself
 
 
+def test_a_file_older_than_the_mirror_takes_no_change(reg: Registry, history_path: Path):
+    """history.jsonl restored from an older copy (or moved away) while the mirror workers
+    serve from is further on: a change appended to it would never reach the mirror, so
+    promote and rollback refuse (409) and write nothing."""
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    first = lines(history_path)[0]
+    history_path.write_text(first + "\n")  # the backup of an hour ago
+    for change in (lambda: reg.promote("emb", "embed", "emb"), lambda: reg.rollback("gpt")):
+        with pytest.raises(Conflict, match="ends at seq 1, but the Redis mirror workers serve "
+                                           "from is at seq 2"):
+            change()
+    assert lines(history_path) == [first]
+    history_path.unlink()  # moved away altogether
+    with pytest.raises(Conflict, match="ends at seq 0"):
+        reg.promote("emb", "embed", "emb")
+    assert not history_path.exists() or lines(history_path) == []
+    assert reg.mirror.seq() == 2 and reg.mirror.active("gpt").version == 2
+
+
 def test_crash_between_append_and_mirror_is_repaired(reg: Registry, history_path: Path):
     v1, _ = reg.promote("gpt", "generate", "gpt-a")
     other = HistoryFile(history_path)  # another process that died before mirroring

@@ -242,6 +242,9 @@ def promote_error_cases(name: str) -> list[tuple[dict, int, str, tuple[str, ...]
          ("missing inputs position_ids, past_key_values.0.key, past_key_values.0.value",)),
         ({**ok, "name": "a/b"}, 422, "invalid_request", ("invalid model name",)),
         ({**ok, "name": "x@1"}, 422, "invalid_request", ("invalid model name",)),
+        ({**ok, "upstream_model": "gpt-4o"}, 422, "invalid_request",
+         ("unknown field 'upstream_model'", "goes in 'model'")),
+        ({**ok, "force": True}, 422, "invalid_request", ("unknown field 'force'",)),
     ]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from banter import stack
+from banter import keys, stack
 from banter.demo import DEMO_EMBED, DEMO_GPT
 from banter.redisconn import connect
 from banter.redisserver import find_binary, free_port
@@ -254,6 +254,10 @@ def test_a_full_queue_is_429_with_retry_after(settings, redis_client, demo_model
     server = Server(create_app(replace(settings, max_queue_depth=2,
                                        queue_interactive=f"full-{suffix}",
                                        queue_bulk=f"full-bulk-{suffix}"), redis_client))
+    # a worker's heartbeat, so the waited calls below reach the queue check (with no live
+    # worker they are refused before it: backend_unavailable)
+    beat = f"queue-test-{suffix}"
+    redis_client.zadd(keys.workers_for("onnx"), {beat: time.time() + 600})
     try:
         client = Client(server.url, None)
         for _ in range(2):
@@ -264,13 +268,19 @@ def test_a_full_queue_is_429_with_retry_after(settings, redis_client, demo_model
             full = client.post(path, body)
             assert_error(full, 429, "queue_full")
             assert int(full.headers["Retry-After"]) >= 1
+            assert "at its limit of 2 jobs (BANTER_MAX_QUEUE_DEPTH)" in full.json()["error"]["message"]
         line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
                 "body": {"input": "x"}}
         assert client.post("/v1/jobs", {"kind": "embed", "input": "x",
                                         "lane": "bulk"}).status_code == 202
         assert_error(client.post("/v1/batches", {"requests": [line, {**line, "custom_id": "b"}]}),
                      429, "queue_full")
+        # more lines than the queue ever holds: no wait would help
+        never = client.post("/v1/batches", {"requests": [{**line, "custom_id": c} for c in "xyz"]})
+        assert_error(never, 413, "too_large")
+        assert "cannot fit the bulk queue's limit of 2" in never.json()["error"]["message"]
     finally:
+        redis_client.zrem(keys.workers_for("onnx"), beat)
         server.close()
 
 
@@ -333,14 +343,21 @@ def test_the_app_refuses_to_start_without_keys(settings, tmp_path):
     with pytest.raises(AuthNotConfigured, match="unset BANTER_AUTH_DISABLED"):
         KeyRing.from_settings(replace(settings, api_keys=ALICE))
     bad = tmp_path / "keys"
+    short = "a" * 63  # a digest one hex digit short must not become a working key
     for text, needle in ((f"admn:{ALICE}\n", ":1: unknown scope 'admn'"),
-                         (f"# c\nadmin:{ALICE}\nuser:\n", ":3: the key after 'user:' is empty")):
+                         (f"# c\nadmin:{ALICE}\nuser:\n", ":3: the key after 'user:' is empty"),
+                         (f"admin:sha256:{short}\n", ":1: sha256:... must be followed by exactly 64"),
+                         ("sha256:zz\n", ":1: sha256:... must be followed")):
         bad.write_text(text)
         with pytest.raises(AuthNotConfigured, match=needle):
             KeyRing.from_settings(replace(settings, auth_disabled=False, keys_file=str(bad)))
     with pytest.raises(AuthNotConfigured, match="cannot be read"):
         KeyRing.from_settings(replace(settings, auth_disabled=False,
                                       keys_file=str(tmp_path / "missing")))
+    for field, variable in (("api_keys", "BANTER_API_KEYS"), ("admin_keys", "BANTER_ADMIN_KEYS")):
+        with pytest.raises(AuthNotConfigured, match=f"{variable}: sha256:... must be followed"):
+            KeyRing.from_settings(replace(settings, auth_disabled=False,
+                                          **{field: f"{ALICE}, SHA256:{short}"}))
 
 
 def test_banter_producer_without_keys_exits_2_with_the_reason(stack_env):
