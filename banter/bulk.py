@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from banter.errors import BadJSON, InvalidRequest, QueueFull, RateLimited, Timeout, Unavailable
+from banter.errors import BadJSON, InvalidRequest, Throttled, Timeout, Unavailable
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_CUSTOM_ID_CHARS = 512
@@ -233,7 +233,7 @@ def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
             return client.request("POST", REQUEST_PATH, {**line.to_dict(), "idempotency_key": key})
         except Timeout:
             give_up_at = time.monotonic() + RETRY_WINDOW_S
-        except (QueueFull, RateLimited, Unavailable) as exc:
+        except (Throttled, Unavailable) as exc:
             if time.monotonic() + delay > give_up_at:
                 raise Unavailable(f"gave up on custom_id {line.custom_id!r} after "
                                   f"{RETRY_WINDOW_S:g}s of retries: {exc.message}") from None

@@ -84,8 +84,9 @@ class FeatureDisabled(NotFound):
     type = "feature_disabled"
 
 
-class QueueFull(BanterError):
-    type = "queue_full"
+class Throttled(BanterError):
+    """Refused for now (429); ``retry_after_s`` is the Retry-After header."""
+
     status = 429
     retry_after_s = 1
 
@@ -94,16 +95,14 @@ class QueueFull(BanterError):
         self.retry_after_s = retry_after_s
 
 
-class RateLimited(BanterError):
-    """The API key sent more requests this minute than BANTER_RATE_LIMIT_PER_MIN (429)."""
+class QueueFull(Throttled):
+    type = "queue_full"
+
+
+class RateLimited(Throttled):
+    """The API key sent more requests this minute than BANTER_RATE_LIMIT_PER_MIN."""
 
     type = "rate_limited"
-    status = 429
-    retry_after_s = 1
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class Unavailable(BanterError):

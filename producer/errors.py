@@ -9,21 +9,14 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from banter.errors import (
-    BanterError,
-    QueueFull,
-    RateLimited,
-    Unauthorized,
-    Unavailable,
-    WireError,
-)
+from banter.errors import BanterError, Throttled, Unauthorized, Unavailable, WireError
 
 log = logging.getLogger("banter.producer")
 
 
 def error_response(exc: BanterError) -> tuple[Response, int]:
     response = jsonify({"error": exc.to_dict()})
-    if isinstance(exc, (QueueFull, RateLimited)):
+    if isinstance(exc, Throttled):
         response.headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
