@@ -107,9 +107,6 @@ def cmd_bulk(args, settings: Settings) -> int:
     except bulk.BulkFileError as exc:
         print(f"banter: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
-        print(f"banter: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     print(json.dumps(asdict(summary)))
     return EXIT_OK
 

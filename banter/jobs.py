@@ -21,6 +21,7 @@ import redis
 
 from banter import keys
 from banter.errors import IdempotencyKeyReused, WireError
+from banter.streams import DoneEvent, StreamWriter
 
 
 class JobStatus(str, Enum):
@@ -36,8 +37,8 @@ class JobStatus(str, Enum):
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
-NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0}  # a job that never ran
-EXPIRED_ERROR = {"type": "expired", "message": "the job's deadline passed before it could run"}
+_NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0}  # a job that never ran
+_EXPIRED_ERROR = {"type": "expired", "message": "the job's deadline passed before it could run"}
 
 
 class JobKind(str, Enum):
@@ -86,6 +87,9 @@ class JobRecord:
     @staticmethod
     def new_id() -> str:
         return str(uuid.uuid4())
+
+    def past_deadline(self, now: float) -> bool:
+        return self.deadline_at is not None and now >= self.deadline_at
 
     def to_redis(self) -> dict[str, str]:
         out = {}
@@ -325,3 +329,17 @@ class JobStore:
         for job_id in job_ids:
             pipe.exists(keys.lease(job_id))
         return [job_id for job_id, alive in zip(job_ids, pipe.execute()) if not alive]
+
+
+def end_queued(store: JobStore, streams: StreamWriter, job_id: str, status: JobStatus,
+               now: float) -> tuple[bool, str]:
+    """End a job that is still queued as ``status`` (cancelled or expired) and close its
+    stream with the matching ``done`` event, no usage: the one way a job that never ran ends,
+    whoever ends it (a cancel, a read past its deadline, a worker taking it too late).
+    Returns ``JobStore.transition``'s (applied, status before)."""
+    error = _EXPIRED_ERROR if status is JobStatus.EXPIRED else None
+    applied, current = store.transition(job_id, (JobStatus.QUEUED,), status, finished_at=now,
+                                        error=error)
+    if applied:
+        streams.publish([DoneEvent(job_id, status.value, _NO_USAGE)])
+    return applied, current

@@ -33,7 +33,7 @@ from bench.common import loadavg, positive, ratio
 from bench.generate import RawDecoder
 from bench.inplace import Inplace
 from bench.machine import machine_facts
-from workers.batching import left_pad_prompts
+from workers.batching import prompt_feeds
 from workers.inplace import prompt_inputs
 
 GPT2_VOCAB = 50257
@@ -84,10 +84,8 @@ class OwnGraph:
 
     def next_tokens(self, prompts: list[np.ndarray]) -> np.ndarray:
         raw = self.raw
-        ids, mask, positions = left_pad_prompts(prompts)
         empty = np.zeros((len(prompts), raw.heads, 0, raw.head_dim), dtype=raw.kv_dtype)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                 **{name: empty for name in raw.past_names}}
+        feeds = {**prompt_feeds(prompts), **{name: empty for name in raw.past_names}}
         return raw.session.run(["logits"], feeds)[0][:, -1].argmax(axis=-1)
 
 

@@ -31,10 +31,10 @@ from banter.errors import (
     Timeout,
     Unavailable,
 )
-from banter.jobs import EXPIRED_ERROR, NO_USAGE, JobKind, JobRecord, JobStatus, JobStore, Lane
+from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane, end_queued
 from banter.params import SamplingParams
 from banter.settings import Settings
-from banter.streams import DoneEvent, EventType, StreamWriter, read_events
+from banter.streams import EventType, StreamWriter, read_events
 from registry.records import Record
 from registry.service import Registry
 
@@ -62,6 +62,7 @@ class JobService:
         self.queues = BrokerQueues(settings, celery, client)
         self.jobs = JobStore(client, settings.job_ttl_s)
         self.streams = StreamWriter(client, settings.stream_maxlen, settings.job_ttl_s)
+        self._live_seen: dict[str, float] = {}  # backend -> when a live worker was last seen
 
     def default_model(self, kind: JobKind) -> str:
         if kind is JobKind.EMBED:
@@ -134,9 +135,19 @@ class JobService:
         return model.backend
 
     def _worker_live(self, backend: str) -> bool:
-        """Whether a worker serving ``backend`` beat its heartbeat within three periods."""
+        """Whether a worker serving ``backend`` beat its heartbeat within three periods. A
+        yes is remembered for LIVE_SEEN_S (a worker that dies is noticed that much later,
+        against a window of three heartbeat periods), so a synchronous call does not pay a
+        Redis round trip for it; a no is asked again every time."""
+        now = time.monotonic()
+        seen = self._live_seen.get(backend)
+        if seen is not None and now - seen < LIVE_SEEN_S:
+            return True
         since = time.time() - 3 * self.settings.worker_heartbeat_s
-        return self.redis.zcount(keys.workers_for(backend), since, "+inf") > 0
+        live = self.redis.zcount(keys.workers_for(backend), since, "+inf") > 0
+        if live:
+            self._live_seen[backend] = now
+        return live
 
     def _check_depth(self, lane: Lane) -> None:
         limit = self.settings.max_queue_depth
@@ -152,12 +163,8 @@ class JobService:
         if record is None or record.owner != owner:
             raise JobNotFound(f"no job {job_id!r}")
         now = time.time()
-        if (record.status == JobStatus.QUEUED.value and record.deadline_at is not None
-                and now >= record.deadline_at):
-            applied, _ = self.jobs.transition(job_id, (JobStatus.QUEUED,), JobStatus.EXPIRED,
-                                              finished_at=now, error=EXPIRED_ERROR)
-            if applied:
-                self.streams.publish([DoneEvent(job_id, "expired", NO_USAGE)])
+        if record.status == JobStatus.QUEUED.value and record.past_deadline(now):
+            end_queued(self.jobs, self.streams, job_id, JobStatus.EXPIRED, now)
             record = self.jobs.get(job_id) or record
         return record
 
@@ -183,11 +190,9 @@ class JobService:
     def cancel(self, job_id: str, owner: str) -> JobRecord:
         """Queued: never runs. Running: the worker stops it at the next step. Finished: as is."""
         self.get(job_id, owner)
-        applied, current = self.jobs.transition(job_id, (JobStatus.QUEUED,),
-                                                JobStatus.CANCELLED, finished_at=time.time())
-        if applied:
-            self.streams.publish([DoneEvent(job_id, "cancelled", NO_USAGE)])
-        elif current == JobStatus.RUNNING.value:
+        applied, current = end_queued(self.jobs, self.streams, job_id, JobStatus.CANCELLED,
+                                      time.time())
+        if not applied and current == JobStatus.RUNNING.value:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.job(job_id), "cancel_requested", "1")
             pipe.publish(keys.CANCEL, job_id)
@@ -195,6 +200,7 @@ class JobService:
         return self.get(job_id, owner)
 
 
+LIVE_SEEN_S = 1.0
 _NO_WORKER = {
     "onnx": "no live worker runs ONNX Runtime models: start one with 'banter worker --cpu' or "
             "'--gpu N' (or submit with POST /v1/jobs: the job waits in the queue for one)",

@@ -66,3 +66,28 @@ def test_a_job_the_broker_refused_fails_and_frees_its_key(settings, redis_client
         with pytest.raises(Unavailable, match="broker"):
             service.submit(JobRequest(JobKind.EMBED, "x", idempotency_key=key), "alice", "t")
         assert redis_client.get(keys.idempotency("alice", key)) is None
+
+
+def test_a_live_worker_is_remembered_briefly_and_a_missing_one_never(settings, redis_client,
+                                                                      monkeypatch):
+    """``JobService._worker_live``: a synchronous call does not ask Redis again right after a
+    live worker was seen; a missing worker is asked about every time, so one that comes up is
+    seen at once."""
+    import time
+
+    from producer import service as service_module
+
+    backend = f"live-test-{uuid.uuid4().hex[:8]}"
+    service = JobService(settings, redis_client, make_celery(settings),
+                         Registry.from_settings(settings, redis_client))
+    asked = []
+    real = redis_client.zcount
+    monkeypatch.setattr(redis_client, "zcount", lambda *a: asked.append(a) or real(*a))
+    assert not service._worker_live(backend) and not service._worker_live(backend)
+    assert len(asked) == 2  # a no is not remembered
+    redis_client.zadd(keys.workers_for(backend), {"w": time.time()})
+    assert service._worker_live(backend) and len(asked) == 3  # seen at once
+    redis_client.delete(keys.workers_for(backend))
+    assert service._worker_live(backend) and len(asked) == 3  # remembered: no round trip
+    monkeypatch.setattr(service_module, "LIVE_SEEN_S", 0.0)
+    assert not service._worker_live(backend) and len(asked) == 4  # past it: asked again

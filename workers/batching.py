@@ -61,6 +61,22 @@ def left_pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return ids, mask, positions
 
 
+def prompt_feeds(prompts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """A prompt pass's inputs for a decoder's own graph (Optimum layout): ``left_pad_prompts``
+    by input name."""
+    ids, mask, positions = left_pad_prompts(prompts)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def decode_feeds(tokens: np.ndarray, positions: np.ndarray,
+                 mask: np.ndarray) -> dict[str, np.ndarray]:
+    """A decode pass's inputs for a decoder's own graph: one token per row at ``positions``
+    [B], the previous pass's ``mask`` grown by that token's column."""
+    grown = np.concatenate((mask, np.ones((len(tokens), 1), dtype=np.int64)), axis=1)
+    return {"input_ids": tokens[:, None], "attention_mask": grown,
+            "position_ids": positions[:, None]}
+
+
 @dataclass(frozen=True)
 class PackPlan:
     """How to cut chosen rows of several left-padded batches into one: the ``rows`` of source

@@ -35,7 +35,7 @@ from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
 from banter.settings import ADMISSIONS, PREFILL_OVERLAPS
 from banter.streams import TokenEvent
-from workers.batching import collate, left_pad_prompts, mean_pool, right_pad
+from workers.batching import collate, decode_feeds, mean_pool, prompt_feeds, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.inplace import decode_inputs, prompt_inputs
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
@@ -740,13 +740,11 @@ class Engine:
             if out is not None:
                 self._sample(out[0], batch.seqs, events)
             return
-        mask = np.concatenate((batch.mask, np.ones((rows, 1), dtype=np.int64)), axis=1)
-        inputs = {"input_ids": tokens[:, None], "attention_mask": mask,
-                  "position_ids": positions[:, None]}
+        inputs = decode_feeds(tokens, positions, batch.mask)
         out = self._pass(runner, batch.live(), inputs, batch.pasts)
         if out is not None:
             logits, batch.pasts = out
-            batch.mask = mask
+            batch.mask = inputs["attention_mask"]
             self._sample(logits, batch.seqs, events)
 
     def _prefill(self, runner: Runner, seqs: list[_Sequence], events: list[TokenEvent],
@@ -770,15 +768,13 @@ class Engine:
                 return None
             self._sample(out[0], seqs, events)  # the twin returns each prompt's last position
             return _SlotBatch(seqs, slots)
-        ids, mask, positions = left_pad_prompts(prompts)
-        empty = np.zeros((len(seqs), runner.n_head, 0, runner.head_dim), dtype=runner.kv_dtype)
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        out = self._pass(runner, seqs, inputs, [empty] * len(runner.past_names))
+        inputs = prompt_feeds(prompts)
+        out = self._pass(runner, seqs, inputs, runner.empty_pasts(len(seqs)))
         if out is None:
             return None
         logits, presents = out
         self._sample(logits, seqs, events)
-        return _Batch(seqs, presents, mask)
+        return _Batch(seqs, presents, inputs["attention_mask"])
 
     def _pass(self, runner: Runner, seqs: list[_Sequence], inputs: dict[str, np.ndarray],
               pasts: list) -> tuple[np.ndarray, list] | None:

@@ -19,7 +19,7 @@ from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
 from banter.settings import KV_LAYOUTS
 from registry.artifacts import sha256_file
 from workers import inplace
-from workers.batching import left_pad_prompts, pack_rows
+from workers.batching import decode_feeds, pack_rows, prompt_feeds
 from workers.kvpacker import KVPacker
 
 log = logging.getLogger("banter.worker")
@@ -230,14 +230,10 @@ class Runner:
         """Raise unless ``twin`` gives the logits the model's own graph gives for two prompts
         of different lengths and one decode step after them."""
         prompts = [np.array([1, 2, 3], dtype=np.int64), np.array([4], dtype=np.int64)]
-        ids, mask, positions = left_pad_prompts(prompts)
-        empty = np.zeros((2, self.n_head, 0, self.head_dim), dtype=self.kv_dtype)
-        first, pasts = self._host_pass({"input_ids": ids, "attention_mask": mask,
-                                        "position_ids": positions}, [empty] * len(self.past_names))
+        feeds = prompt_feeds(prompts)
+        first, pasts = self._host_pass(feeds, self.empty_pasts(2))
         tokens, cached = np.array([5, 6], dtype=np.int64), np.array([3, 1])
-        second, _ = self._host_pass({"input_ids": tokens[:, None],
-                                     "attention_mask": np.concatenate((mask, np.ones((2, 1), np.int64)), 1),
-                                     "position_ids": cached[:, None]}, pasts)
+        second, _ = self._host_pass(decode_feeds(tokens, cached, feeds["attention_mask"]), pasts)
         shape = (2, self.n_head, 4, self.head_dim)
         buffers = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
         n = self.n_layer
@@ -247,6 +243,11 @@ class Runner:
             if not np.allclose(expected, got, rtol=1e-3, atol=1e-3):
                 raise ValueError("its logits differ from the model's own by up to "
                                  f"{float(np.abs(expected - got).max()):.3g}")
+
+    def empty_pasts(self, rows: int) -> list[np.ndarray]:
+        """The pasts of a prompt pass of the model's own graph: ``rows`` rows, nothing cached."""
+        empty = np.zeros((rows, self.n_head, 0, self.head_dim), dtype=self.kv_dtype)
+        return [empty] * len(self.past_names)
 
     def kv_slots(self, rows: int) -> list[np.ndarray]:
         """A new cache for an in-place model: one ``[rows, H, max_positions, D]`` array per

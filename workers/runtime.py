@@ -32,15 +32,7 @@ from banter.errors import (
     ModelLoadError,
     ModelNotFound,
 )
-from banter.jobs import (
-    EXPIRED_ERROR,
-    NO_USAGE,
-    JobKind,
-    JobRecord,
-    JobStatus,
-    JobStore,
-    embed_result,
-)
+from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, embed_result, end_queued
 from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
@@ -210,7 +202,7 @@ class WorkerRuntime:
         if JobStatus(record.status).terminal:
             return record.status
         now = time.time()
-        if record.deadline_at is not None and now >= record.deadline_at:
+        if record.past_deadline(now):
             return self._expire(record, now)
         taken, current = self.jobs.take(job_id, self.node, self.settings.lease_ttl_s)
         if not taken:
@@ -363,10 +355,8 @@ class WorkerRuntime:
         return JobStatus.FAILED.value if applied else current
 
     def _expire(self, record: JobRecord, now: float) -> str:
-        applied, current = self.jobs.transition(record.id, (JobStatus.QUEUED,), JobStatus.EXPIRED,
-                                                finished_at=now, error=EXPIRED_ERROR)
+        applied, current = end_queued(self.jobs, self.streams, record.id, JobStatus.EXPIRED, now)
         if applied:
-            self.streams.publish([DoneEvent(record.id, "expired", NO_USAGE)])
             worker_metrics.record_job_end(self.redis, record, JobStatus.EXPIRED.value,
                                           record.backend, now)
         return JobStatus.EXPIRED.value if applied else current
