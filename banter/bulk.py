@@ -241,7 +241,7 @@ def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
             delay = min(delay * 2, MAX_BACKOFF_S)
         except InvalidRequest as exc:
             return response_line(line.custom_id, uuid.uuid4().hex, exc.status,
-                                 {"error": exc.to_dict()})
+                                 {"error": exc.body()})
 
 
 _WORKER_DONE = object()

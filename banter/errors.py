@@ -1,10 +1,13 @@
 """The one exception tree of banterhearts.
 
 Every error a client can cause or observe is a ``BanterError`` subclass with a stable ``type``
-string (what clients see in ``{"error": {"type", "message"}}`` and in a job's ``error``) and an
-HTTP status. The producer maps them to responses in exactly one place
+string (what clients see in ``{"error": {"type", "message", "param", "code"}}`` and in a job's
+``error``) and an HTTP status. The producer maps them to responses in exactly one place
 (``producer.errors``); workers store ``{type, message}`` in the job record. Messages say what
-was wrong and how to fix it.
+was wrong and how to fix it. ``param`` names the request field at fault where there is one;
+``code`` is OpenAI's code for the same error where OpenAI has one (``context_length_exceeded``,
+``model_not_found``, ``rate_limit_exceeded``, ``invalid_api_key``), so OpenAI clients that key on
+it work unchanged.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ class BanterError(Exception):
 
     type = "internal_error"
     status = 500
+    code: str | None = None  # OpenAI's error code for it, where OpenAI has one
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, where there is one
 
     def to_dict(self) -> dict[str, str]:
+        """``{type, message}``: what a job record and a stream's ``error`` event keep."""
         return {"type": self.type, "message": self.message}
+
+    def body(self) -> dict[str, str | None]:
+        """The ``error`` object of an HTTP answer: ``to_dict`` plus ``param`` and ``code``
+        (null where there is none), the fields OpenAI's errors have."""
+        return {**self.to_dict(), "param": self.param, "code": self.code}
 
 
 class InvalidRequest(BanterError):
@@ -49,6 +60,7 @@ class TooLarge(InvalidRequest):
 class Unauthorized(BanterError):
     type = "unauthorized"
     status = 401
+    code = "invalid_api_key"
 
 
 class Forbidden(BanterError):
@@ -67,6 +79,7 @@ class JobNotFound(NotFound):
 
 class ModelNotFound(NotFound):
     type = "model_not_found"
+    code = "model_not_found"
 
 
 class Conflict(BanterError):
@@ -103,6 +116,7 @@ class RateLimited(Throttled):
     """The API key sent more requests this minute than BANTER_RATE_LIMIT_PER_MIN."""
 
     type = "rate_limited"
+    code = "rate_limit_exceeded"
 
 
 class Unavailable(BanterError):
@@ -139,6 +153,7 @@ class ModelLoadError(BanterError):
 
 class PromptTooLong(InvalidRequest):
     type = "prompt_too_long"
+    code = "context_length_exceeded"
 
 
 class JobCancelled(BanterError):
@@ -182,12 +197,18 @@ def status_for(type_name: str) -> int:
     return cls.status if cls else BanterError.status
 
 
+def openai_status(status: int) -> int:
+    """The status an OpenAI-compatible endpoint answers for ``status``: a request OpenAI
+    would call bad is 400 there (the ``openai`` client's ``BadRequestError``), not 422."""
+    return 400 if status == InvalidRequest.status else status
+
+
 def from_dict(error: dict[str, str]) -> BanterError:
     """Rebuild a typed error from ``{type, message}`` (a job record, an HTTP error body)."""
     type_name = error.get("type", BanterError.type)
     cls = _error_class(type_name) or BanterError
     exc = cls.__new__(cls)
-    BanterError.__init__(exc, error.get("message", "request failed"))
+    BanterError.__init__(exc, error.get("message", "request failed"), error.get("param"))
     exc.type = type_name
     exc.status = status_for(type_name)
     return exc

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from banter.errors import InvalidRequest
 
 MAX_TEMPERATURE = 2.0
-MAX_SEED = 2**63 - 1
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # any int64, as OpenAI takes
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # the wire names
@@ -20,7 +20,8 @@ class SamplingParams:
     """How one sequence picks its tokens.
 
     ``temperature == 0`` is greedy (argmax; ``top_p``, ``top_k`` and ``seed`` are then unused).
-    ``top_k == 0`` and ``top_p == 1`` switch those filters off. ``seed=None`` draws a fresh seed.
+    ``top_k == 0`` and ``top_p == 1`` switch those filters off (``top_k: -1`` on the wire, vLLM's
+    "off", is read as 0). ``seed=None`` draws a fresh seed; ``seed`` is any int64.
     Generation stops after ``max_tokens`` tokens, at the EOS token, or before the first
     occurrence of any ``stop`` string.
     """
@@ -45,14 +46,14 @@ class SamplingParams:
         unknown = sorted(set(d) - set(PARAMS))
         if unknown:
             raise InvalidRequest(f"unknown sampling parameter {unknown[0]!r}: the parameters "
-                                 f"are {', '.join(PARAMS)}")
+                                 f"are {', '.join(PARAMS)}", unknown[0])
         return cls(
             max_tokens=_int(d, "max_tokens", min(cls.max_tokens, max_tokens_limit),
                             1, max_tokens_limit),
             temperature=_float(d, "temperature", cls.temperature, 0.0, MAX_TEMPERATURE),
             top_p=_top_p(d),
-            top_k=_int(d, "top_k", cls.top_k, 0, None),
-            seed=_int(d, "seed", None, 0, MAX_SEED),
+            top_k=max(_int(d, "top_k", cls.top_k, -1, None) or 0, 0),
+            seed=_int(d, "seed", None, MIN_SEED, MAX_SEED),
             stop=_stop(d),
         )
 
@@ -68,7 +69,7 @@ def _int(d: Mapping[str, Any], key: str, default: int | None, low: int,
         return default
     allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
     if not _is_int(value) or value < low or (high is not None and value > high):
-        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}")
+        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}", key)
     return value
 
 
@@ -77,7 +78,7 @@ def _number(d: Mapping[str, Any], key: str, allowed: str) -> float | None:
     if value is None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}")
+        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}", key)
     return float(value)
 
 
@@ -87,7 +88,7 @@ def _float(d: Mapping[str, Any], key: str, default: float, low: float, high: flo
     if value is None:
         return default
     if not low <= value <= high:
-        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}")
+        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}", key)
     return value
 
 
@@ -97,7 +98,7 @@ def _top_p(d: Mapping[str, Any]) -> float:
     if value is None:
         return SamplingParams.top_p
     if not 0.0 < value <= 1.0:
-        raise InvalidRequest(f"top_p must be {allowed}, got {value!r}")
+        raise InvalidRequest(f"top_p must be {allowed}, got {value!r}", "top_p")
     return value
 
 
@@ -110,5 +111,5 @@ def _stop(d: Mapping[str, Any]) -> tuple[str, ...]:
                f"of at most {MAX_STOP_CHARS} characters")
     if (not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise InvalidRequest(f"stop must be {allowed}, got {value!r}")
+        raise InvalidRequest(f"stop must be {allowed}, got {value!r}", "stop")
     return tuple(stops)

@@ -25,14 +25,13 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
 
-from banter import keys
+from banter import errors, keys
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
-from banter.errors import IdempotencyKeyReused, InvalidRequest, NotFound, QueueFull, TooLarge, status_for
+from banter.errors import IdempotencyKeyReused, InvalidRequest, NotFound, QueueFull, TooLarge, openai_status
 from banter.jobs import JobRecord, JobStatus, Lane
 from producer import openai_api as oa
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
-from producer.inference import generate_request
 from producer.service import JobRequest
 
 blueprint = Blueprint("batches", __name__)
@@ -66,8 +65,8 @@ def submit_line(c: Context, owner: str, line: BatchLine, key: str | None) -> Sub
         request = replace(request, lane=Lane.BULK, idempotency_key=key)
         job_id = c.jobs.submit(request, owner, trace_id())[0].id
     except (InvalidRequest, NotFound, IdempotencyKeyReused) as exc:
-        refused = response_line(line.custom_id, uuid.uuid4().hex, exc.status,
-                                {"error": exc.to_dict()})
+        refused = response_line(line.custom_id, uuid.uuid4().hex, openai_status(exc.status),
+                                {"error": exc.body()})
         return Submitted(line.custom_id, line.url, refused=refused)
     return Submitted(line.custom_id, line.url, job_id, encoding == "base64")
 
@@ -75,15 +74,9 @@ def submit_line(c: Context, owner: str, line: BatchLine, key: str | None) -> Sub
 def text_request(c: Context, url: str, body: dict) -> JobRequest:
     """The generate job ``/v1/completions`` or ``/v1/chat/completions`` would make of ``body``."""
     if oa.flag(body, "stream"):
-        raise InvalidRequest("'stream' is not supported in a batch: every request is answered whole")
-    if url == "/v1/completions":
-        oa.refuse_unsupported(body, oa.COMPLETION_UNSUPPORTED)
-        prompt = oa.completion_prompt(body, c.settings.max_prompt_chars)
-    else:
-        oa.refuse_unsupported(body, oa.CHAT_UNSUPPORTED)
-        body = oa.chat_max_tokens(body, c.settings.max_tokens_limit)
-        prompt = oa.chat_prompt(body, c)
-    return generate_request(body, prompt, c)
+        raise InvalidRequest("'stream' is not supported in a batch: every request is answered "
+                             "whole", "stream")
+    return oa.text_request(c, url, body)
 
 
 # ----------------------------------------------------------------------------- render
@@ -100,9 +93,10 @@ def render(line: Submitted, record: JobRecord | None) -> dict[str, Any] | None:
         return error_line(line.custom_id, request_id, status,
                           f"the request was {status} before it finished")
     if record.status == JobStatus.FAILED.value:
-        error = record.error or {"type": "inference_error", "message": "the job failed"}
-        return response_line(line.custom_id, request_id, status_for(error["type"]),
-                             {"error": error})
+        error = errors.from_dict(record.error or {"type": "inference_error",
+                                                  "message": "the job failed"})
+        return response_line(line.custom_id, request_id, openai_status(error.status),
+                             {"error": error.body()})
     return response_line(line.custom_id, request_id, 200, answer(line, record))
 
 

@@ -47,19 +47,23 @@ def parse_messages(body: dict) -> list[Message]:
     first bad field, e.g. ``messages[2].role``."""
     value = body.get("messages")
     if not isinstance(value, list) or not value:
-        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects")
+        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects",
+                             "messages")
     return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
 
 
 def _message(message: Any, where: str) -> Message:
     if not isinstance(message, dict):
-        raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content'")
+        raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content'", where)
     role = message.get("role")
     if role == "developer":  # OpenAI's newer name for the system role (o1 and later)
         role = "system"
     if role not in ROLES:
         raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)} (or developer, "
-                             f"taken as system), got {role!r}")
+                             f"taken as system), got {role!r}", f"{where}.role")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise InvalidRequest(f"'{where}' holds tool calls: tools are not supported by this "
+                             "server", f"{where}.tool_calls")
     return role, _content(message.get("content"), f"{where}.content")
 
 
@@ -68,13 +72,13 @@ def _content(content: Any, where: str) -> str:
         return content
     if isinstance(content, list) and content:
         return "\n".join(_text_part(part, f"{where}[{i}]") for i, part in enumerate(content))
-    raise InvalidRequest(f"'{where}' must be a string or a non-empty list of text parts")
+    raise InvalidRequest(f"'{where}' must be a string or a non-empty list of text parts", where)
 
 
 def _text_part(part: Any, where: str) -> str:
     if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
         raise InvalidRequest(f"'{where}' must be {{\"type\": \"text\", \"text\": <string>}}; "
-                             "only text parts are supported")
+                             "only text parts are supported", where)
     return part["text"]
 
 

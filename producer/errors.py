@@ -1,26 +1,28 @@
-"""The one place exceptions become HTTP responses: ``{"error": {"type", "message"}}``."""
+"""The one place exceptions become HTTP responses: ``{"error": {"type", "message", "param",
+"code"}}`` (``BanterError.body``). On the OpenAI-compatible endpoints (the ``openai``
+blueprint) a request error is 400, as OpenAI answers, instead of 422 (``openai_status``)."""
 
 from __future__ import annotations
 
 import logging
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from banter.errors import BanterError, Throttled, Unauthorized, Unavailable, WireError
+from banter.errors import BanterError, Throttled, Unauthorized, Unavailable, WireError, openai_status
 
 log = logging.getLogger("banter.producer")
 
 
 def error_response(exc: BanterError) -> tuple[Response, int]:
-    response = jsonify({"error": exc.to_dict()})
+    response = jsonify({"error": exc.body()})
     if isinstance(exc, Throttled):
         response.headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
-    return response, exc.status
+    return response, openai_status(exc.status) if request.blueprint == "openai" else exc.status
 
 
 def register(app: Flask) -> None:
@@ -35,7 +37,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         name = (exc.name or "error").lower().replace(" ", "_")
-        response = jsonify({"error": {"type": name, "message": exc.description or exc.name}})
+        response = jsonify({"error": {"type": name, "message": exc.description or exc.name,
+                                      "param": None, "code": None}})
         return response, exc.code or 500
 
     @app.errorhandler(redis.RedisError)
@@ -47,5 +50,4 @@ def register(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unhandled_error")
-        return jsonify({"error": {"type": "internal_error",
-                                  "message": "internal error; see the producer log"}}), 500
+        return jsonify({"error": BanterError("internal error; see the producer log").body()}), 500

@@ -23,18 +23,29 @@ def list_models():
 
 @blueprint.get("/v1/models/<model_id>")
 def retrieve_model(model_id: str):
-    """OpenAI ``models.retrieve``: one active model, as ``/v1/models`` lists it."""
+    """OpenAI ``models.retrieve``: one active model, as ``/v1/models`` lists it; ``name@version``
+    (as a request's ``model`` may pin it) answers that version, active or not."""
     c = ctx()
     c.owner()
-    for record in c.registry.list_active():
-        if record.name == model_id:
-            return jsonify(model_object(record))
-    raise ModelNotFound(f"no active model {model_id!r}: GET /v1/models lists them")
+    try:
+        record = c.registry.resolve(model_id)
+    except (InvalidRequest, ModelNotFound):
+        raise ModelNotFound(f"no model {model_id!r}: GET /v1/models lists the active ones",
+                            "model") from None
+    return jsonify({**model_object(record), "id": model_id})
+
+
+PUBLIC_FIELDS = ("name", "kind", "version", "backend", "upstream_model", "ref")
 
 
 def model_object(record: Record) -> dict:
+    """A model as OpenAI lists one, with its registry ``kind``, ``version``, ``backend``,
+    ``upstream_model`` and ``ref``; where its artifact lies and who promoted it are for
+    admins (``/v1/models/history``)."""
+    public = record.to_public()
     return {"id": record.name, "object": "model", "owned_by": "banterhearts",
-            "created": int(datetime.fromisoformat(record.time).timestamp()), **record.to_public()}
+            "created": int(datetime.fromisoformat(record.time).timestamp()),
+            **{k: public[k] for k in PUBLIC_FIELDS}}
 
 
 @blueprint.get("/v1/models/history")

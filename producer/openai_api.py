@@ -3,8 +3,16 @@
 
 A text request is one generate job. Streamed answers are plain ``data: {chunk}`` SSE lines (no
 ``id:`` or ``event:`` fields), ending with ``data: [DONE]``; a job error becomes one
-``data: {"error": {type, message}}`` line before ``[DONE]``. Bad input is a JSON 4xx before any
-job is submitted, streamed or not.
+``data: {"error": {type, message, param, code}}`` line before ``[DONE]``. Bad input is a JSON
+4xx before any job is submitted, streamed or not (400 where the rest of the API says 422, as
+OpenAI answers: ``producer.errors``).
+
+Each endpoint takes OpenAI's fields for it and refuses any other (a misspelt ``max_token`` must
+not run as its default; OpenAI refuses unknown fields too); of OpenAI's fields, those this server
+cannot honour are refused when set to anything but their no-op value, and those that do not
+change the output (``user``, ``metadata``, ``store``, ...) are accepted and ignored. As on
+OpenAI, a request without ``temperature`` samples at 1.0 (the native ``/v1/inference`` and
+``/v1/jobs`` are greedy by default).
 """
 
 from __future__ import annotations
@@ -29,10 +37,28 @@ from producer.service import JobRequest
 blueprint = Blueprint("openai", __name__)
 
 DONE = "data: [DONE]\n\n"
-# OpenAI fields this server cannot honour: a truthy value is refused rather than ignored.
-SHARED_UNSUPPORTED = ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
-COMPLETION_UNSUPPORTED = (*SHARED_UNSUPPORTED, "echo", "suffix")
-CHAT_UNSUPPORTED = (*SHARED_UNSUPPORTED, "top_logprobs", "tools", "functions")
+OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
+# OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
+SHARED_UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+                      "logprobs": (False,), "n": (1,)}
+COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "echo": (False,), "suffix": ("",),
+                          "best_of": (1,)}
+CHAT_UNSUPPORTED = {**SHARED_UNSUPPORTED, "top_logprobs": (0,), "tools": ([],),
+                    "functions": ([],), "tool_choice": ("none", "auto"),
+                    "function_call": ("none", "auto"), "audio": (), "prediction": (),
+                    "web_search_options": (), "modalities": (["text"],),
+                    "response_format": ({"type": "text"},)}
+# OpenAI fields that do not change the output: accepted, ignored.
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
+           "reasoning_effort", "verbosity", "prompt_cache_key", "safety_identifier")
+# this server's own: top_k (as vLLM takes it), keep_running (a streamed job outlives its client)
+EXTENSIONS = ("top_k", "keep_running")
+COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
+                     "stream", "stream_options", *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
+CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+               "top_p", "seed", "stop", "stream", "stream_options", *CHAT_UNSUPPORTED, *IGNORED,
+               *EXTENSIONS)
+EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 
 
 class TextShape:
@@ -87,7 +113,7 @@ class Chunks:
         if kind is EventType.TOKEN:
             return self.chunk([self.shape.chunk_choice(data["text"], None)]) if data["text"] else ""
         if kind is EventType.ERROR:
-            return sse_data({"error": data["error"]}) + DONE
+            return sse_data({"error": errors.from_dict(data["error"]).body()}) + DONE
         final = self.chunk([self.shape.chunk_choice("", data["finish_reason"])])
         if self.include_usage:
             final += self.chunk([], usage_totals(data["usage"]))
@@ -124,7 +150,7 @@ def flag(body: dict, name: str, label: str | None = None) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidRequest(f"'{label or name}' must be true or false")
+        raise InvalidRequest(f"'{label or name}' must be true or false", label or name)
     return value
 
 
@@ -133,23 +159,48 @@ def include_usage(body: dict) -> bool:
     if options is None:
         return False
     if not isinstance(options, dict):
-        raise InvalidRequest("'stream_options' must be an object")
+        raise InvalidRequest("'stream_options' must be an object", "stream_options")
     return flag(options, "include_usage", "stream_options.include_usage")
 
 
-def refuse_unsupported(body: dict, names: tuple[str, ...]) -> None:
-    """Refuse fields this server cannot honour, and ``n``/``best_of`` other than 1."""
-    for name in names:
-        if body.get(name):
-            raise InvalidRequest(f"'{name}' is not supported by this server")
-    for name in ("n", "best_of"):
+def check_fields(body: dict, known: tuple[str, ...], unsupported: dict[str, tuple]) -> None:
+    """Refuse a field outside ``known``, and an ``unsupported`` one set to anything but null
+    or the no-op values it lists."""
+    v.known_fields(body, known)
+    for name, no_ops in unsupported.items():
         value = body.get(name)
-        if value is not None and (isinstance(value, bool) or value != 1):
-            raise InvalidRequest(f"'{name}' must be 1: this server returns one choice per request")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise InvalidRequest("'response_format' other than {\"type\": \"text\"} is not supported: "
-                             "this server returns plain text (no JSON mode)")
+        if value is None or any(_same(value, ok) for ok in no_ops):
+            continue
+        if name in ("n", "best_of"):
+            raise InvalidRequest(f"'{name}' must be 1: this server returns one choice per "
+                                 "request", name)
+        if name == "response_format":
+            raise InvalidRequest("'response_format' other than {\"type\": \"text\"} is not "
+                                 "supported: this server returns plain text (no JSON mode)", name)
+        raise InvalidRequest(f"'{name}' is not supported by this server"
+                             + (f" (only {', '.join(map(json.dumps, no_ops))})" if no_ops else ""),
+                             name)
+
+
+def _same(value: Any, no_op: Any) -> bool:
+    """JSON equality: ``0 == 0.0``, but ``false`` is not ``0`` and ``true`` is not ``1``."""
+    if isinstance(value, bool) or isinstance(no_op, bool):
+        return value is no_op
+    return value == no_op
+
+
+def text_request(c: Context, path: str, body: dict) -> JobRequest:
+    """The generate job a ``/v1/completions`` or ``/v1/chat/completions`` body asks for."""
+    if path == "/v1/completions":
+        check_fields(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
+        prompt = completion_prompt(body, c.settings.max_prompt_chars)
+    else:
+        check_fields(body, CHAT_FIELDS, CHAT_UNSUPPORTED)
+        body = chat_max_tokens(body, c.settings.max_tokens_limit)
+        prompt = chat_prompt(body, c)
+    if body.get("temperature") is None:
+        body = {**body, "temperature": OPENAI_TEMPERATURE}
+    return generate_request(body, prompt, c)
 
 
 def completion_prompt(body: dict, max_chars: int) -> str:
@@ -159,10 +210,10 @@ def completion_prompt(body: dict, max_chars: int) -> str:
         for i, item in enumerate(prompt):
             if not isinstance(item, str):
                 raise InvalidRequest(f"'prompt[{i}]' must be a string: token-id prompts are not "
-                                     "supported")
+                                     "supported", "prompt")
         if len(prompt) != 1:
             raise InvalidRequest(f"'prompt' must be a string or a list of exactly one string, got "
-                                 f"{len(prompt)} items: send one request per prompt")
+                                 f"{len(prompt)} items: send one request per prompt", "prompt")
         prompt = prompt[0]
     return v.string({"prompt": prompt}, "prompt", required=True, max_len=max_chars)
 
@@ -176,7 +227,7 @@ def chat_prompt(body: dict, c: Context) -> str:
     prompt = template.render(messages)
     if len(prompt) > c.settings.max_prompt_chars:
         raise InvalidRequest(f"'messages' make a prompt of {len(prompt)} characters; the limit is "
-                             f"{c.settings.max_prompt_chars}")
+                             f"{c.settings.max_prompt_chars}", "messages")
     return prompt
 
 
@@ -186,16 +237,21 @@ def chat_max_tokens(body: dict, limit: int) -> dict:
     if value is None:
         return body
     if body.get("max_tokens") is not None:
-        raise InvalidRequest("'max_tokens' and 'max_completion_tokens' are the same limit: send one")
+        raise InvalidRequest("'max_tokens' and 'max_completion_tokens' are the same limit: send "
+                             "one", "max_completion_tokens")
     return {**body, "max_tokens": value}
 
 
-def run_text_job(c: Context, owner: str, body: dict, prompt: str, shape: TextShape):
-    """Submit the generate job, then stream it as chunks or wait and answer it whole."""
+def run_text_job(c: Context, path: str, shape: TextShape):
+    """Submit the request's generate job, then stream it as chunks or wait and answer it
+    whole."""
+    owner = c.owner()
+    body = c.body()
+    request = text_request(c, path, body)
     stream = flag(body, "stream")
     usage = include_usage(body)
     keep = keep_running(body)
-    record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id(), waited=True)
+    record, _ = c.jobs.submit(request, owner, trace_id(), waited=True)
     if stream:
         return stream_job(c, record, owner, keep, Chunks(shape, record, usage))
     record = c.jobs.wait(record.id)
@@ -211,12 +267,7 @@ def completions():
     ``suffix``, ``logprobs`` and penalties are refused; ``user`` is ignored. ``model`` defaults
     to the default generate model. ``keep_running: true`` (an extension) keeps a streamed job
     going after its client disconnects; otherwise a disconnect cancels it."""
-    c = ctx()
-    owner = c.owner()
-    body = c.body()
-    refuse_unsupported(body, COMPLETION_UNSUPPORTED)
-    prompt = completion_prompt(body, c.settings.max_prompt_chars)
-    return run_text_job(c, owner, body, prompt, TextShape())
+    return run_text_job(ctx(), "/v1/completions", TextShape())
 
 
 @blueprint.post("/v1/chat/completions")
@@ -224,12 +275,7 @@ def chat_completions():
     """OpenAI ``chat.completions.create``: ``messages`` (system, user or assistant; text
     content only) become one prompt by the model's chat template (``producer.chat``);
     ``max_completion_tokens`` is ``max_tokens``; otherwise as ``/v1/completions``."""
-    c = ctx()
-    owner = c.owner()
-    body = c.body()
-    refuse_unsupported(body, CHAT_UNSUPPORTED)
-    body = chat_max_tokens(body, c.settings.max_tokens_limit)
-    return run_text_job(c, owner, body, chat_prompt(body, c), ChatShape())
+    return run_text_job(ctx(), "/v1/chat/completions", ChatShape())
 
 
 @blueprint.post("/v1/embeddings")
@@ -251,11 +297,17 @@ def embeddings():
 
 def embed_request(c: Context, body: dict) -> tuple[JobRequest, str]:
     """The embed job a ``/v1/embeddings`` body asks for, and its ``encoding_format``."""
+    v.known_fields(body, EMBEDDING_FIELDS)
+    if isinstance(body.get("input"), list) and any(
+            isinstance(item, (int, list)) and not isinstance(item, bool) for item in body["input"]):
+        raise InvalidRequest("'input' holds token ids: token-id inputs are not supported, send "
+                             "text", "input")
     text = v.embed_input(body, "input", max_items=c.settings.embed_max_inputs,
                          max_len=c.settings.max_prompt_chars)
     encoding = v.choice(body, "encoding_format", ("float", "base64"), "float")
     if body.get("dimensions") is not None:
-        raise InvalidRequest("'dimensions' is not supported by this server")
+        raise InvalidRequest("'dimensions' is not supported by this server: the vectors have "
+                             "the model's own size", "dimensions")
     return JobRequest(JobKind.EMBED, text, v.string(body, "model", max_len=128)), encoding
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from banter.bulk import MAX_CUSTOM_ID_CHARS, URLS
-from banter.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPERATURE
+from banter.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPERATURE, MIN_SEED
 from banter.settings import Settings
 from producer.batches import MAX_BATCH_REQUESTS, MAX_IDEMPOTENCY_KEY_CHARS
 from producer.context import ctx
@@ -25,7 +25,7 @@ Schema = dict[str, Any]
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NOT_BLANK = r"\S"  # at least one character that is not whitespace
 ERROR_STATUSES = {
-    400: "the body is not valid JSON",
+    400: "the body is not valid JSON; on the OpenAI-compatible endpoints, any invalid request",
     401: "no API key, or an unknown one",
     403: "the key is not an admin key",
     404: "unknown job, batch, model or route",
@@ -55,7 +55,7 @@ def spec(settings: Settings) -> Schema:
                 "Batched ONNX Runtime inference on Celery and Redis. Request bodies are JSON "
                 f"(Content-Type: application/json) of at most {settings.max_request_bytes} "
                 "bytes; every response carries X-Trace-ID; every error is "
-                "{\"error\": {\"type\", \"message\"}}."),
+                "{\"error\": {\"type\", \"message\", \"param\", \"code\"}}."),
         },
         "security": [{"bearer": []}],
         "paths": _paths(),
@@ -242,8 +242,8 @@ def _schemas(settings: Settings) -> Schema:
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_tokens_limit},
         "temperature": {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0},
-        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "top_k": {"type": "integer", "minimum": -1, "description": "0 or -1: off"},
+        "seed": {"type": "integer", "minimum": MIN_SEED, "maximum": MAX_SEED},
         "stop": {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": MAX_STOPS}]},
     }
     streaming = {
@@ -256,6 +256,17 @@ def _schemas(settings: Settings) -> Schema:
                   "total_tokens": {"type": "integer"}}, ("prompt_tokens", "completion_tokens"))
     error_detail = _obj({"type": {"type": "string"}, "message": {"type": "string"}},
                         ("type", "message"))
+    openai_sampling = {"temperature": {**sampling["temperature"], "default": 1}}
+    openai_fields = ("OpenAI's other fields for this endpoint are refused unless null or their "
+                     "no-op value (n 1, logprobs false, penalties 0, logit_bias {}, tools [], ...) "
+                     "or accepted and ignored where they change nothing (user, metadata, store, "
+                     "service_tier, ...); any other field is refused")
+    http_error = _obj({"type": {"type": "string"}, "message": {"type": "string"},
+                       "param": {**_nullable({"type": "string"}),
+                                 "description": "the request field at fault"},
+                       "code": {**_nullable({"type": "string"}),
+                                "description": "OpenAI's code for the error, where it has one"}},
+                      ("type", "message", "param", "code"))
     nullable_str = _nullable({"type": "string"})
     nullable_int = _nullable({"type": "integer"})
     nullable_num = _nullable({"type": "number"})
@@ -269,7 +280,7 @@ def _schemas(settings: Settings) -> Schema:
         "previous_version": nullable_int, "ref": {"type": "string"},
     }, ("seq", "name", "kind", "version", "path", "backend", "ref"))
     return {
-        "Error": _obj({"error": error_detail}, ("error",)),
+        "Error": _obj({"error": http_error}, ("error",)),
         "SamplingParams": _obj(sampling),
         "JobRequest": _obj({
             "kind": {"enum": ["generate", "embed"]},
@@ -317,9 +328,9 @@ def _schemas(settings: Settings) -> Schema:
         "CompletionRequest": _obj({
             "prompt": {"anyOf": [text, {"type": "array", "items": text,
                                         "minItems": 1, "maxItems": 1}]},
-            "model": model_ref, **sampling, **streaming,
+            "model": model_ref, **sampling, **openai_sampling, **streaming,
             "n": {"const": 1}, "best_of": {"const": 1}, "user": {"type": "string"},
-        }, ("prompt",)),
+        }, ("prompt",)) | {"description": openai_fields},
         "ChatCompletionRequest": _obj({
             "messages": {"type": "array", "minItems": 1, "items": _obj({
                 "role": {"enum": ["system", "user", "assistant"]},
@@ -329,10 +340,10 @@ def _schemas(settings: Settings) -> Schema:
                         "type": {"const": "text"},
                         "text": {"type": "string", "maxLength": chars}}, ("type", "text"))}]},
             }, ("role", "content"))},
-            "model": model_ref, **sampling, **streaming,
+            "model": model_ref, **sampling, **openai_sampling, **streaming,
             "max_completion_tokens": sampling["max_tokens"],
             "n": {"const": 1}, "user": {"type": "string"},
-        }, ("messages",)),
+        }, ("messages",)) | {"description": openai_fields},
         "EmbeddingRequest": _obj({
             "input": {"anyOf": [text, texts]},
             "model": model_ref, "encoding_format": {"enum": ["float", "base64"]},

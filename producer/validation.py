@@ -73,14 +73,14 @@ def string(body: dict, name: str, *, required: bool = False, default: str | None
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:
         if required:
-            raise InvalidRequest(f"'{name}' is required")
+            raise InvalidRequest(f"'{name}' is required", name)
         return default
     if not isinstance(value, str):
-        raise InvalidRequest(f"'{name}' must be a string")
+        raise InvalidRequest(f"'{name}' must be a string", name)
     if not value.strip() and not allow_empty:
-        raise InvalidRequest(f"'{name}' must not be empty")
+        raise InvalidRequest(f"'{name}' must not be empty", name)
     if len(value) > max_len:
-        raise InvalidRequest(f"'{name}' is {len(value)} characters; the limit is {max_len}")
+        raise InvalidRequest(f"'{name}' is {len(value)} characters; the limit is {max_len}", name)
     return value
 
 
@@ -91,30 +91,35 @@ def number(body: dict, name: str, *, low: float, high: float,
         return None
     valid = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not valid:
-        raise InvalidRequest(f"'{name}' must be {'an integer' if integer else 'a number'}")
+        raise InvalidRequest(f"'{name}' must be {'an integer' if integer else 'a number'}", name)
     if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-        raise InvalidRequest(f"'{name}' must be between {low} and {high}")
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}", name)
     return value
 
 
 def choice(body: dict, name: str, options: tuple[str, ...], default: str) -> str:
-    value = body.get(name, default)
+    """One of ``options``; missing or null: ``default`` (which may be outside ``options`` to
+    make the field required)."""
+    value = body.get(name)
+    if value is None:
+        value = default
     if value not in options:
-        raise InvalidRequest(f"'{name}' must be one of {', '.join(options)}")
+        raise InvalidRequest(f"'{name}' must be one of {', '.join(options)}", name)
     return value
 
 
 def string_list(body: dict, name: str, *, max_items: int, max_len: int) -> list[str]:
     value = body.get(name)
     if not isinstance(value, list) or not value:
-        raise InvalidRequest(f"'{name}' must be a non-empty list of strings")
+        raise InvalidRequest(f"'{name}' must be a non-empty list of strings", name)
     if len(value) > max_items:
-        raise TooLarge(f"'{name}' has {len(value)} items; the limit is {max_items}")
+        raise TooLarge(f"'{name}' has {len(value)} items; the limit is {max_items}", name)
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise InvalidRequest(f"'{name}[{i}]' must be a non-empty string")
+            raise InvalidRequest(f"'{name}[{i}]' must be a non-empty string", name)
         if len(item) > max_len:
-            raise InvalidRequest(f"'{name}[{i}]' is {len(item)} characters; the limit is {max_len}")
+            raise InvalidRequest(f"'{name}[{i}]' is {len(item)} characters; the limit is "
+                                 f"{max_len}", name)
     return value
 
 
@@ -124,7 +129,7 @@ def embed_input(body: dict, name: str, *, max_items: int, max_len: int) -> str |
     if isinstance(value, list):
         return string_list(body, name, max_items=max_items, max_len=max_len)
     if value is not None and not isinstance(value, str):
-        raise InvalidRequest(f"'{name}' must be a string or a non-empty list of strings")
+        raise InvalidRequest(f"'{name}' must be a string or a non-empty list of strings", name)
     return string(body, name, required=True, max_len=max_len)
 
 
@@ -138,7 +143,7 @@ def known_fields(body: dict, known: tuple[str, ...], hints: dict[str, str] | Non
     for name in body:
         if name not in known:
             hint = (hints or {}).get(name) or f"the fields are {', '.join(sorted(known))}"
-            raise InvalidRequest(f"unknown field {name!r}: {hint}")
+            raise InvalidRequest(f"unknown field {name!r}: {hint}", name)
 
 
 def sampling_params(body: dict, default_max_tokens: int) -> dict[str, Any]:

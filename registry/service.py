@@ -24,6 +24,8 @@ from registry.state import RegistryState, replay
 
 log = logging.getLogger("banter.registry")
 
+RESERVED_NAMES = ("history", "promote", "rollback")  # paths under /v1/models/ of their own
+
 
 class _Unchanged(Exception):
     """Raised inside an append to write nothing: ``record`` is already active."""
@@ -63,10 +65,14 @@ class Registry:
         hashed here. ``backend="openai"``: no path, ``upstream_model`` required. If the active
         version already has the same kind, backend, path, sha256 and upstream model, nothing is
         appended and ``(active record, False)`` is returned, so retrying a promote is safe.
-        Raise InvalidRequest (bad name, kind, backend or upstream model), ArtifactError (bad
+        Raise InvalidRequest (bad or reserved name, kind, backend or upstream model), ArtifactError (bad
         artifact) or Conflict (``name`` is a model of another kind).
         """
         check_name(name)
+        if name in RESERVED_NAMES:
+            raise InvalidRequest(f"{name!r} cannot name a model: GET /v1/models/{name} is the "
+                                 f"registry's own endpoint (reserved: {', '.join(RESERVED_NAMES)})",
+                                 "name")
         _check_text(actor=actor, reason=reason)
         if kind not in KINDS:
             raise InvalidRequest(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}")

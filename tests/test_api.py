@@ -237,7 +237,7 @@ BAD_INPUTS = [
     ("/v1/inference", {"prompt": "x", "temperature": -1}, 422, "temperature"),
     ("/v1/inference", {"prompt": "x", "top_p": 0}, 422, "top_p"),
     ("/v1/inference", {"prompt": "x", "top_k": -3}, 422, "top_k"),
-    ("/v1/inference", {"prompt": "x", "seed": -1}, 422, "seed"),
+    ("/v1/inference", {"prompt": "x", "seed": -(2**63) - 1}, 422, "seed"),
     ("/v1/inference", {"prompt": "x", "stop": [""]}, 422, "stop"),
     ("/v1/inference", {"prompt": "x", "model": "no-such-model"}, 404, "no-such-model"),
     ("/v1/inference", {"prompt": "x", "model": "demo-embed"}, 422, "embed"),
@@ -260,8 +260,8 @@ BAD_INPUTS = [
     ("/v1/inference/batch", {"prompts": []}, 422, "prompts"),
     ("/v1/inference/batch", {"prompts": ["x"] * 9}, 413, "limit"),
     ("/v1/inference/batch", {"prompts": ["x", 3]}, 422, "prompts[1]"),
-    ("/v1/embeddings", {"input": [1, 2]}, 422, "input"),
-    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 422, "encoding_format"),
+    ("/v1/embeddings", {"input": [1, 2]}, 400, "input"),  # OpenAI endpoints: 400
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ("/v1/models/promote", {"name": "m", "kind": "embed"}, 422, "path"),
     ("/v1/models/promote", {"name": "m", "kind": "embed", "path": "../../etc/passwd"}, 422,
      "model root"),
@@ -274,7 +274,7 @@ def test_bad_input_gets_a_clear_4xx(api, path, body, status, needle):
     response = api.post(path, body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"type", "message"}
+    assert set(error) == {"type", "message", "param", "code"}
     assert needle.lower() in error["message"].lower(), error
 
 

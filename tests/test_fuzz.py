@@ -121,7 +121,7 @@ HOSTILE_JSON = [
     ("huge max_tokens", "/v1/inference", {"prompt": "x", "max_tokens": 2**200}),
     ("float max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 1.5}),
     ("huge seed", "/v1/inference", {"prompt": "x", "seed": 2**64}),
-    ("negative top_k", "/v1/jobs", {"kind": "generate", "input": "x", "params": {"top_k": -1}}),
+    ("negative top_k", "/v1/jobs", {"kind": "generate", "input": "x", "params": {"top_k": -2}}),
     ("huge temperature", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "temperature": 1e308}),
     ("negative deadline", "/v1/jobs", {"kind": "embed", "input": "x", "deadline_s": -1e308}),
@@ -212,7 +212,7 @@ def raw_request(url: str, method: str, path: str, data: bytes | str | None = Non
 def assert_clean_4xx(response: requests.Response, label: str) -> None:
     assert 400 <= response.status_code < 500, (label, response.status_code, response.text[:300])
     error = response.json()["error"]
-    assert set(error) == {"type", "message"} and error["message"], (label, error)
+    assert set(error) == {"type", "message", "param", "code"} and error["message"], (label, error)
     assert response.headers["X-Trace-ID"], label
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from openai import APIError, OpenAI
+from openai import APIError, BadRequestError, NotFoundError, OpenAI
 
 from banter.demo import DEMO_TEXT
 from banter.errors import ArtifactError
@@ -50,25 +50,28 @@ def stream_raw(api, path: str, body: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- openai client
 def test_client_completion_streamed_and_not(client):
-    whole = client.completions.create(model="demo-gpt", prompt="Say something.", max_tokens=3)
+    whole = client.completions.create(model="demo-gpt", prompt="Say something.", max_tokens=3,
+                                      temperature=0)
     assert whole.choices[0].text == expected(3) == " banterhearts streams every"
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 3
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 3
     chunks = list(client.completions.create(model="demo-gpt", prompt="Say something.",
-                                            max_tokens=3, stream=True))
+                                            max_tokens=3, stream=True, temperature=0))
     assert "".join(c.choices[0].text for c in chunks) == expected(3)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("cmpl-")
 
 
 def test_client_chat_streamed_and_not(client):
-    whole = client.chat.completions.create(model="demo-gpt", messages=MESSAGES, max_tokens=5)
+    whole = client.chat.completions.create(model="demo-gpt", messages=MESSAGES, max_tokens=5,
+                                           temperature=0)
     message = whole.choices[0].message
     assert (message.role, message.content) == ("assistant", expected(5))
     assert whole.choices[0].finish_reason == "length" and whole.object == "chat.completion"
     chunks = list(client.chat.completions.create(model="demo-gpt", messages=MESSAGES,
-                                                 max_completion_tokens=5, stream=True))
+                                                 max_completion_tokens=5, stream=True,
+                                                 temperature=0))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected(5)
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -119,7 +122,7 @@ def test_client_sees_a_job_error_in_the_stream(client):
 # ----------------------------------------------------------------------------- raw HTTP
 def test_completion_shape_and_headers(api):
     response = api.post("/v1/completions", {"prompt": ["One prompt."], "max_tokens": 2,
-                                            "user": "ignored"})
+                                            "temperature": 0, "user": "ignored"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["id"] == f"cmpl-{response.headers['X-Job-ID']}"
@@ -140,6 +143,7 @@ def test_chat_shape_with_text_parts(api):
                                              {"type": "text", "text": "there"}]},
                 {"role": "assistant", "content": ""}, {"role": "user", "content": "Go on."}]
     response = api.post("/v1/chat/completions", {"messages": messages, "max_tokens": 3,
+                                                 "temperature": 0,
                                                  "stop": ["nothing matches this"]})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -156,7 +160,7 @@ def test_a_developer_message_is_a_system_message_and_text_format_is_the_default(
     ``system``. ``response_format: {"type": "text"}`` is what this server does anyway."""
     def answer(messages, **extra):
         response = api.post("/v1/chat/completions", {"messages": messages, "max_tokens": 3,
-                                                     **extra})
+                                                     "temperature": 0, **extra})
         assert response.status_code == 200, response.text
         return response.json()["usage"]["prompt_tokens"], response.json()["choices"]
 
@@ -165,13 +169,15 @@ def test_a_developer_message_is_a_system_message_and_text_format_is_the_default(
 
 
 def test_stop_string_ends_with_finish_reason_stop(api):
-    body = api.post("/v1/completions", {"prompt": "x", "max_tokens": 10, "stop": " every"}).json()
+    body = api.post("/v1/completions", {"prompt": "x", "max_tokens": 10, "stop": " every",
+                                        "temperature": 0}).json()
     assert body["choices"][0]["text"] == expected(2)
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
 def test_streamed_completion_lines(api):
     payloads = stream_raw(api, "/v1/completions", {"prompt": "x", "max_tokens": 3,
+                                                   "temperature": 0,
                                                    "stream_options": {"include_usage": True}})
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
@@ -183,7 +189,8 @@ def test_streamed_completion_lines(api):
 
 
 def test_streamed_chat_lines(api):
-    payloads = stream_raw(api, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+    payloads = stream_raw(api, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2,
+                                                        "temperature": 0})
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert [c["choices"][0]["delta"] for c in chunks] == [
@@ -198,64 +205,90 @@ def test_job_error_is_a_data_line_then_done(api):
     error = json.loads(payloads[-2])["error"]
     assert error["type"] == "prompt_too_long" and "tokens" in error["message"]
     response = api.post("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 2})
-    assert response.status_code == 422 and response.json()["error"]["type"] == "prompt_too_long"
+    assert response.status_code == 400  # OpenAI's status for it; the rest of the API says 422
+    assert response.json()["error"]["type"] == "prompt_too_long"
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert error["code"] == "context_length_exceeded"
 
 
 BAD_INPUTS = [
-    ("/v1/completions", {}, 422, "prompt"),
-    ("/v1/completions", {"prompt": ""}, 422, "prompt"),
-    ("/v1/completions", {"prompt": [1, 2, 3]}, 422, "token-id"),
-    ("/v1/completions", {"prompt": [[1, 2]]}, 422, "token-id"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one"),
-    ("/v1/completions", {"prompt": []}, 422, "exactly one"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 422, "'n'"),
-    ("/v1/completions", {"prompt": "x", "n": True}, 422, "'n'"),
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, 422, "best_of"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 422, "echo"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 422, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 422, "stream"),
-    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": []}, 422,
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "token-id"),
+    ("/v1/completions", {"prompt": [[1, 2]]}, 400, "token-id"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "exactly one"),
+    ("/v1/completions", {"prompt": []}, 400, "exactly one"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "n": True}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": []}, 400,
      "stream_options"),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
-     422, "stream_options.include_usage"),
-    ("/v1/completions", {"prompt": "x", "stream": True, "keep_running": "no"}, 422,
+     400, "stream_options.include_usage"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "keep_running": "no"}, 400,
      "keep_running"),
-    ("/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 0}, 422, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": 3}, 422, "temperature"),
-    ("/v1/completions", {"prompt": "x", "stop": 5}, 422, "stop"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "model": "no-such-model"}, 404, "no-such-model"),
     ("/v1/completions", {"prompt": "x", "stream": True, "model": "no-such-model"}, 404,
      "no-such-model"),
-    ("/v1/completions", {"prompt": "x", "model": "demo-embed"}, 422, "embed"),
-    ("/v1/chat/completions", {}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": ["hi"]}, 422, "messages[0]"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 422,
+    ("/v1/completions", {"prompt": "x", "model": "demo-embed"}, 400, "embed"),
+    ("/v1/chat/completions", {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400,
      "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 422, "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [MESSAGES[0], {"role": "user", "content": 7}]}, 422,
+    ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [MESSAGES[0], {"role": "user", "content": 7}]}, 400,
      "messages[1].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 422,
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400,
      "messages[0].content[0]"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, 422, "'n'"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "stream": 1}, 422, "stream"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 422,
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, 400, "'n'"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": 1}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400,
      "tools"),
     ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}},
-     422, "response_format"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 422,
+     400, "response_format"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400,
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 2,
-                              "max_tokens": 3}, 422, "max_completion_tokens"),
+                              "max_tokens": 3}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": MESSAGES, "model": "no-such-model"}, 404,
      "no-such-model"),
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "model": "no-such-model"},
      404, "no-such-model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 20000}]}, 422,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 20000}]}, 400,
      "limit"),
+    # unknown fields are refused, as OpenAI refuses them: a misspelt option must not run as
+    # its default, nor a field that would change the output
+    ("/v1/completions", {"prompt": "x", "max_token": 3}, 400, "'max_token'"),
+    ("/v1/completions", {"prompt": "x", "max_completion_tokens": 3}, 400,
+     "'max_completion_tokens'"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "temprature": 0.5}, 400, "temprature"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "min_tokens": 4}, 400, "min_tokens"),
+    ("/v1/embeddings", {"input": "x", "encoding": "float"}, 400, "'encoding'"),
+    # OpenAI fields that would change the output, set to anything but their no-op value
+    ("/v1/completions", {"prompt": "x", "logprobs": 0}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "modalities": ["text", "audio"]}, 400,
+     "modalities"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "web_search_options": {}}, 400,
+     "web_search_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     400, "tool calls"),
+    ("/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "token ids"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 64}, 400, "dimensions"),
 ]
 
 
@@ -265,8 +298,77 @@ def test_bad_input_gets_a_json_4xx_naming_the_field(api, path, body, status, nee
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"type", "message"}
+    assert set(error) == {"type", "message", "param", "code"}
     assert needle.lower() in error["message"].lower(), error
+
+
+def test_an_error_names_its_field_and_openai_code(api, client):
+    """Errors carry OpenAI's ``param`` and ``code``; the client raises ``BadRequestError`` for a
+    request OpenAI would refuse, as code written for OpenAI expects."""
+    error = api.post("/v1/completions", {"prompt": "x", "temperature": 3}).json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request", "temperature", None)
+    error = api.post("/v1/completions", {"prompt": "x", "max_token": 3}).json()["error"]
+    assert error["param"] == "max_token"
+    with pytest.raises(BadRequestError) as raised:
+        client.chat.completions.create(model="demo-gpt", messages=MESSAGES, n=2)
+    assert raised.value.param == "n"
+    with pytest.raises(BadRequestError) as raised:
+        client.completions.create(model="demo-gpt", prompt=LONG_PROMPT, max_tokens=2)
+    assert raised.value.code == "context_length_exceeded"
+    with pytest.raises(NotFoundError) as raised:
+        client.completions.create(model="no-such-model", prompt="x")
+    assert raised.value.code == "model_not_found"
+    # the native API keeps its 422
+    native = api.post("/v1/inference", {"prompt": "x", "temperature": 3})
+    assert native.status_code == 422 and native.json()["error"]["param"] == "temperature"
+
+
+def test_fields_that_do_not_change_the_output_are_accepted(api):
+    base = {"prompt": "x", "max_tokens": 2, "temperature": 0}
+    plain = api.post("/v1/completions", base).json()["choices"]
+    harmless = {"user": "u1", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+                "logprobs": None, "n": 1, "best_of": 1, "echo": False, "suffix": None,
+                "top_k": -1, "seed": -1}
+    response = api.post("/v1/completions", {**base, **harmless})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"] == plain
+    chat = {"messages": MESSAGES, "max_tokens": 2, "temperature": 0}
+    chat_plain = api.post("/v1/chat/completions", chat).json()["choices"]
+    chat_harmless = {"metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+                     "parallel_tool_calls": True, "tools": [], "tool_choice": "auto",
+                     "modalities": ["text"], "logprobs": False, "top_logprobs": 0,
+                     "reasoning_effort": "low", "prompt_cache_key": "k",
+                     "safety_identifier": "s"}
+    response = api.post("/v1/chat/completions", {**chat, **chat_harmless})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"] == chat_plain
+    floats = api.post("/v1/embeddings", {"input": "x", "encoding_format": None, "user": "u"})
+    assert floats.status_code == 200 and isinstance(floats.json()["data"][0]["embedding"], list)
+
+
+def test_without_temperature_it_samples_at_one_as_openai_does(api):
+    """OpenAI's default temperature is 1: a request that sends none is sampled (its seed makes
+    it reproducible), not greedy as the native API is."""
+    def text(**extra):
+        body = {"prompt": "zq xv", "max_tokens": 30, **extra}
+        response = api.post("/v1/completions", body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    sampled = {seed: text(seed=seed) for seed in range(8)}
+    assert sampled == {seed: text(seed=seed, temperature=1.0) for seed in range(8)}
+    assert set(sampled.values()) != {greedy}
+    assert text(seed=-(2**63)) == text(seed=-(2**63))  # any int64 seed, as OpenAI takes
+
+
+def test_models_retrieve_takes_a_pinned_version(client, api):
+    model = client.models.retrieve("demo-gpt@1")
+    assert (model.id, model.model_extra["version"]) == ("demo-gpt@1", 1)
+    assert api.get("/v1/models/demo-gpt@99").status_code == 404
+    assert api.get("/v1/models/bad%20name").status_code == 404
+    listed = api.get("/v1/models").json()["data"]
+    assert all("path" not in m and "actor" not in m and "sha256" not in m for m in listed)
 
 
 # ----------------------------------------------------------------------------- disconnects

@@ -66,7 +66,7 @@ def history_lines(settings) -> list[dict]:
 def assert_error(response, status: int, type_: str, *needles: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}, body
     assert body["error"]["type"] == type_, body
     for needle in needles:
         assert needle in body["error"]["message"], body
@@ -242,6 +242,9 @@ def promote_error_cases(name: str) -> list[tuple[dict, int, str, tuple[str, ...]
          ("missing inputs position_ids, past_key_values.0.key, past_key_values.0.value",)),
         ({**ok, "name": "a/b"}, 422, "invalid_request", ("invalid model name",)),
         ({**ok, "name": "x@1"}, 422, "invalid_request", ("invalid model name",)),
+        ({**ok, "name": "history"}, 422, "invalid_request", ("cannot name a model",)),
+        ({**ok, "name": "promote"}, 422, "invalid_request", ("reserved",)),
+        ({**ok, "kind": None}, 422, "invalid_request", ("'kind' must be one of",)),
         ({**ok, "upstream_model": "gpt-4o"}, 422, "invalid_request",
          ("unknown field 'upstream_model'", "goes in 'model'")),
         ({**ok, "force": True}, 422, "invalid_request", ("unknown field 'force'",)),

@@ -26,6 +26,9 @@ def test_valid_values_are_normalised():
     assert params == SamplingParams(LIMIT, 1.0, 0.5, 40, 2**63 - 1, ("\n",))
     assert isinstance(params.temperature, float)
     assert SamplingParams.from_dict({"stop": ["a", "b" * 64]}, LIMIT).stop == ("a", "b" * 64)
+    # any int64 seed, as OpenAI takes; top_k -1 is vLLM's "off", the same as 0
+    assert SamplingParams.from_dict({"seed": -(2**63), "top_k": -1}, LIMIT) == SamplingParams(
+        seed=-(2**63), top_k=0)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -34,8 +37,8 @@ def test_valid_values_are_normalised():
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1),
     ("temperature", 2.01), ("temperature", True), ("temperature", "0.5"),
     ("top_p", 0), ("top_p", 1.01), ("top_p", math.nan), ("top_p", False), ("top_p", [0.5]),
-    ("top_k", -1), ("top_k", 2.0), ("top_k", False), ("top_k", "3"),
-    ("seed", -1), ("seed", 2**63), ("seed", True), ("seed", 1.0),
+    ("top_k", -2), ("top_k", 2.0), ("top_k", False), ("top_k", "3"),
+    ("seed", -(2**63) - 1), ("seed", 2**63), ("seed", True), ("seed", 1.0),
     ("stop", ""), ("stop", [""]), ("stop", ["a"] * 5), ("stop", "x" * 65), ("stop", [1]),
     ("stop", 5), ("stop", {"a": 1}),
 ])

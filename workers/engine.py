@@ -221,7 +221,7 @@ class _Sequence:
         self.prompt_tokens = len(prompt_ids)
         self.pending = np.asarray(prompt_ids, dtype=np.int64)
         self.past_len = 0
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self.detokenizer = IncrementalDetokenizer(runner.tokenizer)
         self.token_ids: list[int] = []
         self.streamed = ""
