@@ -188,9 +188,10 @@ return {0, current}
 """
 
 
-# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running set. ARGV[1] node, ARGV[2] lease ms,
-# ARGV[3] now, ARGV[4] record ttl s, ARGV[5] job id. Take the job when it is queued, or running with a lapsed
-# lease (its worker died). Returns {1, status before} or {0, status | 'leased'}.
+# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running set, KEYS[4] queued set. ARGV[1] node,
+# ARGV[2] lease ms, ARGV[3] now, ARGV[4] record ttl s, ARGV[5] job id. Take the job when it is
+# queued, or running with a lapsed lease (its worker died). Returns {1, status before} or
+# {0, status | 'leased'}.
 _TAKE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, ''} end
@@ -201,6 +202,7 @@ redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('SADD', KEYS[3], ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[5])
 return {1, status}
 """
 
@@ -225,15 +227,17 @@ redis.call('SREM', KEYS[2], ARGV[2])
 """
 
 
-# KEYS[1] idempotency key, KEYS[2] the new job's hash. ARGV[1] new job id, ARGV[2] ttl s,
-# ARGV[3] job key prefix, ARGV[4..] the record's field/value pairs. Returns the id of the job
-# the key names: an earlier one that still exists, or the new one, written here.
+# KEYS[1] idempotency key, KEYS[2] the new job's hash, KEYS[3] queued set. ARGV[1] new job
+# id, ARGV[2] ttl s, ARGV[3] job key prefix, ARGV[4] queued_at, ARGV[5..] the record's
+# field/value pairs. Returns the id of the job the key names: an earlier one that still
+# exists, or the new one, written here.
 _CREATE_ONCE = """
 local earlier = redis.call('GET', KEYS[1])
 if earlier and redis.call('EXISTS', ARGV[3] .. earlier) == 1 then return earlier end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return ARGV[1]
 """
 
@@ -255,6 +259,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.job(record.id), mapping=record.to_redis())
         pipe.expire(keys.job(record.id), self.ttl_s)
+        pipe.zadd(keys.QUEUED, {record.id: record.queued_at})
         pipe.execute()
 
     def create_idempotent(self, record: JobRecord) -> tuple[JobRecord, bool]:
@@ -268,8 +273,9 @@ class JobStore:
         record.queued_at = record.queued_at or time.time()
         flat = [item for pair in record.to_redis().items() for item in pair]
         job_id = self._create_once(
-            keys=[keys.idempotency(record.owner, record.idempotency_key), keys.job(record.id)],
-            args=[record.id, self.ttl_s, keys.job(""), *flat])
+            keys=[keys.idempotency(record.owner, record.idempotency_key), keys.job(record.id),
+                  keys.QUEUED],
+            args=[record.id, self.ttl_s, keys.job(""), record.queued_at, *flat])
         if job_id == record.id:
             return record, True
         existing = self.get(job_id)
@@ -305,7 +311,7 @@ class JobStore:
         """Lease the job to ``node`` and mark it running: it must be queued, or running with a
         lapsed lease. Returns (taken, status before; 'leased' while another node holds it)."""
         taken, status = self._take(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING],
+            keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.QUEUED],
             args=[node, int(lease_s * 1000), time.time(), self.ttl_s, job_id])
         return bool(taken), status
 
@@ -329,6 +335,26 @@ class JobStore:
         for job_id in job_ids:
             pipe.exists(keys.lease(job_id))
         return [job_id for job_id, alive in zip(job_ids, pipe.execute()) if not alive]
+
+    def stale_queued(self, sent_before: float, limit: int = 100) -> list[JobRecord]:
+        """Queued jobs whose task was last sent before ``sent_before`` (oldest first, at most
+        ``limit``). Ids in the queued set whose job has ended or expired leave it here."""
+        job_ids = self.redis.zrangebyscore(keys.QUEUED, "-inf", sent_before, start=0, num=limit)
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        records = [JobRecord.from_redis(raw) if raw else None for raw in pipe.execute()]
+        ended = [job_id for job_id, r in zip(job_ids, records)
+                 if r is None or r.status != JobStatus.QUEUED.value]
+        if ended:
+            self.redis.zrem(keys.QUEUED, *ended)
+        return [r for r in records if r is not None and r.status == JobStatus.QUEUED.value]
+
+    def sent(self, job_id: str, at: float) -> None:
+        """Note that the queued job's task was sent again at ``at``."""
+        self.redis.zadd(keys.QUEUED, {job_id: at}, xx=True)
 
 
 def end_queued(store: JobStore, streams: StreamWriter, job_id: str, status: JobStatus,

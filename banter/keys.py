@@ -73,6 +73,13 @@ def lease(job_id: str) -> str:
 RUNNING = f"{PREFIX}:running"
 
 
+# sorted set: ids of jobs not yet taken, scored by when their task was (last) sent; a job
+# leaves it when a worker takes it (or, lazily, when the reaper finds it ended or gone). The
+# reaper re-sends the task of one queued too long while its lane's queue is empty: a message
+# lost with Redis (kill -9 before an fsync) or never sent (the broker went down mid-submit)
+QUEUED = f"{PREFIX}:queued"
+
+
 # string: set for Settings.lease_ttl_s when a reaper re-enqueues a job, so only one does
 def requeued(job_id: str) -> str:
     return f"{PREFIX}:requeued:{job_id}"

@@ -186,6 +186,13 @@ class Settings:
         """The two lanes' queues of the openai backend."""
         return (self.queue_interactive + OPENAI_QUEUE_SUFFIX, self.queue_bulk + OPENAI_QUEUE_SUFFIX)
 
+    @property
+    def resend_after_s(self) -> float:
+        """How long a job may stay queued, with its lane's queue empty, before a worker sends
+        its task again (a message lost with Redis, or never sent): twice the visibility
+        timeout, after which a message reserved by a dead worker has come back on its own."""
+        return 2.0 * self.visibility_timeout_s
+
     def lane_queue(self, lane: str, backend: str = "onnx") -> str:
         """The Celery queue of a job of ``lane`` going to ``backend`` (``onnx`` or ``openai``)."""
         queue = self.queue_bulk if lane == "bulk" else self.queue_interactive

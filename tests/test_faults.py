@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from banter import keys
 from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT, build_demo
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
@@ -243,6 +244,27 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it_again(stack):
     logs = "".join(p.read_text() for p in stack.logs.glob("*.log"))
     assert '"job_taken_over"' not in logs
     assert "'leased'" in logs or "'succeeded'" in logs
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(stack):
+    """Redis killed before an fsync can keep a job's record and lose its message (or the
+    broker can fail mid-submit while Redis cannot record the failure): the job would stay
+    queued for ever. A worker's heartbeat sends it again once it has been queued for
+    ``resend_after_s`` (10 s here) with its lane's queue empty; it then runs once."""
+    job_ids = submit_generations(stack.api, 3, 20)
+    assert stack.redis.llen(stack.settings.queue_interactive) == 3
+    stack.redis.delete(stack.settings.queue_interactive)  # the messages are gone
+    worker = stack.worker("sweeper@localhost")
+    try:
+        for job_id in job_ids:
+            job = assert_exactly_once(stack, job_id, 20)
+            assert job["attempts"] == 1 and job["worker"] == "sweeper@localhost"
+            assert job["timings"]["queue_ms"] >= stack.settings.resend_after_s * 1000
+    finally:
+        stop_process(worker)
+    log = (stack.logs / "sweeper@localhost.log").read_text()
+    assert log.count('"job_resent"') == 3
+    assert stack.redis.zcard(keys.QUEUED) == 0
 
 
 FRAGILE_WORKER = """

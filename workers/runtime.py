@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import redis
 
 from banter import keys, logs
-from banter.broker import RUN_JOB, make_celery
+from banter.broker import RUN_JOB, BrokerQueues, make_celery
 from banter.errors import (
     BackendUnavailable,
     BanterError,
@@ -31,6 +31,7 @@ from banter.errors import (
     InferenceError,
     ModelLoadError,
     ModelNotFound,
+    Unavailable,
 )
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, embed_result, end_queued
 from banter.params import SamplingParams
@@ -139,6 +140,7 @@ class WorkerRuntime:
         self.engine = None if runners is None else Engine(runners, self.sink,
                                                           engine_settings(settings))
         self.celery = make_celery(settings, "banterhearts-reaper")
+        self.queues = BrokerQueues(settings, self.celery, client)
         self.gate = LaneGate(settings.bulk_yield_ms / 1000.0)  # workers/lanes.py
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
@@ -380,7 +382,8 @@ class WorkerRuntime:
                 pipe.execute()
                 self._renew_leases()
                 self._requeue_orphans()
-            except redis.RedisError as exc:
+                self._resend_lost()
+            except (redis.RedisError, Unavailable) as exc:
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
             stop.wait(self.settings.worker_heartbeat_s)
 
@@ -409,6 +412,29 @@ class WorkerRuntime:
                                   headers={"trace_id": record.trace_id})
             logs.event(log, "job_requeued", job_id=job_id, trace_id=record.trace_id,
                        queue=queue, last_worker=record.worker)
+
+    def _resend_lost(self) -> None:
+        """Send again the task of a job queued for ``resend_after_s`` while its lane's queue is
+        empty: its message was lost (Redis killed before an fsync) or never sent (the broker
+        failed mid-submit and Redis could not record the failure). A task that was only slow
+        to come makes a second message, which ``take`` turns into nothing."""
+        now = time.time()
+        stale = self.jobs.stale_queued(now - self.settings.resend_after_s)
+        if not stale:
+            return
+        depth = self.queues.depth()
+        for record in stale:
+            if depth.get(record.lane, 0) or not self.redis.set(
+                    keys.requeued(record.id), self.node, nx=True,
+                    ex=int(self.settings.resend_after_s)):
+                continue  # messages wait in its lane, or another worker is sending it
+            queue = self.settings.lane_queue(record.lane, record.backend or "onnx")
+            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id, queue=queue,
+                                  headers={"trace_id": record.trace_id})
+            self.jobs.sent(record.id, now)
+            logs.event(log, "job_resent", logging.WARNING, job_id=record.id,
+                       trace_id=record.trace_id, queue=queue,
+                       queued_s=round(now - (record.queued_at or now), 1))
 
     def _listen(self, stop: threading.Event) -> None:
         """Cancellations (job ids on CANCEL) and registry changes (retire inactive versions)."""
