@@ -4,10 +4,13 @@ Writers hold an exclusive ``fcntl.flock`` on the file itself while they read it,
 next record and append it (flush + fsync), so seqs and versions are assigned atomically across
 processes. Readers hold a shared lock.
 
-A torn last line (unterminated, or terminated but not a record: a crash mid-write, or a
-record whose append never returned) is ignored on read, and the next append truncates it away
-before writing, so every record stays on its own valid line. Any other bad line is a WireError
-naming its line number: fix or remove that line by hand.
+A torn last line (unterminated, or only NUL bytes and blanks: what a crash mid-write leaves) is
+ignored on read, and the next append truncates it away before writing, so every record stays
+on its own valid line. A complete last line that is not a record (edited or damaged by hand)
+is not torn: read leaves it out (logging ``registry_history_bad_tail``) so serving goes on, but
+appends are refused with a WireError naming the line until it is fixed or removed by hand, so
+its seq and version are never given to another artifact. Any other bad line is a WireError
+naming its line number.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class HistoryFile:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.seek(0)
             data = f.read()
-            records, good_end = _parse(data, self.path)
+            records, good_end = _parse(data, self.path, strict_tail=True)
             record = make(list(records))
             last = records[-1].seq if records else 0
             if record.seq != last + 1:
@@ -96,9 +99,10 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _parse(data: bytes, path: Path) -> tuple[list[Record], int]:
+def _parse(data: bytes, path: Path, strict_tail: bool = False) -> tuple[list[Record], int]:
     """Decode the file's bytes into records; also return the byte offset where the valid
-    lines end (``len(data)`` unless the last line is torn)."""
+    lines end (``len(data)`` unless the last line is torn or bad). ``strict_tail``: a complete
+    last line that is not a record and not crash debris raises (an append must not drop it)."""
     records: list[Record] = []
     lines = data.split(b"\n")
     # After the last b"\n" comes an unterminated remainder: b"" when the file ends cleanly.
@@ -109,7 +113,12 @@ def _parse(data: bytes, path: Path) -> tuple[list[Record], int]:
             record = Record.from_json(line)
         except WireError as exc:
             if number == len(terminated) and not remainder:
-                return records, offset  # a torn last line
+                if not line.strip(b"\0 \t\r"):
+                    return records, offset  # a torn last line: crash debris
+                if not strict_tail:
+                    log.error("registry_history_bad_tail", extra={
+                        "path": str(path), "line": number, "error": exc.message})
+                    return records, offset
             raise WireError(f"{path} line {number} is not a valid registry record ({exc.message}); "
                             f"history.jsonl is append-only: restore it from a backup or "
                             f"remove that line by hand") from None

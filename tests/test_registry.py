@@ -297,11 +297,32 @@ def test_torn_last_line_is_ignored_and_truncated(reg: Registry, history_path: Pa
     assert history_path.read_bytes().endswith(b"\n")
 
     with open(history_path, "ab") as f:
-        f.write(b"garbage\n")  # terminated but unparseable last line: also torn
+        f.write(b"\0" * 64 + b"\n")  # NUL bytes a crash can leave: also torn
     assert len(reg.history()) == 2
     record = reg.rollback("gpt")
     assert record.seq == 3
     assert [Record.from_json(line).seq for line in lines(history_path)] == [1, 2, 3]
+
+
+def test_a_complete_bad_last_line_blocks_appends_so_no_version_is_reused(
+        reg: Registry, root: Path, history_path: Path, client: redis.Redis):
+    """A whole last line that is not a record was edited or damaged, not torn by a crash:
+    serving reads past it, but an append would drop it and give its seq and version to
+    another artifact, so appends are refused, naming the line, until it is fixed by hand."""
+    generate_graph(root / "gpt-c" / "model.onnx", tag="c")
+    reg.promote("gpt", "generate", "gpt-a")
+    second, _ = reg.promote("gpt", "generate", "gpt-b")
+    good = history_path.read_text()
+    history_path.write_text(good[:-2] + "\n")  # the last record's closing brace gone
+    client.flushdb()  # the mirror is rebuilt from what the file holds
+    assert [r.seq for r in reg.history()] == [1]
+    for change in (lambda: reg.promote("gpt", "generate", "gpt-c"), lambda: reg.rollback("gpt")):
+        with pytest.raises(WireError, match="line 2"):
+            change()
+    assert history_path.read_text() == good[:-2] + "\n"  # nothing dropped, nothing written
+    history_path.write_text(good)  # fixed by hand: appends go on after it
+    third, _ = reg.promote("gpt", "generate", "gpt-c")
+    assert (third.seq, third.version) == (second.seq + 1, second.version + 1)
 
 
 def test_corrupt_middle_line_is_an_error(reg: Registry, history_path: Path):
