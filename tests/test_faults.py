@@ -267,6 +267,23 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(stack):
     assert stack.redis.zcard(keys.QUEUED) == 0
 
 
+def test_jobs_queued_when_redis_loses_the_registry_mirror_still_run(stack):
+    """FLUSHDB or eviction can take the registry mirror away while jobs wait: a worker does
+    not fail them with model_not_found, it rebuilds the mirror from history.jsonl (this host
+    has it) and serves them."""
+    job_ids = submit_generations(stack.api, 3, 5)
+    for key in stack.redis.scan_iter("banter:registry*"):
+        stack.redis.delete(key)
+    assert stack.redis.get(keys.REGISTRY_SEQ) is None
+    worker = stack.worker("rebuilder@localhost")
+    try:
+        for job_id in job_ids:
+            assert_exactly_once(stack, job_id, 5)
+    finally:
+        stop_process(worker)
+    assert '"registry_mirror_empty"' in (stack.logs / "rebuilder@localhost.log").read_text()
+
+
 FRAGILE_WORKER = """
 import sys
 from workers.engine import Engine

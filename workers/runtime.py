@@ -39,6 +39,7 @@ from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import Record
+from registry.service import Registry
 from workers import metrics as worker_metrics
 from workers.backends import Outcome
 from workers.engine import EmbedResult, Engine, EngineSettings, GenerateResult
@@ -49,6 +50,7 @@ from workers.runner import ModelSpec, RunnerCache
 log = logging.getLogger("banter.worker")
 
 _FINAL_STATUS = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
+MIRROR_POLL_S = 1.0  # how often a job waiting for an emptied registry mirror looks again
 
 
 class RedisSink:
@@ -251,7 +253,9 @@ class WorkerRuntime:
         try:
             model = resolve_from_mirror(self.mirror, ref, record.kind)
         except ModelNotFound as exc:
-            return self._fallback(record, exc)
+            if self.mirror.seq() is not None or not self._wait_for_mirror(record):
+                return self._fallback(record, exc)
+            model = resolve_from_mirror(self.mirror, ref, record.kind)
         if model.backend == "openai":
             return replace(self._upstream(record, model.upstream_model), version=model.version)
         if self.engine is None:
@@ -262,6 +266,25 @@ class WorkerRuntime:
             return self._local(record, model)
         except (ModelLoadError, ChecksumMismatch) as exc:
             return self._fallback(record, exc)
+
+    def _wait_for_mirror(self, record: JobRecord) -> bool:
+        """The registry mirror is empty (Redis flushed or evicted it): rebuild it from
+        history.jsonl where this host has the file, else wait for a producer to (one does at
+        start and on its next request), at most until the job's deadline or
+        ``sync_timeout_s``. True once the mirror is back."""
+        registry = Registry.from_settings(self.settings, self.redis)
+        give_up = time.time() + self.settings.sync_timeout_s
+        if record.deadline_at is not None:
+            give_up = min(give_up, record.deadline_at)
+        logs.event(log, "registry_mirror_empty", logging.WARNING, job_id=record.id,
+                   trace_id=record.trace_id, has_history=self.settings.registry_path.exists())
+        while self.mirror.seq() is None:
+            if self.settings.registry_path.exists() and registry.ensure_mirror():
+                break
+            if time.time() >= give_up or self._stop.is_set():
+                return False
+            time.sleep(MIRROR_POLL_S)
+        return True
 
     def _fallback(self, record: JobRecord, cause: BanterError) -> Outcome:
         """Serve ``record`` upstream because no local model can (``cause``), or raise
