@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from tokenizers import Tokenizer
 
 from banter.errors import ArtifactError
 
@@ -70,13 +71,14 @@ def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
     if not os.path.lexists(tokenizer) or not _resolve(root, tokenizer, path).is_file():
         raise ArtifactError(f"artifact {path!r} has no tokenizer.json beside it: put the "
                             f"model's tokenizer.json in {target.parent}")
-    check_graph(resolved, kind, path)
+    check_graph(resolved, kind, path, _resolve(root, tokenizer, path))
     return Artifact(rel_path=rel, abs_path=target, tokenizer_path=tokenizer,
                     sha256=sha256_file(resolved))
 
 
-def check_graph(model_path: Path, kind: str, label: str) -> None:
-    """Raise ArtifactError unless the ONNX file has the inputs/outputs of ``kind``."""
+def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -> None:
+    """Raise ArtifactError unless the ONNX file has the inputs/outputs of ``kind`` and an
+    embedding table with a row for every id the tokenizer at ``tokenizer_path`` makes."""
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types on garbage
@@ -94,6 +96,26 @@ def check_graph(model_path: Path, kind: str, label: str) -> None:
         _check_embed(set(inputs), outputs, label)
     else:
         raise ArtifactError(f"unknown model kind {kind!r}: use generate or embed")
+    _check_vocab(model.graph, tokenizer_path, label)
+
+
+def _check_vocab(graph: onnx.GraphProto, tokenizer_path: Path, label: str) -> None:
+    """ArtifactError when ``tokenizer.json`` does not load, or makes ids past the rows of the
+    table that ``input_ids`` is looked up in (every such id would fail its pass)."""
+    try:
+        vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises its own exception type
+        raise ArtifactError(f"artifact {label!r}: its tokenizer.json does not load ({exc})") from None
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[1:2] == ["input_ids"] and node.input[0] in shapes:
+            rows = shapes[node.input[0]][0]
+            if vocab > rows:
+                raise ArtifactError(f"artifact {label!r}: its tokenizer has {vocab} tokens but the "
+                                    f"model's embedding table {node.input[0]!r} has {rows} rows: "
+                                    "they are not one model's (put the model's own "
+                                    "tokenizer.json beside it)")
+            return
 
 
 def _check_generate(inputs: dict[str, onnx.ValueInfoProto], outputs: set[str],

@@ -17,6 +17,8 @@ import onnx
 import pytest
 import redis
 from onnx import TensorProto, helper
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from banter import keys
 from banter.errors import ArtifactError, Conflict, InvalidRequest, ModelNotFound, WireError
@@ -71,6 +73,9 @@ def client(redis_port: int):
 
 
 # ----------------------------------------------------------------------------- ONNX files
+TOKENS = {"[UNK]": 0, "a": 1, "b": 2}  # the test models' tokenizer
+
+
 def _io(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 
@@ -81,24 +86,27 @@ def _save(graph: onnx.GraphProto, path: Path, tokenizer: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     if tokenizer:
-        (path.parent / "tokenizer.json").write_text("{}")
+        Tokenizer(WordLevel(TOKENS, unk_token="[UNK]")).save(str(path.parent / "tokenizer.json"))
     return path
 
 
 def generate_graph(path: Path, tag: str = "", kv: bool = True, logits: bool = True,
-                   heads: int | str = 2) -> Path:
-    """A 1-layer decoder with the generate I/O names (logits = ids as float, present = past)."""
+                   heads: int | str = 2, vocab_rows: int = len(TOKENS)) -> Path:
+    """A 1-layer decoder with the generate I/O names (logits = ids as float, present = past)
+    that looks ``input_ids`` up in a ``vocab_rows``-row table."""
     ids = ["input_ids", "attention_mask", "position_ids"]
     inputs = [_io(n, TensorProto.INT64, ["B", "S"]) for n in ids]
     outputs = [_io("logits" if logits else "scores", TensorProto.FLOAT, ["B", "S"])]
-    nodes = [helper.make_node("Cast", ["input_ids"], [outputs[0].name], to=TensorProto.FLOAT)]
+    nodes = [helper.make_node("Cast", ["input_ids"], [outputs[0].name], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["wte", "input_ids"], ["embedded"])]
+    wte = helper.make_tensor("wte", TensorProto.FLOAT, [vocab_rows, 1], [0.0] * vocab_rows)
     if kv:
         for part in ("key", "value"):
             inputs.append(_io(f"past_key_values.0.{part}", TensorProto.FLOAT, ["B", heads, "P", 4]))
             outputs.append(_io(f"present.0.{part}", TensorProto.FLOAT, ["B", heads, "P", 4]))
             nodes.append(helper.make_node("Identity", [f"past_key_values.0.{part}"],
                                           [f"present.0.{part}"]))
-    graph = helper.make_graph(nodes, "gen", inputs, outputs, doc_string=tag)
+    graph = helper.make_graph(nodes, "gen", inputs, outputs, initializer=[wte], doc_string=tag)
     return _save(graph, path)
 
 
@@ -252,6 +260,9 @@ def test_artifact_errors(reg: Registry, root: Path, tmp_path: Path, history_path
     (root / "junk").mkdir()
     (root / "junk" / "model.onnx").write_bytes(os.urandom(64) + b"not an onnx model")
     (root / "junk" / "tokenizer.json").write_text("{}")
+    generate_graph(root / "bad-tok" / "model.onnx")
+    (root / "bad-tok" / "tokenizer.json").write_text("{}")
+    generate_graph(root / "small-vocab" / "model.onnx", vocab_rows=len(TOKENS) - 1)
     (root / "junk" / "model.txt").write_text("x")
     cases = {
         "../outside/model.onnx": "outside the model root",
@@ -263,6 +274,8 @@ def test_artifact_errors(reg: Registry, root: Path, tmp_path: Path, history_path
         "junk/model.onnx": "not a valid ONNX model",
         "junk/model.txt": ".onnx",
         "no-tok": "tokenizer.json",
+        "bad-tok": "tokenizer.json does not load",
+        "small-vocab": "tokenizer has 3 tokens but the model's embedding table 'wte' has 2 rows",
         "no-kv": "past_key_values",
         "no-logits": "missing outputs logits",
         "dyn-heads": "static heads",
