@@ -353,12 +353,16 @@ def test_a_worker_that_may_not_fall_back_fails_with_the_local_cause(oa_settings,
     runtime = WorkerRuntime(replace(oa_settings, model_root=tmp_path, **change), client,
                             RunnerCache(["CPUExecutionProvider"]), "in-process")
     store = JobStore(client, 60)
+    messages = []
     for name, error_type in (("local-only", "checksum_mismatch"), ("nowhere", "model_not_found")):
         job = JobRecord(id=JobRecord.new_id(), kind="generate", model=name, input="x")
         store.create(job)
         assert runtime.run_job(job.id) == "failed"
         error = store.get(job.id).error
         assert error["type"] == error_type and words in error["message"]
+        messages.append(error["message"])
+    # the artifact is named relative to the model root: no server path reaches the client
+    assert "local-only/model.onnx" in messages[0] and str(tmp_path) not in messages[0]
 
 
 # ----------------------------------------------------------------------------- cancellation

@@ -367,17 +367,26 @@ class WorkerRuntime:
         return status.value
 
     def _fail(self, record: JobRecord, exc: BanterError) -> str:
+        """End the job ``failed``. The error its record and stream keep (which its client
+        sees) names artifacts relative to the model root, never by this host's paths; the
+        log line has the message as raised."""
+        error = {**exc.to_dict(), "message": self._relative_paths(exc.message)}
         applied, current = self.jobs.transition(
             record.id, (JobStatus.RUNNING,), JobStatus.FAILED, owner=self.node,
-            finished_at=time.time(), error=exc.to_dict())
+            finished_at=time.time(), error=error)
         if applied:
-            self.streams.publish([ErrorEvent(record.id, exc.to_dict())], also=self.sink.add_passes)
+            self.streams.publish([ErrorEvent(record.id, error)], also=self.sink.add_passes)
             timings = worker_metrics.record_job_end(self.redis, record, JobStatus.FAILED.value,
                                                     record.backend, error=exc.type)
             logs.event(log, "inference_failed", logging.WARNING, trace_id=record.trace_id,
                        job_id=record.id, error=exc.type, error_message=exc.message,
                        kind=record.kind, model=record.model, lane=record.lane, **timings)
         return JobStatus.FAILED.value if applied else current
+
+    def _relative_paths(self, message: str) -> str:
+        for root in {self.settings.model_root.resolve(), self.settings.model_root.absolute()}:
+            message = message.replace(f"{root}{os.sep}", "")
+        return message
 
     def _expire(self, record: JobRecord, now: float) -> str:
         applied, current = end_queued(self.jobs, self.streams, record.id, JobStatus.EXPIRED, now)
