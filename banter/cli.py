@@ -107,8 +107,21 @@ def cmd_bulk(args, settings: Settings) -> int:
     except bulk.BulkFileError as exc:
         print(f"banter: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"banter bulk: interrupted with {_count_lines(out_path)} output lines in "
+              f"{out_path}; run the same command again to resume (lines already answered are "
+              "not sent again)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps(asdict(summary)))
     return EXIT_OK
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def flower_auth(args) -> list[str] | None:

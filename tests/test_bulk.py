@@ -119,6 +119,31 @@ def check_body(line: dict, request: dict, api) -> None:
     assert body["usage"]["completion_tokens"] == words
 
 
+def test_ctrl_c_says_how_far_it_got_and_how_to_resume(api, tmp_path):
+    marker = f"bulk-{uuid.uuid4().hex[:8]}"
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 600, marker)
+    with open(tmp_path / "err", "w") as stderr:
+        run = subprocess.Popen([*CLI, "bulk", str(source), "--out", str(out), "--url", api.url],
+                               stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 50):
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = (tmp_path / "err").read_text()
+    written = len(out.read_bytes().splitlines())  # a torn last line counts, as for the CLI
+    assert f"interrupted with {written} output lines in {out}" in said, said
+    assert "run the same command again to resume" in said
+    assert "Traceback" not in said
+
+
 def test_bulk_file_killed_halfway_resumes_with_each_custom_id_once(api, redis_client, tmp_path):
     marker = f"bulk-{uuid.uuid4().hex[:8]}"
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
