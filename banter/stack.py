@@ -76,6 +76,9 @@ def sample_jobs(url: str, api_key: str) -> None:
           f"{[round(x, 4) for x in vector[:4]]}", flush=True)
 
 
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # a worker failing faster than this is given up on
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -101,7 +104,8 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         built = ensure_demo_models(settings, Registry.from_settings(settings,
                                                                     connect(settings.redis_url)))
         cli = [sys.executable, "-m", "banter.cli"]
-        children.append(subprocess.Popen([*cli, "worker", "--cpu"], env=env))
+        worker = [*cli, "worker", "--cpu"]
+        children.append(subprocess.Popen(worker, env=env))
         children.append(subprocess.Popen([*cli, "producer", "--host", host, "--port", str(port)],
                                          env=env))
         url = f"http://{host}:{port}"
@@ -114,15 +118,49 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
             sample_jobs(url, sample_key(settings, env))
         if exit_after_sample:
             return 0
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        return 1
+        return supervise(children, worker, env)
     except KeyboardInterrupt:
         return 0
     finally:
         stop_all(children)
         if redis_server:
             redis_server.stop()
+
+
+def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str, str]) -> int:
+    """Until a child exits for good: a worker that exits (a crash, the OOM killer, an engine
+    death's code 70) is started again, as its supervisor would, unless it did so
+    ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; the producer exiting stops the stack.
+    Says which child exited and how. Returns 1 (``children[0]`` is the worker)."""
+    restarts: list[float] = []
+    while True:
+        time.sleep(0.5)
+        for index, child in enumerate(children):
+            code = child.poll()
+            if code is None:
+                continue
+            name = "worker" if index == 0 else "producer"
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+            if name == "worker" and len(restarts) < MAX_RESTARTS:
+                restarts.append(now)
+                print(f"banter up: the worker {_how(code)}; starting it again", file=sys.stderr,
+                      flush=True)
+                children[0] = subprocess.Popen(worker, env=env)
+                continue
+            again = f" ({MAX_RESTARTS} times in {RESTART_WINDOW_S:g} s)" if name == "worker" else ""
+            print(f"banter up: the {name} {_how(code)}{again}; stopping the stack",
+                  file=sys.stderr, flush=True)
+            return 1
+
+
+def _how(code: int) -> str:
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def stop_all(children: list[subprocess.Popen], timeout_s: float = 15.0) -> None:

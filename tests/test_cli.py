@@ -370,6 +370,36 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
 
 
 @pytest.mark.slow
+def test_up_starts_its_worker_again_when_it_dies(tmp_path):
+    """A worker killed under ``banter up`` (the OOM killer, a crash) is started again, as a
+    supervisor would, and ``banter up`` says which child died and how."""
+    home = tmp_path / "home"
+    port = free_port()
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([*CLI, "up", "--port", str(port)], env=fresh_up_env(home),
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
+        workers = [p for p in processes_with_home(home) if "banter.cli worker" in p]
+        assert len(workers) == 1, workers
+        os.kill(int(workers[0].split(":")[0]), signal.SIGKILL)
+        wait_for_text(err, "banter up: the worker was killed by SIGKILL; starting it again",
+                      process, timeout_s=30)
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/inference",
+                               json={"prompt": "again", "max_tokens": 3}, timeout=90)
+        assert answer.status_code == 200, answer.text
+        assert process.poll() is None
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        kill_leftovers(home)
+
+
+@pytest.mark.slow
 def test_up_stops_everything_it_started_on_sigterm(tmp_path):
     """SIGTERM is how supervisors, ``docker stop``, systemd and ``kill`` stop a program; the
     stack must go down with ``banter up`` instead of being orphaned."""
