@@ -64,6 +64,11 @@ def batch(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}"
 
 
+# sorted set: one owner's batch ids by created_at (GET /v1/batches), TTL Settings.job_ttl_s
+def batches(owner: str) -> str:
+    return f"{PREFIX}:batches:{owner}"
+
+
 # string: the node that runs the job now, with a TTL its heartbeat renews (Settings.lease_ttl_s)
 def lease(job_id: str) -> str:
     return f"{PREFIX}:lease:{job_id}"

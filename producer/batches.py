@@ -3,11 +3,15 @@ sends.
 
 - ``POST /v1/batches/requests``: one batch input line (``banter.bulk`` format) plus an optional
   ``idempotency_key``; runs it on the bulk lane and answers its output line when it finished.
-- ``POST /v1/batches``: ``{requests: [lines], endpoint?, completion_window?, metadata?}``, the
-  lines inline (OpenAI takes an uploaded ``input_file_id``; there is no file API here), at most
-  MAX_BATCH_REQUESTS; answers the batch object. ``GET /v1/batches/{id}``,
-  ``POST /v1/batches/{id}/cancel``, and ``GET /v1/batches/{id}/output`` (the output lines of the
-  requests finished so far, as JSONL, in input order).
+- ``POST /v1/batches``: ``{requests: [lines], endpoint?, completion_window?, metadata?,
+  idempotency_key?}``, the lines inline (OpenAI takes an uploaded ``input_file_id``; there is no
+  file API here), at most MAX_BATCH_REQUESTS; answers the batch object. With an
+  ``idempotency_key`` the batch id is derived from (owner, key) and each line's job gets the key
+  ``batch:<key>/<custom_id>``, so a create sent again (a timeout, a crash half way) answers the same
+  batch and runs no line twice. ``GET /v1/batches`` (the owner's batches, newest first, OpenAI's
+  list with ``limit`` and ``after``), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``,
+  and ``GET /v1/batches/{id}/output`` (the output lines of the requests finished so far, as
+  JSONL, in input order).
 
 A line's body is checked as its endpoint checks it (``producer.openai_api``); a body that
 endpoint would refuse is answered in the line's output (``response.status_code`` 4xx), never by
@@ -16,6 +20,7 @@ failing the call or the batch. Batches are Redis hashes (``keys.batch``) with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -24,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
+from flask import request as flask_request
 
 from banter import errors, keys
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
@@ -37,6 +43,7 @@ from producer.service import JobRequest
 blueprint = Blueprint("batches", __name__)
 
 MAX_BATCH_REQUESTS = 1000
+LIST_LIMIT, MAX_LIST_LIMIT = 20, 100  # GET /v1/batches: OpenAI's default and largest page
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 _BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
 
@@ -132,9 +139,21 @@ def create_batch():
     c = ctx()
     owner = c.owner()
     body = c.body()
-    v.known_fields(body, ("requests", "endpoint", "completion_window", "metadata"),
+    v.known_fields(body, ("requests", "endpoint", "completion_window", "metadata",
+                          "idempotency_key"),
                    {"input_file_id": "send the request lines themselves in 'requests' (or run "
                                      "the file with banter bulk)"})
+    key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
+    digest = hashlib.sha256(json.dumps({k: x for k, x in body.items() if k != "idempotency_key"},
+                                       sort_keys=True).encode()).hexdigest()
+    if key:
+        earlier = c.redis.hgetall(keys.batch(keyed_batch_id(owner, key)))
+        if earlier:
+            if earlier.get("request_hash") != digest:
+                raise IdempotencyKeyReused(
+                    f"idempotency_key {key!r} was used for a different batch "
+                    f"({earlier['id']}); send that batch again, or use a new key")
+            return jsonify(batch_object(c, earlier, submitted_lines(earlier)))
     lines = batch_lines(body)
     endpoint = body.get("endpoint")
     if endpoint is not None and (endpoint not in URLS or any(x.url != endpoint for x in lines)):
@@ -146,18 +165,60 @@ def create_batch():
             isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())):
         raise InvalidRequest("'metadata' must be an object of string values")
     check_room(c, len(lines))
-    batch_id = f"batch_{uuid.uuid4().hex}"
-    submitted = [submit_line(c, owner, line, None) for line in lines]
+    batch_id = keyed_batch_id(owner, key) if key else f"batch_{uuid.uuid4().hex}"
+    submitted = [submit_line(c, owner, line, f"batch:{key}/{line.custom_id}" if key else None)
+                 for line in lines]
     now = int(time.time())
     fields = {"id": batch_id, "owner": owner, "endpoint": endpoint or "",
               "completion_window": window, "metadata": json.dumps(metadata),
               "created_at": now, "in_progress_at": now, "status": "in_progress",
-              "requests": json.dumps([asdict(s) for s in submitted])}
+              "request_hash": digest, "requests": json.dumps([asdict(s) for s in submitted])}
     pipe = c.redis.pipeline()
     pipe.hset(keys.batch(batch_id), mapping=fields)
     pipe.expire(keys.batch(batch_id), c.settings.job_ttl_s)
+    pipe.zadd(keys.batches(owner), {batch_id: time.time()})
+    pipe.expire(keys.batches(owner), c.settings.job_ttl_s)
     pipe.execute()
     return jsonify(batch_object(c, fields, submitted))
+
+
+def keyed_batch_id(owner: str, key: str) -> str:
+    """The id of the batch ``owner`` creates with idempotency ``key``."""
+    return "batch_" + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:32]
+
+
+@blueprint.get("/v1/batches")
+def list_batches():
+    """OpenAI ``batches.list``: the caller's batches (of the last BANTER_JOB_TTL_S), newest
+    first, ``limit`` (1 to 100, default 20) per page after the batch id ``after``."""
+    c = ctx()
+    owner = c.owner()
+    limit = _query_int("limit", LIST_LIMIT, 1, MAX_LIST_LIMIT)
+    after = flask_request.args.get("after")
+    ids = c.redis.zrevrange(keys.batches(owner), 0, -1)
+    start = ids.index(after) + 1 if after in ids else 0
+    page, data = ids[start:], []
+    for batch_id in page:
+        if len(data) == limit:
+            break
+        fields = c.redis.hgetall(keys.batch(batch_id))
+        if fields:
+            data.append(batch_object(c, fields, submitted_lines(fields)))
+        else:  # expired
+            c.redis.zrem(keys.batches(owner), batch_id)
+    has_more = bool(data) and page.index(data[-1]["id"]) + 1 < len(page)
+    return jsonify({"object": "list", "data": data, "has_more": has_more,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None})
+
+
+def _query_int(name: str, default: int, low: int, high: int) -> int:
+    raw = flask_request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}", name)
+    return int(raw)
 
 
 def batch_lines(body: dict) -> list[BatchLine]:
@@ -235,7 +296,11 @@ def load_batch(c: Context, batch_id: str, owner: str) -> tuple[dict[str, Any], l
     fields = c.redis.hgetall(keys.batch(batch_id)) if _BATCH_ID.match(batch_id) else {}
     if not fields or fields.get("owner") != owner:
         raise NotFound(f"no batch {batch_id!r}")
-    return fields, [Submitted(**s) for s in json.loads(fields["requests"])]
+    return fields, submitted_lines(fields)
+
+
+def submitted_lines(fields: dict[str, Any]) -> list[Submitted]:
+    return [Submitted(**s) for s in json.loads(fields["requests"])]
 
 
 def job_records(c: Context, submitted: list[Submitted]) -> list[JobRecord | None]:

@@ -183,9 +183,18 @@ def _paths() -> Schema:
             {"200": _json("the output line", "BatchOutputLine")}, sync_errors,
             body="BatchRequestLine")},
         "/v1/batches": {"post": _op(
-            "Create a batch (OpenAI Batch API, requests inline)",
-            {"200": _json("the batch", "Batch")}, (*body_errors, 503),
-            body="BatchCreateRequest")},
+            "Create a batch (OpenAI Batch API, requests inline); the same idempotency_key "
+            "answers the same batch",
+            {"200": _json("the batch", "Batch")}, (*body_errors, 409, 503),
+            body="BatchCreateRequest"), "get": _op(
+            "The caller's batches, newest first (OpenAI batches.list)",
+            {"200": _json("a page of batches", "BatchList")}, (422, 503),
+            parameters=({"name": "limit", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 100,
+                                    "default": 20}},
+                        {"name": "after", "in": "query", "required": False,
+                         "schema": {"type": "string"},
+                         "description": "the last batch id of the previous page"}))},
         "/v1/batches/{batch_id}": {"get": _op(
             "A batch", {"200": _json("the batch", "Batch")}, (404, 503),
             parameters=(batch,))},
@@ -424,7 +433,13 @@ def _schemas(settings: Settings) -> Schema:
                          "maxItems": MAX_BATCH_REQUESTS},
             "endpoint": {"enum": list(URLS)}, "completion_window": {"const": "24h"},
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 128,
+                                "pattern": NOT_BLANK},
         }, ("requests",)),
+        "BatchList": _obj({
+            "object": {"const": "list"}, "data": {"type": "array", "items": _ref("Batch")},
+            "has_more": {"type": "boolean"}, "first_id": nullable_str,
+            "last_id": nullable_str}, ("object", "data", "has_more")),
         "Batch": _obj({
             "id": {"type": "string"}, "object": {"const": "batch"},
             "status": {"enum": ["in_progress", "completed", "cancelling", "cancelled"]},

@@ -413,6 +413,36 @@ def test_batch_cancel(api):
                and x["response"] is None for x in lines)
 
 
+def test_a_batch_created_again_with_its_key_is_the_same_batch(api, redis_client):
+    """A client that retries a create (a timeout, a crash half way) with the same
+    idempotency_key gets the batch it made, and no line runs twice."""
+    marker = f"batch-key-{uuid.uuid4().hex[:8]}"
+    body = {"requests": [request_line(i, marker) for i in range(1, 5)],
+            "idempotency_key": marker}
+    first = api.post("/v1/batches", body)
+    again = api.post("/v1/batches", body)
+    assert first.status_code == again.status_code == 200, again.text
+    assert first.json()["id"] == again.json()["id"]
+    assert wait_batch(api, first.json()["id"])["request_counts"]["completed"] == 4
+    assert jobs_with(redis_client, marker) == 4
+    other = api.post("/v1/batches", {**body, "requests": body["requests"][:2]})
+    assert other.status_code == 409
+    assert other.json()["error"]["type"] == "idempotency_key_reused"
+
+
+def test_batches_are_listed_newest_first_a_page_at_a_time(api):
+    marker = f"batch-list-{uuid.uuid4().hex[:8]}"
+    made = [api.post("/v1/batches", {"requests": [request_line(3 * i + 1, marker)]}).json()["id"]
+            for i in range(3)]
+    page = api.get("/v1/batches", params={"limit": 2}).json()
+    assert page["object"] == "list" and [b["id"] for b in page["data"]] == made[::-1][:2]
+    assert page["has_more"] and page["last_id"] == made[1]
+    rest = api.get("/v1/batches", params={"limit": 2, "after": page["last_id"]}).json()
+    assert rest["data"][0]["id"] == made[0]
+    bad = api.get("/v1/batches", params={"limit": 0})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "limit"
+
+
 def test_a_batch_with_an_unknown_field_is_refused(api):
     line = request_line(1, "unknown-field")
     for body, needle in (({"requests": [line], "foo": 1}, "unknown field 'foo'"),
