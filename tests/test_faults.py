@@ -281,7 +281,7 @@ def test_jobs_queued_when_redis_loses_the_registry_mirror_still_run(stack):
             assert_exactly_once(stack, job_id, 5)
     finally:
         stop_process(worker)
-    assert '"registry_mirror_empty"' in (stack.logs / "rebuilder@localhost.log").read_text()
+    assert '"registry_mirror_rebuilt"' in (stack.logs / "rebuilder@localhost.log").read_text()
 
 
 FRAGILE_WORKER = """

@@ -50,7 +50,6 @@ from workers.runner import ModelSpec, RunnerCache
 log = logging.getLogger("banter.worker")
 
 _FINAL_STATUS = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
-MIRROR_POLL_S = 1.0  # how often a job waiting for an emptied registry mirror looks again
 
 
 class RedisSink:
@@ -253,7 +252,7 @@ class WorkerRuntime:
         try:
             model = resolve_from_mirror(self.mirror, ref, record.kind)
         except ModelNotFound as exc:
-            if self.mirror.seq() is not None or not self._wait_for_mirror(record):
+            if self.mirror.seq() is not None or not self._rebuild_mirror(record):
                 return self._fallback(record, exc)
             model = resolve_from_mirror(self.mirror, ref, record.kind)
         if model.backend == "openai":
@@ -267,24 +266,17 @@ class WorkerRuntime:
         except (ModelLoadError, ChecksumMismatch) as exc:
             return self._fallback(record, exc)
 
-    def _wait_for_mirror(self, record: JobRecord) -> bool:
-        """The registry mirror is empty (Redis flushed or evicted it): rebuild it from
-        history.jsonl where this host has the file, else wait for a producer to (one does at
-        start and on its next request), at most until the job's deadline or
-        ``sync_timeout_s``. True once the mirror is back."""
-        registry = Registry.from_settings(self.settings, self.redis)
-        give_up = time.time() + self.settings.sync_timeout_s
-        if record.deadline_at is not None:
-            give_up = min(give_up, record.deadline_at)
-        logs.event(log, "registry_mirror_empty", logging.WARNING, job_id=record.id,
-                   trace_id=record.trace_id, has_history=self.settings.registry_path.exists())
-        while self.mirror.seq() is None:
-            if self.settings.registry_path.exists() and registry.ensure_mirror():
-                break
-            if time.time() >= give_up or self._stop.is_set():
-                return False
-            time.sleep(MIRROR_POLL_S)
-        return True
+    def _rebuild_mirror(self, record: JobRecord) -> bool:
+        """The registry mirror is empty (Redis flushed or evicted it, or nothing was ever
+        promoted): rebuild it from history.jsonl where this host has the file. True when the
+        mirror is back. (A producer rebuilds it too, at start and on its next request.)"""
+        if not self.settings.registry_path.exists():
+            return False
+        rebuilt = Registry.from_settings(self.settings, self.redis).ensure_mirror()
+        if rebuilt:
+            logs.event(log, "registry_mirror_rebuilt", logging.WARNING, job_id=record.id,
+                       trace_id=record.trace_id)
+        return self.mirror.seq() is not None
 
     def _fallback(self, record: JobRecord, cause: BanterError) -> Outcome:
         """Serve ``record`` upstream because no local model can (``cause``), or raise
