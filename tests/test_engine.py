@@ -1,3 +1,4 @@
+import shutil
 import threading
 import time
 from collections import deque
@@ -130,6 +131,27 @@ def test_checksum_mismatch_loads_nothing(specs):
         fresh.get(bad)
     assert str(bad.model_path) in err.value.message and "0" * 64 in err.value.message
     assert specs["gpt"].sha256 in err.value.message
+    assert fresh.loaded() == []
+
+
+def test_a_model_whose_shapes_do_not_add_up_fails_at_load_saying_so(specs, tmp_path):
+    """Heads that do not divide the width pass every static check (promote's too), but no
+    pass can run: the load's one-token trial pass says so, instead of every job's pass
+    failing with ONNX Runtime's reshape error."""
+    from banter import demo
+
+    tokenizer, cycle = demo.gpt_tokenizer()
+    weights = demo._gpt_weights(tokenizer.get_vocab_size(), cycle)
+    model = tmp_path / "bad-heads" / "model.onnx"
+    model.parent.mkdir()
+    model.write_bytes(demo.gpt_graph(weights, n_layer=1, n_head=3))  # 128 wide: 3 does not divide
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(specs["gpt"].model_path.parent / name, model.parent / name)
+    spec = ModelSpec("bad-heads", 1, "generate", model, model.parent / "tokenizer.json",
+                     sha256_file(model))
+    fresh = RunnerCache(kv_layout="auto")
+    with pytest.raises(ModelLoadError, match="bad-heads@1 fails a trial pass of one token"):
+        fresh.get(spec)
     assert fresh.loaded() == []
 
 

@@ -169,6 +169,8 @@ class Runner:
         self.kv_layout = "concat"
         if spec.kind == "generate":
             self.n_head, self.head_dim, self.kv_dtype = self._kv_geometry(inputs)
+        self._trial_pass()
+        if spec.kind == "generate":
             if kv_layout != "concat":
                 self._take_inplace(kv_layout, intra_op_threads)
             on_gpu = self.providers[0] == "CUDAExecutionProvider"
@@ -221,6 +223,23 @@ class Runner:
         self.output_names = [o.name for o in twin.get_outputs()]
         self.past_names = inplace.past_names(self.n_layer)
         self.present_names = inplace.present_names(self.n_layer)
+
+    def _trial_pass(self) -> None:
+        """ModelLoadError unless the model runs one pass of one token: a graph whose shapes do
+        not add up (heads that do not divide its width, a table smaller than its ids) fails
+        here, once, with a message that says so, instead of in every job's pass."""
+        try:
+            ids = np.zeros((1, 1), dtype=np.int64)
+            if self.spec.kind == "generate":
+                self._host_pass(prompt_feeds([ids[0]]), self.empty_pasts(1))
+            else:
+                feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                if "token_type_ids" in self.input_names:
+                    feeds["token_type_ids"] = np.zeros_like(ids)
+                self.run(feeds)
+        except InferenceError as exc:
+            raise ModelLoadError(f"model {self.spec.name}@{self.spec.version} fails a trial "
+                                 f"pass of one token, so it cannot serve: {exc.message}") from exc
 
     def _keep_concat(self, reason: str) -> None:
         log.warning("kv_layout_concat", extra={"model": self.spec.name, "version": self.spec.version,
