@@ -119,6 +119,13 @@ class RateLimited(Throttled):
     code = "rate_limit_exceeded"
 
 
+class TooManyWaits(Throttled):
+    """The API key holds BANTER_MAX_WAITS_PER_KEY event streams or synchronous calls already."""
+
+    type = "too_many_waits"
+    code = "rate_limit_exceeded"
+
+
 class Unavailable(BanterError):
     """No broker, no Redis or no live worker (503)."""
 

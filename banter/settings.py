@@ -21,7 +21,7 @@ PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSet
 KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's kv_layout
 # int settings that may be 0
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
-                 "publish_ahead_steps")
+                 "publish_ahead_steps", "max_waits_per_key")
 
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")  # RabbitMQ as the Celery broker
@@ -111,6 +111,7 @@ class Settings:
     keys_file: str = ""  # file of keys, one "KEY", "user:KEY" or "admin:KEY" per line
     auth_disabled: bool = False  # true: no keys, every caller is admin (else keys are required)
     rate_limit_per_min: int = 0  # requests per API key per minute on /v1/; 0: no limit
+    max_waits_per_key: int = 32  # streams and sync calls one key holds per producer process
     openai_key: str = field(default="", repr=False)  # never logged or stored
     openai_model: str = "gpt-4o-mini"  # upstream model of generate jobs that fall back
     openai_embed_model: str = "text-embedding-3-small"  # ... and of embed jobs

@@ -23,6 +23,7 @@ from producer import batches, errors, health, inference, jobs, metrics, models, 
 from producer.auth import KeyRing
 from producer.context import Context
 from producer.service import JobService
+from producer.waits import WaitSlots
 from registry.service import Registry
 
 _TRACE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -55,7 +56,7 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
     app.json = FastJSON(app)
     app.extensions["banter"] = Context(settings, client,
                                        JobService(settings, client, celery, registry),
-                                       registry, keyring)
+                                       registry, keyring, WaitSlots(settings.max_waits_per_key))
     errors.register(app)
     for module in (jobs, inference, models, openai_api, batches, health, openapi, metrics):
         app.register_blueprint(module.blueprint)
@@ -92,6 +93,8 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
         logs.access(request.method, request.path, response.status_code, elapsed,
                     g.get("trace_id", ""))
         return response
+
+    app.after_request(app.extensions["banter"].release_wait)
 
     @app.teardown_request
     def unbind_trace(_exc):

@@ -128,6 +128,7 @@ def run_request():
     body = c.body()
     line = parse_line(body)
     key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
+    c.hold_wait(owner)
     submitted = submit_line(c, owner, line, key)
     record = c.jobs.wait(submitted.job_id) if submitted.job_id else None
     return jsonify(render(submitted, record))

@@ -73,6 +73,7 @@ def inference():
     body = c.body()
     v.known_fields(body, INFERENCE_FIELDS, HINTS)
     prompt = v.string(body, "prompt", required=True, max_len=c.settings.max_prompt_chars)
+    c.hold_wait(owner)
     record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id(), waited=True)
     if request.args.get("stream", "").lower() in ("1", "true", "yes"):
         return stream_job(c, record, owner, keep_running(body))
@@ -95,6 +96,7 @@ def inference_batch():
         raise TooLarge(f"{len(body['prompts'])} prompts; the limit is {limit} "
                        "(BANTER_INFERENCE_MAX_BATCH_SIZE)")
     prompts = v.string_list(body, "prompts", max_items=limit, max_len=c.settings.max_prompt_chars)
+    c.hold_wait(owner)
     submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id(), waited=True)[0]
                  for p in prompts]
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:

@@ -89,5 +89,6 @@ def job_events(job_id: str):
     after = sse.resume_point()
     if ended_by(c.redis, record.id, after):  # resumed at or past the final event
         return "", 204  # EventSource does not reconnect after a 204
+    c.hold_wait(owner)
     return sse.response(sse.events(c.redis, record.id, after,
                                    on_idle=lambda: c.jobs.get(record.id, owner)))

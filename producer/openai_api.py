@@ -251,6 +251,7 @@ def run_text_job(c: Context, path: str, shape: TextShape):
     stream = flag(body, "stream")
     usage = include_usage(body)
     keep = keep_running(body)
+    c.hold_wait(owner)
     record, _ = c.jobs.submit(request, owner, trace_id(), waited=True)
     if stream:
         return stream_job(c, record, owner, keep, Chunks(shape, record, usage))
@@ -286,6 +287,7 @@ def embeddings():
     c = ctx()
     owner = c.owner()
     req, encoding = embed_request(c, c.body())
+    c.hold_wait(owner)
     record = c.jobs.wait(c.jobs.submit(req, owner, trace_id(), waited=True)[0].id)
     if record.status != JobStatus.SUCCEEDED.value:
         raise errors.from_dict(record.error or {"type": record.status,

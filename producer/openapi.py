@@ -33,7 +33,8 @@ ERROR_STATUSES = {
     413: "the body, a list or a batch is over its limit",
     415: "the body is not application/json",
     422: "a field is missing, of the wrong type or out of range",
-    429: "the lane's queue is full or the key's rate limit is spent; retry after Retry-After s",
+    429: "the lane's queue is full, the key's rate limit is spent, or it holds its "
+         "BANTER_MAX_WAITS_PER_KEY open streams and synchronous calls; retry after Retry-After s",
     503: "Redis, the broker or every worker is unavailable",
     504: "a synchronous call waited longer than BANTER_SYNC_TIMEOUT_S (the job goes on)",
 }

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -245,6 +246,49 @@ def test_per_key_rate_limit_is_429_with_retry_after(settings, redis_client, tmp_
         assert bob.get("/v1/models").status_code == 200  # every key has its own budget
         assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
         assert_error(Client(server.url, "wrong").get("/v1/models"), 401, "unauthorized")
+    finally:
+        server.close()
+
+
+def test_one_key_cannot_hold_every_producer_thread(settings, redis_client, demo_models,
+                                                  tmp_path):
+    """Event streams and synchronous calls hold a producer thread while their job waits: past
+    BANTER_MAX_WAITS_PER_KEY (2 here) a key gets 429 too_many_waits, other keys are served,
+    and a stream that ends gives its slot back."""
+    suffix = uuid.uuid4().hex[:8]
+    app = create_app(keyed_settings(
+        settings, tmp_path, queue_interactive=f"idle-{suffix}", queue_bulk=f"idle-b-{suffix}",
+        max_waits_per_key=2), redis_client)
+    waits, key_id = app.extensions["banter"].waits, hashlib.sha256(ALICE.encode()).hexdigest()[:16]
+    server = Server(app)
+    alice, bob = Client(server.url, ALICE), Client(server.url, BOB)
+    jobs = {who: who.post("/v1/jobs", {"kind": "embed", "input": "x"}).json()["id"]
+            for who in (alice, bob)}
+
+    def stream(who):  # headers come with the first event: the job's done, once cancelled
+        return who.get(f"/v1/jobs/{jobs[who]}/events", stream=True).status_code
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(stream, alice) for _ in range(2)] + [pool.submit(stream, bob)]
+            deadline = time.monotonic() + 10
+            while waits.held(key_id) < 2:  # both of alice's streams are being served
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            refused = alice.get(f"/v1/jobs/{jobs[alice]}/events")
+            error = assert_error(refused, 429, "too_many_waits")
+            assert error["code"] == "rate_limit_exceeded" and refused.headers["Retry-After"] == "1"
+            assert "BANTER_MAX_WAITS_PER_KEY" in error["message"]
+            assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
+            for who in (alice, bob):
+                assert who.delete(f"/v1/jobs/{jobs[who]}").status_code == 200
+            assert [f.result(timeout=30) for f in held] == [200, 200, 200]
+        replay = alice.get(f"/v1/jobs/{jobs[alice]}/events")  # the two slots came back
+        assert replay.status_code == 200 and "event: done" in replay.text
+        deadline = time.monotonic() + 10
+        while waits.held(key_id):  # the replay's own slot, given back once it is closed
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
     finally:
         server.close()
 
