@@ -48,6 +48,7 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)  # its AOF holds every prompt and result: the owner's only
         args = [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",

@@ -351,6 +351,8 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         started = processes_with_home(home)  # up, redis-server, worker, producer (+ workers)
         assert len(started) >= 5, started
         assert any("redis-server" in p for p in started), started
+        # its AOF holds every prompt and result: no other user may read it
+        assert (home / "redis").stat().st_mode & 0o777 == 0o700
 
         # when Ctrl-C is pressed, expect a clean exit and everything it started gone
         os.killpg(process.pid, signal.SIGINT)
