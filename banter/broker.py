@@ -129,6 +129,20 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
 
 
+class _IntakeWait:
+    """``bulk_intake_wait`` as a transport option: called by the channel, and named in the
+    worker's ``stats`` (Flower's worker page), which Celery sends as JSON with the options."""
+
+    def __init__(self, wait: Callable[[], float]) -> None:
+        self._wait = wait
+
+    def __call__(self) -> float:
+        return self._wait()
+
+    def __json__(self) -> str:
+        return "LaneGate.bulk_intake_wait"
+
+
 def make_celery(settings: Settings, main: str = "banterhearts",
                 bulk_intake_wait: Callable[[], float] | None = None) -> Celery:
     """A Celery app configured by ``celeryconfig`` plus the settings-derived values. It knows
@@ -153,7 +167,7 @@ def make_celery(settings: Settings, main: str = "banterhearts",
                              "unacked_restore_interval": 10,
                              "unacked_restore_throttle": 1}
         if bulk_intake_wait is not None:
-            transport_options["bulk_intake_wait"] = bulk_intake_wait
+            transport_options["bulk_intake_wait"] = _IntakeWait(bulk_intake_wait)
     app.conf.update(
         broker_url=settings.broker_url,
         task_queues=[Queue(name) for lane in (0, 1)

@@ -80,6 +80,13 @@ def test_flower_shows_a_finished_job(api, settings, stack_env, tmp_path):
                     break
                 time.sleep(0.1)
         assert info is not None, log.read_text()[-3000:]
+        # its worker page: the worker's stats and registered tasks come back (as JSON: the
+        # worker's transport options hold the lane gate's callable, named there)
+        workers = requests.get(f"{url}/api/workers", params={"refresh": 1}, auth=AUTH,
+                               timeout=30).json()
+        node = workers[WORKER_NODE]
+        assert node["stats"]["pool"]["max-concurrency"] >= 1, sorted(node)
+        assert node["registered"] == ["banter.run_job"]
     finally:
         stop_process(process)
 
