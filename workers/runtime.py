@@ -252,9 +252,12 @@ class WorkerRuntime:
         try:
             model = resolve_from_mirror(self.mirror, ref, record.kind)
         except ModelNotFound as exc:
-            if self.mirror.seq() is not None or not self._rebuild_mirror(record):
+            if not self._rebuild_mirror(record):
                 return self._fallback(record, exc)
-            model = resolve_from_mirror(self.mirror, ref, record.kind)
+            try:  # once more: the mirror was emptied, and is back (rebuilt here or by another)
+                model = resolve_from_mirror(self.mirror, ref, record.kind)
+            except ModelNotFound as again:
+                return self._fallback(record, again)
         if model.backend == "openai":
             return replace(self._upstream(record, model.upstream_model), version=model.version)
         if self.engine is None:
@@ -267,13 +270,13 @@ class WorkerRuntime:
             return self._fallback(record, exc)
 
     def _rebuild_mirror(self, record: JobRecord) -> bool:
-        """The registry mirror is empty (Redis flushed or evicted it, or nothing was ever
-        promoted): rebuild it from history.jsonl where this host has the file. True when the
-        mirror is back. (A producer rebuilds it too, at start and on its next request.)"""
+        """A model was not found: where this host has history.jsonl, rebuild the registry
+        mirror from it if Redis lost it (flushed, evicted; a producer rebuilds it too, at
+        start and on its next request). True when the mirror now holds the file's records, so
+        resolving again is worth it (another job's thread may have rebuilt it meanwhile)."""
         if not self.settings.registry_path.exists():
             return False
-        rebuilt = Registry.from_settings(self.settings, self.redis).ensure_mirror()
-        if rebuilt:
+        if Registry.from_settings(self.settings, self.redis).ensure_mirror():
             logs.event(log, "registry_mirror_rebuilt", logging.WARNING, job_id=record.id,
                        trace_id=record.trace_id)
         return self.mirror.seq() is not None
