@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import redis
 from celery import Celery
@@ -22,6 +22,9 @@ from kombu.transport import redis as kombu_redis
 from banter.errors import Unavailable
 from banter.redisconn import connect
 from banter.settings import Settings, is_amqp
+
+if TYPE_CHECKING:
+    from banter.jobs import JobRecord
 
 RUN_JOB = "banter.run_job"
 
@@ -127,6 +130,15 @@ class RedisTransport(kombu_redis.Transport):
     """kombu's Redis transport with ``_Channel``; ``make_celery`` uses it for ``redis://``."""
 
     Channel = _Channel
+
+
+def send_job(celery: Celery, settings: Settings, record: JobRecord) -> str:
+    """Send the job's task (``RUN_JOB``, task id = job id, its trace id as a header) to its
+    lane's queue for its backend; returns that queue. Raises what the broker raises."""
+    queue = settings.lane_queue(record.lane, record.backend or "onnx")
+    celery.send_task(RUN_JOB, args=[record.id], task_id=record.id, queue=queue,
+                     headers={"trace_id": record.trace_id})
+    return queue
 
 
 class _IntakeWait:

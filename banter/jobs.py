@@ -345,12 +345,15 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
-        records = [JobRecord.from_redis(raw) if raw else None for raw in pipe.execute()]
-        ended = [job_id for job_id, r in zip(job_ids, records)
-                 if r is None or r.status != JobStatus.QUEUED.value]
+        queued, ended = [], []
+        for job_id, raw in zip(job_ids, pipe.execute()):
+            if raw and raw.get("status") == JobStatus.QUEUED.value:
+                queued.append(JobRecord.from_redis(raw))
+            else:
+                ended.append(job_id)
         if ended:
             self.redis.zrem(keys.QUEUED, *ended)
-        return [r for r in records if r is not None and r.status == JobStatus.QUEUED.value]
+        return queued
 
     def sent(self, job_id: str, at: float) -> None:
         """Note that the queued job's task was sent again at ``at``."""

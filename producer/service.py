@@ -21,7 +21,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from banter import keys
-from banter.broker import RUN_JOB, BrokerQueues
+from banter.broker import BrokerQueues, send_job
 from banter.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -103,9 +103,7 @@ class JobService:
         """Send the job's task; when the broker refuses, the job fails at once (a retry with
         its idempotency key makes a new job) and the client gets 503."""
         try:
-            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id,
-                                  queue=self.settings.lane_queue(record.lane, record.backend),
-                                  headers={"trace_id": record.trace_id})
+            send_job(self.celery, self.settings, record)
         except (OperationalError, redis.RedisError) as exc:
             error = Unavailable(f"the broker did not take the job: {exc}")
             self.jobs.transition(record.id, (JobStatus.QUEUED,), JobStatus.FAILED,

@@ -272,15 +272,23 @@ def test_models_commands_against_the_api(api, settings, demo_models):
 
 
 # ----------------------------------------------------------------------------- banter up
-@pytest.mark.slow
-def test_up_with_a_sample_then_exit(tmp_path):
+def start_up(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, int, Path, Path]:
+    """``banter up --port PORT *extra`` on a fresh home, in a session of its own (as Ctrl-C in
+    a terminal signals the whole foreground process group); returns the process, its home, its
+    port and the files its stdout and stderr go to."""
     home = tmp_path / "home"
     port = free_port()
     out, err = tmp_path / "up.out", tmp_path / "up.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen([*CLI, "up", "--port", str(port), "--sample",
-                                    "--exit-after-sample"], env=fresh_up_env(home),
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen([*CLI, "up", "--port", str(port), *extra],
+                                   env=fresh_up_env(home), stdout=stdout, stderr=stderr,
+                                   start_new_session=True)
+    return process, home, port, out, err
+
+
+@pytest.mark.slow
+def test_up_with_a_sample_then_exit(tmp_path):
+    process, home, port, out, err = start_up(tmp_path, "--sample", "--exit-after-sample")
     try:
         code = process.wait(timeout=120)
     finally:
@@ -314,14 +322,8 @@ def test_up_with_a_sample_then_exit(tmp_path):
 
 @pytest.mark.slow
 def test_up_serves_http_until_ctrl_c(tmp_path):
-    home = tmp_path / "home"
-    port = free_port()
+    process, home, port, out, err = start_up(tmp_path)
     url = f"http://127.0.0.1:{port}"
-    out, err = tmp_path / "up.out", tmp_path / "up.err"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        # its own session: Ctrl-C in a terminal signals the whole foreground process group
-        process = subprocess.Popen([*CLI, "up", "--port", str(port)], env=fresh_up_env(home),
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
     try:
         text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
         redis_port = int(re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)/0 \(private\)",
@@ -375,12 +377,7 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
 def test_up_starts_its_worker_again_when_it_dies(tmp_path):
     """A worker killed under ``banter up`` (the OOM killer, a crash) is started again, as a
     supervisor would, and ``banter up`` says which child died and how."""
-    home = tmp_path / "home"
-    port = free_port()
-    out, err = tmp_path / "up.out", tmp_path / "up.err"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen([*CLI, "up", "--port", str(port)], env=fresh_up_env(home),
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    process, home, port, out, err = start_up(tmp_path)
     try:
         wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
         workers = [p for p in processes_with_home(home) if "banter.cli worker" in p]
@@ -405,12 +402,7 @@ def test_up_starts_its_worker_again_when_it_dies(tmp_path):
 def test_up_stops_everything_it_started_on_sigterm(tmp_path):
     """SIGTERM is how supervisors, ``docker stop``, systemd and ``kill`` stop a program; the
     stack must go down with ``banter up`` instead of being orphaned."""
-    home = tmp_path / "home"
-    port = free_port()
-    out, err = tmp_path / "up.out", tmp_path / "up.err"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen([*CLI, "up", "--port", str(port)], env=fresh_up_env(home),
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    process, home, port, out, err = start_up(tmp_path)
     try:
         text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
         redis_port = int(re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)/0 \(private\)",

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import redis
 
 from banter import keys, logs
-from banter.broker import RUN_JOB, BrokerQueues, make_celery
+from banter.broker import BrokerQueues, make_celery, send_job
 from banter.errors import (
     BackendUnavailable,
     BanterError,
@@ -434,9 +434,7 @@ class WorkerRuntime:
             if record is None or record.status != JobStatus.RUNNING.value:
                 self.jobs.release(job_id, self.node)
                 continue
-            queue = self.settings.lane_queue(record.lane, record.backend or "onnx")
-            self.celery.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=queue,
-                                  headers={"trace_id": record.trace_id})
+            queue = send_job(self.celery, self.settings, record)
             logs.event(log, "job_requeued", job_id=job_id, trace_id=record.trace_id,
                        queue=queue, last_worker=record.worker)
 
@@ -455,9 +453,7 @@ class WorkerRuntime:
                     keys.requeued(record.id), self.node, nx=True,
                     ex=int(self.settings.resend_after_s)):
                 continue  # messages wait in its lane, or another worker is sending it
-            queue = self.settings.lane_queue(record.lane, record.backend or "onnx")
-            self.celery.send_task(RUN_JOB, args=[record.id], task_id=record.id, queue=queue,
-                                  headers={"trace_id": record.trace_id})
+            queue = send_job(self.celery, self.settings, record)
             self.jobs.sent(record.id, now)
             logs.event(log, "job_resent", logging.WARNING, job_id=record.id,
                        trace_id=record.trace_id, queue=queue,
