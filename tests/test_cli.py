@@ -286,17 +286,23 @@ def start_up(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, int, 
     return process, home, port, out, err
 
 
+def stop_up(process: subprocess.Popen, home: Path) -> list[str]:
+    """Kill ``banter up``'s session if it still runs; return what it left behind, killed too."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    leftovers = processes_with_home(home)
+    kill_leftovers(home)
+    return leftovers
+
+
 @pytest.mark.slow
 def test_up_with_a_sample_then_exit(tmp_path):
     process, home, port, out, err = start_up(tmp_path, "--sample", "--exit-after-sample")
     try:
         code = process.wait(timeout=120)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        leftovers = processes_with_home(home)
-        kill_leftovers(home)
+        leftovers = stop_up(process, home)
     text = out.read_text()
     assert code == 0, text + err.read_text()[-3000:]
     assert "banterhearts is up" in text
@@ -360,11 +366,7 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=30)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        leftovers = processes_with_home(home)
-        kill_leftovers(home)
+        leftovers = stop_up(process, home)
     assert code == 0, out.read_text() + err.read_text()[-3000:]
     # Redis (a session of its own) outlived what writes to it: nobody's shutdown broke
     assert "Traceback" not in err.read_text(), err.read_text()[-3000:]
@@ -392,10 +394,7 @@ def test_up_starts_its_worker_again_when_it_dies(tmp_path):
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        kill_leftovers(home)
+        stop_up(process, home)
 
 
 @pytest.mark.slow
@@ -422,7 +421,4 @@ def test_up_stops_everything_it_started_on_sigterm(tmp_path):
         assert port_is_closed(redis_port) and port_is_closed(port)
         assert code in (0, 128 + signal.SIGTERM), code
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        kill_leftovers(home)
+        stop_up(process, home)
