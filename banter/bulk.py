@@ -256,8 +256,8 @@ def run(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path:
     from ``make_client``); only this thread writes ``out_path``, one ``write`` per line."""
     for path in (out_path, err_path):
         check_writable(path)
+    make_client().request("GET", "/healthz")  # a wrong --url stops the run before it writes
     scan = scan_input(in_path, err_path)
-    make_client().request("GET", "/healthz")  # an unreachable server stops the run at once
     finished = load_finished(out_path)
     summary = Summary(total=scan.total, invalid=scan.invalid,
                       skipped_resumed=len(scan.ids & finished))

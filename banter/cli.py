@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -28,16 +29,31 @@ def _client(args: argparse.Namespace):
     return Client(args.url, args.api_key)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """OSError (exit 2) when something already listens on ``host:port``: gunicorn would retry
+    for seconds then exit 1, and ``banter up`` would find the other server ready."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror} (is another server "
+                          "there? pick another --port)") from None
+
+
 def cmd_up(args, settings: Settings) -> int:
     from banter.stack import up
 
-    return up(settings, args.host, args.port, sample=args.sample,
+    check_port_free(args.host, args.port)
+    return up(settings, args.host, args.port, sample=args.sample or args.exit_after_sample,
               exit_after_sample=args.exit_after_sample)
 
 
 def cmd_producer(args, settings: Settings) -> int:
     from producer.server import serve
 
+    check_port_free(args.host, args.port)
     serve(settings, args.host, args.port, workers=args.workers, threads=args.threads)
     return EXIT_OK
 
@@ -52,12 +68,17 @@ def cmd_worker(args, settings: Settings) -> int:
 
 def cmd_submit(args, settings: Settings) -> int:
     client = _client(args)
+    model = {"model": args.model} if args.model else {}
     if args.embed:
-        body = {"input": args.text, **({"model": args.model} if args.model else {})}
+        if args.stream or args.max_tokens is not None:
+            print("banter: --stream and --max-tokens are for generation, not --embed",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        body = {"input": args.text, **model}
         print(json.dumps(client.request("POST", "/v1/embeddings", body)["data"][0]["embedding"]))
         return EXIT_OK
-    body = {"prompt": args.text, "max_tokens": args.max_tokens,
-            **({"model": args.model} if args.model else {})}
+    body = {"prompt": args.text, **model,
+            **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {})}
     if not args.stream:
         print(client.request("POST", "/v1/inference", body)["text"])
         return EXIT_OK
@@ -172,8 +193,12 @@ def cmd_models(args, settings: Settings) -> int:
         return cmd_models_import(args, settings)
     client = _client(args)
     if args.action == "promote":
-        body = {"name": args.name, "kind": args.kind, "path": args.path or "",
-                "backend": args.backend, "reason": args.reason,
+        if args.backend == "onnx" and not args.path:
+            print("banter: PATH (the artifact under the model root) is required with "
+                  "--backend onnx", file=sys.stderr)
+            return EXIT_USAGE
+        body = {"name": args.name, "kind": args.kind, "backend": args.backend,
+                "reason": args.reason, **({"path": args.path} if args.path else {}),
                 **({"model": args.model} if args.model else {})}
         out = client.request("POST", "/v1/models/promote", body)
     elif args.action == "rollback":
@@ -240,19 +265,24 @@ def parser() -> argparse.ArgumentParser:
                          default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
         cmd.add_argument("--api-key", default=os.environ.get("BANTER_API_KEY"))
 
+    def listen_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--host", default="127.0.0.1",
+                         help="interface the producer listens on (default 127.0.0.1)")
+        cmd.add_argument("--port", type=int, default=8000, help="its port (default 8000)")
+
     up = sub.add_parser("up", help="run the whole stack on embedded defaults")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    listen_args(up)
     up.add_argument("--sample", action="store_true", help="send a sample job through it")
     up.add_argument("--exit-after-sample", action="store_true",
-                    help="stop everything after the sample jobs (with --sample)")
+                    help="send the sample jobs, then stop everything")
     up.set_defaults(func=cmd_up)
 
     prod = sub.add_parser("producer", help="run the HTTP producer (gunicorn, gthread)")
-    prod.add_argument("--host", default="127.0.0.1")
-    prod.add_argument("--port", type=int, default=8000)
-    prod.add_argument("--workers", type=int, default=2)
-    prod.add_argument("--threads", type=int, default=64)
+    listen_args(prod)
+    prod.add_argument("--workers", type=positive_int, default=2,
+                      help="gunicorn worker processes (default 2)")
+    prod.add_argument("--threads", type=positive_int, default=64,
+                      help="threads per worker: requests each can hold open (default 64)")
     prod.set_defaults(func=cmd_producer)
 
     worker = sub.add_parser("worker", help="run one worker (one per GPU)")
@@ -267,10 +297,11 @@ def parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="send one prompt and print the result")
     submit.add_argument("text")
-    submit.add_argument("--embed", action="store_true")
-    submit.add_argument("--stream", action="store_true")
-    submit.add_argument("--model")
-    submit.add_argument("--max-tokens", type=int, default=32)
+    submit.add_argument("--embed", action="store_true", help="an embedding, not generation")
+    submit.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    submit.add_argument("--model", help="name or name@version (default: the server's default)")
+    submit.add_argument("--max-tokens", type=positive_int,
+                        help="default: the server's BANTER_DEFAULT_MAX_TOKENS")
     client_args(submit)
     submit.set_defaults(func=cmd_submit)
 

@@ -16,6 +16,7 @@ from banter.errors import InvalidRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # BANTER_LOG_LEVEL, any case
 ADMISSIONS = ("continuous", "static")  # BANTER_ADMISSION and EngineSettings.admission
 PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSettings.prefill_overlap
 KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's kv_layout
@@ -132,6 +133,9 @@ class Settings:
         if self.kv_layout not in KV_LAYOUTS:
             raise SettingsError(f"BANTER_KV_LAYOUT={self.kv_layout!r}: expected auto, inplace "
                                 "or concat")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"BANTER_LOG_LEVEL={self.log_level!r}: expected one of "
+                                f"{', '.join(LOG_LEVELS)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

@@ -2,10 +2,11 @@
 
 Keys come from ``BANTER_API_KEYS`` and ``BANTER_ADMIN_KEYS`` (comma-separated) and from
 ``BANTER_KEYS_FILE``, all of them together. The keys file holds one entry per line: ``KEY`` or
-``user:KEY`` (a user key), ``admin:KEY`` (an admin key); blank lines and lines starting with
-``#`` are skipped. Anywhere a key is written, ``sha256:<64 hex digits>`` stands for the key
-with that SHA-256 digest, so the file (or the environment) need not hold the key itself. Only
-digests are kept in memory; a caller's key id (its job owner) is the first 16 hex digits.
+``user:KEY`` (a user key), ``admin:KEY`` (an admin key); blank lines, lines starting with ``#``
+and a ``#`` after a space to the end of its line are comments, and a key holds no space.
+Anywhere a key is written, ``sha256:<64 hex digits>`` stands for the key with that SHA-256
+digest, so the file (or the environment) need not hold the key itself. Only digests are kept
+in memory; a caller's key id (its job owner) is the first 16 hex digits.
 
 Admin keys may do what user keys do, and also change the registry and read its history.
 With no key configured the producer refuses to start (AuthNotConfigured) unless
@@ -28,6 +29,7 @@ from banter.settings import Settings, SettingsError
 ANONYMOUS = "anonymous"
 SCOPES = ("user", "admin")
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_COMMENT = re.compile(r"(^|\s)#.*$")  # a whole-line comment, or one after an entry
 
 
 class AuthNotConfigured(SettingsError):
@@ -93,9 +95,12 @@ def read_keys_file(path: Path) -> list[tuple[str, str]]:
         raise AuthNotConfigured(f"BANTER_KEYS_FILE={str(path)!r} cannot be read: {exc}") from None
     entries = []
     for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        line = _COMMENT.sub("", line).strip()
+        if not line:
             continue
+        if len(line.split()) > 1:
+            raise AuthNotConfigured(f"{path}:{number}: a key cannot hold spaces (a comment after "
+                                    "an entry starts with ' #')")
         scope, sep, key = line.partition(":")
         if not sep or scope == "sha256":
             scope, key = "user", line

@@ -315,6 +315,7 @@ def test_bulk_against_an_unreachable_server_exits_3(tmp_path):
                   f"http://127.0.0.1:{port}", timeout=30)
     assert result.returncode == 3
     assert f"cannot reach http://127.0.0.1:{port}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
 
 
 # ----------------------------------------------------------------------------- one request

@@ -103,6 +103,49 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     assert result.returncode == 2 and "invalid choice: 'train'" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["worker", "--cpu"], ["producer", "--port", "0"]])
+@pytest.mark.parametrize("variable, value, needle", [
+    ("BANTER_LOG_LEVEL", "LOUD", "BANTER_LOG_LEVEL='LOUD': expected one of DEBUG, INFO"),
+    ("BANTER_MAX_RUNNING", "0", "BANTER_MAX_RUNNING"),
+])
+def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
+    env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
+    result = banter(*command, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("banter: invalid_setting: ") and needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_models_promote_without_a_path_needs_the_openai_backend():
+    result = banter("models", "promote", "m", "--kind", "generate")
+    assert result.returncode == 2
+    assert "PATH (the artifact under the model root) is required with --backend onnx" \
+        in result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--stream"], ["--max-tokens", "3"]])
+def test_submit_embed_refuses_generation_flags(flags):
+    result = banter("submit", "--embed", "x", *flags, "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--stream and --max-tokens are for generation, not --embed" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["producer", "up"])
+def test_a_port_already_in_use_is_a_usage_error(command, tmp_path):
+    """Nothing starts (no Redis, no worker): the port is checked first, so ``banter up`` never
+    mistakes another server on that port for its own."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = banter(command, "--port", str(port),
+                        env={**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "home").exists()
+
+
 @pytest.mark.parametrize("root", ["/proc/no-such-dir", "/etc/passwd"])
 def test_an_unusable_path_is_a_usage_error_not_a_traceback(root):
     result = banter("models", "build-demo", "--root", root)
@@ -158,6 +201,14 @@ def test_submit_prints_the_generated_text(api):
     result = banter("submit", "hello", "--url", api.url, "--max-tokens", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout == " banterhearts streams every\n"
+
+
+def test_submit_without_max_tokens_gets_the_servers_default(api, settings):
+    result = banter("submit", "hello", "--url", api.url)
+    assert result.returncode == 0, result.stderr
+    same = api.post("/v1/inference", {"prompt": "hello"}).json()
+    assert same["usage"]["completion_tokens"] == settings.default_max_tokens
+    assert result.stdout == same["text"] + "\n"
 
 
 def test_submit_embed_prints_the_vector_as_json(api):

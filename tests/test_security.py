@@ -66,7 +66,7 @@ def keyed_settings(settings: Settings, tmp_path: Path, **changes) -> Settings:
     """The suite's settings with keys: alice and bob in BANTER_API_KEYS, the admin key as its
     sha256 digest in BANTER_ADMIN_KEYS, carol (user) and root (admin) in a keys file."""
     keys_file = tmp_path / "keys"
-    keys_file.write_text(f"# banterhearts keys\n\nuser:{CAROL}\nadmin:{ROOT}\n")
+    keys_file.write_text(f"# banterhearts keys\n\nuser:{CAROL}   # carol\nadmin:{ROOT}\t# root\n")
     digest = hashlib.sha256(ADMIN.encode()).hexdigest()
     return replace(settings, api_keys=f"{ALICE}, {BOB}", admin_keys=f"sha256:{digest}",
                    keys_file=str(keys_file), auth_disabled=False, **changes)
@@ -393,7 +393,8 @@ def test_the_app_refuses_to_start_without_keys(settings, tmp_path):
     for text, needle in ((f"admn:{ALICE}\n", ":1: unknown scope 'admn'"),
                          (f"# c\nadmin:{ALICE}\nuser:\n", ":3: the key after 'user:' is empty"),
                          (f"admin:sha256:{short}\n", ":1: sha256:... must be followed by exactly 64"),
-                         ("sha256:zz\n", ":1: sha256:... must be followed")):
+                         ("sha256:zz\n", ":1: sha256:... must be followed"),
+                         (f"{ALICE} and more\n", ":1: a key cannot hold spaces")):
         bad.write_text(text)
         with pytest.raises(AuthNotConfigured, match=needle):
             KeyRing.from_settings(replace(settings, auth_disabled=False, keys_file=str(bad)))

@@ -58,8 +58,9 @@ def run_openai_worker(settings: Settings, name: str | None = None,
     """Serve the openai queues with no engine (no ONNX Runtime session, no GPU): every job
     goes upstream. Node ``openai@host`` unless ``name``. Raise SettingsError without a key."""
     if not settings.openai_key:
-        raise SettingsError("banter worker --openai needs an OpenAI key: set BANTER_OPENAI_KEY "
-                            "or OPENAI_API_KEY")
+        raise SettingsError("banter worker --openai needs an OpenAI key: set BANTER_OPENAI_KEY, "
+                            "or OPENAI_API_KEY with BANTER_OPENAI_KEY unset (set, even empty, "
+                            "it wins)")
     from workers.runtime import WorkerRuntime
 
     logs.setup(settings.log_level)
