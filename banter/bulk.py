@@ -63,17 +63,27 @@ def parse_line(value: Any) -> BatchLine:
                              "'url' and 'body'")
     custom_id = value.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
-        raise InvalidRequest("'custom_id' must be a non-empty string")
+        raise InvalidRequest(f"'custom_id' must be a non-empty string{_got(value, 'custom_id')}",
+                             "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
         raise InvalidRequest(f"'custom_id' is {len(custom_id)} characters; the limit is "
-                             f"{MAX_CUSTOM_ID_CHARS}")
+                             f"{MAX_CUSTOM_ID_CHARS}", "custom_id")
     if value.get("method") != "POST":
-        raise InvalidRequest(f"'method' must be \"POST\", got {value.get('method')!r}")
+        raise InvalidRequest(f"'method' must be \"POST\"{_got(value, 'method')}", "method")
     if value.get("url") not in URLS:
-        raise InvalidRequest(f"'url' must be one of {', '.join(URLS)}, got {value.get('url')!r}")
+        raise InvalidRequest(f"'url' must be one of {', '.join(URLS)}{_got(value, 'url')}", "url")
     if not isinstance(value.get("body"), dict):
-        raise InvalidRequest("'body' must be a JSON object (the request the url takes)")
+        raise InvalidRequest(f"'body' must be a JSON object, the request the url takes"
+                             f"{_got(value, 'body')}", "body")
     return BatchLine(custom_id, value["url"], value["body"])
+
+
+def _got(value: dict[str, Any], name: str) -> str:
+    """The end of a message about field ``name``: that it is missing, or what it was."""
+    if name not in value:
+        return " (it is missing)"
+    got = repr(value[name])
+    return f", got {got if len(got) <= 80 else got[:77] + '...'}"
 
 
 def decode_line(raw: bytes) -> BatchLine:

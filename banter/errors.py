@@ -81,6 +81,9 @@ class ModelNotFound(NotFound):
     type = "model_not_found"
     code = "model_not_found"
 
+    def __init__(self, message: str, param: str | None = "model") -> None:
+        super().__init__(message, param)
+
 
 class Conflict(BanterError):
     type = "conflict"

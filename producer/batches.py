@@ -159,12 +159,13 @@ def create_batch():
     endpoint = body.get("endpoint")
     if endpoint is not None and (endpoint not in URLS or any(x.url != endpoint for x in lines)):
         raise InvalidRequest("'endpoint' must be one of " + ", ".join(URLS) + " and every "
-                             "request's 'url' must equal it (leave it out to mix endpoints)")
+                             "request's 'url' must equal it (leave it out to mix endpoints)",
+                             "endpoint")
     window = v.choice(body, "completion_window", ("24h",), "24h")
     metadata = body.get("metadata")
     if metadata is not None and (not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())):
-        raise InvalidRequest("'metadata' must be an object of string values")
+        raise InvalidRequest("'metadata' must be an object of string values", "metadata")
     check_room(c, len(lines))
     batch_id = keyed_batch_id(owner, key) if key else f"batch_{uuid.uuid4().hex}"
     submitted = [submit_line(c, owner, line, f"batch:{key}/{line.custom_id}" if key else None)
@@ -228,19 +229,21 @@ def batch_lines(body: dict) -> list[BatchLine]:
     raw = body.get("requests")
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest("'requests' must be a non-empty list of batch request lines "
-                             "({custom_id, method, url, body})")
+                             "({custom_id, method, url, body})", "requests")
     if len(raw) > MAX_BATCH_REQUESTS:
         raise TooLarge(f"'requests' has {len(raw)} lines; the limit is {MAX_BATCH_REQUESTS} "
-                       "(use 'banter bulk' for larger files)")
+                       "(use 'banter bulk' for larger files)", "requests")
     lines, seen = [], set()
     for index, value in enumerate(raw):
         try:
             line = parse_line(value)
         except InvalidRequest as exc:
-            raise InvalidRequest(f"'requests[{index}]': {exc.message}") from None
+            raise InvalidRequest(f"'requests[{index}]': {exc.message}",
+                                 f"requests[{index}].{exc.param}" if exc.param else
+                                 f"requests[{index}]") from None
         if line.custom_id in seen:
             raise InvalidRequest(f"'requests[{index}].custom_id' {line.custom_id!r} is repeated; "
-                                 "custom_ids must be unique")
+                                 "custom_ids must be unique", f"requests[{index}].custom_id")
         seen.add(line.custom_id)
         lines.append(line)
     return lines
@@ -252,7 +255,8 @@ def check_room(c: Context, lines: int) -> None:
     limit = c.settings.max_queue_depth
     if limit and lines > limit:  # no wait would help: 413, not a 429 to retry for ever
         raise TooLarge(f"a batch of {lines} requests cannot fit the bulk queue's limit of "
-                       f"{limit} jobs (BANTER_MAX_QUEUE_DEPTH): split it, or use banter bulk")
+                       f"{limit} jobs (BANTER_MAX_QUEUE_DEPTH): split it, or use banter bulk",
+                       "requests")
     if limit and c.jobs.queues.depth()[Lane.BULK.value] + lines > limit:
         raise QueueFull(f"the bulk queue cannot take {lines} more jobs now (limit {limit}); "
                         "retry later", retry_after_s=5)

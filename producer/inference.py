@@ -46,7 +46,7 @@ def keep_running(body: dict) -> bool:
     """``keep_running: true`` keeps a streamed job going after its client disconnects."""
     value = body.get("keep_running", False)
     if not isinstance(value, bool):
-        raise InvalidRequest("'keep_running' must be true or false")
+        raise InvalidRequest("'keep_running' must be true or false", "keep_running")
     return value
 
 
@@ -94,7 +94,7 @@ def inference_batch():
     limit = c.settings.inference_max_batch_size
     if isinstance(body.get("prompts"), list) and len(body["prompts"]) > limit:
         raise TooLarge(f"{len(body['prompts'])} prompts; the limit is {limit} "
-                       "(BANTER_INFERENCE_MAX_BATCH_SIZE)")
+                       "(BANTER_INFERENCE_MAX_BATCH_SIZE)", "prompts")
     prompts = v.string_list(body, "prompts", max_items=limit, max_len=c.settings.max_prompt_chars)
     c.hold_wait(owner)
     submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id(), waited=True)[0]

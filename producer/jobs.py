@@ -25,7 +25,7 @@ def job_request(body: dict, settings: Settings) -> JobRequest:
     v.known_fields(body, JOB_FIELDS)
     params = body.get("params")
     if params is not None and not isinstance(params, dict):
-        raise InvalidRequest("'params' must be an object")
+        raise InvalidRequest("'params' must be an object", "params")
     max_chars = settings.max_prompt_chars
     if kind is JobKind.EMBED:
         text = v.embed_input(body, "input", max_items=settings.embed_max_inputs,

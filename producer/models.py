@@ -85,6 +85,6 @@ def rollback():
     v.known_fields(body, ("name", "reason"))
     name = v.string(body, "name", required=True, max_len=64)
     if name is None:
-        raise InvalidRequest("'name' is required")
+        raise InvalidRequest("'name' is required", "name")
     reason = v.string(body, "reason", default="", max_len=512, allow_empty=True) or ""
     return jsonify(c.registry.rollback(name, actor=actor, reason=reason).to_public())

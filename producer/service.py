@@ -85,7 +85,7 @@ class JobService:
             params = _params_dict(SamplingParams.from_dict(req.params or {},
                                                            self.settings.max_tokens_limit))
         elif req.params:
-            raise InvalidRequest("embed jobs take no 'params'")
+            raise InvalidRequest("embed jobs take no 'params'", "params")
         self._check_depth(req.lane)
         now = time.time()
         record = JobRecord(
@@ -120,7 +120,7 @@ class JobService:
         except ModelNotFound as exc:
             blocker = self.settings.fallback_blocker()
             if blocker:
-                raise type(exc)(f"{exc.message}; {blocker}") from exc
+                raise type(exc)(f"{exc.message}; {blocker}", exc.param) from exc
             return None
 
     def backend_for(self, model: Record | None) -> str:

@@ -156,5 +156,5 @@ def resolve_from_mirror(mirror: Mirror, ref: str, kind: str | None = None) -> Re
         raise ModelNotFound(f"no model named {ref!r} in the registry: promote it first{hint}")
     if kind is not None and record.kind != kind:
         raise InvalidRequest(f"model {ref!r} has kind {record.kind}, not {kind}: use a model "
-                             f"of kind {kind}")
+                             f"of kind {kind}", "model")
     return record

@@ -116,12 +116,13 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid model name, else raise InvalidRequest."""
+def check_name(name: str, param: str = "name") -> str:
+    """Return ``name`` if it is a valid model name, else raise InvalidRequest (``param``: the
+    request field that holds it)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
         raise InvalidRequest(
             f"invalid model name {name!r}: use 1-64 characters from letters, digits, '.', '_' "
-            f"and '-', starting with a letter or digit, with no '..' (no '@' or '/')")
+            f"and '-', starting with a letter or digit, with no '..' (no '@' or '/')", param)
     return name
 
 
@@ -132,10 +133,10 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     """
     if not isinstance(ref, str):
         raise InvalidRequest(f"model reference must be a string like 'name' or 'name@3', "
-                             f"got {ref!r}")
+                             f"got {ref!r}", "model")
     name, at, version = ref.partition("@")
     if at and not _VERSION_PATTERN.match(version):
         raise InvalidRequest(f"invalid model reference {ref!r}: the version after '@' must be a "
-                             f"positive integer, e.g. '{name}@1'")
-    check_name(name)
+                             f"positive integer, e.g. '{name}@1'", "model")
+    check_name(name, "model")
     return name, (int(version) if at else None)

@@ -133,7 +133,7 @@ class Registry:
             model = state.models.get(name)
             if model is None or model.active is None:
                 raise ModelNotFound(f"no model named {name!r} in the registry: nothing to "
-                                    f"roll back")
+                                    f"roll back", "name")
             if len(model.stack) < 2:
                 raise Conflict(f"model {name!r} has no earlier version to roll back to "
                                f"(version {model.active.version} is the first of its active "
@@ -157,7 +157,7 @@ class Registry:
             return records
         mine = [r for r in records if r.name == name]
         if not mine:
-            raise ModelNotFound(f"no model named {name!r} in the registry")
+            raise ModelNotFound(f"no model named {name!r} in the registry", "name")
         return mine
 
     def list_active(self) -> list[Record]:

@@ -456,19 +456,27 @@ def test_a_batch_with_an_unknown_field_is_refused(api):
 
 def test_batch_bad_input_creates_nothing(api):
     line = request_line(1, "bad")
+    no_method = {k: v for k, v in line.items() if k != "method"}
     cases = [
-        ({}, 422, "'requests' must be a non-empty list"),
-        ({"requests": [line, {**line, "url": "/v1/x"}]}, 422, "'requests[1]': 'url' must be"),
-        ({"requests": [line, line]}, 422, "'requests[1].custom_id' 'c-1' is repeated"),
-        ({"requests": [line] * 1001}, 413, "the limit is 1000"),
-        ({"requests": [line], "endpoint": "/v1/embeddings"}, 422, "'endpoint' must be"),
-        ({"requests": [line], "completion_window": "1h"}, 422, "'completion_window' must be"),
-        ({"requests": [line], "metadata": {"a": 1}}, 422, "'metadata' must be"),
+        ({}, 422, "'requests' must be a non-empty list", "requests"),
+        ({"requests": [line, {**line, "url": "/v1/x"}]}, 422,
+         "'requests[1]': 'url' must be one of /v1/chat/completions, /v1/completions, "
+         "/v1/embeddings, got '/v1/x'", "requests[1].url"),
+        ({"requests": [no_method]}, 422, "'requests[0]': 'method' must be \"POST\" (it is missing)",
+         "requests[0].method"),
+        ({"requests": [line, line]}, 422, "'requests[1].custom_id' 'c-1' is repeated",
+         "requests[1].custom_id"),
+        ({"requests": [line] * 1001}, 413, "the limit is 1000", "requests"),
+        ({"requests": [line], "endpoint": "/v1/embeddings"}, 422, "'endpoint' must be", "endpoint"),
+        ({"requests": [line], "completion_window": "1h"}, 422, "'completion_window' must be",
+         "completion_window"),
+        ({"requests": [line], "metadata": {"a": 1}}, 422, "'metadata' must be", "metadata"),
     ]
-    for body, status, message in cases:
+    for body, status, message, param in cases:
         answer = api.post("/v1/batches", body)
         assert answer.status_code == status, (body, answer.text)
         assert message in answer.json()["error"]["message"], answer.text
+        assert answer.json()["error"]["param"] == param, answer.text
     assert api.get("/v1/batches/batch_" + "0" * 32).status_code == 404
     assert api.get("/v1/batches/nope").status_code == 404
     assert api.post("/v1/batches/nope/cancel").status_code == 404

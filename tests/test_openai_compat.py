@@ -317,7 +317,14 @@ def test_an_error_names_its_field_and_openai_code(api, client):
     assert raised.value.code == "context_length_exceeded"
     with pytest.raises(NotFoundError) as raised:
         client.completions.create(model="no-such-model", prompt="x")
-    assert raised.value.code == "model_not_found"
+    assert (raised.value.code, raised.value.param) == ("model_not_found", "model")
+    for path, body in (("/v1/inference", {"prompt": "x"}), ("/v1/jobs", {"kind": "generate",
+                                                                         "input": "x"})):
+        for model, status in (("no-such-model", 404), ("demo-embed", 422), ("demo-gpt@x", 422)):
+            error = api.post(path, {**body, "model": model})
+            assert error.status_code == status and error.json()["error"]["param"] == "model"
+    wrong_kind = api.post("/v1/chat/completions", {"model": "demo-embed", "messages": MESSAGES})
+    assert wrong_kind.status_code == 400 and wrong_kind.json()["error"]["param"] == "model"
     # the native API keeps its 422
     native = api.post("/v1/inference", {"prompt": "x", "temperature": 3})
     assert native.status_code == 422 and native.json()["error"]["param"] == "temperature"
