@@ -136,6 +136,13 @@ class Unavailable(BanterError):
     status = 503
 
 
+class RequestTimeout(BanterError):
+    """The client stopped sending its request body for BANTER_CLIENT_TIMEOUT_S (408)."""
+
+    type = "request_timeout"
+    status = 408
+
+
 class Timeout(BanterError):
     """A synchronous call waited longer than its limit; the job keeps running (504)."""
 

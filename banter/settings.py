@@ -104,6 +104,7 @@ class Settings:
     job_ttl_s: int = 86400
     stream_maxlen: int = 10000
     sync_timeout_s: float = 120.0
+    client_timeout_s: float = 30.0  # a client silent this long mid-request (or mid-read) is cut
     visibility_timeout_s: int = 60
     lease_ttl_s: int = 15
     log_level: str = "INFO"

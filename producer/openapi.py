@@ -29,6 +29,7 @@ ERROR_STATUSES = {
     401: "no API key, or an unknown one",
     403: "the key is not an admin key",
     404: "unknown job, batch, model or route",
+    408: "the body stopped arriving for BANTER_CLIENT_TIMEOUT_S before its Content-Length",
     409: "conflict with the current state",
     413: "the body, a list or a batch is over its limit",
     415: "the body is not application/json",
@@ -115,7 +116,7 @@ def _json_or_sse(description: str, schema: str, event: str) -> Schema:
 
 
 def _paths() -> Schema:
-    body_errors = (400, 413, 415, 422)
+    body_errors = (400, 408, 413, 415, 422)
     submit_errors = (*body_errors, 404, 503)
     sync_errors = (*submit_errors, 504)
     job = {"$ref": "#/components/parameters/JobID"}
@@ -130,17 +131,19 @@ def _paths() -> Schema:
             "Enqueue one job", {"202": _json("queued", "JobAccepted"),
                                 "200": _json("the job made earlier with this idempotency_key",
                                              "JobAccepted")},
-            submit_errors, body="JobRequest")},
+            (*submit_errors, 409), body="JobRequest")},
         "/v1/jobs/{job_id}": {
-            "get": _op("Poll a job", {"200": _json("the job", "Job")}, (404,), parameters=(job,)),
+            "get": _op("Poll a job", {"200": _json("the job", "Job")}, (404, 503),
+                       parameters=(job,)),
             "delete": _op("Cancel a job", {"200": _json("the job after the request", "Job")},
                           (404, 503), parameters=(job,)),
         },
         "/v1/jobs/{job_id}/events": {"get": _op(
             "A job's events (SSE: token, done, error), replayed then live",
             {"200": {"description": "the events",
-                     "content": {"text/event-stream": {"schema": _ref("JobEvent")}}}},
-            (404,), parameters=(job, resume))},
+                     "content": {"text/event-stream": {"schema": _ref("JobEvent")}}},
+             "204": {"description": "resumed at or after the final event: nothing more"}},
+            (404, 503), parameters=(job, resume))},
         "/v1/inference": {"post": _op(
             "Generate and wait (or stream with ?stream=true)",
             {"200": _json_or_sse("the result", "InferenceResult", "JobEvent")}, sync_errors,

@@ -8,11 +8,26 @@ thread while it waits on Redis, so threads (not processes) are the unit of concu
 from __future__ import annotations
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from banter.settings import Settings
 from producer.auth import KeyRing
 
 NEWER_SETTINGS = {"control_socket_disable"}  # set only where the installed gunicorn has them
+
+
+class TimedThreadWorker(ThreadWorker):
+    """gthread whose request sockets time out: every read of a request body and every write
+    of a response waits at most ``client_timeout_s`` (``serve`` sets it from
+    BANTER_CLIENT_TIMEOUT_S), so a client that stops sending mid-body, or stops reading a
+    stream, frees its thread instead of holding it for good (gunicorn bounds only the wait for
+    a connection's first bytes). Waiting on Redis for a result touches no socket: unaffected."""
+
+    client_timeout_s = 30.0
+
+    def handle_request(self, req, conn):
+        conn.sock.settimeout(self.client_timeout_s)
+        return super().handle_request(req, conn)
 
 
 class _Gunicorn(BaseApplication):
@@ -37,8 +52,10 @@ def serve(settings: Settings, host: str, port: int, workers: int = 2, threads: i
     """Run the producer until stopped. Its key settings are checked first, here, so a producer
     without API keys (``producer.auth``) exits with the reason instead of failing its workers."""
     KeyRing.from_settings(settings)
+    worker_class = type("TimedThreadWorker", (TimedThreadWorker,),
+                        {"client_timeout_s": settings.client_timeout_s})
     _Gunicorn(settings, {
-        "bind": f"{host}:{port}", "worker_class": "gthread", "workers": workers,
+        "bind": f"{host}:{port}", "worker_class": worker_class, "workers": workers,
         "threads": threads, "timeout": 0, "graceful_timeout": 10, "keepalive": 5,
         "accesslog": None, "errorlog": "-", "loglevel": settings.log_level.lower(),
         "logconfig_dict": json_logging(settings.log_level),

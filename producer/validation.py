@@ -8,8 +8,9 @@ import re
 from typing import Any
 
 from flask import Request
+from werkzeug.exceptions import ClientDisconnected
 
-from banter.errors import BadJSON, InvalidRequest, TooLarge, UnsupportedMediaType
+from banter.errors import BadJSON, InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 from banter.params import PARAMS
 
 _MISSING = object()
@@ -26,7 +27,11 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     if request.content_length is not None and request.content_length > max_bytes:
         raise TooLarge(f"request body is over the {max_bytes} byte limit")
-    raw = request.get_data(cache=True)
+    try:
+        raw = request.get_data(cache=True)
+    except ClientDisconnected:  # closed, or silent past its timeout (producer.server)
+        raise RequestTimeout("the request body stopped arriving before its Content-Length "
+                             "was reached: send it whole") from None
     if len(raw) > max_bytes:
         raise TooLarge(f"request body is over the {max_bytes} byte limit")
     try:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -457,3 +458,44 @@ def test_banter_up_turns_auth_off_only_without_keys(monkeypatch, capsys, stack_e
     for env in FakeChild.started:
         assert (env.get("BANTER_AUTH_DISABLED") == "true") is disabled
     assert ("authentication is OFF" in capsys.readouterr().err) is disabled
+
+
+# ----------------------------------------------------------------------------- slow clients
+def port_listens(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_clients_that_stop_sending_their_body_do_not_hold_the_producer(stack_env, tmp_path):
+    """More stalled uploads than the producer has threads (a slowloris): each is answered
+    408 once it has been silent for BANTER_CLIENT_TIMEOUT_S, and other callers get through."""
+    port = free_port()
+    env = {**os.environ, **stack_env, "BANTER_CLIENT_TIMEOUT_S": "1"}
+    with open(tmp_path / "producer.err", "w") as stderr:
+        producer = subprocess.Popen([sys.executable, "-m", "banter.cli", "producer", "--port",
+                                     str(port), "--workers", "1", "--threads", "2"],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    stalled = []
+    try:
+        deadline = time.monotonic() + 60
+        while not port_listens(port):
+            assert time.monotonic() < deadline and producer.poll() is None, "no producer"
+            time.sleep(0.1)
+        for _ in range(4):  # twice the threads
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 100\r\n\r\n{\"kind\"")
+            stalled.append(sock)
+        # when the threads are all taken by stalled bodies, expect a caller to get through
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+        for sock in stalled:
+            sock.settimeout(30)
+            answer = sock.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 408 "), answer
+            assert '"type":"request_timeout"' in answer, answer
+    finally:
+        for sock in stalled:
+            sock.close()
+        producer.send_signal(signal.SIGTERM)
+        producer.wait(timeout=30)
+    assert "Traceback" not in (tmp_path / "producer.err").read_text()
