@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from banter.errors import BadJSON, InvalidRequest, Throttled, Timeout, Unavailable
+from banter.errors import BadJSON, InvalidRequest, Throttled, Timeout, Unavailable, brief
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_CUSTOM_ID_CHARS = 512
@@ -80,10 +80,7 @@ def parse_line(value: Any) -> BatchLine:
 
 def _got(value: dict[str, Any], name: str) -> str:
     """The end of a message about field ``name``: that it is missing, or what it was."""
-    if name not in value:
-        return " (it is missing)"
-    got = repr(value[name])
-    return f", got {got if len(got) <= 80 else got[:77] + '...'}"
+    return " (it is missing)" if name not in value else f", got {brief(value[name])}"
 
 
 def decode_line(raw: bytes) -> BatchLine:

@@ -13,6 +13,13 @@ it work unchanged.
 from __future__ import annotations
 
 
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what a message quotes of a client's value
+    (a megabyte sent back in an error helps nobody)."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
+
+
 class BanterError(Exception):
     """Root of every banterhearts error."""
 

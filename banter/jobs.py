@@ -278,14 +278,27 @@ class JobStore:
             args=[record.id, self.ttl_s, keys.job(""), record.queued_at, *flat])
         if job_id == record.id:
             return record, True
-        existing = self.get(job_id)
+        existing = self._same_request(self.get(job_id), record.idempotency_key,
+                                      record.request_hash)
         if existing is None:  # expired between the script and this read: a new job after all
             return self.create_idempotent(record)
-        if existing.request_hash and existing.request_hash != record.request_hash:
-            raise IdempotencyKeyReused(
-                f"idempotency_key {record.idempotency_key!r} was used for a different request "
-                f"(job {existing.id}); send that request again, or use a new key")
         return existing, False
+
+    def idempotent_job(self, owner: str, key: str, request_hash: str) -> JobRecord | None:
+        """The live job ``(owner, key)`` names, or None; IdempotencyKeyReused when it was
+        asked with another ``request_hash``."""
+        job_id = self.redis.get(keys.idempotency(owner, key))
+        return self._same_request(self.get(job_id) if job_id else None, key, request_hash)
+
+    @staticmethod
+    def _same_request(existing: JobRecord | None, key: str,
+                      request_hash: str | None) -> JobRecord | None:
+        if existing is not None and existing.request_hash \
+                and existing.request_hash != request_hash:
+            raise IdempotencyKeyReused(
+                f"idempotency_key {key!r} was used for a different request (job "
+                f"{existing.id}); send that request again, or use a new key")
+        return existing
 
     def forget_idempotency(self, record: JobRecord) -> None:
         """Free the record's idempotency key (its job was never enqueued)."""

@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from banter.errors import InvalidRequest
+from banter.errors import InvalidRequest, brief
 
 MAX_TEMPERATURE = 2.0
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # any int64, as OpenAI takes
+MAX_TOP_K = 2**31 - 1  # any int32; past the vocabulary it filters nothing
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # the wire names
@@ -42,17 +43,17 @@ class SamplingParams:
         ``min(16, max_tokens_limit)``).
         """
         if not isinstance(d, Mapping):
-            raise InvalidRequest("sampling parameters must be a JSON object")
+            raise InvalidRequest("sampling parameters must be a JSON object", "params")
         unknown = sorted(set(d) - set(PARAMS))
         if unknown:
-            raise InvalidRequest(f"unknown sampling parameter {unknown[0]!r}: the parameters "
-                                 f"are {', '.join(PARAMS)}", unknown[0])
+            raise InvalidRequest(f"unknown sampling parameter {brief(unknown[0])}: the parameters "
+                                 f"are {', '.join(PARAMS)}", unknown[0][:64])
         return cls(
             max_tokens=_int(d, "max_tokens", min(cls.max_tokens, max_tokens_limit),
                             1, max_tokens_limit),
             temperature=_float(d, "temperature", cls.temperature, 0.0, MAX_TEMPERATURE),
             top_p=_top_p(d),
-            top_k=max(_int(d, "top_k", cls.top_k, -1, None) or 0, 0),
+            top_k=max(_int(d, "top_k", cls.top_k, -1, MAX_TOP_K) or 0, 0),
             seed=_int(d, "seed", None, MIN_SEED, MAX_SEED),
             stop=_stop(d),
         )
@@ -69,7 +70,7 @@ def _int(d: Mapping[str, Any], key: str, default: int | None, low: int,
         return default
     allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
     if not _is_int(value) or value < low or (high is not None and value > high):
-        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}", key)
+        raise InvalidRequest(f"{key} must be {allowed}, got {brief(value)}", key)
     return value
 
 
@@ -78,7 +79,7 @@ def _number(d: Mapping[str, Any], key: str, allowed: str) -> float | None:
     if value is None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}", key)
+        raise InvalidRequest(f"{key} must be {allowed}, got {brief(value)}", key)
     return float(value)
 
 
@@ -88,7 +89,7 @@ def _float(d: Mapping[str, Any], key: str, default: float, low: float, high: flo
     if value is None:
         return default
     if not low <= value <= high:
-        raise InvalidRequest(f"{key} must be {allowed}, got {value!r}", key)
+        raise InvalidRequest(f"{key} must be {allowed}, got {brief(value)}", key)
     return value
 
 
@@ -98,7 +99,7 @@ def _top_p(d: Mapping[str, Any]) -> float:
     if value is None:
         return SamplingParams.top_p
     if not 0.0 < value <= 1.0:
-        raise InvalidRequest(f"top_p must be {allowed}, got {value!r}", "top_p")
+        raise InvalidRequest(f"top_p must be {allowed}, got {brief(value)}", "top_p")
     return value
 
 
@@ -111,5 +112,5 @@ def _stop(d: Mapping[str, Any]) -> tuple[str, ...]:
                f"of at most {MAX_STOP_CHARS} characters")
     if (not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise InvalidRequest(f"stop must be {allowed}, got {value!r}", "stop")
+        raise InvalidRequest(f"stop must be {allowed}, got {brief(value)}", "stop")
     return tuple(stops)

@@ -156,7 +156,8 @@ def entry_key(entry_id: str) -> tuple[int, int] | None:
     """A stream entry id ``MS-SEQ`` as a pair to compare, or None when it is not one Redis
     accepts (two decimal parts, each below 2**64)."""
     ms, dash, seq = entry_id.partition("-")
-    if not (dash and ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
+    if not (dash and ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()
+            and len(ms) <= 20 and len(seq) <= 20):
         return None
     pair = int(ms), int(seq)
     return pair if max(pair) < 2 ** 64 else None

@@ -218,7 +218,7 @@ def _query_int(name: str, default: int, low: int, high: int) -> int:
     raw = flask_request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not low <= int(raw) <= high:
         raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}", name)
     return int(raw)
 

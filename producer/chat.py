@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from banter.errors import ArtifactError, InvalidRequest
+from banter.errors import ArtifactError, InvalidRequest, brief
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
@@ -60,7 +60,7 @@ def _message(message: Any, where: str) -> Message:
         role = "system"
     if role not in ROLES:
         raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)} (or developer, "
-                             f"taken as system), got {role!r}", f"{where}.role")
+                             f"taken as system), got {brief(role)}", f"{where}.role")
     if message.get("tool_calls") or message.get("function_call"):
         raise InvalidRequest(f"'{where}' holds tool calls: tools are not supported by this "
                              "server", f"{where}.tool_calls")

@@ -39,6 +39,9 @@ def register(app: Flask) -> None:
         name = (exc.name or "error").lower().replace(" ", "_")
         response = jsonify({"error": {"type": name, "message": exc.description or exc.name,
                                       "param": None, "code": None}})
+        for header, value in exc.get_headers():  # 405's Allow, for one
+            if header.lower() != "content-type":
+                response.headers[header] = value
         return response, exc.code or 500
 
     @app.errorhandler(redis.RedisError)

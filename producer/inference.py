@@ -42,6 +42,15 @@ def job_headers(records: list[JobRecord]) -> dict[str, str]:
             "X-Batch-Size": str(max((r.batch_size or 0) for r in records))}
 
 
+def stream_query() -> bool:
+    """``?stream=``: true/1/yes streams, false/0/no (or none) answers whole, else 422."""
+    raw = request.args.get("stream", "false").lower()
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise InvalidRequest(f"'stream' (query) must be true or false, got {raw[:32]!r}",
+                             "stream")
+    return raw in ("1", "true", "yes")
+
+
 def keep_running(body: dict) -> bool:
     """``keep_running: true`` keeps a streamed job going after its client disconnects."""
     value = body.get("keep_running", False)
@@ -73,10 +82,11 @@ def inference():
     body = c.body()
     v.known_fields(body, INFERENCE_FIELDS, HINTS)
     prompt = v.string(body, "prompt", required=True, max_len=c.settings.max_prompt_chars)
+    streamed, keep = stream_query(), keep_running(body)
     c.hold_wait(owner)
     record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id(), waited=True)
-    if request.args.get("stream", "").lower() in ("1", "true", "yes"):
-        return stream_job(c, record, owner, keep_running(body))
+    if streamed:
+        return stream_job(c, record, owner, keep)
     record = c.jobs.wait(record.id)
     response = jsonify(result_body(record))
     response.headers.update(job_headers([record]))

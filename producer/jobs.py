@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, url_for
 
 from banter.errors import InvalidRequest, JobNotFound
 from banter.jobs import JobKind, JobRecord, Lane
+from banter.params import PARAMS
 from banter.settings import Settings
 from banter.streams import ended_by
 from producer import sse
@@ -63,7 +64,12 @@ def submit_job():
     c = ctx()
     owner = c.owner()
     req = job_request(c.body(), c.settings)
-    record, created = c.jobs.submit(req, owner, trace_id())
+    try:
+        record, created = c.jobs.submit(req, owner, trace_id())
+    except InvalidRequest as exc:
+        if exc.param in PARAMS:  # the sampling fields sit under 'params' here
+            raise type(exc)(exc.message, f"params.{exc.param}") from None
+        raise
     body = {"id": record.id, "status": record.status, "links": links(record.id)}
     return jsonify(body), 202 if created else 200
 

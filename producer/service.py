@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -77,23 +77,27 @@ class JobService:
         (BackendUnavailable, 503) when no live worker serves its backend, instead of queueing
         for a worker that may never come; a job submitted to be polled queues."""
         model_ref = req.model or self.default_model(req.kind)
+        sampling = None
+        if req.kind is JobKind.GENERATE:
+            sampling = SamplingParams.from_dict(req.params or {}, self.settings.max_tokens_limit)
+        elif req.params:
+            raise InvalidRequest("embed jobs take no 'params'", "params")
+        digest = request_hash(req, model_ref, sampling) if req.idempotency_key else None
+        if digest:  # a retry gets its job back, even with its lane full
+            earlier = self.jobs.idempotent_job(owner, req.idempotency_key, digest)
+            if earlier is not None:
+                return earlier, False
         backend = self.backend_for(self.resolve(model_ref, req.kind))
         if waited and not self._worker_live(backend):
             raise BackendUnavailable(_NO_WORKER[backend])
-        params: dict[str, Any] = {}
-        if req.kind is JobKind.GENERATE:
-            params = _params_dict(SamplingParams.from_dict(req.params or {},
-                                                           self.settings.max_tokens_limit))
-        elif req.params:
-            raise InvalidRequest("embed jobs take no 'params'", "params")
         self._check_depth(req.lane)
         now = time.time()
         record = JobRecord(
             id=JobRecord.new_id(), kind=req.kind.value, model=model_ref, input=req.input,
-            owner=owner, params=params, lane=req.lane.value, trace_id=trace_id,
-            idempotency_key=req.idempotency_key, queued_at=now, backend=backend,
-            deadline_at=now + req.deadline_s if req.deadline_s else None,
-            request_hash=request_hash(req, model_ref) if req.idempotency_key else None)
+            owner=owner, params=_params_dict(sampling) if sampling else {}, lane=req.lane.value,
+            trace_id=trace_id, idempotency_key=req.idempotency_key, queued_at=now,
+            backend=backend, deadline_at=now + req.deadline_s if req.deadline_s else None,
+            request_hash=digest)
         record, created = self.jobs.create_idempotent(record)
         if created:
             self._enqueue(record)
@@ -207,11 +211,13 @@ _NO_WORKER = {
               "submit with POST /v1/jobs: the job waits in the queue for one"}
 
 
-def request_hash(req: JobRequest, model_ref: str) -> str:
+def request_hash(req: JobRequest, model_ref: str, sampling: SamplingParams | None) -> str:
     """What a submission asks for, as a digest: the same request sent again (a retry with
-    its idempotency key) has the same one."""
+    its idempotency key) has the same one, also when it spells out a default (the model's
+    name, ``max_tokens: 16``) that the first left out."""
     asked = {"kind": req.kind.value, "input": req.input, "model": model_ref,
-             "params": req.params or {}, "lane": req.lane.value, "deadline_s": req.deadline_s}
+             "params": asdict(sampling) if sampling else {}, "lane": req.lane.value,
+             "deadline_s": req.deadline_s}
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -148,7 +148,8 @@ def known_fields(body: dict, known: tuple[str, ...], hints: dict[str, str] | Non
     for name in body:
         if name not in known:
             hint = (hints or {}).get(name) or f"the fields are {', '.join(sorted(known))}"
-            raise InvalidRequest(f"unknown field {name!r}: {hint}", name)
+            shown = name if len(name) <= 64 else name[:61] + "..."
+            raise InvalidRequest(f"unknown field {shown!r}: {hint}", shown)
 
 
 def sampling_params(body: dict, default_max_tokens: int) -> dict[str, Any]:

@@ -134,6 +134,21 @@ def test_an_idempotency_key_reused_for_another_request_is_a_conflict(api):
     assert again.status_code == 200 and again.json()["id"] == job_id
 
 
+
+def test_an_idempotent_retry_may_spell_out_the_defaults(api, settings):
+    """The key compares what is asked, not how: naming the default model or parameters the
+    first request left out is the same request."""
+    key = uuid.uuid4().hex
+    first = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "idempotency_key": key})
+    assert first.status_code == 202, first.text
+    spelled = {"kind": "generate", "input": "hi", "idempotency_key": key, "lane": "interactive",
+               "model": settings.default_generate_model,
+               "params": {"max_tokens": settings.default_max_tokens, "temperature": 0,
+                          "top_p": 1, "top_k": 0, "stop": []}}
+    again = api.post("/v1/jobs", spelled)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+
+
 def test_a_waited_call_with_no_worker_for_its_backend_is_refused_at_once(api):
     """A model served upstream (openai backend) while no worker has an OpenAI key: a
     synchronous or streamed call gets 503 backend_unavailable at once (not a 504 after
@@ -269,6 +284,17 @@ BAD_INPUTS = [
 ]
 
 
+def test_an_error_names_the_field_at_fault_and_quotes_only_a_little_of_it(api):
+    nested = api.post("/v1/jobs", {"kind": "generate", "input": "x", "params": {"top_k": -3}})
+    assert nested.status_code == 422 and nested.json()["error"]["param"] == "params.top_k"
+    flat = api.post("/v1/inference", {"prompt": "x", "top_k": -3})
+    assert flat.status_code == 422 and flat.json()["error"]["param"] == "top_k"
+    for body in ({"prompt": "x", "f" * 100_000: 1}, {"prompt": "x", "max_tokens": "9" * 100_000},
+                 {"prompt": "x", "stop": ["s"] * 100_000}):
+        refused = api.post("/v1/inference", body)
+        assert refused.status_code == 422 and len(refused.text) < 1000, refused.text[:300]
+
+
 @pytest.mark.parametrize("path,body,status,needle", BAD_INPUTS)
 def test_bad_input_gets_a_clear_4xx(api, path, body, status, needle):
     response = api.post(path, body)
@@ -341,6 +367,7 @@ def test_unknown_route_and_method_are_json_errors(api):
     assert api.get("/v1/nothing").status_code == 404
     response = api.session.put(api.url + "/v1/inference", timeout=10)
     assert response.status_code == 405 and "error" in response.json()
+    assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}  # RFC 9110
 
 
 def test_prompt_longer_than_the_token_limit_fails_the_job_clearly(api):

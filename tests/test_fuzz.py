@@ -178,6 +178,11 @@ HOSTILE_JSON = [
     ("rollback traversal", "/v1/models/rollback", {"name": "../../demo-gpt"}),
     ("rollback NUL", "/v1/models/rollback", {"name": "demo-gpt\x00"}),
     ("rollback unicode", "/v1/models/rollback", {"name": "ᵈᵉᵐᵒ"}),
+    ("top_k past uint64", "/v1/jobs", {"kind": "generate", "input": "x",
+                                       "params": {"top_k": 10**30}}),
+    ("top_k past int32", "/v1/inference", {"prompt": "x", "top_k": 2**31}),
+    ("top_k on chat", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "top_k": 2**64}),
 ]
 
 HOSTILE_URLS = [
@@ -197,6 +202,8 @@ HOSTILE_URLS = [
     ("history path name", "GET", "/v1/models/history?name=../../etc/passwd"),
     ("history NUL name", "GET", "/v1/models/history?name=%00"),
     ("history invalid UTF-8", "GET", "/v1/models/history?name=%FF%FE"),
+    ("batches limit superscript", "GET", "/v1/batches?limit=%C2%B2"),
+    ("batches limit huge", "GET", "/v1/batches?limit=" + "9" * 5000),
 ]
 
 

@@ -37,7 +37,8 @@ def test_valid_values_are_normalised():
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1),
     ("temperature", 2.01), ("temperature", True), ("temperature", "0.5"),
     ("top_p", 0), ("top_p", 1.01), ("top_p", math.nan), ("top_p", False), ("top_p", [0.5]),
-    ("top_k", -2), ("top_k", 2.0), ("top_k", False), ("top_k", "3"),
+    ("top_k", -2), ("top_k", 2.0), ("top_k", False), ("top_k", "3"), ("top_k", 2**31),
+    ("top_k", 10**30),
     ("seed", -(2**63) - 1), ("seed", 2**63), ("seed", True), ("seed", 1.0),
     ("stop", ""), ("stop", [""]), ("stop", ["a"] * 5), ("stop", "x" * 65), ("stop", [1]),
     ("stop", 5), ("stop", {"a": 1}),
@@ -94,3 +95,11 @@ def test_sampling_is_numerically_stable():
     picks = {sample(logits, SamplingParams(temperature=0.01), np.random.default_rng(i))
              for i in range(20)}
     assert picks <= {0, 2}
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324])
+def test_a_tiny_temperature_is_as_good_as_greedy(temperature):
+    """Scores divided by a temperature near zero overflow; the top token must still win."""
+    logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+    params = SamplingParams(temperature=temperature, seed=1)
+    assert {sample(logits, params, np.random.default_rng(i)) for i in range(20)} == {1}

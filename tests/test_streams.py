@@ -76,7 +76,7 @@ def test_a_resume_at_or_past_the_final_event_ends_at_once(api):
         assert r.status_code == 204 and r.text == "", after
     r = api.session.get(url, timeout=10, params={"last_event_id": done_id})
     assert r.status_code == 204
-    for huge in (f"{2 ** 64}-0", f"0-{2 ** 64}"):
+    for huge in (f"{2 ** 64}-0", f"0-{2 ** 64}", "1" * 4301 + "-0"):
         with api.session.get(url, stream=True, timeout=30, headers={"Last-Event-ID": huge}) as r:
             assert r.status_code == 200 and list(sse_events(r)) == events, huge
     # digits Python calls digits and Redis does not (a header cannot carry them: the query can)
@@ -149,6 +149,21 @@ def test_keep_running_survives_a_disconnect(api):
                                           "keep_running": True})
     job = api.wait_job(job_id)
     assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 200
+
+
+def test_a_bad_keep_running_or_stream_flag_is_refused_before_any_job(api, redis_client):
+    """Checked before the job is made, streamed or not: a refused call leaves no job running
+    that its client never learns the id of."""
+    queued_before = redis_client.zcard(keys.QUEUED)
+    jobs_before = sum(1 for _ in redis_client.scan_iter(keys.job("*"), count=1000))
+    for path, body, param in (
+            ("/v1/inference?stream=true", {"prompt": "x", "keep_running": "yes"}, "keep_running"),
+            ("/v1/inference", {"prompt": "x", "keep_running": 1}, "keep_running"),
+            ("/v1/inference?stream=maybe", {"prompt": "x"}, "stream")):
+        refused = api.post(path, body)
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == param
+    assert redis_client.zcard(keys.QUEUED) == queued_before
+    assert sum(1 for _ in redis_client.scan_iter(keys.job("*"), count=1000)) == jobs_before
 
 
 def stream_then_disconnect(api, body: dict) -> str:

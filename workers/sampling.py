@@ -11,7 +11,9 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     """Pick one token id from one row of logits ``[V]``."""
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / params.temperature
+    scores = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # a tiny temperature sends every other score to -inf
+        scores = (scores - scores.max()) / params.temperature
     if 0 < params.top_k < scores.size:
         kth = np.partition(scores, -params.top_k)[-params.top_k]
         scores = np.where(scores >= kth, scores, -np.inf)
