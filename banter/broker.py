@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import redis
 from celery import Celery
-from kombu import Consumer, Queue
+from kombu import Consumer, Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 
@@ -182,7 +182,11 @@ def make_celery(settings: Settings, main: str = "banterhearts",
             transport_options["bulk_intake_wait"] = _IntakeWait(bulk_intake_wait)
     app.conf.update(
         broker_url=settings.broker_url,
-        task_queues=[Queue(name) for lane in (0, 1)
+        # each queue bound to an exchange of its own name under its own name (Celery would bind
+        # every queue to the default queue's exchange and key); tasks are sent to a queue by
+        # name either way
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name)
+                     for lane in (0, 1)
                      for name in (settings.queues[lane], settings.openai_queues[lane])],
         task_default_queue=settings.queue_interactive,
         broker_transport_options=transport_options,

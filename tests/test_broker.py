@@ -98,3 +98,19 @@ def test_queue_depth_reads_the_redis_broker_not_the_state_redis(lanes, redis_cli
                                                                          "bulk": 0}
     finally:
         connect(other.broker_url).delete(settings.queue_interactive)
+
+
+def test_each_queue_has_an_exchange_and_routing_key_of_its_own(lanes, redis_client):
+    """Bound to one exchange under one key (Celery's default for bare queues), a publish to
+    that exchange and key would land in every lane's queue; each queue is its own route."""
+    app, settings = lanes
+    queues = app.amqp.queues
+    for name in (*settings.queues, *settings.openai_queues):
+        assert (queues[name].exchange.name, queues[name].routing_key) == (name, name)
+    with app.connection_for_write() as connection:
+        producer = connection.Producer()
+        bulk = queues[settings.queue_bulk]
+        producer.publish({"x": 1}, exchange=bulk.exchange, routing_key=bulk.routing_key,
+                         declare=[queues[name] for name in settings.queues])
+    assert redis_client.llen(settings.queue_bulk) == 1
+    assert redis_client.llen(settings.queue_interactive) == 0
