@@ -206,13 +206,20 @@ redis.call('ZREM', KEYS[4], ARGV[5])
 return {1, status}
 """
 
-# KEYS: lease keys. ARGV[1] node, ARGV[2] lease ms. Renew each lease this node still holds;
-# returns the 1-based indexes of the leases it lost.
+# KEYS: N lease keys, then the N jobs' hashes. ARGV[1] node, ARGV[2] lease ms. Renew each
+# lease this node still holds, and take back one that lapsed (the node stalled past it) while
+# nobody took the job over: it still runs here. Returns the 1-based indexes of the leases lost
+# to another node (or whose job has ended).
 _RENEW = """
 local lost = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('PEXPIRE', key, ARGV[2])
+local n = #KEYS / 2
+for i = 1, n do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  elseif not holder and redis.call('HGET', KEYS[n + i], 'status') == 'running'
+      and redis.call('HGET', KEYS[n + i], 'worker') == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
   else
     table.insert(lost, i)
   end
@@ -329,10 +336,11 @@ class JobStore:
         return bool(taken), status
 
     def renew(self, job_ids: list[str], node: str, lease_s: float) -> list[str]:
-        """Extend ``node``'s leases; returns the ids whose lease it no longer holds."""
+        """Extend ``node``'s leases (taking back any that lapsed while no other node took its
+        job); returns the ids whose lease another node holds now."""
         if not job_ids:
             return []
-        lost = self._renew(keys=[keys.lease(j) for j in job_ids],
+        lost = self._renew(keys=[*map(keys.lease, job_ids), *map(keys.job, job_ids)],
                            args=[node, int(lease_s * 1000)])
         return [job_ids[i - 1] for i in lost]
 

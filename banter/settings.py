@@ -21,6 +21,7 @@ ADMISSIONS = ("continuous", "static")  # BANTER_ADMISSION and EngineSettings.adm
 PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSettings.prefill_overlap
 KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's kv_layout
 # int settings that may be 0
+_POSITIVE = ("worker_heartbeat_s", "sync_timeout_s", "client_timeout_s", "openai_timeout_s")
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
                  "publish_ahead_steps", "max_waits_per_key")
 
@@ -134,6 +135,20 @@ class Settings:
         if self.kv_layout not in KV_LAYOUTS:
             raise SettingsError(f"BANTER_KV_LAYOUT={self.kv_layout!r}: expected auto, inplace "
                                 "or concat")
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"BANTER_{name.upper()}={getattr(self, name)!r}: must be "
+                                    "more than 0")
+        if self.lease_ttl_s < 2 * self.worker_heartbeat_s:
+            raise SettingsError(f"BANTER_LEASE_TTL_S={self.lease_ttl_s}: must be at least twice "
+                                f"BANTER_WORKER_HEARTBEAT_S ({self.worker_heartbeat_s}), or a "
+                                "lease lapses between two renewals and its job is taken over")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise SettingsError(f"BANTER_DEFAULT_MAX_TOKENS={self.default_max_tokens}: must not "
+                                f"be over BANTER_MAX_TOKENS_LIMIT ({self.max_tokens_limit})")
+        for name in ("default_generate_model", "default_embed_model"):
+            if not getattr(self, name).strip():
+                raise SettingsError(f"BANTER_{name.upper()} must name a model")
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"BANTER_LOG_LEVEL={self.log_level!r}: expected one of "
                                 f"{', '.join(LOG_LEVELS)}")

@@ -107,6 +107,10 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
 @pytest.mark.parametrize("variable, value, needle", [
     ("BANTER_LOG_LEVEL", "LOUD", "BANTER_LOG_LEVEL='LOUD': expected one of DEBUG, INFO"),
     ("BANTER_MAX_RUNNING", "0", "BANTER_MAX_RUNNING"),
+    ("BANTER_LEASE_TTL_S", "2", "BANTER_LEASE_TTL_S=2: must be at least twice"),
+    ("BANTER_WORKER_HEARTBEAT_S", "0", "BANTER_WORKER_HEARTBEAT_S=0.0: must be more than 0"),
+    ("BANTER_DEFAULT_MAX_TOKENS", "5000", "must not be over BANTER_MAX_TOKENS_LIMIT"),
+    ("BANTER_DEFAULT_GENERATE_MODEL", " ", "BANTER_DEFAULT_GENERATE_MODEL must name a model"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}

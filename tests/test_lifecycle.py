@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -10,7 +12,7 @@ import pytest
 import requests
 
 from banter import keys
-from banter.streams import EventType, read_events
+from banter.streams import EventType, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
 from workers.runtime import WorkerRuntime
@@ -150,3 +152,34 @@ def test_a_lease_released_during_renewal_is_not_reported_lost(settings, redis_cl
     monkeypatch.setattr(runtime.jobs, "renew", racing_renew)
     runtime._renew_leases()
     assert cancelled == ["taken-over"]
+
+
+def test_a_worker_that_stalls_past_its_lease_finishes_its_job(paused, stack_env, redis_client,
+                                                              settings, tmp_path):
+    """A worker paused (SIGSTOP, a long GC, a starved VM) past its lease while no other worker
+    takes the job over takes the lease back and finishes the job: not cancelled, every token
+    once."""
+    worker = start_worker({**stack_env, **PAUSED, "BANTER_LEASE_TTL_S": "2"},
+                          "cpu-stall@localhost", tmp_path / "worker.log", redis_client)
+    try:
+        job = paused.post("/v1/jobs", {"kind": "generate", "input": "stall",
+                                       "params": {"max_tokens": settings.max_tokens_limit}}).json()
+        deadline = time.monotonic() + 30
+        while redis_client.xlen(keys.stream(job["id"])) < 20:  # well into its generation
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.kill(worker.pid, signal.SIGSTOP)
+        assert redis_client.xlen(keys.stream(job["id"])) < settings.max_tokens_limit // 2
+        time.sleep(3.5)  # the 2 s lease lapses
+        assert not redis_client.exists(keys.lease(job["id"]))
+        os.kill(worker.pid, signal.SIGCONT)
+        done = paused.wait_job(job["id"])
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        stop_process(worker)
+    assert done["status"] == "succeeded", done
+    assert done["usage"]["completion_tokens"] == settings.max_tokens_limit
+    events = [decode_entry(fields) for _id, fields in redis_client.xrange(keys.stream(job["id"]))]
+    tokens = [data["seq"] for kind, data in events if kind is EventType.TOKEN]
+    assert tokens == list(range(settings.max_tokens_limit))
+    assert [kind for kind, _ in events].count(EventType.DONE) == 1

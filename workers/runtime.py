@@ -204,6 +204,9 @@ class WorkerRuntime:
         job_id = record.id
         if JobStatus(record.status).terminal:
             return record.status
+        with self._held_lock:
+            if job_id in self._held:  # a copy of a job this worker runs (re-sent while it stalled)
+                return record.status
         now = time.time()
         if record.past_deadline(now):
             return self._expire(record, now)
@@ -421,7 +424,8 @@ class WorkerRuntime:
         with self._held_lock:  # a job that finished meanwhile released its lease: not lost
             lost = [job_id for job_id in lost if job_id in self._held]
         for job_id in lost:
-            # another worker took it over while this one stalled: stop the local copy
+            # another worker took it over while this one stalled (a lease that lapsed with
+            # nobody taking the job is taken back by renew): stop the local copy
             log.warning("lease_lost", extra={"job_id": job_id})
             self._cancel(job_id)
 
