@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Callable, Iterator
 
 import redis
@@ -12,6 +14,9 @@ from flask import Response, request, stream_with_context
 from banter.streams import EventType, ended_by, entry_key, read_events
 
 KEEPALIVE_S = 15
+REDIS_RETRY_S = 10.0  # how long a stream rides out a dropped Redis connection before it ends
+
+log = logging.getLogger("banter.producer")
 
 Formatter = Callable[[str, EventType, dict], str]
 
@@ -32,11 +37,23 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
     """The job's events after ``after``, live until its final one. A reader already past the
     final event (a resume with its id, or a later one) gets no more: the stream ends.
     ``on_idle`` runs whenever nothing came for a keep-alive period (a queued job's deadline
-    is checked there)."""
+    is checked there). Redis out of reach for REDIS_RETRY_S ends the stream without a final
+    event (the job goes on; the client resumes with ``Last-Event-ID``)."""
+    failing_since = None
     while True:
-        batch = read_events(client, job_id, after, block_ms=KEEPALIVE_S * 1000)
+        try:
+            batch = read_events(client, job_id, after, block_ms=KEEPALIVE_S * 1000)
+            ended = not batch and ended_by(client, job_id, after)
+            failing_since = None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > REDIS_RETRY_S:
+                log.warning("stream_interrupted", extra={"job_id": job_id, "error": str(exc)})
+                return
+            time.sleep(0.5)
+            continue
         if not batch:
-            if ended_by(client, job_id, after):
+            if ended:
                 return
             if on_idle is not None:
                 on_idle()
@@ -50,14 +67,13 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
 
 
 def cancel_on_disconnect(stream: Iterator[str], cancel: Callable[[], object]) -> Iterator[str]:
-    """Pass ``stream`` through; when the client goes away before its end, call ``cancel``."""
-    finished = False
+    """Pass ``stream`` through; when the client goes away before its end (the server closes
+    this generator), call ``cancel``. A stream that ends on its own or fails does not."""
     try:
         yield from stream
-        finished = True
-    finally:
-        if not finished:
-            cancel()
+    except GeneratorExit:
+        cancel()
+        raise
 
 
 def response(stream: Iterator[str], headers: dict[str, str] | None = None) -> Response:

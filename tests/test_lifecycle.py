@@ -183,3 +183,38 @@ def test_a_worker_that_stalls_past_its_lease_finishes_its_job(paused, stack_env,
     tokens = [data["seq"] for kind, data in events if kind is EventType.TOKEN]
     assert tokens == list(range(settings.max_tokens_limit))
     assert [kind for kind, _ in events].count(EventType.DONE) == 1
+
+
+def test_a_dropped_redis_connection_neither_cuts_a_stream_nor_cancels_its_job(
+        paused, stack_env, redis_client, tmp_path):
+    """The producer's XREAD connection killed under a streamed call (a Redis failover, a proxy
+    timeout): the stream reads on over a new connection; only the client leaving cancels."""
+    got: dict = {}
+
+    def follow() -> None:
+        with requests.post(f"{paused.url}/v1/inference?stream=true", stream=True, timeout=120,
+                           json={"prompt": "hold on", "max_tokens": 5}) as r:
+            got["status"], got["job"] = r.status_code, r.headers.get("X-Job-ID")
+            got["events"] = [line for line in r.iter_lines(decode_unicode=True)
+                             if line.startswith("event: ")]
+
+    beat = "dropped-test-heartbeat"  # a live worker, as a waited call needs, but on no queue
+    redis_client.zadd(keys.workers_for("onnx"), {beat: time.time() + 600})
+    reader = threading.Thread(target=follow)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not (blocked := [c for c in redis_client.client_list() if c["cmd"] == "xread"]):
+        assert time.monotonic() < deadline, "the stream never blocked on XREAD"
+        time.sleep(0.05)
+    for client in blocked:
+        redis_client.client_kill_filter(_id=client["id"])
+    worker = start_worker({**stack_env, **PAUSED}, "cpu-dropped@localhost",
+                          tmp_path / "worker.log", redis_client)
+    try:
+        reader.join(timeout=60)
+    finally:
+        stop_process(worker)
+        redis_client.zrem(keys.workers_for("onnx"), beat)
+    assert got["status"] == 200
+    assert got["events"] == ["event: token"] * 5 + ["event: done"]
+    assert paused.get(f"/v1/jobs/{got['job']}").json()["status"] == "succeeded"
