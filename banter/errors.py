@@ -150,6 +150,12 @@ class RequestTimeout(BanterError):
     status = 408
 
 
+class RegistryUnavailable(Unavailable):
+    """``history.jsonl`` cannot be read or written (permissions, a full disk) (503)."""
+
+    type = "registry_unavailable"
+
+
 class Timeout(BanterError):
     """A synchronous call waited longer than its limit; the job keeps running (504)."""
 

@@ -186,6 +186,9 @@ class Settings:
                       else home / "models").expanduser().resolve()
         registry = (self.registry_path if str(self.registry_path) not in ("", ".")
                     else home / "registry" / "history.jsonl").expanduser().resolve()
+        if registry.is_dir():
+            raise SettingsError(f"BANTER_REGISTRY_PATH={str(registry)!r} is a directory: name "
+                                "the history file (e.g. .../registry/history.jsonl)")
         broker = self.broker_url or self.redis_url
         if urlparse(broker).scheme not in BROKER_SCHEMES:
             raise SettingsError(f"BANTER_BROKER_URL={broker!r}: expected a redis://, rediss://, "

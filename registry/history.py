@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from banter.errors import WireError
+from banter.errors import RegistryUnavailable, WireError
 from registry.records import Record
 
 log = logging.getLogger("banter.registry")
@@ -45,6 +45,8 @@ class HistoryFile:
             st = os.stat(self.path)
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            raise self._unavailable("read", exc) from None
         if _stat_key(st) != self._last_seq_key:
             records, key = self._read()
             self._last_seq = records[-1].seq if records else 0
@@ -55,8 +57,15 @@ class HistoryFile:
         """Under the exclusive lock: read the records, call ``make(records)`` for the next one
         (its seq must be the last seq + 1), append it as one line, fsync, return it.
 
-        If ``make`` raises, nothing is written and the exception propagates.
+        If ``make`` raises, nothing is written and the exception propagates; a file that
+        cannot be written is RegistryUnavailable.
         """
+        try:
+            return self._append(make)
+        except OSError as exc:
+            raise self._unavailable("written", exc) from None
+
+    def _append(self, make: Callable[[list[Record]], Record]) -> Record:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         with open(self.path, "a+b") as f:
@@ -82,12 +91,18 @@ class HistoryFile:
             _fsync_dir(self.path.parent)
         return record
 
+    def _unavailable(self, verb: str, exc: OSError) -> RegistryUnavailable:
+        return RegistryUnavailable(f"the registry history {self.path.name} cannot be {verb}: "
+                                   f"{exc.strerror or exc}")
+
     def _read(self) -> tuple[list[Record], tuple[int, int, int] | None]:
         """The records and the file's stat key, both taken under a shared lock."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
             return [], None
+        except OSError as exc:
+            raise self._unavailable("read", exc) from None
         with f:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH)
             data = f.read()

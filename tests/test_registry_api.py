@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ from onnx import numpy_helper
 
 from banter import keys
 from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT
+from banter.settings import Settings
+from producer.app import create_app
+from tests.conftest import Api, Server
 
 RECORD_FIELDS = {"seq", "time", "action", "name", "kind", "version", "path", "sha256", "backend",
                  "upstream_model", "actor", "reason", "previous_version", "ref"}
@@ -327,3 +331,33 @@ def test_registry_survives_redis_losing_its_mirror(api, settings, redis_client, 
     active = json.loads(redis_client.hget(keys.REGISTRY_ACTIVE, name))
     assert (active["version"], active["action"]) == (1, "rollback")
     assert sorted(int(v) for v in redis_client.hkeys(keys.registry_versions(name))) == [1, 2]
+
+
+def test_a_history_file_that_cannot_be_written_is_503_not_500(settings, redis_client,
+                                                               demo_models, tmp_path):
+    """(Root writes through permissions: a file where the registry's directory should be
+    stops any writer.)"""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    server = Server(create_app(replace(settings, registry_path=blocker / "history.jsonl"),
+                               redis_client))
+    try:
+        client = Api(server.url)
+        refused = client.post("/v1/models/promote", {"name": "unwritable", "kind": "embed",
+                                                      "path": "demo-embed/model.onnx"})
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "registry_unavailable"
+        assert "history.jsonl cannot be written" in error["message"]
+        assert str(tmp_path) not in error["message"]
+        history = client.get("/v1/models/history")
+        assert history.status_code == 503 and "cannot be read" in history.text
+    finally:
+        server.close()
+
+
+def test_a_registry_path_that_is_a_directory_is_a_setting_error(tmp_path):
+    from banter.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="BANTER_REGISTRY_PATH=.* is a directory"):
+        Settings.from_env({"BANTER_REGISTRY_PATH": str(tmp_path)})
