@@ -248,6 +248,13 @@ def server_url(raw: str) -> str:
     return raw
 
 
+def port_number(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {value}")
+    return value
+
+
 def positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
@@ -268,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
     def listen_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--host", default="127.0.0.1",
                          help="interface the producer listens on (default 127.0.0.1)")
-        cmd.add_argument("--port", type=int, default=8000, help="its port (default 8000)")
+        cmd.add_argument("--port", type=port_number, default=8000, help="its port (default 8000)")
 
     up = sub.add_parser("up", help="run the whole stack on embedded defaults")
     listen_args(up)
@@ -322,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     bulk.set_defaults(func=cmd_bulk)
 
     flower = sub.add_parser("flower", help="run Flower (Celery monitoring) on the broker")
-    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--port", type=port_number, default=5555)
     flower.add_argument("--address", default="127.0.0.1")
     auth = flower.add_mutually_exclusive_group()
     auth.add_argument("--basic-auth", metavar="USER:PASSWORD",

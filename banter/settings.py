@@ -191,7 +191,8 @@ class Settings:
                                 "the history file (e.g. .../registry/history.jsonl)")
         broker = self.broker_url or self.redis_url
         if urlparse(broker).scheme not in BROKER_SCHEMES:
-            raise SettingsError(f"BANTER_BROKER_URL={broker!r}: expected a redis://, rediss://, "
+            source = "BANTER_BROKER_URL" if self.broker_url else "BANTER_REDIS_URL"
+            raise SettingsError(f"{source}={broker!r}: expected a redis://, rediss://, "
                                 "unix:// (Redis) or amqp:// (RabbitMQ) URL")
         return replace(self, home=home, model_root=model_root, registry_path=registry,
                         broker_url=broker)

@@ -96,7 +96,19 @@ def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -
         _check_embed(set(inputs), outputs, label)
     else:
         raise ArtifactError(f"unknown model kind {kind!r}: use generate or embed")
+    _check_ops(model.graph, label)
     _check_vocab(model.graph, tokenizer_path, label)
+
+
+def _check_ops(graph: onnx.GraphProto, label: str) -> None:
+    """ArtifactError naming operators of the standard domain that ONNX does not define (a
+    graph ONNX Runtime would refuse to load on every worker). Other domains' operators (ONNX
+    Runtime's contrib ops) are the workers' to check when they load the model."""
+    unknown = sorted({node.op_type for node in graph.node
+                      if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)})
+    if unknown:
+        raise ArtifactError(f"artifact {label!r} uses operators ONNX does not define: "
+                            f"{', '.join(unknown[:5])}; re-export it with torch.onnx / optimum")
 
 
 def _check_vocab(graph: onnx.GraphProto, tokenizer_path: Path, label: str) -> None:

@@ -72,6 +72,8 @@ def test_bulk_share_setting():
 def test_the_broker_url_is_redis_or_rabbitmq():
     with pytest.raises(SettingsError, match="BANTER_BROKER_URL"):
         Settings.from_env({"BANTER_BROKER_URL": "sqs://queue"})
+    with pytest.raises(SettingsError, match="BANTER_REDIS_URL='nonsense'"):
+        Settings.from_env({"BANTER_REDIS_URL": "nonsense"})
     assert Settings.from_env({}).broker_url == Settings.from_env({}).redis_url
     amqp = Settings.from_env({"BANTER_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
     assert is_amqp(amqp.broker_url) and not is_amqp(amqp.redis_url)

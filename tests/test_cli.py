@@ -103,7 +103,7 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     assert result.returncode == 2 and "invalid choice: 'train'" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["worker", "--cpu"], ["producer", "--port", "0"]])
+@pytest.mark.parametrize("command", [["worker", "--cpu"], ["producer", "--port", "8"]])
 @pytest.mark.parametrize("variable, value, needle", [
     ("BANTER_LOG_LEVEL", "LOUD", "BANTER_LOG_LEVEL='LOUD': expected one of DEBUG, INFO"),
     ("BANTER_MAX_RUNNING", "0", "BANTER_MAX_RUNNING"),
@@ -117,6 +117,13 @@ def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle,
     result = banter(*command, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("banter: invalid_setting: ") and needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "http"])
+def test_a_port_out_of_range_is_a_usage_error(port):
+    result = banter("producer", "--port", port)
+    assert result.returncode == 2 and "argument --port: " in result.stderr
     assert "Traceback" not in result.stderr
 
 

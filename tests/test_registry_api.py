@@ -229,6 +229,10 @@ def bad_artifacts(settings, demo_models):
     (junk / "model.onnx").write_text("this is not a protobuf, just text\n" * 4)
     shutil.copy(demo_models[DEMO_EMBED] / "tokenizer.json", junk / "tokenizer.json")
     copy_model(demo_models[DEMO_EMBED], base / "embed")
+    unknown_op = copy_model(demo_models[DEMO_EMBED], base / "unknown-op")
+    model = onnx.load(str(unknown_op / "model.onnx"))
+    model.graph.node[0].op_type = "NoSuchOp"  # ONNX Runtime would refuse the graph
+    onnx.save(model, str(unknown_op / "model.onnx"))
     return name
 
 
@@ -242,6 +246,8 @@ def promote_error_cases(name: str) -> list[tuple[dict, int, str, tuple[str, ...]
          ("not found",)),
         ({**ok, "path": f"{name}/junk/model.onnx"}, 422, "invalid_artifact",
          ("not a valid ONNX model",)),
+        ({**ok, "path": f"{name}/unknown-op"}, 422, "invalid_artifact",
+         ("uses operators ONNX does not define: NoSuchOp",)),
         ({**ok, "kind": "generate"}, 422, "invalid_artifact",
          ("missing inputs position_ids, past_key_values.0.key, past_key_values.0.value",)),
         ({**ok, "name": "a/b"}, 422, "invalid_request", ("invalid model name",)),
