@@ -152,6 +152,27 @@ def test_kill_9_mid_batch_every_job_is_taken_over_once(stack):
     assert log.count('"job_taken_over"') == len(job_ids)
 
 
+def test_a_job_cancelled_while_its_worker_is_dead_keeps_what_its_stream_has(stack):
+    """Cancelled between its worker's death and the takeover: the rescuer stops it at once,
+    and its record and final event count the tokens its stream holds (the rerun made fewer)."""
+    job_id = kill_9_mid_batch(stack, 1)[0]
+    assert stack.api.delete(f"/v1/jobs/{job_id}").status_code == 200
+    rescuer = stack.worker("rescuer@localhost")
+    try:
+        job = stack.api.wait_job(job_id, timeout_s=150)
+    finally:
+        stop_process(rescuer)
+    entries = all_events(stack.redis, job_id)
+    tokens = [data for _id, kind, data in entries if kind is EventType.TOKEN]
+    assert len(tokens) >= 5
+    assert [t["seq"] for t in tokens] == list(range(len(tokens)))
+    assert job["status"] == "cancelled", job
+    assert job["result"]["text"] == "".join(t["text"] for t in tokens)
+    assert job["usage"]["completion_tokens"] == len(tokens)
+    assert [(kind, data["usage"]["completion_tokens"]) for _id, kind, data in entries
+            if kind is not EventType.TOKEN] == [(EventType.DONE, len(tokens))]
+
+
 def test_sigterm_mid_batch_finishes_the_jobs_in_hand(stack):
     worker = stack.worker("graceful@localhost")
     job_ids = submit_generations(stack.api, 6, 600)

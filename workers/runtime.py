@@ -36,7 +36,7 @@ from banter.errors import (
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, embed_result, end_queued
 from banter.params import SamplingParams
 from banter.settings import Settings
-from banter.streams import DoneEvent, ErrorEvent, StreamWriter, TokenEvent
+from banter.streams import DoneEvent, ErrorEvent, EventType, StreamWriter, TokenEvent, decode_entry
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import Record
 from registry.service import Registry
@@ -245,7 +245,21 @@ class WorkerRuntime:
             return self._fail(record, InferenceError(f"internal worker error: {exc!r}"))
         if record.lane != "interactive":
             yielded += self.gate.wait_clear()
-        return self._finish(record, outcome, yielded)
+        return self._finish(record, self._covering_stream(record, outcome), yielded)
+
+    def _covering_stream(self, record: JobRecord, outcome: Outcome) -> Outcome:
+        """A taken-over job cancelled before its rerun caught up with its stream (the tokens a
+        dead worker published) ends with what the stream holds, so record and stream agree."""
+        published = self.sink.resume_from.get(record.id, 0)
+        if outcome.finish_reason != "cancelled" or \
+                outcome.usage.get("completion_tokens", 0) >= published:
+            return outcome
+        tokens = [data for kind, data in (decode_entry(fields) for _id, fields
+                                          in self.redis.xrange(keys.stream(record.id)))
+                  if kind is EventType.TOKEN]
+        return replace(outcome, result={**outcome.result,
+                                        "text": "".join(t["text"] for t in tokens)},
+                       usage={**outcome.usage, "completion_tokens": len(tokens)})
 
     def _execute(self, record: JobRecord) -> Outcome:
         """Serve ``record`` on the backend its model names, or fall back (module docstring)."""
