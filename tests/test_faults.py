@@ -219,6 +219,8 @@ def test_redis_restart_mid_stream_loses_nothing(stack):
         assert after.status_code == 200 and after.json()["text"] == expected_text(2)
     finally:
         stop_process(worker)
+    # a lost broker connection is recovered from, not logged as a crash
+    assert "Unrecoverable error" not in (stack.logs / "steady@localhost.log").read_text()
 
 
 def test_producer_restart_while_jobs_stream(stack):
