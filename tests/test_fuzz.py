@@ -28,8 +28,8 @@ from tests.conftest import Server
 REGISTRY_CHANGES = ["/v1/models/promote", "/v1/models/rollback"]
 # Limits of the fuzzed producer that keep every generated job short: its description says
 # max_tokens <= 4, so schemathesis generates nothing longer.
-FUZZ_LIMITS = {"max_tokens_limit": 4, "max_prompt_chars": 200, "inference_max_batch_size": 3,
-               "sync_timeout_s": 30.0}
+FUZZ_LIMITS = {"max_tokens_limit": 4, "default_max_tokens": 4, "max_prompt_chars": 200,
+               "inference_max_batch_size": 3, "sync_timeout_s": 30.0}
 ADMIN_KEY = "fuzz-admin-key"
 # pytest collects the operations before any producer runs, so the schema is built from the
 # same function the producer serves it with; test_the_served_description_is_the_fuzzed_one
