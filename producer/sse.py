@@ -44,6 +44,8 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
         try:
             batch = read_events(client, job_id, after, block_ms=KEEPALIVE_S * 1000)
             ended = not batch and ended_by(client, job_id, after)
+            if not batch and not ended and on_idle is not None:
+                on_idle()
             failing_since = None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             failing_since = failing_since or time.monotonic()
@@ -55,8 +57,6 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
         if not batch:
             if ended:
                 return
-            if on_idle is not None:
-                on_idle()
             yield ": keep-alive\n\n"
             continue
         for entry_id, kind, data in batch:
