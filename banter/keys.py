@@ -85,7 +85,9 @@ RUNNING = f"{PREFIX}:running"
 QUEUED = f"{PREFIX}:queued"
 
 
-# string: set for Settings.lease_ttl_s when a reaper re-enqueues a job, so only one does
+# string: set for Settings.resend_after_s when a worker sends a job's task again (an orphan's,
+# or a lost queued one's), so one copy is sent, not one per heartbeat; deleted when a worker
+# takes the job
 def requeued(job_id: str) -> str:
     return f"{PREFIX}:requeued:{job_id}"
 

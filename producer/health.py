@@ -31,7 +31,9 @@ def readyz():
     c = ctx()
     ping(c.redis)
     queued = c.jobs.queues.depth()  # Unavailable when the broker does not answer
-    workers = live_workers()
-    if not workers:
-        raise Unavailable("no live worker: start one with 'banter worker --cpu' or '--gpu N'")
+    workers = sorted(live_workers())
+    if not workers:  # the backlog stays in the answer: an outage is when it is looked at
+        error = Unavailable("no live worker: start one with 'banter worker --cpu' or '--gpu N'")
+        return jsonify({"error": error.body(), "status": "not_ready", "workers": [],
+                        "queued": queued}), error.status
     return jsonify({"status": "ready", "workers": workers, "queued": queued})

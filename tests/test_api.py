@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from banter.demo import DEMO_TEXT
+from banter.redisserver import RedisServer
+from producer.app import create_app
+from tests.conftest import Api, Server
 
 
 def test_inference_writes_the_demo_text_with_headers(api):
@@ -375,3 +379,21 @@ def test_prompt_longer_than_the_token_limit_fails_the_job_clearly(api):
     assert response.status_code == 422, response.text
     assert response.json()["error"]["type"] == "prompt_too_long"
 
+
+
+def test_not_ready_still_shows_the_backlog(tmp_path, demo_models, settings):
+    """No live worker: 503, and the body still says what is queued per lane."""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    server = Server(create_app(replace(settings, redis_url=url, broker_url=url)))
+    try:
+        client = Api(server.url)
+        assert client.post("/v1/jobs", {"kind": "embed", "input": "waits"}).status_code == 202
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["error"]["type"] == "unavailable" and body["status"] == "not_ready"
+        assert body["workers"] == [] and body["queued"] == {"interactive": 1, "bulk": 0}
+    finally:
+        server.close()
+        redis_server.stop()

@@ -6,12 +6,14 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import replace
 
 import pytest
 import requests
 
 from banter import keys
+from banter.jobs import JobRecord
 from banter.streams import EventType, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
@@ -218,3 +220,26 @@ def test_a_dropped_redis_connection_neither_cuts_a_stream_nor_cancels_its_job(
     assert got["status"] == 200
     assert got["events"] == ["event: token"] * 5 + ["event: done"]
     assert paused.get(f"/v1/jobs/{got['job']}").json()["status"] == "succeeded"
+
+
+def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, redis_client):
+    """A running job whose worker died is sent again; while that copy waits for a worker (none
+    serves its queue yet), later heartbeats send no more copies, even past a lease period."""
+    queue = f"orphans-{uuid.uuid4().hex[:8]}"
+    quick = replace(settings, openai_key="", lease_ttl_s=1, worker_heartbeat_s=0.5,
+                    queue_interactive=queue, queue_bulk=queue + "-bulk")
+    runtime = WorkerRuntime(quick, redis_client, None, "reaper@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
+                       owner="anonymous", lane="interactive", backend="onnx")
+    runtime.jobs.create(record)
+    runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then its worker dies
+    time.sleep(0.1)
+    try:
+        assert record.id in runtime.jobs.orphans()
+        runtime._requeue_orphans()
+        time.sleep(quick.lease_ttl_s + 0.2)
+        runtime._requeue_orphans()
+        assert redis_client.llen(queue) == 1
+    finally:
+        redis_client.delete(queue, keys.requeued(record.id), keys.job(record.id))
+        redis_client.srem(keys.RUNNING, record.id)

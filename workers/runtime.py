@@ -213,6 +213,7 @@ class WorkerRuntime:
         taken, current = self.jobs.take(job_id, self.node, self.settings.lease_ttl_s)
         if not taken:
             return current  # finished meanwhile, or a live worker holds it ('leased')
+        self.redis.delete(keys.requeued(job_id))  # should this worker die, send it again
         with self._held_lock:
             self._held.add(job_id)
         try:
@@ -444,10 +445,15 @@ class WorkerRuntime:
             self._cancel(job_id)
 
     def _requeue_orphans(self) -> None:
+        """Send the task of each running job whose lease lapsed (its worker died) once per
+        ``resend_after_s``: the copy waits in its queue until a worker takes the job (the
+        lease comes back and the job leaves the orphans), and one more is sent only if that
+        copy too was lost, as for a queued job (``_resend_lost``). A copy every heartbeat
+        would pile up in a queue no worker serves."""
         for job_id in self.jobs.orphans():
             if not self.redis.set(keys.requeued(job_id), self.node, nx=True,
-                                  ex=self.settings.lease_ttl_s):
-                continue  # another worker is re-enqueueing it
+                                  ex=int(self.settings.resend_after_s)):
+                continue  # sent already, by this worker or another
             record = self.jobs.get(job_id)
             if record is None or record.status != JobStatus.RUNNING.value:
                 self.jobs.release(job_id, self.node)
