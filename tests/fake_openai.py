@@ -7,8 +7,9 @@ answers scripted failures: ``script(marker, *answers)`` makes the next requests 
 (last message, or embed input) contains ``marker`` get those answers first, one each: an HTTP
 status (an OpenAI-style error body; a 401 echoes the whole key, like a careless upstream),
 ``"context"`` (400 ``context_length_exceeded``), ``"slow"`` (a long stream, one token every
-``SLOW_TOKEN_S``, that notes when its client hangs up) or ``"hang"`` (answers after
-``HANG_S``).
+``SLOW_TOKEN_S``, that notes when its client hangs up), ``"hang"`` (answers after
+``HANG_S``) or ``"overrun"`` (the whole reply, ``max_tokens`` ignored, as a careless
+OpenAI-compatible server might).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 answer = 401
             if answer == "hang":
                 time.sleep(HANG_S)
-            elif answer is not None and answer != "slow":
+            elif answer is not None and answer not in ("slow", "overrun"):
                 status, error = _error_body(answer, fake.key)
                 return self._json(status, {"error": error})
             if self.path == "/v1/embeddings":
@@ -115,7 +116,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
             if answer == "slow":
                 return self._slow(body)
-            tokens = REPLY[:body.get("max_tokens") or len(REPLY)]
+            tokens = REPLY[:None if answer == "overrun" else body.get("max_tokens") or len(REPLY)]
             finish = "length" if len(tokens) < len(REPLY) else "stop"
             usage = {"prompt_tokens": len(seen.text.split()), "completion_tokens": len(tokens),
                      "total_tokens": len(seen.text.split()) + len(tokens)}

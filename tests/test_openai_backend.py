@@ -31,7 +31,7 @@ from banter.logs import JSONFormatter
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
 from banter.settings import Settings
-from banter.streams import StreamWriter
+from banter.streams import StreamWriter, read_events
 from producer.app import create_app
 from registry.history import HistoryFile
 from registry.mirror import Mirror
@@ -424,3 +424,17 @@ def redis_dump(client) -> str:
         parts.append(f"{key} {json.dumps(value, default=str)}")
     assert parts, "the database is empty: nothing was checked"
     return "\n".join(parts)
+
+
+def test_an_upstream_that_overruns_max_tokens_is_cut_at_the_limit(fake, oa_settings, oa_redis):
+    """An OpenAI-compatible server that ignores max_tokens: the job gets no more than it
+    asked for, finish_reason length, and its stream holds the same tokens."""
+    backend = OpenAIBackend(oa_settings, StreamWriter(oa_redis, 100, 60))
+    fake.script("overrun me", "overrun")
+    job = JobRecord(id=JobRecord.new_id(), kind="generate", model="m", input="overrun me",
+                    params={"max_tokens": 3})
+    outcome = backend.generate(job, "gpt-4o-mini", lambda: False)
+    assert outcome.result == {"text": "Hello, I", "finish_reason": "length"}
+    assert outcome.usage["completion_tokens"] == 3
+    events = read_events(oa_redis, job.id)
+    assert [data["text"] for _id, kind, data in events] == ["Hello", ",", " I"]

@@ -104,14 +104,20 @@ class OpenAIBackend:
             return _text_outcome([], None, "cancelled")
         deltas: list[str] = []
         usage = finish = None
+        request = self._chat_request(job, model, params)
         with self._errors(model), self.client.chat.completions.create(
-                **self._chat_request(job, model, params)) as stream:  # closed on leaving
+                **request) as stream:  # closed on leaving
             for chunk in stream:
                 stopped = _stopped(job, stop)
                 if stopped:
                     finish = stopped
                     break
                 usage = chunk.usage or usage
+                content = [c for c in chunk.choices if c.delta.content]
+                if len(deltas) + len(content) > request["max_tokens"]:
+                    # a delta is a token or more: an upstream past the limit is cut there
+                    finish, usage = "length", None
+                    break
                 for choice in chunk.choices:
                     if choice.delta.content:
                         self.streams.publish([TokenEvent(job.id, len(deltas),

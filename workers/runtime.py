@@ -441,7 +441,9 @@ class WorkerRuntime:
         for job_id in lost:
             # another worker took it over while this one stalled (a lease that lapsed with
             # nobody taking the job is taken back by renew): stop the local copy
-            log.warning("lease_lost", extra={"job_id": job_id})
+            record = self.jobs.get(job_id)
+            logs.event(log, "lease_lost", logging.WARNING, job_id=job_id,
+                       trace_id=record.trace_id if record else "")
             self._cancel(job_id)
 
     def _requeue_orphans(self) -> None:
