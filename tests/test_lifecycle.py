@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -243,3 +245,25 @@ def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, redis_
     finally:
         redis_client.delete(queue, keys.requeued(record.id), keys.job(record.id))
         redis_client.srem(keys.RUNNING, record.id)
+
+
+def test_a_second_worker_with_a_live_workers_name_is_warned(stack_env, redis_client, tmp_path):
+    first = start_worker({**stack_env, **PAUSED}, "twin@localhost", tmp_path / "first.log",
+                         redis_client)
+    log = tmp_path / "second.log"
+    try:
+        with open(log, "wb") as out:
+            second = subprocess.Popen([sys.executable, "-m", "banter.cli", "worker", "--cpu",
+                                       "--name", "twin@localhost"],
+                                      env={**os.environ, **stack_env, **PAUSED}, stdout=out,
+                                      stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while '"worker_name_in_use"' not in log.read_text():
+                assert time.monotonic() < deadline and second.poll() is None, log.read_text()
+                time.sleep(0.1)
+        finally:
+            stop_process(second)
+    finally:
+        stop_process(first)
+    assert '"worker_name_in_use"' not in (tmp_path / "first.log").read_text()

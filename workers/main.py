@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from celery.signals import worker_init
 
-from banter import logs
+from banter import keys, logs
 from banter.redisconn import connect
 from banter.settings import Settings, SettingsError
 
@@ -84,6 +84,12 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
     app = create_worker_app(settings, runtime)
     logs.event(log, "worker_starting", node=runtime.node, backends=list(runtime.backends),
                queues=queues, **details)
+    seen = runtime.redis.zscore(keys.WORKERS, runtime.node)
+    if seen is not None and seen > time.time() - 3 * settings.worker_heartbeat_s:
+        logs.event(log, "worker_name_in_use", logging.WARNING, node=runtime.node,
+                   hint="another live worker (or this one's last run) has this name; workers "
+                        "that share a name count as one in /readyz, /metrics and Flower: "
+                        "give each its own --name")
     argv = ["worker", "--pool", "threads", "--concurrency",
             str(concurrency or settings.worker_concurrency), "--hostname", runtime.node,
             "--queues", ",".join(queues), "--loglevel", settings.log_level,
