@@ -7,6 +7,8 @@ thread while it waits on Redis, so threads (not processes) are the unit of concu
 
 from __future__ import annotations
 
+import logging
+
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -17,17 +19,43 @@ NEWER_SETTINGS = {"control_socket_disable"}  # set only where the installed guni
 
 
 class TimedThreadWorker(ThreadWorker):
-    """gthread whose request sockets time out: every read of a request body and every write
-    of a response waits at most ``client_timeout_s`` (``serve`` sets it from
-    BANTER_CLIENT_TIMEOUT_S), so a client that stops sending mid-body, or stops reading a
+    """gthread whose request sockets time out: every read of a request's headers and body and
+    every write of a response waits at most ``client_timeout_s`` (``serve`` sets it from
+    BANTER_CLIENT_TIMEOUT_S), so a client that stops sending mid-request, or stops reading a
     stream, frees its thread instead of holding it for good (gunicorn bounds only the wait for
-    a connection's first bytes). Waiting on Redis for a result touches no socket: unaffected."""
+    a connection's first bytes). It is per read, as nginx's ``client_header_timeout`` and
+    ``client_body_timeout`` are: a client trickling a byte at a time is a buffering proxy's to
+    stop. Waiting on Redis for a result touches no socket: unaffected."""
 
     client_timeout_s = 30.0
 
+    def handle(self, conn):
+        # gunicorn makes the socket blocking (no timeout) and then calls ``conn.init`` before
+        # it parses the headers: the timeout goes on right after, once per connection
+        if not getattr(conn, "timed", False):
+            conn.timed, init = True, conn.init
+
+            def timed_init() -> None:
+                init()
+                conn.sock.settimeout(self.client_timeout_s)
+
+            conn.init = timed_init
+        return super().handle(conn)
+
     def handle_request(self, req, conn):
-        conn.sock.settimeout(self.client_timeout_s)
+        conn.sock.settimeout(self.client_timeout_s)  # a gunicorn that calls init elsewhere
         return super().handle_request(req, conn)
+
+
+class ClientTimeoutFilter(logging.Filter):
+    """gunicorn logs a client cut off by the socket timeout as an ERROR with a traceback; it
+    is a slow client, not a server fault: one warning line, ``client_timeout``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.msg, record.args, record.exc_info, record.exc_text = "client_timeout", (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class _Gunicorn(BaseApplication):
@@ -70,7 +98,9 @@ def json_logging(level: str) -> dict:
     every other part of banterhearts writes (``banter.logs.JSONFormatter``)."""
     return {"version": 1, "disable_existing_loggers": False,
             "formatters": {"json": {"()": "banter.logs.JSONFormatter"}},
+            "filters": {"client_timeout": {"()": "producer.server.ClientTimeoutFilter"}},
             "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                    "filters": ["client_timeout"],
                                     "stream": "ext://sys.stderr"}},
             "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": level.upper(),
                                            "propagate": False}},

@@ -471,15 +471,17 @@ def port_listens(port: int) -> bool:
 
 
 def test_clients_that_stop_sending_their_body_do_not_hold_the_producer(stack_env, tmp_path):
-    """More stalled uploads than the producer has threads (a slowloris): each is answered
-    408 once it has been silent for BANTER_CLIENT_TIMEOUT_S, and other callers get through."""
+    """More stalled requests than the producer has threads (a slowloris): a stalled body is
+    answered 408 once it has been silent for BANTER_CLIENT_TIMEOUT_S, unfinished headers are
+    closed, each logged as one warning line, and other callers get through."""
     port = free_port()
     env = {**os.environ, **stack_env, "BANTER_CLIENT_TIMEOUT_S": "1"}
     with open(tmp_path / "producer.err", "w") as stderr:
         producer = subprocess.Popen([sys.executable, "-m", "banter.cli", "producer", "--port",
                                      str(port), "--workers", "1", "--threads", "2"],
                                     env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    stalled = []
+    stalled: list[socket.socket] = []
+    headers_only: list[socket.socket] = []
     try:
         deadline = time.monotonic() + 60
         while not port_listens(port):
@@ -490,16 +492,24 @@ def test_clients_that_stop_sending_their_body_do_not_hold_the_producer(stack_env
             sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                          b"\r\nContent-Length: 100\r\n\r\n{\"kind\"")
             stalled.append(sock)
-        # when the threads are all taken by stalled bodies, expect a caller to get through
+        for _ in range(4):  # and as many that never finish their headers
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/inference HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            headers_only.append(sock)
+        # when the threads are all taken by stalled requests, expect a caller to get through
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
         for sock in stalled:
             sock.settimeout(30)
             answer = sock.recv(65536).decode()
             assert answer.startswith("HTTP/1.1 408 "), answer
             assert '"type":"request_timeout"' in answer, answer
+        for sock in headers_only:  # nothing to answer yet: the connection is closed
+            sock.settimeout(30)
+            assert sock.recv(65536) == b""
     finally:
-        for sock in stalled:
+        for sock in stalled + headers_only:
             sock.close()
         producer.send_signal(signal.SIGTERM)
         producer.wait(timeout=30)
-    assert "Traceback" not in (tmp_path / "producer.err").read_text()
+    log = (tmp_path / "producer.err").read_text()
+    assert "Traceback" not in log and '"event": "client_timeout"' in log
