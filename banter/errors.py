@@ -168,6 +168,9 @@ class ArtifactError(InvalidRequest):
 
     type = "invalid_artifact"
 
+    def __init__(self, message: str, param: str | None = "path") -> None:
+        super().__init__(message, param)
+
 
 class ChecksumMismatch(BanterError):
     """A worker found an artifact whose sha256 differs from the registry record."""

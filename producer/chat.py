@@ -98,12 +98,13 @@ def load_template(path: Path) -> ChatTemplate:
     except FileNotFoundError:
         return ChatTemplate()
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not a readable JSON file: {exc}") from None
+        raise ArtifactError(f"{path} is not a readable JSON file: {exc}", None) from None
     custom = config.get(TEMPLATE_KEY) if isinstance(config, dict) else None
     if custom is None:
         return ChatTemplate()
     if (not isinstance(custom, dict) or not isinstance(custom.get("message"), str)
             or not isinstance(custom.get("generation"), str) or "{content}" not in custom["message"]):
         raise ArtifactError(f"{path}: '{TEMPLATE_KEY}' must be an object with string fields "
-                            "'message' (holding '{content}', optionally '{role}') and 'generation'")
+                            "'message' (holding '{content}', optionally '{role}') and 'generation'",
+                            None)
     return ChatTemplate(custom["message"], custom["generation"])

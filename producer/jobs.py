@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, url_for
 
 from banter.errors import InvalidRequest, JobNotFound
 from banter.jobs import JobKind, JobRecord, Lane
-from banter.params import PARAMS
+from banter.params import SamplingParams
 from banter.settings import Settings
 from banter.streams import ended_by
 from producer import sse
@@ -27,6 +27,11 @@ def job_request(body: dict, settings: Settings) -> JobRequest:
     params = body.get("params")
     if params is not None and not isinstance(params, dict):
         raise InvalidRequest("'params' must be an object", "params")
+    if params and kind is JobKind.GENERATE:  # checked again when submitted; here for its names
+        try:
+            SamplingParams.from_dict(params, settings.max_tokens_limit)
+        except InvalidRequest as exc:  # the sampling fields sit under 'params' here
+            raise InvalidRequest(exc.message, f"params.{exc.param}") from None
     max_chars = settings.max_prompt_chars
     if kind is JobKind.EMBED:
         text = v.embed_input(body, "input", max_items=settings.embed_max_inputs,
@@ -64,12 +69,7 @@ def submit_job():
     c = ctx()
     owner = c.owner()
     req = job_request(c.body(), c.settings)
-    try:
-        record, created = c.jobs.submit(req, owner, trace_id())
-    except InvalidRequest as exc:
-        if exc.param in PARAMS:  # the sampling fields sit under 'params' here
-            raise type(exc)(exc.message, f"params.{exc.param}") from None
-        raise
+    record, created = c.jobs.submit(req, owner, trace_id())
     body = {"id": record.id, "status": record.status, "links": links(record.id)}
     return jsonify(body), 202 if created else 200
 

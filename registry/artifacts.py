@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from tokenizers import Tokenizer
 
-from banter.errors import ArtifactError
+from banter.errors import ArtifactError, brief
 
 _CHUNK = 1 << 20
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -62,14 +62,14 @@ def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
         target = root / rel
     resolved = _resolve(root, target, path)
     if not resolved.is_file():
-        raise ArtifactError(f"artifact {path!r} ({resolved}) is not a regular file; "
+        raise ArtifactError(f"artifact {brief(path)} ({resolved}) is not a regular file; "
                             f"give the model's .onnx file")
     if not target.name.endswith(".onnx"):
-        raise ArtifactError(f"artifact {path!r} must be an .onnx file (or a directory holding "
+        raise ArtifactError(f"artifact {brief(path)} must be an .onnx file (or a directory holding "
                             f"model.onnx), got {target.name!r}")
     tokenizer = target.parent / "tokenizer.json"
     if not os.path.lexists(tokenizer) or not _resolve(root, tokenizer, path).is_file():
-        raise ArtifactError(f"artifact {path!r} has no tokenizer.json beside it: put the "
+        raise ArtifactError(f"artifact {brief(path)} has no tokenizer.json beside it: put the "
                             f"model's tokenizer.json in {target.parent}")
     check_graph(resolved, kind, path, _resolve(root, tokenizer, path))
     return Artifact(rel_path=rel, abs_path=target, tokenizer_path=tokenizer,
@@ -82,10 +82,10 @@ def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types on garbage
-        raise ArtifactError(f"artifact {label!r} is not a valid ONNX model ({exc}); "
+        raise ArtifactError(f"artifact {brief(label)} is not a valid ONNX model ({exc}); "
                             f"export it with torch.onnx / optimum") from None
     if model.ir_version < 1 or not model.HasField("graph"):
-        raise ArtifactError(f"artifact {label!r} is not a valid ONNX model (no graph or "
+        raise ArtifactError(f"artifact {brief(label)} is not a valid ONNX model (no graph or "
                             f"ir_version); export it with torch.onnx / optimum")
     initializers = {init.name for init in model.graph.initializer}
     inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
@@ -107,7 +107,7 @@ def _check_ops(graph: onnx.GraphProto, label: str) -> None:
     unknown = sorted({node.op_type for node in graph.node
                       if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)})
     if unknown:
-        raise ArtifactError(f"artifact {label!r} uses operators ONNX does not define: "
+        raise ArtifactError(f"artifact {brief(label)} uses operators ONNX does not define: "
                             f"{', '.join(unknown[:5])}; re-export it with torch.onnx / optimum")
 
 
@@ -117,13 +117,13 @@ def _check_vocab(graph: onnx.GraphProto, tokenizer_path: Path, label: str) -> No
     try:
         vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size(with_added_tokens=True)
     except Exception as exc:  # tokenizers raises its own exception type
-        raise ArtifactError(f"artifact {label!r}: its tokenizer.json does not load ({exc})") from None
+        raise ArtifactError(f"artifact {brief(label)}: its tokenizer.json does not load ({exc})") from None
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Gather" and node.input[1:2] == ["input_ids"] and node.input[0] in shapes:
             rows = shapes[node.input[0]][0]
             if vocab > rows:
-                raise ArtifactError(f"artifact {label!r}: its tokenizer has {vocab} tokens but the "
+                raise ArtifactError(f"artifact {brief(label)}: its tokenizer has {vocab} tokens but the "
                                     f"model's embedding table {node.input[0]!r} has {rows} rows: "
                                     "they are not one model's (put the model's own "
                                     "tokenizer.json beside it)")
@@ -141,19 +141,19 @@ def _check_generate(inputs: dict[str, onnx.ValueInfoProto], outputs: set[str],
             "position_ids, past_key_values.{i}.key|value -> logits, present.{i}.key|value), "
             "e.g. optimum-cli export onnx --task text-generation-with-past")
     layered = f" ({n} layers)" if layers else ""
-    _check_io(f"generate model {label!r}{layered}", set(inputs), outputs, want_in, want_out,
+    _check_io(f"generate model {brief(label)}{layered}", set(inputs), outputs, want_in, want_out,
               allowed_in=want_in, hint=hint)
     dims = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
     if len(dims) != 4 or dims[1].dim_value < 1 or dims[3].dim_value < 1:
         shape = [d.dim_value or d.dim_param or "?" for d in dims]
-        raise ArtifactError(f"generate model {label!r}: past_key_values.0.key must be "
+        raise ArtifactError(f"generate model {brief(label)}: past_key_values.0.key must be "
                             f"[batch, heads, past, head_dim] with static heads and head_dim, "
                             f"got {shape}; re-export it with fixed head counts")
 
 
 def _check_embed(inputs: set[str], outputs: set[str], label: str) -> None:
     want_in = ["input_ids", "attention_mask"]
-    _check_io(f"embed model {label!r}", inputs, outputs, want_in, ["last_hidden_state"],
+    _check_io(f"embed model {brief(label)}", inputs, outputs, want_in, ["last_hidden_state"],
               allowed_in=want_in + ["token_type_ids"],
               hint="export it as a feature-extraction encoder")
 
@@ -199,7 +199,7 @@ def _relative(root: Path, model_root: Path, path: str) -> str:
         if normal == base or normal.is_relative_to(base):
             rel = normal.relative_to(base).as_posix()
             return "" if rel == "." else rel
-    raise ArtifactError(f"artifact {path!r} is outside the model root {root}: copy or move it "
+    raise ArtifactError(f"artifact {brief(path)} is outside the model root {root}: copy or move it "
                         f"under the model root and give a path relative to it")
 
 
@@ -208,11 +208,11 @@ def _resolve(root: Path, target: Path, label: str) -> Path:
     try:
         resolved = target.resolve(strict=True)
     except FileNotFoundError:
-        raise ArtifactError(f"artifact {label!r} not found: {target} does not exist "
+        raise ArtifactError(f"artifact {brief(label)} not found: {target} does not exist "
                             f"(paths are relative to the model root {root})") from None
     except (OSError, RuntimeError, ValueError) as exc:  # ValueError: an embedded NUL byte
-        raise ArtifactError(f"artifact {label!r} cannot be resolved: {exc}") from None
+        raise ArtifactError(f"artifact {brief(label)} cannot be resolved: {exc}") from None
     if not resolved.is_relative_to(root):
-        raise ArtifactError(f"artifact {label!r} resolves to {resolved}, outside the model root "
+        raise ArtifactError(f"artifact {brief(label)} resolves to {resolved}, outside the model root "
                             f"{root} (a symlink escapes it): copy the file under the model root")
     return resolved

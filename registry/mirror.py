@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import redis
 
 from banter import keys
-from banter.errors import InvalidRequest, ModelNotFound, Unavailable
+from banter.errors import InvalidRequest, ModelNotFound, Unavailable, brief
 from registry.records import Record, parse_ref
 from registry.state import RegistryState, replay
 
@@ -146,15 +146,15 @@ def resolve_from_mirror(mirror: Mirror, ref: str, kind: str | None = None) -> Re
     if record is None:
         active = mirror.active(name) if version is not None else None
         if active is not None:
-            raise ModelNotFound(f"model {ref!r} not found: {name!r} has no version {version} "
+            raise ModelNotFound(f"model {brief(ref)} not found: {name!r} has no version {version} "
                                 f"(its active version is {active.version}); see its history "
                                 f"for the versions")
         hint = ""
         if mirror.seq() is None:
             hint = ("; the registry mirror in Redis is empty: the producer rebuilds it from "
                     "history.jsonl at start and on its next request")
-        raise ModelNotFound(f"no model named {ref!r} in the registry: promote it first{hint}")
+        raise ModelNotFound(f"no model named {brief(ref)} in the registry: promote it first{hint}")
     if kind is not None and record.kind != kind:
-        raise InvalidRequest(f"model {ref!r} has kind {record.kind}, not {kind}: use a model "
+        raise InvalidRequest(f"model {brief(ref)} has kind {record.kind}, not {kind}: use a model "
                              f"of kind {kind}", "model")
     return record

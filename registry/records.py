@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from banter.errors import InvalidRequest, WireError
+from banter.errors import InvalidRequest, WireError, brief
 
 ACTIONS = ("promote", "rollback")
 KINDS = ("generate", "embed")
@@ -121,7 +121,7 @@ def check_name(name: str, param: str = "name") -> str:
     request field that holds it)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
         raise InvalidRequest(
-            f"invalid model name {name!r}: use 1-64 characters from letters, digits, '.', '_' "
+            f"invalid model name {brief(name)}: use 1-64 characters from letters, digits, '.', '_' "
             f"and '-', starting with a letter or digit, with no '..' (no '@' or '/')", param)
     return name
 
@@ -133,10 +133,10 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     """
     if not isinstance(ref, str):
         raise InvalidRequest(f"model reference must be a string like 'name' or 'name@3', "
-                             f"got {ref!r}", "model")
+                             f"got {brief(ref)}", "model")
     name, at, version = ref.partition("@")
     if at and not _VERSION_PATTERN.match(version):
-        raise InvalidRequest(f"invalid model reference {ref!r}: the version after '@' must be a "
+        raise InvalidRequest(f"invalid model reference {brief(ref)}: the version after '@' must be a "
                              f"positive integer, e.g. '{name}@1'", "model")
     check_name(name, "model")
     return name, (int(version) if at else None)

@@ -291,6 +291,10 @@ BAD_INPUTS = [
 def test_an_error_names_the_field_at_fault_and_quotes_only_a_little_of_it(api):
     nested = api.post("/v1/jobs", {"kind": "generate", "input": "x", "params": {"top_k": -3}})
     assert nested.status_code == 422 and nested.json()["error"]["param"] == "params.top_k"
+    unknown = api.post("/v1/jobs", {"kind": "generate", "input": "x", "params": {"bogus": 1}})
+    assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "params.bogus"
+    long_name = api.post("/v1/inference", {"prompt": "x", "model": "m" * 120})
+    assert long_name.status_code == 422 and len(long_name.json()["error"]["message"]) < 250
     flat = api.post("/v1/inference", {"prompt": "x", "top_k": -3})
     assert flat.status_code == 422 and flat.json()["error"]["param"] == "top_k"
     for body in ({"prompt": "x", "f" * 100_000: 1}, {"prompt": "x", "max_tokens": "9" * 100_000},
