@@ -299,7 +299,8 @@ def parser() -> argparse.ArgumentParser:
     device.add_argument("--openai", action="store_true",
                         help="no engine: every job goes upstream (needs an OpenAI key)")
     worker.add_argument("--name", help="Celery node name (default gpuN@host or cpu@host)")
-    worker.add_argument("--concurrency", type=int, help="jobs in flight (threads)")
+    worker.add_argument("--concurrency", type=positive_int,
+                        help="jobs in flight (threads; default BANTER_WORKER_CONCURRENCY)")
     worker.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="send one prompt and print the result")

@@ -27,11 +27,32 @@ _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", 
 
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")  # RabbitMQ as the Celery broker
-BROKER_SCHEMES = ("redis", "rediss", "unix", *AMQP_SCHEMES)
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+BROKER_SCHEMES = (*REDIS_SCHEMES, *AMQP_SCHEMES)
 
 
 class SettingsError(InvalidRequest):
     type = "invalid_setting"
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    """SettingsError unless ``url`` parses, with one of ``schemes``, a port in range and (Redis)
+    a numeric database. The message shows the URL with its password masked."""
+    try:
+        parts = urlparse(url)
+        _ = parts.port  # raises for a port out of range
+    except ValueError as exc:
+        raise SettingsError(f"{name} is not a valid URL: {exc}") from None
+    shown = url.replace(f":{parts.password}@", ":***@") if parts.password else url
+    if parts.scheme not in schemes:
+        kinds = "redis://, rediss:// or unix:// (Redis)"
+        if schemes == BROKER_SCHEMES:
+            kinds = "redis://, rediss://, unix:// (Redis) or amqp:// (RabbitMQ)"
+        raise SettingsError(f"{name}={shown!r}: expected a {kinds} URL")
+    database = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
+    if database and not (database.isascii() and database.isdigit()):
+        raise SettingsError(f"{name}={shown!r}: the database after the host must be a number, "
+                            f"got {database!r}")
 
 
 def is_amqp(url: str) -> bool:
@@ -189,11 +210,10 @@ class Settings:
         if registry.is_dir():
             raise SettingsError(f"BANTER_REGISTRY_PATH={str(registry)!r} is a directory: name "
                                 "the history file (e.g. .../registry/history.jsonl)")
+        _check_url("BANTER_REDIS_URL", self.redis_url, REDIS_SCHEMES)
+        if self.broker_url:
+            _check_url("BANTER_BROKER_URL", self.broker_url, BROKER_SCHEMES)
         broker = self.broker_url or self.redis_url
-        if urlparse(broker).scheme not in BROKER_SCHEMES:
-            source = "BANTER_BROKER_URL" if self.broker_url else "BANTER_REDIS_URL"
-            raise SettingsError(f"{source}={broker!r}: expected a redis://, rediss://, "
-                                "unix:// (Redis) or amqp:// (RabbitMQ) URL")
         return replace(self, home=home, model_root=model_root, registry_path=registry,
                         broker_url=broker)
 

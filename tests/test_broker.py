@@ -74,6 +74,15 @@ def test_the_broker_url_is_redis_or_rabbitmq():
         Settings.from_env({"BANTER_BROKER_URL": "sqs://queue"})
     with pytest.raises(SettingsError, match="BANTER_REDIS_URL='nonsense'"):
         Settings.from_env({"BANTER_REDIS_URL": "nonsense"})
+    for url, words in (("redis://127.0.0.1:99999/0", "Port out of range"),
+                       ("redis://h:1/abc", "the database after the host must be a number"),
+                       ("redis://[::1", "Invalid IPv6 URL"),
+                       ("amqp://h", "expected a redis://, rediss:// or unix:// (Redis) URL")):
+        with pytest.raises(SettingsError, match=words):
+            Settings.from_env({"BANTER_REDIS_URL": url})
+    with pytest.raises(SettingsError) as raised:  # a password never shows in the message
+        Settings.from_env({"BANTER_REDIS_URL": "redis://:sekret@h:1/x"})
+    assert "sekret" not in raised.value.message and ":***@" in raised.value.message
     assert Settings.from_env({}).broker_url == Settings.from_env({}).redis_url
     amqp = Settings.from_env({"BANTER_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
     assert is_amqp(amqp.broker_url) and not is_amqp(amqp.redis_url)
