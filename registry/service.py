@@ -9,12 +9,13 @@ every request.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
 import redis
 
-from banter.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
+from banter.errors import Conflict, InvalidRequest, ModelNotFound, RegistryUnavailable, Unavailable
 from banter.settings import Settings
 from registry.artifacts import inspect_artifact
 from registry.history import HistoryFile
@@ -24,6 +25,7 @@ from registry.state import RegistryState, replay
 
 log = logging.getLogger("banter.registry")
 
+UNREADABLE_LOG_EVERY_S = 60.0  # an unreadable history.jsonl is logged once a minute, not per call
 RESERVED_NAMES = ("history", "promote", "rollback")  # paths under /v1/models/ of their own
 
 
@@ -49,6 +51,7 @@ class Registry:
         self.history_file = history
         self.mirror = mirror
         self.model_root = Path(model_root)
+        self._unreadable_logged = -UNREADABLE_LOG_EVERY_S
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> "Registry":
@@ -174,9 +177,18 @@ class Registry:
     def ensure_mirror(self) -> bool:
         """Rebuild the mirror from the file when it is behind (REGISTRY_SEQ missing or lower
         than the file's last seq); return whether it rebuilt. Cheap when up to date: one GET,
-        one stat."""
-        file_seq = self.history_file.last_seq()
+        one stat. A file that cannot be read leaves a mirror that has records serving as it is
+        (RegistryUnavailable only when there is none)."""
         mirror_seq = self.mirror.seq()
+        try:
+            file_seq = self.history_file.last_seq()
+        except RegistryUnavailable as exc:
+            if mirror_seq is None:
+                raise
+            if time.monotonic() - self._unreadable_logged > UNREADABLE_LOG_EVERY_S:
+                self._unreadable_logged = time.monotonic()
+                log.warning("registry_history_unreadable", extra={"error": exc.message})
+            return False
         if file_seq == 0 or (mirror_seq is not None and mirror_seq >= file_seq):
             return False
         rebuilt = self.mirror.rebuild(self.history_file.read())

@@ -358,6 +358,9 @@ def test_a_history_file_that_cannot_be_written_is_503_not_500(settings, redis_cl
         assert str(tmp_path) not in error["message"]
         history = client.get("/v1/models/history")
         assert history.status_code == 503 and "cannot be read" in history.text
+        # jobs are served from the Redis mirror meanwhile (it holds the registry)
+        served = client.post("/v1/jobs", {"kind": "embed", "input": "still served"})
+        assert served.status_code == 202, served.text
     finally:
         server.close()
 
