@@ -19,6 +19,7 @@ from banter.errors import ArtifactError, brief
 
 _CHUNK = 1 << 20
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+OP_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # what ONNX Runtime serves itself
 
 
 @dataclass(frozen=True)
@@ -96,15 +97,26 @@ def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -
         _check_embed(set(inputs), outputs, label)
     else:
         raise ArtifactError(f"unknown model kind {kind!r}: use generate or embed")
-    _check_ops(model.graph, label)
+    _check_ops(model, label)
     _check_vocab(model.graph, tokenizer_path, label)
 
 
-def _check_ops(graph: onnx.GraphProto, label: str) -> None:
-    """ArtifactError naming operators of the standard domain that ONNX does not define (a
-    graph ONNX Runtime would refuse to load on every worker). Other domains' operators (ONNX
-    Runtime's contrib ops) are the workers' to check when they load the model."""
-    unknown = sorted({node.op_type for node in graph.node
+def _check_ops(model: onnx.ModelProto, label: str) -> None:
+    """ArtifactError for what ONNX Runtime would refuse to load on every worker: an opset newer
+    than ONNX defines, an operator domain ONNX Runtime does not serve (custom-op libraries are
+    not loaded), or a standard-domain operator ONNX does not define. Operators of ONNX
+    Runtime's own domain (contrib ops) are the workers' to check when they load the model."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ArtifactError(f"artifact {brief(label)} imports opset {opset.version}; the "
+                                f"newest ONNX defines is {newest}: re-export it")
+    domains = sorted({node.domain for node in model.graph.node} - set(OP_DOMAINS))
+    if domains:
+        raise ArtifactError(f"artifact {brief(label)} uses operators of domain "
+                            f"{brief(domains[0])}, which ONNX Runtime does not serve here (only "
+                            f"{', '.join(repr(d) for d in OP_DOMAINS[1:])} and the standard one)")
+    unknown = sorted({node.op_type for node in model.graph.node
                       if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)})
     if unknown:
         raise ArtifactError(f"artifact {brief(label)} uses operators ONNX does not define: "

@@ -233,6 +233,14 @@ def bad_artifacts(settings, demo_models):
     model = onnx.load(str(unknown_op / "model.onnx"))
     model.graph.node[0].op_type = "NoSuchOp"  # ONNX Runtime would refuse the graph
     onnx.save(model, str(unknown_op / "model.onnx"))
+    custom = copy_model(demo_models[DEMO_EMBED], base / "custom-domain")
+    model = onnx.load(str(custom / "model.onnx"))
+    model.graph.node[0].domain = "com.example"
+    onnx.save(model, str(custom / "model.onnx"))
+    future = copy_model(demo_models[DEMO_EMBED], base / "future-opset")
+    model = onnx.load(str(future / "model.onnx"))
+    model.opset_import[0].version = 99
+    onnx.save(model, str(future / "model.onnx"))
     return name
 
 
@@ -248,6 +256,10 @@ def promote_error_cases(name: str) -> list[tuple[dict, int, str, tuple[str, ...]
          ("not a valid ONNX model",)),
         ({**ok, "path": f"{name}/unknown-op"}, 422, "invalid_artifact",
          ("uses operators ONNX does not define: NoSuchOp",)),
+        ({**ok, "path": f"{name}/custom-domain"}, 422, "invalid_artifact",
+         ("uses operators of domain 'com.example'",)),
+        ({**ok, "path": f"{name}/future-opset"}, 422, "invalid_artifact",
+         ("imports opset 99",)),
         ({**ok, "kind": "generate"}, 422, "invalid_artifact",
          ("missing inputs position_ids, past_key_values.0.key, past_key_values.0.value",)),
         ({**ok, "name": "a/b"}, 422, "invalid_request", ("invalid model name",)),
