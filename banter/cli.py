@@ -174,6 +174,7 @@ def cmd_flower(args, settings: Settings) -> int:
     from banter import logs
     from banter.broker import make_celery
 
+    check_port_free(args.address, args.port)
     logs.setup(settings.log_level)
     if args.unauthenticated:
         os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"  # else Flower answers its API 401

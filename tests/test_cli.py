@@ -141,7 +141,7 @@ def test_submit_embed_refuses_generation_flags(flags):
     assert "--stream and --max-tokens are for generation, not --embed" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["producer", "up"])
+@pytest.mark.parametrize("command", [["producer"], ["up"], ["flower", "--unauthenticated"]])
 def test_a_port_already_in_use_is_a_usage_error(command, tmp_path):
     """Nothing starts (no Redis, no worker): the port is checked first, so ``banter up`` never
     mistakes another server on that port for its own."""
@@ -149,7 +149,7 @@ def test_a_port_already_in_use_is_a_usage_error(command, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = banter(command, "--port", str(port),
+        result = banter(*command, "--port", str(port),
                         env={**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true"})
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
