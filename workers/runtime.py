@@ -357,9 +357,14 @@ class WorkerRuntime:
     def _finish(self, record: JobRecord, outcome: Outcome, yielded: float) -> str:
         status = _FINAL_STATUS.get(outcome.finish_reason, JobStatus.SUCCEEDED)
         finished = time.time()
+        error = None  # an expired job says why, as one that expired before it ran does
+        if status is JobStatus.EXPIRED:
+            error = {"type": "expired", "message": "the job's deadline passed while it ran, "
+                     f"after {outcome.usage.get('completion_tokens', 0)} tokens (its result "
+                     "holds them)"}
         applied, current = self.jobs.transition(
             record.id, (JobStatus.RUNNING,), status, owner=self.node, finished_at=finished,
-            result=outcome.result,
+            result=outcome.result, error=error,
             usage=outcome.usage, batch_size=outcome.batch_size, version=outcome.version,
             backend=outcome.backend)
         if not applied:
