@@ -40,6 +40,8 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BadJSON(f"request body is not UTF-8 ({exc}): send JSON encoded as UTF-8") from None
     except (ValueError, RecursionError) as exc:
+        if "integer string conversion" in str(exc):  # Python's cap on an int's digits
+            raise BadJSON("request body holds a number with too many digits") from None
         raise BadJSON(f"request body is not valid JSON: {exc}") from None
     _reject_lone_surrogates(body)
     if not isinstance(body, dict):

@@ -274,3 +274,10 @@ def test_line_breaks_in_a_trace_id_never_reach_the_response(api, header):
     traces = [line.split(":", 1)[1].strip() for line in head.split("\r\n")[1:]
               if line.lower().startswith("x-trace-id:")]
     assert all(re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", t) for t in traces), head
+
+
+def test_a_number_with_too_many_digits_is_named_plainly(api):
+    body = '{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}"
+    answer = raw_request(api.url, "POST", "/v1/inference", body, JSON)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "request body holds a number with too many digits"
