@@ -1,8 +1,9 @@
 """``banter producer``: the Flask app under gunicorn.
 
-Worker class ``gthread``: every synchronous inference call and every SSE stream holds one
-thread while it waits on Redis, so threads (not processes) are the unit of concurrency.
-``workers x threads`` is the number of concurrent waiting requests one producer can hold.
+Worker class ``gthread`` (``TimedThreadWorker``: with a client timeout): every synchronous
+inference call and every SSE stream holds one thread while it waits on Redis, so threads (not
+processes) are the unit of concurrency. ``workers x threads`` is the number of concurrent
+waiting requests one producer can hold.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class TimedThreadWorker(ThreadWorker):
         return super().handle(conn)
 
     def handle_request(self, req, conn):
-        conn.sock.settimeout(self.client_timeout_s)  # a gunicorn that calls init elsewhere
+        conn.sock.settimeout(self.client_timeout_s)  # older gunicorns call init before handle
         return super().handle_request(req, conn)
 
 
