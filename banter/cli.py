@@ -97,7 +97,9 @@ def cmd_stream(args, settings: Settings) -> int:
 
 def _print_events(events) -> int:
     for event, data in events:
-        if event == "token":
+        if event == "job":
+            print(f"job {data['id']}", file=sys.stderr, flush=True)
+        elif event == "token":
             print(data["text"], end="", flush=True)
         elif event == "done":
             print(flush=True)
@@ -106,7 +108,7 @@ def _print_events(events) -> int:
             print(f"\nerror: {data['error']['type']}: {data['error']['message']}",
                   file=sys.stderr)
             return EXIT_FAILED
-    return EXIT_FAILED
+    return EXIT_FAILED  # not reached: Client.events ends after done or error, or raises
 
 
 def cmd_bulk(args, settings: Settings) -> int:

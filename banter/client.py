@@ -40,8 +40,23 @@ class Client:
 
     def events(self, path: str, body: dict | None = None,
                method: str = "GET") -> Iterator[tuple[str, dict]]:
-        """Yield ``(event, data)`` from an SSE endpoint until the stream ends."""
-        yield from sse_events(self._send(method, path, body, None, stream=True))
+        """Yield ``(event, data)`` from an SSE endpoint until the stream ends; first
+        ``("job", {"id"})`` when the response names its job (``X-Job-ID``). A stream that
+        ends before its final event is Unavailable, naming the job to follow."""
+        response = self._send(method, path, body, None, stream=True)
+        job_id = response.headers.get("X-Job-ID") or path.split("/")[-2]
+        if "X-Job-ID" in response.headers:
+            yield "job", {"id": job_id}
+        try:
+            for event, data in sse_events(response):
+                yield event, data
+                if event in ("done", "error"):
+                    return
+        except requests.RequestException:
+            pass  # the connection broke: as a stream that ended early
+        raise Unavailable(f"the stream of job {job_id} ended before the job did (the server "
+                          f"or its Redis went away); the job goes on: follow it with "
+                          f"'banter stream {job_id}'")
 
     def _send(self, method: str, path: str, body: dict | None, params: dict | None,
               stream: bool) -> requests.Response:

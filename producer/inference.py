@@ -60,9 +60,10 @@ def keep_running(body: dict) -> bool:
 
 
 def stream_job(c: Context, record: JobRecord, owner: str, keep: bool,
-               fmt: sse.Formatter = sse.sse_event):
-    """SSE of a just-submitted job; a client that leaves early cancels it unless ``keep``."""
-    stream = sse.events(c.redis, record.id, "0-0", fmt)
+               fmt: sse.Formatter = sse.sse_event, interrupted: str = ""):
+    """SSE of a just-submitted job; a client that leaves early cancels it unless ``keep``.
+    ``interrupted``: what the stream ends with when Redis is lost (``sse.events``)."""
+    stream = sse.events(c.redis, record.id, "0-0", fmt, interrupted=interrupted)
     if not keep:
         stream = sse.cancel_on_disconnect(stream, lambda: c.jobs.cancel(record.id, owner))
     return sse.response(stream, {"X-Job-ID": record.id, "X-Backend": record.backend or ""})

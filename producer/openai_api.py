@@ -25,7 +25,7 @@ import numpy as np
 from flask import Blueprint, jsonify
 
 from banter import errors
-from banter.errors import InvalidRequest
+from banter.errors import InvalidRequest, Unavailable
 from banter.jobs import JobKind, JobRecord, JobStatus
 from banter.streams import EventType
 from producer import chat
@@ -160,6 +160,9 @@ def include_usage(body: dict) -> bool:
         return False
     if not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", "stream_options")
+    if not flag(body, "stream"):  # as OpenAI answers
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true",
+                             "stream_options")
     return flag(options, "include_usage", "stream_options.include_usage")
 
 
@@ -254,7 +257,11 @@ def run_text_job(c: Context, path: str, shape: TextShape):
     c.hold_wait(owner)
     record, _ = c.jobs.submit(request, owner, trace_id(), waited=True)
     if stream:
-        return stream_job(c, record, owner, keep, Chunks(shape, record, usage))
+        lost = Unavailable(f"the stream lost Redis; job {record.id} goes on: follow it with GET "
+                           f"/v1/jobs/{record.id}/events (resumable) or poll GET "
+                           f"/v1/jobs/{record.id}")
+        return stream_job(c, record, owner, keep, Chunks(shape, record, usage),
+                          interrupted=sse_data({"error": lost.body()}) + DONE)
     record = c.jobs.wait(record.id)
     response = jsonify(answer_body(shape, record))
     response.headers.update({"X-Job-ID": record.id, **job_headers([record])})

@@ -33,12 +33,15 @@ def resume_point() -> str:
 
 
 def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_event,
-           on_idle: Callable[[], object] | None = None) -> Iterator[str]:
+           on_idle: Callable[[], object] | None = None, interrupted: str = "") -> Iterator[str]:
     """The job's events after ``after``, live until its final one. A reader already past the
     final event (a resume with its id, or a later one) gets no more: the stream ends.
-    ``on_idle`` runs whenever nothing came for a keep-alive period (a queued job's deadline
-    is checked there). Redis out of reach for REDIS_RETRY_S ends the stream without a final
-    event (the job goes on; the client resumes with ``Last-Event-ID``)."""
+    It opens with a comment, so the headers (``X-Job-ID``) go out before the job has made
+    anything. ``on_idle`` runs whenever nothing came for a keep-alive period (a queued job's
+    deadline is checked there). Redis out of reach for REDIS_RETRY_S ends the stream with
+    ``interrupted`` (by default nothing: the job goes on, and the client resumes with
+    ``Last-Event-ID``)."""
+    yield ": stream open\n\n"
     failing_since = None
     while True:
         try:
@@ -51,6 +54,8 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > REDIS_RETRY_S:
                 log.warning("stream_interrupted", extra={"job_id": job_id, "error": str(exc)})
+                if interrupted:
+                    yield interrupted
                 return
             time.sleep(0.5)
             continue

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -484,3 +486,32 @@ def test_up_stops_everything_it_started_on_sigterm(tmp_path):
         assert code in (0, 128 + signal.SIGTERM), code
     finally:
         stop_up(process, home)
+
+
+def test_a_stream_cut_before_its_end_says_how_to_follow_the_job(tmp_path):
+    """A server (or its Redis) that goes away mid-stream: exit 3 and the job to follow, not
+    exit 1 as if the job had failed."""
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("X-Job-ID", "0f0f0f0f-0000-4000-8000-000000000000")
+            self.end_headers()
+            self.wfile.write(b': stream open\n\nid: 1-0\nevent: token\ndata: {"seq": 0, '
+                             b'"text": " cut", "token_id": 5}\n\n')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = banter("submit", "--stream", "x", "--url",
+                        f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == " cut"
+    assert "job 0f0f0f0f-0000-4000-8000-000000000000" in result.stderr
+    assert "ended before the job did" in result.stderr
+    assert "'banter stream 0f0f0f0f-0000-4000-8000-000000000000'" in result.stderr

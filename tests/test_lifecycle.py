@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,8 @@ import requests
 
 from banter import keys
 from banter.jobs import JobRecord
+from banter.redisconn import connect
+from banter.redisserver import RedisServer
 from banter.streams import EventType, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
@@ -224,12 +225,17 @@ def test_a_dropped_redis_connection_neither_cuts_a_stream_nor_cancels_its_job(
     assert paused.get(f"/v1/jobs/{got['job']}").json()["status"] == "succeeded"
 
 
-def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, redis_client):
+def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, tmp_path):
     """A running job whose worker died is sent again; while that copy waits for a worker (none
-    serves its queue yet), later heartbeats send no more copies, even past a lease period."""
-    queue = f"orphans-{uuid.uuid4().hex[:8]}"
+    serves its queue yet), later heartbeats send no more copies, even past a lease period.
+    (A Redis of its own: the suite's live workers would reap the orphan too.)"""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    redis_client = connect(url)
+    queue = "orphans"
     quick = replace(settings, openai_key="", lease_ttl_s=1, worker_heartbeat_s=0.5,
-                    queue_interactive=queue, queue_bulk=queue + "-bulk")
+                    queue_interactive=queue, queue_bulk=queue + "-bulk", redis_url=url,
+                    broker_url=url)
     runtime = WorkerRuntime(quick, redis_client, None, "reaper@localhost")
     record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
                        owner="anonymous", lane="interactive", backend="onnx")
@@ -243,8 +249,7 @@ def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, redis_
         runtime._requeue_orphans()
         assert redis_client.llen(queue) == 1
     finally:
-        redis_client.delete(queue, keys.requeued(record.id), keys.job(record.id))
-        redis_client.srem(keys.RUNNING, record.id)
+        redis_server.stop()
 
 
 def test_a_second_worker_with_a_live_workers_name_is_warned(stack_env, redis_client, tmp_path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 
 import requests
 
 from banter import keys
 from banter.demo import DEMO_TEXT
+from producer.app import create_app
+from tests.conftest import Server
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
 
@@ -299,3 +302,40 @@ def test_pass_counters_drained_by_several_threads_at_once_are_each_counted_once(
     sink.add_passes(last)
     assert errors == []
     assert sum(p.passes for p in pipes) + last.passes == 20000
+
+
+def test_a_stream_opens_before_its_job_makes_anything(api, settings, redis_client):
+    """The headers (X-Job-ID: what a client needs to cancel or resume) go out at once, with an
+    opening comment, not with the first token: here the job waits in a queue no worker serves."""
+    beat = "opening-test-heartbeat"  # a live worker, as a waited call needs, but on no queue
+    redis_client.zadd(keys.workers_for("onnx"), {beat: time.time() + 600})
+    paused = Server(create_app(replace(settings, queue_interactive="opening-test",
+                                       queue_bulk="opening-test-bulk"), redis_client))
+    try:
+        with requests.post(f"{paused.url}/v1/inference?stream=true", json={"prompt": "x"},
+                           stream=True, timeout=10) as r:
+            assert r.status_code == 200 and r.headers["X-Job-ID"]
+            assert next(r.iter_lines(decode_unicode=True)) == ": stream open"
+            job_id = r.headers["X-Job-ID"]
+    finally:
+        redis_client.zrem(keys.workers_for("onnx"), beat)
+        paused.close()
+    assert api.wait_job(job_id)["status"] == "cancelled"  # its client left
+
+
+def test_an_openai_stream_that_loses_redis_ends_with_an_error_chunk(monkeypatch):
+    """Past REDIS_RETRY_S without Redis, an OpenAI-format stream (no ids to resume from) ends
+    with an error chunk the openai client raises, naming the job to follow; a native stream
+    ends without a final event, for a Last-Event-ID resume."""
+    import redis as redis_py
+
+    from producer import sse
+
+    class Gone:
+        def xread(self, *args, **kwargs):
+            raise redis_py.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(sse, "REDIS_RETRY_S", 0.0)
+    assert list(sse.events(Gone(), "j", "0-0", interrupted="data: lost\n\n")) == [
+        ": stream open\n\n", "data: lost\n\n"]
+    assert list(sse.events(Gone(), "j", "0-0")) == [": stream open\n\n"]
