@@ -168,8 +168,9 @@ def include_usage(body: dict) -> bool:
 
 def check_fields(body: dict, known: tuple[str, ...], unsupported: dict[str, tuple]) -> None:
     """Refuse a field outside ``known``, and an ``unsupported`` one set to anything but null
-    or the no-op values it lists."""
+    or the no-op values it lists. ``user`` (accepted and ignored) must still be a string."""
     v.known_fields(body, known)
+    v.string(body, "user", max_len=1024, allow_empty=True)
     for name, no_ops in unsupported.items():
         value = body.get(name)
         if value is None or any(_same(value, ok) for ok in no_ops):
@@ -306,7 +307,7 @@ def embeddings():
 
 def embed_request(c: Context, body: dict) -> tuple[JobRequest, str]:
     """The embed job a ``/v1/embeddings`` body asks for, and its ``encoding_format``."""
-    v.known_fields(body, EMBEDDING_FIELDS)
+    check_fields(body, EMBEDDING_FIELDS, {})
     if isinstance(body.get("input"), list) and any(
             isinstance(item, (int, list)) and not isinstance(item, bool) for item in body["input"]):
         raise InvalidRequest("'input' holds token ids: token-id inputs are not supported, send "

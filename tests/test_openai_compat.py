@@ -231,6 +231,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "stream_options": {"include_usage": True}}, 400,
      "'stream_options' is only allowed when 'stream' is true"),
+    ("/v1/embeddings", {"input": "x", "user": {"a": 1}}, 400, "'user' must be a string"),
     ("/v1/completions", {"prompt": "x", "stream": True, "keep_running": "no"}, 400,
      "keep_running"),
     ("/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 0}, 400, "max_tokens"),
