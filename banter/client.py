@@ -44,9 +44,10 @@ class Client:
         ``("job", {"id"})`` when the response names its job (``X-Job-ID``). A stream that
         ends before its final event is Unavailable, naming the job to follow."""
         response = self._send(method, path, body, None, stream=True)
-        job_id = response.headers.get("X-Job-ID") or path.split("/")[-2]
-        if "X-Job-ID" in response.headers:
-            yield "job", {"id": job_id}
+        named = response.headers.get("X-Job-ID")
+        if named:
+            yield "job", {"id": named}
+        job_id = named or path.split("/")[-2]  # else /v1/jobs/{id}/events
         try:
             for event, data in sse_events(response):
                 yield event, data

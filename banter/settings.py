@@ -20,8 +20,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # BANTER_LOG_LEV
 ADMISSIONS = ("continuous", "static")  # BANTER_ADMISSION and EngineSettings.admission
 PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSettings.prefill_overlap
 KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's kv_layout
-# int settings that may be 0
+# float settings that must be more than 0 (_float lets 0 through)
 _POSITIVE = ("worker_heartbeat_s", "sync_timeout_s", "client_timeout_s", "openai_timeout_s")
+# int settings that may be 0
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
                  "publish_ahead_steps", "max_waits_per_key")
 
@@ -230,6 +231,11 @@ class Settings:
     def openai_queues(self) -> tuple[str, str]:
         """The two lanes' queues of the openai backend."""
         return (self.queue_interactive + OPENAI_QUEUE_SUFFIX, self.queue_bulk + OPENAI_QUEUE_SUFFIX)
+
+    @property
+    def worker_live_s(self) -> float:
+        """A worker is live while its last heartbeat is at most this old: three periods."""
+        return 3 * self.worker_heartbeat_s
 
     @property
     def resend_after_s(self) -> float:

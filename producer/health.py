@@ -17,7 +17,7 @@ blueprint = Blueprint("health", __name__)
 
 def live_workers() -> list[str]:
     c = ctx()
-    since = time.time() - 3 * c.settings.worker_heartbeat_s
+    since = time.time() - c.settings.worker_live_s
     return c.redis.zrangebyscore(keys.WORKERS, since, "+inf")
 
 

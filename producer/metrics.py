@@ -46,7 +46,7 @@ def metrics():
 
 def render(client, settings, depth: dict[str, int]) -> str:
     """The exposition text; ``depth``: messages waiting per lane (``BrokerQueues.depth``)."""
-    since = time.time() - 3 * settings.worker_heartbeat_s
+    since = time.time() - settings.worker_live_s
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.METRICS)
     pipe.zrangebyscore(keys.WORKERS, since, "+inf")

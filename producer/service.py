@@ -145,7 +145,7 @@ class JobService:
         seen = self._live_seen.get(backend)
         if seen is not None and now - seen < LIVE_SEEN_S:
             return True
-        since = time.time() - 3 * self.settings.worker_heartbeat_s
+        since = time.time() - self.settings.worker_live_s
         live = self.redis.zcount(keys.workers_for(backend), since, "+inf") > 0
         if live:
             self._live_seen[backend] = now

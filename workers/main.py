@@ -85,7 +85,7 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
     logs.event(log, "worker_starting", node=runtime.node, backends=list(runtime.backends),
                queues=queues, **details)
     seen = runtime.redis.zscore(keys.WORKERS, runtime.node)
-    if seen is not None and seen > time.time() - 3 * settings.worker_heartbeat_s:
+    if seen is not None and seen > time.time() - settings.worker_live_s:
         logs.event(log, "worker_name_in_use", logging.WARNING, node=runtime.node,
                    hint="another live worker (or this one's last run) has this name; workers "
                         "that share a name count as one in /readyz, /metrics and Flower: "
