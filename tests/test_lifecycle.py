@@ -20,6 +20,7 @@ from banter.redisserver import RedisServer
 from banter.streams import EventType, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
+from workers.backends import Outcome
 from workers.runtime import WorkerRuntime
 
 PAUSED = {"BANTER_QUEUE_INTERACTIVE": "paused-interactive", "BANTER_QUEUE_BULK": "paused-bulk"}
@@ -272,3 +273,29 @@ def test_a_second_worker_with_a_live_workers_name_is_warned(stack_env, redis_cli
     finally:
         stop_process(first)
     assert '"worker_name_in_use"' not in (tmp_path / "first.log").read_text()
+
+
+def test_a_job_that_expires_while_it_runs_says_so_like_one_that_never_ran(settings, tmp_path):
+    """Its error is {type: expired}, as for a job that expired queued, and its result keeps
+    the text it made. (In process, on a Redis of its own: a real deadline passing mid-run
+    would race the worker's speed.)"""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    try:
+        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
+                                connect(url), None, "expiry@localhost")
+        record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
+                           owner="anonymous", lane="interactive", backend="onnx")
+        runtime.jobs.create(record)
+        runtime.jobs.take(record.id, runtime.node, lease_s=5)
+        outcome = Outcome(result={"text": " a b", "finish_reason": "expired"},
+                          finish_reason="expired", usage={"prompt_tokens": 1,
+                                                          "completion_tokens": 2},
+                          batch_size=1, backend="onnx", version=1)
+        assert runtime._finish(runtime.jobs.get(record.id), outcome, 0.0) == "expired"
+        job = runtime.jobs.get(record.id)
+    finally:
+        redis_server.stop()
+    assert job.status == "expired" and job.result == outcome.result
+    assert job.error == {"type": "expired", "message": "the job's deadline passed while it "
+                         "ran, after 2 tokens (its result holds them)"}
