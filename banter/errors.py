@@ -173,30 +173,23 @@ class ArtifactError(InvalidRequest):
 
 
 class ChecksumMismatch(BanterError):
-    """A worker found an artifact whose sha256 differs from the registry record."""
+    """A worker found an artifact whose sha256 differs from the registry record (503: the
+    model cannot be served until an admin promotes it again or restores the file)."""
 
     type = "checksum_mismatch"
-    status = 500
+    status = 503
 
 
 class ModelLoadError(BanterError):
+    """A worker cannot load a model's artifact or tokenizer (503, as above)."""
+
     type = "model_load_error"
-    status = 500
+    status = 503
 
 
 class PromptTooLong(InvalidRequest):
     type = "prompt_too_long"
     code = "context_length_exceeded"
-
-
-class JobCancelled(BanterError):
-    type = "cancelled"
-    status = 409
-
-
-class JobExpired(BanterError):
-    type = "expired"
-    status = 410
 
 
 class InferenceError(BanterError):

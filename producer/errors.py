@@ -11,7 +11,15 @@ from flask import Flask, Response, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from banter.errors import BanterError, Throttled, Unauthorized, Unavailable, WireError, openai_status
+from banter.errors import (
+    BanterError,
+    Throttled,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    WireError,
+    openai_status,
+)
 
 log = logging.getLogger("banter.producer")
 
@@ -22,6 +30,8 @@ def error_response(exc: BanterError) -> tuple[Response, int]:
         response.headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, Timeout):  # the job runs on: a retry would run it twice (OpenAI's SDKs
+        response.headers["X-Should-Retry"] = "false"  # retry a 504 unless told not to)
     return response, openai_status(exc.status) if request.blueprint == "openai" else exc.status
 
 

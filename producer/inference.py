@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, after_this_request, jsonify, request
 
 from banter import errors
 from banter.errors import FeatureDisabled, InvalidRequest, TooLarge
@@ -34,6 +34,15 @@ def result_body(record: JobRecord) -> dict[str, Any]:
             "finish_reason": result.get("finish_reason", record.status),
             "usage": public["usage"], "model": record.model, "version": record.version,
             "backend": record.backend, "batch_size": record.batch_size}
+
+
+def tag_with_job(record: JobRecord) -> None:
+    """``X-Job-ID`` on whatever answers this request: the result, a stream, or an error once
+    the job exists (a 504 whose job runs on, a failed job), so a client can poll or resume it."""
+    @after_this_request
+    def tag(response):
+        response.headers["X-Job-ID"] = record.id
+        return response
 
 
 def job_headers(records: list[JobRecord]) -> dict[str, str]:
@@ -66,7 +75,7 @@ def stream_job(c: Context, record: JobRecord, owner: str, keep: bool,
     stream = sse.events(c.redis, record.id, "0-0", fmt, interrupted=interrupted)
     if not keep:
         stream = sse.cancel_on_disconnect(stream, lambda: c.jobs.cancel(record.id, owner))
-    return sse.response(stream, {"X-Job-ID": record.id, "X-Backend": record.backend or ""})
+    return sse.response(stream, {"X-Backend": record.backend or ""})
 
 
 INFERENCE_FIELDS = ("prompt", "model", "keep_running", *v.SAMPLING_FIELDS)
@@ -86,6 +95,7 @@ def inference():
     streamed, keep = stream_query(), keep_running(body)
     c.hold_wait(owner)
     record, _ = c.jobs.submit(generate_request(body, prompt, c), owner, trace_id(), waited=True)
+    tag_with_job(record)
     if streamed:
         return stream_job(c, record, owner, keep)
     record = c.jobs.wait(record.id)

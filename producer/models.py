@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from flask import Blueprint, jsonify, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from banter.errors import InvalidRequest, ModelNotFound
 from producer import validation as v
@@ -24,7 +25,10 @@ def list_models():
 @blueprint.get("/v1/models/<model_id>")
 def retrieve_model(model_id: str):
     """OpenAI ``models.retrieve``: one active model, as ``/v1/models`` lists it; ``name@version``
-    (as a request's ``model`` may pin it) answers that version, active or not."""
+    (as a request's ``model`` may pin it) answers that version, active or not. The registry's
+    POST endpoints under ``/v1/models/`` answer a GET with 405, not as an unknown model."""
+    if model_id in ("promote", "rollback"):
+        raise MethodNotAllowed(valid_methods=["POST"])
     c = ctx()
     c.owner()
     try:

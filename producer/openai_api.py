@@ -31,7 +31,14 @@ from banter.streams import EventType
 from producer import chat
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
-from producer.inference import generate_request, job_headers, keep_running, result_body, stream_job
+from producer.inference import (
+    generate_request,
+    job_headers,
+    keep_running,
+    result_body,
+    stream_job,
+    tag_with_job,
+)
 from producer.service import JobRequest
 
 blueprint = Blueprint("openai", __name__)
@@ -257,6 +264,7 @@ def run_text_job(c: Context, path: str, shape: TextShape):
     keep = keep_running(body)
     c.hold_wait(owner)
     record, _ = c.jobs.submit(request, owner, trace_id(), waited=True)
+    tag_with_job(record)
     if stream:
         lost = Unavailable(f"the stream lost Redis; job {record.id} goes on: follow it with GET "
                            f"/v1/jobs/{record.id}/events (resumable) or poll GET "
@@ -265,7 +273,7 @@ def run_text_job(c: Context, path: str, shape: TextShape):
                           interrupted=sse_data({"error": lost.body()}) + DONE)
     record = c.jobs.wait(record.id)
     response = jsonify(answer_body(shape, record))
-    response.headers.update({"X-Job-ID": record.id, **job_headers([record])})
+    response.headers.update(job_headers([record]))
     return response
 
 
@@ -296,12 +304,14 @@ def embeddings():
     owner = c.owner()
     req, encoding = embed_request(c, c.body())
     c.hold_wait(owner)
-    record = c.jobs.wait(c.jobs.submit(req, owner, trace_id(), waited=True)[0].id)
+    record, _ = c.jobs.submit(req, owner, trace_id(), waited=True)
+    tag_with_job(record)
+    record = c.jobs.wait(record.id)
     if record.status != JobStatus.SUCCEEDED.value:
         raise errors.from_dict(record.error or {"type": record.status,
                                                 "message": f"job {record.status}"})
     response = jsonify(embeddings_body(record, base64_floats=encoding == "base64"))
-    response.headers.update({"X-Job-ID": record.id, **job_headers([record])})
+    response.headers.update(job_headers([record]))
     return response
 
 

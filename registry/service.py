@@ -40,7 +40,7 @@ class _Unchanged(Exception):
 def _check_text(**values: object) -> None:
     for field, value in values.items():
         if not isinstance(value, str):
-            raise InvalidRequest(f"{field} must be a string, got {type(value).__name__}")
+            raise InvalidRequest(f"{field} must be a string, got {type(value).__name__}", field)
 
 
 class Registry:
@@ -78,25 +78,26 @@ class Registry:
                                  "name")
         _check_text(actor=actor, reason=reason)
         if kind not in KINDS:
-            raise InvalidRequest(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}")
+            raise InvalidRequest(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}", "kind")
         if backend not in BACKENDS:
-            raise InvalidRequest(f"invalid backend {backend!r}: use one of {', '.join(BACKENDS)}")
+            raise InvalidRequest(f"invalid backend {backend!r}: use one of {', '.join(BACKENDS)}",
+                                 "backend")
         if backend == "onnx":
             if upstream_model:
                 raise InvalidRequest("an upstream model ('model' in POST /v1/models/promote, "
                                      "--model in banter models promote) applies only to "
-                                     "backend 'openai': leave it out for an onnx model")
+                                     "backend 'openai': leave it out for an onnx model", "model")
             artifact = inspect_artifact(self.model_root, path, kind)
             rel_path, sha256, upstream = artifact.rel_path, artifact.sha256, None
         else:
             if path:
                 raise InvalidRequest("backend 'openai' takes no path: leave it empty and name "
                                      "the upstream model in 'model' (--model in banter models "
-                                     "promote)")
+                                     "promote)", "path")
             if not isinstance(upstream_model, str) or not upstream_model.strip():
                 raise InvalidRequest("backend 'openai' needs 'model' (--model in banter models "
                                      "promote): the model name the upstream API serves, e.g. "
-                                     "'gpt-4o-mini'")
+                                     "'gpt-4o-mini'", "model")
             rel_path, sha256, upstream = "", "", upstream_model.strip()
 
         def make(records: list[Record]) -> Record:

@@ -382,6 +382,8 @@ def test_prompt_longer_than_the_token_limit_fails_the_job_clearly(api):
     response = api.post("/v1/inference", {"prompt": "zq " * 4000, "max_tokens": 1})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["type"] == "prompt_too_long"
+    job = api.get(f"/v1/jobs/{response.headers['X-Job-ID']}").json()
+    assert (job["status"], job["model"], job["version"]) == ("failed", "demo-gpt", 1)
 
 
 

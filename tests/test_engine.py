@@ -20,7 +20,7 @@ from registry.artifacts import sha256_file
 from workers import runner as runner_module
 from workers.batching import collate, left_pad_prompts, pack_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings
+from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings, _Sequence
 from workers.kvpacker import KVPacker
 from workers.runner import ModelSpec, RunnerCache, select_providers, to_host
 
@@ -206,6 +206,33 @@ def test_detokenizer_never_splits_a_character(cache, specs):
     assert "".join(pieces) == detok.text == text
     assert not any("\ufffd" in p for p in pieces)
     assert "" in pieces  # the emoji's bytes were held back until complete
+
+
+def test_detokenizer_flush_gives_what_the_tokenizer_decodes(cache, specs):
+    tokenizer = cache.get(specs["gpt"]).tokenizer
+    ids = tokenizer.encode("ok 🌍").ids
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(t) for t in ids[:-1]]  # the emoji's last byte never comes
+    assert detok.text == "ok "
+    pieces.append(detok.flush())
+    assert "".join(pieces) == detok.text == tokenizer.decode(ids[:-1])
+    assert detok.text.endswith("\ufffd") and detok.flush() == ""
+
+
+@pytest.mark.parametrize("end", ["length", "eos"])
+def test_a_sequence_cut_inside_a_character_streams_its_held_bytes(cache, specs, end):
+    runner = cache.get(specs["gpt"])
+    ids = runner.tokenizer.encode("ok 🌍").ids[:-1]
+    max_tokens = len(ids) if end == "length" else len(ids) + 1
+    seq = _Sequence("j", runner, [1], SamplingParams(max_tokens=max_tokens), None)
+    events = [seq.advance(t, 1) for t in ids]
+    if end == "eos":
+        events.append(seq.advance(runner.eos_token_id, 1))
+    result = seq.result()
+    assert (result.finish_reason, result.completion_tokens) == (
+        "length" if end == "length" else "stop", len(events))
+    assert "".join(e.text for e in events) == result.text == runner.tokenizer.decode(ids)
+    assert result.text.endswith("\ufffd")
 
 
 def test_stop_helpers():

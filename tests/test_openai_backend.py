@@ -341,7 +341,8 @@ def test_an_unknown_model_is_a_404_saying_why_it_was_not_served_upstream(oa_sett
 
 @pytest.mark.parametrize("change, words", NO_FALLBACK)
 def test_a_worker_that_may_not_fall_back_fails_with_the_local_cause(oa_settings, demo_models,
-                                                                   tmp_path, change, words):
+                                                                   tmp_path, change, words,
+                                                                   caplog):
     """An in-process runtime on its own Redis database: no heartbeat, no Celery."""
     client = connect(oa_settings.redis_url.rsplit("/", 1)[0] + "/1")
     client.flushdb()
@@ -359,10 +360,15 @@ def test_a_worker_that_may_not_fall_back_fails_with_the_local_cause(oa_settings,
         store.create(job)
         assert runtime.run_job(job.id) == "failed"
         error = store.get(job.id).error
-        assert error["type"] == error_type and words in error["message"]
+        assert error["type"] == error_type
         messages.append(error["message"])
-    # the artifact is named relative to the model root: no server path reaches the client
-    assert "local-only/model.onnx" in messages[0] and str(tmp_path) not in messages[0]
+    # a model that cannot be served is for an admin: its client sees no artifact, the
+    # worker log has the cause and why the fallback did not serve it
+    assert "model 'local-only' cannot be served now: its artifact changed" in messages[0]
+    assert "model.onnx" not in messages[0] and str(tmp_path) not in messages[0]
+    assert words in messages[1]
+    logged = [r for r in caplog.records if r.msg == "inference_failed"]
+    assert "local-only/model.onnx" in logged[0].error_message and words in logged[0].error_message
 
 
 # ----------------------------------------------------------------------------- cancellation

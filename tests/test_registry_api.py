@@ -287,6 +287,25 @@ def test_promote_errors_are_typed_json_and_change_nothing(api, settings, bad_art
     assert good.status_code == 201 and good.json()["version"] == 1
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"backend": "openai", "model": "gpt-4o-mini", "path": "demo-gpt/model.onnx"}, "path"),
+    ({"backend": "openai"}, "model"),
+    ({"path": "demo-gpt/model.onnx", "model": "gpt-4o-mini"}, "model"),
+    ({"path": "demo-gpt/model.onnx", "backend": "tpu"}, "backend"),
+])
+def test_promote_errors_name_the_field_at_fault(api, body, param):
+    response = api.post("/v1/models/promote", {"name": "fielded", "kind": "generate", **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_the_registry_posts_answer_get_with_405(api):
+    for path in ("/v1/models/promote", "/v1/models/rollback"):
+        response = api.get(path)
+        assert response.status_code == 405, response.text
+        assert response.headers["Allow"] == "POST" and "X-Trace-ID" in response.headers
+
+
 def test_promote_path_with_a_nul_byte_is_a_422_not_a_500(api, settings, bad_artifacts):
     # the design: "Never a 500 for anything a client sent"; a NUL byte makes the path
     # resolution raise ValueError, which the artifact check must turn into an ArtifactError

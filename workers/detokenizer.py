@@ -16,7 +16,9 @@ class IncrementalDetokenizer:
     multi-byte character still missing bytes) it returns ``""`` and holds the tokens back.
     Decoding re-reads a short window from ``prefix_offset`` so that tokenizers whose pieces
     depend on their neighbours (leading spaces, byte fallback) decode as they would in full.
-    ``text`` is everything returned so far.
+    ``text`` is everything returned so far. ``flush`` ends the stream: it returns what is still
+    held back, decoded as the tokenizer decodes it (U+FFFD for a character whose bytes never
+    all came), so that ``text`` is the decode of every token pushed.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -35,6 +37,14 @@ class IncrementalDetokenizer:
         new = full[len(prefix):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
+        self.text += new
+        return new
+
+    def flush(self) -> str:
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._tokenizer.decode(self._ids[self._prefix_offset:])
+        new = full[len(prefix):]
+        self._prefix_offset = self._read_offset = len(self._ids)
         self.text += new
         return new
 

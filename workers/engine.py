@@ -242,9 +242,12 @@ class _Sequence:
         self.token_ids.append(token_id)
         if token_id == self.runner.eos_token_id:
             self.finish_reason = "stop"
+            self.detokenizer.flush()
             end = len(self.detokenizer.text)
         else:
             self.detokenizer.push(token_id)
+            if len(self.token_ids) >= self.params.max_tokens:
+                self.detokenizer.flush()
             end = self._stream_end(self.detokenizer.text)
         piece = self.detokenizer.text[len(self.streamed):end]
         self.streamed += piece

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ from banter.errors import (
     BanterError,
     ChecksumMismatch,
     InferenceError,
+    InvalidRequest,
     ModelLoadError,
     ModelNotFound,
     Unavailable,
@@ -327,15 +329,11 @@ class WorkerRuntime:
         spec = ModelSpec(name=model.name, version=model.version, kind=model.kind,
                          model_path=model_path, tokenizer_path=model_path.parent / "tokenizer.json",
                          sha256=model.sha256, backend=model.backend)
-        if record.kind == JobKind.EMBED.value:
-            future = self.engine.submit_embed(spec, record.input, lane=record.lane)
-        else:
-            params = SamplingParams.from_dict(record.params, self.settings.max_tokens_limit)
-            deadline = None
-            if record.deadline_at is not None:
-                deadline = time.monotonic() + (record.deadline_at - time.time())
-            future = self.engine.submit_generate(record.id, spec, record.input, params,
-                                                 lane=record.lane, deadline=deadline)
+        try:
+            future = self._submit(record, spec)
+        except InvalidRequest:  # the input does not fit this version: its record says which
+            self.redis.hset(keys.job(record.id), "version", model.version)
+            raise
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.job(record.id), "version", model.version)  # kept if it is taken over
         pipe.hget(keys.job(record.id), "cancel_requested")
@@ -344,6 +342,16 @@ class WorkerRuntime:
         with self._on_backend(record):
             result = future.result()
         return _local_outcome(result, model.version, record.input)
+
+    def _submit(self, record: JobRecord, spec: ModelSpec) -> Future:
+        if record.kind == JobKind.EMBED.value:
+            return self.engine.submit_embed(spec, record.input, lane=record.lane)
+        params = SamplingParams.from_dict(record.params, self.settings.max_tokens_limit)
+        deadline = None
+        if record.deadline_at is not None:
+            deadline = time.monotonic() + (record.deadline_at - time.time())
+        return self.engine.submit_generate(record.id, spec, record.input, params,
+                                           lane=record.lane, deadline=deadline)
 
     def _on_backend(self, record: JobRecord):
         """While an interactive job waits on its backend, it does not hold bulk jobs back."""
@@ -386,9 +394,17 @@ class WorkerRuntime:
 
     def _fail(self, record: JobRecord, exc: BanterError) -> str:
         """End the job ``failed``. The error its record and stream keep (which its client
-        sees) names artifacts relative to the model root, never by this host's paths; the
-        log line has the message as raised."""
-        error = {**exc.to_dict(), "message": self._relative_paths(exc.message)}
+        sees) names artifacts relative to the model root, never by this host's paths; a
+        model that cannot be served (its artifact changed or does not load) is an operator's
+        matter, so its client sees no artifact at all, only where an admin finds it: the log
+        line, which has the message as raised."""
+        message = self._relative_paths(exc.message)
+        if isinstance(exc, (ChecksumMismatch, ModelLoadError)):
+            what = "changed since it was promoted" if isinstance(exc, ChecksumMismatch) \
+                else "does not load"
+            message = (f"model {record.model!r} cannot be served now: its artifact {what}; an "
+                       f"admin finds why in the worker log (inference_failed, job {record.id})")
+        error = {**exc.to_dict(), "message": message}
         applied, current = self.jobs.transition(
             record.id, (JobStatus.RUNNING,), JobStatus.FAILED, owner=self.node,
             finished_at=time.time(), error=error)
