@@ -173,15 +173,19 @@ def test_a_job_cancelled_while_its_worker_is_dead_keeps_what_its_stream_has(stac
             if kind is not EventType.TOKEN] == [(EventType.DONE, len(tokens))]
 
 
-def test_sigterm_mid_batch_finishes_the_jobs_in_hand(stack):
-    worker = stack.worker("graceful@localhost")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_sigterm_or_ctrl_c_mid_batch_finishes_the_jobs_in_hand(stack, sig):
+    """A warm shutdown either way: the worker ends its jobs and exits 0 (Celery ends a Ctrl-C
+    with exit code 1, which must not read as a dead consumer to start again)."""
+    node = f"graceful-{sig.name.lower()}@localhost"
+    worker = stack.worker(node)
     job_ids = submit_generations(stack.api, 6, 600)
     wait_tokens(stack, job_ids, at_least=3)
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(sig)
     assert worker.wait(timeout=120) == 0
     for job_id in job_ids:
         job = assert_exactly_once(stack, job_id, 600)
-        assert job["worker"] == "graceful@localhost" and job["attempts"] == 1
+        assert job["worker"] == node and job["attempts"] == 1
 
 
 def test_redis_restart_mid_stream_loses_nothing(stack):

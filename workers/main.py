@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutting_down
 
 from banter import keys, logs
 from banter.redisconn import connect
@@ -94,16 +94,18 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
             str(concurrency or settings.worker_concurrency), "--hostname", runtime.node,
             "--queues", ",".join(queues), "--loglevel", settings.log_level,
             "--task-events", "--without-gossip", "--without-mingle"]
-    controllers = []
+    controllers, stops = [], []
     worker_init.connect(lambda sender, **_: controllers.append(sender), weak=False)
+    worker_shutting_down.connect(lambda sender, sig, **_: stops.append(sig), weak=False)
     runtime.start()
     try:
-        # Celery stops with exit code 0 after a requested (warm) shutdown, non-zero when its
-        # consumer died of an error it could not recover from (seen when Redis restarts under
-        # it). Then consume again: the engine and the jobs in hand live on in this process.
+        # Celery stops with a non-zero exit code when its consumer died of an error it could
+        # not recover from (seen when Redis restarts under it): then consume again, the engine
+        # and the jobs in hand live on in this process. A stop that a signal asked for (Ctrl-C
+        # too, which Celery also ends with exit code 1) ends the loop.
         while True:
             app.worker_main(argv)
-            if not (controllers and controllers[-1].exitcode):
+            if stops or not (controllers and controllers[-1].exitcode):
                 break
             logs.event(log, "consumer_restarting", logging.WARNING, node=runtime.node,
                        exitcode=controllers[-1].exitcode)
