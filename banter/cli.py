@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
+
 from banter.errors import BanterError, InvalidRequest, Unavailable
 from banter.settings import Settings, SettingsError
 
@@ -393,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Unavailable as exc:
         print(f"banter: {exc.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except redis.RedisError as exc:  # a server command's Redis (BANTER_REDIS_URL) at start
+        print(f"banter: Redis is not reachable (BANTER_REDIS_URL): {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except InvalidRequest as exc:
         print(f"banter: {exc.type}: {exc.message}", file=sys.stderr)

@@ -174,6 +174,20 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"BANTER_LOG_LEVEL={self.log_level!r}: expected one of "
                                 f"{', '.join(LOG_LEVELS)}")
+        for name in ("queue_interactive", "queue_bulk"):
+            queue = getattr(self, name)
+            if not queue or any(c.isspace() or c == "," for c in queue):
+                raise SettingsError(f"BANTER_{name.upper()}={queue!r}: a queue name must be "
+                                    "non-empty, without spaces or commas")
+        if self.queue_interactive == self.queue_bulk:
+            raise SettingsError(f"BANTER_QUEUE_INTERACTIVE and BANTER_QUEUE_BULK are both "
+                                f"{self.queue_bulk!r}: each lane needs a queue of its own, or "
+                                "interactive jobs wait behind the bulk backlog")
+        if self.openai_base_url:
+            parts = urlparse(self.openai_base_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise SettingsError(f"BANTER_OPENAI_BASE_URL={self.openai_base_url!r}: expected "
+                                    "an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":

@@ -19,7 +19,8 @@ from banter.demo import DEMO_EMBED, DEMO_GPT, build_demo
 from banter.errors import Unavailable
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
-from banter.settings import Settings
+from banter.settings import Settings, SettingsError
+from producer.auth import KeyRing
 from registry.service import Registry
 
 
@@ -35,10 +36,15 @@ def ensure_demo_models(settings: Settings, registry: Registry) -> list[str]:
 
 
 def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
+    """Until ``/readyz`` answers 200; Unavailable when a child (``children``: the worker, the
+    producer) exits first, saying which and how."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            raise Unavailable("a child process exited during start-up; see the log above")
+        for name, child in zip(("worker", "producer"), children):
+            code = child.poll()
+            if code is not None:
+                raise Unavailable(f"the {name} {_how(code)} during start-up; its log above "
+                                  "says why")
         try:
             if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -50,11 +56,30 @@ def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 90
 
 def sample_key(settings: Settings, env: dict[str, str]) -> str:
     """The key the sample jobs send: ``BANTER_API_KEY`` (the client's), else the first key of
-    BANTER_API_KEYS or BANTER_ADMIN_KEYS; empty when authentication is off or only a keys
-    file holds the keys."""
+    BANTER_API_KEYS or BANTER_ADMIN_KEYS; empty when authentication is off. SettingsError when
+    authentication is on and neither holds a key in clear (only digests, or only a keys file)."""
     keys = [k.strip() for k in f"{settings.api_keys},{settings.admin_keys}".split(",")
             if k.strip() and not k.strip().startswith("sha256:")]
-    return env.get("BANTER_API_KEY") or (keys[0] if keys else "")
+    key = env.get("BANTER_API_KEY") or (keys[0] if keys else "")
+    if not key and not settings.auth_disabled and has_keys(settings):
+        raise SettingsError("the sample jobs need an API key and the configured keys are in a "
+                            "keys file or given as digests: set BANTER_API_KEY to one of them")
+    return key
+
+
+def has_keys(settings: Settings) -> bool:
+    return bool(settings.api_keys or settings.admin_keys or settings.keys_file)
+
+
+def check_before_start(settings: Settings, sample: bool) -> None:
+    """What would stop the stack part way, found before anything starts: the producer's keys
+    (SettingsError, exit 2) and, when one is configured, Redis (a redis error, exit 3)."""
+    if has_keys(settings):
+        KeyRing.from_settings(settings)
+    if sample:
+        sample_key(settings, dict(os.environ))
+    if "BANTER_REDIS_URL" in os.environ:
+        connect(settings.redis_url).ping()
 
 
 def sample_jobs(url: str, api_key: str) -> None:
@@ -84,6 +109,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample: bool) -> int:
+    check_before_start(settings, sample)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the stack like Ctrl-C
     env = dict(os.environ)
     redis_server = None
@@ -93,7 +119,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         settings = Settings.from_env(env)
     env.update({"BANTER_HOME": str(settings.home), "BANTER_MODEL_ROOT": str(settings.model_root),
                 "BANTER_REGISTRY_PATH": str(settings.registry_path)})
-    if not (settings.api_keys or settings.admin_keys or settings.keys_file):
+    if not has_keys(settings):
         env["BANTER_AUTH_DISABLED"] = "true"
         print("WARNING: no BANTER_API_KEYS, BANTER_ADMIN_KEYS or BANTER_KEYS_FILE set: "
               "authentication is OFF (BANTER_AUTH_DISABLED=true for this stack): anyone who can "

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from banter.errors import (
     BanterError,
+    RequestTimeout,
     Throttled,
     Timeout,
     Unauthorized,
@@ -38,6 +39,8 @@ def error_response(exc: BanterError) -> tuple[Response, int]:
 def register(app: Flask) -> None:
     @app.errorhandler(BanterError)
     def banter_error(exc: BanterError):
+        if isinstance(exc, RequestTimeout):  # as gunicorn's for unfinished headers
+            log.warning("client_timeout", extra={"stage": "body", "path": request.path})
         if isinstance(exc, WireError):  # its message names server files: the log gets it
             log.error("wire_error", extra={"error": exc.message})
             return error_response(WireError("the server holds data it cannot read (a registry "

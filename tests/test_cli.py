@@ -113,6 +113,10 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_WORKER_HEARTBEAT_S", "0", "BANTER_WORKER_HEARTBEAT_S=0.0: must be more than 0"),
     ("BANTER_DEFAULT_MAX_TOKENS", "5000", "must not be over BANTER_MAX_TOKENS_LIMIT"),
     ("BANTER_DEFAULT_GENERATE_MODEL", " ", "BANTER_DEFAULT_GENERATE_MODEL must name a model"),
+    ("BANTER_QUEUE_INTERACTIVE", "", "a queue name must be non-empty"),
+    ("BANTER_QUEUE_BULK", "bulk,interactive", "without spaces or commas"),
+    ("BANTER_QUEUE_BULK", "interactive", "each lane needs a queue of its own"),
+    ("BANTER_OPENAI_BASE_URL", "notaurl", "expected an http:// or https:// URL"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
@@ -280,6 +284,15 @@ def test_submit_to_an_unreachable_server_exits_3():
     assert f"cannot reach http://127.0.0.1:{port}" in result.stderr
 
 
+def test_a_worker_without_its_redis_exits_3_saying_so(tmp_path):
+    env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true",
+           "BANTER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = banter("worker", "--cpu", env=env)
+    assert result.returncode == 3, result.stderr
+    assert "banter: Redis is not reachable (BANTER_REDIS_URL)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # ----------------------------------------------------------------------------- models
 def test_models_commands_against_the_api(api, settings, demo_models):
     name = f"cli-embed-{uuid.uuid4().hex[:8]}"
@@ -437,6 +450,32 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
     assert port_is_closed(redis_port), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
     assert leftovers == []
+
+
+def up_refusals(tmp_path: Path) -> list[tuple[dict[str, str], list[str], int, str]]:
+    bad_keys, good_keys = tmp_path / "bad-keys.txt", tmp_path / "keys.txt"
+    bad_keys.write_text("foo bar\n")
+    good_keys.write_text("admin:s3cret-key\n")
+    return [
+        ({"BANTER_KEYS_FILE": str(bad_keys)}, [], 2, "bad-keys.txt:1: a key cannot hold spaces"),
+        ({"BANTER_KEYS_FILE": str(good_keys)}, ["--exit-after-sample"], 2,
+         "set BANTER_API_KEY to one of them"),
+        ({"BANTER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, [], 3,
+         "Redis is not reachable (BANTER_REDIS_URL)"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["bad_keys_file", "sample_without_key",
+                                                "redis_unreachable"])
+def test_up_refuses_before_it_starts_anything(tmp_path, case):
+    """What would stop the stack part way is found first, with its own exit code and words."""
+    variables, flags, code, needle = up_refusals(tmp_path)[case]
+    home = tmp_path / "home"
+    result = banter("up", "--port", str(free_port()), *flags,
+                    env={**fresh_up_env(home), **variables})
+    assert result.returncode == code, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert not (home / "redis").exists() and processes_with_home(home) == []
 
 
 @pytest.mark.slow
