@@ -182,7 +182,11 @@ def test_sigterm_or_ctrl_c_mid_batch_finishes_the_jobs_in_hand(stack, sig):
     job_ids = submit_generations(stack.api, 6, 600)
     wait_tokens(stack, job_ids, at_least=3)
     worker.send_signal(sig)
-    assert worker.wait(timeout=120) == 0
+    try:
+        assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:  # it ignored the signal: do not leave it serving
+            worker.kill()
     for job_id in job_ids:
         job = assert_exactly_once(stack, job_id, 600)
         assert job["worker"] == node and job["attempts"] == 1
