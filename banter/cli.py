@@ -97,6 +97,11 @@ def cmd_stream(args, settings: Settings) -> int:
     return _print_events(client.events(f"/v1/jobs/{args.job_id}/events"))
 
 
+ENDED = {"cancelled": "the job was cancelled (DELETE /v1/jobs/{id}, or its streaming client "
+                      "left)",
+         "expired": "the job expired: its deadline (deadline_s) passed"}
+
+
 def _print_events(events) -> int:
     for event, data in events:
         if event == "job":
@@ -105,7 +110,11 @@ def _print_events(events) -> int:
             print(data["text"], end="", flush=True)
         elif event == "done":
             print(flush=True)
-            return EXIT_OK if data["finish_reason"] in ("stop", "length") else EXIT_FAILED
+            if data["finish_reason"] in ("stop", "length"):
+                return EXIT_OK
+            print(f"banter: {ENDED.get(data['finish_reason'], data['finish_reason'])}",
+                  file=sys.stderr)
+            return EXIT_FAILED
         elif event == "error":
             print(f"\nerror: {data['error']['type']}: {data['error']['message']}",
                   file=sys.stderr)

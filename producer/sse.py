@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import redis
 from flask import Response, request, stream_with_context
 
+from banter.errors import JobNotFound
 from banter.streams import EventType, ended_by, entry_key, read_events
 
 KEEPALIVE_S = 15
@@ -38,7 +39,9 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
     final event (a resume with its id, or a later one) gets no more: the stream ends.
     It opens with a comment, so the headers (``X-Job-ID``) go out before the job has made
     anything. ``on_idle`` runs whenever nothing came for a keep-alive period (a queued job's
-    deadline is checked there). Redis out of reach for REDIS_RETRY_S ends the stream with
+    deadline is checked there); the job gone from Redis (its record past BANTER_JOB_TTL_S,
+    or lost with a Redis that came back empty) ends the stream, and a reconnect gets 404.
+    Redis out of reach for REDIS_RETRY_S ends the stream with
     ``interrupted`` (by default nothing: the job goes on, and the client resumes with
     ``Last-Event-ID``)."""
     yield ": stream open\n\n"
@@ -50,6 +53,9 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
             if not batch and not ended and on_idle is not None:
                 on_idle()
             failing_since = None
+        except JobNotFound:
+            log.warning("stream_job_gone", extra={"job_id": job_id})
+            return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > REDIS_RETRY_S:

@@ -256,6 +256,17 @@ def test_stream_replays_a_finished_job(api):
     assert result.stdout == " banterhearts streams every token from one\n"
 
 
+def test_stream_of_a_cancelled_job_says_so(api):
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "stop me",
+                                "params": {"max_tokens": 900}}).json()
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 200
+    assert api.wait_job(job["id"])["status"] == "cancelled"
+    result = banter("stream", job["id"], "--url", api.url)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "banter: the job was cancelled (DELETE /v1/jobs/{id}, or " \
+                                    "its streaming client left)"
+
+
 def test_stream_of_an_embed_job_says_it_has_no_tokens(api):
     job = api.post("/v1/jobs", {"kind": "embed", "input": "no tokens here"}).json()
     api.wait_job(job["id"])

@@ -17,7 +17,7 @@ from banter import keys
 from banter.jobs import JobRecord
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
-from banter.streams import EventType, decode_entry, read_events
+from banter.streams import EventType, TokenEvent, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
 from workers.backends import Outcome
@@ -299,3 +299,64 @@ def test_a_job_that_expires_while_it_runs_says_so_like_one_that_never_ran(settin
     assert job.status == "expired" and job.result == outcome.result
     assert job.error == {"type": "expired", "message": "the job's deadline passed while it "
                          "ran, after 2 tokens (its result holds them)"}
+
+
+@pytest.mark.parametrize("kind", ["generate", "embed"])
+def test_a_job_whose_worker_died_past_its_deadline_ends_expired_with_its_stream(settings,
+                                                                                 tmp_path, kind):
+    """Taken over after its deadline, a running job is not run again and not left running:
+    it ends expired, its result the text its dead worker streamed, its stream closed once.
+    (A Redis of its own: the suite's live workers would take the orphan too.)"""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    try:
+        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
+                                connect(url), None, "rescuer@localhost")
+        record = JobRecord(id=JobRecord.new_id(), kind=kind, model=f"demo-{kind[:3]}",
+                           input="x", owner="anonymous", lane="interactive", backend="onnx",
+                           deadline_at=time.time() + 0.05)
+        runtime.jobs.create(record)
+        runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then it dies
+        if kind == "generate":
+            runtime.streams.publish([TokenEvent(record.id, i, t, 7 + i)
+                                     for i, t in enumerate([" a", "", " b"])])
+        time.sleep(0.2)  # its lease lapsed and its deadline passed
+        assert runtime.run_job(record.id) == "expired"
+        assert runtime.run_job(record.id) == "expired"  # a redelivery changes nothing
+        job = runtime.jobs.get(record.id)
+        events = stream_events(connect(url), record.id)
+    finally:
+        redis_server.stop()
+    assert job.status == "expired" and job.worker == "rescuer@localhost"
+    assert job.error["type"] == "expired"
+    streamed = 3 if kind == "generate" else 0
+    assert job.usage["completion_tokens"] == streamed
+    assert job.result == ({"text": " a b", "finish_reason": "expired"} if kind == "generate"
+                          else None)
+    assert [k for k, _ in events] == [EventType.TOKEN] * streamed + [EventType.DONE]
+    assert events[-1][1]["finish_reason"] == "expired"
+
+
+@pytest.mark.parametrize("reason", ["cancelled", "expired"])
+def test_a_rerun_ended_before_it_caught_up_keeps_what_the_stream_holds(settings, tmp_path,
+                                                                       reason):
+    """A taken-over job cancelled or expired while its rerun was still behind the tokens its
+    dead worker streamed ends with the stream's text and count, so record and stream agree."""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    try:
+        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
+                                connect(url), None, "catchup@localhost")
+        record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt",
+                           input="x", owner="anonymous", lane="interactive", backend="onnx")
+        runtime.streams.publish([TokenEvent(record.id, i, t, i) for i, t in
+                                 enumerate([" one", " two", " three"])])
+        runtime.sink.resume_from[record.id] = 3
+        rerun = Outcome(result={"text": " one", "finish_reason": reason}, finish_reason=reason,
+                        usage={"prompt_tokens": 1, "completion_tokens": 1}, batch_size=1,
+                        backend="onnx", version=1)
+        covered = runtime._covering_stream(record, rerun)
+    finally:
+        redis_server.stop()
+    assert covered.result == {"text": " one two three", "finish_reason": reason}
+    assert covered.usage == {"prompt_tokens": 1, "completion_tokens": 3}

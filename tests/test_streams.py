@@ -339,3 +339,28 @@ def test_an_openai_stream_that_loses_redis_ends_with_an_error_chunk(monkeypatch)
     assert list(sse.events(Gone(), "j", "0-0", interrupted="data: lost\n\n")) == [
         ": stream open\n\n", "data: lost\n\n"]
     assert list(sse.events(Gone(), "j", "0-0")) == [": stream open\n\n"]
+
+
+def test_a_stream_whose_job_record_expires_ends_cleanly(settings, redis_client, demo_models,
+                                                       monkeypatch):
+    """A job queued where no worker serves it outlives its record (BANTER_JOB_TTL_S): its
+    open stream ends at the next keep-alive check, and a reconnect is told 404."""
+    from producer import sse
+
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 1)
+    server = Server(create_app(replace(settings, job_ttl_s=2, queue_interactive="ttl-test",
+                                       queue_bulk="ttl-test-bulk"), redis_client))
+    try:
+        submitted = requests.post(f"{server.url}/v1/jobs", json={"kind": "generate", "input": "x"},
+                                  timeout=10)
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        with requests.get(f"{server.url}/v1/jobs/{job_id}/events", stream=True,
+                          timeout=30) as response:
+            lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+        assert lines[0] == ": stream open" and set(lines[1:]) <= {": keep-alive"}
+        assert requests.get(f"{server.url}/v1/jobs/{job_id}/events",
+                            timeout=10).status_code == 404
+    finally:
+        redis_client.delete("ttl-test")
+        server.close()

@@ -17,7 +17,7 @@ class Outcome:
     served it (None for an openai fallback: no registry record describes that model).
     """
 
-    result: dict[str, Any]
+    result: dict[str, Any] | None  # None: an embed job that expired before it made one
     finish_reason: str
     usage: dict[str, int]
     batch_size: int

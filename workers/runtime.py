@@ -210,7 +210,7 @@ class WorkerRuntime:
             if job_id in self._held:  # a copy of a job this worker runs (re-sent while it stalled)
                 return record.status
         now = time.time()
-        if record.past_deadline(now):
+        if record.past_deadline(now) and record.status == JobStatus.QUEUED.value:
             return self._expire(record, now)
         taken, current = self.jobs.take(job_id, self.node, self.settings.lease_ttl_s)
         if not taken:
@@ -221,6 +221,8 @@ class WorkerRuntime:
         try:
             if current == JobStatus.RUNNING.value:
                 self._resume(record)
+                if record.past_deadline(time.time()):  # its worker died, and its time is up
+                    return self._finish(record, self._expired_outcome(record), yielded)
             return self._run(record, yielded)
         finally:
             with self._held_lock:
@@ -251,18 +253,35 @@ class WorkerRuntime:
         return self._finish(record, self._covering_stream(record, outcome), yielded)
 
     def _covering_stream(self, record: JobRecord, outcome: Outcome) -> Outcome:
-        """A taken-over job cancelled before its rerun caught up with its stream (the tokens a
-        dead worker published) ends with what the stream holds, so record and stream agree."""
+        """A taken-over job cancelled or expired before its rerun caught up with its stream
+        (the tokens a dead worker published) ends with what the stream holds, so record and
+        stream agree."""
         published = self.sink.resume_from.get(record.id, 0)
-        if outcome.finish_reason != "cancelled" or \
+        if outcome.finish_reason not in ("cancelled", "expired") or \
                 outcome.usage.get("completion_tokens", 0) >= published:
             return outcome
-        tokens = [data for kind, data in (decode_entry(fields) for _id, fields
-                                          in self.redis.xrange(keys.stream(record.id)))
-                  if kind is EventType.TOKEN]
+        tokens = self._streamed_tokens(record.id)
         return replace(outcome, result={**outcome.result,
                                         "text": "".join(t["text"] for t in tokens)},
                        usage={**outcome.usage, "completion_tokens": len(tokens)})
+
+    def _expired_outcome(self, record: JobRecord) -> Outcome:
+        """A running job taken over after its deadline: it ends ``expired`` with what its dead
+        worker streamed (a generate job's text; no result for an embed job)."""
+        tokens = self._streamed_tokens(record.id)
+        result = None
+        if record.kind == JobKind.GENERATE.value:
+            result = {"text": "".join(t["text"] for t in tokens), "finish_reason": "expired"}
+        return Outcome(result=result, finish_reason="expired",
+                       usage={"prompt_tokens": (record.usage or {}).get("prompt_tokens", 0),
+                              "completion_tokens": len(tokens)},
+                       batch_size=record.batch_size or 0, backend=record.backend or "onnx",
+                       version=record.version)
+
+    def _streamed_tokens(self, job_id: str) -> list[dict]:
+        return [data for kind, data in (decode_entry(fields) for _id, fields
+                                        in self.redis.xrange(keys.stream(job_id)))
+                if kind is EventType.TOKEN]
 
     def _execute(self, record: JobRecord) -> Outcome:
         """Serve ``record`` on the backend its model names, or fall back (module docstring)."""
