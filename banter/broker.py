@@ -210,8 +210,8 @@ class BrokerQueues:
     itself: on Redis the length of kombu's list per queue (``client`` when the broker is the
     state Redis), on RabbitMQ a passive ``queue_declare`` per queue on one of the app's pooled
     connections (about 4 ms for the four, so a reading serves every caller for
-    ``AMQP_DEPTH_MAX_AGE_S``). A queue nobody declared yet holds nothing. An unreachable broker
-    raises ``Unavailable``.
+    ``AMQP_DEPTH_MAX_AGE_S``, with what this process ``sent`` since added). A queue nobody
+    declared yet holds nothing. An unreachable broker raises ``Unavailable``.
     """
 
     def __init__(self, settings: Settings, celery: Celery, client=None) -> None:
@@ -237,6 +237,14 @@ class BrokerQueues:
                 return dict(self._amqp_depth)
         except (OperationalError, redis.RedisError) as exc:
             raise Unavailable(f"the broker is not reachable: {exc}") from exc
+
+    def sent(self, lane: str) -> None:
+        """One message more in ``lane``: counted in a RabbitMQ reading until the next one (a
+        Redis reading is live)."""
+        if self._redis is None:
+            with self._lock:
+                if lane in self._amqp_depth:
+                    self._amqp_depth[lane] += 1
 
     def _per_lane(self, counts: list[int]) -> dict[str, int]:
         """Sum ``counts`` (one per name in ``_names``) per lane."""

@@ -248,6 +248,15 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return ARGV[1]
 """
 
+# KEYS[1] job hash. ARGV: field/value pairs. Sets them only on a record that exists (an HSET
+# on an expired or flushed record would leave a stub no reader can decode); returns its
+# cancel_requested flag ('1' once asked), or false when there is no record.
+_NOTE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return redis.call('HGET', KEYS[1], 'cancel_requested') or ''
+"""
+
 
 class JobStore:
     """Job records in Redis. Thread-safe (redis-py pools connections)."""
@@ -260,6 +269,7 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._create_once = client.register_script(_CREATE_ONCE)
+        self._note = client.register_script(_NOTE)
 
     def create(self, record: JobRecord) -> None:
         record.queued_at = record.queued_at or time.time()
@@ -315,6 +325,14 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_redis(raw) if raw else None
+
+    def note(self, job_id: str, **fields: Any) -> str | None:
+        """Set ``fields`` on the job's record if it still exists; returns its
+        ``cancel_requested`` flag (``"1"`` once a cancel was asked), or None when the record
+        is gone."""
+        flag = self._note(keys=[keys.job(job_id)],
+                          args=[x for k, v in fields.items() for x in (k, _encode(k, v))])
+        return None if flag is None else (flag.decode() if isinstance(flag, bytes) else flag)
 
     def transition(self, job_id: str, allowed: tuple[JobStatus, ...], to: JobStatus,
                    owner: str = "", **fields: Any) -> tuple[bool, str]:

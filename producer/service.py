@@ -108,6 +108,7 @@ class JobService:
         its idempotency key makes a new job) and the client gets 503."""
         try:
             send_job(self.celery, self.settings, record)
+            self.queues.sent(record.lane)
         except (OperationalError, redis.RedisError) as exc:
             error = Unavailable(f"the broker did not take the job: {exc}")
             self.jobs.transition(record.id, (JobStatus.QUEUED,), JobStatus.FAILED,
@@ -195,10 +196,8 @@ class JobService:
         applied, current = end_queued(self.jobs, self.streams, job_id, JobStatus.CANCELLED,
                                       time.time())
         if not applied and current == JobStatus.RUNNING.value:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(keys.job(job_id), "cancel_requested", "1")
-            pipe.publish(keys.CANCEL, job_id)
-            pipe.execute()
+            self.jobs.note(job_id, cancel_requested="1")
+            self.redis.publish(keys.CANCEL, job_id)
         return self.get(job_id, owner)
 
 

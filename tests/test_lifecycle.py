@@ -360,3 +360,54 @@ def test_a_rerun_ended_before_it_caught_up_keeps_what_the_stream_holds(settings,
         redis_server.stop()
     assert covered.result == {"text": " one two three", "finish_reason": reason}
     assert covered.usage == {"prompt_tokens": 1, "completion_tokens": 3}
+
+
+def test_a_record_gone_is_never_written_back_as_a_stub(settings, tmp_path):
+    """Setting a field on a job whose record expired or was flushed writes nothing (a stub no
+    reader could decode would answer 500 until deleted); on a live record it reports the
+    cancel flag the worker acts on."""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    try:
+        client = connect(url)
+        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
+                                client, None, "noter@localhost")
+        assert runtime.jobs.note("gone", version=1) is None
+        assert not client.exists(keys.job("gone"))
+        record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
+                           owner="anonymous")
+        runtime.jobs.create(record)
+        assert runtime.jobs.note(record.id, version=2) in ("0", "")
+        assert runtime.jobs.note(record.id, cancel_requested="1") == "1"
+        assert runtime.jobs.get(record.id).version == 2
+    finally:
+        redis_server.stop()
+
+
+def test_the_heartbeat_outlives_a_record_it_cannot_read(settings, tmp_path):
+    """A held job whose record no longer decodes (written by hand, or by an older release)
+    must not end the heartbeats: the worker would drop out of /readyz while it still serves."""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    stop = threading.Event()
+    try:
+        client = connect(url)
+        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url,
+                                        worker_heartbeat_s=0.2, lease_ttl_s=1),
+                                client, None, "sturdy@localhost")
+        client.hset(keys.job("stub"), "version", "1")  # no id, kind, model, input
+        client.set(keys.lease("stub"), "other@localhost")  # held elsewhere: renew says lost
+        runtime._held.add("stub")
+        beats = threading.Thread(target=runtime._heartbeat, args=(stop,), daemon=True)
+        beats.start()
+        seen: set[float] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 3 and beats.is_alive() and time.monotonic() < deadline:
+            beat = client.zscore(keys.WORKERS, runtime.node)
+            if beat is not None:
+                seen.add(beat)
+            time.sleep(0.05)
+        assert beats.is_alive() and len(seen) >= 3
+    finally:
+        stop.set()
+        redis_server.stop()

@@ -351,12 +351,11 @@ class WorkerRuntime:
         try:
             future = self._submit(record, spec)
         except InvalidRequest:  # the input does not fit this version: its record says which
-            self.redis.hset(keys.job(record.id), "version", model.version)
+            self.jobs.note(record.id, version=model.version)
             raise
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.job(record.id), "version", model.version)  # kept if it is taken over
-        pipe.hget(keys.job(record.id), "cancel_requested")
-        if pipe.execute()[1] == "1":
+        # the version is kept if the job is taken over; a cancel that came before the engine
+        # held the job, or a record gone meanwhile (expired, flushed), stops it now
+        if self.jobs.note(record.id, version=model.version) in ("1", None):
             self.engine.cancel(record.id)
         with self._on_backend(record):
             result = future.result()
@@ -386,9 +385,11 @@ class WorkerRuntime:
         finished = time.time()
         error = None  # an expired job says why, as one that expired before it ran does
         if status is JobStatus.EXPIRED:
+            made = outcome.usage.get("completion_tokens", 0)
             error = {"type": "expired", "message": "the job's deadline passed while it ran, "
-                     f"after {outcome.usage.get('completion_tokens', 0)} tokens (its result "
-                     "holds them)"}
+                     f"after {made} tokens (its result holds them)" if made else
+                     "the job's deadline passed after a worker took it, before its first "
+                     "token (a generation waits there while BANTER_MAX_RUNNING sequences run)"}
         applied, current = self.jobs.transition(
             record.id, (JobStatus.RUNNING,), status, owner=self.node, finished_at=finished,
             result=outcome.result, error=error,
@@ -470,6 +471,8 @@ class WorkerRuntime:
                 self._resend_lost()
             except (redis.RedisError, Unavailable) as exc:
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
+            except Exception:  # noqa: BLE001 - a bad record must not end the heartbeats
+                log.exception("heartbeat_failed")
             stop.wait(self.settings.worker_heartbeat_s)
 
     def _renew_leases(self) -> None:
