@@ -20,6 +20,7 @@ from collections import defaultdict
 from flask import Blueprint, Response
 
 from banter import keys
+from banter.errors import Unavailable
 from banter.metrics import BY_NAME, FAMILIES, Family, escape_label
 from producer.context import ctx
 
@@ -39,13 +40,19 @@ _WORKER_COUNTERS = {
 
 @blueprint.get("/metrics")
 def metrics():
+    """A broker out of reach while Redis answers (RabbitMQ, or a broker Redis of its own)
+    still gives every other metric, with ``banter_broker_up 0`` and no queue depth."""
     c = ctx()
-    return Response(render(c.redis, c.settings, c.jobs.queues.depth()),
-                    content_type=CONTENT_TYPE)
+    try:
+        depth = c.jobs.queues.depth()
+    except Unavailable:
+        depth = None
+    return Response(render(c.redis, c.settings, depth), content_type=CONTENT_TYPE)
 
 
-def render(client, settings, depth: dict[str, int]) -> str:
-    """The exposition text; ``depth``: messages waiting per lane (``BrokerQueues.depth``)."""
+def render(client, settings, depth: dict[str, int] | None) -> str:
+    """The exposition text; ``depth``: messages waiting per lane (``BrokerQueues.depth``),
+    None when the broker did not answer."""
     since = time.time() - settings.worker_live_s
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.METRICS)
@@ -59,8 +66,11 @@ def render(client, settings, depth: dict[str, int]) -> str:
     stats = dict(zip(workers, pipe.execute())) if workers else {}
 
     out: list[str] = []
+    _family(out, "banter_broker_up", "gauge",
+            "1 when the broker answered this scrape's queue depth reading, else 0.",
+            [("", int(depth is not None))])
     _family(out, "banter_queue_depth", "gauge", "Jobs waiting per lane (both backends' queues).",
-            [(_labels(lane=lane), n) for lane, n in depth.items()])
+            [(_labels(lane=lane), n) for lane, n in (depth or {}).items()])
     _family(out, "banter_live_workers", "gauge",
             "Worker processes with a heartbeat in the last three periods.", [("", len(workers))])
     _family(out, "banter_live_workers_by_backend", "gauge",

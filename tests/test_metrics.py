@@ -136,6 +136,7 @@ def test_metrics_text_is_valid_and_has_every_family(api):
         "interactive", "bulk"}
     assert value(families, "banter_live_workers") >= 1
     assert value(families, "banter_live_workers_by_backend", backend="onnx") >= 1
+    assert families["banter_broker_up"]["samples"] == [("banter_broker_up", {}, 1.0)]
     check_histograms(families)
 
 

@@ -86,7 +86,7 @@ def test_queue_depth_and_backpressure_read_rabbitmq(stack):
         stop_process(worker)
 
 
-def test_an_unreachable_rabbitmq_is_a_503(stack):
+def test_an_unreachable_rabbitmq_is_a_503_and_metrics_say_so(stack):
     closed = replace(stack.settings, broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
     server = Server(create_app(closed, connect(stack.settings.redis_url)))
     try:
@@ -97,6 +97,13 @@ def test_an_unreachable_rabbitmq_is_a_503(stack):
         assert "broker" in answer.json()["error"]["message"]
         ready = api.get("/readyz")
         assert ready.status_code == 503 and "broker" in ready.json()["error"]["message"]
+        # a scrape still gets what Redis holds, and says the broker is down
+        scraped = api.get("/metrics")
+        assert scraped.status_code == 200
+        families = parse(scraped.text)
+        assert families["banter_broker_up"]["samples"] == [("banter_broker_up", {}, 0.0)]
+        assert families["banter_queue_depth"]["samples"] == []
+        assert families["banter_live_workers"]["samples"]
     finally:
         server.close()
 
