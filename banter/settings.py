@@ -179,13 +179,19 @@ class Settings:
             if not queue or any(c.isspace() or c == "," for c in queue):
                 raise SettingsError(f"BANTER_{name.upper()}={queue!r}: a queue name must be "
                                     "non-empty, without spaces or commas")
-        if self.queue_interactive == self.queue_bulk:
-            raise SettingsError(f"BANTER_QUEUE_INTERACTIVE and BANTER_QUEUE_BULK are both "
-                                f"{self.queue_bulk!r}: each lane needs a queue of its own, or "
-                                "interactive jobs wait behind the bulk backlog")
+        if len({*self.queues, *self.openai_queues}) < 4:
+            raise SettingsError(f"BANTER_QUEUE_INTERACTIVE={self.queue_interactive!r} and "
+                                f"BANTER_QUEUE_BULK={self.queue_bulk!r} share a queue (each lane "
+                                f"also has '<name>{OPENAI_QUEUE_SUFFIX}'): each lane needs queues "
+                                "of its own, or interactive jobs wait behind the bulk backlog")
         if self.openai_base_url:
             parts = urlparse(self.openai_base_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.netloc or not port_ok or \
+                    self.openai_base_url != self.openai_base_url.strip():
                 raise SettingsError(f"BANTER_OPENAI_BASE_URL={self.openai_base_url!r}: expected "
                                     "an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
 

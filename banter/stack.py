@@ -16,7 +16,7 @@ import time
 import requests
 
 from banter.demo import DEMO_EMBED, DEMO_GPT, build_demo
-from banter.errors import Unavailable
+from banter.errors import BanterError, Unavailable
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
 from banter.settings import Settings, SettingsError
@@ -88,17 +88,25 @@ def sample_jobs(url: str, api_key: str) -> None:
     answer = requests.post(f"{url}/v1/inference", json={"prompt": "Say something.",
                                                         "max_tokens": 18},
                            headers=headers, timeout=120)
-    answer.raise_for_status()
+    _check_sample(answer)
     body = answer.json()
     print(f"sample generate ({body['model']} v{body['version']}, {body['backend']}, "
           f"batch {answer.headers['X-Batch-Size']}, {answer.headers['X-Latency-MS']} ms):"
           f"\n  {body['text'].strip()}", flush=True)
     answer = requests.post(f"{url}/v1/embeddings", json={"input": "banterhearts"},
                            headers=headers, timeout=120)
-    answer.raise_for_status()
+    _check_sample(answer)
     vector = answer.json()["data"][0]["embedding"]
     print(f"sample embed ({answer.json()['model']}): {len(vector)} dims, first "
           f"{[round(x, 4) for x in vector[:4]]}", flush=True)
+
+
+def _check_sample(answer: requests.Response) -> None:
+    if answer.status_code in (401, 403):
+        raise SettingsError(f"the sample job's key was refused ({answer.status_code}): set "
+                            "BANTER_API_KEY to a key the stack accepts")
+    if answer.status_code != 200:
+        raise BanterError(f"the sample job failed ({answer.status_code}): {answer.text[:300]}")
 
 
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # a worker failing faster than this is given up on

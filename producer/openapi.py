@@ -29,7 +29,7 @@ ERROR_STATUSES = {
     401: "no API key, or an unknown one",
     403: "the key is not an admin key",
     404: "unknown job, batch, model or route",
-    408: "the body stopped arriving for BANTER_CLIENT_TIMEOUT_S before its Content-Length",
+    408: "the body stopped arriving for BANTER_CLIENT_TIMEOUT_S before it was complete",
     409: "conflict with the current state",
     413: "the body, a list or a batch is over its limit",
     415: "the body is not application/json",

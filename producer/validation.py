@@ -30,8 +30,8 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     try:
         raw = request.get_data(cache=True)
     except ClientDisconnected:  # closed, or silent past its timeout (producer.server)
-        raise RequestTimeout("the request body stopped arriving before its Content-Length "
-                             "was reached: send it whole") from None
+        raise RequestTimeout("the request body stopped arriving before it was complete: send "
+                             "it whole") from None
     if len(raw) > max_bytes:
         raise TooLarge(f"request body is over the {max_bytes} byte limit")
     try:

@@ -115,8 +115,11 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_DEFAULT_GENERATE_MODEL", " ", "BANTER_DEFAULT_GENERATE_MODEL must name a model"),
     ("BANTER_QUEUE_INTERACTIVE", "", "a queue name must be non-empty"),
     ("BANTER_QUEUE_BULK", "bulk,interactive", "without spaces or commas"),
-    ("BANTER_QUEUE_BULK", "interactive", "each lane needs a queue of its own"),
+    ("BANTER_QUEUE_BULK", "interactive", "each lane needs queues of its own"),
+    ("BANTER_QUEUE_BULK", "interactive.openai", "each lane needs queues of its own"),
     ("BANTER_OPENAI_BASE_URL", "notaurl", "expected an http:// or https:// URL"),
+    ("BANTER_OPENAI_BASE_URL", " http://x/v1", "expected an http:// or https:// URL"),
+    ("BANTER_OPENAI_BASE_URL", "http://x:port/v1", "expected an http:// or https:// URL"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
@@ -295,13 +298,18 @@ def test_submit_to_an_unreachable_server_exits_3():
     assert f"cannot reach http://127.0.0.1:{port}" in result.stderr
 
 
-def test_a_worker_without_its_redis_exits_3_saying_so(tmp_path):
+@pytest.mark.parametrize("variable, needle", [
+    ("BANTER_REDIS_URL", "banter: Redis is not reachable (BANTER_REDIS_URL)"),
+    ("BANTER_BROKER_URL", "banter: the broker is not reachable (BANTER_BROKER_URL)"),
+])
+def test_a_worker_without_its_redis_or_broker_exits_3_saying_so(tmp_path, stack_env, variable,
+                                                                needle):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true",
-           "BANTER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    result = banter("worker", "--cpu", env=env)
+           "BANTER_REDIS_URL": stack_env["BANTER_REDIS_URL"],
+           variable: f"redis://127.0.0.1:{free_port()}/0"}
+    result = banter("worker", "--cpu", "--name", "unreachable@localhost", env=env)
     assert result.returncode == 3, result.stderr
-    assert "banter: Redis is not reachable (BANTER_REDIS_URL)" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- models
@@ -565,3 +573,18 @@ def test_a_stream_cut_before_its_end_says_how_to_follow_the_job(tmp_path):
     assert "job 0f0f0f0f-0000-4000-8000-000000000000" in result.stderr
     assert "ended before the job did" in result.stderr
     assert "'banter stream 0f0f0f0f-0000-4000-8000-000000000000'" in result.stderr
+
+
+@pytest.mark.parametrize("status, error, needle", [
+    (401, "invalid_setting", "set BANTER_API_KEY to a key the stack accepts"),
+    (503, "internal_error", "the sample job failed (503)"),
+])
+def test_a_refused_sample_job_says_why(status, error, needle):
+    from banter.errors import BanterError
+    from banter.stack import _check_sample
+
+    answer = requests.Response()
+    answer.status_code, answer._content = status, b'{"error": {}}'
+    with pytest.raises(BanterError) as raised:
+        _check_sample(answer)
+    assert raised.value.type == error and needle in raised.value.message

@@ -11,8 +11,10 @@ import time
 from typing import TYPE_CHECKING
 
 from celery.signals import worker_init, worker_shutting_down
+from kombu.exceptions import OperationalError
 
 from banter import keys, logs
+from banter.errors import Unavailable
 from banter.redisconn import connect
 from banter.settings import Settings, SettingsError
 
@@ -94,6 +96,7 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
             str(concurrency or settings.worker_concurrency), "--hostname", runtime.node,
             "--queues", ",".join(queues), "--loglevel", settings.log_level,
             "--task-events", "--without-gossip", "--without-mingle"]
+    _check_broker(app)
     controllers, stops = [], []
     worker_init.connect(lambda sender, **_: controllers.append(sender), weak=False)
     worker_shutting_down.connect(lambda sender, sig, **_: stops.append(sig), weak=False)
@@ -114,3 +117,15 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
     finally:
         runtime.stop()
     return 0
+
+
+def _check_broker(app) -> None:
+    """Unavailable (exit 3) when the broker does not answer at start: a worker that
+    heartbeats while its consumer cannot connect would count as ready and take no job. (An
+    outage later is ridden out: Celery's consumer reconnects.)"""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5,
+                                   timeout=5)
+    except OperationalError as exc:
+        raise Unavailable(f"the broker is not reachable (BANTER_BROKER_URL): {exc}") from None
