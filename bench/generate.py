@@ -150,9 +150,10 @@ class RawDecoder:
 
     def text(self, token_ids: list[int]) -> str:
         """The text a stream of these tokens carries: EOS adds none; an unfinished multi-byte
-        character at the very end is held back by the server's detokenizer."""
+        character at the very end comes out as U+FFFD, as the server's detokenizer gives out
+        the bytes it held when a generation ends."""
         ids = [t for t in token_ids if t != self.eos]
-        return self.tokenizer.decode(ids).rstrip("\ufffd")
+        return self.tokenizer.decode(ids)
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> tuple[list[list[int]], float, int]:
         """Greedy-decode every prompt in one batch; a row leaves the batch when it has its
