@@ -537,3 +537,17 @@ def test_the_naive_baseline_waits_for_a_reply_longer_than_a_default_socket_timeo
 
     call = naive_call(App(), settings.redis_url, timeout_s=20.0)
     assert call({}, ["late"]) == [[4]]
+
+
+def test_the_reference_text_is_what_the_server_streams_for_a_cut_character(tmp_path):
+    """A generation cut inside a character streams its held bytes as U+FFFD: the bench's
+    reference text must say the same, or every such request reads as a mismatch."""
+    from banter.demo import DEMO_GPT, build_demo
+    from bench.generate import RawDecoder
+    from workers.detokenizer import IncrementalDetokenizer
+
+    raw = RawDecoder(build_demo(tmp_path)[DEMO_GPT], threads=1)
+    ids = raw.tokenizer.encode("ok 🌍").ids[:-1]
+    detok = IncrementalDetokenizer(raw.tokenizer)
+    streamed = "".join(detok.push(t) for t in ids) + detok.flush()
+    assert raw.text(ids) == raw.text([*ids, raw.eos]) == streamed and streamed.endswith("\ufffd")
