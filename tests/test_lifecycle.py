@@ -160,12 +160,17 @@ def test_a_lease_released_during_renewal_is_not_reported_lost(settings, redis_cl
     assert cancelled == ["taken-over"]
 
 
-def test_a_worker_that_stalls_past_its_lease_finishes_its_job(paused, stack_env, redis_client,
-                                                              settings, tmp_path):
+def test_a_worker_that_stalls_past_its_lease_finishes_its_job(demo_models, stack_env, settings,
+                                                              tmp_path):
     """A worker paused (SIGSTOP, a long GC, a starved VM) past its lease while no other worker
     takes the job over takes the lease back and finishes the job: not cancelled, every token
-    once."""
-    worker = start_worker({**stack_env, **PAUSED, "BANTER_LEASE_TTL_S": "2"},
+    once. (A Redis of its own: the suite's live workers would take the orphan over.)"""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = redis_server.start()
+    redis_client = connect(url)
+    server = Server(create_app(replace(settings, redis_url=url, broker_url=url), redis_client))
+    paused = Api(server.url)
+    worker = start_worker({**stack_env, "BANTER_REDIS_URL": url, "BANTER_LEASE_TTL_S": "2"},
                           "cpu-stall@localhost", tmp_path / "worker.log", redis_client)
     try:
         job = paused.post("/v1/jobs", {"kind": "generate", "input": "stall",
@@ -180,12 +185,15 @@ def test_a_worker_that_stalls_past_its_lease_finishes_its_job(paused, stack_env,
         assert not redis_client.exists(keys.lease(job["id"]))
         os.kill(worker.pid, signal.SIGCONT)
         done = paused.wait_job(job["id"])
+        events = [decode_entry(fields) for _id, fields
+                  in redis_client.xrange(keys.stream(job["id"]))]
     finally:
         os.kill(worker.pid, signal.SIGCONT)
         stop_process(worker)
+        server.close()
+        redis_server.stop()
     assert done["status"] == "succeeded", done
     assert done["usage"]["completion_tokens"] == settings.max_tokens_limit
-    events = [decode_entry(fields) for _id, fields in redis_client.xrange(keys.stream(job["id"]))]
     tokens = [data["seq"] for kind, data in events if kind is EventType.TOKEN]
     assert tokens == list(range(settings.max_tokens_limit))
     assert [kind for kind, _ in events].count(EventType.DONE) == 1
