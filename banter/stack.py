@@ -71,13 +71,11 @@ def has_keys(settings: Settings) -> bool:
     return bool(settings.api_keys or settings.admin_keys or settings.keys_file)
 
 
-def check_before_start(settings: Settings, sample: bool) -> None:
+def check_before_start(settings: Settings) -> None:
     """What would stop the stack part way, found before anything starts: the producer's keys
     (SettingsError, exit 2) and, when one is configured, Redis (a redis error, exit 3)."""
     if has_keys(settings):
         KeyRing.from_settings(settings)
-    if sample:
-        sample_key(settings, dict(os.environ))
     if "BANTER_REDIS_URL" in os.environ:
         connect(settings.redis_url).ping()
 
@@ -117,7 +115,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample: bool) -> int:
-    check_before_start(settings, sample)
+    check_before_start(settings)
+    key = sample_key(settings, dict(os.environ)) if sample else ""  # refused here, not later
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the stack like Ctrl-C
     env = dict(os.environ)
     redis_server = None
@@ -149,7 +148,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
               f"{' (demo models built)' if built else ''}\n  registry {settings.registry_path}"
               "\nCtrl-C stops everything.", flush=True)
         if sample:
-            sample_jobs(url, sample_key(settings, env))
+            sample_jobs(url, key)
         if exit_after_sample:
             return 0
         return supervise(children, worker, env)

@@ -11,6 +11,7 @@ from banter.errors import InvalidRequest, ModelNotFound
 from producer import validation as v
 from producer.context import ctx
 from registry.records import Record
+from registry.service import RESERVED_NAMES
 
 blueprint = Blueprint("models", __name__)
 
@@ -26,8 +27,9 @@ def list_models():
 def retrieve_model(model_id: str):
     """OpenAI ``models.retrieve``: one active model, as ``/v1/models`` lists it; ``name@version``
     (as a request's ``model`` may pin it) answers that version, active or not. The registry's
-    POST endpoints under ``/v1/models/`` answer a GET with 405, not as an unknown model."""
-    if model_id in ("promote", "rollback"):
+    POST endpoints under ``/v1/models/`` answer a GET with 405, not as an unknown model
+    (``history``, the third reserved name, has a GET route of its own)."""
+    if model_id in RESERVED_NAMES:
         raise MethodNotAllowed(valid_methods=["POST"])
     c = ctx()
     c.owner()

@@ -30,21 +30,23 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset])
-        full = self._tokenizer.decode(self._ids[self._prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith(REPLACEMENT_CHAR):
+        new = self._held_text()
+        if not new or new.endswith(REPLACEMENT_CHAR):
             return ""
-        new = full[len(prefix):]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        self.text += new
-        return new
+        return self._give(new)
 
     def flush(self) -> str:
+        return self._give(self._held_text())
+
+    def _held_text(self) -> str:
+        """The text of the tokens pushed since the last piece given out, as decoded in the
+        window from ``prefix_offset``."""
         prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset])
-        full = self._tokenizer.decode(self._ids[self._prefix_offset:])
-        new = full[len(prefix):]
-        self._prefix_offset = self._read_offset = len(self._ids)
+        return self._tokenizer.decode(self._ids[self._prefix_offset:])[len(prefix):]
+
+    def _give(self, new: str) -> str:
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
         self.text += new
         return new
 

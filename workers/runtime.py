@@ -260,28 +260,29 @@ class WorkerRuntime:
         if outcome.finish_reason not in ("cancelled", "expired") or \
                 outcome.usage.get("completion_tokens", 0) >= published:
             return outcome
-        tokens = self._streamed_tokens(record.id)
-        return replace(outcome, result={**outcome.result,
-                                        "text": "".join(t["text"] for t in tokens)},
-                       usage={**outcome.usage, "completion_tokens": len(tokens)})
+        text, count = self._streamed(record.id)
+        return replace(outcome, result={**outcome.result, "text": text},
+                       usage={**outcome.usage, "completion_tokens": count})
 
     def _expired_outcome(self, record: JobRecord) -> Outcome:
         """A running job taken over after its deadline: it ends ``expired`` with what its dead
         worker streamed (a generate job's text; no result for an embed job)."""
-        tokens = self._streamed_tokens(record.id)
+        text, count = self._streamed(record.id)
         result = None
         if record.kind == JobKind.GENERATE.value:
-            result = {"text": "".join(t["text"] for t in tokens), "finish_reason": "expired"}
+            result = {"text": text, "finish_reason": "expired"}
         return Outcome(result=result, finish_reason="expired",
                        usage={"prompt_tokens": (record.usage or {}).get("prompt_tokens", 0),
-                              "completion_tokens": len(tokens)},
+                              "completion_tokens": count},
                        batch_size=record.batch_size or 0, backend=record.backend or "onnx",
                        version=record.version)
 
-    def _streamed_tokens(self, job_id: str) -> list[dict]:
-        return [data for kind, data in (decode_entry(fields) for _id, fields
-                                        in self.redis.xrange(keys.stream(job_id)))
-                if kind is EventType.TOKEN]
+    def _streamed(self, job_id: str) -> tuple[str, int]:
+        """The text of the job's stream so far, and its token count."""
+        tokens = [data for kind, data in (decode_entry(fields) for _id, fields
+                                          in self.redis.xrange(keys.stream(job_id)))
+                  if kind is EventType.TOKEN]
+        return "".join(t["text"] for t in tokens), len(tokens)
 
     def _execute(self, record: JobRecord) -> Outcome:
         """Serve ``record`` on the backend its model names, or fall back (module docstring)."""
@@ -418,12 +419,13 @@ class WorkerRuntime:
         model that cannot be served (its artifact changed or does not load) is an operator's
         matter, so its client sees no artifact at all, only where an admin finds it: the log
         line, which has the message as raised."""
-        message = self._relative_paths(exc.message)
         if isinstance(exc, (ChecksumMismatch, ModelLoadError)):
             what = "changed since it was promoted" if isinstance(exc, ChecksumMismatch) \
                 else "does not load"
             message = (f"model {record.model!r} cannot be served now: its artifact {what}; an "
                        f"admin finds why in the worker log (inference_failed, job {record.id})")
+        else:
+            message = self._relative_paths(exc.message)
         error = {**exc.to_dict(), "message": message}
         applied, current = self.jobs.transition(
             record.id, (JobStatus.RUNNING,), JobStatus.FAILED, owner=self.node,
