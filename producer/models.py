@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from flask import Blueprint, jsonify, request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.routing import BaseConverter
 
 from banter.errors import InvalidRequest, ModelNotFound
 from producer import validation as v
@@ -16,6 +16,17 @@ from registry.service import RESERVED_NAMES
 blueprint = Blueprint("models", __name__)
 
 
+class ModelId(BaseConverter):
+    """A model id in ``/v1/models/<id>``: any path segment but the registry's POST endpoints,
+    so that another method there answers 405 with ``Allow: POST`` instead of meeting the GET
+    route (``history``, the third reserved name, is a static route, matched first)."""
+
+    regex = "(?!(?:" + "|".join(n for n in RESERVED_NAMES if n != "history") + ")$)[^/]+"
+
+
+blueprint.record_once(lambda state: state.app.url_map.converters.setdefault("model_id", ModelId))
+
+
 @blueprint.get("/v1/models")
 def list_models():
     c = ctx()
@@ -23,14 +34,10 @@ def list_models():
     return jsonify({"object": "list", "data": [model_object(r) for r in c.registry.list_active()]})
 
 
-@blueprint.get("/v1/models/<model_id>")
+@blueprint.get("/v1/models/<model_id:model_id>")
 def retrieve_model(model_id: str):
     """OpenAI ``models.retrieve``: one active model, as ``/v1/models`` lists it; ``name@version``
-    (as a request's ``model`` may pin it) answers that version, active or not. The registry's
-    POST endpoints under ``/v1/models/`` answer a GET with 405, not as an unknown model
-    (``history``, the third reserved name, has a GET route of its own)."""
-    if model_id in RESERVED_NAMES:
-        raise MethodNotAllowed(valid_methods=["POST"])
+    (as a request's ``model`` may pin it) answers that version, active or not."""
     c = ctx()
     c.owner()
     try:

@@ -299,11 +299,20 @@ def test_promote_errors_name_the_field_at_fault(api, body, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_the_registry_posts_answer_get_with_405(api):
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+def test_the_registry_posts_answer_other_methods_with_405_allowing_post(api, method):
     for path in ("/v1/models/promote", "/v1/models/rollback"):
-        response = api.get(path)
+        response = api.session.request(method, api.url + path, timeout=60)
         assert response.status_code == 405, response.text
-        assert response.headers["Allow"] == "POST" and "X-Trace-ID" in response.headers
+        assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+        assert response.json()["error"]["type"] == "method_not_allowed"
+        assert "X-Trace-ID" in response.headers
+
+
+def test_a_model_named_like_an_endpoint_prefix_is_still_a_model_id(api):
+    response = api.get("/v1/models/promoted")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["param"] == "model"
 
 
 def test_promote_path_with_a_nul_byte_is_a_422_not_a_500(api, settings, bad_artifacts):
