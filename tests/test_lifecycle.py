@@ -39,6 +39,21 @@ def stream_events(redis_client, job_id: str) -> list[tuple[EventType, dict]]:
     return [(kind, data) for _id, kind, data in read_events(redis_client, job_id)]
 
 
+@pytest.fixture
+def private_url(tmp_path):
+    """A Redis of its own, for a test whose orphaned or running jobs the suite's live workers
+    would take over first, or whose timing they would race."""
+    server = RedisServer(tmp_path / "redis", persist=False)
+    yield server.start()
+    server.stop()
+
+
+def runtime_on(settings, url: str, node: str, **changes) -> WorkerRuntime:
+    """An in-process worker runtime (no Celery consumer) on the Redis at ``url``."""
+    return WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url,
+                                 **changes), connect(url), None, node)
+
+
 def test_cancelled_and_expired_queued_jobs_never_run(paused, stack_env, redis_client,
                                                      tmp_path):
     cancelled = paused.post("/v1/jobs", {"kind": "generate", "input": "never",
@@ -161,12 +176,11 @@ def test_a_lease_released_during_renewal_is_not_reported_lost(settings, redis_cl
 
 
 def test_a_worker_that_stalls_past_its_lease_finishes_its_job(demo_models, stack_env, settings,
-                                                              tmp_path):
+                                                              tmp_path, private_url):
     """A worker paused (SIGSTOP, a long GC, a starved VM) past its lease while no other worker
     takes the job over takes the lease back and finishes the job: not cancelled, every token
     once. (A Redis of its own: the suite's live workers would take the orphan over.)"""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
+    url = private_url
     redis_client = connect(url)
     server = Server(create_app(replace(settings, redis_url=url, broker_url=url), redis_client))
     paused = Api(server.url)
@@ -191,7 +205,6 @@ def test_a_worker_that_stalls_past_its_lease_finishes_its_job(demo_models, stack
         os.kill(worker.pid, signal.SIGCONT)
         stop_process(worker)
         server.close()
-        redis_server.stop()
     assert done["status"] == "succeeded", done
     assert done["usage"]["completion_tokens"] == settings.max_tokens_limit
     tokens = [data["seq"] for kind, data in events if kind is EventType.TOKEN]
@@ -234,31 +247,23 @@ def test_a_dropped_redis_connection_neither_cuts_a_stream_nor_cancels_its_job(
     assert paused.get(f"/v1/jobs/{got['job']}").json()["status"] == "succeeded"
 
 
-def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, tmp_path):
+def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, private_url):
     """A running job whose worker died is sent again; while that copy waits for a worker (none
-    serves its queue yet), later heartbeats send no more copies, even past a lease period.
-    (A Redis of its own: the suite's live workers would reap the orphan too.)"""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
-    redis_client = connect(url)
+    serves its queue yet), later heartbeats send no more copies, even past a lease period."""
     queue = "orphans"
-    quick = replace(settings, openai_key="", lease_ttl_s=1, worker_heartbeat_s=0.5,
-                    queue_interactive=queue, queue_bulk=queue + "-bulk", redis_url=url,
-                    broker_url=url)
-    runtime = WorkerRuntime(quick, redis_client, None, "reaper@localhost")
+    runtime = runtime_on(settings, private_url, "reaper@localhost", lease_ttl_s=1,
+                         worker_heartbeat_s=0.5, queue_interactive=queue,
+                         queue_bulk=queue + "-bulk")
     record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
                        owner="anonymous", lane="interactive", backend="onnx")
     runtime.jobs.create(record)
     runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then its worker dies
     time.sleep(0.1)
-    try:
-        assert record.id in runtime.jobs.orphans()
-        runtime._requeue_orphans()
-        time.sleep(quick.lease_ttl_s + 0.2)
-        runtime._requeue_orphans()
-        assert redis_client.llen(queue) == 1
-    finally:
-        redis_server.stop()
+    assert record.id in runtime.jobs.orphans()
+    runtime._requeue_orphans()
+    time.sleep(runtime.settings.lease_ttl_s + 0.2)
+    runtime._requeue_orphans()
+    assert runtime.redis.llen(queue) == 1
 
 
 def test_a_second_worker_with_a_live_workers_name_is_warned(stack_env, redis_client, tmp_path):
@@ -283,58 +288,45 @@ def test_a_second_worker_with_a_live_workers_name_is_warned(stack_env, redis_cli
     assert '"worker_name_in_use"' not in (tmp_path / "first.log").read_text()
 
 
-def test_a_job_that_expires_while_it_runs_says_so_like_one_that_never_ran(settings, tmp_path):
+def test_a_job_that_expires_while_it_runs_says_so_like_one_that_never_ran(settings,
+                                                                          private_url):
     """Its error is {type: expired}, as for a job that expired queued, and its result keeps
-    the text it made. (In process, on a Redis of its own: a real deadline passing mid-run
-    would race the worker's speed.)"""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
-    try:
-        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
-                                connect(url), None, "expiry@localhost")
-        record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
-                           owner="anonymous", lane="interactive", backend="onnx")
-        runtime.jobs.create(record)
-        runtime.jobs.take(record.id, runtime.node, lease_s=5)
-        outcome = Outcome(result={"text": " a b", "finish_reason": "expired"},
-                          finish_reason="expired", usage={"prompt_tokens": 1,
-                                                          "completion_tokens": 2},
-                          batch_size=1, backend="onnx", version=1)
-        assert runtime._finish(runtime.jobs.get(record.id), outcome, 0.0) == "expired"
-        job = runtime.jobs.get(record.id)
-    finally:
-        redis_server.stop()
+    the text it made. (In process: a real deadline passing mid-run would race the worker's
+    speed.)"""
+    runtime = runtime_on(settings, private_url, "expiry@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
+                       owner="anonymous", lane="interactive", backend="onnx")
+    runtime.jobs.create(record)
+    runtime.jobs.take(record.id, runtime.node, lease_s=5)
+    outcome = Outcome(result={"text": " a b", "finish_reason": "expired"},
+                      finish_reason="expired", usage={"prompt_tokens": 1, "completion_tokens": 2},
+                      batch_size=1, backend="onnx", version=1)
+    assert runtime._finish(runtime.jobs.get(record.id), outcome, 0.0) == "expired"
+    job = runtime.jobs.get(record.id)
     assert job.status == "expired" and job.result == outcome.result
     assert job.error == {"type": "expired", "message": "the job's deadline passed while it "
                          "ran, after 2 tokens (its result holds them)"}
 
 
 @pytest.mark.parametrize("kind", ["generate", "embed"])
-def test_a_job_whose_worker_died_past_its_deadline_ends_expired_with_its_stream(settings,
-                                                                                 tmp_path, kind):
+def test_a_job_whose_worker_died_past_its_deadline_ends_expired_with_its_stream(
+        settings, private_url, kind):
     """Taken over after its deadline, a running job is not run again and not left running:
-    it ends expired, its result the text its dead worker streamed, its stream closed once.
-    (A Redis of its own: the suite's live workers would take the orphan too.)"""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
-    try:
-        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
-                                connect(url), None, "rescuer@localhost")
-        record = JobRecord(id=JobRecord.new_id(), kind=kind, model=f"demo-{kind[:3]}",
-                           input="x", owner="anonymous", lane="interactive", backend="onnx",
-                           deadline_at=time.time() + 0.05)
-        runtime.jobs.create(record)
-        runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then it dies
-        if kind == "generate":
-            runtime.streams.publish([TokenEvent(record.id, i, t, 7 + i)
-                                     for i, t in enumerate([" a", "", " b"])])
-        time.sleep(0.2)  # its lease lapsed and its deadline passed
-        assert runtime.run_job(record.id) == "expired"
-        assert runtime.run_job(record.id) == "expired"  # a redelivery changes nothing
-        job = runtime.jobs.get(record.id)
-        events = stream_events(connect(url), record.id)
-    finally:
-        redis_server.stop()
+    it ends expired, its result the text its dead worker streamed, its stream closed once."""
+    runtime = runtime_on(settings, private_url, "rescuer@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind=kind, model=f"demo-{kind[:3]}", input="x",
+                       owner="anonymous", lane="interactive", backend="onnx",
+                       deadline_at=time.time() + 0.05)
+    runtime.jobs.create(record)
+    runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then it dies
+    if kind == "generate":
+        runtime.streams.publish([TokenEvent(record.id, i, t, 7 + i)
+                                 for i, t in enumerate([" a", "", " b"])])
+    time.sleep(0.2)  # its lease lapsed and its deadline passed
+    assert runtime.run_job(record.id) == "expired"
+    assert runtime.run_job(record.id) == "expired"  # a redelivery changes nothing
+    job = runtime.jobs.get(record.id)
+    events = stream_events(runtime.redis, record.id)
     assert job.status == "expired" and job.worker == "rescuer@localhost"
     assert job.error["type"] == "expired"
     streamed = 3 if kind == "generate" else 0
@@ -346,63 +338,47 @@ def test_a_job_whose_worker_died_past_its_deadline_ends_expired_with_its_stream(
 
 
 @pytest.mark.parametrize("reason", ["cancelled", "expired"])
-def test_a_rerun_ended_before_it_caught_up_keeps_what_the_stream_holds(settings, tmp_path,
+def test_a_rerun_ended_before_it_caught_up_keeps_what_the_stream_holds(settings, private_url,
                                                                        reason):
     """A taken-over job cancelled or expired while its rerun was still behind the tokens its
     dead worker streamed ends with the stream's text and count, so record and stream agree."""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
-    try:
-        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
-                                connect(url), None, "catchup@localhost")
-        record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt",
-                           input="x", owner="anonymous", lane="interactive", backend="onnx")
-        runtime.streams.publish([TokenEvent(record.id, i, t, i) for i, t in
-                                 enumerate([" one", " two", " three"])])
-        runtime.sink.resume_from[record.id] = 3
-        rerun = Outcome(result={"text": " one", "finish_reason": reason}, finish_reason=reason,
-                        usage={"prompt_tokens": 1, "completion_tokens": 1}, batch_size=1,
-                        backend="onnx", version=1)
-        covered = runtime._covering_stream(record, rerun)
-    finally:
-        redis_server.stop()
+    runtime = runtime_on(settings, private_url, "catchup@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
+                       owner="anonymous", lane="interactive", backend="onnx")
+    runtime.streams.publish([TokenEvent(record.id, i, t, i) for i, t in
+                             enumerate([" one", " two", " three"])])
+    runtime.sink.resume_from[record.id] = 3
+    rerun = Outcome(result={"text": " one", "finish_reason": reason}, finish_reason=reason,
+                    usage={"prompt_tokens": 1, "completion_tokens": 1}, batch_size=1,
+                    backend="onnx", version=1)
+    covered = runtime._covering_stream(record, rerun)
     assert covered.result == {"text": " one two three", "finish_reason": reason}
     assert covered.usage == {"prompt_tokens": 1, "completion_tokens": 3}
 
 
-def test_a_record_gone_is_never_written_back_as_a_stub(settings, tmp_path):
+def test_a_record_gone_is_never_written_back_as_a_stub(settings, private_url):
     """Setting a field on a job whose record expired or was flushed writes nothing (a stub no
     reader could decode would answer 500 until deleted); on a live record it reports the
     cancel flag the worker acts on."""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
-    try:
-        client = connect(url)
-        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url),
-                                client, None, "noter@localhost")
-        assert runtime.jobs.note("gone", version=1) is None
-        assert not client.exists(keys.job("gone"))
-        record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
-                           owner="anonymous")
-        runtime.jobs.create(record)
-        assert runtime.jobs.note(record.id, version=2) in ("0", "")
-        assert runtime.jobs.note(record.id, cancel_requested="1") == "1"
-        assert runtime.jobs.get(record.id).version == 2
-    finally:
-        redis_server.stop()
+    runtime = runtime_on(settings, private_url, "noter@localhost")
+    assert runtime.jobs.note("gone", version=1) is None
+    assert not runtime.redis.exists(keys.job("gone"))
+    record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
+                       owner="anonymous")
+    runtime.jobs.create(record)
+    assert runtime.jobs.note(record.id, version=2) in ("0", "")
+    assert runtime.jobs.note(record.id, cancel_requested="1") == "1"
+    assert runtime.jobs.get(record.id).version == 2
 
 
-def test_the_heartbeat_outlives_a_record_it_cannot_read(settings, tmp_path):
+def test_the_heartbeat_outlives_a_record_it_cannot_read(settings, private_url):
     """A held job whose record no longer decodes (written by hand, or by an older release)
     must not end the heartbeats: the worker would drop out of /readyz while it still serves."""
-    redis_server = RedisServer(tmp_path / "redis", persist=False)
-    url = redis_server.start()
+    runtime = runtime_on(settings, private_url, "sturdy@localhost", worker_heartbeat_s=0.2,
+                         lease_ttl_s=1)
+    client = runtime.redis
     stop = threading.Event()
     try:
-        client = connect(url)
-        runtime = WorkerRuntime(replace(settings, openai_key="", redis_url=url, broker_url=url,
-                                        worker_heartbeat_s=0.2, lease_ttl_s=1),
-                                client, None, "sturdy@localhost")
         client.hset(keys.job("stub"), "version", "1")  # no id, kind, model, input
         client.set(keys.lease("stub"), "other@localhost")  # held elsewhere: renew says lost
         runtime._held.add("stub")
@@ -418,4 +394,3 @@ def test_the_heartbeat_outlives_a_record_it_cannot_read(settings, tmp_path):
         assert beats.is_alive() and len(seen) >= 3
     finally:
         stop.set()
-        redis_server.stop()
