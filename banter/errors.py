@@ -54,6 +54,13 @@ class BadJSON(InvalidRequest):
     status = 400
 
 
+class BadFraming(InvalidRequest):
+    """The request body's HTTP framing is broken (a malformed chunk), so it cannot be read."""
+
+    type = "bad_request"
+    status = 400
+
+
 class UnsupportedMediaType(InvalidRequest):
     type = "unsupported_media_type"
     status = 415

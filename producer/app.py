@@ -20,7 +20,7 @@ from banter.errors import Unavailable
 from banter.redisconn import connect
 from banter.settings import Settings
 from producer import batches, errors, health, inference, jobs, metrics, models, openai_api, openapi, ratelimit
-from producer.auth import KeyRing
+from producer.auth import LiveKeys
 from producer.context import Context
 from producer.service import JobService
 from producer.waits import WaitSlots
@@ -44,12 +44,13 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
                celery: Celery | None = None) -> Flask:
     """The producer's WSGI app. Raises AuthNotConfigured (``producer.auth``) before touching
     Redis when no API key is configured and BANTER_AUTH_DISABLED is not true."""
-    keyring = KeyRing.from_settings(settings)
+    keyring = LiveKeys(settings)
     logs.setup(settings.log_level)
     client = client or connect(settings.redis_url)
     registry = Registry.from_settings(settings, client)
     celery = celery or make_celery(settings, "banterhearts-producer")
     app = Flask("banterhearts")
+    app.url_map.merge_slashes = False  # "/v1//jobs" is a JSON 404, not a redirect to elsewhere
     # one byte over the limit: a chunked body (no Content-Length) is cut there when read, so
     # validation.json_body sees it is too long (413) instead of parsing a truncated body
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1

@@ -11,13 +11,20 @@ in memory; a caller's key id (its job owner) is the first 16 hex digits.
 Admin keys may do what user keys do, and also change the registry and read its history.
 With no key configured the producer refuses to start (AuthNotConfigured) unless
 ``BANTER_AUTH_DISABLED=true``, where every caller is ANONYMOUS and admin.
+
+A running producer reads the keys file again when it changes (LiveKeys), so keys are added
+and revoked without a restart; a changed file that does not read keeps the keys in force.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,7 @@ ANONYMOUS = "anonymous"
 SCOPES = ("user", "admin")
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 _COMMENT = re.compile(r"(^|\s)#.*$")  # a whole-line comment, or one after an entry
+log = logging.getLogger("banter.producer")
 
 
 class AuthNotConfigured(SettingsError):
@@ -86,6 +94,61 @@ class KeyRing:
         return digest[:16]
 
 
+class LiveKeys:
+    """The producer's KeyRing, built again when ``BANTER_KEYS_FILE`` changes (its size, time or
+    inode; looked at no more than once every ``recheck_s``): an entry added or removed takes
+    effect within that time, in every producer process. A changed file that does not give a
+    valid ring (a malformed line, no key left, the file gone or unreadable) keeps the keys in
+    force and logs ``keys_file_invalid`` once, naming the line; the next change is tried again.
+    The environment's keys are read once, at start."""
+
+    def __init__(self, settings: Settings, recheck_s: float = 1.0) -> None:
+        self.settings = settings
+        self.recheck_s = recheck_s
+        self._path = Path(settings.keys_file) if settings.keys_file else None
+        self._stamp = self._look()
+        self._ring = KeyRing.from_settings(settings)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def current(self) -> KeyRing:
+        if self._path is not None and time.monotonic() - self._checked >= self.recheck_s:
+            self._recheck()
+        return self._ring
+
+    def owner(self, request: Request, admin: bool = False) -> str:
+        """``KeyRing.owner`` on the keys in force."""
+        return self.current().owner(request, admin=admin)
+
+    def _recheck(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._checked < self.recheck_s:
+                return  # another thread just looked
+            self._checked = time.monotonic()
+            stamp = self._look()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                ring = KeyRing.from_settings(self.settings)
+            except AuthNotConfigured as exc:  # its messages never quote a key
+                log.error("keys_file_invalid", extra={"error": str(exc),
+                                                      "kept": "the keys in force"})
+                return
+            self._ring = ring
+            log.info("keys_file_reloaded", extra={"users": len(ring.users),
+                                                  "admins": len(ring.admins)})
+
+    def _look(self) -> tuple[int, int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            stat = os.stat(self._path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 def read_keys_file(path: Path) -> list[tuple[str, str]]:
     """``(scope, digest)`` per entry of a keys file (module docstring); AuthNotConfigured
     naming the line of a malformed entry, or when the file cannot be read."""
@@ -105,8 +168,10 @@ def read_keys_file(path: Path) -> list[tuple[str, str]]:
         if not sep or scope == "sha256":
             scope, key = "user", line
         if scope not in SCOPES:
-            raise AuthNotConfigured(f"{path}:{number}: unknown scope {scope!r}; write 'KEY', "
-                                    "'user:KEY' or 'admin:KEY'")
+            raise AuthNotConfigured(f"{path}:{number}: what comes before the first ':' is not "
+                                    "a scope (user or admin; not quoted here, as it may be part "
+                                    "of a key); write 'KEY', 'user:KEY' or 'admin:KEY' (a key "
+                                    "that holds ':' needs its scope)")
         if not key.strip():
             raise AuthNotConfigured(f"{path}:{number}: the key after '{scope}:' is empty")
         entries.append((scope, _entry_digest(key.strip(), f"{path}:{number}")))

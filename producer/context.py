@@ -8,7 +8,7 @@ import redis
 from flask import Response, current_app, g, request
 
 from banter.settings import Settings
-from producer.auth import KeyRing
+from producer.auth import LiveKeys
 from producer.service import JobService
 from producer.validation import json_body
 from producer.waits import WaitSlots
@@ -21,7 +21,7 @@ class Context:
     redis: redis.Redis
     jobs: JobService
     registry: Registry
-    keys: KeyRing
+    keys: LiveKeys
     waits: WaitSlots
 
     def owner(self, admin: bool = False) -> str:

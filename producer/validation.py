@@ -8,9 +8,10 @@ import re
 from typing import Any
 
 from flask import Request
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
 
-from banter.errors import BadJSON, InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
+from banter.errors import BadFraming, BadJSON, InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 from banter.params import PARAMS
 
 _MISSING = object()
@@ -30,8 +31,12 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     try:
         raw = request.get_data(cache=True)
     except ClientDisconnected:  # closed, or silent past its timeout (producer.server)
-        raise RequestTimeout("the request body stopped arriving before it was complete: send "
-                             "it whole") from None
+        raise _unfinished() from None
+    except ParseException as exc:  # gunicorn's: a malformed chunk size or terminator
+        raise BadFraming(f"request body is not valid HTTP chunked encoding ({type(exc).__name__})"
+                         ": send it with a correct Content-Length or chunks") from None
+    if request.content_length is not None and len(raw) < request.content_length:
+        raise _unfinished()  # gunicorn ends the input at a closed connection without an error
     if len(raw) > max_bytes:
         raise TooLarge(f"request body is over the {max_bytes} byte limit")
     try:
@@ -47,6 +52,11 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
+
+
+def _unfinished() -> RequestTimeout:
+    return RequestTimeout("the request body stopped arriving before it was complete: send it "
+                          "whole")
 
 
 def _reject_constant(name: str) -> None:

@@ -20,6 +20,7 @@ from banter.redisserver import RedisServer
 from banter.streams import EventType, TokenEvent, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
+from workers import metrics as worker_metrics
 from workers.backends import Outcome
 from workers.runtime import WorkerRuntime
 
@@ -54,8 +55,20 @@ def runtime_on(settings, url: str, node: str, **changes) -> WorkerRuntime:
                                  **changes), connect(url), None, node)
 
 
+def counted(redis_client, **labels: str) -> int:
+    """The worker's ``banter_jobs_total`` for one label set."""
+    return int(redis_client.hget(keys.METRICS, worker_metrics.JOBS.series(**labels)) or 0)
+
+
+CANCELLED = {"kind": "generate", "lane": "interactive", "status": "cancelled", "backend": "onnx"}
+EXPIRED = {"kind": "embed", "lane": "interactive", "status": "expired", "backend": "onnx"}
+
+
 def test_cancelled_and_expired_queued_jobs_never_run(paused, stack_env, redis_client,
                                                      tmp_path):
+    """Neither runs; a cancelled one is not counted in banter_jobs_total (its client ended
+    it), an expired one is, when a worker takes it off the queue (a deadline missed)."""
+    before = counted(redis_client, **CANCELLED), counted(redis_client, **EXPIRED)
     cancelled = paused.post("/v1/jobs", {"kind": "generate", "input": "never",
                                          "params": {"max_tokens": 4}}).json()
     expiring = paused.post("/v1/jobs", {"kind": "embed", "input": "late",
@@ -86,6 +99,8 @@ def test_cancelled_and_expired_queued_jobs_never_run(paused, stack_env, redis_cl
                           "usage": {"prompt_tokens": 0, "completion_tokens": 0}})]
     assert expired["status"] == "expired" and expired["timings"]["started_at"] is None
     assert [kind for kind, _ in stream_events(redis_client, expiring["id"])] == [EventType.DONE]
+    after = counted(redis_client, **CANCELLED), counted(redis_client, **EXPIRED)
+    assert (after[0] - before[0], after[1] - before[1]) == (0, 1)
 
 
 def test_cancelling_twice_keeps_one_final_event(paused, redis_client):

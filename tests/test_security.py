@@ -5,6 +5,7 @@ password-protected Redis, and a producer that refuses to start without keys."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -17,16 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import flask
 import pytest
 import requests
+from flask import Flask
 
 from banter import keys, stack
 from banter.demo import DEMO_EMBED, DEMO_GPT
+from banter.errors import Unauthorized
 from banter.redisconn import connect
 from banter.redisserver import find_binary, free_port
 from banter.settings import Settings
 from producer.app import create_app
-from producer.auth import AuthNotConfigured, KeyRing
+from producer.auth import AuthNotConfigured, KeyRing, LiveKeys
 from registry.service import Registry
 from tests.conftest import Server, start_worker, stop_process
 
@@ -119,6 +123,58 @@ def test_every_kind_of_configured_key_is_accepted(idle):
         assert Client(idle, key).get("/v1/models").status_code == 200, key
     for path in ("/healthz", "/openapi.json", "/metrics"):  # no data: no key needed
         assert requests.get(idle + path, timeout=30).status_code == 200, path
+
+
+def test_a_key_removed_from_the_keys_file_is_refused_without_a_restart(settings, redis_client,
+                                                                      demo_models, tmp_path):
+    """Through HTTP: revoke carol and make dave an admin by editing the file the producer runs
+    with; BANTER_API_KEYS' keys are untouched."""
+    keyed = keyed_settings(settings, tmp_path)
+    server = Server(create_app(keyed, redis_client))
+    try:
+        assert Client(server.url, CAROL).get("/v1/models").status_code == 200
+        Path(keyed.keys_file).write_text(f"admin:{ROOT}\nadmin:dave-key-6\n")
+        deadline = time.monotonic() + 30
+        while Client(server.url, CAROL).get("/v1/models").status_code != 401:
+            assert time.monotonic() < deadline, "carol's key was never revoked"
+            time.sleep(0.2)
+        dave = Client(server.url, "dave-key-6")
+        assert dave.get("/v1/models/history").status_code == 200
+        assert Client(server.url, ALICE).get("/v1/models").status_code == 200
+    finally:
+        server.close()
+
+
+def test_a_broken_keys_file_keeps_the_keys_in_force(settings, tmp_path, caplog):
+    """A typo in the edited file, or the file gone, must not lock every caller out (nor, as a
+    reload of the whole producer would, stop it): the keys in force stay, the log says why
+    without quoting a key, and the next good edit takes effect."""
+    keyed = replace(keyed_settings(settings, tmp_path), api_keys="", admin_keys="")
+    live = LiveKeys(keyed, recheck_s=0)
+    path = Path(keyed.keys_file)
+    app = Flask("keys")
+
+    def owner(key: str) -> str | None:
+        with app.test_request_context(headers=bearer(key)):
+            try:
+                return live.owner(flask.request)
+            except Unauthorized:
+                return None
+
+    carol = owner(CAROL)
+    assert carol is not None
+    for broken in (f"admn:{CAROL}\n", "# every key removed\n", None):
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        with caplog.at_level(logging.ERROR, logger="banter.producer"):
+            caplog.clear()
+            assert owner(CAROL) == carol
+        assert [r.message for r in caplog.records] == ["keys_file_invalid"]
+        assert CAROL not in caplog.records[0].error
+    path.write_text(f"user:{BOB}\n")
+    assert owner(CAROL) is None and owner(BOB) is not None
 
 
 def test_only_admin_keys_reach_the_registry_admin_api(idle, settings):
@@ -395,14 +451,15 @@ def test_the_app_refuses_to_start_without_keys(settings, tmp_path):
         KeyRing.from_settings(replace(settings, api_keys=ALICE))
     bad = tmp_path / "keys"
     short = "a" * 63  # a digest one hex digit short must not become a working key
-    for text, needle in ((f"admn:{ALICE}\n", ":1: unknown scope 'admn'"),
+    for text, needle in ((f"admn:{ALICE}\n", ":1: what comes before the first ':' is not a"),
                          (f"# c\nadmin:{ALICE}\nuser:\n", ":3: the key after 'user:' is empty"),
                          (f"admin:sha256:{short}\n", ":1: sha256:... must be followed by exactly 64"),
                          ("sha256:zz\n", ":1: sha256:... must be followed"),
                          (f"{ALICE} and more\n", ":1: a key cannot hold spaces")):
         bad.write_text(text)
-        with pytest.raises(AuthNotConfigured, match=needle):
+        with pytest.raises(AuthNotConfigured, match=needle) as refused:
             KeyRing.from_settings(replace(settings, auth_disabled=False, keys_file=str(bad)))
+        assert ALICE not in str(refused.value) and "admn" not in str(refused.value)
     with pytest.raises(AuthNotConfigured, match="cannot be read"):
         KeyRing.from_settings(replace(settings, auth_disabled=False,
                                       keys_file=str(tmp_path / "missing")))
@@ -473,23 +530,74 @@ def port_listens(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def start_producer(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """``banter producer`` (gunicorn, one process of two threads) on ``port``, once it listens."""
+    with open(log, "w") as stderr:
+        producer = subprocess.Popen([sys.executable, "-m", "banter.cli", "producer", "--port",
+                                     str(port), "--workers", "1", "--threads", "2"],
+                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                    stderr=stderr)
+    deadline = time.monotonic() + 60
+    while not port_listens(port):
+        if time.monotonic() > deadline or producer.poll() is not None:
+            stop_process(producer)
+            raise AssertionError(f"no producer: {log.read_text()}")
+        time.sleep(0.1)
+    return producer
+
+
+def raw_exchange(port: int, request: bytes) -> str:
+    """Send ``request`` as it is, close the sending side, and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def test_a_body_that_cannot_be_read_whole_is_a_4xx_and_no_job(stack_env, redis_client,
+                                                              tmp_path):
+    """Through gunicorn: a malformed chunk is 400, a body cut short of its Content-Length 408
+    (as one that stops arriving), and a path with '//' a JSON 404, not a redirect built from
+    the Host header. None of them queues a job or logs a traceback."""
+    port = free_port()
+    producer = start_producer(stack_env, port, tmp_path / "producer.err")
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\n")
+    body = b'{"kind":"generate","input":"cut short"}'
+    jobs_before = set(redis_client.keys(keys.job("*")))
+    try:
+        bad_chunk = raw_exchange(port, head + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n"
+                                       b"0\r\n\r\n")
+        unterminated = raw_exchange(port, head + b"Transfer-Encoding: chunked\r\n\r\n"
+                                          b"2\r\n{}XX0\r\n\r\n")
+        cut = raw_exchange(port, head + b"Content-Length: 500\r\n\r\n" + body)
+        doubled = requests.get(f"http://127.0.0.1:{port}/v1//models", timeout=30,
+                               headers={"Host": "elsewhere.example"}, allow_redirects=False)
+    finally:
+        stop_process(producer)
+    for answer in (bad_chunk, unterminated):
+        assert answer.startswith("HTTP/1.1 400 "), answer
+        assert '"type":"bad_request"' in answer and "chunked" in answer, answer
+    assert cut.startswith("HTTP/1.1 408 ") and '"type":"request_timeout"' in cut, cut
+    assert doubled.status_code == 404 and "Location" not in doubled.headers
+    assert doubled.json()["error"]["type"] == "not_found"
+    assert not set(redis_client.keys(keys.job("*"))) - jobs_before
+    assert "Traceback" not in (tmp_path / "producer.err").read_text()
+
+
 def test_clients_that_stop_sending_their_body_do_not_hold_the_producer(stack_env, tmp_path):
     """More stalled requests than the producer has threads (a slowloris): a stalled body is
     answered 408 once it has been silent for BANTER_CLIENT_TIMEOUT_S, unfinished headers are
     closed, each logged as one warning line, and other callers get through."""
     port = free_port()
-    env = {**os.environ, **stack_env, "BANTER_CLIENT_TIMEOUT_S": "1"}
-    with open(tmp_path / "producer.err", "w") as stderr:
-        producer = subprocess.Popen([sys.executable, "-m", "banter.cli", "producer", "--port",
-                                     str(port), "--workers", "1", "--threads", "2"],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    producer = start_producer({**stack_env, "BANTER_CLIENT_TIMEOUT_S": "1"}, port,
+                              tmp_path / "producer.err")
     stalled: list[socket.socket] = []
     headers_only: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 60
-        while not port_listens(port):
-            assert time.monotonic() < deadline and producer.poll() is None, "no producer"
-            time.sleep(0.1)
         for _ in range(4):  # twice the threads
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
