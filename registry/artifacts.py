@@ -1,4 +1,5 @@
-"""Checking a model artifact before it is promoted: where it is, what it is, its sha256.
+"""Checking a model artifact before it is promoted: where it is, what it is, its sha256 and
+its companion files' (``COMPANIONS``).
 
 Reads graphs with the ``onnx`` package only: the producer imports this module and must not load
 onnxruntime.
@@ -20,6 +21,9 @@ from banter.errors import ArtifactError, brief
 _CHUNK = 1 << 20
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 OP_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # what ONNX Runtime serves itself
+# the files beside model.onnx that change what a model serves: its tokens, its geometry and
+# special ids, its chat template; a record holds the digest of each that was there at promote
+COMPANIONS = ("tokenizer.json", "config.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -27,12 +31,14 @@ class Artifact:
     """A checked artifact. ``rel_path`` is the ``.onnx`` file relative to the model root (posix),
     as given (a symlink inside the root stays a symlink: workers open ``model_root/rel_path``
     and ``tokenizer.json`` beside it); ``abs_path`` and ``tokenizer_path`` are
-    ``model_root/rel_path`` and the tokenizer beside it."""
+    ``model_root/rel_path`` and the tokenizer beside it; ``files`` the sha256 of each of the
+    ``COMPANIONS`` beside it (those there)."""
 
     rel_path: str
     abs_path: Path
     tokenizer_path: Path
     sha256: str
+    files: dict[str, str]
 
 
 def sha256_file(path: Path | str) -> str:
@@ -42,6 +48,12 @@ def sha256_file(path: Path | str) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def companion_digests(model_path: Path) -> dict[str, str]:
+    """The sha256 of each of the ``COMPANIONS`` beside ``model_path`` that is there."""
+    beside = (model_path.parent / name for name in COMPANIONS)
+    return {path.name: sha256_file(path) for path in beside if path.is_file()}
 
 
 def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
@@ -74,7 +86,7 @@ def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
                             f"model's tokenizer.json in {target.parent}")
     check_graph(resolved, kind, path, _resolve(root, tokenizer, path))
     return Artifact(rel_path=rel, abs_path=target, tokenizer_path=tokenizer,
-                    sha256=sha256_file(resolved))
+                    sha256=sha256_file(resolved), files=companion_digests(target))
 
 
 def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -> None:

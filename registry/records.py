@@ -1,16 +1,16 @@
 """One line of ``history.jsonl``: the ``Record`` of a promote or a rollback, and the rules for
 model names and ``name@version`` references.
 
-A record is self-contained: a rollback record repeats the kind, path, sha256, backend and
-upstream model of the version it restores, so the active record of a name is always enough to
-load the model.
+A record is self-contained: a rollback record repeats the kind, path, sha256, files, backend
+and upstream model of the version it restores, so the active record of a name is always enough
+to load (and verify) the model.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,7 +31,10 @@ class Record:
     ``version`` is the per-name version this record makes active (for a rollback: the version
     it restores); ``previous_version`` is the version that was active before it (None for a
     name's first promote). ``path`` is the artifact's ``.onnx`` file relative to the model root
-    (posix separators; empty for the openai backend). ``time`` is ISO-8601 UTC.
+    (posix separators; empty for the openai backend). ``time`` is ISO-8601 UTC. ``files``
+    maps each companion file that was beside the artifact at promote (``tokenizer.json``,
+    ``config.json``, ``tokenizer_config.json``) to its sha256; empty for the openai backend,
+    and in records written before it existed (their companions are not verified).
     """
 
     seq: int
@@ -47,6 +50,7 @@ class Record:
     actor: str
     reason: str
     previous_version: int | None
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -69,7 +73,8 @@ class Record:
             raise WireError(f"registry record is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise WireError(f"registry record must be a JSON object, got {type(data).__name__}")
-        values = {f.name: data.get(f.name, _MISSING) for f in fields(cls)}
+        values = {f.name: data.get(f.name, _MISSING) for f in fields(cls)
+                  if f.name in data or f.default_factory is MISSING}
         missing = [name for name, value in values.items() if value is _MISSING]
         if missing:
             raise WireError(f"registry record lacks {', '.join(missing)}: {data!r}")
@@ -102,6 +107,10 @@ def _check_record(values: dict[str, Any]) -> None:
     for name, allowed in (("action", ACTIONS), ("kind", KINDS), ("backend", BACKENDS)):
         if values[name] not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}")
+    files = values.get("files", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        problems.append("files must be an object of file names to sha256 digests")
     if values["upstream_model"] is not None and not isinstance(values["upstream_model"], str):
         problems.append("upstream_model must be a string or null")
     previous = values["previous_version"]

@@ -66,8 +66,9 @@ class Registry:
 
         ``backend="onnx"``: ``path`` is the artifact (see ``inspect_artifact``), checked and
         hashed here. ``backend="openai"``: no path, ``upstream_model`` required. If the active
-        version already has the same kind, backend, path, sha256 and upstream model, nothing is
-        appended and ``(active record, False)`` is returned, so retrying a promote is safe.
+        version already has the same kind, backend, path, sha256, files and upstream model,
+        nothing is appended and ``(active record, False)`` is returned, so retrying a promote is
+        safe.
         Raise InvalidRequest (bad or reserved name, kind, backend or upstream model), ArtifactError (bad
         artifact) or Conflict (``name`` is a model of another kind).
         """
@@ -89,6 +90,7 @@ class Registry:
                                      "backend 'openai': leave it out for an onnx model", "model")
             artifact = inspect_artifact(self.model_root, path, kind)
             rel_path, sha256, upstream = artifact.rel_path, artifact.sha256, None
+            files = artifact.files
         else:
             if path:
                 raise InvalidRequest("backend 'openai' takes no path: leave it empty and name "
@@ -99,6 +101,7 @@ class Registry:
                                      "promote): the model name the upstream API serves, e.g. "
                                      "'gpt-4o-mini'", "model")
             rel_path, sha256, upstream = "", "", upstream_model.strip()
+            files = {}
 
         def make(records: list[Record]) -> Record:
             state = replay(records)
@@ -107,15 +110,15 @@ class Registry:
             if model is not None and model.kind != kind:
                 raise Conflict(f"model {name!r} has kind {model.kind}; a name cannot change "
                                f"kind: promote the {kind} model under another name")
-            if active is not None and (active.backend, active.path, active.sha256,
+            if active is not None and (active.backend, active.path, active.sha256, active.files,
                                        active.upstream_model) == (backend, rel_path, sha256,
-                                                                  upstream):
+                                                                  files, upstream):
                 raise _Unchanged(active)
             return Record(seq=state.last_seq + 1, time=utc_now(), action="promote", name=name,
                           kind=kind, version=(model.max_version if model else 0) + 1,
                           path=rel_path, sha256=sha256, backend=backend,
                           upstream_model=upstream, actor=actor, reason=reason,
-                          previous_version=active.version if active else None)
+                          previous_version=active.version if active else None, files=files)
 
         try:
             record, state = self._append(make)
@@ -147,7 +150,7 @@ class Registry:
                           kind=restored.kind, version=restored.version, path=restored.path,
                           sha256=restored.sha256, backend=restored.backend,
                           upstream_model=restored.upstream_model, actor=actor, reason=reason,
-                          previous_version=current)
+                          previous_version=current, files=restored.files)
 
         record, state = self._append(make)
         self._mirror(record, state)
@@ -155,8 +158,12 @@ class Registry:
 
     def history(self, name: str | None = None) -> list[Record]:
         """Every record in seq order, or only those of ``name``, read from the file.
-        Raise ModelNotFound when ``name`` has none."""
+        Raise ModelNotFound when ``name`` has none, RegistryUnavailable when the file is behind
+        the mirror (moved away or replaced by an older copy: it would hide records)."""
         records = self.history_file.read()
+        behind = self._behind(records[-1].seq if records else 0)
+        if behind:
+            raise RegistryUnavailable(behind)
         if name is None:
             return records
         mine = [r for r in records if r.name == name]
@@ -165,8 +172,10 @@ class Registry:
         return mine
 
     def list_active(self) -> list[Record]:
-        """The active record of every model, sorted by name, replayed from the file."""
-        return replay(self.history_file.read()).list_active()
+        """The active record of every model, sorted by name, read from the mirror (rebuilt
+        first if behind) as ``resolve`` reads one: what the workers serve."""
+        self.ensure_mirror()
+        return self.mirror.list_active()
 
     def resolve(self, ref: str, kind: str | None = None) -> Record:
         """The record ``name`` or ``name@version`` names, read from the mirror (rebuilt first
@@ -211,20 +220,26 @@ class Registry:
         return record, replay([*before[0], record])
 
     def _check_not_behind(self, file_seq: int) -> None:
-        """Conflict when the mirror workers read is past the file's last seq: the file was
-        replaced by an older copy (or another file), and a change appended to it would never
-        reach the mirror. Unchecked while Redis is down (the change then stands in the file
-        and ensure_mirror() applies it later)."""
+        """Conflict when the mirror workers read is past the file's last seq: a change appended
+        to it would never reach the mirror."""
+        behind = self._behind(file_seq)
+        if behind:
+            raise Conflict(f"{behind}; nothing was changed")
+
+    def _behind(self, file_seq: int) -> str:
+        """Why the file is behind the mirror workers read (its last seq lower: it was moved
+        away or replaced by an older copy), or "" when it is not. Unchecked while Redis is
+        down (a change then stands in the file and ensure_mirror() applies it later)."""
         try:
             mirror_seq = self.mirror.seq()
         except Unavailable:
-            return
-        if mirror_seq is not None and mirror_seq > file_seq:
-            raise Conflict(
-                f"{self.history_file.path.name} ends at seq {file_seq}, but the Redis mirror "
-                f"workers serve from is at seq {mirror_seq}: the file was replaced by an older "
-                "copy. Restore the newest history.jsonl (or set BANTER_REGISTRY_PATH to it); "
-                "nothing was changed")
+            return ""
+        if mirror_seq is None or mirror_seq <= file_seq:
+            return ""
+        return (f"{self.history_file.path.name} ends at seq {file_seq}, but the Redis mirror "
+                f"workers serve from is at seq {mirror_seq}: the file was moved away or "
+                "replaced by an older copy. Restore the newest history.jsonl (or set "
+                "BANTER_REGISTRY_PATH to it)")
 
     def _mirror(self, record: Record, state: RegistryState) -> None:
         """Mirror a change already in the file; a Redis failure is logged, not raised: the

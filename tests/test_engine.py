@@ -134,6 +134,32 @@ def test_checksum_mismatch_loads_nothing(specs):
     assert fresh.loaded() == []
 
 
+def test_companion_files_changed_since_promote_load_nothing(specs, tmp_path):
+    """A recorded companion edited or gone, or one there that was not at promote: refused
+    (the tokenizer and config decide what the model's tokens mean) before any session."""
+    source = specs["gpt"].model_path.parent
+    directory = shutil.copytree(source, tmp_path / "gpt")
+    files = tuple(sorted((name, sha256_file(directory / name))
+                         for name in ("tokenizer.json", "config.json")))
+    spec = replace(specs["gpt"], model_path=directory / "model.onnx",
+                   tokenizer_path=directory / "tokenizer.json", files=files)
+    edits = [("tokenizer.json", "changed", lambda p: p.write_text(p.read_text() + " ")),
+             ("config.json", "is gone", lambda p: p.unlink()),
+             ("tokenizer_config.json", "was not there", lambda p: p.write_text("{}"))]
+    for name, needle, edit in edits:
+        original = (directory / name).read_bytes() if (directory / name).exists() else None
+        edit(directory / name)
+        fresh = RunnerCache()
+        with pytest.raises(ChecksumMismatch, match=needle if needle != "changed" else "has sha256"):
+            fresh.get(spec)
+        assert fresh.loaded() == []
+        if original is None:
+            (directory / name).unlink()
+        else:
+            (directory / name).write_bytes(original)
+    assert RunnerCache().get(spec).spec == spec  # as promoted again: it loads
+
+
 def test_a_model_whose_shapes_do_not_add_up_fails_at_load_saying_so(specs, tmp_path):
     """Heads that do not divide the width pass every static check (promote's too), but no
     pass can run: the load's one-token trial pass says so, instead of every job's pass

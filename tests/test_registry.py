@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 from banter import keys
-from banter.errors import ArtifactError, Conflict, InvalidRequest, ModelNotFound, WireError
+from banter.errors import ArtifactError, Conflict, InvalidRequest, ModelNotFound, RegistryUnavailable, WireError
 from registry.history import HistoryFile
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import Record
@@ -403,7 +403,8 @@ def test_flushall_then_ensure_mirror_rebuilds(reg: Registry, client: redis.Redis
 def test_a_file_older_than_the_mirror_takes_no_change(reg: Registry, history_path: Path):
     """history.jsonl restored from an older copy (or moved away) while the mirror workers
     serve from is further on: a change appended to it would never reach the mirror, so
-    promote and rollback refuse (409) and write nothing."""
+    promote and rollback refuse (409) and write nothing; the history it would show is short,
+    so reading it is refused too (503), and the models listed are the mirror's, as served."""
     reg.promote("gpt", "generate", "gpt-a")
     reg.promote("gpt", "generate", "gpt-b")
     first = lines(history_path)[0]
@@ -412,10 +413,16 @@ def test_a_file_older_than_the_mirror_takes_no_change(reg: Registry, history_pat
         with pytest.raises(Conflict, match="ends at seq 1, but the Redis mirror workers serve "
                                            "from is at seq 2"):
             change()
+    with pytest.raises(RegistryUnavailable, match="ends at seq 1"):
+        reg.history()
+    assert [(r.name, r.version) for r in reg.list_active()] == [("gpt", 2)]
     assert lines(history_path) == [first]
     history_path.unlink()  # moved away altogether
     with pytest.raises(Conflict, match="ends at seq 0"):
         reg.promote("emb", "embed", "emb")
+    with pytest.raises(RegistryUnavailable, match="ends at seq 0"):
+        reg.history("gpt")
+    assert [(r.name, r.version) for r in reg.list_active()] == [("gpt", 2)]
     assert not history_path.exists() or lines(history_path) == []
     assert reg.mirror.seq() == 2 and reg.mirror.active("gpt").version == 2
 
@@ -485,9 +492,24 @@ def test_record_json_round_trip_and_errors():
     assert Record.from_json(record.to_json().encode()) == record
     for bad in ("nope", "[]", json.dumps({"seq": 1}),
                 record.to_json().replace('"version":1', '"version":"1"'),
-                record.to_json().replace('"kind":"embed"', '"kind":"other"')):
+                record.to_json().replace('"kind":"embed"', '"kind":"other"'),
+                record.to_json().replace('"files":{}', '"files":["tokenizer.json"]'),
+                record.to_json().replace('"files":{}', '"files":{"tokenizer.json":1}')):
         with pytest.raises(WireError):
             Record.from_json(bad)
+
+
+def test_a_record_written_before_companion_digests_still_reads():
+    """history.jsonl lines of an earlier release have no ``files``: they read (the worker
+    then verifies model.onnx only), and a record with them round-trips."""
+    line = json.dumps({"seq": 1, "time": "2024-01-01T00:00:00.000Z", "action": "promote",
+                       "name": "m", "kind": "embed", "version": 1, "path": "m/model.onnx",
+                       "sha256": "ab", "backend": "onnx", "upstream_model": None, "actor": "a",
+                       "reason": "", "previous_version": None})
+    old = Record.from_json(line)
+    assert old.files == {}
+    new = replace(old, files={"tokenizer.json": "cd"})
+    assert Record.from_json(new.to_json()) == new
 
 
 def test_history_file_refuses_a_wrong_seq_and_creates_dirs(tmp_path: Path):

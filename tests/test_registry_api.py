@@ -27,7 +27,7 @@ from producer.app import create_app
 from tests.conftest import Api, Server
 
 RECORD_FIELDS = {"seq", "time", "action", "name", "kind", "version", "path", "sha256", "backend",
-                 "upstream_model", "actor", "reason", "previous_version", "ref"}
+                 "upstream_model", "actor", "reason", "previous_version", "files", "ref"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -37,6 +37,13 @@ def fresh_name(prefix: str) -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def companions(directory: Path) -> dict[str, str]:
+    """What a record's ``files`` must hold for the artifact in ``directory``."""
+    return {name: sha256(directory / name) for name in
+            ("tokenizer.json", "config.json", "tokenizer_config.json")
+            if (directory / name).is_file()}
 
 
 def copy_model(source: Path, target: Path) -> Path:
@@ -116,7 +123,7 @@ def test_promote_versions_and_idempotent_repeat(api, settings, embed_model):
         "seq": before + 1, "action": "promote", "name": name, "kind": "embed", "version": 1,
         "path": f"{name}/v1/model.onnx", "sha256": sha256(v1 / "model.onnx"),
         "backend": "onnx", "upstream_model": None, "reason": "first cut",
-        "previous_version": None, "ref": f"{name}@1"}
+        "previous_version": None, "ref": f"{name}@1", "files": companions(v1)}
     assert isinstance(r1["actor"], str) and r1["actor"]
     assert len(history_lines(settings)) == before + 1
 
@@ -156,6 +163,32 @@ def test_promote_versions_and_idempotent_repeat(api, settings, embed_model):
     assert everything[-2:] == [r1, r2]
 
 
+def test_a_tokenizer_changed_after_promote_is_not_served(api, settings, demo_models):
+    """The tokenizer decides what text a model's tokens are: one edited after promote (here
+    re-indented: the same tokens, other bytes) is refused like a changed model.onnx, until the
+    file is promoted again, which makes a new version instead of answering "unchanged"."""
+    name = fresh_name("reg-tok")
+    directory = copy_model(demo_models[DEMO_GPT], settings.model_root / name)
+    first = promote(api, name, "generate", name)
+    assert first.status_code == 201 and first.json()["files"] == companions(directory)
+    assert set(first.json()["files"]) >= {"tokenizer.json", "config.json"}
+    tokenizer = directory / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "model": name,
+                                "params": {"max_tokens": 2}}).json()
+    failed = api.wait_job(job["id"])
+    assert failed["status"] == "failed" and failed["error"]["type"] == "checksum_mismatch"
+
+    again = promote(api, name, "generate", name, reason="tokenizer re-indented")
+    assert again.status_code == 201, again.text
+    assert again.json()["version"] == 2 and again.json()["files"] == companions(directory)
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "model": name,
+                                "params": {"max_tokens": 2}}).json()
+    done = api.wait_job(job["id"])
+    assert done["status"] == "succeeded" and done["version"] == 2
+
+
 def test_history_of_unknown_name_is_404(api):
     response = api.get("/v1/models/history", params={"name": fresh_name("nobody")})
     assert_error(response, 404, "model_not_found", "no model named")
@@ -176,7 +209,7 @@ def test_rollback_restores_the_previous_version_once(api, settings, embed_model)
         "seq": r2["seq"] + 1, "action": "rollback", "name": name, "kind": "embed",
         "version": 1, "path": r1["path"], "sha256": sha256(v1 / "model.onnx"),
         "backend": "onnx", "upstream_model": None, "reason": "v2 is worse",
-        "previous_version": 2, "ref": f"{name}@1"}
+        "previous_version": 2, "ref": f"{name}@1", "files": companions(v1)}
     assert history_lines(settings)[before:] == [{k: v for k, v in back.items() if k != "ref"}]
     listed = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
     assert listed[name]["version"] == 1

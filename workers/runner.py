@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
 from banter.settings import KV_LAYOUTS
-from registry.artifacts import sha256_file
+from registry.artifacts import COMPANIONS, sha256_file
 from workers import inplace
 from workers.batching import decode_feeds, pack_rows, prompt_feeds
 from workers.kvpacker import KVPacker
@@ -32,7 +32,9 @@ PRESENT_PREFIX = "present."
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registered model version: what to load and the sha256 its ``model.onnx`` must have."""
+    """One registered model version: what to load, the sha256 its ``model.onnx`` must have and
+    ``files``, the registry record's companion digests as ``(name, sha256)`` pairs (empty: the
+    companions are not verified, as for a record written before they were recorded)."""
 
     name: str
     version: int
@@ -41,6 +43,7 @@ class ModelSpec:
     tokenizer_path: Path
     sha256: str
     backend: str = "onnx"
+    files: tuple[tuple[str, str], ...] = ()
 
 
 def select_providers(use_gpu: bool) -> list[str]:
@@ -51,6 +54,8 @@ def select_providers(use_gpu: bool) -> list[str]:
 
 
 def _verify(spec: ModelSpec) -> None:
+    """ChecksumMismatch unless ``model.onnx`` and its companions are as they were promoted:
+    each recorded companion there with its digest, and none there that was not."""
     try:
         actual = sha256_file(spec.model_path)
     except OSError as exc:
@@ -59,6 +64,21 @@ def _verify(spec: ModelSpec) -> None:
         raise ChecksumMismatch(
             f"sha256 of {spec.model_path} is {actual}, the registry expects {spec.sha256}; "
             "the artifact changed since it was promoted: promote it again or restore the file")
+    if not spec.files:
+        return
+    expected = dict(spec.files)
+    for name in COMPANIONS:
+        path = spec.model_path.parent / name
+        try:
+            found = sha256_file(path) if path.exists() else None
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+        if found != expected.get(name):
+            what = ("was not there when the model was promoted" if name not in expected else
+                    "is gone" if found is None else f"has sha256 {found}, the registry expects "
+                    f"{expected[name]}")
+            raise ChecksumMismatch(f"{path} {what}; the artifact changed since it was "
+                                   "promoted: promote it again or restore the file")
 
 
 def _load_config(model_path: Path) -> dict[str, Any]:

@@ -348,7 +348,8 @@ class WorkerRuntime:
         model_path = self.settings.model_root / model.path
         spec = ModelSpec(name=model.name, version=model.version, kind=model.kind,
                          model_path=model_path, tokenizer_path=model_path.parent / "tokenizer.json",
-                         sha256=model.sha256, backend=model.backend)
+                         sha256=model.sha256, backend=model.backend,
+                         files=tuple(sorted(model.files.items())))
         try:
             future = self._submit(record, spec)
         except InvalidRequest:  # the input does not fit this version: its record says which
