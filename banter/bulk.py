@@ -12,6 +12,7 @@ over HTTP, one ``POST /v1/batches/requests`` per line, at most ``max_in_flight``
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -153,6 +155,32 @@ def check_writable(path: Path) -> None:
         raise BulkFileError(f"{path}: the directory {path.parent} does not exist")
 
 
+@contextmanager
+def locked_output(out_path: Path) -> Iterator[int]:
+    """An O_APPEND descriptor of ``out_path`` (created if missing) under an exclusive ``flock``
+    for the whole run, so that two runs never append the same results to one output file (nor
+    rewrite its default errors file). BulkFileError, with nothing written, when another run
+    holds the lock. A file created here is removed again if the run stops before writing a
+    line (a bad input file leaves no empty output behind)."""
+    created = not out_path.exists()
+    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BulkFileError(f"{out_path} is in use by another banter bulk run: let it finish "
+                            "(or stop it and run again to resume), or give another --out. "
+                            "Nothing was sent.") from None
+    try:
+        yield fd
+    except BaseException:
+        if created and os.fstat(fd).st_size == 0:
+            out_path.unlink(missing_ok=True)  # still locked: no other run can have taken it
+        raise
+    finally:
+        os.close(fd)
+
+
 def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of every non-blank line, read one at a time."""
     with open(path, "rb") as file:
@@ -260,10 +288,17 @@ def run(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path:
 
     Two passes over the input (check, then send), so memory holds the custom_id index, not the
     file. ``max_in_flight`` threads each send one request at a time (each with its own client
-    from ``make_client``); only this thread writes ``out_path``, one ``write`` per line."""
+    from ``make_client``); only this thread writes ``out_path``, one ``write`` per line, under
+    ``locked_output``'s lock from before the input is read until the end."""
     for path in (out_path, err_path):
         check_writable(path)
     make_client().request("GET", "/healthz")  # a wrong --url stops the run before it writes
+    with locked_output(out_path) as fd:
+        return _run_locked(make_client, in_path, out_path, err_path, max_in_flight, fd)
+
+
+def _run_locked(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path: Path,
+                max_in_flight: int, fd: int) -> Summary:
     scan = scan_input(in_path, err_path)
     finished = load_finished(out_path)
     summary = Summary(total=scan.total, invalid=scan.invalid,
@@ -277,27 +312,23 @@ def run(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path:
     for _ in range(max_in_flight):
         threading.Thread(target=_work, args=(make_client, digest, work, results),
                          daemon=True).start()
-    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        with tqdm(total=todo, unit="req", file=sys.stderr, smoothing=0.05) as bar:
-            running = max_in_flight
-            while running:
-                item = results.get()
-                if item is _WORKER_DONE:
-                    running -= 1
-                    continue
-                if isinstance(item, Exception):
-                    raise item
-                _append(fd, _json_line(item))
-                if succeeded(item):
-                    summary.completed += 1
-                else:
-                    summary.failed += 1
-                bar.update(1)
-                bar.set_postfix(failed=summary.failed, refresh=False)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with tqdm(total=todo, unit="req", file=sys.stderr, smoothing=0.05) as bar:
+        running = max_in_flight
+        while running:
+            item = results.get()
+            if item is _WORKER_DONE:
+                running -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            _append(fd, _json_line(item))
+            if succeeded(item):
+                summary.completed += 1
+            else:
+                summary.failed += 1
+            bar.update(1)
+            bar.set_postfix(failed=summary.failed, refresh=False)
+    os.fsync(fd)
     return summary
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import asdict
@@ -23,6 +24,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+JOB_ID = re.compile(r"[A-Za-z0-9-]+")
 
 
 def _client(args: argparse.Namespace):
@@ -72,9 +74,11 @@ def cmd_submit(args, settings: Settings) -> int:
     client = _client(args)
     model = {"model": args.model} if args.model else {}
     if args.embed:
-        if args.stream or args.max_tokens is not None:
-            print("banter: --stream and --max-tokens are for generation, not --embed",
-                  file=sys.stderr)
+        given = [name for name, value in (("--stream", args.stream),
+                                          ("--max-tokens", args.max_tokens is not None)) if value]
+        if given:
+            print(f"banter: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                  "generation, not --embed", file=sys.stderr)
             return EXIT_USAGE
         body = {"input": args.text, **model}
         print(json.dumps(client.request("POST", "/v1/embeddings", body)["data"][0]["embedding"]))
@@ -229,29 +233,47 @@ def cmd_models(args, settings: Settings) -> int:
 
 def cmd_models_import(args, settings: Settings) -> int:
     """Convert a local Hugging Face model directory (or write a random GPT-2-small-shaped
-    decoder) into the model root; print where, and the promote command to run."""
+    decoder) into the model root; print where, and the promote command to run (or, for a
+    directory outside the model root, what to do first). Exit 2 for a bad argument
+    (BadImportArgument), 1 when a usable directory cannot be converted."""
+    from banter import importer
+
+    if not args.random_gpt2_small and args.dir is None:
+        print("banter: give the model directory to import (or --random-gpt2-small)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = _import(args, settings)
+    except importer.BadImportArgument as exc:
+        print(f"banter: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"imported {result.model_type} ({result.kind} model) in {result.seconds:.1f} s "
+          f"(max |onnx - numpy reference| {result.max_abs_diff:.2g})", file=sys.stderr)
+    print(result.path.resolve())
+    command = importer.promote_command(settings.model_root, result)
+    if command is None:
+        print(f"banter: {result.path.resolve()} is outside the model root "
+              f"{settings.model_root} (BANTER_MODEL_ROOT), so it cannot be promoted from there: "
+              f"move or copy it under the model root (e.g. to {settings.model_root / result.name}"
+              f", then run: banter models promote {result.name} {result.name} --kind "
+              f"{result.kind}), or set BANTER_MODEL_ROOT to a directory that holds it, for the "
+              "producer and workers too", file=sys.stderr)
+    else:
+        print(command)
+    return EXIT_OK
+
+
+def _import(args, settings: Settings):
+    """Run the import ``args`` ask for; its ``importer.Imported``."""
     from banter import importer
 
     if args.random_gpt2_small:
         name = importer.check_name(args.name or "gpt2-small-random")
         out = args.out or args.dir or settings.model_root / name
-        result = importer.write_random_gpt2(out, name=name, overwrite=args.overwrite)
-    elif args.dir is None:
-        print("banter: give the model directory to import (or --random-gpt2-small)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    else:
-        name = importer.check_name(args.name or importer.default_name(args.dir))
-        result = importer.import_model(args.dir, args.out or settings.model_root / name,
-                                       name=name, kind=args.kind, overwrite=args.overwrite)
-    print(f"imported {result.model_type} ({result.kind} model) in {result.seconds:.1f} s "
-          f"(max |onnx - numpy reference| {result.max_abs_diff:.2g})", file=sys.stderr)
-    print(result.path.resolve())
-    if not result.path.resolve().is_relative_to(settings.model_root):
-        print(f"note: {result.path} is outside the model root {settings.model_root}: move it "
-              "there before promoting", file=sys.stderr)
-    print(importer.promote_command(settings.model_root, result))
-    return EXIT_OK
+        return importer.write_random_gpt2(out, name=name, overwrite=args.overwrite)
+    name = importer.check_name(args.name or importer.default_name(args.dir))
+    return importer.import_model(args.dir, args.out or settings.model_root / name,
+                                 name=name, kind=args.kind, overwrite=args.overwrite)
 
 
 def server_url(raw: str) -> str:
@@ -259,6 +281,16 @@ def server_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an http:// or https:// URL with a host")
+    return raw
+
+
+def job_id(raw: str) -> str:
+    """``JOB_ID``: letters, digits and '-' only (a job id is a UUID), so that it names one
+    job's path: an empty id, a space or a '/' is a usage error (exit 2), not a 404."""
+    if not JOB_ID.fullmatch(raw):
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a job id: a job id is the UUID that POST /v1/jobs answers and "
+            "'banter submit --stream' prints (job ID), e.g. 0c6f7a4e-5b1d-4c3a-9e2f-1a2b3c4d5e6f")
     return raw
 
 
@@ -328,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     stream = sub.add_parser("stream", help="print a job's tokens (replay, then live)")
-    stream.add_argument("job_id")
+    stream.add_argument("job_id", type=job_id)
     client_args(stream)
     stream.set_defaults(func=cmd_stream)
 

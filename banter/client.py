@@ -9,6 +9,10 @@ import requests
 
 from banter.errors import BanterError, Unavailable, from_dict
 
+# the error types of a 404 for the route itself: Flask's (the producer's JSON of it) and a
+# server that answers no banterhearts error body at all
+ROUTE_NOT_FOUND = ("not_found", "http_error")
+
 
 def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
     """``(event, data)`` of a banterhearts SSE response (``event:``/``data:`` lines, JSON
@@ -71,8 +75,16 @@ class Client:
                 error = response.json()["error"]
             except (ValueError, KeyError, TypeError):
                 error = {"type": "http_error", "message": f"HTTP {response.status_code}"}
+            if response.status_code == 404 and error.get("type") in ROUTE_NOT_FOUND:
+                error = {**error, "message": self._no_such_route(method, path)}
             raise from_dict(error)
         return response
+
+    def _no_such_route(self, method: str, path: str) -> str:
+        """The message for a 404 of the route itself (not of a job or model it names): the
+        usual cause is a ``--url`` with a path, which every request path is appended to."""
+        return (f"{self.url} does not serve {method} {path} (HTTP 404): --url (or BANTER_URL) "
+                "must be the producer's base URL, without a path, e.g. http://127.0.0.1:8000")
 
 
 __all__ = ["Client", "BanterError"]

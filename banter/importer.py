@@ -56,6 +56,14 @@ class ImportFailed(BanterError):
     type = "import_failed"
 
 
+class BadImportArgument(ImportFailed):
+    """An argument of the import cannot be used (a source that is not a directory, a bad
+    name, a kind the model is not, an output directory that cannot take the files): the CLI
+    exits 2 for it, as for any bad argument, and 1 for other ImportFailed errors."""
+
+    type = "invalid_import_argument"
+
+
 @dataclass(frozen=True)
 class Imported:
     """What ``import_model`` / ``write_random_gpt2`` wrote."""
@@ -475,16 +483,16 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def check_out(out: Path, overwrite: bool = False) -> None:
-    """ImportFailed unless ``out`` can take an import: nothing there yet, an empty directory,
-    or (``overwrite``) a directory whose files may be replaced. Refusing by default keeps an
+    """BadImportArgument unless ``out`` can take an import: nothing there yet, an empty
+    directory, or (``overwrite``) a directory whose files may be replaced. Refusing by default keeps an
     import from rewriting the artifact a promoted version is served from (its workers would
     then fail its checksum)."""
     if out.exists() and not out.is_dir():
-        raise ImportFailed(f"{out} exists and is not a directory")
+        raise BadImportArgument(f"{out} exists and is not a directory: give --out a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ImportFailed(f"{out} already holds files, perhaps an artifact a promoted version "
-                           "is served from: import under another --name or --out, or pass "
-                           "--overwrite to replace them")
+        raise BadImportArgument(f"{out} already holds files, perhaps an artifact a promoted "
+                                "version is served from: import under another --name or --out, "
+                                "or pass --overwrite to replace them")
 
 
 def _write_out(out: Path, model: bytes, tok: Tokenizer, config: dict) -> None:
@@ -494,7 +502,7 @@ def _write_out(out: Path, model: bytes, tok: Tokenizer, config: dict) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ImportFailed(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise BadImportArgument(f"cannot write {out}: {exc.strerror or exc}") from None
     _write(out / "model.onnx", model)
     _write(out / "tokenizer.json", tok.to_str(pretty=True).encode())
     _write(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -518,8 +526,8 @@ def default_name(src: Path) -> str:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name) or ".." in name:
-        raise ImportFailed(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
-                           "starting with a letter or digit")
+        raise BadImportArgument(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or "
+                                "'-', starting with a letter or digit")
     return name
 
 
@@ -527,12 +535,15 @@ def import_model(src: Path | str, out: Path | str, *, name: str | None = None,
                  kind: str | None = None, overwrite: bool = False) -> Imported:
     """Convert the Hugging Face model directory ``src`` into ``out`` (model.onnx,
     tokenizer.json, config.json). ``kind`` is checked against the model type when given.
-    Raises ImportFailed (nothing written) when the directory cannot be served faithfully, or
-    when ``out`` already holds files and ``overwrite`` is not set (``check_out``)."""
+    Raises BadImportArgument (nothing written) when ``src`` is not a directory, ``name`` or
+    ``kind`` does not fit, or ``out`` cannot take the files (``check_out``); ImportFailed
+    (nothing written) when the directory cannot be served faithfully."""
     started = time.perf_counter()
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
-        raise ImportFailed(f"{src} is not a directory")
+        problem = "is not a directory" if src.exists() else "does not exist"
+        raise BadImportArgument(f"{src} {problem}: give a Hugging Face model directory "
+                                "(config.json, model.safetensors, tokenizer.json)")
     check_out(out, overwrite)
     config = read_config(src)
     model_type = config.get("model_type", "")
@@ -541,7 +552,8 @@ def import_model(src: Path | str, out: Path | str, *, name: str | None = None,
                            f"handles {', '.join(sorted(SUPPORTED))}")
     want = SUPPORTED[model_type]
     if kind not in (None, want):
-        raise ImportFailed(f"a {model_type} model is imported as {want!r}, not {kind!r}")
+        raise BadImportArgument(f"a {model_type} model is imported as {want!r}, not {kind!r}: "
+                                f"pass --kind {want} or leave --kind out")
     name = check_name(name or default_name(src))
     if want == "embed":
         _check_pooling(src)
@@ -593,8 +605,11 @@ def write_random_gpt2(out: Path | str, *, name: str = "gpt2-small-random", seed:
     return Imported(out, name, "generate", "gpt2", diff, time.perf_counter() - started)
 
 
-def promote_command(model_root: Path, result: Imported) -> str:
-    """The ``banter models promote`` line for ``result`` (its path relative to the model root)."""
+def promote_command(model_root: Path, result: Imported) -> str | None:
+    """The ``banter models promote`` line for ``result`` (its path relative to the model root);
+    None when it lies outside the model root, where promote cannot take it."""
     root, path = Path(model_root).resolve(), result.path.resolve()
-    where = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    if not path.is_relative_to(root):
+        return None
+    where = path.relative_to(root).as_posix()
     return f"banter models promote {result.name} {where} --kind {result.kind}"

@@ -5,6 +5,7 @@ uses, and the ``/v1/batches`` lifecycle."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import signal
@@ -248,6 +249,35 @@ def test_duplicate_custom_ids_are_refused_before_anything_is_sent(api, redis_cli
     assert result.stdout == ""
     assert not out.exists() and not (tmp_path / "out.errors.jsonl").exists()
     assert jobs_with(redis_client, marker) == 0
+
+
+def test_a_second_run_on_the_same_output_file_is_refused(api, redis_client, tmp_path):
+    """While a run holds OUT's lock (taken here as a run takes it), another run on the same
+    OUT exits 2 naming it, and neither sends nor writes anything; once the lock is let go the
+    same command runs."""
+    marker = f"bulk-{uuid.uuid4().hex[:8]}"
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(request_line(i, marker)) + "\n" for i in range(1, 4)))
+    args = (str(source), "--out", str(out), "--url", api.url)
+    with open(out, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = bulk(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"banter: {out} is in use by another banter bulk run" in result.stderr
+    assert "Nothing was sent" in result.stderr and result.stdout == ""
+    assert out.read_bytes() == b"" and not (tmp_path / "out.errors.jsonl").exists()
+    assert jobs_with(redis_client, marker) == 0
+    again = bulk(*args)
+    assert again.returncode == 0, again.stderr
+    assert sorted(line["custom_id"] for line in read_jsonl(out)) == ["c-1", "c-2", "c-3"]
+
+
+def test_a_missing_input_leaves_no_output_file(api, tmp_path):
+    result = bulk(str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+                  "--url", api.url)
+    assert result.returncode == 2, result.stderr
+    assert "missing.jsonl" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_file_that_is_not_ours_is_refused(api, tmp_path):

@@ -143,11 +143,26 @@ def test_models_promote_without_a_path_needs_the_openai_backend():
         in result.stderr
 
 
-@pytest.mark.parametrize("flags", [["--stream"], ["--max-tokens", "3"]])
-def test_submit_embed_refuses_generation_flags(flags):
+@pytest.mark.parametrize("flags, said", [
+    (["--stream"], "--stream is for generation, not --embed"),
+    (["--max-tokens", "3"], "--max-tokens is for generation, not --embed"),
+    (["--stream", "--max-tokens", "3"], "--stream and --max-tokens are for generation"),
+])
+def test_submit_embed_refuses_generation_flags_naming_those_given(flags, said):
     result = banter("submit", "--embed", "x", *flags, "--url", "http://127.0.0.1:1")
     assert result.returncode == 2 and result.stdout == ""
-    assert "--stream and --max-tokens are for generation, not --embed" in result.stderr
+    assert f"banter: {said}" in result.stderr
+
+
+@pytest.mark.parametrize("job_id", ["", " ", "a/b", "../jobs"])
+def test_stream_of_a_malformed_job_id_is_a_usage_error(job_id):
+    """Nothing is asked of the server (its URL here has nothing behind it, which would be
+    exit 3): the id is checked first."""
+    result = banter("stream", job_id, "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stderr
+    assert f"{job_id!r} is not a job id: a job id is the UUID that POST /v1/jobs answers" \
+        in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("command", [["producer"], ["up"], ["flower", "--unauthenticated"]])
@@ -289,6 +304,17 @@ def test_submit_unknown_model_exits_1_with_the_reason(api):
     assert result.returncode == 1
     assert result.stdout == ""
     assert "model_not_found" in result.stderr and "no-such-model" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["submit", "hi"], ["submit", "--stream", "hi"],
+                                     ["stream", "0f0f0f0f-0000-4000-8000-000000000000"]])
+def test_a_url_with_a_path_says_to_give_the_base_url(api, command):
+    result = banter(*command, "--url", api.url + "/v1")
+    assert result.returncode == 1, result.stderr
+    assert "does not serve" in result.stderr and "(HTTP 404)" in result.stderr
+    assert "--url (or BANTER_URL) must be the producer's base URL, without a path, e.g. " \
+           "http://127.0.0.1:8000" in result.stderr
+    assert "requested URL was not found" not in result.stderr and result.stdout == ""
 
 
 def test_submit_to_an_unreachable_server_exits_3():

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file  # the [import] extra, part of [test]
 
 from banter import cli, importer
 from banter.demo import gpt_tokenizer
-from banter.importer import ImportFailed, import_model, reference_bert, reference_gpt2
+from banter.importer import BadImportArgument, ImportFailed, import_model, reference_bert, reference_gpt2
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
 from banter.settings import Settings
@@ -268,34 +268,78 @@ def test_import_refusals(tmp_path, minilm_src):
     for src, words in cases:
         with pytest.raises(ImportFailed, match=words):
             import_model(src, tmp_path / "out")
-    with pytest.raises(ImportFailed, match="embed"):
+    with pytest.raises(BadImportArgument, match="embed"):
         import_model(minilm_src, tmp_path / "out", kind="generate")
     assert not (tmp_path / "out").exists()  # nothing written on refusal
 
 
-def test_cli_import(tied_gpt2, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def tiny_src(tied_gpt2, tmp_path) -> Path:
+    """The tiny GPT-2's Hugging Face files, where the Hub's cache would keep them."""
     src = tmp_path / "models--someone--tiny-gpt2" / "snapshots" / ("a" * 40)
     src.mkdir(parents=True)
     for f in ("config.json", "tokenizer.json"):
         (src / f).write_text((tied_gpt2[0] / f).read_text())
     save_file(tied_gpt2[2], str(src / "model.safetensors"))
+    return src
+
+
+def test_cli_import(tiny_src, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BANTER_HOME", str(tmp_path / "home"))
-    assert cli.main(["models", "import", str(src)]) == cli.EXIT_OK
+    assert cli.main(["models", "import", str(tiny_src)]) == cli.EXIT_OK
     lines = capsys.readouterr().out.splitlines()
     root = (tmp_path / "home" / "models").resolve()
     assert lines == [str(root / "tiny-gpt2"), "banter models promote tiny-gpt2 tiny-gpt2 --kind generate"]
-    assert cli.main(["models", "import", str(src), "--kind", "embed"]) == cli.EXIT_FAILED
-    assert "import_failed" in capsys.readouterr().err
     # the same name again would rewrite the files a promoted version is served from
     served = (root / "tiny-gpt2" / "model.onnx").read_bytes()
-    assert cli.main(["models", "import", str(src)]) == cli.EXIT_FAILED
+    assert cli.main(["models", "import", str(tiny_src)]) == cli.EXIT_USAGE
     assert "already holds files" in capsys.readouterr().err
     assert (root / "tiny-gpt2" / "model.onnx").read_bytes() == served
-    assert cli.main(["models", "import", str(src), "--overwrite"]) == cli.EXIT_OK
-    capsys.readouterr()
-    for out in ("/proc/no-such-dir", "/etc/passwd"):  # a clear error, never a traceback
-        assert cli.main(["models", "import", str(src), "--out", out]) == cli.EXIT_FAILED
-        assert "import_failed" in capsys.readouterr().err
+    assert cli.main(["models", "import", str(tiny_src), "--overwrite"]) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize("args, said", [
+    (["/nonexistent"], "banter: /nonexistent does not exist: give a Hugging Face model directory"),
+    (["/etc/passwd"], "banter: /etc/passwd is not a directory: give a Hugging Face model directory"),
+    (["SRC", "--name", "bad name"], "banter: model name 'bad name' must be 1-64 letters"),
+    (["SRC", "--kind", "embed"], "banter: a gpt2 model is imported as 'generate', not 'embed': "
+                                 "pass --kind generate or leave --kind out"),
+    (["SRC", "--out", "/etc/passwd"], "banter: /etc/passwd exists and is not a directory"),
+    (["SRC", "--out", "/proc/no-such-dir"], "banter: cannot write /proc/no-such-dir"),
+    (["--random-gpt2-small", "--name", "../up"], "banter: model name '../up' must be"),
+])
+def test_cli_import_bad_arguments_exit_2(tiny_src, tmp_path, monkeypatch, capsys, args, said):
+    """A bad argument is exit 2 with the reason on one line (never a traceback), as for
+    every command; nothing is written."""
+    monkeypatch.setenv("BANTER_HOME", str(tmp_path / "home"))
+    args = [str(tiny_src) if a == "SRC" else a for a in args]
+    assert cli.main(["models", "import", *args]) == cli.EXIT_USAGE
+    out = capsys.readouterr()
+    assert out.err.startswith(said) and out.err.count("\n") == 1 and out.out == ""
+    assert not (tmp_path / "home" / "models").exists()
+
+
+def test_cli_import_a_directory_that_cannot_be_converted_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BANTER_HOME", str(tmp_path / "home"))
+    src = _hf_dir(tmp_path / "t5", {"model_type": "t5"}, {})
+    assert cli.main(["models", "import", str(src)]) == cli.EXIT_FAILED
+    assert "banter: import_failed: model_type 't5' is not supported" in capsys.readouterr().err
+
+
+def test_cli_import_outside_the_model_root_says_what_to_do_first(tiny_src, tmp_path, monkeypatch,
+                                                                  capsys):
+    """promote takes only paths under the model root: no promote command that cannot work."""
+    monkeypatch.setenv("BANTER_HOME", str(tmp_path / "home"))
+    elsewhere = tmp_path / "elsewhere"
+    assert cli.main(["models", "import", str(tiny_src), "--out", str(elsewhere)]) == cli.EXIT_OK
+    out = capsys.readouterr()
+    root = (tmp_path / "home" / "models").resolve()
+    assert out.out.splitlines() == [str(elsewhere.resolve())]
+    assert f"banter: {elsewhere.resolve()} is outside the model root {root} (BANTER_MODEL_ROOT), " \
+           "so it cannot be promoted from there: move or copy it under the model root (e.g. to " \
+           f"{root / 'tiny-gpt2'}, then run: banter models promote tiny-gpt2 tiny-gpt2 --kind " \
+           "generate), or set BANTER_MODEL_ROOT to a directory that holds it" in out.err
+    assert (elsewhere / "model.onnx").is_file()
 
 
 # ----------------------------------------------------------------------------- served
