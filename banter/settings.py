@@ -108,6 +108,7 @@ class Settings:
     batch_window_ms: float = 5.0
     bulk_pass_ms: float = 25.0  # a pass with bulk embeds in it is kept about this short
     max_running: int = 32
+    bulk_max_running: int = 4  # bulk generations started while interactive ones are active
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     publish_ahead_steps: int = 2  # generate steps the engine may run ahead of publishing their tokens
     prefill_overlap: str = "off"  # joining prompts' prefill beside the decode pass: off, on, auto

@@ -3,9 +3,10 @@ within 2x its idle value).
 
 One worker serves demo-embed and demo-gpt. One client sends ``--requests`` small interactive
 requests one after another, alternating ``POST /v1/embeddings`` (one short input) and
-``POST /v1/inference`` (max_tokens 1), first at idle. Then ``--submitters`` threads enqueue
-``--bulk`` embed jobs (``POST /v1/jobs``, lane ``bulk``, ~32-token inputs) as fast as the
-producer takes them (a 429 is retried after its Retry-After), and, with the backlog draining,
+``POST /v1/inference`` (``--max-tokens``, 1), first at idle. Then ``--submitters`` threads
+enqueue ``--bulk`` embed jobs (``POST /v1/jobs``, lane ``bulk``, ~32-token inputs), or with
+``--bulk-kind generate`` generate jobs of ``--bulk-max-tokens`` (60) on those sentences, as fast
+as the producer takes them (a 429 is retried after its Retry-After), and, with the backlog draining,
 the same interactive requests run again. Reported per kind: p50/p99 at idle and under backlog
 and their ratios; how much backlog was left; bulk sentences/s while measuring (the worker's
 embed items minus the interactive ones) and how long the bulk jobs that finished meanwhile
@@ -57,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submitters", type=positive, default=DEFAULT_SUBMITTERS,
                    help=f"threads enqueueing the backlog (default {DEFAULT_SUBMITTERS})")
     p.add_argument("--tokens", type=positive, default=32, help="tokens per bulk input")
+    p.add_argument("--bulk-kind", choices=("embed", "generate"), default="embed",
+                   help="the backlog's jobs: embed (default), or generate on demo-gpt")
+    p.add_argument("--bulk-max-tokens", type=positive, default=60,
+                   help="max_tokens of each bulk generate job (default 60)")
+    p.add_argument("--max-tokens", type=positive, default=1,
+                   help="max_tokens of each interactive inference request (default 1)")
     p.add_argument("--shape", choices=("demo", "minilm"), default="demo",
                    help="the encoder: demo-embed, or a MiniLM-L6-shaped one (random weights) "
                         "whose passes cost ~20x more")
@@ -75,15 +82,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class Interactive:
     """The interactive client: one session, requests one after another, kinds alternating."""
 
-    def __init__(self, stack: BenchStack, kinds: list[str], embed_model: str) -> None:
+    def __init__(self, stack: BenchStack, kinds: list[str], embed_model: str,
+                 max_tokens: int) -> None:
         self.stack = stack
         self.kinds = kinds
         self.embed_model = embed_model
+        self.max_tokens = max_tokens
         self.session = requests.Session()
 
     def one(self, kind: str) -> tuple[float, dict | None]:
         if kind == "inference":
-            return inference_once(self.session, self.stack, PROMPT)
+            return inference_once(self.session, self.stack, PROMPT, self.max_tokens)
         sent = time.perf_counter()
         post(self.session, f"{self.stack.producer_url}/v1/embeddings",
              {"input": EMBED_INPUT, "model": self.embed_model})
@@ -113,12 +122,19 @@ class Interactive:
         return out
 
 
-def enqueue(url: str, texts: list[str], submitters: int,
-            model: str) -> tuple[list[str], float, int]:
-    """POST every text as a bulk embed job from ``submitters`` threads; (ids, seconds,
-    429 answers seen)."""
-    ids: list[str | None] = [None] * len(texts)
-    cursor = iter(range(len(texts)))
+def bulk_body(kind: str, text: str, model: str, max_tokens: int) -> dict:
+    """One bulk job: an embed of ``text``, or a greedy generation from it."""
+    if kind == "embed":
+        return {"kind": "embed", "input": text, "lane": "bulk", "model": model}
+    return {"kind": "generate", "input": text, "lane": "bulk", "model": model,
+            "params": {"max_tokens": max_tokens, "temperature": 0}}
+
+
+def enqueue(url: str, bodies: list[dict], submitters: int) -> tuple[list[str], float, int]:
+    """POST every body as a job from ``submitters`` threads; (ids, seconds, 429 answers
+    seen)."""
+    ids: list[str | None] = [None] * len(bodies)
+    cursor = iter(range(len(bodies)))
     lock = threading.Lock()
     refused = [0]
     errors: list[str] = []
@@ -130,9 +146,8 @@ def enqueue(url: str, texts: list[str], submitters: int,
                     i = next(cursor, None)
                 if i is None:
                     return
-                body = {"kind": "embed", "input": texts[i], "lane": "bulk", "model": model}
                 while True:
-                    response = session.post(f"{url}/v1/jobs", json=body, timeout=60)
+                    response = session.post(f"{url}/v1/jobs", json=bodies[i], timeout=60)
                     if response.status_code != 429:
                         break
                     with lock:
@@ -217,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
         texts = make_sentences(args.bulk, RawEncoder(embed_dir, 1).tokenizer, args.tokens)
         stack.start_producer(args.producer_workers, args.producer_threads)
         node = stack.start_worker("lanes", worker_env)
-        client = Interactive(stack, kinds, embed_name)
+        client = Interactive(stack, kinds, embed_name, args.max_tokens)
         queues = BrokerQueues(stack.settings, make_celery(stack.settings), stack.redis)
         client.phase(10)  # warm-up: models load, connections open
         idle = client.phase(args.requests)
@@ -228,10 +243,13 @@ def run(args: argparse.Namespace) -> dict:
 
         def counters() -> dict[str, float]:
             stats = {k: float(v) for k, v in stack.redis.hgetall(keys.worker_stats(node)).items()}
-            yielded = stack.redis.hget(keys.METRICS, BULK_YIELD.series(kind="embed"))
+            yielded = stack.redis.hget(keys.METRICS, BULK_YIELD.series(kind=args.bulk_kind))
             return {**stats, "bulk_yield_s": float(yielded or 0.0)}
 
-        ids, enqueue_s, refused = enqueue(stack.producer_url, texts, args.submitters, embed_name)
+        bulk_model = embed_name if args.bulk_kind == "embed" else DEMO_GPT
+        bodies = [bulk_body(args.bulk_kind, text, bulk_model, args.bulk_max_tokens)
+                  for text in texts]
+        ids, enqueue_s, refused = enqueue(stack.producer_url, bodies, args.submitters)
         backlog_start = waiting()
         log.info("enqueued %d bulk jobs in %.1fs (%.0f/s, %d 429s); %d still queued",
                  len(ids), enqueue_s, len(ids) / enqueue_s, refused, backlog_start)
@@ -243,11 +261,13 @@ def run(args: argparse.Namespace) -> dict:
                               if "embeddings" in loaded else 0)
         bulk_items = during.get("embed_items", 0.0) - interactive_embeds
         passes = during.get("embed_passes", 0.0)
+        generated = during.get("generate_items", 0.0)
         engine = {"embed_passes": int(passes),
                   "embed_mean_batch": round(during.get("embed_items", 0.0) / passes, 2)
                   if passes else 0,
                   "embed_ort_share_of_wall": round(during.get("embed_seconds", 0.0) / measure_s, 3),
-                  "generate_passes": int(during.get("generate_passes", 0.0))}
+                  "generate_passes": int(during.get("generate_passes", 0.0)),
+                  "generate_rows": int(generated)}
         backlog_end = waiting()
         log.info("under backlog: %s; %d bulk jobs still queued",
                  {k: percentiles_ms(v["latencies"])["p50"] for k, v in loaded.items()}, backlog_end)
@@ -292,6 +312,7 @@ def run(args: argparse.Namespace) -> dict:
             "enqueue_per_s": round(len(ids) / enqueue_s, 1), "refused_429": refused,
             "queued_when_measuring_began": backlog_start, "queued_when_measuring_ended": backlog_end,
             "measure_s": round(measure_s, 2),
+            "kind": args.bulk_kind,
             "sentences_per_s_while_measuring": round(bulk_items / measure_s, 1),
             "yield_s_while_measuring": round(during.get("bulk_yield_s", 0.0), 2),
             "engine_while_measuring": engine,
@@ -302,8 +323,9 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {
             "bulk": args.bulk, "requests_per_kind": args.requests, "kinds": kinds,
             "submitters": args.submitters, "tokens_per_bulk_input": args.tokens,
+            "bulk_kind": args.bulk_kind, "bulk_max_tokens": args.bulk_max_tokens,
             "interactive": {"embeddings": {"input": EMBED_INPUT},
-                            "inference": {"prompt": PROMPT, "max_tokens": 1}},
+                            "inference": {"prompt": PROMPT, "max_tokens": args.max_tokens}},
             "models": models, "shape": args.shape, "worker_env": worker_env,
             "worker_concurrency": settings.worker_concurrency,
             "batch_size": settings.max_batch(), "max_queue_depth": settings.max_queue_depth,

@@ -88,13 +88,13 @@ def best(per_threads: dict[str, dict]) -> tuple[str, dict]:
     return min(per_threads.items(), key=lambda item: item[1]["p50"])
 
 
-def inference_once(session: requests.Session, stack: BenchStack,
-                   prompt: str) -> tuple[float, dict[str, float]]:
-    """One ``POST /v1/inference`` (max_tokens 1): (seconds, its stages in seconds from the job
-    record's timestamps: client_to_queued, queue_wait, run, finished_to_client)."""
+def inference_once(session: requests.Session, stack: BenchStack, prompt: str,
+                   max_tokens: int = 1) -> tuple[float, dict[str, float]]:
+    """One ``POST /v1/inference``: (seconds, its stages in seconds from the job record's
+    timestamps: client_to_queued, queue_wait, run, finished_to_client)."""
     from banter import keys
 
-    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     sent_wall, sent = time.time(), time.perf_counter()
     answer = post(session, f"{stack.producer_url}/v1/inference", body)
     took, done_wall = time.perf_counter() - sent, time.time()

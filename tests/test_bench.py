@@ -215,12 +215,16 @@ def test_generate_benchmark_smoke_run():
 
 # -- embed, latency, sse, lanes, kvcache, prefill: smoke runs with tiny flags, and the pure checks -----
 
-# each smoke run starts its own stack (kvcache, prefill: none); they run side by side
+# each smoke run starts its own stack (kvcache, prefill: none); they run side by side. A name
+# is the scenario's, or "scenario:label" for a second run of one with other flags
 SMOKE_RUNS = {
     "embed": ["--sentences", "24", "--clients", "4", "--repeats", "1", "--inputs-per-request", "2"],
     "latency": ["--requests", "5", "--warmup", "1", "--no-window-diagnostic"],
     "sse": ["--subscribers", "6", "--followers", "3", "--max-tokens", "4"],
     "lanes": ["--bulk", "40", "--requests", "2", "--submitters", "4"],
+    "lanes:generate": ["--bulk", "12", "--requests", "2", "--submitters", "4", "--bulk-kind",
+                       "generate", "--bulk-max-tokens", "30", "--max-tokens", "3",
+                       "--kinds", "inference"],
     "kvcache": ["--rows", "3", "--past", "5", "--steps", "4", "--repeats", "2", "--profile-ops",
                 "--inplace"],
     "prefill": ["--rows", "3", "--prompt-tokens", "6", "--repeats", "2"],
@@ -236,7 +240,8 @@ def smoke_runs(tmp_path_factory):
     for name, flags in SMOKE_RUNS.items():
         out, err = directory / f"{name}.json", directory / f"{name}.log"
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            runs[name] = (subprocess.Popen([sys.executable, "-m", "bench", name, *flags],
+            scenario = name.partition(":")[0]
+            runs[name] = (subprocess.Popen([sys.executable, "-m", "bench", scenario, *flags],
                                            cwd=ROOT, stdout=stdout, stderr=stderr, text=True),
                           out, err)
     finished = {}
@@ -258,7 +263,7 @@ def smoke_result(smoke_runs, name):
     for key in ("scenario", "unit", "served", "baselines", "ratios", "settings", "machine",
                 "duration_s"):
         assert key in result, key
-    assert result["scenario"] == name
+    assert result["scenario"] == name.partition(":")[0]
     return result
 
 
@@ -339,6 +344,16 @@ def test_lanes_benchmark_smoke_run(smoke_runs):
     assert len(slowest) == 2 and slowest[0]["latency"] >= slowest[1]["latency"]
     assert slowest[0]["latency"] == pytest.approx(idle["latency_ms"]["max"], abs=0.01)
     assert set(slowest[0]) == {"latency", *idle["stages_p50_ms"]}
+
+
+@pytest.mark.slow
+def test_lanes_benchmark_with_a_generate_backlog(smoke_runs):
+    result = smoke_result(smoke_runs, "lanes:generate")
+    assert result["correct"] is True, result["bulk"]
+    assert result["bulk"]["kind"] == "generate" and result["bulk"]["lost"] == 0
+    assert set(result["idle"]) == {"inference"}
+    assert result["bulk"]["statuses"] == {"succeeded": 12}
+    assert result["settings"]["interactive"]["inference"]["max_tokens"] == 3
 
 
 def test_kvcache_benchmark_smoke_run(smoke_runs):

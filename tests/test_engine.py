@@ -17,6 +17,7 @@ from banter.errors import (
 )
 from banter.params import SamplingParams
 from registry.artifacts import sha256_file
+from workers import engine as engine_module
 from workers import runner as runner_module
 from workers.batching import collate, left_pad_prompts, pack_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
@@ -713,6 +714,33 @@ def test_interactive_is_admitted_before_bulk(make_engine, sink, specs):
     drive(engine, [bulk, fast])
     order = [e.job_id for step in sink.published for e in step]
     assert order == ["fast"] * 3 + ["bulk"] * 3
+
+
+def test_bulk_generations_beside_interactive_ones_are_few(make_engine, specs):
+    """While an interactive generation runs (and for INTERACTIVE_HOLD_S after), at most
+    bulk_max_running bulk ones start; once it has been quiet that long, they fill the batch.
+    The bulk rows already running are not stopped."""
+    clock = FakeClock()
+    engine = make_engine(clock=clock, max_running=16, bulk_max_running=2)
+    running = lambda: set(engine.running_jobs())  # noqa: E731
+    early = [engine.submit_generate(f"early{i}", specs["gpt"], "hi",
+                                    SamplingParams(max_tokens=40), lane="bulk") for i in range(3)]
+    engine.step()
+    assert running() == {"early0", "early1", "early2"}  # nothing interactive about: all start
+    live = engine.submit_generate("live", specs["gpt"], "hi", SamplingParams(max_tokens=4))
+    late = [engine.submit_generate(f"late{i}", specs["gpt"], "hi",
+                                   SamplingParams(max_tokens=4), lane="bulk") for i in range(6)]
+    for _ in range(6):  # the early three hold the bulk share: no late one starts
+        engine.step()
+        assert not running() & {f"late{i}" for i in range(6)}
+    assert live.result(timeout=10).finish_reason == "length"
+    clock.now += engine_module.INTERACTIVE_HOLD_S / 2  # quiet, but not for long enough
+    engine.step()
+    assert not running() & {f"late{i}" for i in range(6)}
+    clock.now += engine_module.INTERACTIVE_HOLD_S
+    engine.step()
+    assert {f"late{i}" for i in range(6)} <= running()
+    drive(engine, early + late)
 
 
 def test_a_prompt_joins_beside_a_long_run_whatever_the_position_limit(

@@ -423,8 +423,8 @@ def test_a_password_protected_redis_serves_jobs_end_to_end(password_redis, setti
     client = connect(secured.redis_url)
     registry = Registry.from_settings(secured, client)
     registry.promote(name=DEMO_GPT, kind="generate", path=str(demo_models[DEMO_GPT] / "model.onnx"))
+    server = Server(create_app(secured, client))  # first: a failing app leaves no worker behind
     worker = start_worker(env, "cpu-password@localhost", tmp_path / "worker.log", client)
-    server = Server(create_app(secured, client))
     try:
         answer = Client(server.url, ALICE).post("/v1/inference", {"prompt": "x", "max_tokens": 2})
         assert answer.status_code == 200, answer.text

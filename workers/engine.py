@@ -19,6 +19,7 @@ instead (``_SlotBatch``): nothing is re-packed, a pass writes only its new posit
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -51,6 +52,9 @@ COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds
 # it never reaches 0 (which doubling could not undo) and 30 finished passes restore it
 MIN_BULK_BUDGET_SHARE = 2.0 ** -30
 IDLE_POLL_S = 0.2  # how often an idle ``run`` looks at its stop event
+# interactive generations count as active this long after the last one ran or waited, so that
+# the gaps between one client's requests do not let bulk generations fill the batch
+INTERACTIVE_HOLD_S = 1.0
 
 
 class EngineSink(Protocol):
@@ -77,6 +81,11 @@ class EngineSettings:
     full. Bulk inputs ride in a pass with interactive ones only while they add at most
     ``bulk_ride_share`` of ``bulk_pass_s`` to it (an interactive embed on a CPU does not pay
     for bulk rows beside it; on a GPU they come nearly free and still ride).
+    ``bulk_max_running``: while interactive generations are active (running or waiting, or
+    within ``INTERACTIVE_HOLD_S`` of it), bulk generations start only while fewer than this many
+    run; the others wait (those running go on to their end). A step costs in proportion to its
+    rows on a CPU, so bulk rows beside an interactive one slow each of its tokens; with no
+    interactive generation about, bulk ones fill ``max_running``.
     ``admission="static"`` is the classic static-batching baseline (for benchmarks): new
     generate sequences of a model are admitted only while none of that model is running, so a
     batch forms, runs until all its sequences finish, then the next one forms.
@@ -93,6 +102,7 @@ class EngineSettings:
     bulk_pass_s: float = 0.025
     bulk_ride_share: float = 0.25
     max_running: int = 32
+    bulk_max_running: int = 4
     max_prompt_tokens: int = 512
     enable_batching: bool = True
     admission: str = "continuous"
@@ -212,9 +222,11 @@ class _Sequence:
     """One generate job: its cache, pending tokens, sampler state and streamed text."""
 
     def __init__(self, job_id: str, runner: Runner, prompt_ids: list[int],
-                 params: SamplingParams, deadline: float | None) -> None:
+                 params: SamplingParams, deadline: float | None,
+                 lane: str = "interactive") -> None:
         self.job_id = job_id
         self.runner = runner
+        self.lane = lane
         self.params = params
         self.deadline = deadline
         self.future = _new_future()
@@ -388,6 +400,7 @@ class Engine:
         self._slot_cost: dict[Runner, float] = {}  # embed s per (input x padded token), engine
         self._bulk_stalled_at: float | None = None  # first bulk stop since one last finished
         self._bulk_budget = settings.bulk_pass_s  # halved by each stopped bulk pass (_embed_cap)
+        self._interactive_at = -math.inf  # when an interactive generation last ran or waited
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, _EmbedQueue] = {}
@@ -450,7 +463,7 @@ class Engine:
         runner = self._runner(spec, "generate")
         ids = runner.tokenizer.encode(prompt).ids or self._start_ids(runner)
         self._check_length(len(ids), params.max_tokens, runner)
-        seq = _Sequence(job_id, runner, ids, params, deadline)
+        seq = _Sequence(job_id, runner, ids, params, deadline, lane)
         with self._cond:
             if job_id in self._jobs:  # a redelivered job joins the run already in progress
                 return self._jobs[job_id].future
@@ -537,7 +550,7 @@ class Engine:
         now = self._clock() if now is None else now
         with self._cond:
             leaving = self._drop(now)
-            self._admit()
+            self._admit(now)
             embed_batches = self._take_embeds(now)
         urgent = [(r, b) for r, b in embed_batches if b[0].lane == "interactive"]
         bulk_only = [(r, b) for r, b in embed_batches if b[0].lane != "interactive"]
@@ -592,13 +605,20 @@ class Engine:
                 self._keep_unfinished(runner, batch)
         return leaving
 
-    def _admit(self) -> None:
-        count = sum(len(batch.live()) for batch in self._batches.values())
+    def _admit(self, now: float) -> None:
+        running = [seq for batch in self._batches.values() for seq in batch.live()]
+        count = len(running)
+        bulk = sum(seq.lane != "interactive" for seq in running)
         # static admission: a model with a batch in progress takes no one until it drains
         busy = set(self._batches) if self._settings.admission == "static" else set()
         for lane in LANES:
             queue = self._waiting[lane]
-            while queue and count < self._running_cap:
+            if lane == "interactive" and (queue or count > bulk):
+                self._interactive_at = now
+            cap = self._running_cap
+            if lane != "interactive" and now - self._interactive_at < INTERACTIVE_HOLD_S:
+                cap = min(cap, count - bulk + self._settings.bulk_max_running)
+            while queue and count < cap:
                 if queue[0].runner in busy:
                     return  # it waits for the batch to drain; nothing overtakes it
                 seq = queue.popleft()

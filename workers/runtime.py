@@ -118,6 +118,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
                           batch_window_s=settings.batch_window_ms / 1000.0,
                           bulk_pass_s=settings.bulk_pass_ms / 1000.0,
                           max_running=settings.max_running,
+                          bulk_max_running=settings.bulk_max_running,
                           max_prompt_tokens=settings.max_prompt_tokens,
                           enable_batching=settings.enable_batching,
                           admission=settings.admission,
