@@ -22,6 +22,9 @@ from banter.errors import ArtifactError, InvalidRequest, brief
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
+# what OpenAI defines on a message; anything else is refused, as unknown top-level fields are
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "function_call", "tool_call_id",
+                  "refusal", "audio")
 TEMPLATE_KEY = "banter_chat_template"
 
 Message = tuple[str, str]  # (role, text)
@@ -61,6 +64,11 @@ def _message(message: Any, where: str) -> Message:
     if role not in ROLES:
         raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)} (or developer, "
                              f"taken as system), got {brief(role)}", f"{where}.role")
+    unknown = sorted(set(message) - set(MESSAGE_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"'{where}' has a field OpenAI does not define for a message: "
+                             f"{brief(unknown[0])} (a message takes {', '.join(MESSAGE_FIELDS)})",
+                             f"{where}.{unknown[0]}")
     if message.get("tool_calls") or message.get("function_call"):
         raise InvalidRequest(f"'{where}' holds tool calls: tools are not supported by this "
                              "server", f"{where}.tool_calls")

@@ -319,6 +319,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      400, "tool calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
+     400, "'extra'"),
     ("/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "token ids"),
     ("/v1/embeddings", {"input": "x", "dimensions": 64}, 400, "dimensions"),
 ]
