@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 from flask import Flask, g, request
 from flask.json.provider import JSONProvider
+from werkzeug.exceptions import NotFound
 
 from banter import logs
 from banter.broker import make_celery
@@ -67,6 +68,12 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
         g.started = time.perf_counter()
         sent = request.headers.get("X-Trace-ID", "")
         g.trace_id = sent if _TRACE_ID.fullmatch(sent) else uuid.uuid4().hex
+
+    @app.before_request
+    def refuse_leading_slashes():
+        """werkzeug routes "//v1/jobs" as "/v1/jobs"; like "/v1//jobs" it names no route."""
+        if request.environ.get("PATH_INFO", "").startswith("//"):
+            raise NotFound()
 
     @app.before_request
     def bind_trace_to_logs():

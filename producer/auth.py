@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ from banter.settings import Settings, SettingsError
 ANONYMOUS = "anonymous"
 SCOPES = ("user", "admin")
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _COMMENT = re.compile(r"(^|\s)#.*$")  # a whole-line comment, or one after an entry
 log = logging.getLogger("banter.producer")
 
@@ -53,14 +55,17 @@ class KeyRing:
     disabled: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "KeyRing":
-        """The keys of ``settings``; AuthNotConfigured when there are none and auth is not
-        explicitly disabled, when auth is disabled while keys are set, or for a bad keys file."""
+    def from_settings(cls, settings: Settings,
+                      file_entries: list[tuple[str, str]] | None = None) -> "KeyRing":
+        """The keys of ``settings`` (``file_entries``: the keys file's, already read);
+        AuthNotConfigured when there are none and auth is not explicitly disabled, when auth
+        is disabled while keys are set, or for a bad keys file."""
         users = {_entry_digest(k, "BANTER_API_KEYS") for k in _split(settings.api_keys)}
         admins = {_entry_digest(k, "BANTER_ADMIN_KEYS") for k in _split(settings.admin_keys)}
-        if settings.keys_file:
-            for scope, digest in read_keys_file(Path(settings.keys_file)):
-                (admins if scope == "admin" else users).add(digest)
+        if file_entries is None and settings.keys_file:
+            file_entries = read_keys_file(Path(settings.keys_file))
+        for scope, digest in file_entries or []:
+            (admins if scope == "admin" else users).add(digest)
         if settings.auth_disabled and (users or admins):
             raise AuthNotConfigured(
                 "BANTER_AUTH_DISABLED=true but API keys are configured: unset "
@@ -100,14 +105,19 @@ class LiveKeys:
     effect within that time, in every producer process. A changed file that does not give a
     valid ring (a malformed line, no key left, the file gone or unreadable) keeps the keys in
     force and logs ``keys_file_invalid`` once, naming the line; the next change is tried again.
-    The environment's keys are read once, at start."""
+    The environment's keys are read once, at start.
+
+    Each good read of the file is kept, as digests, in ``BANTER_HOME/keyrings/`` (one file per
+    keys file): a producer process that starts while the file is broken (gunicorn replacing
+    one that died) takes those entries instead of failing to boot, which would stop the whole
+    producer. Only where there are none does a broken file stop it (AuthNotConfigured)."""
 
     def __init__(self, settings: Settings, recheck_s: float = 1.0) -> None:
         self.settings = settings
         self.recheck_s = recheck_s
         self._path = Path(settings.keys_file) if settings.keys_file else None
         self._stamp = self._look()
-        self._ring = KeyRing.from_settings(settings)
+        self._ring = self._boot_ring()
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
@@ -130,7 +140,7 @@ class LiveKeys:
                 return
             self._stamp = stamp
             try:
-                ring = KeyRing.from_settings(self.settings)
+                ring = self._read()
             except AuthNotConfigured as exc:  # its messages never quote a key
                 log.error("keys_file_invalid", extra={"error": str(exc),
                                                       "kept": "the keys in force"})
@@ -138,6 +148,55 @@ class LiveKeys:
             self._ring = ring
             log.info("keys_file_reloaded", extra={"users": len(ring.users),
                                                   "admins": len(ring.admins)})
+
+    def _boot_ring(self) -> KeyRing:
+        try:
+            return self._read()
+        except AuthNotConfigured as exc:
+            kept = None if self._path is None else self._kept_entries()
+            if kept is None:
+                raise
+            log.error("keys_file_invalid", extra={
+                "error": str(exc), "kept": "the entries of its last good read"})
+            return KeyRing.from_settings(self.settings, kept)
+
+    def _read(self) -> KeyRing:
+        """The ring from the environment and the keys file as it is now (AuthNotConfigured);
+        the file's entries are kept for a process that starts while it is broken."""
+        entries = read_keys_file(self._path) if self._path is not None else []
+        ring = KeyRing.from_settings(self.settings, entries)
+        if self._path is not None:
+            self._keep_entries(entries)
+        return ring
+
+    def _kept_path(self) -> Path:
+        name = hashlib.sha256(str(self._path.expanduser().absolute()).encode()).hexdigest()
+        return self.settings.home.expanduser() / "keyrings" / f"{name[:16]}.json"
+
+    def _keep_entries(self, entries: list[tuple[str, str]]) -> None:
+        path = self._kept_path()
+        text = json.dumps({"keys_file": str(self._path), "entries": entries})
+        try:
+            if path.exists() and path.read_text() == text:
+                return
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}")
+            partial.write_text(text)
+            partial.chmod(0o600)
+            os.replace(partial, path)
+        except OSError as exc:
+            log.warning("keyring_not_kept", extra={"path": str(path), "error": str(exc)})
+
+    def _kept_entries(self) -> list[tuple[str, str]] | None:
+        try:
+            kept = json.loads(self._kept_path().read_text())
+            entries = [(scope, digest) for scope, digest in kept["entries"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not all(scope in SCOPES and isinstance(digest, str) and _DIGEST.fullmatch(digest)
+                   for scope, digest in entries):
+            return None
+        return entries
 
     def _look(self) -> tuple[int, int, int] | None:
         if self._path is None:

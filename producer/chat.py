@@ -14,14 +14,18 @@ A missing file or key gives the default; a malformed one is an ``ArtifactError``
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from banter.errors import ArtifactError, InvalidRequest, brief
+from banter.errors import ArtifactError, ChecksumMismatch, InvalidRequest, ModelLoadError, brief
+from registry.artifacts import sha256_file
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE = "tokenizer_config.json"
+log = logging.getLogger("banter.producer")
 # what OpenAI defines on a message; anything else is refused, as unknown top-level fields are
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "function_call", "tool_call_id",
                   "refusal", "audio")
@@ -69,6 +73,8 @@ def _message(message: Any, where: str) -> Message:
         raise InvalidRequest(f"'{where}' has a field OpenAI does not define for a message: "
                              f"{brief(unknown[0])} (a message takes {', '.join(MESSAGE_FIELDS)})",
                              f"{where}.{unknown[0]}")
+    if "name" in message and not isinstance(message["name"], str):
+        raise InvalidRequest(f"'{where}.name' must be a string", f"{where}.name")
     if message.get("tool_calls") or message.get("function_call"):
         raise InvalidRequest(f"'{where}' holds tool calls: tools are not supported by this "
                              "server", f"{where}.tool_calls")
@@ -92,10 +98,30 @@ def _text_part(part: Any, where: str) -> str:
 
 def template_for(model_root: Path, record: Record) -> ChatTemplate:
     """The chat template of the registry ``record``: read from the ``tokenizer_config.json``
-    beside its artifact; the default for a model with no local files (openai backend)."""
+    beside its artifact; the default for a model with no local files (openai backend). The
+    server's files are at fault, not the request, where the file is not the one promoted
+    (ChecksumMismatch) or does not hold a template (ModelLoadError): both 503, their client
+    message naming no path (the producer log has it)."""
     if not record.path:
         return ChatTemplate()
-    return load_template((model_root / record.path).parent / "tokenizer_config.json")
+    path = (model_root / record.path).parent / TEMPLATE_FILE
+    if record.files and _digest(path) != record.files.get(TEMPLATE_FILE):
+        log.error("chat_template_changed", extra={"path": str(path), "ref": record.ref})
+        raise ChecksumMismatch(f"model {record.ref}'s files changed since it was promoted; an "
+                               "admin finds which in the producer log")
+    try:
+        return load_template(path)
+    except ArtifactError as exc:
+        log.error("chat_template_unreadable", extra={"error": exc.message, "ref": record.ref})
+        raise ModelLoadError(f"model {record.ref}'s chat template cannot be read; an admin "
+                             "finds why in the producer log") from None
+
+
+def _digest(path: Path) -> str | None:
+    """The file's sha256, None when it is not there, "" when it is not a regular file."""
+    if not path.exists():
+        return None
+    return sha256_file(path) if path.is_file() else ""
 
 
 def load_template(path: Path) -> ChatTemplate:

@@ -8,6 +8,7 @@ onnxruntime.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -50,10 +51,32 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def companion_digests(model_path: Path) -> dict[str, str]:
-    """The sha256 of each of the ``COMPANIONS`` beside ``model_path`` that is there."""
-    beside = (model_path.parent / name for name in COMPANIONS)
-    return {path.name: sha256_file(path) for path in beside if path.is_file()}
+def companion_digests(root: Path, model_path: Path, label: str) -> dict[str, str]:
+    """The sha256 of each of the ``COMPANIONS`` beside ``model_path`` that is there. Each must
+    resolve under ``root`` (as the artifact must) to a regular file, and the configs must hold
+    a JSON object: ArtifactError otherwise."""
+    digests = {}
+    for name in COMPANIONS:
+        path = model_path.parent / name
+        if not os.path.lexists(path):
+            continue
+        resolved = _resolve(root, path, label)
+        if not resolved.is_file():
+            raise ArtifactError(f"artifact {brief(label)}: its {name} is not a regular file")
+        if name != "tokenizer.json":
+            _check_json_object(resolved, name, label)
+        digests[name] = sha256_file(resolved)
+    return digests
+
+
+def _check_json_object(path: Path, name: str, label: str) -> None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"artifact {brief(label)}: its {name} is not readable JSON "
+                            f"({exc})") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"artifact {brief(label)}: its {name} must hold a JSON object")
 
 
 def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
@@ -86,7 +109,7 @@ def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
                             f"model's tokenizer.json in {target.parent}")
     check_graph(resolved, kind, path, _resolve(root, tokenizer, path))
     return Artifact(rel_path=rel, abs_path=target, tokenizer_path=tokenizer,
-                    sha256=sha256_file(resolved), files=companion_digests(target))
+                    sha256=sha256_file(resolved), files=companion_digests(root, target, path))
 
 
 def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -> None:

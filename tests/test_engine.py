@@ -1,3 +1,4 @@
+import os
 import shutil
 import threading
 import time
@@ -146,7 +147,8 @@ def test_companion_files_changed_since_promote_load_nothing(specs, tmp_path):
                    tokenizer_path=directory / "tokenizer.json", files=files)
     edits = [("tokenizer.json", "changed", lambda p: p.write_text(p.read_text() + " ")),
              ("config.json", "is gone", lambda p: p.unlink()),
-             ("tokenizer_config.json", "was not there", lambda p: p.write_text("{}"))]
+             ("tokenizer_config.json", "was not there", lambda p: p.write_text("{}")),
+             ("config.json", "not a regular file", lambda p: (p.unlink(), os.mkfifo(p)))]
     for name, needle, edit in edits:
         original = (directory / name).read_bytes() if (directory / name).exists() else None
         edit(directory / name)
@@ -154,9 +156,8 @@ def test_companion_files_changed_since_promote_load_nothing(specs, tmp_path):
         with pytest.raises(ChecksumMismatch, match=needle if needle != "changed" else "has sha256"):
             fresh.get(spec)
         assert fresh.loaded() == []
-        if original is None:
-            (directory / name).unlink()
-        else:
+        (directory / name).unlink(missing_ok=True)
+        if original is not None:
             (directory / name).write_bytes(original)
     assert RunnerCache().get(spec).spec == spec  # as promoted again: it loads
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from dataclasses import replace
@@ -13,7 +14,7 @@ import requests
 from openai import APIError, APIStatusError, BadRequestError, NotFoundError, OpenAI
 
 from banter import keys
-from banter.demo import DEMO_TEXT
+from banter.demo import DEMO_GPT, DEMO_TEXT
 from banter.errors import ArtifactError
 from producer.app import create_app
 from producer.chat import ChatTemplate, load_template, parse_messages
@@ -465,3 +466,34 @@ def test_malformed_model_template_is_an_artifact_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ArtifactError, match="tokenizer_config.json"):
         load_template(path)
+
+
+def test_a_chat_template_changed_or_broken_on_the_server_is_a_503_naming_no_path(
+        api, settings, demo_models):
+    """The template file is the server's: one edited after promote is a checksum_mismatch,
+    one that holds no template a model_load_error; neither tells the caller where it lies."""
+    name = f"templated-{uuid.uuid4().hex[:8]}"
+    directory = settings.model_root / name
+    shutil.copytree(demo_models[DEMO_GPT], directory)
+    config = directory / "tokenizer_config.json"
+    config.write_text(json.dumps({"banter_chat_template": {"message": "{content}\n",
+                                                           "generation": ">"}}))
+    body = {"model": name, "messages": MESSAGES, "max_tokens": 2}
+    for step, (text, error_type) in enumerate([
+            (None, None),
+            (json.dumps({"banter_chat_template": {"message": "{role}: {content}\n",
+                                                  "generation": ">"}}), "checksum_mismatch"),
+            (json.dumps({"banter_chat_template": "x"}), "model_load_error")]):
+        if text is not None:
+            config.write_text(text)
+        if step != 1:  # promoted as it is now (step 2: a shape only the producer checks)
+            promoted = api.post("/v1/models/promote", {"name": name, "kind": "generate",
+                                                       "path": name})
+            assert promoted.status_code == 201, promoted.text
+        response = api.post("/v1/chat/completions", body)
+        if error_type is None:
+            assert response.status_code == 200, response.text
+            continue
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["type"] == error_type and str(settings.model_root) not in error["message"]

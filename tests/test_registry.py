@@ -290,6 +290,32 @@ def test_artifact_errors(reg: Registry, root: Path, tmp_path: Path, history_path
     assert not history_path.exists()
 
 
+def test_companions_are_checked_like_the_artifact(reg: Registry, root: Path, tmp_path: Path,
+                                                  history_path: Path):
+    """A config beside the model is read by the workers (and the chat template by the
+    producer): one that leaves the model root, is not a regular file (a directory; a device
+    or FIFO a worker would hash forever) or is not a JSON object is refused at promote."""
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    cases = [("config.json", lambda p: p.symlink_to(outside), "outside the model root"),
+             ("tokenizer_config.json", lambda p: p.mkdir(), "not a regular file"),
+             ("config.json", lambda p: os.mkfifo(p), "not a regular file"),
+             ("tokenizer_config.json", lambda p: p.write_text("[1]"), "JSON object"),
+             ("config.json", lambda p: p.write_text("{"), "not readable JSON")]
+    for i, (name, make, needle) in enumerate(cases):
+        directory = root / f"comp-{i}"
+        shutil.copytree(root / "gpt-a", directory)
+        make(directory / name)
+        with pytest.raises(ArtifactError, match=needle):
+            reg.promote(f"comp-{i}", "generate", f"comp-{i}")
+    assert not history_path.exists() or lines(history_path) == []
+    good = root / "comp-good"
+    shutil.copytree(root / "gpt-a", good)
+    (good / "config.json").write_text('{"n_positions": 64}')
+    record, _ = reg.promote("comp-good", "generate", "comp-good")
+    assert set(record.files) == {"tokenizer.json", "config.json"}
+
+
 def test_absolute_path_and_symlink_inside_root(reg: Registry, root: Path):
     record, _ = reg.promote("gpt", "generate", str(root / "gpt-a"))
     assert record.path == "gpt-a/model.onnx"

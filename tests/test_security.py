@@ -177,6 +177,68 @@ def test_a_broken_keys_file_keeps_the_keys_in_force(settings, tmp_path, caplog):
     assert owner(CAROL) is None and owner(BOB) is not None
 
 
+def test_a_producer_process_that_starts_while_the_keys_file_is_broken_keeps_its_last_keys(
+        settings, tmp_path, caplog):
+    """gunicorn replaces a producer process that died; booting with the file broken must not
+    stop the producer, nor bring back a key revoked by a good edit before the break."""
+    keyed = replace(keyed_settings(settings, tmp_path), home=tmp_path / "home")
+    path = Path(keyed.keys_file)
+    live = LiveKeys(keyed, recheck_s=0)
+    path.write_text(f"admin:{ROOT}\n")  # carol revoked
+    app = Flask("keys")
+
+    def owner(keys: LiveKeys, key: str) -> str | None:
+        with app.test_request_context(headers=bearer(key)):
+            try:
+                return keys.owner(flask.request)
+            except Unauthorized:
+                return None
+
+    assert owner(live, CAROL) is None
+    path.write_text(f"admn:{ROOT}\n")
+    with caplog.at_level(logging.ERROR, logger="banter.producer"):
+        reborn = LiveKeys(keyed, recheck_s=0)
+    assert "keys_file_invalid" in [r.message for r in caplog.records]
+    assert owner(reborn, CAROL) is None  # the revocation stands
+    assert owner(reborn, ROOT) is not None and owner(reborn, ALICE) is not None  # file, env
+    with pytest.raises(AuthNotConfigured):  # nothing kept for this home: it cannot start
+        LiveKeys(replace(keyed, home=tmp_path / "elsewhere"))
+
+
+def test_banter_producer_survives_a_process_restart_while_the_keys_file_is_broken(
+        stack_env, tmp_path):
+    port = free_port()
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{CAROL}\n")
+    env = {**stack_env, "BANTER_KEYS_FILE": str(keys_file), "BANTER_AUTH_DISABLED": "false",
+           "BANTER_HOME": str(tmp_path / "home")}
+    producer = start_producer(env, port, tmp_path / "producer.err")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert Client(url, CAROL).get("/v1/models").status_code == 200
+        keys_file.write_text("admn:oops\n")
+        first = subprocess.run(["pgrep", "-P", str(producer.pid)], capture_output=True,
+                               text=True).stdout.split()
+        assert len(first) == 1, first
+        os.kill(int(first[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # gunicorn boots another process, which must come up with carol's key
+            assert producer.poll() is None, (tmp_path / "producer.err").read_text()[-3000:]
+            try:
+                if Client(url, CAROL).get("/v1/models").status_code == 200:
+                    now = subprocess.run(["pgrep", "-P", str(producer.pid)],
+                                         capture_output=True, text=True).stdout.split()
+                    if now and now != first:
+                        break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the producer did not come back"
+            time.sleep(0.2)
+    finally:
+        stop_process(producer)
+    assert "keys_file_invalid" in (tmp_path / "producer.err").read_text()
+
+
 def test_only_admin_keys_reach_the_registry_admin_api(idle, settings):
     before = settings.registry_path.read_text()
     for key in (ALICE, CAROL):
@@ -574,16 +636,22 @@ def test_a_body_that_cannot_be_read_whole_is_a_4xx_and_no_job(stack_env, redis_c
         unterminated = raw_exchange(port, head + b"Transfer-Encoding: chunked\r\n\r\n"
                                           b"2\r\n{}XX0\r\n\r\n")
         cut = raw_exchange(port, head + b"Content-Length: 500\r\n\r\n" + body)
-        doubled = requests.get(f"http://127.0.0.1:{port}/v1//models", timeout=30,
-                               headers={"Host": "elsewhere.example"}, allow_redirects=False)
+        doubled = [requests.get(f"http://127.0.0.1:{port}{path}", timeout=30,
+                                headers={"Host": "elsewhere.example"}, allow_redirects=False)
+                   for path in ("/v1//models", "//v1/models", "//healthz")]
+        leading = raw_exchange(port, b"POST //v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                     b"application/json\r\nConnection: close\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
     finally:
         stop_process(producer)
     for answer in (bad_chunk, unterminated):
         assert answer.startswith("HTTP/1.1 400 "), answer
         assert '"type":"bad_request"' in answer and "chunked" in answer, answer
     assert cut.startswith("HTTP/1.1 408 ") and '"type":"request_timeout"' in cut, cut
-    assert doubled.status_code == 404 and "Location" not in doubled.headers
-    assert doubled.json()["error"]["type"] == "not_found"
+    for answer in doubled:
+        assert answer.status_code == 404 and "Location" not in answer.headers, answer.url
+        assert answer.json()["error"]["type"] == "not_found"
+    assert leading.startswith("HTTP/1.1 404 ") and '"type":"not_found"' in leading, leading
     assert not set(redis_client.keys(keys.job("*"))) - jobs_before
     assert "Traceback" not in (tmp_path / "producer.err").read_text()
 

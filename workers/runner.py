@@ -69,6 +69,9 @@ def _verify(spec: ModelSpec) -> None:
     expected = dict(spec.files)
     for name in COMPANIONS:
         path = spec.model_path.parent / name
+        if path.exists() and not path.is_file():  # a directory, or a device that never ends
+            raise ChecksumMismatch(f"{path} is not a regular file; the artifact changed since "
+                                   "it was promoted: promote it again or restore the file")
         try:
             found = sha256_file(path) if path.exists() else None
         except OSError as exc:
