@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -65,9 +65,11 @@ def cmd_producer(args, settings: Settings) -> int:
 def cmd_worker(args, settings: Settings) -> int:
     from workers.main import run_openai_worker, run_worker
 
+    if args.concurrency:  # the worker's threads, and the bulk share and prefetch made of them
+        settings = replace(settings, worker_concurrency=args.concurrency)
     if args.openai:
-        return run_openai_worker(settings, args.name, args.concurrency)
-    return run_worker(settings, None if args.cpu else args.gpu, args.name, args.concurrency)
+        return run_openai_worker(settings, args.name)
+    return run_worker(settings, None if args.cpu else args.gpu, args.name)
 
 
 def cmd_submit(args, settings: Settings) -> int:

@@ -70,6 +70,13 @@ def _bool(name: str, raw: str) -> bool:
     raise SettingsError(f"{name}={raw!r}: expected true or false")
 
 
+# the largest values a setting may take: past them a count no longer fits Redis or the OS (an
+# EXPIRE, a stream length, a socket timeout) and fails at run time instead of at start
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 1e8  # about three years: any duration, in seconds or milliseconds
+MAX_RUNNING_LIMIT = 4096  # generate sequences in flight in one worker
+
+
 def _int(name: str, raw: str, low: int = 0) -> int:
     try:
         value = int(raw)
@@ -77,6 +84,8 @@ def _int(name: str, raw: str, low: int = 0) -> int:
         raise SettingsError(f"{name}={raw!r}: expected an integer") from None
     if value < low:
         raise SettingsError(f"{name}={raw!r}: must be at least {low}")
+    if value > MAX_INT:
+        raise SettingsError(f"{name}={raw!r}: must be at most {MAX_INT}")
     return value
 
 
@@ -85,8 +94,8 @@ def _float(name: str, raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise SettingsError(f"{name}={raw!r}: must be a finite number >= 0")
+    if not 0 <= value <= MAX_SECONDS:
+        raise SettingsError(f"{name}={raw!r}: must be a number from 0 to {MAX_SECONDS:.0e}")
     return value
 
 
@@ -166,6 +175,20 @@ class Settings:
             raise SettingsError(f"BANTER_LEASE_TTL_S={self.lease_ttl_s}: must be at least twice "
                                 f"BANTER_WORKER_HEARTBEAT_S ({self.worker_heartbeat_s}), or a "
                                 "lease lapses between two renewals and its job is taken over")
+        for name in ("max_running", "bulk_max_running"):
+            if getattr(self, name) > MAX_RUNNING_LIMIT:
+                raise SettingsError(f"BANTER_{name.upper()}={getattr(self, name)}: must be at "
+                                    f"most {MAX_RUNNING_LIMIT} (each sequence holds a KV cache)")
+        if self.bulk_concurrency and self.bulk_concurrency >= self.worker_concurrency:
+            raise SettingsError(f"BANTER_BULK_CONCURRENCY={self.bulk_concurrency}: must be under "
+                                f"BANTER_WORKER_CONCURRENCY ({self.worker_concurrency}, or "
+                                "--concurrency), so that some of a worker's threads are always "
+                                "free for interactive jobs")
+        if self.stream_maxlen <= self.max_tokens_limit + 1:
+            raise SettingsError(f"BANTER_STREAM_MAXLEN={self.stream_maxlen}: must be over "
+                                f"BANTER_MAX_TOKENS_LIMIT + 1 ({self.max_tokens_limit + 1}: a "
+                                "token entry per token and the final event), or a long "
+                                "generation's stream loses its first tokens")
         if self.default_max_tokens > self.max_tokens_limit:
             raise SettingsError(f"BANTER_DEFAULT_MAX_TOKENS={self.default_max_tokens}: must not "
                                 f"be over BANTER_MAX_TOKENS_LIMIT ({self.max_tokens_limit})")
@@ -214,7 +237,8 @@ class Settings:
             elif f.type == "float":
                 values[f.name] = _float(name, raw)
             elif f.type == "Path":
-                values[f.name] = Path(raw)
+                if raw.strip():  # empty: the default, as for every path setting
+                    values[f.name] = Path(raw)
             else:
                 values[f.name] = raw
         if "openai_key" not in values and "OPENAI_API_KEY" in env:

@@ -51,6 +51,14 @@ def job_headers(records: list[JobRecord]) -> dict[str, str]:
             "X-Batch-Size": str(max((r.batch_size or 0) for r in records))}
 
 
+def _wait(c: Context, record: JobRecord) -> tuple[JobRecord, errors.Timeout | None]:
+    """The job's final record, or (as submitted, the Timeout) past BANTER_SYNC_TIMEOUT_S."""
+    try:
+        return c.jobs.wait(record.id), None
+    except errors.Timeout as exc:
+        return record, exc
+
+
 def stream_query() -> bool:
     """``?stream=``: true/1/yes streams, false/0/no (or none) answers whole, else 422."""
     raw = request.args.get("stream", "false").lower()
@@ -121,10 +129,13 @@ def inference_batch():
     submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id(), waited=True)[0]
                  for p in prompts]
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
-        records = list(pool.map(lambda r: c.jobs.wait(r.id), submitted))
+        waited = list(pool.map(lambda r: _wait(c, r), submitted))
+    records = [record for record, _ in waited]
     results = []
-    for record in records:
+    for record, timeout in waited:
         try:
+            if timeout is not None:  # its job goes on: its id lets the client poll it
+                raise timeout
             results.append(result_body(record))
         except errors.BanterError as exc:
             results.append({"id": record.id, "error": exc.to_dict()})

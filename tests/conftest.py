@@ -3,11 +3,14 @@ started by the CLI, and the producer served over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,23 @@ class Server:
 
     def close(self) -> None:
         self.httpd.shutdown()
+
+
+@contextlib.contextmanager
+def unserved_producer(settings: Settings, redis_client, **changes):
+    """A producer, as ``(server, its interactive queue)``, on queues no worker consumes, with a
+    worker heartbeat so that it takes jobs: they stay queued, and a synchronous call times out
+    (``sync_timeout_s`` in ``changes``)."""
+    queue = f"unserved-{uuid.uuid4().hex[:8]}"
+    server = Server(create_app(replace(settings, queue_interactive=queue,
+                                       queue_bulk=f"{queue}-bulk", **changes), redis_client))
+    redis_client.zadd(keys.workers_for("onnx"), {queue: time.time() + 600})
+    try:
+        yield server, queue
+    finally:
+        redis_client.zrem(keys.workers_for("onnx"), queue)
+        redis_client.delete(queue)
+        server.close()
 
 
 @pytest.fixture(scope="session")

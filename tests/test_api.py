@@ -9,10 +9,11 @@ from dataclasses import replace
 
 import pytest
 
+from banter import keys
 from banter.demo import DEMO_TEXT
 from banter.redisserver import RedisServer
 from producer.app import create_app
-from tests.conftest import Api, Server
+from tests.conftest import Api, Server, unserved_producer
 
 
 def test_inference_writes_the_demo_text_with_headers(api):
@@ -191,6 +192,22 @@ def test_inference_batch_keeps_prompt_order(api):
     assert len(results) == 3 and len({r["id"] for r in results}) == 3
     assert all(r["text"] == " banterhearts streams" for r in results)
     assert int(response.headers["X-Batch-Size"]) >= 1
+
+
+def test_inference_batch_past_the_sync_timeout_names_every_job(settings, redis_client,
+                                                                demo_models):
+    """Jobs not done within BANTER_SYNC_TIMEOUT_S go on; each prompt's result carries its job's
+    id and a timeout error, so the client can poll every one (a queue no worker serves keeps
+    them queued; a heartbeat makes the producer take them)."""
+    with unserved_producer(settings, redis_client, sync_timeout_s=0.3) as (server, queue):
+        response = Api(server.url).post("/v1/inference/batch",
+                                        {"prompts": ["a", "b"], "max_tokens": 2})
+        assert redis_client.llen(queue) == 2
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["error"]["type"] for r in results] == ["timeout", "timeout"]
+    assert len({r["id"] for r in results}) == 2
+    assert all(redis_client.exists(keys.job(r["id"])) for r in results)
 
 
 def test_openai_embeddings_float_and_base64(api):

@@ -68,6 +68,8 @@ def test_bulk_share_setting():
     assert Settings().bulk_limit() == 48  # three quarters of 64 task threads
     assert Settings(worker_concurrency=1).bulk_limit() == 1
     assert Settings.from_env({"BANTER_BULK_CONCURRENCY": "5"}).bulk_limit() == 5
+    with pytest.raises(SettingsError, match="must be under BANTER_WORKER_CONCURRENCY"):
+        Settings(worker_concurrency=2, bulk_concurrency=2)  # no thread left for interactive
 
 
 def test_the_broker_url_is_redis_or_rabbitmq():

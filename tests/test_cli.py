@@ -120,6 +120,12 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_OPENAI_BASE_URL", "notaurl", "expected an http:// or https:// URL"),
     ("BANTER_OPENAI_BASE_URL", " http://x/v1", "expected an http:// or https:// URL"),
     ("BANTER_OPENAI_BASE_URL", "http://x:port/v1", "expected an http:// or https:// URL"),
+    # past what Redis or the OS takes: refused at start, not failing every request later
+    ("BANTER_CLIENT_TIMEOUT_S", "1e10", "must be a number from 0 to 1e+08"),
+    ("BANTER_JOB_TTL_S", "99999999999999999999", "must be at most 2147483647"),
+    ("BANTER_MAX_RUNNING", "100000000", "must be at most 4096"),
+    ("BANTER_BULK_CONCURRENCY", "64", "must be under BANTER_WORKER_CONCURRENCY (64"),
+    ("BANTER_STREAM_MAXLEN", "5", "must be over BANTER_MAX_TOKENS_LIMIT + 1"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
@@ -127,6 +133,13 @@ def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle,
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("banter: invalid_setting: ") and needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_worker_concurrency_flag_is_the_setting_the_bulk_share_is_checked_against(tmp_path):
+    env = {**fresh_up_env(tmp_path / "home"), "BANTER_BULK_CONCURRENCY": "4"}
+    result = banter("worker", "--cpu", "--concurrency", "2", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "must be under BANTER_WORKER_CONCURRENCY (2, or --concurrency)" in result.stderr
 
 
 @pytest.mark.parametrize("port", ["0", "99999", "http"])

@@ -7,18 +7,15 @@ import json
 import shutil
 import time
 import uuid
-from dataclasses import replace
 
 import pytest
 import requests
 from openai import APIError, APIStatusError, BadRequestError, NotFoundError, OpenAI
 
-from banter import keys
 from banter.demo import DEMO_GPT, DEMO_TEXT
 from banter.errors import ArtifactError
-from producer.app import create_app
 from producer.chat import ChatTemplate, load_template, parse_messages
-from tests.conftest import Server
+from tests.conftest import unserved_producer
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
@@ -58,12 +55,7 @@ def stream_raw(api, path: str, body: dict) -> list[str]:
 def test_a_sync_timeout_is_not_retried_into_a_second_job(settings, redis_client, demo_models):
     """504 leaves its job running: the client's own retries (two by default) must not send it
     again. A heartbeat and a queue no worker serves keep the job queued past the wait."""
-    suffix = uuid.uuid4().hex[:8]
-    queue = f"timeout-{suffix}"
-    server = Server(create_app(replace(settings, sync_timeout_s=0.3, queue_interactive=queue,
-                                       queue_bulk=f"{queue}-bulk"), redis_client))
-    redis_client.zadd(keys.workers_for("onnx"), {f"timeout-test-{suffix}": time.time() + 600})
-    try:
+    with unserved_producer(settings, redis_client, sync_timeout_s=0.3) as (server, queue):
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=2)
         with pytest.raises(APIStatusError) as raised:
             client.completions.create(model="demo-gpt", prompt="waits", max_tokens=2)
@@ -72,10 +64,6 @@ def test_a_sync_timeout_is_not_retried_into_a_second_job(settings, redis_client,
         assert headers["X-Should-Retry"] == "false" and headers["X-Job-ID"]
         assert "poll GET /v1/jobs/" in raised.value.message
         assert redis_client.llen(queue) == 1  # one job, not three
-    finally:
-        redis_client.zrem(keys.workers_for("onnx"), f"timeout-test-{suffix}")
-        redis_client.delete(queue)
-        server.close()
 
 
 def test_client_completion_streamed_and_not(client):

@@ -37,8 +37,7 @@ def node_name(gpu: int | None, name: str | None = None) -> str:
     return f"gpu{gpu}@{host}" if gpu is not None else f"cpu@{host}"
 
 
-def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
-               concurrency: int | None = None) -> int:
+def run_worker(settings: Settings, gpu: int | None, name: str | None = None) -> int:
     """Pin to ``gpu`` (CUDA_VISIBLE_DEVICES before onnxruntime is imported), start the engine
     and serve both lanes' queues (and the openai queues when a key is set) with Celery's
     thread pool until stopped. Returns the exit code."""
@@ -52,11 +51,10 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     providers = select_providers(use_gpu=gpu is not None)
     runners = RunnerCache(providers, kv_layout=settings.kv_layout)
     runtime = WorkerRuntime(settings, connect(settings.redis_url), runners, node_name(gpu, name))
-    return _serve(settings, runtime, concurrency, providers=providers, gpu=gpu)
+    return _serve(settings, runtime, providers=providers, gpu=gpu)
 
 
-def run_openai_worker(settings: Settings, name: str | None = None,
-                      concurrency: int | None = None) -> int:
+def run_openai_worker(settings: Settings, name: str | None = None) -> int:
     """Serve the openai queues with no engine (no ONNX Runtime session, no GPU): every job
     goes upstream. Node ``openai@host`` unless ``name``. Raise SettingsError without a key."""
     if not settings.openai_key:
@@ -68,7 +66,7 @@ def run_openai_worker(settings: Settings, name: str | None = None,
     logs.setup(settings.log_level)
     runtime = WorkerRuntime(settings, connect(settings.redis_url), None,
                             name or f"openai@{socket.gethostname()}")
-    return _serve(settings, runtime, concurrency)
+    return _serve(settings, runtime)
 
 
 def worker_queues(settings: Settings, backends: tuple[str, ...]) -> list[str]:
@@ -78,8 +76,7 @@ def worker_queues(settings: Settings, backends: tuple[str, ...]) -> list[str]:
     return [by_backend[backend][lane] for lane in (0, 1) for backend in backends]
 
 
-def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
-           **details: object) -> int:
+def _serve(settings: Settings, runtime: WorkerRuntime, **details: object) -> int:
     from workers.app import create_worker_app
 
     queues = worker_queues(settings, runtime.backends)
@@ -93,7 +90,7 @@ def _serve(settings: Settings, runtime: WorkerRuntime, concurrency: int | None,
                         "that share a name count as one in /readyz, /metrics and Flower: "
                         "give each its own --name")
     argv = ["worker", "--pool", "threads", "--concurrency",
-            str(concurrency or settings.worker_concurrency), "--hostname", runtime.node,
+            str(settings.worker_concurrency), "--hostname", runtime.node,
             "--queues", ",".join(queues), "--loglevel", settings.log_level,
             "--task-events", "--without-gossip", "--without-mingle"]
     _check_broker(app)
