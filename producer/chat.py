@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from banter.errors import ArtifactError, ChecksumMismatch, InvalidRequest, ModelLoadError, brief
-from registry.artifacts import sha256_file
+from registry.artifacts import companion_digest
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
@@ -105,23 +105,16 @@ def template_for(model_root: Path, record: Record) -> ChatTemplate:
     if not record.path:
         return ChatTemplate()
     path = (model_root / record.path).parent / TEMPLATE_FILE
-    if record.files and _digest(path) != record.files.get(TEMPLATE_FILE):
-        log.error("chat_template_changed", extra={"path": str(path), "ref": record.ref})
-        raise ChecksumMismatch(f"model {record.ref}'s files changed since it was promoted; an "
-                               "admin finds which in the producer log")
     try:
+        if record.files and companion_digest(path) != record.files.get(TEMPLATE_FILE):
+            log.error("chat_template_changed", extra={"path": str(path), "ref": record.ref})
+            raise ChecksumMismatch(f"model {record.ref}'s files changed since it was promoted; "
+                                   "an admin finds which in the producer log")
         return load_template(path)
-    except ArtifactError as exc:
-        log.error("chat_template_unreadable", extra={"error": exc.message, "ref": record.ref})
+    except (ArtifactError, OSError) as exc:
+        log.error("chat_template_unreadable", extra={"error": str(exc), "ref": record.ref})
         raise ModelLoadError(f"model {record.ref}'s chat template cannot be read; an admin "
                              "finds why in the producer log") from None
-
-
-def _digest(path: Path) -> str | None:
-    """The file's sha256, None when it is not there, "" when it is not a regular file."""
-    if not path.exists():
-        return None
-    return sha256_file(path) if path.is_file() else ""
 
 
 def load_template(path: Path) -> ChatTemplate:

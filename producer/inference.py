@@ -134,9 +134,8 @@ def inference_batch():
     results = []
     for record, timeout in waited:
         try:
-            if timeout is not None:  # its job goes on: its id lets the client poll it
-                raise timeout
-            results.append(result_body(record))
+            results.append(result_body(record) if timeout is None else
+                           {"id": record.id, "error": timeout.to_dict()})  # its job goes on
         except errors.BanterError as exc:
             results.append({"id": record.id, "error": exc.to_dict()})
     response = jsonify({"results": results})

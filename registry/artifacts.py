@@ -51,6 +51,15 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def companion_digest(path: Path) -> str | None:
+    """What a record's ``files`` would hold for the companion at ``path`` now: its sha256; None
+    when it is not there; "" (which no digest matches) when it is not a regular file, which is
+    not read (a FIFO or a device would never end). OSError when it cannot be read."""
+    if not path.exists():
+        return None
+    return sha256_file(path) if path.is_file() else ""
+
+
 def companion_digests(root: Path, model_path: Path, label: str) -> dict[str, str]:
     """The sha256 of each of the ``COMPANIONS`` beside ``model_path`` that is there. Each must
     resolve under ``root`` (as the artifact must) to a regular file, and the configs must hold

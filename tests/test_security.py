@@ -145,6 +145,15 @@ def test_a_key_removed_from_the_keys_file_is_refused_without_a_restart(settings,
         server.close()
 
 
+def owner(keys: LiveKeys, key: str) -> str | None:
+    """The key id ``keys`` gives a request bearing ``key``, None for an unknown key."""
+    with Flask("keys").test_request_context(headers=bearer(key)):
+        try:
+            return keys.owner(flask.request)
+        except Unauthorized:
+            return None
+
+
 def test_a_broken_keys_file_keeps_the_keys_in_force(settings, tmp_path, caplog):
     """A typo in the edited file, or the file gone, must not lock every caller out (nor, as a
     reload of the whole producer would, stop it): the keys in force stay, the log says why
@@ -152,16 +161,7 @@ def test_a_broken_keys_file_keeps_the_keys_in_force(settings, tmp_path, caplog):
     keyed = replace(keyed_settings(settings, tmp_path), api_keys="", admin_keys="")
     live = LiveKeys(keyed, recheck_s=0)
     path = Path(keyed.keys_file)
-    app = Flask("keys")
-
-    def owner(key: str) -> str | None:
-        with app.test_request_context(headers=bearer(key)):
-            try:
-                return live.owner(flask.request)
-            except Unauthorized:
-                return None
-
-    carol = owner(CAROL)
+    carol = owner(live, CAROL)
     assert carol is not None
     for broken in (f"admn:{CAROL}\n", "# every key removed\n", None):
         if broken is None:
@@ -170,11 +170,11 @@ def test_a_broken_keys_file_keeps_the_keys_in_force(settings, tmp_path, caplog):
             path.write_text(broken)
         with caplog.at_level(logging.ERROR, logger="banter.producer"):
             caplog.clear()
-            assert owner(CAROL) == carol
+            assert owner(live, CAROL) == carol
         assert [r.message for r in caplog.records] == ["keys_file_invalid"]
         assert CAROL not in caplog.records[0].error
     path.write_text(f"user:{BOB}\n")
-    assert owner(CAROL) is None and owner(BOB) is not None
+    assert owner(live, CAROL) is None and owner(live, BOB) is not None
 
 
 def test_a_producer_process_that_starts_while_the_keys_file_is_broken_keeps_its_last_keys(
@@ -185,15 +185,6 @@ def test_a_producer_process_that_starts_while_the_keys_file_is_broken_keeps_its_
     path = Path(keyed.keys_file)
     live = LiveKeys(keyed, recheck_s=0)
     path.write_text(f"admin:{ROOT}\n")  # carol revoked
-    app = Flask("keys")
-
-    def owner(keys: LiveKeys, key: str) -> str | None:
-        with app.test_request_context(headers=bearer(key)):
-            try:
-                return keys.owner(flask.request)
-            except Unauthorized:
-                return None
-
     assert owner(live, CAROL) is None
     path.write_text(f"admn:{ROOT}\n")
     with caplog.at_level(logging.ERROR, logger="banter.producer"):

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from banter.errors import ChecksumMismatch, InferenceError, ModelLoadError
 from banter.settings import KV_LAYOUTS
-from registry.artifacts import COMPANIONS, sha256_file
+from registry.artifacts import COMPANIONS, companion_digest, sha256_file
 from workers import inplace
 from workers.batching import decode_feeds, pack_rows, prompt_feeds
 from workers.kvpacker import KVPacker
@@ -69,17 +69,15 @@ def _verify(spec: ModelSpec) -> None:
     expected = dict(spec.files)
     for name in COMPANIONS:
         path = spec.model_path.parent / name
-        if path.exists() and not path.is_file():  # a directory, or a device that never ends
-            raise ChecksumMismatch(f"{path} is not a regular file; the artifact changed since "
-                                   "it was promoted: promote it again or restore the file")
         try:
-            found = sha256_file(path) if path.exists() else None
+            found = companion_digest(path)
         except OSError as exc:
             raise ModelLoadError(f"cannot read {path}: {exc}") from exc
         if found != expected.get(name):
-            what = ("was not there when the model was promoted" if name not in expected else
-                    "is gone" if found is None else f"has sha256 {found}, the registry expects "
-                    f"{expected[name]}")
+            what = ("is not a regular file" if found == "" else
+                    "was not there when the model was promoted" if name not in expected else
+                    "is gone" if found is None else
+                    f"has sha256 {found}, the registry expects {expected[name]}")
             raise ChecksumMismatch(f"{path} {what}; the artifact changed since it was "
                                    "promoted: promote it again or restore the file")
 
