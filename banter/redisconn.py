@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import redis
 
 from banter.errors import Unavailable
@@ -19,6 +21,16 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
                                 socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
                                 max_connections=MAX_CONNECTIONS)
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password (``redis://user:***@host``), to print or log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def ping(client: redis.Redis) -> None:

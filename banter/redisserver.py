@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -34,22 +35,27 @@ def free_port() -> int:
 
 class RedisServer:
     """One redis-server process on a free loopback port, data under ``directory``.
-    ``persist`` turns AOF on (``banter up``); tests run without persistence."""
+    ``persist`` turns AOF on (``banter up``); tests run without persistence. With a
+    ``password`` the server requires it (given in a config file only its owner may read, never
+    on the command line, where any local user would see it) and ``url`` carries it."""
 
-    def __init__(self, directory: Path, port: int | None = None, persist: bool = True) -> None:
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = True,
+                 password: str | None = None) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
         self.persist = persist
+        self.password = password
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)  # its AOF holds every prompt and result: the owner's only
-        args = [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [find_binary(), *self._config(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
                 "--maxmemory-policy", "noeviction", "--logfile", "redis.log"]
@@ -57,7 +63,7 @@ class RedisServer:
         # which the stack stops last, after everything that still writes to it
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -70,6 +76,17 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise Unavailable(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+
+    def _config(self) -> list[str]:
+        """The config file argument that sets the password; none without one."""
+        if not self.password:
+            return []
+        path = self.directory / "redis.conf"
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(f"requirepass {self.password}\n")
+        return [str(path)]
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

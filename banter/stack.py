@@ -8,16 +8,18 @@ processes until Ctrl-C (or until one of them dies), and stops everything it star
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import requests
 
 from banter.demo import DEMO_EMBED, DEMO_GPT, build_demo
 from banter.errors import BanterError, Unavailable
-from banter.redisconn import connect
+from banter.redisconn import connect, shown_url
 from banter.redisserver import RedisServer
 from banter.settings import Settings, SettingsError
 from producer.auth import KeyRing
@@ -107,6 +109,19 @@ def _check_sample(answer: requests.Response) -> None:
         raise BanterError(f"the sample job failed ({answer.status_code}): {answer.text[:300]}")
 
 
+URL_FILE = "url"  # beside the private Redis's data: its URL, password included, while it runs
+
+
+def write_url(server: RedisServer) -> Path:
+    """Write the private Redis's URL (password included) where only its owner may read it, for
+    other ``banter`` commands to use; returns the file's path."""
+    path = server.directory / URL_FILE
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(server.url + "\n")
+    return path
+
+
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # a worker failing faster than this is given up on
 
 
@@ -120,10 +135,14 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the stack like Ctrl-C
     env = dict(os.environ)
     redis_server = None
+    redis_shown = shown_url(settings.redis_url)
     if "BANTER_REDIS_URL" not in env:
-        redis_server = RedisServer(settings.home / "redis", persist=True)
+        redis_server = RedisServer(settings.home / "redis", persist=True,
+                                   password=secrets.token_urlsafe(24))
         env["BANTER_REDIS_URL"] = redis_server.start()
         settings = Settings.from_env(env)
+        redis_shown = (f"{shown_url(redis_server.url)} (private; for other banter "
+                       f"commands: BANTER_REDIS_URL=\"$(cat {write_url(redis_server)})\")")
     env.update({"BANTER_HOME": str(settings.home), "BANTER_MODEL_ROOT": str(settings.model_root),
                 "BANTER_REGISTRY_PATH": str(settings.registry_path)})
     if not has_keys(settings):
@@ -143,8 +162,8 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
                                          env=env))
         url = f"http://{host}:{port}"
         wait_ready(url, children)
-        print(f"banterhearts is up\n  API      {url}\n  Redis    {settings.redis_url}"
-              f"{' (private)' if redis_server else ''}\n  models   {settings.model_root}"
+        print(f"banterhearts is up\n  API      {url}\n  Redis    {redis_shown}"
+              f"\n  models   {settings.model_root}"
               f"{' (demo models built)' if built else ''}\n  registry {settings.registry_path}"
               "\nCtrl-C stops everything.", flush=True)
         if sample:
@@ -158,6 +177,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         stop_all(children)
         if redis_server:
             redis_server.stop()
+            (redis_server.directory / URL_FILE).unlink(missing_ok=True)
 
 
 def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str, str]) -> int:

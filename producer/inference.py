@@ -46,9 +46,13 @@ def tag_with_job(record: JobRecord) -> None:
 
 
 def job_headers(records: list[JobRecord]) -> dict[str, str]:
-    backends = sorted({r.backend for r in records if r.backend})
-    return {"X-Backend": ",".join(backends),
-            "X-Batch-Size": str(max((r.batch_size or 0) for r in records))}
+    """``X-Backend`` (those that ran the jobs) and ``X-Batch-Size`` (the largest pass one of them
+    shared), which is left out when none ran in a pass (every job failed before its pass)."""
+    headers = {"X-Backend": ",".join(sorted({r.backend for r in records if r.backend}))}
+    sizes = [r.batch_size for r in records if r.batch_size]
+    if sizes:
+        headers["X-Batch-Size"] = str(max(sizes))
+    return headers
 
 
 def _wait(c: Context, record: JobRecord) -> tuple[JobRecord, errors.Timeout | None]:

@@ -1,5 +1,5 @@
 """Checking a model artifact before it is promoted: where it is, what it is, its sha256 and
-its companion files' (``COMPANIONS``).
+its companion files' (``COMPANIONS`` and the graph's external-data files).
 
 Reads graphs with the ``onnx`` package only: the producer imports this module and must not load
 onnxruntime.
@@ -12,7 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import onnx
 from tokenizers import Tokenizer
@@ -33,7 +33,8 @@ class Artifact:
     as given (a symlink inside the root stays a symlink: workers open ``model_root/rel_path``
     and ``tokenizer.json`` beside it); ``abs_path`` and ``tokenizer_path`` are
     ``model_root/rel_path`` and the tokenizer beside it; ``files`` the sha256 of each of the
-    ``COMPANIONS`` beside it (those there)."""
+    ``COMPANIONS`` beside it (those there) and of each external-data file the graph names, keyed
+    by its path relative to the ``.onnx`` file's directory."""
 
     rel_path: str
     abs_path: Path
@@ -116,14 +117,35 @@ def inspect_artifact(model_root: Path, path: str, kind: str) -> Artifact:
     if not os.path.lexists(tokenizer) or not _resolve(root, tokenizer, path).is_file():
         raise ArtifactError(f"artifact {brief(path)} has no tokenizer.json beside it: put the "
                             f"model's tokenizer.json in {target.parent}")
-    check_graph(resolved, kind, path, _resolve(root, tokenizer, path))
+    external = check_graph(resolved, kind, path, _resolve(root, tokenizer, path))
+    files = companion_digests(root, target, path) | external_digests(root, target, external, path)
     return Artifact(rel_path=rel, abs_path=target, tokenizer_path=tokenizer,
-                    sha256=sha256_file(resolved), files=companion_digests(root, target, path))
+                    sha256=sha256_file(resolved), files=files)
 
 
-def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -> None:
+def external_digests(root: Path, model_path: Path, locations: list[str],
+                     label: str) -> dict[str, str]:
+    """The sha256 of each external-data file (``locations``, as the graph names them, relative
+    to ``model_path``'s directory, where ONNX Runtime looks for them). Each must stay in that
+    directory and resolve under ``root`` to a regular file: ArtifactError otherwise."""
+    digests = {}
+    for location in locations:
+        name = PurePosixPath(location)
+        if not location or name.is_absolute() or ".." in name.parts:
+            raise ArtifactError(f"artifact {brief(label)}: its external data location "
+                                f"{brief(location)} must be a path inside the model's directory")
+        resolved = _resolve(root, model_path.parent / name, label)
+        if not resolved.is_file():
+            raise ArtifactError(f"artifact {brief(label)}: its external data {brief(location)} "
+                                "is not a regular file")
+        digests[name.as_posix()] = sha256_file(resolved)
+    return digests
+
+
+def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -> list[str]:
     """Raise ArtifactError unless the ONNX file has the inputs/outputs of ``kind`` and an
-    embedding table with a row for every id the tokenizer at ``tokenizer_path`` makes."""
+    embedding table with a row for every id the tokenizer at ``tokenizer_path`` makes. Returns
+    the external-data locations its tensors name (none for a graph saved in one file)."""
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types on garbage
@@ -143,6 +165,25 @@ def check_graph(model_path: Path, kind: str, label: str, tokenizer_path: Path) -
         raise ArtifactError(f"unknown model kind {kind!r}: use generate or embed")
     _check_ops(model, label)
     _check_vocab(model.graph, tokenizer_path, label)
+    return sorted({_location(tensor) for tensor in _tensors(model.graph)
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL})
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph holds: its initializers and its nodes' tensor attributes, subgraphs
+    included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 
 
 def _check_ops(model: onnx.ModelProto, label: str) -> None:

@@ -194,6 +194,13 @@ def test_inference_batch_keeps_prompt_order(api):
     assert int(response.headers["X-Batch-Size"]) >= 1
 
 
+def test_inference_batch_whose_every_prompt_fails_before_its_pass_has_no_batch_size(api):
+    response = api.post("/v1/inference/batch", {"prompts": ["zq " * 4000] * 2, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    assert [r["error"]["type"] for r in response.json()["results"]] == ["prompt_too_long"] * 2
+    assert "X-Batch-Size" not in response.headers and response.headers["X-Backend"] == "onnx"
+
+
 def test_inference_batch_past_the_sync_timeout_names_every_job(settings, redis_client,
                                                                 demo_models):
     """Jobs not done within BANTER_SYNC_TIMEOUT_S go on; each prompt's result carries its job's
@@ -208,6 +215,7 @@ def test_inference_batch_past_the_sync_timeout_names_every_job(settings, redis_c
     assert [r["error"]["type"] for r in results] == ["timeout", "timeout"]
     assert len({r["id"] for r in results}) == 2
     assert all(redis_client.exists(keys.job(r["id"])) for r in results)
+    assert "X-Batch-Size" not in response.headers  # none ran yet
 
 
 def test_openai_embeddings_float_and_base64(api):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import redis
 import requests
 
 from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT
@@ -442,7 +443,7 @@ def test_up_with_a_sample_then_exit(tmp_path):
     assert code == 0, text + err.read_text()[-3000:]
     assert "banterhearts is up" in text
     assert f"API      http://127.0.0.1:{port}" in text
-    redis_url = re.search(r"Redis\s+(redis://127\.0\.0\.1:(\d+)/0) \(private\)", text)
+    redis_url = re.search(r"Redis\s+(redis://:\*\*\*@127\.0\.0\.1:(\d+)/0) \(private; ", text)
     assert redis_url, text
     assert "(demo models built)" in text
     assert "sample generate (demo-gpt v1, onnx, batch 1," in text
@@ -467,8 +468,8 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
-        redis_port = int(re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)/0 \(private\)",
-                                   text).group(1))
+        redis_port = int(re.search(r"Redis\s+redis://:\*\*\*@127\.0\.0\.1:(\d+)/0 \(private; "
+                                   r"for other banter commands: BANTER_REDIS_URL=", text).group(1))
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
 
         answer = requests.post(f"{url}/v1/inference", json={"prompt": "hi", "max_tokens": 5},
@@ -496,6 +497,18 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         assert any("redis-server" in p for p in started), started
         # its AOF holds every prompt and result: no other user may read it
         assert (home / "redis").stat().st_mode & 0o777 == 0o700
+        # nor connect to it: it wants a password, kept in a file only the owner may read and
+        # shown nowhere else (not on a command line, not in the banner)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()
+        url_file = home / "redis" / "url"
+        assert f'BANTER_REDIS_URL="$(cat {url_file})"' in text
+        assert url_file.stat().st_mode & 0o777 == 0o600
+        private_url = url_file.read_text().strip()
+        assert redis.Redis.from_url(private_url).ping()
+        password = redis.connection.parse_url(private_url)["password"]
+        assert len(password) >= 32 and password not in text + err.read_text()
+        assert not any(password in line for line in started)
 
         # when Ctrl-C is pressed, expect a clean exit and everything it started gone
         os.killpg(process.pid, signal.SIGINT)
@@ -507,7 +520,7 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
     assert "Traceback" not in err.read_text(), err.read_text()[-3000:]
     assert port_is_closed(redis_port), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
-    assert leftovers == []
+    assert leftovers == [] and not url_file.exists()
 
 
 def up_refusals(tmp_path: Path) -> list[tuple[dict[str, str], list[str], int, str]]:
@@ -565,8 +578,8 @@ def test_up_stops_everything_it_started_on_sigterm(tmp_path):
     process, home, port, out, err = start_up(tmp_path)
     try:
         text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
-        redis_port = int(re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)/0 \(private\)",
-                                   text).group(1))
+        redis_port = int(re.search(r"Redis\s+redis://:\*\*\*@127\.0\.0\.1:(\d+)/0 \(private; "
+                                   r"for other banter commands: BANTER_REDIS_URL=", text).group(1))
         assert len(processes_with_home(home)) >= 5
 
         # when only the ``banter up`` process is sent SIGTERM

@@ -189,6 +189,60 @@ def test_a_tokenizer_changed_after_promote_is_not_served(api, settings, demo_mod
     assert done["status"] == "succeeded" and done["version"] == 2
 
 
+def external_data_copy(source: Path, target: Path, location: str = "model.onnx.data") -> Path:
+    """A demo model directory whose weights are in an ONNX external-data file."""
+    copy_model(source, target)
+    model = onnx.load(str(target / "model.onnx"))
+    onnx.save_model(model, str(target / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=location, size_threshold=1024)
+    return target
+
+
+def test_external_data_changed_after_promote_is_not_served(api, settings, demo_models):
+    """Weights in an external-data file are hashed into the record like the companions: a
+    changed weights file is refused before the version loads; as promoted, it serves."""
+    name = fresh_name("reg-ext")
+    directory = external_data_copy(demo_models[DEMO_GPT], settings.model_root / name)
+    weights = directory / "model.onnx.data"
+    first = promote(api, name, "generate", name)
+    assert first.status_code == 201, first.text
+    assert first.json()["files"] == {**companions(directory), "model.onnx.data": sha256(weights)}
+
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "model": name,
+                                "params": {"max_tokens": 2}}).json()
+    failed = api.wait_job(job["id"])
+    assert failed["status"] == "failed" and failed["error"]["type"] == "checksum_mismatch"
+
+    weights.write_bytes(original)
+    params = {"max_tokens": 4, "temperature": 0}
+    served = api.wait_job(api.post("/v1/jobs", {"kind": "generate", "input": DEMO_TEXT,
+                                                "model": name, "params": params}).json()["id"])
+    assert served["status"] == "succeeded", served["error"]
+    demo = api.wait_job(api.post("/v1/jobs", {"kind": "generate", "input": DEMO_TEXT,
+                                              "model": DEMO_GPT, "params": params}).json()["id"])
+    assert served["result"]["text"] == demo["result"]["text"]  # the same weights
+
+
+def test_external_data_outside_the_model_directory_or_missing_is_refused(api, settings,
+                                                                        demo_models):
+    name = fresh_name("reg-ext-bad")
+    directory = external_data_copy(demo_models[DEMO_GPT], settings.model_root / name)
+    (directory / "model.onnx.data").rename(settings.model_root / f"{name}.data")
+    refused = promote(api, name, "generate", name)
+    assert_error(refused, 422, "invalid_artifact", "not found")
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = f"../{name}.data"
+    onnx.save(model, str(directory / "model.onnx"))
+    refused = promote(api, name, "generate", name)
+    assert_error(refused, 422, "invalid_artifact", "must be a path inside the model's directory")
+    assert api.get("/v1/models/history", params={"name": name}).status_code == 404
+
+
 def test_history_of_unknown_name_is_404(api):
     response = api.get("/v1/models/history", params={"name": fresh_name("nobody")})
     assert_error(response, 404, "model_not_found", "no model named")

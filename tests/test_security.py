@@ -20,14 +20,15 @@ from pathlib import Path
 
 import flask
 import pytest
+import redis
 import requests
 from flask import Flask
 
 from banter import keys, stack
 from banter.demo import DEMO_EMBED, DEMO_GPT
 from banter.errors import Unauthorized
-from banter.redisconn import connect
-from banter.redisserver import find_binary, free_port
+from banter.redisconn import connect, shown_url
+from banter.redisserver import RedisServer, free_port
 from banter.settings import Settings
 from producer.app import create_app
 from producer.auth import AuthNotConfigured, KeyRing, LiveKeys
@@ -447,24 +448,27 @@ def test_a_full_queue_is_429_with_retry_after(settings, redis_client, demo_model
 # ----------------------------------------------------------------------------- redis password
 @pytest.fixture
 def password_redis(tmp_path):
-    """A private redis-server that requires a password (``--requirepass``)."""
-    port, password = free_port(), f"pw-{uuid.uuid4().hex}"
-    process = subprocess.Popen([find_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                                "--requirepass", password, "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            connect(url).ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    stop_process(process)
+    """A private redis-server that requires a password (as ``banter up``'s does)."""
+    server = RedisServer(tmp_path / "redis", persist=False, password=f"pw-{uuid.uuid4().hex}")
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def test_the_password_is_in_no_command_line_and_no_printed_url(password_redis, tmp_path):
+    parsed = redis.connection.parse_url(password_redis)
+    password = parsed["password"]
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=parsed["port"]).ping()
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in os.listdir("/proc")
+                if pid.isdigit() and Path(f"/proc/{pid}/cmdline").exists()]
+    assert not any(password.encode() in command for command in commands)
+    assert (tmp_path / "redis" / "redis.conf").stat().st_mode & 0o777 == 0o600
+    assert shown_url(password_redis) == password_redis.replace(password, "***")
+    assert shown_url("rediss://user:s%40cret@cache:6380/2") == "rediss://user:***@cache:6380/2"
+    assert shown_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_a_password_protected_redis_serves_jobs_end_to_end(password_redis, settings,

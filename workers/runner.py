@@ -55,7 +55,8 @@ def select_providers(use_gpu: bool) -> list[str]:
 
 def _verify(spec: ModelSpec) -> None:
     """ChecksumMismatch unless ``model.onnx`` and its companions are as they were promoted:
-    each recorded companion there with its digest, and none there that was not."""
+    each recorded companion and external-data file there with its digest, and none of the
+    ``COMPANIONS`` there that was not."""
     try:
         actual = sha256_file(spec.model_path)
     except OSError as exc:
@@ -67,7 +68,7 @@ def _verify(spec: ModelSpec) -> None:
     if not spec.files:
         return
     expected = dict(spec.files)
-    for name in COMPANIONS:
+    for name in dict.fromkeys((*COMPANIONS, *expected)):
         path = spec.model_path.parent / name
         try:
             found = companion_digest(path)
