@@ -13,6 +13,7 @@ A missing file or key gives the default; a malformed one is an ``ArtifactError``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from banter.errors import ArtifactError, ChecksumMismatch, InvalidRequest, ModelLoadError, brief
-from registry.artifacts import companion_digest
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
@@ -101,16 +101,19 @@ def template_for(model_root: Path, record: Record) -> ChatTemplate:
     beside its artifact; the default for a model with no local files (openai backend). The
     server's files are at fault, not the request, where the file is not the one promoted
     (ChecksumMismatch) or does not hold a template (ModelLoadError): both 503, their client
-    message naming no path (the producer log has it)."""
+    message naming no path (the producer log has it). The file is read once: the bytes hashed
+    are the bytes parsed."""
     if not record.path:
         return ChatTemplate()
     path = (model_root / record.path).parent / TEMPLATE_FILE
     try:
-        if record.files and companion_digest(path) != record.files.get(TEMPLATE_FILE):
+        data = _read(path)
+        digest = None if data is None else hashlib.sha256(data).hexdigest()
+        if record.files and digest != record.files.get(TEMPLATE_FILE):
             log.error("chat_template_changed", extra={"path": str(path), "ref": record.ref})
             raise ChecksumMismatch(f"model {record.ref}'s files changed since it was promoted; "
                                    "an admin finds which in the producer log")
-        return load_template(path)
+        return parse_template(data, path)
     except (ArtifactError, OSError) as exc:
         log.error("chat_template_unreadable", extra={"error": str(exc), "ref": record.ref})
         raise ModelLoadError(f"model {record.ref}'s chat template cannot be read; an admin "
@@ -120,11 +123,27 @@ def template_for(model_root: Path, record: Record) -> ChatTemplate:
 def load_template(path: Path) -> ChatTemplate:
     """``banter_chat_template`` from the JSON file at ``path``; the default when the file or the
     key is missing."""
+    return parse_template(_read(path), path)
+
+
+def _read(path: Path) -> bytes | None:
+    """The file's bytes; None when it is not there. ArtifactError when it is not a regular file
+    (a FIFO would never end)."""
+    if path.exists() and not path.is_file():
+        raise ArtifactError(f"{path} is not a regular file", None)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
+        return None
+
+
+def parse_template(data: bytes | None, path: Path) -> ChatTemplate:
+    """The template in ``data``, the bytes of the file at ``path`` (None: no file)."""
+    if data is None:
         return ChatTemplate()
-    except (OSError, ValueError) as exc:
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
         raise ArtifactError(f"{path} is not a readable JSON file: {exc}", None) from None
     custom = config.get(TEMPLATE_KEY) if isinstance(config, dict) else None
     if custom is None:

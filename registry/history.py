@@ -57,8 +57,9 @@ class HistoryFile:
         """Under the exclusive lock: read the records, call ``make(records)`` for the next one
         (its seq must be the last seq + 1), append it as one line, fsync, return it.
 
-        If ``make`` raises, nothing is written and the exception propagates; a file that
-        cannot be written is RegistryUnavailable.
+        If ``make`` raises, nothing is written (a missing file is not created: ``make([])`` is
+        asked first) and the exception propagates; a file that cannot be written is
+        RegistryUnavailable.
         """
         try:
             return self._append(make)
@@ -66,8 +67,10 @@ class HistoryFile:
             raise self._unavailable("written", exc) from None
 
     def _append(self, make: Callable[[list[Record]], Record]) -> Record:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
+        if created:
+            make([])  # a refusal leaves no empty file behind
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.seek(0)

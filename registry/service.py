@@ -217,7 +217,7 @@ class Registry:
             return make(records)
 
         record = self.history_file.append(capture)
-        return record, replay([*before[0], record])
+        return record, replay([*before[-1], record])  # the records read under the lock
 
     def _check_not_behind(self, file_seq: int) -> None:
         """Conflict when the mirror workers read is past the file's last seq: a change appended

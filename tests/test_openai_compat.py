@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 import time
 import uuid
 
@@ -454,6 +456,26 @@ def test_malformed_model_template_is_an_artifact_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ArtifactError, match="tokenizer_config.json"):
         load_template(path)
+
+
+def test_a_template_file_that_is_not_a_regular_file_is_an_artifact_error(tmp_path):
+    """Not read (a FIFO's read would never end): refused at once."""
+    path = tmp_path / "tokenizer_config.json"
+    os.mkfifo(path)
+    outcome: list[BaseException | ChatTemplate] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_template(path))
+        except ArtifactError as exc:
+            outcome.append(exc)
+
+    threading.Thread(target=load, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outcome and isinstance(outcome[0], ArtifactError), "load_template read the FIFO"
+    assert "not a regular file" in str(outcome[0])
 
 
 def test_a_chat_template_changed_or_broken_on_the_server_is_a_503_naming_no_path(
