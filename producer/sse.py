@@ -11,11 +11,13 @@ from typing import Callable, Iterator
 import redis
 from flask import Response, request, stream_with_context
 
+from banter import errors
 from banter.errors import JobNotFound
 from banter.streams import EventType, ended_by, entry_key, read_events
 
 KEEPALIVE_S = 15
 REDIS_RETRY_S = 10.0  # how long a stream rides out a dropped Redis connection before it ends
+FIRST_EVENT_WAIT_S = 1.0  # how long a just-submitted job's stream waits for an early error
 
 log = logging.getLogger("banter.producer")
 
@@ -75,6 +77,22 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
             yield fmt(entry_id, kind, data)
             if kind is not EventType.TOKEN:
                 return
+
+
+def early_error(client: redis.Redis, job_id: str) -> errors.BanterError | None:
+    """The job's error when it is the first event of its stream within FIRST_EVENT_WAIT_S (a
+    prompt too long for the model, a model that does not load): a streamed call is then
+    answered with the error's status, as it is unstreamed, instead of a 200 stream holding only
+    the error. None when a token or ``done`` came first, nothing came in time (the stream goes
+    out, and an error later ends it as an event), or Redis did not answer (the stream rides
+    that out)."""
+    try:
+        batch = read_events(client, job_id, "0-0", block_ms=int(FIRST_EVENT_WAIT_S * 1000))
+    except redis.RedisError:
+        return None
+    if batch and batch[0][1] is EventType.ERROR:
+        return errors.from_dict(batch[0][2]["error"])
+    return None
 
 
 def cancel_on_disconnect(stream: Iterator[str], cancel: Callable[[], object]) -> Iterator[str]:

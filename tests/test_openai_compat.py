@@ -218,16 +218,39 @@ def test_streamed_chat_lines(api):
     assert all("usage" not in c for c in chunks)
 
 
-def test_job_error_is_a_data_line_then_done(api):
-    payloads = stream_raw(api, "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 2})
+def test_a_job_that_fails_at_once_is_answered_with_its_status_streamed_or_not(api, client):
+    """A prompt over the model's context fails as its job is admitted: a streamed call waits
+    for that (sse.FIRST_EVENT_WAIT_S) and answers like an unstreamed one, as OpenAI does."""
+    for stream in (True, False):
+        response = api.post("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 2,
+                                                "stream": stream})
+        assert response.status_code == 400, response.text  # OpenAI's status; the rest: 422
+        error = response.json()["error"]
+        assert error["type"] == "prompt_too_long" and "tokens" in error["message"]
+        assert error["code"] == "context_length_exceeded"
+        job = api.get(f"/v1/jobs/{response.headers['X-Job-ID']}").json()
+        assert job["status"] == "failed" and job["error"]["type"] == "prompt_too_long"
+    with pytest.raises(BadRequestError, match="tokens"):
+        client.chat.completions.create(model=DEMO_GPT, stream=True, max_tokens=2,
+                                       messages=[{"role": "user", "content": LONG_PROMPT}])
+    streamed = api.post("/v1/inference?stream=true", {"prompt": LONG_PROMPT, "max_tokens": 2})
+    assert streamed.status_code == 422 and streamed.json()["error"]["type"] == "prompt_too_long"
+    assert streamed.headers["X-Job-ID"]
+
+
+def test_a_job_error_after_the_stream_went_out_is_a_data_line_then_done(api, settings,
+                                                                        redis_client):
+    """Past the first wait the stream goes out (200) and an error ends it as a data line: the
+    job waits on a queue no worker serves, then is moved to the worker's."""
+    with unserved_producer(settings, redis_client) as (server, queue):
+        with requests.post(server.url + "/v1/completions", stream=True, timeout=60,
+                           json={"prompt": LONG_PROMPT, "max_tokens": 2, "stream": True}) as response:
+            assert response.status_code == 200, response.text
+            assert redis_client.lmove(queue, settings.queue_interactive)
+            payloads = data_lines(response)
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
-    assert error["type"] == "prompt_too_long" and "tokens" in error["message"]
-    response = api.post("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 2})
-    assert response.status_code == 400  # OpenAI's status for it; the rest of the API says 422
-    assert response.json()["error"]["type"] == "prompt_too_long"
-    assert response.json()["error"]["code"] == "context_length_exceeded"
-    assert error["code"] == "context_length_exceeded"
+    assert error["type"] == "prompt_too_long" and error["code"] == "context_length_exceeded"
 
 
 BAD_INPUTS = [
