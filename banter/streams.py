@@ -163,6 +163,18 @@ def entry_key(entry_id: str) -> tuple[int, int] | None:
     return pair if max(pair) < 2 ** 64 else None
 
 
+def read_start(client: redis.Redis, job_id: str, after: str) -> str:
+    """Where a reader resuming after entry id ``after`` reads from: ``after`` itself, or the
+    stream's last entry ("0-0" for an empty stream) when ``after`` is past it (an id the job
+    has not written), so the entries still to come are seen, and the final one ends the read,
+    instead of waiting on ids that come after it."""
+    if after == "0-0":
+        return after
+    last = client.xrevrange(keys.stream(job_id), count=1)
+    start = last[0][0] if last else "0-0"
+    return start if entry_key(start) < (entry_key(after) or (0, 0)) else after
+
+
 def ended_by(client: redis.Redis, job_id: str, after: str) -> bool:
     """Whether the job's stream ends (its ``done`` or ``error`` entry) at or before entry id
     ``after``: a reader who has everything up to ``after`` has the whole stream."""

@@ -73,8 +73,11 @@ def stream_query() -> bool:
 
 
 def keep_running(body: dict) -> bool:
-    """``keep_running: true`` keeps a streamed job going after its client disconnects."""
-    value = body.get("keep_running", False)
+    """``keep_running: true`` keeps a streamed job going after its client disconnects (null:
+    false, as for every optional field)."""
+    value = body.get("keep_running")
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise InvalidRequest("'keep_running' must be true or false", "keep_running")
     return value

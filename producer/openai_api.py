@@ -48,16 +48,18 @@ OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
 # OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
 SHARED_UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
                       "logprobs": (False,), "n": (1,)}
-COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "echo": (False,), "suffix": ("",),
-                          "best_of": (1,)}
+COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "logprobs": (), "echo": (False,),
+                          "suffix": ("",), "best_of": (1,)}  # logprobs: a count here
 CHAT_UNSUPPORTED = {**SHARED_UNSUPPORTED, "top_logprobs": (0,), "tools": ([],),
                     "functions": ([],), "tool_choice": ("none", "auto"),
                     "function_call": ("none", "auto"), "audio": (), "prediction": (),
                     "web_search_options": (), "modalities": (["text"],),
                     "response_format": ({"type": "text"},)}
-# OpenAI fields that do not change the output: accepted, ignored.
-IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
-           "reasoning_effort", "verbosity", "prompt_cache_key", "safety_identifier")
+# OpenAI fields that do not change the output: accepted (null, or of OpenAI's type), ignored.
+IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str,
+           "parallel_tool_calls": bool, "reasoning_effort": str, "verbosity": str,
+           "prompt_cache_key": str, "safety_identifier": str}
+TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
 # this server's own: top_k (as vLLM takes it), keep_running (a streamed job outlives its client)
 EXTENSIONS = ("top_k", "keep_running")
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
@@ -175,9 +177,12 @@ def include_usage(body: dict) -> bool:
 
 def check_fields(body: dict, known: tuple[str, ...], unsupported: dict[str, tuple]) -> None:
     """Refuse a field outside ``known``, and an ``unsupported`` one set to anything but null
-    or the no-op values it lists. ``user`` (accepted and ignored) must still be a string."""
+    or the no-op values it lists. The ``IGNORED`` ones must still be of OpenAI's type."""
     v.known_fields(body, known)
     v.string(body, "user", max_len=1024, allow_empty=True)
+    for name, kind in IGNORED.items():
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise InvalidRequest(f"'{name}' must be {TYPE_NAMES[kind]}", name)
     for name, no_ops in unsupported.items():
         value = body.get(name)
         if value is None or any(_same(value, ok) for ok in no_ops):

@@ -13,7 +13,7 @@ from flask import Response, request, stream_with_context
 
 from banter import errors
 from banter.errors import JobNotFound
-from banter.streams import EventType, ended_by, entry_key, read_events
+from banter.streams import EventType, ended_by, entry_key, read_events, read_start
 
 KEEPALIVE_S = 15
 REDIS_RETRY_S = 10.0  # how long a stream rides out a dropped Redis connection before it ends
@@ -47,10 +47,11 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
     ``interrupted`` (by default nothing: the job goes on, and the client resumes with
     ``Last-Event-ID``)."""
     yield ": stream open\n\n"
-    failing_since = None
+    failing_since, cursor = None, None
     while True:
         try:
-            batch = read_events(client, job_id, after, block_ms=KEEPALIVE_S * 1000)
+            cursor = cursor or read_start(client, job_id, after)
+            batch = read_events(client, job_id, cursor, block_ms=KEEPALIVE_S * 1000)
             ended = not batch and ended_by(client, job_id, after)
             if not batch and not ended and on_idle is not None:
                 on_idle()
@@ -73,8 +74,10 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
             yield ": keep-alive\n\n"
             continue
         for entry_id, kind, data in batch:
-            after = entry_id
-            yield fmt(entry_id, kind, data)
+            cursor = entry_id
+            if entry_key(entry_id) > entry_key(after):  # not so for a resume past the end
+                after = entry_id
+                yield fmt(entry_id, kind, data)
             if kind is not EventType.TOKEN:
                 return
 

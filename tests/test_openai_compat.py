@@ -323,6 +323,19 @@ BAD_INPUTS = [
     ("/v1/embeddings", {"input": "x", "encoding": "float"}, 400, "'encoding'"),
     # OpenAI fields that would change the output, set to anything but their no-op value
     ("/v1/completions", {"prompt": "x", "logprobs": 0}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": False}, 400,  # a count on completions
+     "'logprobs' is not supported by this server"),
+    # OpenAI fields that do not change the output still have OpenAI's types
+    ("/v1/chat/completions", {"messages": MESSAGES, "metadata": "x"}, 400,
+     "'metadata' must be an object"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "store": "yes"}, 400,
+     "'store' must be true or false"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "parallel_tool_calls": "x"}, 400,
+     "'parallel_tool_calls' must be true or false"),
+    ("/v1/completions", {"prompt": "x", "prompt_cache_key": 5}, 400,
+     "'prompt_cache_key' must be a string"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "service_tier": ["auto"]}, 400,
+     "'service_tier' must be a string"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"messages": MESSAGES, "tool_choice": "required"}, 400,
      "tool_choice"),
@@ -383,7 +396,7 @@ def test_fields_that_do_not_change_the_output_are_accepted(api):
     plain = api.post("/v1/completions", base).json()["choices"]
     harmless = {"user": "u1", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
                 "logprobs": None, "n": 1, "best_of": 1, "echo": False, "suffix": None,
-                "top_k": -1, "seed": -1}
+                "top_k": -1, "seed": -1, "keep_running": None, "metadata": None}
     response = api.post("/v1/completions", {**base, **harmless})
     assert response.status_code == 200, response.text
     assert response.json()["choices"] == plain

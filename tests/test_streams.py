@@ -12,7 +12,7 @@ import requests
 from banter import keys
 from banter.demo import DEMO_TEXT
 from producer.app import create_app
-from tests.conftest import Server
+from tests.conftest import Api, Server, unserved_producer
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
 
@@ -85,6 +85,26 @@ def test_a_resume_at_or_past_the_final_event_ends_at_once(api):
     # digits Python calls digits and Redis does not (a header cannot carry them: the query can)
     with api.session.get(url, stream=True, timeout=30, params={"last_event_id": "١٢-٣"}) as r:
         assert r.status_code == 200 and list(sse_events(r)) == events
+
+
+def test_a_resume_past_the_end_of_a_job_still_running_ends_with_its_final_event(
+        settings, redis_client, demo_models):
+    """An id the job has not written (past its last entry) while it runs: the stream sends
+    nothing and ends when the job's final event is written, not at the next keep-alive. The
+    job waits on a queue no worker serves, then is cancelled."""
+    with unserved_producer(settings, redis_client) as (server, _queue):
+        api = Api(server.url)
+        job_id = api.post("/v1/jobs", {"kind": "generate", "input": "x",
+                                       "params": {"max_tokens": 2}}).json()["id"]
+        url = f"{server.url}/v1/jobs/{job_id}/events"
+        # a read timeout under the keep-alive period (15 s): the end must not wait for it
+        with api.session.get(url, stream=True, timeout=(10, 10),
+                             headers={"Last-Event-ID": f"{int(time.time() * 1000) + 10 ** 9}-0"}) as r:
+            assert r.status_code == 200
+            assert api.session.delete(f"{server.url}/v1/jobs/{job_id}").status_code == 200
+            body = b"".join(r.iter_content(None))
+        assert body == b": stream open\n\n"
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
 def test_ended_by_says_whether_a_reader_has_the_final_event(redis_client):
