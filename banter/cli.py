@@ -122,7 +122,7 @@ def _print_events(events) -> int:
                   file=sys.stderr)
             return EXIT_FAILED
         elif event == "error":
-            print(f"\nerror: {data['error']['type']}: {data['error']['message']}",
+            print(f"\nbanter: {data['error']['type']}: {data['error']['message']}",
                   file=sys.stderr)
             return EXIT_FAILED
     return EXIT_FAILED  # not reached: Client.events ends after done or error, or raises
@@ -303,6 +303,22 @@ def port_number(raw: str) -> int:
     return value
 
 
+def gpu_index(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a GPU index, 0 or more, got {value}")
+    return value
+
+
+def node_name(raw: str) -> str:
+    """A Celery node name: ``name@host`` or ``name``, without spaces or commas (Celery's
+    ``--destination`` and Flower list nodes separated by commas)."""
+    if not re.fullmatch(r"[A-Za-z0-9._@%-]{1,128}", raw):
+        raise argparse.ArgumentTypeError(f"{raw[:64]!r}: use letters, digits, '.', '_', '-', '%' and "
+                                         "'@' (e.g. gpu0@host)")
+    return raw
+
+
 def positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
@@ -342,11 +358,12 @@ def parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run one worker (one per GPU)")
     device = worker.add_mutually_exclusive_group(required=True)
-    device.add_argument("--gpu", type=int, metavar="N", help="pin to GPU N (CUDA)")
+    device.add_argument("--gpu", type=gpu_index, metavar="N", help="pin to GPU N (CUDA)")
     device.add_argument("--cpu", action="store_true", help="CPU only")
     device.add_argument("--openai", action="store_true",
                         help="no engine: every job goes upstream (needs an OpenAI key)")
-    worker.add_argument("--name", help="Celery node name (default gpuN@host or cpu@host)")
+    worker.add_argument("--name", type=node_name,
+                        help="Celery node name (default gpuN@host or cpu@host)")
     worker.add_argument("--concurrency", type=positive_int,
                         help="jobs in flight (threads; default BANTER_WORKER_CONCURRENCY)")
     worker.set_defaults(func=cmd_worker)

@@ -13,6 +13,7 @@ from typing import Mapping
 from urllib.parse import urlparse
 
 from banter.errors import InvalidRequest
+from registry.records import parse_ref
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane queue>.openai"
@@ -193,8 +194,10 @@ class Settings:
             raise SettingsError(f"BANTER_DEFAULT_MAX_TOKENS={self.default_max_tokens}: must not "
                                 f"be over BANTER_MAX_TOKENS_LIMIT ({self.max_tokens_limit})")
         for name in ("default_generate_model", "default_embed_model"):
-            if not getattr(self, name).strip():
-                raise SettingsError(f"BANTER_{name.upper()} must name a model")
+            try:
+                parse_ref(getattr(self, name))
+            except InvalidRequest as exc:  # every request naming no model would be refused
+                raise SettingsError(f"BANTER_{name.upper()}: {exc.message}") from None
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"BANTER_LOG_LEVEL={self.log_level!r}: expected one of "
                                 f"{', '.join(LOG_LEVELS)}")

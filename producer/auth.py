@@ -26,6 +26,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,10 @@ class KeyRing:
 
 class LiveKeys:
     """The producer's KeyRing, built again when ``BANTER_KEYS_FILE`` changes (its size, time or
-    inode; looked at no more than once every ``recheck_s``): an entry added or removed takes
-    effect within that time, in every producer process. A changed file that does not give a
+    inode; looked at every ``recheck_s`` by a thread of each producer process, and by a request
+    that finds the last look older): an entry added or removed takes effect within that time,
+    in every producer process, whether or not requests reach it (one that saw no request
+    between a revoking edit and a broken one kept the revoked key). A changed file that does not give a
     valid ring (a malformed line, no key left, the file gone or unreadable) keeps the keys in
     force and logs ``keys_file_invalid`` once, naming the line; the next change is tried again.
     The environment's keys are read once, at start.
@@ -120,6 +123,9 @@ class LiveKeys:
         self._ring = self._boot_ring()
         self._checked = time.monotonic()
         self._lock = threading.Lock()
+        if self._path is not None and recheck_s > 0:
+            threading.Thread(target=_watch, args=(weakref.ref(self), recheck_s), daemon=True,
+                             name="keys-file-watch").start()
 
     def current(self) -> KeyRing:
         if self._path is not None and time.monotonic() - self._checked >= self.recheck_s:
@@ -206,6 +212,20 @@ class LiveKeys:
         except OSError:
             return None
         return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _watch(ref: weakref.ref, period_s: float) -> None:
+    """Look at the keys file every ``period_s`` while its LiveKeys lives."""
+    while True:
+        time.sleep(period_s)
+        keys = ref()
+        if keys is None:
+            return
+        try:
+            keys._recheck()
+        except Exception as exc:  # the thread must outlive any one look
+            log.error("keys_file_watch_failed", extra={"error": str(exc)})
+        del keys
 
 
 def read_keys_file(path: Path) -> list[tuple[str, str]]:

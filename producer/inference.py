@@ -129,6 +129,9 @@ def inference_batch():
     if not c.settings.enable_batching:
         raise FeatureDisabled("batch inference is off (BANTER_ENABLE_BATCHING=false)")
     owner = c.owner()
+    if "stream" in request.args:
+        raise InvalidRequest("a batch does not stream: stream each prompt with POST "
+                             "/v1/inference?stream=true, or submit them as jobs", "stream")
     body = c.body()
     v.known_fields(body, BATCH_FIELDS, {**HINTS, "prompt": "a batch takes a list in 'prompts'"})
     limit = c.settings.inference_max_batch_size

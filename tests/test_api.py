@@ -292,6 +292,7 @@ BAD_INPUTS = [
     ("/v1/inference", {"prompt": "x", "stream": True}, 422, "?stream=true"),
     ("/v1/inference", {"prompt": "x", "deadline_s": 3}, 422, "POST /v1/jobs"),
     ("/v1/inference/batch", {"prompts": ["x"], "prompt": "y"}, 422, "'prompts'"),
+    ("/v1/inference/batch?stream=true", {"prompts": ["x"]}, 422, "a batch does not stream"),
     ("/v1/jobs", {"kind": "generate", "input": "x", "bogus": 1}, 422, "unknown field 'bogus'"),
     ("/v1/jobs", {"kind": "generate", "input": "x", "params": {"max_token": 100}}, 422,
      "unknown sampling parameter 'max_token'"),

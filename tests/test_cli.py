@@ -101,6 +101,15 @@ def test_worker_needs_a_device():
     assert "one of the arguments --gpu --cpu --openai is required" in result.stderr
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--gpu", "-1"], "argument --gpu: must be a GPU index, 0 or more, got -1"),
+    (["--cpu", "--name", "bad name,x"], "argument --name: 'bad name,x': use letters, digits"),
+])
+def test_worker_refuses_a_negative_gpu_or_a_node_name_celery_cannot_list(flags, needle):
+    result = banter("worker", *flags)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+
+
 def test_models_promote_rejects_an_unknown_kind_as_usage():
     result = banter("models", "promote", "m", "m/model.onnx", "--kind", "train")
     assert result.returncode == 2 and "invalid choice: 'train'" in result.stderr
@@ -113,7 +122,9 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_LEASE_TTL_S", "2", "BANTER_LEASE_TTL_S=2: must be at least twice"),
     ("BANTER_WORKER_HEARTBEAT_S", "0", "BANTER_WORKER_HEARTBEAT_S=0.0: must be more than 0"),
     ("BANTER_DEFAULT_MAX_TOKENS", "5000", "must not be over BANTER_MAX_TOKENS_LIMIT"),
-    ("BANTER_DEFAULT_GENERATE_MODEL", " ", "BANTER_DEFAULT_GENERATE_MODEL must name a model"),
+    ("BANTER_DEFAULT_GENERATE_MODEL", " ", "BANTER_DEFAULT_GENERATE_MODEL: invalid model name"),
+    ("BANTER_DEFAULT_GENERATE_MODEL", "bad@name", "the version after '@' must be a positive"),
+    ("BANTER_DEFAULT_EMBED_MODEL", "has space", "BANTER_DEFAULT_EMBED_MODEL: invalid model name"),
     ("BANTER_QUEUE_INTERACTIVE", "", "a queue name must be non-empty"),
     ("BANTER_QUEUE_BULK", "bulk,interactive", "without spaces or commas"),
     ("BANTER_QUEUE_BULK", "interactive", "each lane needs queues of its own"),
@@ -297,6 +308,15 @@ def test_stream_of_a_cancelled_job_says_so(api):
     assert result.returncode == 1
     assert result.stderr.strip() == "banter: the job was cancelled (DELETE /v1/jobs/{id}, or " \
                                     "its streaming client left)"
+
+
+def test_stream_of_a_failed_job_says_why(api):
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "zq " * 4000,
+                                "params": {"max_tokens": 1}}).json()
+    assert api.wait_job(job["id"])["status"] == "failed"
+    result = banter("stream", job["id"], "--url", api.url)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "\nbanter: prompt_too_long: the input is 12000 tokens, the limit is 512\n"
 
 
 def test_stream_of_an_embed_job_says_it_has_no_tokens(api):

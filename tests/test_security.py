@@ -178,6 +178,24 @@ def test_a_broken_keys_file_keeps_the_keys_in_force(settings, tmp_path, caplog):
     assert owner(live, CAROL) is None and owner(live, BOB) is not None
 
 
+def test_a_process_no_request_reaches_still_takes_each_edit(settings, tmp_path, caplog):
+    """A producer process sees every edit of the keys file on its own, not only when a request
+    comes: one that served none between an edit revoking carol and a broken edit must not
+    keep carol's key."""
+    keyed = replace(keyed_settings(settings, tmp_path), home=tmp_path / "home")
+    path = Path(keyed.keys_file)
+    live = LiveKeys(keyed, recheck_s=0.2)
+    with caplog.at_level(logging.INFO, logger="banter.producer"):
+        path.write_text(f"admin:{ROOT}\n")  # carol revoked; no request comes
+        deadline = time.monotonic() + 20
+        while "keys_file_reloaded" not in [r.message for r in caplog.records]:
+            assert time.monotonic() < deadline, "the edit was never read"
+            time.sleep(0.05)
+    path.write_text(f"admn:{ROOT}\n")
+    time.sleep(0.5)
+    assert owner(live, CAROL) is None and owner(live, ROOT) is not None
+
+
 def test_a_producer_process_that_starts_while_the_keys_file_is_broken_keeps_its_last_keys(
         settings, tmp_path, caplog):
     """gunicorn replaces a producer process that died; booting with the file broken must not
