@@ -67,10 +67,10 @@ class HistoryFile:
             raise self._unavailable("written", exc) from None
 
     def _append(self, make: Callable[[list[Record]], Record]) -> Record:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         if created:
             make([])  # a refusal leaves no empty file behind
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.seek(0)
