@@ -314,8 +314,8 @@ def node_name(raw: str) -> str:
     """A Celery node name: ``name@host`` or ``name``, without spaces or commas (Celery's
     ``--destination`` and Flower list nodes separated by commas)."""
     if not re.fullmatch(r"[A-Za-z0-9._@%-]{1,128}", raw):
-        raise argparse.ArgumentTypeError(f"{raw[:64]!r}: use letters, digits, '.', '_', '-', '%' and "
-                                         "'@' (e.g. gpu0@host)")
+        raise argparse.ArgumentTypeError(f"{raw[:64]!r}: use letters, digits, '.', '_', '-', "
+                                         "'%' and '@' (e.g. gpu0@host)")
     return raw
 
 

@@ -105,9 +105,10 @@ class LiveKeys:
     inode; looked at every ``recheck_s`` by a thread of each producer process, and by a request
     that finds the last look older): an entry added or removed takes effect within that time,
     in every producer process, whether or not requests reach it (one that saw no request
-    between a revoking edit and a broken one kept the revoked key). A changed file that does not give a
-    valid ring (a malformed line, no key left, the file gone or unreadable) keeps the keys in
-    force and logs ``keys_file_invalid`` once, naming the line; the next change is tried again.
+    between a revoking edit and a broken one kept the revoked key). A changed file that does
+    not give a valid ring (a malformed line, no key left, the file gone or unreadable) keeps
+    the keys in force and logs ``keys_file_invalid`` once, naming the line; the next change is
+    tried again.
     The environment's keys are read once, at start.
 
     Each good read of the file is kept, as digests, in ``BANTER_HOME/keyrings/`` (one file per

@@ -178,7 +178,9 @@ def _tensors(graph: onnx.GraphProto):
             if attribute.HasField("t"):
                 yield attribute.t
             yield from attribute.tensors
-            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
                 yield from _tensors(subgraph)
 
 
