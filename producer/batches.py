@@ -6,12 +6,14 @@ sends.
 - ``POST /v1/batches``: ``{requests: [lines], endpoint?, completion_window?, metadata?,
   idempotency_key?}``, the lines inline (OpenAI takes an uploaded ``input_file_id``; there is no
   file API here), at most MAX_BATCH_REQUESTS; answers the batch object. With an
-  ``idempotency_key`` the batch id is derived from (owner, key) and each line's job gets the key
-  ``batch:<key>/<custom_id>``, so a create sent again (a timeout, a crash half way) answers the same
-  batch and runs no line twice. ``GET /v1/batches`` (the owner's batches, newest first, OpenAI's
-  list with ``limit`` and ``after``), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``,
-  and ``GET /v1/batches/{id}/output`` (the output lines of the requests finished so far, as
-  JSONL, in input order).
+  ``idempotency_key`` the batch id is derived from (owner, key) and each line's job gets a key
+  derived from (key, custom_id) (``line_key``), so a create sent again (a timeout, a crash half
+  way) answers the same batch and runs no line twice. Without one, a create refused half way
+  (the bulk queue filled meanwhile: 429) cancels the jobs it had submitted.
+- ``GET /v1/batches`` (the owner's batches, newest first, OpenAI's list with ``limit`` and
+  ``after``), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``, and
+  ``GET /v1/batches/{id}/output`` (the output lines of the requests finished so far, as JSONL,
+  in input order).
 
 A line's body is checked as its endpoint checks it (``producer.openai_api``); a body that
 endpoint would refuse is answered in the line's output (``response.status_code`` 4xx), never by
@@ -20,6 +22,7 @@ failing the call or the batch. Batches are Redis hashes (``keys.batch``) with th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -33,7 +36,7 @@ from flask import request as flask_request
 
 from banter import errors, keys
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
-from banter.errors import IdempotencyKeyReused, InvalidRequest, NotFound, QueueFull, TooLarge, openai_status
+from banter.errors import IdempotencyKeyReused, InvalidRequest, NotFound, QueueFull, TooLarge, brief, openai_status
 from banter.jobs import JobRecord, JobStatus, Lane
 from producer import openai_api as oa
 from producer import validation as v
@@ -168,8 +171,7 @@ def create_batch():
         raise InvalidRequest("'metadata' must be an object of string values", "metadata")
     check_room(c, len(lines))
     batch_id = keyed_batch_id(owner, key) if key else f"batch_{uuid.uuid4().hex}"
-    submitted = [submit_line(c, owner, line, f"batch:{key}/{line.custom_id}" if key else None)
-                 for line in lines]
+    submitted = submit_lines(c, owner, lines, key)
     now = int(time.time())
     fields = {"id": batch_id, "owner": owner, "endpoint": endpoint or "",
               "completion_window": window, "metadata": json.dumps(metadata),
@@ -184,6 +186,34 @@ def create_batch():
     return jsonify(batch_object(c, fields, submitted))
 
 
+def submit_lines(c: Context, owner: str, lines: list[BatchLine],
+                 key: str | None) -> list[Submitted]:
+    """``submit_line`` for each line. When one raises (QueueFull: another client filled the
+    queue since ``check_room``; Unavailable), the jobs submitted so far are cancelled unless the
+    batch has a key: no batch names them, and a retry would run them again; with a key the
+    retry takes them over."""
+    submitted: list[Submitted] = []
+    try:
+        for line in lines:
+            submitted.append(submit_line(c, owner, line, line_key(key, line.custom_id)
+                                         if key else None))
+    except errors.BanterError:
+        if not key:
+            with contextlib.suppress(errors.BanterError):
+                for line in submitted:
+                    if line.job_id:
+                        c.jobs.cancel(line.job_id, owner)
+        raise
+    return submitted
+
+
+def line_key(key: str, custom_id: str) -> str:
+    """The idempotency key of the job of line ``custom_id`` in the batch created with ``key``;
+    one pair's, never another's (a plain ``key/custom_id`` made ``a/b`` + ``c`` and ``a`` +
+    ``b/c`` one job)."""
+    return "batch:" + hashlib.sha256(json.dumps([key, custom_id]).encode()).hexdigest()[:32]
+
+
 def keyed_batch_id(owner: str, key: str) -> str:
     """The id of the batch ``owner`` creates with idempotency ``key``."""
     return "batch_" + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:32]
@@ -192,13 +222,18 @@ def keyed_batch_id(owner: str, key: str) -> str:
 @blueprint.get("/v1/batches")
 def list_batches():
     """OpenAI ``batches.list``: the caller's batches (of the last BANTER_JOB_TTL_S), newest
-    first, ``limit`` (1 to 100, default 20) per page after the batch id ``after``."""
+    first, ``limit`` (1 to 100, default 20) per page after the batch id ``after``. An ``after``
+    that is not one of the caller's listed batches is a 422, not the first page again (a client
+    paging on would see repeats)."""
     c = ctx()
     owner = c.owner()
     limit = _query_int("limit", LIST_LIMIT, 1, MAX_LIST_LIMIT)
     after = flask_request.args.get("after")
     ids = c.redis.zrevrange(keys.batches(owner), 0, -1)
-    start = ids.index(after) + 1 if after in ids else 0
+    if after is not None and after not in ids:
+        raise InvalidRequest(f"'after' {brief(after)} is not one of your batches (or it "
+                             "expired): list again from the start", "after")
+    start = ids.index(after) + 1 if after is not None else 0
     page, data = ids[start:], []
     for batch_id in page:
         if len(data) == limit:

@@ -20,6 +20,8 @@ import numpy as np
 from banter import keys
 from banter.demo import DEMO_TEXT
 from banter.redisserver import free_port
+from producer import batches
+from tests.conftest import Api, unserved_producer
 
 CLI = [sys.executable, "-m", "banter.cli"]
 
@@ -461,6 +463,38 @@ def test_a_batch_created_again_with_its_key_is_the_same_batch(api, redis_client)
     assert other.json()["error"]["type"] == "idempotency_key_reused"
 
 
+def test_batch_keys_whose_parts_join_alike_are_still_two_batches(api):
+    """Key 'K/x' with custom_id 'y' and key 'K' with custom_id 'x/y' are different lines of
+    different batches: neither takes the other's job."""
+    marker = f"batch-join-{uuid.uuid4().hex[:8]}"
+    made = []
+    for key, custom_id, word in ((f"{marker}/x", "y", "apple"), (marker, "x/y", "banana")):
+        line = {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+                "body": {"prompt": f"{marker} {word}", "max_tokens": 2, "temperature": 0}}
+        created = api.post("/v1/batches", {"requests": [line], "idempotency_key": key})
+        assert created.status_code == 200, created.text
+        made.append(created.json()["id"])
+    for batch_id in made:
+        assert wait_batch(api, batch_id)["request_counts"] == {"total": 1, "completed": 1,
+                                                              "failed": 0}
+
+
+def test_a_create_refused_half_way_cancels_the_jobs_it_submitted(settings, redis_client,
+                                                                demo_models, monkeypatch):
+    """Another client filling the bulk queue between the room check and the last line's
+    submit: the create is a 429 and the lines it had submitted never run (no batch names
+    them; a retry would run them again). The race is made certain by skipping the check."""
+    monkeypatch.setattr(batches, "check_room", lambda c, lines: None)
+    marker = f"batch-half-{uuid.uuid4().hex[:8]}"
+    with unserved_producer(settings, redis_client, max_queue_depth=2) as (server, _queue):
+        refused = Api(server.url).post("/v1/batches", {"requests": [
+            request_line(i, marker) for i in (1, 2, 4)]})
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "queue_full"
+    statuses = [redis_client.hget(key, "status") for key in redis_client.scan_iter(keys.job("*"))
+                if marker in (redis_client.hget(key, "input") or "")]
+    assert statuses == ["cancelled", "cancelled"]
+
+
 def test_batches_are_listed_newest_first_a_page_at_a_time(api):
     marker = f"batch-list-{uuid.uuid4().hex[:8]}"
     made = [api.post("/v1/batches", {"requests": [request_line(3 * i + 1, marker)]}).json()["id"]
@@ -472,6 +506,9 @@ def test_batches_are_listed_newest_first_a_page_at_a_time(api):
     assert rest["data"][0]["id"] == made[0]
     bad = api.get("/v1/batches", params={"limit": 0})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "limit"
+    unknown = api.get("/v1/batches", params={"after": "batch_" + "0" * 32})
+    assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "after"
+    assert "list again from the start" in unknown.json()["error"]["message"]
 
 
 def test_a_batch_with_an_unknown_field_is_refused(api):
