@@ -14,14 +14,15 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import redis
+from redis.client import Pipeline
 
 from banter import keys
 from banter.errors import IdempotencyKeyReused, WireError
-from banter.streams import DoneEvent, StreamWriter
+from banter.streams import PUBLISH_FUNCTION, DoneEvent, StreamEvent, StreamWriter
 
 
 class JobStatus(str, Enum):
@@ -164,27 +165,46 @@ def _ms(start: float | None, end: float | None) -> float | None:
     return round((end - start) * 1000.0, 2)
 
 
-# KEYS[1] job hash. ARGV[1] JSON list of allowed current statuses, ARGV[2] new status,
-# ARGV[3] ttl seconds, ARGV[4] the worker that must hold the job ('' for anyone), ARGV[5...]
-# extra fields as name, value pairs (a large result is never decoded or re-encoded in Redis).
-# Returns {1, old} or {0, current}.
-_TRANSITION = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return {0, ''} end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
-  return {0, 'taken over'}
-end
-for _, allowed in ipairs(cjson.decode(ARGV[1])) do
-  if current == allowed then
-    redis.call('HSET', KEYS[1], 'status', ARGV[2])
-    for i = 5, #ARGV, 2 do
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-    end
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-    return {1, current}
+# transition(job, allowed, to, ttl, worker, fields): ``job`` (a hash) to status ``to`` with
+# ``fields`` (name, value pairs: a large result is never decoded or re-encoded in Redis) if its
+# status is one of ``allowed`` (a JSON list) and, unless ``worker`` is '', that worker holds it;
+# its TTL becomes ``ttl`` seconds. Returns {1, status before} or {0, current | 'taken over'}.
+_TRANSITION_FUNCTION = """
+local function transition(job, allowed, to, ttl, worker, fields)
+  local current = redis.call('HGET', job, 'status')
+  if not current then return {0, ''} end
+  if worker ~= '' and redis.call('HGET', job, 'worker') ~= worker then
+    return {0, 'taken over'}
   end
+  for _, status in ipairs(cjson.decode(allowed)) do
+    if current == status then
+      redis.call('HSET', job, 'status', to)
+      for i = 1, #fields, 2 do
+        redis.call('HSET', job, fields[i], fields[i + 1])
+      end
+      redis.call('EXPIRE', job, tonumber(ttl))
+      return {1, current}
+    end
+  end
+  return {0, current}
 end
-return {0, current}
+"""
+# KEYS[1] job hash. ARGV: allowed, to, ttl, worker, then the fields' pairs.
+_TRANSITION = _TRANSITION_FUNCTION + """
+return transition(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 5)})
+"""
+# KEYS[1] job hash, KEYS[2] its stream, KEYS[3] its channel. ARGV: allowed, to, ttl, worker,
+# n (how many field arguments follow), the fields' n arguments, then the final event's
+# ``publish`` arguments. The transition and, only when it applies, the event that ends the
+# stream, in one step: a client never sees a finished job whose stream does not end.
+_FINISH = _TRANSITION_FUNCTION + PUBLISH_FUNCTION + """
+local n = tonumber(ARGV[5])
+local done = transition(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 6, 5 + n)})
+if done[1] == 1 then
+  publish(KEYS[2], KEYS[3], ARGV[6 + n], ARGV[7 + n], ARGV[8 + n], ARGV[9 + n],
+          {unpack(ARGV, 10 + n)})
+end
+return done
 """
 
 
@@ -265,6 +285,7 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._finish = client.register_script(_FINISH)
         self._take = client.register_script(_TAKE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -345,6 +366,24 @@ class JobStore:
             args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s, owner, *pairs])
         return bool(applied), current.decode() if isinstance(current, bytes) else current
 
+    def finish(self, job_id: str, allowed: tuple[JobStatus, ...], to: JobStatus,
+               final: StreamEvent, streams: StreamWriter, owner: str = "",
+               also: Callable[[Pipeline], None] | None = None,
+               **fields: Any) -> tuple[bool, str]:
+        """``transition`` to a final status and, only when it applies, write ``final`` (the
+        ``done`` or ``error`` event) to the job's stream and channel, in one atomic step: a
+        process that dies at any point leaves both or neither. ``also`` may queue more commands
+        (counters) on the same MULTI/EXEC round trip."""
+        pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(k, v))]
+        pipe = self.redis.pipeline(transaction=True)
+        self._finish(keys=[keys.job(job_id), keys.stream(job_id), keys.tokens(job_id)],
+                     args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s, owner,
+                           len(pairs), *pairs, *streams.publish_args(final)], client=pipe)
+        if also:
+            also(pipe)
+        applied, current = pipe.execute()[0]
+        return bool(applied), current.decode() if isinstance(current, bytes) else current
+
     def take(self, job_id: str, node: str, lease_s: float) -> tuple[bool, str]:
         """Lease the job to ``node`` and mark it running: it must be queued, or running with a
         lapsed lease. Returns (taken, status before; 'leased' while another node holds it)."""
@@ -406,8 +445,6 @@ def end_queued(store: JobStore, streams: StreamWriter, job_id: str, status: JobS
     whoever ends it (a cancel, a read past its deadline, a worker taking it too late).
     Returns ``JobStore.transition``'s (applied, status before)."""
     error = _EXPIRED_ERROR if status is JobStatus.EXPIRED else None
-    applied, current = store.transition(job_id, (JobStatus.QUEUED,), status, finished_at=now,
-                                        error=error)
-    if applied:
-        streams.publish([DoneEvent(job_id, status.value, _NO_USAGE)])
-    return applied, current
+    return store.finish(job_id, (JobStatus.QUEUED,), status,
+                        DoneEvent(job_id, status.value, _NO_USAGE), streams, finished_at=now,
+                        error=error)

@@ -85,26 +85,32 @@ def decode_entry(fields: dict[str, str]) -> tuple[EventType, dict[str, Any]]:
         raise WireError(f"bad stream entry {fields!r}: {exc}") from exc
 
 
-# KEYS[1] stream, KEYS[2] channel. ARGV[1] maxlen, ARGV[2] ttl, ARGV[3] JSON payload,
-# ARGV[4] the token's seq, or '' for a final event, ARGV[5..] the entry's field/value pairs.
-# XADD then PUBLISH the payload with the entry id. Idempotent: an event the stream already
-# holds (a token whose seq is not past the last one, anything after the final event) is not
-# written again, so a write retried after a lost reply never doubles an entry.
-_PUBLISH = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-if last then
-  local fields, event, seq = last[2], nil, nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 'event' then event = fields[i + 1] end
-    if fields[i] == 'seq' then seq = tonumber(fields[i + 1]) end
+# publish(stream, channel, maxlen, ttl, payload, order, fields): XADD the entry (``fields``:
+# its field/value pairs) to ``stream`` then PUBLISH ``payload`` (JSON) with the entry id on
+# ``channel``. ``order`` is a token's seq, or '' for a final event. Idempotent: an event the
+# stream already holds (a token whose seq is not past the last one, anything after the final
+# event) is not written again, so a write retried after a lost reply never doubles an entry.
+PUBLISH_FUNCTION = """
+local function publish(stream, channel, maxlen, ttl, payload, order, fields)
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if last then
+    local entry, event, seq = last[2], nil, nil
+    for i = 1, #entry, 2 do
+      if entry[i] == 'event' then event = entry[i + 1] end
+      if entry[i] == 'seq' then seq = tonumber(entry[i + 1]) end
+    end
+    if event ~= 'token' then return last[1] end
+    if order ~= '' and seq and seq >= tonumber(order) then return last[1] end
   end
-  if event ~= 'token' then return last[1] end
-  if ARGV[4] ~= '' and seq and seq >= tonumber(ARGV[4]) then return last[1] end
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  redis.call('EXPIRE', stream, tonumber(ttl))
+  redis.call('PUBLISH', channel, '{"id":"' .. id .. '",' .. string.sub(payload, 2))
+  return id
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[3], 2))
-return id
+"""
+# KEYS[1] stream, KEYS[2] channel. ARGV: maxlen, ttl, payload, order, the entry's pairs.
+_PUBLISH = PUBLISH_FUNCTION + """
+return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 5)})
 """
 
 
@@ -133,14 +139,19 @@ class StreamWriter:
               also: Callable[[Pipeline], None] | None) -> list[str]:
         pipe = self.redis.pipeline(transaction=True)
         for event in events:
-            entry = event.fields()
-            flat = [item for pair in entry.items() for item in pair]
-            order = str(event.seq) if isinstance(event, TokenEvent) else ""
             pipe.evalsha(self._sha, 2, keys.stream(event.job_id), keys.tokens(event.job_id),
-                         self.maxlen, self.ttl_s, json.dumps(entry), order, *flat)
+                         *self.publish_args(event))
         if also:
             also(pipe)
         return pipe.execute()[:len(events)]
+
+    def publish_args(self, event: StreamEvent) -> list[Any]:
+        """The arguments of ``PUBLISH_FUNCTION`` after its keys, flat: maxlen, ttl, payload,
+        order, then the entry's field/value pairs."""
+        entry = event.fields()
+        order = str(event.seq) if isinstance(event, TokenEvent) else ""
+        return [self.maxlen, self.ttl_s, json.dumps(entry), order,
+                *[item for pair in entry.items() for item in pair]]
 
 
 def read_events(client: redis.Redis, job_id: str, after: str = "0-0",

@@ -34,7 +34,7 @@ from banter.errors import (
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane, end_queued
 from banter.params import SamplingParams
 from banter.settings import Settings
-from banter.streams import EventType, StreamWriter, read_events
+from banter.streams import ErrorEvent, EventType, StreamWriter, read_events
 from registry.records import Record
 from registry.service import Registry
 
@@ -111,8 +111,9 @@ class JobService:
             self.queues.sent(record.lane)
         except (OperationalError, redis.RedisError) as exc:
             error = Unavailable(f"the broker did not take the job: {exc}")
-            self.jobs.transition(record.id, (JobStatus.QUEUED,), JobStatus.FAILED,
-                                 finished_at=time.time(), error=error.to_dict())
+            self.jobs.finish(record.id, (JobStatus.QUEUED,), JobStatus.FAILED,
+                             ErrorEvent(record.id, error.to_dict()), self.streams,
+                             finished_at=time.time(), error=error.to_dict())
             self.jobs.forget_idempotency(record)
             raise error from None
 

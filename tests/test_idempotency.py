@@ -12,6 +12,7 @@ from banter import keys
 from banter.broker import make_celery
 from banter.errors import Unavailable
 from banter.jobs import JobKind, JobRecord, JobStore
+from banter.streams import EventType, read_events
 from producer.service import JobRequest, JobService
 from registry.service import Registry
 
@@ -64,8 +65,16 @@ def test_a_job_the_broker_refused_fails_and_frees_its_key(settings, redis_client
         service = JobService(dead, redis_client, celery, Registry.from_settings(dead, redis_client))
         key = uuid.uuid4().hex
         with pytest.raises(Unavailable, match="broker"):
-            service.submit(JobRequest(JobKind.EMBED, "x", idempotency_key=key), "alice", "t")
+            service.submit(JobRequest(JobKind.EMBED, key, idempotency_key=key), "alice", "t")
         assert redis_client.get(keys.idempotency("alice", key)) is None
+        failed = [k for k in redis_client.scan_iter(keys.job("*"))
+                  if key in (redis_client.hget(k, "input") or "")]
+        if limit == 0:  # recorded, then failed: its stream ends with the error, for a reader
+            job_id = redis_client.hget(failed[0], "id")
+            assert redis_client.hget(failed[0], "status") == "failed"
+            assert [kind for _, kind, _ in read_events(redis_client, job_id)] == [EventType.ERROR]
+        else:
+            assert failed == []
 
 
 def test_a_live_worker_is_remembered_briefly_and_a_missing_one_never(settings, redis_client,

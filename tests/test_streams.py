@@ -107,6 +107,34 @@ def test_a_resume_past_the_end_of_a_job_still_running_ends_with_its_final_event(
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_a_job_and_its_stream_end_in_one_step(redis_client, monkeypatch):
+    """A worker that dies between ending a job's record and ending its stream left a
+    succeeded job whose stream never ended (a reader waited for ever): both are one step
+    (``JobStore.finish``), which needs no second write, and which a worker that no longer holds
+    the job does neither of."""
+    from banter.jobs import JobRecord, JobStatus, JobStore
+    from banter.streams import DoneEvent, EventType, StreamWriter, read_events
+
+    store, streams = JobStore(redis_client, 60), StreamWriter(redis_client, maxlen=100, ttl_s=60)
+    record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
+                       owner="alice")
+    store.create(record)
+    assert store.take(record.id, "w1@test", 30)[0]
+    monkeypatch.setattr(StreamWriter, "publish", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("a second write: a worker dying before it leaves the stream open")))
+    done = DoneEvent(record.id, "stop", {"prompt_tokens": 1, "completion_tokens": 0})
+    assert store.finish(record.id, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
+                        owner="w2@test") == (False, "taken over")
+    assert read_events(redis_client, record.id) == []
+    assert store.finish(record.id, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
+                        owner="w1@test", result={"text": ""}) == (True, "running")
+    assert store.get(record.id).status == "succeeded"
+    assert [kind for _, kind, _ in read_events(redis_client, record.id)] == [EventType.DONE]
+    assert store.finish(record.id, (JobStatus.RUNNING,), JobStatus.FAILED, done, streams,
+                        owner="w1@test") == (False, "succeeded")  # once only
+    assert len(read_events(redis_client, record.id)) == 1
+
+
 def test_ended_by_says_whether_a_reader_has_the_final_event(redis_client):
     from banter.streams import DoneEvent, StreamWriter, TokenEvent, ended_by
 

@@ -393,15 +393,14 @@ class WorkerRuntime:
                      f"after {made} tokens (its result holds them)" if made else
                      "the job's deadline passed after a worker took it, before its first "
                      "token (a generation waits there while BANTER_MAX_RUNNING sequences run)"}
-        applied, current = self.jobs.transition(
-            record.id, (JobStatus.RUNNING,), status, owner=self.node, finished_at=finished,
-            result=outcome.result, error=error,
-            usage=outcome.usage, batch_size=outcome.batch_size, version=outcome.version,
-            backend=outcome.backend)
+        applied, current = self.jobs.finish(
+            record.id, (JobStatus.RUNNING,), status,
+            DoneEvent(record.id, outcome.finish_reason, outcome.usage), self.streams,
+            owner=self.node, also=self.sink.add_passes, finished_at=finished,
+            result=outcome.result, error=error, usage=outcome.usage,
+            batch_size=outcome.batch_size, version=outcome.version, backend=outcome.backend)
         if not applied:
             return current
-        self.streams.publish([DoneEvent(record.id, outcome.finish_reason, outcome.usage)],
-                             also=self.sink.add_passes)
         timings = worker_metrics.record_job_end(self.redis, record, status.value, outcome.backend,
                                                 finished, usage=outcome.usage, yielded_s=yielded)
         if yielded:
@@ -429,11 +428,11 @@ class WorkerRuntime:
         else:
             message = self._relative_paths(exc.message)
         error = {**exc.to_dict(), "message": message}
-        applied, current = self.jobs.transition(
-            record.id, (JobStatus.RUNNING,), JobStatus.FAILED, owner=self.node,
-            finished_at=time.time(), error=error)
+        applied, current = self.jobs.finish(
+            record.id, (JobStatus.RUNNING,), JobStatus.FAILED, ErrorEvent(record.id, error),
+            self.streams, owner=self.node, also=self.sink.add_passes, finished_at=time.time(),
+            error=error)
         if applied:
-            self.streams.publish([ErrorEvent(record.id, error)], also=self.sink.add_passes)
             timings = worker_metrics.record_job_end(self.redis, record, JobStatus.FAILED.value,
                                                     record.backend, error=exc.type)
             logs.event(log, "inference_failed", logging.WARNING, trace_id=record.trace_id,
