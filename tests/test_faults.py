@@ -192,6 +192,43 @@ def test_sigterm_or_ctrl_c_mid_batch_finishes_the_jobs_in_hand(stack, sig):
         assert job["worker"] == node and job["attempts"] == 1
 
 
+def test_a_second_ctrl_c_mid_batch_stops_the_worker_and_another_takes_its_jobs(stack):
+    """A cold shutdown (Celery's thread pool cannot kill its tasks): the worker exits 0 and
+    every job is finished exactly once, by it or, taken over, by another."""
+    node = "impatient@localhost"
+    worker = stack.worker(node)
+    job_ids = submit_generations(stack.api, 40, 1000)  # past BANTER_MAX_RUNNING (32): some wait
+    wait_tokens(stack, job_ids[:4], at_least=3)
+    worker.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    worker.send_signal(signal.SIGINT)
+    try:
+        code = worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:  # hung at exit: do not leave it behind
+            worker.kill()
+    assert code == 0
+    rescuer = stack.worker("after-ctrl-c@localhost")
+    try:
+        for job_id in job_ids:
+            assert_exactly_once(stack, job_id, 1000)
+    finally:
+        stop_process(rescuer)
+
+
+def test_a_worker_whose_task_threads_cannot_end_still_exits():
+    """After a cold shutdown a task thread may wait on the stopped engine for ever, and the
+    interpreter waits for it at exit: the worker leaves anyway, saying so."""
+    code = ("import threading, workers.main as m\n"
+            "threading.Thread(target=threading.Event().wait).start()\n"
+            "m._leave_if_stuck('stuck@localhost', wait_s=0.2)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "not reached" not in done.stdout
+    assert "worker_left_jobs" in done.stderr
+
+
 def test_redis_restart_mid_stream_loses_nothing(stack):
     """Jobs in flight finish with whole streams, SSE clients resume, new jobs are served."""
     worker = stack.worker("steady@localhost")

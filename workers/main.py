@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,32 @@ def _serve(settings: Settings, runtime: WorkerRuntime, **details: object) -> int
             time.sleep(1.0)
     finally:
         runtime.stop()
+    _leave_if_stuck(runtime.node)
     return 0
+
+
+def _leave_if_stuck(node: str, wait_s: float = 5.0) -> None:
+    """After a cold shutdown (a second Ctrl-C) Celery returns with task threads still waiting
+    on the engine, which has stopped: they would never end, and the interpreter waits for
+    them at exit for ever. Give them ``wait_s``, then leave as a crash would (exit 0: stopped
+    as asked); their jobs are taken over once their leases lapse."""
+    deadline = time.monotonic() + wait_s
+    for thread in _task_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = _task_threads()
+    if stuck:
+        logs.event(log, "worker_left_jobs", logging.WARNING, node=node, threads=len(stuck),
+                   hint="stopped mid-job (a second Ctrl-C): other workers take its jobs over "
+                        "once their leases lapse")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _task_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
 
 
 def _check_broker(app) -> None:
