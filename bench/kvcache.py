@@ -189,13 +189,20 @@ def profile_ops(model_dir: Path, gpu: int | None, cache: list[np.ndarray], steps
 
 
 def run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-kvcache-") as scratch:
+        return measure(args, Path(scratch))
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> dict:
+    """``run``'s result; the demo model, when no ``--model-dir`` is given, is built in
+    ``scratch`` (removed afterwards)."""
     began = time.perf_counter()
     load_at_start = loadavg()
     model_dir = args.model_dir
     if model_dir is None:
         from banter.demo import DEMO_GPT, build_demo
 
-        model_dir = build_demo(Path(tempfile.mkdtemp(prefix="bench-kvcache-")))[DEMO_GPT]
+        model_dir = build_demo(scratch)[DEMO_GPT]
     decoder = Decoder(Path(model_dir), args.gpu)
     cache = decoder.start(args.rows, args.past)
     log.info("providers %s, cache %d x %d positions, %.1f MB", decoder.providers, args.rows,

@@ -371,6 +371,8 @@ def test_kvcache_benchmark_smoke_run(smoke_runs):
     assert sum(op["share"] for op in ops.values()) == pytest.approx(1.0, abs=0.01)
     assert result["ops"]["kernel_ms_per_step"] == pytest.approx(
         sum(op["ms_per_step"] for op in ops.values()), rel=0.01)
+    # the demo model it built is gone with its scratch directory (none left in /tmp per run)
+    assert not Path(result["settings"]["model_dir"]).parent.exists()
 
 
 def test_the_inplace_twin_computes_what_the_decoder_computes(tmp_path):
