@@ -189,10 +189,6 @@ local function transition(job, allowed, to, ttl, worker, fields)
   return {0, current}
 end
 """
-# KEYS[1] job hash. ARGV: allowed, to, ttl, worker, then the fields' pairs.
-_TRANSITION = _TRANSITION_FUNCTION + """
-return transition(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 5)})
-"""
 # KEYS[1] job hash, KEYS[2] its stream, KEYS[3] its channel. ARGV: allowed, to, ttl, worker,
 # n (how many field arguments follow), the fields' n arguments, then the final event's
 # ``publish`` arguments. The transition and, only when it applies, the event that ends the
@@ -284,7 +280,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
-        self._transition = client.register_script(_TRANSITION)
         self._finish = client.register_script(_FINISH)
         self._take = client.register_script(_TAKE)
         self._renew = client.register_script(_RENEW)
@@ -355,25 +350,16 @@ class JobStore:
                           args=[x for k, v in fields.items() for x in (k, _encode(k, v))])
         return None if flag is None else (flag.decode() if isinstance(flag, bytes) else flag)
 
-    def transition(self, job_id: str, allowed: tuple[JobStatus, ...], to: JobStatus,
-                   owner: str = "", **fields: Any) -> tuple[bool, str]:
-        """Set ``status=to`` (and ``fields``) only if the status is one of ``allowed`` (and,
-        with ``owner``, the job's worker is that node). Returns (applied, status before the
-        call; '' when the job does not exist, 'taken over' when another node holds it)."""
-        pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(k, v))]
-        applied, current = self._transition(
-            keys=[keys.job(job_id)],
-            args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s, owner, *pairs])
-        return bool(applied), current.decode() if isinstance(current, bytes) else current
-
     def finish(self, job_id: str, allowed: tuple[JobStatus, ...], to: JobStatus,
                final: StreamEvent, streams: StreamWriter, owner: str = "",
                also: Callable[[Pipeline], None] | None = None,
                **fields: Any) -> tuple[bool, str]:
-        """``transition`` to a final status and, only when it applies, write ``final`` (the
+        """Set ``status=to`` (and ``fields``) only if the status is one of ``allowed`` (and,
+        with ``owner``, the job's worker is that node) and, only then, write ``final`` (the
         ``done`` or ``error`` event) to the job's stream and channel, in one atomic step: a
         process that dies at any point leaves both or neither. ``also`` may queue more commands
-        (counters) on the same MULTI/EXEC round trip."""
+        (counters) on the same MULTI/EXEC round trip. Returns (applied, status before the
+        call; '' when the job does not exist, 'taken over' when another node holds it)."""
         pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(k, v))]
         pipe = self.redis.pipeline(transaction=True)
         self._finish(keys=[keys.job(job_id), keys.stream(job_id), keys.tokens(job_id)],
@@ -443,7 +429,7 @@ def end_queued(store: JobStore, streams: StreamWriter, job_id: str, status: JobS
     """End a job that is still queued as ``status`` (cancelled or expired) and close its
     stream with the matching ``done`` event, no usage: the one way a job that never ran ends,
     whoever ends it (a cancel, a read past its deadline, a worker taking it too late).
-    Returns ``JobStore.transition``'s (applied, status before)."""
+    Returns ``JobStore.finish``'s (applied, status before)."""
     error = _EXPIRED_ERROR if status is JobStatus.EXPIRED else None
     return store.finish(job_id, (JobStatus.QUEUED,), status,
                         DoneEvent(job_id, status.value, _NO_USAGE), streams, finished_at=now,
