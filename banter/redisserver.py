@@ -37,7 +37,8 @@ class RedisServer:
     """One redis-server process on a free loopback port, data under ``directory``.
     ``persist`` turns AOF on (``banter up``); tests run without persistence. With a
     ``password`` the server requires it (given in a config file only its owner may read, never
-    on the command line, where any local user would see it) and ``url`` carries it."""
+    on the command line, where any local user would see it) and ``url`` carries it; while the
+    server runs, ``url_file`` (also its owner's only) holds that URL for other clients."""
 
     def __init__(self, directory: Path, port: int | None = None, persist: bool = True,
                  password: str | None = None) -> None:
@@ -51,6 +52,10 @@ class RedisServer:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def url_file(self) -> Path:
+        return self.directory / "url"
 
     def start(self, timeout_s: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -71,6 +76,8 @@ class RedisServer:
                                   f" (log in {self.directory / 'redis.log'})")
             try:
                 client.ping()
+                if self.password:
+                    _write_private(self.url_file, self.url + "\n")
                 return self.url
             except redis.ConnectionError:
                 time.sleep(0.05)
@@ -82,10 +89,7 @@ class RedisServer:
         if not self.password:
             return []
         path = self.directory / "redis.conf"
-        path.unlink(missing_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as f:
-            f.write(f"requirepass {self.password}\n")
+        _write_private(path, f"requirepass {self.password}\n")
         return [str(path)]
 
     def stop(self) -> None:
@@ -97,3 +101,11 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        self.url_file.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``path`` made anew with ``text``, readable by its owner only from its creation on."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)

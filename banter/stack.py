@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import requests
 
@@ -109,19 +108,6 @@ def _check_sample(answer: requests.Response) -> None:
         raise BanterError(f"the sample job failed ({answer.status_code}): {answer.text[:300]}")
 
 
-URL_FILE = "url"  # beside the private Redis's data: its URL, password included, while it runs
-
-
-def write_url(server: RedisServer) -> Path:
-    """Write the private Redis's URL (password included) where only its owner may read it, for
-    other ``banter`` commands to use; returns the file's path."""
-    path = server.directory / URL_FILE
-    path.unlink(missing_ok=True)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(server.url + "\n")
-    return path
-
-
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # a worker failing faster than this is given up on
 
 
@@ -142,7 +128,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         env["BANTER_REDIS_URL"] = redis_server.start()
         settings = Settings.from_env(env)
         redis_shown = (f"{shown_url(redis_server.url)} (private; for other banter "
-                       f"commands: BANTER_REDIS_URL=\"$(cat {write_url(redis_server)})\")")
+                       f"commands: BANTER_REDIS_URL=\"$(cat {redis_server.url_file})\")")
     env.update({"BANTER_HOME": str(settings.home), "BANTER_MODEL_ROOT": str(settings.model_root),
                 "BANTER_REGISTRY_PATH": str(settings.registry_path)})
     if not has_keys(settings):
@@ -177,7 +163,6 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         stop_all(children)
         if redis_server:
             redis_server.stop()
-            (redis_server.directory / URL_FILE).unlink(missing_ok=True)
 
 
 def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str, str]) -> int:
