@@ -9,12 +9,13 @@ never be finished twice. The record expires ``Settings.job_ttl_s`` after its las
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import orjson
 import redis
@@ -22,7 +23,10 @@ from redis.client import Pipeline
 
 from banter import keys
 from banter.errors import IdempotencyKeyReused, WireError
+from banter.metrics import JOB_END_FUNCTION, job_end_spec, timings_ms
 from banter.streams import PUBLISH_FUNCTION, DoneEvent, StreamEvent, StreamWriter
+
+log = logging.getLogger("banter.jobs")
 
 
 class JobStatus(str, Enum):
@@ -189,18 +193,22 @@ local function transition(job, allowed, to, ttl, worker, fields)
   return {0, current}
 end
 """
-# KEYS[1] job hash, KEYS[2] its stream, KEYS[3] its channel. ARGV: allowed, to, ttl, worker,
-# n (how many field arguments follow), the fields' n arguments, then the final event's
-# ``publish`` arguments. The transition and, only when it applies, the event that ends the
-# stream, in one step: a client never sees a finished job whose stream does not end.
-_FINISH = _TRANSITION_FUNCTION + PUBLISH_FUNCTION + """
-local n = tonumber(ARGV[5])
-local done = transition(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 6, 5 + n)})
-if done[1] == 1 then
-  publish(KEYS[2], KEYS[3], ARGV[6 + n], ARGV[7 + n], ARGV[8 + n], ARGV[9 + n],
-          {unpack(ARGV, 10 + n)})
-end
-return done
+# KEYS[1] job hash, KEYS[2] its stream, KEYS[3] its channel, KEYS[4] the metrics hash. ARGV:
+# allowed, to, ttl, worker, the job's count (``metrics.job_end_spec``), n (how many field
+# arguments follow), the fields' n arguments, then the final event's ``publish`` arguments. The
+# transition and, only when it applies, the event that ends the stream and the job's count, in
+# one step: a client never sees a finished job whose stream does not end, and every job that
+# ends is counted once. A count that fails is dropped (its error returned), never the end.
+# Returns {applied, status before, the count's values as JSON or its error}.
+_FINISH = _TRANSITION_FUNCTION + PUBLISH_FUNCTION + JOB_END_FUNCTION + """
+local n = tonumber(ARGV[6])
+local done = transition(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 7, 6 + n)})
+if done[1] ~= 1 then return {done[1], done[2], ''} end
+publish(KEYS[2], KEYS[3], ARGV[7 + n], ARGV[8 + n], ARGV[9 + n], ARGV[10 + n],
+        {unpack(ARGV, 11 + n)})
+local ok, values = pcall(job_end, KEYS[4], KEYS[1], KEYS[2], ARGV[5])
+if not ok then values = cjson.encode({error = tostring(values)}) end
+return {1, done[2], values}
 """
 
 
@@ -274,12 +282,27 @@ return redis.call('HGET', KEYS[1], 'cancel_requested') or ''
 """
 
 
+class Ended(NamedTuple):
+    """What ``JobStore.finish`` did: whether it ended the job, the status the job had (''
+    when it does not exist, 'taken over' when another node holds it), and the job's timings
+    for a log line (``metrics.timings_ms``; empty when it did not end it)."""
+
+    applied: bool
+    before: str
+    timings: dict[str, float]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class JobStore:
     """Job records in Redis. Thread-safe (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, metrics_key: str = keys.METRICS) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self.metrics_key = metrics_key
         self._finish = client.register_script(_FINISH)
         self._take = client.register_script(_TAKE)
         self._renew = client.register_script(_RENEW)
@@ -350,25 +373,37 @@ class JobStore:
                           args=[x for k, v in fields.items() for x in (k, _encode(k, v))])
         return None if flag is None else (flag.decode() if isinstance(flag, bytes) else flag)
 
-    def finish(self, job_id: str, allowed: tuple[JobStatus, ...], to: JobStatus,
-               final: StreamEvent, streams: StreamWriter, owner: str = "",
-               also: Callable[[Pipeline], None] | None = None,
-               **fields: Any) -> tuple[bool, str]:
-        """Set ``status=to`` (and ``fields``) only if the status is one of ``allowed`` (and,
-        with ``owner``, the job's worker is that node) and, only then, write ``final`` (the
-        ``done`` or ``error`` event) to the job's stream and channel, in one atomic step: a
-        process that dies at any point leaves both or neither. ``also`` may queue more commands
-        (counters) on the same MULTI/EXEC round trip. Returns (applied, status before the
-        call; '' when the job does not exist, 'taken over' when another node holds it)."""
+    def finish(self, record: JobRecord, allowed: tuple[JobStatus, ...], to: JobStatus,
+               final: StreamEvent, streams: StreamWriter, *, finished_at: float, owner: str = "",
+               also: Callable[[Pipeline], None] | None = None, yielded_s: float = 0.0,
+               **fields: Any) -> Ended:
+        """End ``record``'s job: set ``status=to``, ``finished_at`` and ``fields`` only if the
+        status is one of ``allowed`` (and, with ``owner``, the job's worker is that node) and,
+        only then, write ``final`` (the ``done`` or ``error`` event) to the job's stream and
+        channel and count the job in the metrics (``metrics.job_end_spec``: the ``backend``
+        field when given, else the one it was routed to; a failed job's error type;
+        ``yielded_s``), in one atomic step: a process that dies at any point leaves all or
+        none, and a job is counted once, whoever ends it. ``also`` may queue more commands
+        (counters) on the same MULTI/EXEC round trip."""
+        error = fields.get("error") or {}
+        count = job_end_spec(record.kind, record.lane, to.value,
+                             fields.get("backend") or record.backend, record.queued_at,
+                             finished_at, fields.get("usage"),
+                             error.get("type") if to is JobStatus.FAILED else None, yielded_s)
+        fields["finished_at"] = finished_at
         pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(k, v))]
         pipe = self.redis.pipeline(transaction=True)
-        self._finish(keys=[keys.job(job_id), keys.stream(job_id), keys.tokens(job_id)],
+        self._finish(keys=[keys.job(record.id), keys.stream(record.id), keys.tokens(record.id),
+                           self.metrics_key],
                      args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s, owner,
-                           len(pairs), *pairs, *streams.publish_args(final)], client=pipe)
+                           count, len(pairs), *pairs, *streams.publish_args(final)], client=pipe)
         if also:
             also(pipe)
-        applied, current = pipe.execute()[0]
-        return bool(applied), current.decode() if isinstance(current, bytes) else current
+        applied, before, counted = pipe.execute()[0]
+        values = json.loads(counted) if counted else {}
+        if "error" in values:
+            log.warning("metrics_dropped", extra={"error": values["error"], "job_id": record.id})
+        return Ended(bool(applied), _text(before), timings_ms(values))
 
     def take(self, job_id: str, node: str, lease_s: float) -> tuple[bool, str]:
         """Lease the job to ``node`` and mark it running: it must be queued, or running with a
@@ -424,13 +459,13 @@ class JobStore:
         self.redis.zadd(keys.QUEUED, {job_id: at}, xx=True)
 
 
-def end_queued(store: JobStore, streams: StreamWriter, job_id: str, status: JobStatus,
-               now: float) -> tuple[bool, str]:
-    """End a job that is still queued as ``status`` (cancelled or expired) and close its
-    stream with the matching ``done`` event, no usage: the one way a job that never ran ends,
-    whoever ends it (a cancel, a read past its deadline, a worker taking it too late).
-    Returns ``JobStore.finish``'s (applied, status before)."""
+def end_queued(store: JobStore, streams: StreamWriter, record: JobRecord, status: JobStatus,
+               now: float) -> Ended:
+    """End ``record``'s job, if it is still queued, as ``status`` (cancelled or expired) and
+    close its stream with the matching ``done`` event, no usage: the one way a job that never
+    ran ends, whoever ends it (a cancel, a read past its deadline, a worker taking it too
+    late). Returns ``JobStore.finish``'s answer."""
     error = _EXPIRED_ERROR if status is JobStatus.EXPIRED else None
-    return store.finish(job_id, (JobStatus.QUEUED,), status,
-                        DoneEvent(job_id, status.value, _NO_USAGE), streams, finished_at=now,
+    return store.finish(record, (JobStatus.QUEUED,), status,
+                        DoneEvent(record.id, status.value, _NO_USAGE), streams, finished_at=now,
                         error=error)

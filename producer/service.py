@@ -111,7 +111,7 @@ class JobService:
             self.queues.sent(record.lane)
         except (OperationalError, redis.RedisError) as exc:
             error = Unavailable(f"the broker did not take the job: {exc}")
-            self.jobs.finish(record.id, (JobStatus.QUEUED,), JobStatus.FAILED,
+            self.jobs.finish(record, (JobStatus.QUEUED,), JobStatus.FAILED,
                              ErrorEvent(record.id, error.to_dict()), self.streams,
                              finished_at=time.time(), error=error.to_dict())
             self.jobs.forget_idempotency(record)
@@ -168,7 +168,7 @@ class JobService:
             raise JobNotFound(f"no job {job_id!r}")
         now = time.time()
         if record.status == JobStatus.QUEUED.value and record.past_deadline(now):
-            end_queued(self.jobs, self.streams, job_id, JobStatus.EXPIRED, now)
+            end_queued(self.jobs, self.streams, record, JobStatus.EXPIRED, now)
             record = self.jobs.get(job_id) or record
         return record
 
@@ -193,10 +193,9 @@ class JobService:
 
     def cancel(self, job_id: str, owner: str) -> JobRecord:
         """Queued: never runs. Running: the worker stops it at the next step. Finished: as is."""
-        self.get(job_id, owner)
-        applied, current = end_queued(self.jobs, self.streams, job_id, JobStatus.CANCELLED,
-                                      time.time())
-        if not applied and current == JobStatus.RUNNING.value:
+        ended = end_queued(self.jobs, self.streams, self.get(job_id, owner), JobStatus.CANCELLED,
+                           time.time())
+        if not ended.applied and ended.before == JobStatus.RUNNING.value:
             self.jobs.note(job_id, cancel_requested="1")
             self.redis.publish(keys.CANCEL, job_id)
         return self.get(job_id, owner)

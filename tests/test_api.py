@@ -11,6 +11,7 @@ import pytest
 
 from banter import keys
 from banter.demo import DEMO_TEXT
+from banter.metrics import JOBS
 from banter.redisserver import RedisServer
 from producer.app import create_app
 from tests.conftest import Api, Server, unserved_producer
@@ -154,10 +155,16 @@ def test_an_idempotent_retry_may_spell_out_the_defaults(api, settings):
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
 
 
-def test_a_waited_call_with_no_worker_for_its_backend_is_refused_at_once(api):
+def test_a_waited_call_with_no_worker_for_its_backend_is_refused_at_once(api, redis_client):
     """A model served upstream (openai backend) while no worker has an OpenAI key: a
     synchronous or streamed call gets 503 backend_unavailable at once (not a 504 after
-    BANTER_SYNC_TIMEOUT_S), saying what to start; a job submitted to be polled queues."""
+    BANTER_SYNC_TIMEOUT_S), saying what to start; a job submitted to be polled queues. Such a
+    job, cancelled or expired on a read, is counted in banter_jobs_total all the same."""
+    def counted(status: str) -> int:
+        return int(redis_client.hget(keys.METRICS, JOBS.series(
+            kind="generate", lane="interactive", status=status, backend="openai")) or 0)
+
+    before = counted("cancelled"), counted("expired")
     name = f"cloud-{uuid.uuid4().hex[:8]}"
     promoted = api.post("/v1/models/promote", {"name": name, "kind": "generate",
                                                "backend": "openai", "model": "gpt-4o-mini"})
@@ -183,6 +190,7 @@ def test_a_waited_call_with_no_worker_for_its_backend_is_refused_at_once(api):
     assert expired["status"] == "expired" and expired["error"]["type"] == "expired"
     events = api.session.get(f"{api.url}/v1/jobs/{due}/events", timeout=10).text
     assert events.count("event: done") == 1 and '"finish_reason": "expired"' in events
+    assert (counted("cancelled") - before[0], counted("expired") - before[1]) == (1, 1)
 
 
 def test_inference_batch_keeps_prompt_order(api):

@@ -12,6 +12,7 @@ from banter import keys
 from banter.broker import make_celery
 from banter.errors import Unavailable
 from banter.jobs import JobKind, JobRecord, JobStore
+from banter.metrics import FAILURES
 from banter.streams import EventType, read_events
 from producer.service import JobRequest, JobService
 from registry.service import Registry
@@ -56,7 +57,10 @@ def test_concurrent_submissions_with_one_key_make_one_job(redis_client):
 
 def test_a_job_the_broker_refused_fails_and_frees_its_key(settings, redis_client, demo_models):
     """With the depth check on, the dead broker refuses before anything is recorded; without
-    it, the job's record exists when the publish fails: it fails and frees its key."""
+    it, the job's record exists when the publish fails: it fails (counted, error
+    ``unavailable``) and frees its key."""
+    refusals = FAILURES.series(kind="embed", error="unavailable")
+    before = int(redis_client.hget(keys.METRICS, refusals) or 0)
     for limit in (settings.max_queue_depth, 0):
         dead = replace(settings, broker_url="redis://127.0.0.1:1/0", max_queue_depth=limit)
         celery = make_celery(dead)
@@ -73,6 +77,7 @@ def test_a_job_the_broker_refused_fails_and_frees_its_key(settings, redis_client
             job_id = redis_client.hget(failed[0], "id")
             assert redis_client.hget(failed[0], "status") == "failed"
             assert [kind for _, kind, _ in read_events(redis_client, job_id)] == [EventType.ERROR]
+            assert int(redis_client.hget(keys.METRICS, refusals)) == before + 1
         else:
             assert failed == []
 

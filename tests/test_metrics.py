@@ -8,12 +8,14 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
 from banter import keys
 from banter import metrics as schema
-from banter.jobs import JobRecord
+from banter.jobs import JobRecord, JobStatus, JobStore
+from banter.streams import DoneEvent, ErrorEvent, EventType, StreamWriter, read_events
 from workers import metrics as wm
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -217,26 +219,34 @@ def test_queue_depth_per_lane_counts_waiting_messages(api, redis_client, setting
 
 # -- the recording script, with times it cannot guess ----------------------------------------
 
-def test_job_end_script_derives_wait_run_and_first_token(redis_client):
+def test_ending_a_job_counts_it_with_wait_run_and_first_token(redis_client):
+    """``JobStore.finish`` counts the job in the same script that ends it: queue wait, run
+    time and time to first token come from the job's ``started_at`` and its stream's first
+    entry; a job already ended is not counted again; a count that fails to record drops the
+    count, never the end."""
     key = f"test-metrics:{uuid.uuid4().hex}"
+    store = JobStore(redis_client, 60, metrics_key=key)
+    streams = StreamWriter(redis_client, maxlen=100, ttl_s=60)
     queued = math.floor(time.time()) - 10.0
     record = JobRecord(id=str(uuid.uuid4()), kind="generate", model="m", input="x",
-                       lane="bulk", queued_at=queued)
-    redis_client.hset(keys.job(record.id), "started_at", queued + 2.0)
-    first_id = record.id
+                       lane="bulk", queued_at=queued, backend="onnx")
+    store.create(record)
+    redis_client.hset(keys.job(record.id), mapping={"status": "running", "started_at": queued + 2})
     first_ms = int((queued + 3.0) * 1000)
     redis_client.xadd(keys.stream(record.id), {"event": "token", "seq": "0", "text": "a",
                                                "token_id": "1"}, id=f"{first_ms}-0")
     redis_client.xadd(keys.stream(record.id), {"event": "token", "seq": "1", "text": "b",
                                                "token_id": "2"}, id=f"{first_ms + 500}-0")
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    done = DoneEvent(record.id, "length", usage)
+    ended_ids = [record.id]
     try:
-        timings = wm.record_job_end(redis_client, record, "succeeded", "onnx",
-                                    finished_at=queued + 4.0,
-                                    usage={"prompt_tokens": 3, "completion_tokens": 2}, key=key)
-        assert timings == {"queue_ms": 2000.0, "run_ms": 2000.0, "ttft_ms": 3000.0}
-        stored = redis_client.hgetall(key)
+        ended = store.finish(record, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
+                             finished_at=queued + 4.0, usage=usage)
+        assert ended == (True, "running", {"queue_ms": 2000.0, "run_ms": 2000.0,
+                                           "ttft_ms": 3000.0})
         series = 'kind="generate",lane="bulk"'
-        assert stored == {
+        counted = {
             'banter_jobs_total{kind="generate",lane="bulk",status="succeeded",backend="onnx"}': "1",
             'banter_prompt_tokens_total{kind="generate",backend="onnx"}': "3",
             'banter_generated_tokens_total{backend="onnx"}': "2",
@@ -248,15 +258,40 @@ def test_job_end_script_derives_wait_run_and_first_token(redis_client):
             f"banter_job_latency_seconds{{{series}}}|5.0": "1",
             f"banter_job_latency_seconds{{{series}}}|sum": "4",
         }
-        # a job whose stream starts with no token (failed before any) has no first token
-        record.id = str(uuid.uuid4())
-        timings = wm.record_job_end(redis_client, record, "failed", None, finished_at=queued,
-                                    error="inference_error", key=key)
-        assert timings == {}  # never started: no wait, no run
+        assert redis_client.hgetall(key) == counted
+        again = store.finish(record, (JobStatus.RUNNING,), JobStatus.FAILED, done, streams,
+                             finished_at=queued + 5.0)
+        assert again == (False, "succeeded", {}) and redis_client.hgetall(key) == counted
+
+        # never started, its stream has no token: a failure with no wait, run or first token
+        failed = replace(record, id=str(uuid.uuid4()), backend=None)
+        ended_ids.append(failed.id)
+        store.create(failed)
+        error = {"type": "inference_error", "message": "boom"}
+        ended = store.finish(failed, (JobStatus.QUEUED,), JobStatus.FAILED,
+                             ErrorEvent(failed.id, error), streams, finished_at=queued,
+                             error=error)
+        assert ended == (True, "queued", {})
         assert redis_client.hget(key, 'banter_job_failures_total{kind="generate",'
                                       'error="inference_error"}') == "1"
+        assert redis_client.hget(key, 'banter_jobs_total{kind="generate",lane="bulk",'
+                                      'status="failed",backend="unknown"}') == "1"
+
+        # the metrics field holds no number: the count is dropped, the job ends all the same
+        broken = replace(record, id=str(uuid.uuid4()))
+        ended_ids.append(broken.id)
+        store.create(broken)
+        redis_client.hset(key, 'banter_jobs_total{kind="generate",lane="bulk",'
+                               'status="cancelled",backend="onnx"}', "not a number")
+        ended = store.finish(broken, (JobStatus.QUEUED,), JobStatus.CANCELLED,
+                             DoneEvent(broken.id, "cancelled", usage), streams, finished_at=queued)
+        assert ended == (True, "queued", {})
+        assert store.get(broken.id).status == "cancelled"
+        assert [kind for _, kind, _ in read_events(redis_client, broken.id)] == [EventType.DONE]
     finally:
-        redis_client.delete(key, keys.job(first_id), keys.stream(first_id))
+        for job_id in ended_ids:
+            redis_client.delete(keys.job(job_id), keys.stream(job_id))
+        redis_client.delete(key)
 
 
 def test_pass_histograms_bucket_by_upper_bound(redis_client):

@@ -123,15 +123,16 @@ def test_a_job_and_its_stream_end_in_one_step(redis_client, monkeypatch):
     monkeypatch.setattr(StreamWriter, "publish", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("a second write: a worker dying before it leaves the stream open")))
     done = DoneEvent(record.id, "stop", {"prompt_tokens": 1, "completion_tokens": 0})
-    assert store.finish(record.id, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
-                        owner="w2@test") == (False, "taken over")
+    assert store.finish(record, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
+                        finished_at=1.0, owner="w2@test")[:2] == (False, "taken over")
     assert read_events(redis_client, record.id) == []
-    assert store.finish(record.id, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
-                        owner="w1@test", result={"text": ""}) == (True, "running")
+    assert store.finish(record, (JobStatus.RUNNING,), JobStatus.SUCCEEDED, done, streams,
+                        finished_at=2.0, owner="w1@test", result={"text": ""})[:2] == (
+        True, "running")
     assert store.get(record.id).status == "succeeded"
     assert [kind for _, kind, _ in read_events(redis_client, record.id)] == [EventType.DONE]
-    assert store.finish(record.id, (JobStatus.RUNNING,), JobStatus.FAILED, done, streams,
-                        owner="w1@test") == (False, "succeeded")  # once only
+    assert store.finish(record, (JobStatus.RUNNING,), JobStatus.FAILED, done, streams,
+                        finished_at=3.0, owner="w1@test")[:2] == (False, "succeeded")  # once
     assert len(read_events(redis_client, record.id)) == 1
 
 

@@ -393,16 +393,15 @@ class WorkerRuntime:
                      f"after {made} tokens (its result holds them)" if made else
                      "the job's deadline passed after a worker took it, before its first "
                      "token (a generation waits there while BANTER_MAX_RUNNING sequences run)"}
-        applied, current = self.jobs.finish(
-            record.id, (JobStatus.RUNNING,), status,
+        ended = self.jobs.finish(
+            record, (JobStatus.RUNNING,), status,
             DoneEvent(record.id, outcome.finish_reason, outcome.usage), self.streams,
-            owner=self.node, also=self.sink.add_passes, finished_at=finished,
+            owner=self.node, also=self.sink.add_passes, yielded_s=yielded, finished_at=finished,
             result=outcome.result, error=error, usage=outcome.usage,
             batch_size=outcome.batch_size, version=outcome.version, backend=outcome.backend)
-        if not applied:
-            return current
-        timings = worker_metrics.record_job_end(self.redis, record, status.value, outcome.backend,
-                                                finished, usage=outcome.usage, yielded_s=yielded)
+        if not ended.applied:
+            return ended.before
+        timings = ended.timings
         if yielded:
             timings["bulk_yield_ms"] = round(yielded * 1000.0, 2)
         started = record.started_at or finished
@@ -428,17 +427,15 @@ class WorkerRuntime:
         else:
             message = self._relative_paths(exc.message)
         error = {**exc.to_dict(), "message": message}
-        applied, current = self.jobs.finish(
-            record.id, (JobStatus.RUNNING,), JobStatus.FAILED, ErrorEvent(record.id, error),
+        ended = self.jobs.finish(
+            record, (JobStatus.RUNNING,), JobStatus.FAILED, ErrorEvent(record.id, error),
             self.streams, owner=self.node, also=self.sink.add_passes, finished_at=time.time(),
             error=error)
-        if applied:
-            timings = worker_metrics.record_job_end(self.redis, record, JobStatus.FAILED.value,
-                                                    record.backend, error=exc.type)
+        if ended.applied:
             logs.event(log, "inference_failed", logging.WARNING, trace_id=record.trace_id,
                        job_id=record.id, error=exc.type, error_message=exc.message,
-                       kind=record.kind, model=record.model, lane=record.lane, **timings)
-        return JobStatus.FAILED.value if applied else current
+                       kind=record.kind, model=record.model, lane=record.lane, **ended.timings)
+        return JobStatus.FAILED.value if ended.applied else ended.before
 
     def _relative_paths(self, message: str) -> str:
         for root in {self.settings.model_root.resolve(), self.settings.model_root.absolute()}:
@@ -446,11 +443,8 @@ class WorkerRuntime:
         return message
 
     def _expire(self, record: JobRecord, now: float) -> str:
-        applied, current = end_queued(self.jobs, self.streams, record.id, JobStatus.EXPIRED, now)
-        if applied:
-            worker_metrics.record_job_end(self.redis, record, JobStatus.EXPIRED.value,
-                                          record.backend, now)
-        return JobStatus.EXPIRED.value if applied else current
+        ended = end_queued(self.jobs, self.streams, record, JobStatus.EXPIRED, now)
+        return JobStatus.EXPIRED.value if ended.applied else ended.before
 
     def _heartbeat(self, stop: threading.Event) -> None:
         """Every period: announce this worker, renew the leases of its jobs, and re-enqueue
