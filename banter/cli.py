@@ -220,7 +220,10 @@ def cmd_models(args, settings: Settings) -> int:
         body = {"name": args.name, "kind": args.kind, "backend": args.backend,
                 "reason": args.reason, **({"path": args.path} if args.path else {}),
                 **({"model": args.model} if args.model else {})}
-        out = client.request("POST", "/v1/models/promote", body)
+        status, out = client.answer("POST", "/v1/models/promote", body)
+        if status == 200:  # 201 makes a version; 200 answers the one already active
+            print(f"banter: {out['ref']} is already the active version of {out['name']} "
+                  "with that artifact: nothing changed", file=sys.stderr)
     elif args.action == "rollback":
         out = client.request("POST", "/v1/models/rollback", {"name": args.name,
                                                               "reason": args.reason})

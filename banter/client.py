@@ -39,8 +39,13 @@ class Client:
 
     def request(self, method: str, path: str, body: dict | None = None,
                 params: dict | None = None) -> dict[str, Any]:
+        return self.answer(method, path, body, params)[1]
+
+    def answer(self, method: str, path: str, body: dict | None = None,
+               params: dict | None = None) -> tuple[int, dict[str, Any]]:
+        """A successful answer's HTTP status and JSON body."""
         response = self._send(method, path, body, params, stream=False)
-        return response.json()
+        return response.status_code, response.json()
 
     def events(self, path: str, body: dict | None = None,
                method: str = "GET") -> Iterator[tuple[str, dict]]:

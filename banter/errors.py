@@ -158,7 +158,8 @@ class RequestTimeout(BanterError):
 
 
 class RegistryUnavailable(Unavailable):
-    """``history.jsonl`` cannot be read or written (permissions, a full disk) (503)."""
+    """``history.jsonl`` cannot be read or written (permissions, a full disk), or holds a line
+    that is not the next record, so it cannot be used until an admin restores it (503)."""
 
     type = "registry_unavailable"
 

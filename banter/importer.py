@@ -36,7 +36,8 @@ import numpy as np
 from tokenizers import Tokenizer, processors
 
 from banter.demo import OPSET, _write, bert_graph, gpt_graph, gpt_tokenizer
-from banter.errors import BanterError
+from banter.errors import BanterError, InvalidRequest
+from registry import records
 
 SUPPORTED = {"bert": "embed", "gpt2": "generate"}
 PRODUCER = "banterhearts.import"
@@ -47,7 +48,6 @@ _GELU = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_f
 _PREFIXES = {"bert": ("bert.",), "gpt2": ("transformer.",)}
 _IGNORED = {"bert": re.compile(r"^(embeddings\.position_ids|pooler\..*|cls\..*)$"),
             "gpt2": re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # registry.records.NAME_PATTERN
 
 
 class ImportFailed(BanterError):
@@ -525,10 +525,12 @@ def default_name(src: Path) -> str:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name:
-        raise BadImportArgument(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or "
-                                "'-', starting with a letter or digit")
-    return name
+    """``name`` if a new model may take it (``registry.records.check_new_name``), else
+    BadImportArgument with the reason."""
+    try:
+        return records.check_new_name(name)
+    except InvalidRequest as exc:
+        raise BadImportArgument(exc.message) from None
 
 
 def import_model(src: Path | str, out: Path | str, *, name: str | None = None,

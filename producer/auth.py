@@ -37,7 +37,7 @@ from banter.settings import Settings, SettingsError
 
 ANONYMOUS = "anonymous"
 SCOPES = ("user", "admin")
-_HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})\Z")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _COMMENT = re.compile(r"(^|\s)#.*$")  # a whole-line comment, or one after an entry
 log = logging.getLogger("banter.producer")

@@ -48,7 +48,7 @@ blueprint = Blueprint("batches", __name__)
 MAX_BATCH_REQUESTS = 1000
 LIST_LIMIT, MAX_LIST_LIMIT = 20, 100  # GET /v1/batches: OpenAI's default and largest page
 MAX_IDEMPOTENCY_KEY_CHARS = 128
-_BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
+_BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}\Z")
 
 
 @dataclass

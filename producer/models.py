@@ -10,8 +10,7 @@ from werkzeug.routing import BaseConverter
 from banter.errors import InvalidRequest, ModelNotFound
 from producer import validation as v
 from producer.context import ctx
-from registry.records import Record
-from registry.service import RESERVED_NAMES
+from registry.records import RESERVED_NAMES, Record
 
 blueprint = Blueprint("models", __name__)
 

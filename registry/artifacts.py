@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from banter.errors import ArtifactError, brief
 
 _CHUNK = 1 << 20
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)\Z")
 OP_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # what ONNX Runtime serves itself
 # the files beside model.onnx that change what a model serves: its tokens, its geometry and
 # special ids, its chat template; a record holds the digest of each that was there at promote

@@ -4,13 +4,15 @@ Writers hold an exclusive ``fcntl.flock`` on the file itself while they read it,
 next record and append it (flush + fsync), so seqs and versions are assigned atomically across
 processes. Readers hold a shared lock.
 
-A torn last line (unterminated, or only NUL bytes and blanks: what a crash mid-write leaves) is
-ignored on read, and the next append truncates it away before writing, so every record stays
-on its own valid line. A complete last line that is not a record (edited or damaged by hand)
-is not torn: read leaves it out (logging ``registry_history_bad_tail``) so serving goes on, but
-appends are refused with a WireError naming the line until it is fixed or removed by hand, so
-its seq and version are never given to another artifact. Any other bad line is a WireError
-naming its line number.
+A torn last line (unterminated and not a whole record, or only NUL bytes and blanks: what a
+crash mid-write leaves) is ignored on read, and the next append truncates it away before
+writing, so every record stays on its own valid line. An unterminated last line that is the
+whole next record lost only its newline: it is kept, and the next append writes the newline
+first. A complete last line that is not the next record (edited, damaged or duplicated by
+hand) is not torn: read leaves it out (logging ``registry_history_bad_tail``) so serving goes
+on, but appends are refused with a WireError naming the line until it is fixed or removed by
+hand, so its seq and version are never given to another artifact. Any other bad line is
+RegistryUnavailable naming the file (not its directory) and the line.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class HistoryFile:
                 log.warning("registry_history_torn_tail_dropped",
                             extra={"path": str(self.path), "bytes": data[good_end:][:200]})
                 f.truncate(good_end)
+            elif data and not data.endswith(b"\n"):  # a last record whose newline was lost
+                f.write(b"\n")
             f.write(line.encode("utf-8") + b"\n")
             f.flush()
             os.fsync(f.fileno())
@@ -118,35 +122,48 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
 
 
 def _parse(data: bytes, path: Path, strict_tail: bool = False) -> tuple[list[Record], int]:
-    """Decode the file's bytes into records; also return the byte offset where the valid
-    lines end (``len(data)`` unless the last line is torn or bad). ``strict_tail``: a complete
-    last line that is not a record and not crash debris raises (an append must not drop it)."""
+    """Decode the file's bytes into records; also return the byte offset where the kept lines
+    end (``len(data)`` unless the last line is torn or bad). An unterminated last line that is
+    the whole next record (a crash between its bytes and its newline) is kept; any other is
+    torn. ``strict_tail``: a complete last line that is not the next record and not crash
+    debris raises RegistryUnavailable (an append must not drop it), as any earlier bad line
+    does."""
     records: list[Record] = []
     lines = data.split(b"\n")
     # After the last b"\n" comes an unterminated remainder: b"" when the file ends cleanly.
     terminated, remainder = lines[:-1], lines[-1]
+    unterminated = bool(remainder.strip(_DEBRIS))
+    candidates = [*terminated, remainder] if unterminated else terminated
     offset = 0
-    for number, line in enumerate(terminated, start=1):
+    for number, line in enumerate(candidates, start=1):
+        last = number == len(candidates)
         try:
-            record = Record.from_json(line)
+            record = _next_record(line, records[-1].seq + 1 if records else 1)
         except WireError as exc:
-            if number == len(terminated) and not remainder:
-                if not line.strip(b"\0 \t\r"):
-                    return records, offset  # a torn last line: crash debris
-                if not strict_tail:
-                    log.error("registry_history_bad_tail", extra={
-                        "path": str(path), "line": number, "error": exc.message})
-                    return records, offset
-            raise WireError(f"{path} line {number} is not a valid registry record ({exc.message}); "
-                            f"history.jsonl is append-only: restore it from a backup or "
-                            f"remove that line by hand") from None
-        expected = records[-1].seq + 1 if records else 1
-        if record.seq != expected:
-            raise WireError(f"{path} line {number} has seq {record.seq}, expected {expected}; "
-                            f"history.jsonl is append-only: restore it from a backup")
+            if last and (unterminated or not line.strip(_DEBRIS)):
+                return records, offset  # a torn last line: crash debris
+            if last and not strict_tail:
+                log.error("registry_history_bad_tail", extra={
+                    "path": str(path), "line": number, "error": exc.message})
+                return records, offset
+            raise RegistryUnavailable(
+                f"{path.name} line {number} is not the next registry record ({exc.message}); "
+                f"{path.name} is append-only: restore it from a backup or remove that line by "
+                "hand") from None
         records.append(record)
-        offset += len(line) + 1
+        offset += len(line) + (0 if last and unterminated else 1)
     return records, offset
+
+
+_DEBRIS = b"\0 \t\r"  # what a crash mid-write leaves besides part of a line
+
+
+def _next_record(line: bytes, seq: int) -> Record:
+    """The record on ``line``, which must have seq ``seq``; WireError saying why not."""
+    record = Record.from_json(line)
+    if record.seq != seq:
+        raise WireError(f"it has seq {record.seq}, expected {seq}")
+    return record
 
 
 def _fsync_dir(path: Path) -> None:

@@ -20,8 +20,9 @@ ACTIONS = ("promote", "rollback")
 KINDS = ("generate", "embed")
 BACKENDS = ("onnx", "openai")
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION_PATTERN = re.compile(r"^[1-9][0-9]*$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_VERSION_PATTERN = re.compile(r"^[1-9][0-9]*\Z")
+RESERVED_NAMES = ("history", "promote", "rollback")  # paths under /v1/models/ of their own
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,16 @@ def check_name(name: str, param: str = "name") -> str:
         raise InvalidRequest(
             f"invalid model name {brief(name)}: use 1-64 characters from letters, digits, '.', '_' "
             f"and '-', starting with a letter or digit, with no '..' (no '@' or '/')", param)
+    return name
+
+
+def check_new_name(name: str) -> str:
+    """``check_name``, and not one of RESERVED_NAMES: a name a new model may take."""
+    check_name(name)
+    if name in RESERVED_NAMES:
+        raise InvalidRequest(f"{name!r} cannot name a model: GET /v1/models/{name} is the "
+                             f"registry's own endpoint (reserved: {', '.join(RESERVED_NAMES)})",
+                             "name")
     return name
 
 

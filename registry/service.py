@@ -15,18 +15,24 @@ from typing import Callable
 
 import redis
 
-from banter.errors import Conflict, InvalidRequest, ModelNotFound, RegistryUnavailable, Unavailable
+from banter.errors import (
+    Conflict,
+    InvalidRequest,
+    ModelNotFound,
+    RegistryUnavailable,
+    Unavailable,
+    WireError,
+)
 from banter.settings import Settings
 from registry.artifacts import inspect_artifact
 from registry.history import HistoryFile
 from registry.mirror import Mirror, resolve_from_mirror
-from registry.records import BACKENDS, KINDS, Record, check_name, utc_now
+from registry.records import BACKENDS, KINDS, Record, check_name, check_new_name, utc_now
 from registry.state import RegistryState, replay
 
 log = logging.getLogger("banter.registry")
 
 UNREADABLE_LOG_EVERY_S = 60.0  # an unreadable history.jsonl is logged once a minute, not per call
-RESERVED_NAMES = ("history", "promote", "rollback")  # paths under /v1/models/ of their own
 
 
 class _Unchanged(Exception):
@@ -72,11 +78,7 @@ class Registry:
         Raise InvalidRequest (bad or reserved name, kind, backend or upstream model), ArtifactError (bad
         artifact) or Conflict (``name`` is a model of another kind).
         """
-        check_name(name)
-        if name in RESERVED_NAMES:
-            raise InvalidRequest(f"{name!r} cannot name a model: GET /v1/models/{name} is the "
-                                 f"registry's own endpoint (reserved: {', '.join(RESERVED_NAMES)})",
-                                 "name")
+        check_new_name(name)
         _check_text(actor=actor, reason=reason)
         if kind not in KINDS:
             raise InvalidRequest(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}", "kind")
@@ -103,8 +105,7 @@ class Registry:
             rel_path, sha256, upstream = "", "", upstream_model.strip()
             files = {}
 
-        def make(records: list[Record]) -> Record:
-            state = replay(records)
+        def make(state: RegistryState) -> Record:
             model = state.models.get(name)
             active = model.active if model else None
             if model is not None and model.kind != kind:
@@ -135,8 +136,7 @@ class Registry:
         check_name(name)
         _check_text(actor=actor, reason=reason)
 
-        def make(records: list[Record]) -> Record:
-            state = replay(records)
+        def make(state: RegistryState) -> Record:
             model = state.models.get(name)
             if model is None or model.active is None:
                 raise ModelNotFound(f"no model named {name!r} in the registry: nothing to "
@@ -187,37 +187,52 @@ class Registry:
     def ensure_mirror(self) -> bool:
         """Rebuild the mirror from the file when it is behind (REGISTRY_SEQ missing or lower
         than the file's last seq); return whether it rebuilt. Cheap when up to date: one GET,
-        one stat. A file that cannot be read leaves a mirror that has records serving as it is
-        (RegistryUnavailable only when there is none)."""
+        one stat. A file that cannot be read, or holds a line that is not the next record (or
+        a record that cannot follow the ones before it), leaves a mirror that has records
+        serving as it is, logged once a minute as ``registry_history_unreadable``;
+        RegistryUnavailable when there is no mirror to serve from."""
         mirror_seq = self.mirror.seq()
         try:
             file_seq = self.history_file.last_seq()
-        except RegistryUnavailable as exc:
+            if file_seq == 0 or (mirror_seq is not None and mirror_seq >= file_seq):
+                return False
+            rebuilt = self.mirror.rebuild(self.history_file.read())
+        except (RegistryUnavailable, WireError) as exc:
             if mirror_seq is None:
-                raise
+                raise self._damaged(exc) from None
             if time.monotonic() - self._unreadable_logged > UNREADABLE_LOG_EVERY_S:
                 self._unreadable_logged = time.monotonic()
-                log.warning("registry_history_unreadable", extra={"error": exc.message})
+                log.warning("registry_history_unreadable", extra={
+                    "path": str(self.history_file.path), "error": exc.message})
             return False
-        if file_seq == 0 or (mirror_seq is not None and mirror_seq >= file_seq):
-            return False
-        rebuilt = self.mirror.rebuild(self.history_file.read())
         if rebuilt:
             log.info("registry_mirror_rebuilt", extra={"from_seq": mirror_seq,
                                                        "to_seq": file_seq})
         return rebuilt
 
-    def _append(self, make: Callable[[list[Record]], Record]) -> tuple[Record, RegistryState]:
-        """Append ``make``'s record; return it with the state right after it."""
+    def _append(self, make: Callable[[RegistryState], Record]) -> tuple[Record, RegistryState]:
+        """Append ``make(state of the records so far)``'s record; return it with the state
+        right after it. Records that do not replay are RegistryUnavailable: nothing is appended."""
         before: list[list[Record]] = []
 
         def capture(records: list[Record]) -> Record:
             self._check_not_behind(records[-1].seq if records else 0)
             before.append(records)
-            return make(records)
+            try:
+                state = replay(records)
+            except WireError as exc:
+                raise self._damaged(exc) from None
+            return make(state)
 
         record = self.history_file.append(capture)
         return record, replay([*before[-1], record])  # the records read under the lock
+
+    def _damaged(self, exc: RegistryUnavailable | WireError) -> RegistryUnavailable:
+        """``exc`` as the RegistryUnavailable a client gets: the history cannot be used."""
+        if isinstance(exc, RegistryUnavailable):
+            return exc
+        return RegistryUnavailable(f"{self.history_file.path.name} does not replay "
+                                   f"({exc.message}); restore it from a backup")
 
     def _check_not_behind(self, file_seq: int) -> None:
         """Conflict when the mirror workers read is past the file's last seq: a change appended

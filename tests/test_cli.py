@@ -409,6 +409,13 @@ def test_models_commands_against_the_api(api, settings, demo_models):
     rb = json.loads(back.stdout)
     assert (rb["action"], rb["version"], rb["previous_version"], rb["reason"]) == \
         ("rollback", 1, 2, "undo")
+    # the artifact already active again: exit 0, the active record, and a word that nothing
+    # changed (a new version says nothing on stderr)
+    same = banter("models", "promote", name, f"{name}/v1", "--kind", "embed", *url)
+    assert same.returncode == 0 and json.loads(same.stdout) == rb
+    assert same.stderr == (f"banter: {name}@1 is already the active version of {name} with "
+                           "that artifact: nothing changed\n")
+    assert first.stderr == second.stderr == ""
 
     history = banter("models", "history", name, *url)
     assert history.returncode == 0, history.stderr

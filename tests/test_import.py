@@ -301,12 +301,14 @@ def test_cli_import(tiny_src, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args, said", [
     (["/nonexistent"], "banter: /nonexistent does not exist: give a Hugging Face model directory"),
     (["/etc/passwd"], "banter: /etc/passwd is not a directory: give a Hugging Face model directory"),
-    (["SRC", "--name", "bad name"], "banter: model name 'bad name' must be 1-64 letters"),
+    (["SRC", "--name", "bad name"], "banter: invalid model name 'bad name': use 1-64 characters"),
+    (["SRC", "--name", "nl\n"], "banter: invalid model name 'nl\\n': use 1-64 characters"),
+    (["SRC", "--name", "history"], "banter: 'history' cannot name a model: GET /v1/models/history"),
     (["SRC", "--kind", "embed"], "banter: a gpt2 model is imported as 'generate', not 'embed': "
                                  "pass --kind generate or leave --kind out"),
     (["SRC", "--out", "/etc/passwd"], "banter: /etc/passwd exists and is not a directory"),
     (["SRC", "--out", "/proc/no-such-dir"], "banter: cannot write /proc/no-such-dir"),
-    (["--random-gpt2-small", "--name", "../up"], "banter: model name '../up' must be"),
+    (["--random-gpt2-small", "--name", "../up"], "banter: invalid model name '../up'"),
 ])
 def test_cli_import_bad_arguments_exit_2(tiny_src, tmp_path, monkeypatch, capsys, args, said):
     """A bad argument is exit 2 with the reason on one line (never a traceback), as for

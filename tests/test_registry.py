@@ -241,7 +241,7 @@ def test_kind_cannot_change_and_openai_backend(reg: Registry):
     assert [r.name for r in reg.list_active()] == ["gpt", "remote"]
 
 
-@pytest.mark.parametrize("name", ["", "a@b", "a/b", "a..b", "-a", ".a", "x" * 65, "a b"])
+@pytest.mark.parametrize("name", ["", "a@b", "a/b", "a..b", "-a", ".a", "x" * 65, "a b", "a\n"])
 def test_bad_names(reg: Registry, name: str):
     with pytest.raises(InvalidRequest, match="invalid model name"):
         reg.promote(name, "generate", "gpt-a")
@@ -356,7 +356,7 @@ def test_a_complete_bad_last_line_blocks_appends_so_no_version_is_reused(
     client.flushdb()  # the mirror is rebuilt from what the file holds
     assert [r.seq for r in reg.history()] == [1]
     for change in (lambda: reg.promote("gpt", "generate", "gpt-c"), lambda: reg.rollback("gpt")):
-        with pytest.raises(WireError, match="line 2"):
+        with pytest.raises(RegistryUnavailable, match="history.jsonl line 2"):
             change()
     assert history_path.read_text() == good[:-2] + "\n"  # nothing dropped, nothing written
     history_path.write_text(good)  # fixed by hand: appends go on after it
@@ -364,15 +364,74 @@ def test_a_complete_bad_last_line_blocks_appends_so_no_version_is_reused(
     assert (third.seq, third.version) == (second.seq + 1, second.version + 1)
 
 
-def test_corrupt_middle_line_is_an_error(reg: Registry, history_path: Path):
+def test_corrupt_middle_line_stops_changes_not_serving(reg: Registry, history_path: Path,
+                                                      client: redis.Redis):
+    """A damaged earlier line: history, promote and rollback are 503 naming the line (not
+    the file's directory), while models go on being served from the mirror; with no mirror
+    to serve from, resolving is that 503 too, never a 500."""
     reg.promote("gpt", "generate", "gpt-a")
     reg.promote("gpt", "generate", "gpt-b")
     first, second = lines(history_path)
-    history_path.write_text(first + "\n" + "{not json\n" + second + "\n")
-    with pytest.raises(WireError, match="line 2"):
-        reg.history()
-    with pytest.raises(WireError, match="line 2"):
+    damaged = first + "\n" + "{not json\n" + second + "\n"
+    history_path.write_text(damaged)
+    for call in (reg.history, lambda: reg.promote("gpt", "generate", "gpt-a"),
+                 lambda: reg.rollback("gpt")):
+        with pytest.raises(RegistryUnavailable, match="history.jsonl line 2") as caught:
+            call()
+        assert str(history_path.parent) not in caught.value.message
+    assert reg.resolve("gpt").version == 2  # from the mirror
+    assert [r.ref for r in reg.list_active()] == ["gpt@2"]
+    client.flushall()
+    with pytest.raises(RegistryUnavailable, match="line 2"):
+        reg.resolve("gpt")
+    assert history_path.read_text() == damaged
+
+
+def test_a_duplicated_last_line_is_a_bad_tail(reg: Registry, history_path: Path,
+                                              client: redis.Redis):
+    """A last line repeated by hand is a record, but not the next one: reads leave it out,
+    appends are refused naming it."""
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    with open(history_path, "a") as f:
+        f.write(lines(history_path)[-1] + "\n")
+    client.flushall()
+    assert [r.seq for r in reg.history()] == [1, 2] and reg.resolve("gpt").version == 2
+    with pytest.raises(RegistryUnavailable, match="line 3.*seq 2, expected 3"):
+        reg.rollback("gpt")
+    assert len(lines(history_path)) == 3
+
+
+def test_a_record_that_does_not_replay_stops_changes_not_serving(reg: Registry,
+                                                                 history_path: Path):
+    """A record appended by hand that cannot follow the ones before it (a rollback to a
+    version that was not the previous one): serving goes on from the mirror, changes are
+    503, and the history still reads (it is every line, as written)."""
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    third = replace(Record.from_json(lines(history_path)[0]), seq=3, action="rollback",
+                    version=7, previous_version=2)
+    with open(history_path, "a") as f:
+        f.write(third.to_json() + "\n")
+    assert reg.resolve("gpt").version == 2  # the mirror, still at seq 2
+    with pytest.raises(RegistryUnavailable, match="does not replay.*seq 3"):
         reg.promote("gpt", "generate", "gpt-a")
+    assert [r.seq for r in reg.history()] == [1, 2, 3]
+
+
+def test_a_last_record_that_lost_only_its_newline_is_kept(reg: Registry, history_path: Path,
+                                                          client: redis.Redis):
+    """A crash between a record's bytes and its newline leaves the whole record: it is read,
+    served, and the next append writes the newline first, so no seq or version is reused."""
+    reg.promote("gpt", "generate", "gpt-a")
+    second, _ = reg.promote("gpt", "generate", "gpt-b")
+    history_path.write_bytes(history_path.read_bytes()[:-1])
+    client.flushall()
+    assert [r.seq for r in reg.history()] == [1, 2] and reg.resolve("gpt").version == 2
+    third = reg.rollback("gpt")
+    assert third.seq == 3 and third.version == 1
+    assert [Record.from_json(line).seq for line in lines(history_path)] == [1, 2, 3]
+    assert history_path.read_bytes().endswith(b"\n")
 
 
 def _promote_many(port: int, root: str, history: str, start: int, count: int) -> None:
