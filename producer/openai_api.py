@@ -320,11 +320,20 @@ def embeddings():
     return response
 
 
+def _token_ids(value: Any) -> bool:
+    """Whether ``value`` is OpenAI's token-id input: a list of ints, or a list of such lists
+    (anything else that is not text is refused by the text checks, naming the item)."""
+    def ids(items: Any) -> bool:
+        return isinstance(items, list) and bool(items) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in items)
+
+    return ids(value) or (isinstance(value, list) and bool(value) and all(map(ids, value)))
+
+
 def embed_request(c: Context, body: dict) -> tuple[JobRequest, str]:
     """The embed job a ``/v1/embeddings`` body asks for, and its ``encoding_format``."""
     check_fields(body, EMBEDDING_FIELDS, {})
-    if isinstance(body.get("input"), list) and any(
-            isinstance(item, (int, list)) and not isinstance(item, bool) for item in body["input"]):
+    if _token_ids(body.get("input")):
         raise InvalidRequest("'input' holds token ids: token-id inputs are not supported, send "
                              "text", "input")
     text = v.embed_input(body, "input", max_items=c.settings.embed_max_inputs,

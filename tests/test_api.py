@@ -276,6 +276,25 @@ def test_delete_finished_job_leaves_it_as_it_was(api):
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
 
 
+def test_a_running_embed_job_is_cancelled_and_one_sent_after_it_is_not_held_back(api):
+    """DELETE stops a running embed job at its next pass (its inputs that have not run never
+    do; it keeps no partial result), and a one-input embedding sent while it ran did not wait
+    for all its inputs: it finished first."""
+    words = " ".join(f"w{i}" for i in range(60))
+    large = api.post("/v1/jobs", {"kind": "embed", "input": [f"{i} {words}" for i in range(2000)]})
+    assert large.status_code == 202, large.text
+    job_id = large.json()["id"]
+    while api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued":
+        time.sleep(0.02)
+    small = api.post("/v1/embeddings", {"input": "hi"})
+    assert small.status_code == 200, small.text
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    assert api.delete(f"/v1/jobs/{job_id}").status_code == 200
+    ended = api.wait_job(job_id)
+    assert ended["status"] == "cancelled" and ended["result"] is None
+    assert 0 < ended["usage"]["prompt_tokens"]  # the inputs that ran
+
+
 BAD_INPUTS = [
     ("/v1/inference", {"prompt": ""}, 422, "prompt"),
     ("/v1/inference", {"prompt": "   "}, 422, "prompt"),

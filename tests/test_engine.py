@@ -387,6 +387,45 @@ def test_a_failed_pass_fails_the_whole_list_job(make_engine, specs, cache, monke
     assert len(calls) == 3  # the remaining inputs still ran; the job's first error stands
 
 
+def test_an_embed_job_cancelled_or_past_its_deadline_runs_no_more_inputs(make_engine, sink,
+                                                                          specs):
+    """A list job stops at the next step: inputs that have not run never do, its future
+    says why and holds no vectors (a result comes whole), and the other jobs go on."""
+    clock = FakeClock()
+    engine = make_engine(clock=clock, max_batch_size=2, batch_window_s=0.0)
+    texts = [f"input {i}" for i in range(10)]
+    cancelled = engine.submit_embed(specs["embed"], texts, job_id="c")
+    expiring = engine.submit_embed(specs["embed"], texts, job_id="e", deadline=clock.now + 5)
+    other = engine.submit_embed(specs["embed"], texts[:4], job_id="o")
+    assert engine.submit_embed(specs["embed"], texts, job_id="c") is cancelled  # redelivered
+    engine.step()  # one pass of two rows: c and e take turns
+    assert engine.cancel("c") and not engine.cancel("nobody")
+    clock.now += 5
+    other_result = drive(engine, [other])[0]
+    assert len(other_result.embeddings) == 4
+    stopped = cancelled.result(timeout=0), expiring.result(timeout=0)
+    assert [(r.finish_reason, r.embeddings) for r in stopped] == [("cancelled", []),
+                                                                   ("expired", [])]
+    assert sum(p[3] for p in sink.passes) == 1 + 1 + 4  # one input each, then o's four
+    assert not engine.cancel("c") and engine.step() is False
+
+
+def test_a_small_embed_job_does_not_wait_behind_a_large_one(make_engine, sink, specs):
+    """Jobs of one lane take turns row by row: one input sent after a job of many goes into
+    the next pass, not after all of them."""
+    engine = make_engine(max_batch_size=4, batch_window_s=0.0)
+    large = engine.submit_embed(specs["embed"], [f"large {i}" for i in range(40)])
+    engine.step()
+    small = engine.submit_embed(specs["embed"], "small")
+    engine.step()
+    assert small.done() and not large.done()
+    alone = make_engine(batch_window_s=0.0)
+    single = drive(alone, [alone.submit_embed(specs["embed"], "small")])[0]
+    assert np.allclose(small.result().embeddings[0], single.embeddings[0], atol=1e-5)
+    result = drive(engine, [large])[0]
+    assert len(result.embeddings) == 40 and sum(p[3] for p in sink.passes) == 41 + 1
+
+
 def test_embed_without_batching_runs_one_per_pass(make_engine, sink, specs):
     engine = make_engine(enable_batching=False)
     futures = [engine.submit_embed(specs["embed"], "text") for i in range(4)]

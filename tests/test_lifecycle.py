@@ -22,7 +22,8 @@ from banter.streams import EventType, TokenEvent, decode_entry, read_events
 from producer.app import create_app
 from tests.conftest import Api, Server, start_worker, stop_process
 from workers.backends import Outcome
-from workers.runtime import WorkerRuntime
+from workers.engine import EmbedResult
+from workers.runtime import WorkerRuntime, _local_outcome
 
 PAUSED = {"BANTER_QUEUE_INTERACTIVE": "paused-interactive", "BANTER_QUEUE_BULK": "paused-bulk"}
 
@@ -322,6 +323,21 @@ def test_a_job_that_expires_while_it_runs_says_so_like_one_that_never_ran(settin
     assert job.status == "expired" and job.result == outcome.result
     assert job.error == {"type": "expired", "message": "the job's deadline passed while it "
                          "ran, after 2 tokens (its result holds them)"}
+
+
+def test_an_embed_job_that_expires_while_it_runs_has_no_result(settings, private_url):
+    runtime = runtime_on(settings, private_url, "embed-expiry@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input=["a", "b"],
+                       owner="anonymous", lane="interactive", backend="onnx")
+    runtime.jobs.create(record)
+    runtime.jobs.take(record.id, runtime.node, lease_s=5)
+    outcome = _local_outcome(EmbedResult([], 3, 1, "expired"), 1, record.input)
+    assert (outcome.result, outcome.usage["prompt_tokens"]) == (None, 3)
+    assert runtime._finish(runtime.jobs.get(record.id), outcome, 0.0) == "expired"
+    job = runtime.jobs.get(record.id)
+    assert job.status == "expired" and job.result is None
+    assert job.error == {"type": "expired", "message": "the job's deadline passed while its "
+                         "inputs ran (an embed job's vectors come whole, so it has none)"}
 
 
 @pytest.mark.parametrize("kind", ["generate", "embed"])

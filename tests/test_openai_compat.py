@@ -349,6 +349,9 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
      400, "'extra'"),
     ("/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "token ids"),
+    ("/v1/embeddings", {"input": [1, 2, 3]}, 400, "token ids"),
+    ("/v1/embeddings", {"input": [["a"]]}, 400, "'input[0]' must be a non-empty string"),
+    ("/v1/embeddings", {"input": ["a", 1]}, 400, "'input[1]' must be a non-empty string"),
     ("/v1/embeddings", {"input": "x", "dimensions": 64}, 400, "dimensions"),
 ]
 

@@ -22,13 +22,13 @@ import logging
 import math
 import threading
 import time
+import uuid
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain, islice
 from queue import Queue
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -122,11 +122,15 @@ class EngineSettings:
 
 @dataclass
 class EmbedResult:
-    """``embeddings`` in input order; ``batch_size`` is the largest pass any input ran in."""
+    """``embeddings`` in input order; ``batch_size`` is the largest pass any input ran in.
+    A job cancelled or past its deadline before its last input ran has ``finish_reason``
+    "cancelled" or "expired" and no embeddings (a result comes whole); ``prompt_tokens``
+    counts the inputs that ran."""
 
     embeddings: list[list[float]]
     prompt_tokens: int
     batch_size: int
+    finish_reason: str = "stop"
 
 
 @dataclass
@@ -150,9 +154,13 @@ def _new_future() -> Future:
 
 class _EmbedGroup:
     """One embed job: its inputs run as rows of whatever passes they land in; the future
-    resolves once every row has its vector (or with the first error)."""
+    resolves once every row has its vector, with the first error, or when the job is
+    cancelled or passes its ``deadline`` (``Engine._drop``)."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, job_id: str, runner: Runner, rows: int, deadline: float | None) -> None:
+        self.job_id = job_id
+        self.runner = runner
+        self.deadline = deadline
         self.future = _new_future()
         self.vectors: list[list[float] | None] = [None] * rows
         self.remaining = rows
@@ -169,6 +177,11 @@ class _EmbedGroup:
         if not self.remaining:
             self.future.set_result(EmbedResult(self.vectors, self.prompt_tokens,  # type: ignore[arg-type]
                                                self.batch_size))
+
+    def stop(self, reason: str) -> None:
+        """End the job before its last row ran: "cancelled" or "expired", no vectors."""
+        if not self.future.done():
+            self.future.set_result(EmbedResult([], self.prompt_tokens, self.batch_size, reason))
 
     def fail(self, exc: Exception) -> None:
         if not self.future.done():
@@ -188,33 +201,76 @@ class _EmbedRow:
 
 class _EmbedQueue:
     """The embed rows waiting for one model version: every interactive row ahead of every bulk
-    row, each lane first come, first served."""
+    row; within a lane, the jobs waiting take turns row by row (each job's rows in order), so
+    a job of thousands of inputs does not hold back one of a single input that arrives after
+    it: that input goes into the next pass."""
 
     def __init__(self) -> None:
-        self._lanes: dict[str, deque[_EmbedRow]] = {lane: deque() for lane in LANES}
+        # per lane, one deque of waiting rows per job (never empty), the next to take first
+        self._lanes: dict[str, deque[deque[_EmbedRow]]] = {lane: deque() for lane in LANES}
+        self._size = 0
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._lanes.values())
+        return self._size
 
     def add(self, rows: Sequence[_EmbedRow]) -> None:
-        for row in rows:
-            self._lanes[row.lane].append(row)
+        """One job's rows (one lane), after the jobs already waiting."""
+        if rows:
+            self._lanes[rows[0].lane].append(deque(rows))
+            self._size += len(rows)
 
     def put_back(self, rows: Sequence[_EmbedRow]) -> None:
-        """Rows taken out for a pass that did not run: back to the heads of their lanes."""
-        for row in reversed(rows):
-            self._lanes[row.lane].appendleft(row)
+        """Rows taken out for a pass that did not run: each job's back at the head of its
+        lane, the jobs in the order they had in the pass."""
+        taken: dict[_EmbedGroup, list[_EmbedRow]] = {}
+        for row in rows:
+            taken.setdefault(row.group, []).append(row)
+        for group, mine in reversed(list(taken.items())):
+            jobs = self._lanes[mine[0].lane]
+            waiting = next((job for job in jobs if job[0].group is group), None)
+            if waiting is None:
+                waiting = deque()
+            else:
+                jobs.remove(waiting)
+            waiting.extendleft(reversed(mine))
+            jobs.appendleft(waiting)
+        self._size += len(rows)
 
-    def head(self, count: int) -> Iterator[_EmbedRow]:
-        return islice(chain(*self._lanes.values()), count)
+    def remove(self, group: _EmbedGroup) -> None:
+        """Drop the rows of ``group`` that wait (a job cancelled or past its deadline)."""
+        for jobs in self._lanes.values():
+            for job in [job for job in jobs if job[0].group is group]:
+                jobs.remove(job)
+                self._size -= len(job)
+
+    def head(self, count: int) -> list[_EmbedRow]:
+        """The first ``count`` rows ``popleft`` would take, in that order."""
+        out: list[_EmbedRow] = []
+        for jobs in self._lanes.values():
+            turns = [iter(job) for job in jobs]
+            while turns and len(out) < count:
+                still = []
+                for rows in turns:
+                    row = next(rows, None)
+                    if row is not None and len(out) < count:
+                        out.append(row)
+                        still.append(rows)
+                turns = still
+        return out
 
     def first(self) -> _EmbedRow:
-        return next(self.head(1))
+        return self.head(1)[0]
 
     def popleft(self) -> _EmbedRow:
-        for queue in self._lanes.values():
-            if queue:
-                return queue.popleft()
+        for jobs in self._lanes.values():
+            if jobs:
+                row = jobs[0].popleft()
+                if jobs[0]:
+                    jobs.rotate(-1)  # the job's next row waits for the other jobs' turns
+                else:
+                    jobs.popleft()
+                self._size -= 1
+                return row
         raise IndexError("pop from an empty embed queue")
 
 
@@ -404,6 +460,7 @@ class Engine:
         self._cond = threading.Condition()
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, _EmbedQueue] = {}
+        self._embed_jobs: dict[str, _EmbedGroup] = {}  # embed jobs not yet resolved
         self._last_embed: dict[Runner, float] = {}  # when each model's latest embed job arrived
         self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
@@ -421,9 +478,12 @@ class Engine:
     # -- caller threads ---------------------------------------------------------------------
 
     def submit_embed(self, spec: ModelSpec, texts: str | Sequence[str],
-                     lane: str = "interactive") -> Future[EmbedResult]:
+                     lane: str = "interactive", job_id: str | None = None,
+                     deadline: float | None = None) -> Future[EmbedResult]:
         """Embed one text or a list of texts (one vector each, in order). The inputs of a
-        list share passes with each other and with other jobs' inputs."""
+        list share passes with each other and with other jobs' inputs. ``job_id`` lets
+        ``cancel`` stop it (a job id the engine already holds returns that job's future);
+        past ``deadline`` (the engine's clock) its inputs that have not run never do."""
         if lane not in LANES:
             raise InvalidRequest(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
         runner = self._runner(spec, "embed")
@@ -436,8 +496,12 @@ class Engine:
             if not ids:
                 raise InvalidRequest(f"embed input{where} encodes to no tokens")
             self._check_length(len(ids), 0, runner, where)
-        group = _EmbedGroup(len(encoded))
+        group = _EmbedGroup(job_id or f"embed-{uuid.uuid4().hex}", runner, len(encoded),
+                            deadline)
         with self._cond:
+            if group.job_id in self._embed_jobs:  # a redelivered job: the run in progress
+                return self._embed_jobs[group.job_id].future
+            self._embed_jobs[group.job_id] = group
             arrived = self._clock()
             previous = self._last_embed.get(runner)
             self._last_embed[runner] = arrived
@@ -474,10 +538,11 @@ class Engine:
         return seq.future
 
     def cancel(self, job_id: str) -> bool:
-        """Stop a generate job at the next step (a waiting one never starts); its future gets
-        finish_reason "cancelled". False when the engine does not hold the job."""
+        """Stop a job at the next step (a waiting generation never starts; an embed job's
+        inputs that have not run never do); its future gets finish_reason "cancelled". False
+        when the engine does not hold the job."""
         with self._cond:
-            if job_id not in self._jobs:
+            if job_id not in self._jobs and job_id not in self._embed_jobs:
                 return False
             self._cancels.add(job_id)
             self._cond.notify()
@@ -597,6 +662,11 @@ class Engine:
             leaving.append(seq)
             return True
 
+        for group in list(self._embed_jobs.values()):
+            if group.job_id in cancels:
+                self._stop_embed(group, "cancelled")
+            elif group.deadline is not None and now >= group.deadline:
+                self._stop_embed(group, "expired")
         for lane, queue in self._waiting.items():
             if queue:
                 self._waiting[lane] = deque(s for s in queue if not leaves(s))
@@ -604,6 +674,16 @@ class Engine:
             if any([leaves(seq) for seq in batch.live()]):
                 self._keep_unfinished(runner, batch)
         return leaving
+
+    def _stop_embed(self, group: _EmbedGroup, reason: str) -> None:
+        """End an embed job before its last input ran. Called under ``_cond``."""
+        queue = self._embeds.get(group.runner)
+        if queue is not None:
+            queue.remove(group)
+            if not queue:
+                del self._embeds[group.runner]
+        del self._embed_jobs[group.job_id]
+        group.stop(reason)
 
     def _admit(self, now: float) -> None:
         running = [seq for batch in self._batches.values() for seq in batch.live()]
@@ -698,6 +778,7 @@ class Engine:
         except InferenceError as exc:
             for row in batch:
                 row.group.fail(exc)
+            self._forget_resolved(batch)
             return
         self._sink.record_pass("embed", runner.spec.name, runner.spec.version, len(batch),
                                seconds)
@@ -706,6 +787,15 @@ class Engine:
         self._slot_cost[runner] = last + COST_WEIGHT * (cost - last)
         for row, vector in zip(batch, mean_pool(hidden, mask).tolist()):
             row.group.row_done(row.index, vector, len(row.ids), len(batch))
+        self._forget_resolved(batch)
+
+    def _forget_resolved(self, batch: list[_EmbedRow]) -> None:
+        """Stop tracking the jobs of ``batch`` that this pass resolved."""
+        done = {row.group.job_id for row in batch if row.group.future.done()}
+        if done:
+            with self._cond:
+                for job_id in done:
+                    self._embed_jobs.pop(job_id, None)
 
     def _run_generate(self, runner: Runner, events: list[TokenEvent]) -> list[_Sequence]:
         """This step for one model version: a decode pass over its running sequences, a prefill

@@ -365,12 +365,13 @@ class WorkerRuntime:
         return _local_outcome(result, model.version, record.input)
 
     def _submit(self, record: JobRecord, spec: ModelSpec) -> Future:
-        if record.kind == JobKind.EMBED.value:
-            return self.engine.submit_embed(spec, record.input, lane=record.lane)
-        params = SamplingParams.from_dict(record.params, self.settings.max_tokens_limit)
         deadline = None
         if record.deadline_at is not None:
             deadline = time.monotonic() + (record.deadline_at - time.time())
+        if record.kind == JobKind.EMBED.value:
+            return self.engine.submit_embed(spec, record.input, lane=record.lane,
+                                            job_id=record.id, deadline=deadline)
+        params = SamplingParams.from_dict(record.params, self.settings.max_tokens_limit)
         return self.engine.submit_generate(record.id, spec, record.input, params,
                                            lane=record.lane, deadline=deadline)
 
@@ -388,11 +389,7 @@ class WorkerRuntime:
         finished = time.time()
         error = None  # an expired job says why, as one that expired before it ran does
         if status is JobStatus.EXPIRED:
-            made = outcome.usage.get("completion_tokens", 0)
-            error = {"type": "expired", "message": "the job's deadline passed while it ran, "
-                     f"after {made} tokens (its result holds them)" if made else
-                     "the job's deadline passed after a worker took it, before its first "
-                     "token (a generation waits there while BANTER_MAX_RUNNING sequences run)"}
+            error = {"type": "expired", "message": _expired_message(record, outcome)}
         ended = self.jobs.finish(
             record, (JobStatus.RUNNING,), status,
             DoneEvent(record.id, outcome.finish_reason, outcome.usage), self.streams,
@@ -557,11 +554,24 @@ class WorkerRuntime:
                 log.info("model_retired", extra={"model": name, "version": version})
 
 
+def _expired_message(record: JobRecord, outcome: Outcome) -> str:
+    """Why a job that a worker took ended ``expired``."""
+    if record.kind == JobKind.EMBED.value:
+        return ("the job's deadline passed while its inputs ran (an embed job's vectors come "
+                "whole, so it has none)")
+    made = outcome.usage.get("completion_tokens", 0)
+    if made:
+        return f"the job's deadline passed while it ran, after {made} tokens (its result holds them)"
+    return ("the job's deadline passed after a worker took it, before its first token (a "
+            "generation waits there while BANTER_MAX_RUNNING sequences run)")
+
+
 def _local_outcome(result: EmbedResult | GenerateResult, version: int,
                    job_input: str | list[str]) -> Outcome:
     if isinstance(result, EmbedResult):
-        return Outcome(result=embed_result(job_input, result.embeddings),
-                       finish_reason="stop",
+        whole = result.finish_reason == "stop"
+        return Outcome(result=embed_result(job_input, result.embeddings) if whole else None,
+                       finish_reason=result.finish_reason,
                        usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": 0},
                        batch_size=result.batch_size, backend="onnx", version=version)
     return Outcome(result={"text": result.text, "finish_reason": result.finish_reason},
