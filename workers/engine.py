@@ -247,15 +247,18 @@ class _EmbedQueue:
         """The first ``count`` rows ``popleft`` would take, in that order."""
         out: list[_EmbedRow] = []
         for jobs in self._lanes.values():
-            turns = [iter(job) for job in jobs]
-            while turns and len(out) < count:
-                still = []
-                for rows in turns:
-                    row = next(rows, None)
-                    if row is not None and len(out) < count:
-                        out.append(row)
-                        still.append(rows)
-                turns = still
+            turn = 0
+            while True:
+                took = False
+                for job in jobs:
+                    if turn < len(job):
+                        out.append(job[turn])
+                        took = True
+                        if len(out) == count:
+                            return out
+                if not took:
+                    break
+                turn += 1
         return out
 
     def first(self) -> _EmbedRow:
