@@ -86,9 +86,15 @@ def _got(value: dict[str, Any], name: str) -> str:
 
 
 def decode_line(raw: bytes) -> BatchLine:
-    """One line of an input file as a BatchLine; BadJSON or InvalidRequest with the reason."""
+    """One line of an input file as a BatchLine; BadJSON or InvalidRequest with the reason. A
+    line holding an unpaired UTF-16 surrogate escape (``"\\ud800"``) is BadJSON, as the
+    server refuses such a body: it is not text that can be stored or sent on as UTF-8."""
     try:
         value = json.loads(raw, parse_constant=_reject_constant)
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadJSON("the line holds an unpaired UTF-16 surrogate escape (such as "
+                      "\"\\ud800\"): not valid Unicode text") from None
     except (ValueError, RecursionError) as exc:
         raise BadJSON(f"not valid JSON: {exc}") from None
     return parse_line(value)

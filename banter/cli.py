@@ -284,8 +284,21 @@ def _import(args, settings: Settings):
 def server_url(raw: str) -> str:
     """``--url``: an http(s) URL with a host (a malformed one is a usage error, exit 2)."""
     parts = urlsplit(raw)
+    try:
+        _ = parts.port  # raises for a port out of range or not a number
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} has no valid port (1-65535)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an http:// or https:// URL with a host")
+    return raw
+
+
+def api_key(raw: str) -> str:
+    """``--api-key`` (or BANTER_API_KEY): printable ASCII without spaces, as the keys the
+    producer accepts are, so that it can go in an HTTP header (a usage error, exit 2)."""
+    if not all("!" <= ch <= "~" for ch in raw):
+        raise argparse.ArgumentTypeError("the API key (--api-key or BANTER_API_KEY) must be "
+                                         "printable ASCII without spaces")
     return raw
 
 
@@ -337,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
     def client_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--url", type=server_url,
                          default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
-        cmd.add_argument("--api-key", default=os.environ.get("BANTER_API_KEY"))
+        cmd.add_argument("--api-key", type=api_key, default=os.environ.get("BANTER_API_KEY"))
 
     def listen_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--host", default="127.0.0.1",

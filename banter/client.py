@@ -21,12 +21,23 @@ def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
     for line in response.iter_lines(chunk_size=None, decode_unicode=True):
         if line == "":
             if data:
-                yield event, json.loads("\n".join(data))
+                yield event, _json(response, "\n".join(data))
             event, data = "message", []
         elif line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].strip())
+
+
+def _json(response: requests.Response, text: str | None = None) -> Any:
+    """``text`` (default: the response's body) as JSON; Unavailable when it is not, as from a
+    URL that is not a banterhearts producer (a proxy's or another server's page)."""
+    try:
+        return json.loads(response.text if text is None else text)
+    except ValueError:
+        raise Unavailable(f"{response.url} answered HTTP {response.status_code} with a body "
+                          "that is not banterhearts' JSON: is --url (BANTER_URL) the producer's "
+                          "base URL?") from None
 
 
 class Client:
@@ -45,7 +56,7 @@ class Client:
                params: dict | None = None) -> tuple[int, dict[str, Any]]:
         """A successful answer's HTTP status and JSON body."""
         response = self._send(method, path, body, params, stream=False)
-        return response.status_code, response.json()
+        return response.status_code, _json(response)
 
     def events(self, path: str, body: dict | None = None,
                method: str = "GET") -> Iterator[tuple[str, dict]]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import redis
 
 from banter.errors import Unavailable
+from banter.settings import SettingsError
 
 
 def find_binary() -> str:
@@ -47,6 +50,7 @@ class RedisServer:
         self.persist = persist
         self.password = password
         self.process: subprocess.Popen | None = None
+        self._lock_file: IO[str] | None = None
 
     @property
     def url(self) -> str:
@@ -60,6 +64,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)  # its AOF holds every prompt and result: the owner's only
+        self._lock()
         args = [find_binary(), *self._config(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
@@ -72,8 +77,10 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise Unavailable(f"redis-server exited: {self.process.stderr.read().decode()}"
-                                  f" (log in {self.directory / 'redis.log'})")
+                said = self.process.stderr.read().decode()
+                self.stop()
+                raise Unavailable(f"redis-server exited: {said} (log in "
+                                  f"{self.directory / 'redis.log'})")
             try:
                 client.ping()
                 if self.password:
@@ -83,6 +90,19 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise Unavailable(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+
+    def _lock(self) -> None:
+        """Hold ``directory``'s lock while the server runs: a second server there would write
+        the same AOF and replace the first one's password and URL file under its clients."""
+        lock = open(self.directory / "lock", "a")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise SettingsError(f"another private Redis runs in {self.directory} (a banter up "
+                                "with the same BANTER_HOME): stop it first, or set BANTER_HOME "
+                                "to another directory") from None
+        self._lock_file = lock
 
     def _config(self) -> list[str]:
         """The config file argument that sets the password; none without one."""
@@ -101,7 +121,10 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
-        self.url_file.unlink(missing_ok=True)
+        if self._lock_file is not None:
+            self.url_file.unlink(missing_ok=True)
+            self._lock_file.close()
+            self._lock_file = None
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -76,6 +76,7 @@ def _bool(name: str, raw: str) -> bool:
 MAX_INT = 2**31 - 1
 MAX_SECONDS = 1e8  # about three years: any duration, in seconds or milliseconds
 MAX_RUNNING_LIMIT = 4096  # generate sequences in flight in one worker
+MAX_WORKER_CONCURRENCY = 4096  # a worker's Celery threads (its prefetch: under AMQP's 65535)
 
 
 def _int(name: str, raw: str, low: int = 0) -> int:
@@ -159,6 +160,9 @@ class Settings:
     openai_fallback: bool = True  # serve through openai when no local model can
 
     def __post_init__(self) -> None:
+        if self.home.exists() and not self.home.is_dir():
+            raise SettingsError(f"BANTER_HOME={str(self.home)!r}: exists and is not a directory "
+                                "(it holds the stack's Redis data, models and registry)")
         if self.admission not in ADMISSIONS:
             raise SettingsError(f"BANTER_ADMISSION={self.admission!r}: expected continuous "
                                 "or static")
@@ -180,6 +184,10 @@ class Settings:
             if getattr(self, name) > MAX_RUNNING_LIMIT:
                 raise SettingsError(f"BANTER_{name.upper()}={getattr(self, name)}: must be at "
                                     f"most {MAX_RUNNING_LIMIT} (each sequence holds a KV cache)")
+        if self.worker_concurrency > MAX_WORKER_CONCURRENCY:
+            raise SettingsError(f"BANTER_WORKER_CONCURRENCY={self.worker_concurrency} (or "
+                                f"--concurrency): must be at most {MAX_WORKER_CONCURRENCY} (each "
+                                "is a thread of the worker, and its prefetch)")
         if self.bulk_concurrency and self.bulk_concurrency >= self.worker_concurrency:
             raise SettingsError(f"BANTER_BULK_CONCURRENCY={self.bulk_concurrency}: must be under "
                                 f"BANTER_WORKER_CONCURRENCY ({self.worker_concurrency}, or "

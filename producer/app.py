@@ -45,8 +45,8 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
                celery: Celery | None = None) -> Flask:
     """The producer's WSGI app. Raises AuthNotConfigured (``producer.auth``) before touching
     Redis when no API key is configured and BANTER_AUTH_DISABLED is not true."""
+    logs.setup(settings.log_level)  # first: reading the keys may already log
     keyring = LiveKeys(settings)
-    logs.setup(settings.log_level)
     client = client or connect(settings.redis_url)
     registry = Registry.from_settings(settings, client)
     celery = celery or make_celery(settings, "banterhearts-producer")

@@ -36,10 +36,11 @@ BAD_LINES = [  # (raw line, error code in the error file)
     '{"custom_id": "str-body", "method": "POST", "url": "/v1/completions", "body": "x"}',
     '{"custom_id": "no-body", "method": "POST", "url": "/v1/embeddings"}',
     '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"top_p": NaN}}',
+    '{"custom_id": "s\\ud800", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
 ]
 BAD_CODES = ["bad_json", "invalid_request", "invalid_request", "invalid_request",
              "invalid_request", "invalid_request", "invalid_request", "invalid_request",
-             "invalid_request", "bad_json"]
+             "invalid_request", "bad_json", "bad_json"]
 REFUSED = {"c-5": 404, "c-8": 400}  # unknown model; max_tokens over the limit (400, as OpenAI)
 
 
@@ -151,7 +152,7 @@ def test_bulk_file_killed_halfway_resumes_with_each_custom_id_once(api, redis_cl
     marker = f"bulk-{uuid.uuid4().hex[:8]}"
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     bad = write_input(source, 1990, marker)
-    assert len(bad) == 10
+    assert len(bad) == len(BAD_LINES)
 
     # when the first run is killed (SIGKILL) about halfway through
     with open(tmp_path / "first.err", "w") as stderr:
@@ -182,8 +183,9 @@ def test_bulk_file_killed_halfway_resumes_with_each_custom_id_once(api, redis_cl
     second = bulk(str(source), "--out", str(out), "--url", api.url)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads(second.stdout)
-    assert summary == {"total": 2000, "completed": 1990 - len(kept) - refused_left,
-                       "failed": refused_left, "skipped_resumed": len(kept), "invalid": 10}
+    assert summary == {"total": 1990 + len(BAD_LINES), "completed": 1990 - len(kept) - refused_left,
+                       "failed": refused_left, "skipped_resumed": len(kept),
+                       "invalid": len(BAD_LINES)}
 
     # expect every valid custom_id exactly once, the torn one redone
     lines = read_jsonl(out)

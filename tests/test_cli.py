@@ -136,6 +136,7 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_CLIENT_TIMEOUT_S", "1e10", "must be a number from 0 to 1e+08"),
     ("BANTER_JOB_TTL_S", "99999999999999999999", "must be at most 2147483647"),
     ("BANTER_MAX_RUNNING", "100000000", "must be at most 4096"),
+    ("BANTER_WORKER_CONCURRENCY", "99999999", "must be at most 4096 (each is a thread"),
     ("BANTER_BULK_CONCURRENCY", "64", "must be under BANTER_WORKER_CONCURRENCY (64"),
     ("BANTER_STREAM_MAXLEN", "5", "must be over BANTER_MAX_TOKENS_LIMIT + 1"),
 ])
@@ -152,6 +153,70 @@ def test_worker_concurrency_flag_is_the_setting_the_bulk_share_is_checked_agains
     result = banter("worker", "--cpu", "--concurrency", "2", env=env)
     assert result.returncode == 2, result.stderr
     assert "must be under BANTER_WORKER_CONCURRENCY (2, or --concurrency)" in result.stderr
+    result = banter("worker", "--cpu", "--concurrency", "99999999999", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "(or --concurrency): must be at most 4096" in result.stderr
+
+
+def test_a_home_that_is_a_file_is_a_usage_error(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    for command in (["producer"], ["worker", "--cpu"], ["up"]):
+        result = banter(*command, env={**fresh_up_env(home), "BANTER_AUTH_DISABLED": "true"})
+        assert result.returncode == 2, result.stderr
+        assert "exists and is not a directory" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--url", "http://127.0.0.1:99999"], "argument --url: 'http://127.0.0.1:99999' has no valid "
+                                          "port"),
+    (["--api-key", "\u20ac"], "argument --api-key: the API key (--api-key or BANTER_API_KEY) "
+                             "must be printable ASCII"),
+    (["--api-key", "a\nb"], "must be printable ASCII without spaces"),
+])
+def test_a_client_url_or_key_that_cannot_be_sent_is_a_usage_error(flags, needle):
+    for command in (["submit", "hi"], ["stream", "abc"], ["models", "list"]):
+        result = banter(*command, *flags)
+        assert result.returncode == 2, result.stderr
+        assert needle in result.stderr and "Traceback" not in result.stderr
+    env = {**os.environ, "BANTER_API_KEY": "\u20ac"}
+    result = banter("submit", "hi", env=env)
+    assert result.returncode == 2 and "BANTER_API_KEY" in result.stderr, result.stderr
+
+
+def test_a_url_that_is_not_a_producer_is_exit_3_naming_it(tmp_path):
+    """A --url answering 200 with a page that is not banterhearts' JSON (a proxy, another
+    server), or an event stream whose data is not JSON: exit 3 naming the URL, no traceback."""
+    import http.server
+    import threading
+
+    class NotBanter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            events = self.path.endswith("/events")
+            body = b"event: token\ndata: notjson\n\n" if events else b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream" if events else "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotBanter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for command in (["submit", "hi"], ["models", "list"], ["stream", "abc"]):
+            result = banter(*command, "--url", url)
+            assert result.returncode == 3, (command, result.stderr)
+            assert f"{url}/" in result.stderr and "is not banterhearts' JSON" in result.stderr
+            assert "Traceback" not in result.stderr
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.parametrize("port", ["0", "99999", "http"])
@@ -536,6 +601,15 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         password = redis.connection.parse_url(private_url)["password"]
         assert len(password) >= 32 and password not in text + err.read_text()
         assert not any(password in line for line in started)
+
+        # a second banter up on the same home is refused before it starts anything: it would
+        # write the same AOF and replace the first one's password and URL file
+        second = banter("up", "--port", str(free_port()), env=fresh_up_env(home))
+        assert second.returncode == 2, second.stderr
+        assert "another private Redis runs in" in second.stderr and "BANTER_HOME" in second.stderr
+        assert url_file.read_text().strip() == private_url
+        assert redis.Redis.from_url(private_url).ping()
+        assert processes_with_home(home) == started
 
         # when Ctrl-C is pressed, expect a clean exit and everything it started gone
         os.killpg(process.pid, signal.SIGINT)
