@@ -96,6 +96,15 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
         return response
 
     @app.after_request
+    def bare_options(response):
+        """An OPTIONS request is answered by Flask with its ``Allow`` header and an empty HTML
+        200: make it the plain 204 it is (no route runs, so no key is needed, as for CORS)."""
+        if request.method == "OPTIONS" and response.status_code == 200 and not response.data:
+            response.status_code = 204
+            del response.headers["Content-Type"]
+        return response
+
+    @app.after_request
     def access_log(response):
         elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
         logs.access(request.method, request.path, response.status_code, elapsed,

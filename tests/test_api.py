@@ -429,6 +429,10 @@ def test_unknown_route_and_method_are_json_errors(api):
     response = api.session.put(api.url + "/v1/inference", timeout=10)
     assert response.status_code == 405 and "error" in response.json()
     assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}  # RFC 9110
+    options = api.session.options(api.url + "/v1/jobs/abc", timeout=10)
+    assert options.status_code == 204 and options.content == b""
+    assert "Content-Type" not in options.headers
+    assert set(options.headers["Allow"].split(", ")) == {"GET", "HEAD", "DELETE", "OPTIONS"}
 
 
 def test_prompt_longer_than_the_token_limit_fails_the_job_clearly(api):
