@@ -36,13 +36,15 @@ class HistoryFile:
         self.path = Path(path)
         self._last_seq_key: tuple[int, int, int] | None = None
         self._last_seq = 0
+        self._last_damage: RegistryUnavailable | None = None  # of the file at _last_seq_key
 
     def read(self) -> list[Record]:
         """Every record in order (a torn last line is left out); [] when there is no file."""
-        return self._read()[0]
+        return _parse(self._bytes()[0], self.path)[0]
 
     def last_seq(self) -> int:
-        """The seq of the last record (0 when none); cheap while the file is unchanged."""
+        """The seq of the last record (0 when none); cheap while the file is unchanged, a
+        damaged one too (its RegistryUnavailable is raised again without reading it)."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -50,9 +52,16 @@ class HistoryFile:
         except OSError as exc:
             raise self._unavailable("read", exc) from None
         if _stat_key(st) != self._last_seq_key:
-            records, key = self._read()
+            data, key = self._bytes()
+            try:
+                records = _parse(data, self.path)[0]
+            except RegistryUnavailable as exc:  # a damaged line: until the file changes
+                self._last_seq_key, self._last_damage = key, exc
+                raise
             self._last_seq = records[-1].seq if records else 0
-            self._last_seq_key = key
+            self._last_seq_key, self._last_damage = key, None
+        if self._last_damage is not None:
+            raise self._last_damage
         return self._last_seq
 
     def append(self, make: Callable[[list[Record]], Record]) -> Record:
@@ -102,19 +111,18 @@ class HistoryFile:
         return RegistryUnavailable(f"the registry history {self.path.name} cannot be {verb}: "
                                    f"{exc.strerror or exc}")
 
-    def _read(self) -> tuple[list[Record], tuple[int, int, int] | None]:
-        """The records and the file's stat key, both taken under a shared lock."""
+    def _bytes(self) -> tuple[bytes, tuple[int, int, int] | None]:
+        """The file's bytes and stat key, both taken under a shared lock (b"" when there is no
+        file); RegistryUnavailable when it cannot be read."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
-            return [], None
+            return b"", None
         except OSError as exc:
             raise self._unavailable("read", exc) from None
         with f:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            data = f.read()
-            key = _stat_key(os.fstat(f.fileno()))
-        return _parse(data, self.path)[0], key
+            return f.read(), _stat_key(os.fstat(f.fileno()))
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:

@@ -387,6 +387,28 @@ def test_corrupt_middle_line_stops_changes_not_serving(reg: Registry, history_pa
     assert history_path.read_text() == damaged
 
 
+def test_a_damaged_history_is_parsed_once_until_it_changes(tmp_path: Path, monkeypatch):
+    """Every resolve asks for the last seq: a damaged file is not read and parsed again per
+    request, only once it changed (fixed by hand)."""
+    from registry import history as history_module
+
+    history = HistoryFile(tmp_path / "history.jsonl")
+    record = Record(seq=1, time="2024-01-01T00:00:00.000Z", action="promote", name="m",
+                    kind="embed", version=1, path="m/model.onnx", sha256="ab", backend="onnx",
+                    upstream_model=None, actor="a", reason="", previous_version=None)
+    good = record.to_json() + "\n" + replace(record, seq=2, version=2).to_json() + "\n"
+    history.path.write_text(record.to_json() + "\n{damaged\n" + good.splitlines()[1] + "\n")
+    parsed = []
+    real = history_module._parse
+    monkeypatch.setattr(history_module, "_parse", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    for _ in range(3):
+        with pytest.raises(RegistryUnavailable, match="line 2"):
+            history.last_seq()
+    assert len(parsed) == 1
+    history.path.write_text(good)
+    assert history.last_seq() == 2 and len(parsed) == 2
+
+
 def test_a_duplicated_last_line_is_a_bad_tail(reg: Registry, history_path: Path,
                                               client: redis.Redis):
     """A last line repeated by hand is a record, but not the next one: reads leave it out,
