@@ -83,12 +83,13 @@ def cmd_submit(args, settings: Settings) -> int:
                   "generation, not --embed", file=sys.stderr)
             return EXIT_USAGE
         body = {"input": args.text, **model}
-        print(json.dumps(client.request("POST", "/v1/embeddings", body)["data"][0]["embedding"]))
+        answer = client.request("POST", "/v1/embeddings", body)
+        print(json.dumps(client.field(answer, "data", 0, "embedding")))
         return EXIT_OK
     body = {"prompt": args.text, **model,
             **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {})}
     if not args.stream:
-        print(client.request("POST", "/v1/inference", body)["text"])
+        print(client.field(client.request("POST", "/v1/inference", body), "text"))
         return EXIT_OK
     return _print_events(client.events("/v1/inference?stream=true", body, method="POST"))
 
@@ -96,9 +97,11 @@ def cmd_submit(args, settings: Settings) -> int:
 def cmd_stream(args, settings: Settings) -> int:
     client = _client(args)
     job = client.request("GET", f"/v1/jobs/{args.job_id}")
-    if job["kind"] != "generate":
-        print(f"banter: job {job['id']} is an {job['kind']} job: it streams no tokens; its "
-              f"result is in GET /v1/jobs/{job['id']} (status {job['status']})", file=sys.stderr)
+    kind = client.field(job, "kind")
+    if kind != "generate":
+        print(f"banter: job {args.job_id} is an {kind} job: it streams no tokens; its result "
+              f"is in GET /v1/jobs/{args.job_id} (status {client.field(job, 'status')})",
+              file=sys.stderr)
         return EXIT_USAGE
     return _print_events(client.events(f"/v1/jobs/{args.job_id}/events"))
 
@@ -222,16 +225,18 @@ def cmd_models(args, settings: Settings) -> int:
                 **({"model": args.model} if args.model else {})}
         status, out = client.answer("POST", "/v1/models/promote", body)
         if status == 200:  # 201 makes a version; 200 answers the one already active
-            print(f"banter: {out['ref']} is already the active version of {out['name']} "
-                  "with that artifact: nothing changed", file=sys.stderr)
+            print(f"banter: {client.field(out, 'ref')} is already the active version of "
+                  f"{client.field(out, 'name')} with that artifact: nothing changed",
+                  file=sys.stderr)
     elif args.action == "rollback":
         out = client.request("POST", "/v1/models/rollback", {"name": args.name,
                                                               "reason": args.reason})
     elif args.action == "history":
-        out = client.request("GET", "/v1/models/history",
-                             params={"name": args.name} if args.name else None)["data"]
+        out = client.field(client.request("GET", "/v1/models/history",
+                                          params={"name": args.name} if args.name else None),
+                           "data")
     else:
-        out = client.request("GET", "/v1/models")["data"]
+        out = client.field(client.request("GET", "/v1/models"), "data")
     print(json.dumps(out, indent=2))
     return EXIT_OK
 
@@ -285,9 +290,11 @@ def server_url(raw: str) -> str:
     """``--url``: an http(s) URL with a host (a malformed one is a usage error, exit 2)."""
     parts = urlsplit(raw)
     try:
-        _ = parts.port  # raises for a port out of range or not a number
+        port = parts.port  # None when not given; raises for one out of range or not a number
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} has no valid port (1-65535)") from None
+        port = 0
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} has no valid port (1-65535)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an http:// or https:// URL with a host")
     return raw

@@ -1,4 +1,9 @@
-"""A small HTTP client for the CLI's client commands (submit, stream, models)."""
+"""A small HTTP client for the CLI's client commands (submit, stream, models, bulk).
+
+Whatever a ``--url`` answers that is not a banterhearts producer's answer (another server's
+page, an error with no banterhearts error body, JSON of another shape, a proxy's 502) is
+``Unavailable`` naming the URL, as an unreachable server is: never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,11 @@ import requests
 
 from banter.errors import BanterError, Unavailable, from_dict
 
-# the error types of a 404 for the route itself: Flask's (the producer's JSON of it) and a
-# server that answers no banterhearts error body at all
-ROUTE_NOT_FOUND = ("not_found", "http_error")
+# what each final or token event's data must hold for the CLI to print it
+EVENT_FIELDS = {"token": ("text",), "done": ("finish_reason",), "error": ("error",)}
 
 
-def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
+def sse_events(response: requests.Response) -> Iterator[tuple[str, Any]]:
     """``(event, data)`` of a banterhearts SSE response (``event:``/``data:`` lines, JSON
     data), each yielded as soon as its blank line arrives; comments are skipped."""
     event, data = "message", []
@@ -30,14 +34,18 @@ def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
 
 
 def _json(response: requests.Response, text: str | None = None) -> Any:
-    """``text`` (default: the response's body) as JSON; Unavailable when it is not, as from a
-    URL that is not a banterhearts producer (a proxy's or another server's page)."""
+    """``text`` (default: the response's body) as JSON; Unavailable when it is not."""
     try:
         return json.loads(response.text if text is None else text)
     except ValueError:
-        raise Unavailable(f"{response.url} answered HTTP {response.status_code} with a body "
-                          "that is not banterhearts' JSON: is --url (BANTER_URL) the producer's "
-                          "base URL?") from None
+        raise not_a_producer(response.url, f"HTTP {response.status_code} with a body that is "
+                             "not JSON") from None
+
+
+def not_a_producer(url: str, answered: str) -> Unavailable:
+    return Unavailable(f"{url} answered {answered}, not what a banterhearts producer answers: "
+                       "is --url (or BANTER_URL) the producer's base URL, e.g. "
+                       "http://127.0.0.1:8000?")
 
 
 class Client:
@@ -54,9 +62,25 @@ class Client:
 
     def answer(self, method: str, path: str, body: dict | None = None,
                params: dict | None = None) -> tuple[int, dict[str, Any]]:
-        """A successful answer's HTTP status and JSON body."""
+        """A successful answer's HTTP status and JSON object."""
         response = self._send(method, path, body, params, stream=False)
-        return response.status_code, _json(response)
+        out = _json(response)
+        if not isinstance(out, dict):
+            raise not_a_producer(response.url, f"HTTP {response.status_code} with JSON that is "
+                                 "not an object")
+        return response.status_code, out
+
+    def field(self, body: Any, *path: str | int) -> Any:
+        """``body[path[0]][path[1]]...`` of an answer from this server; Unavailable naming the
+        URL when the answer does not hold it."""
+        value = body
+        for step in path:
+            try:
+                value = value[step]
+            except (KeyError, IndexError, TypeError):
+                shown = "".join(f"[{step!r}]" for step in path)
+                raise not_a_producer(self.url, f"JSON without {shown}") from None
+        return value
 
     def events(self, path: str, body: dict | None = None,
                method: str = "GET") -> Iterator[tuple[str, dict]]:
@@ -70,6 +94,11 @@ class Client:
         job_id = named or path.split("/")[-2]  # else /v1/jobs/{id}/events
         try:
             for event, data in sse_events(response):
+                for name in EVENT_FIELDS.get(event, ()):
+                    self.field(data, name)
+                if event == "error":
+                    self.field(data, "error", "type")
+                    self.field(data, "error", "message")
                 yield event, data
                 if event in ("done", "error"):
                     return
@@ -89,16 +118,19 @@ class Client:
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
+                str(error["type"]), str(error["message"])
             except (ValueError, KeyError, TypeError):
-                error = {"type": "http_error", "message": f"HTTP {response.status_code}"}
-            if response.status_code == 404 and error.get("type") in ROUTE_NOT_FOUND:
+                raise not_a_producer(self.url, f"{method} {path} with HTTP "
+                                     f"{response.status_code} and no banterhearts error") from None
+            if response.status_code == 404 and error["type"] == "not_found":
                 error = {**error, "message": self._no_such_route(method, path)}
             raise from_dict(error)
         return response
 
     def _no_such_route(self, method: str, path: str) -> str:
-        """The message for a 404 of the route itself (not of a job or model it names): the
-        usual cause is a ``--url`` with a path, which every request path is appended to."""
+        """The message for the producer's 404 of the route itself (not of a job or model it
+        names): the usual cause is a ``--url`` with a path, which every request path is
+        appended to."""
         return (f"{self.url} does not serve {method} {path} (HTTP 404): --url (or BANTER_URL) "
                 "must be the producer's base URL, without a path, e.g. http://127.0.0.1:8000")
 

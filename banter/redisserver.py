@@ -13,6 +13,7 @@ from typing import IO
 
 import redis
 
+from banter.children import die_with_parent
 from banter.errors import Unavailable
 from banter.settings import SettingsError
 
@@ -71,8 +72,10 @@ class RedisServer:
                 "--maxmemory-policy", "noeviction", "--logfile", "redis.log"]
         # a session of its own: Ctrl-C in a terminal reaches the stack's processes, not Redis,
         # which the stack stops last, after everything that still writes to it
+        # it holds the directory's lock too (an inherited descriptor), for as long as it runs
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent(),
+                                        pass_fds=(self._lock_file.fileno(),))
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -92,8 +95,10 @@ class RedisServer:
         raise Unavailable(f"redis-server did not answer on port {self.port} in {timeout_s}s")
 
     def _lock(self) -> None:
-        """Hold ``directory``'s lock while the server runs: a second server there would write
-        the same AOF and replace the first one's password and URL file under its clients."""
+        """Hold ``directory``'s lock while the server runs (this process and the server both
+        hold it, so it outlives a parent killed outright until its server has stopped): a
+        second server there would write the same AOF and replace the first one's password and
+        URL file under its clients."""
         lock = open(self.directory / "lock", "a")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,6 +16,7 @@ import time
 
 import requests
 
+from banter.children import die_with_parent
 from banter.demo import DEMO_EMBED, DEMO_GPT, build_demo
 from banter.errors import BanterError, Unavailable
 from banter.redisconn import connect, shown_url
@@ -143,9 +144,9 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
                                                                     connect(settings.redis_url)))
         cli = [sys.executable, "-m", "banter.cli"]
         worker = [*cli, "worker", "--cpu"]
-        children.append(subprocess.Popen(worker, env=env))
+        children.append(subprocess.Popen(worker, env=env, preexec_fn=die_with_parent()))
         children.append(subprocess.Popen([*cli, "producer", "--host", host, "--port", str(port)],
-                                         env=env))
+                                         env=env, preexec_fn=die_with_parent()))
         url = f"http://{host}:{port}"
         wait_ready(url, children)
         print(f"banterhearts is up\n  API      {url}\n  Redis    {redis_shown}"
@@ -184,7 +185,7 @@ def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str
                 restarts.append(now)
                 print(f"banter up: the worker {_how(code)}; starting it again", file=sys.stderr,
                       flush=True)
-                children[0] = subprocess.Popen(worker, env=env)
+                children[0] = subprocess.Popen(worker, env=env, preexec_fn=die_with_parent())
                 continue
             again = f" ({MAX_RESTARTS} times in {RESTART_WINDOW_S:g} s)" if name == "worker" else ""
             print(f"banter up: the {name} {_how(code)}{again}; stopping the stack",

@@ -64,6 +64,15 @@ class HistoryFile:
             raise self._last_damage
         return self._last_seq
 
+    def damage(self) -> str:
+        """Why the file cannot take an append (a line that is not the next record, its last
+        included, or the file cannot be read), or "" when it can."""
+        try:
+            _parse(self._bytes()[0], self.path, strict_tail=True)
+        except RegistryUnavailable as exc:
+            return exc.message
+        return ""
+
     def append(self, make: Callable[[list[Record]], Record]) -> Record:
         """Under the exclusive lock: read the records, call ``make(records)`` for the next one
         (its seq must be the last seq + 1), append it as one line, fsync, return it.

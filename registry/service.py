@@ -28,7 +28,7 @@ from registry.artifacts import inspect_artifact
 from registry.history import HistoryFile
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import BACKENDS, KINDS, Record, check_name, check_new_name, utc_now
-from registry.state import RegistryState, replay
+from registry.state import RegistryState, ReplayError, replay
 
 log = logging.getLogger("banter.registry")
 
@@ -162,8 +162,8 @@ class Registry:
         the mirror (moved away or replaced by an older copy: it would hide records)."""
         records = self.history_file.read()
         behind = self._behind(records[-1].seq if records else 0)
-        if behind:
-            raise RegistryUnavailable(behind)
+        if behind:  # a damaged last line left out, or the file moved away or replaced
+            raise RegistryUnavailable(self.history_file.damage() or behind)
         if name is None:
             return records
         mine = [r for r in records if r.name == name]
@@ -231,8 +231,10 @@ class Registry:
         """``exc`` as the RegistryUnavailable a client gets: the history cannot be used."""
         if isinstance(exc, RegistryUnavailable):
             return exc
-        return RegistryUnavailable(f"{self.history_file.path.name} does not replay "
-                                   f"({exc.message}); restore it from a backup")
+        where = f" line {exc.seq}" if isinstance(exc, ReplayError) else ""
+        return RegistryUnavailable(f"{self.history_file.path.name}{where} cannot follow the "
+                                   f"lines before it ({exc.message}); history.jsonl is "
+                                   "append-only: restore it from a backup")
 
     def _check_not_behind(self, file_seq: int) -> None:
         """Conflict when the mirror workers read is past the file's last seq: a change appended

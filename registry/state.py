@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from banter.errors import WireError
-from registry.records import Record
+from banter.errors import InvalidRequest, WireError
+from registry.records import Record, check_new_name
 
 
 @dataclass
@@ -56,26 +56,49 @@ def replay(records: Iterable[Record]) -> RegistryState:
     return state
 
 
+class ReplayError(WireError):
+    """A record that cannot follow the ones before it; ``seq`` is its seq (and its line in
+    history.jsonl, whose seqs count from 1)."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(f"registry record seq {seq} {message}")
+        self.seq = seq
+
+
 def apply(state: RegistryState, record: Record) -> None:
-    """Apply one record to ``state`` in place."""
+    """Apply one record to ``state`` in place: what a promote or rollback would have written
+    after the records before it, or ReplayError."""
     if record.seq != state.last_seq + 1:
-        raise WireError(f"registry record seq {record.seq} follows seq {state.last_seq}; "
-                        f"seqs must count up by one (was history.jsonl edited?)")
+        raise ReplayError(record.seq, f"follows seq {state.last_seq}; seqs must count up by one "
+                          "(was history.jsonl edited?)")
+    try:
+        check_new_name(record.name)
+    except InvalidRequest as exc:
+        raise ReplayError(record.seq, f"names no model a promote could make: {exc.message}") \
+            from None
     model = state.models.get(record.name)
     if model is None:
         model = state.models[record.name] = ModelState(name=record.name, kind=record.kind)
     if record.kind != model.kind:
-        raise WireError(f"registry record seq {record.seq} gives {record.name!r} kind "
-                        f"{record.kind} but it has kind {model.kind}")
+        raise ReplayError(record.seq, f"gives {record.name!r} kind {record.kind} but it has "
+                          f"kind {model.kind}")
+    active = model.active.version if model.active else None
     if record.action == "promote":
-        if record.version in model.versions:
-            raise WireError(f"registry record seq {record.seq} promotes {record.ref} again")
+        if record.version != model.max_version + 1:
+            raise ReplayError(record.seq, f"promotes {record.ref}, but the next version of "
+                              f"{record.name!r} is {model.max_version + 1}")
+        if record.previous_version != active:
+            raise ReplayError(record.seq, f"says version {record.previous_version} was active "
+                              f"before it, but {active} was")
         model.versions[record.version] = record
         model.stack.append(record.version)
     else:
         if len(model.stack) < 2 or model.stack[-2] != record.version:
-            raise WireError(f"registry record seq {record.seq} rolls {record.name!r} back to "
-                            f"version {record.version}, which is not the previous active one")
+            raise ReplayError(record.seq, f"rolls {record.name!r} back to version "
+                              f"{record.version}, which is not the previous active one")
+        if record.previous_version != active:
+            raise ReplayError(record.seq, f"rolls back from version {record.previous_version}, "
+                              f"but {active} was active")
         model.stack.pop()
     model.active = record
     state.records.append(record)

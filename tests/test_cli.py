@@ -171,6 +171,7 @@ def test_a_home_that_is_a_file_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize("flags, needle", [
     (["--url", "http://127.0.0.1:99999"], "argument --url: 'http://127.0.0.1:99999' has no valid "
                                           "port"),
+    (["--url", "http://127.0.0.1:0"], "argument --url: 'http://127.0.0.1:0' has no valid port"),
     (["--api-key", "\u20ac"], "argument --api-key: the API key (--api-key or BANTER_API_KEY) "
                              "must be printable ASCII"),
     (["--api-key", "a\nb"], "must be printable ASCII without spaces"),
@@ -185,21 +186,33 @@ def test_a_client_url_or_key_that_cannot_be_sent_is_a_usage_error(flags, needle)
     assert result.returncode == 2 and "BANTER_API_KEY" in result.stderr, result.stderr
 
 
-def test_a_url_that_is_not_a_producer_is_exit_3_naming_it(tmp_path):
-    """A --url answering 200 with a page that is not banterhearts' JSON (a proxy, another
-    server), or an event stream whose data is not JSON: exit 3 naming the URL, no traceback."""
+@pytest.mark.parametrize("status, body", [
+    (200, b"<html>hello</html>"),  # another server's page
+    (200, b"{}"),  # JSON of another shape
+    (200, b"[1, 2]"),
+    (404, b"<html>File not found</html>"),  # an error with no banterhearts error body
+    (501, b'{"message": "Unsupported method"}'),
+])
+def test_a_url_that_is_not_a_producer_is_exit_3_naming_it(status, body):
+    """A --url answering what a banterhearts producer does not (a proxy, another server), or
+    an event stream whose data is not JSON: exit 3 naming the URL, never a traceback."""
     import http.server
     import threading
 
     class NotBanter(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             events = self.path.endswith("/events")
-            body = b"event: token\ndata: notjson\n\n" if events else b"<html>hello</html>"
-            self.send_response(200)
+            if events:  # the job record: a generate job, then a stream that is not ours
+                answer, code = b"event: token\ndata: notjson\n\n", 200
+            elif self.path.startswith("/v1/jobs/") and status == 200 and body == b"{}":
+                answer, code = b'{"kind": "generate"}', 200
+            else:
+                answer, code = body, status
+            self.send_response(code)
             self.send_header("Content-Type", "text/event-stream" if events else "text/html")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer)
 
         do_POST = do_GET
 
@@ -210,10 +223,13 @@ def test_a_url_that_is_not_a_producer_is_exit_3_naming_it(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        for command in (["submit", "hi"], ["models", "list"], ["stream", "abc"]):
+        for command in (["submit", "hi"], ["submit", "--embed", "hi"], ["models", "list"],
+                        ["models", "history"], ["stream", "abc"],
+                        ["models", "promote", "m", "m/model.onnx", "--kind", "embed"]):
             result = banter(*command, "--url", url)
             assert result.returncode == 3, (command, result.stderr)
-            assert f"{url}/" in result.stderr and "is not banterhearts' JSON" in result.stderr
+            assert url in result.stderr and "not what a banterhearts producer answers" in \
+                result.stderr, (command, result.stderr)
             assert "Traceback" not in result.stderr
     finally:
         server.shutdown()
@@ -622,6 +638,36 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
     assert port_is_closed(redis_port), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
     assert leftovers == [] and not url_file.exists()
+
+
+@pytest.mark.slow
+def test_up_killed_outright_leaves_nothing_running_and_starts_again_with_its_data(tmp_path):
+    """SIGKILL runs no cleanup in banter up: its children end with it (the kernel signals
+    them), so none holds the port or writes the data directory; the next banter up on the
+    same home then starts, with the jobs the first one kept."""
+    process, home, port, out, err = start_up(tmp_path)
+    try:
+        wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
+        url = f"http://127.0.0.1:{port}"
+        job = requests.post(f"{url}/v1/jobs", json={"kind": "embed", "input": "kept"},
+                            timeout=30).json()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 60
+        while processes_with_home(home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_with_home(home) == []
+        assert port_is_closed(port)
+
+        again, home, port, out, err = start_up(tmp_path)
+        try:
+            wait_for_text(out, "Ctrl-C stops everything.", again, timeout_s=120)
+            kept = requests.get(f"http://127.0.0.1:{port}/v1/jobs/{job['id']}", timeout=30)
+            assert kept.status_code == 200 and kept.json()["id"] == job["id"], kept.text
+        finally:
+            stop_up(again, home)
+    finally:
+        stop_up(process, home)
 
 
 def up_refusals(tmp_path: Path) -> list[tuple[dict[str, str], list[str], int, str]]:

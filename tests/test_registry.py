@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -436,9 +437,45 @@ def test_a_record_that_does_not_replay_stops_changes_not_serving(reg: Registry,
     with open(history_path, "a") as f:
         f.write(third.to_json() + "\n")
     assert reg.resolve("gpt").version == 2  # the mirror, still at seq 2
-    with pytest.raises(RegistryUnavailable, match="does not replay.*seq 3"):
+    with pytest.raises(RegistryUnavailable, match="history.jsonl line 3 cannot follow the "
+                                                  "lines before it .*back to version 7"):
         reg.promote("gpt", "generate", "gpt-a")
     assert [r.seq for r in reg.history()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"name": "bad name/../x"}, "names no model a promote could make"),
+    ({"name": "history"}, "'history' cannot name a model"),
+    ({"version": 7}, "the next version of 'gpt' is 2"),
+    ({"previous_version": None}, "says version None was active before it, but 1 was"),
+])
+def test_an_edited_middle_record_stops_changes(reg: Registry, history_path: Path,
+                                               client: redis.Redis, edit, said):
+    """A record a promote could not have written (a name it refuses, a version out of turn,
+    a wrong previous version) stops changes, naming its line; what is served stays."""
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    reg.promote("other", "generate", "gpt-a")
+    first, second, third = lines(history_path)
+    edited = {**json.loads(second), **edit}
+    history_path.write_text("\n".join([first, json.dumps(edited), third]) + "\n")
+    with pytest.raises(RegistryUnavailable, match=f"line 2 cannot follow .*{re.escape(said)}"):
+        reg.promote("gpt", "generate", "gpt-a")
+    assert reg.resolve("gpt").version == 2 and reg.resolve("other").version == 1
+    assert len(lines(history_path)) == 3
+
+
+def test_history_names_a_damaged_last_line_the_mirror_is_past(reg: Registry,
+                                                              history_path: Path):
+    """A last line edited after it was mirrored is left out of reads: the file then ends
+    before the mirror, and the history says which line is wrong, not that the file moved."""
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    first, second = lines(history_path)
+    history_path.write_text(first + "\n" + second.replace('"seq":2', '"seq":6') + "\n")
+    with pytest.raises(RegistryUnavailable, match="line 2 is not the next registry record "
+                                                  r"\(it has seq 6, expected 2\)"):
+        reg.history()
 
 
 def test_a_last_record_that_lost_only_its_newline_is_kept(reg: Registry, history_path: Path,

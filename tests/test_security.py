@@ -560,7 +560,7 @@ class FakeChild:
 
     started: list[dict[str, str]] = []
 
-    def __init__(self, args, env):
+    def __init__(self, args, env, **_options):
         FakeChild.started.append(env)
 
     def poll(self):
