@@ -266,12 +266,13 @@ def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
     504 (still running) is asked again at once: the idempotency key finds the same job. 429, 503
     and an unreachable server are retried with backoff for RETRY_WINDOW_S, then Unavailable.
     A 400/413/422 of the call itself fails this line only; anything else (auth, a producer
-    without the route) raises and stops the run."""
+    without the route, an answer that is not this line's output line) raises and stops the
+    run."""
     delay = 0.5
     give_up_at = time.monotonic() + RETRY_WINDOW_S
     while True:
         try:
-            return client.request("POST", REQUEST_PATH, {**line.to_dict(), "idempotency_key": key})
+            out = client.request("POST", REQUEST_PATH, {**line.to_dict(), "idempotency_key": key})
         except Timeout:
             give_up_at = time.monotonic() + RETRY_WINDOW_S
         except (Throttled, Unavailable) as exc:
@@ -283,6 +284,14 @@ def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
         except InvalidRequest as exc:
             return response_line(line.custom_id, uuid.uuid4().hex, exc.status,
                                  {"error": exc.body()})
+        else:  # an answer that is not this line's output line stops the run, writing nothing
+            if client.field(out, "custom_id", of=str) != line.custom_id:
+                raise Unavailable(f"{client.url} answered the request of custom_id "
+                                  f"{line.custom_id!r} with the output line of "
+                                  f"{out['custom_id']!r}: is --url the producer's base URL?")
+            if client.field(out, "error", of=(dict, type(None))) is None:
+                client.field(out, "response", "status_code", of=int)
+            return out
 
 
 _WORKER_DONE = object()

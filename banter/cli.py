@@ -84,12 +84,12 @@ def cmd_submit(args, settings: Settings) -> int:
             return EXIT_USAGE
         body = {"input": args.text, **model}
         answer = client.request("POST", "/v1/embeddings", body)
-        print(json.dumps(client.field(answer, "data", 0, "embedding")))
+        print(json.dumps(client.field(answer, "data", 0, "embedding", of=list)))
         return EXIT_OK
     body = {"prompt": args.text, **model,
             **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {})}
     if not args.stream:
-        print(client.field(client.request("POST", "/v1/inference", body), "text"))
+        print(client.field(client.request("POST", "/v1/inference", body), "text", of=str))
         return EXIT_OK
     return _print_events(client.events("/v1/inference?stream=true", body, method="POST"))
 
@@ -97,10 +97,10 @@ def cmd_submit(args, settings: Settings) -> int:
 def cmd_stream(args, settings: Settings) -> int:
     client = _client(args)
     job = client.request("GET", f"/v1/jobs/{args.job_id}")
-    kind = client.field(job, "kind")
+    kind = client.field(job, "kind", of=str)
     if kind != "generate":
         print(f"banter: job {args.job_id} is an {kind} job: it streams no tokens; its result "
-              f"is in GET /v1/jobs/{args.job_id} (status {client.field(job, 'status')})",
+              f"is in GET /v1/jobs/{args.job_id} (status {client.field(job, 'status', of=str)})",
               file=sys.stderr)
         return EXIT_USAGE
     return _print_events(client.events(f"/v1/jobs/{args.job_id}/events"))
@@ -225,8 +225,8 @@ def cmd_models(args, settings: Settings) -> int:
                 **({"model": args.model} if args.model else {})}
         status, out = client.answer("POST", "/v1/models/promote", body)
         if status == 200:  # 201 makes a version; 200 answers the one already active
-            print(f"banter: {client.field(out, 'ref')} is already the active version of "
-                  f"{client.field(out, 'name')} with that artifact: nothing changed",
+            print(f"banter: {client.field(out, 'ref', of=str)} is already the active version of "
+                  f"{client.field(out, 'name', of=str)} with that artifact: nothing changed",
                   file=sys.stderr)
     elif args.action == "rollback":
         out = client.request("POST", "/v1/models/rollback", {"name": args.name,
@@ -234,9 +234,9 @@ def cmd_models(args, settings: Settings) -> int:
     elif args.action == "history":
         out = client.field(client.request("GET", "/v1/models/history",
                                           params={"name": args.name} if args.name else None),
-                           "data")
+                           "data", of=list)
     else:
-        out = client.field(client.request("GET", "/v1/models"), "data")
+        out = client.field(client.request("GET", "/v1/models"), "data", of=list)
     print(json.dumps(out, indent=2))
     return EXIT_OK
 

@@ -14,14 +14,16 @@ import requests
 
 from banter.errors import BanterError, Unavailable, from_dict
 
-# what each final or token event's data must hold for the CLI to print it
-EVENT_FIELDS = {"token": ("text",), "done": ("finish_reason",), "error": ("error",)}
+# what each token or final event's data must hold for the CLI to print it: (path, type)
+EVENT_FIELDS = {"token": [(("text",), str)], "done": [(("finish_reason",), str)],
+                "error": [(("error", "type"), str), (("error", "message"), str)]}
 
 
 def sse_events(response: requests.Response) -> Iterator[tuple[str, Any]]:
     """``(event, data)`` of a banterhearts SSE response (``event:``/``data:`` lines, JSON
     data), each yielded as soon as its blank line arrives; comments are skipped."""
     event, data = "message", []
+    response.encoding = response.encoding or "utf-8"  # else iter_lines yields bytes
     for line in response.iter_lines(chunk_size=None, decode_unicode=True):
         if line == "":
             if data:
@@ -70,16 +72,18 @@ class Client:
                                  "not an object")
         return response.status_code, out
 
-    def field(self, body: Any, *path: str | int) -> Any:
-        """``body[path[0]][path[1]]...`` of an answer from this server; Unavailable naming the
-        URL when the answer does not hold it."""
+    def field(self, body: Any, *path: str | int, of: type | tuple[type, ...] = object) -> Any:
+        """``body[path[0]][path[1]]...`` of an answer from this server, an instance of ``of``;
+        Unavailable naming the URL when the answer does not hold one."""
         value = body
+        shown = "".join(f"[{step!r}]" for step in path)
         for step in path:
             try:
                 value = value[step]
             except (KeyError, IndexError, TypeError):
-                shown = "".join(f"[{step!r}]" for step in path)
                 raise not_a_producer(self.url, f"JSON without {shown}") from None
+        if not isinstance(value, of) or isinstance(value, bool) and of is not bool:
+            raise not_a_producer(self.url, f"JSON whose {shown} is {type(value).__name__}")
         return value
 
     def events(self, path: str, body: dict | None = None,
@@ -88,17 +92,17 @@ class Client:
         ``("job", {"id"})`` when the response names its job (``X-Job-ID``). A stream that
         ends before its final event is Unavailable, naming the job to follow."""
         response = self._send(method, path, body, None, stream=True)
+        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            raise not_a_producer(response.url, f"HTTP {response.status_code} that is not an "
+                                 "event stream")
         named = response.headers.get("X-Job-ID")
         if named:
             yield "job", {"id": named}
         job_id = named or path.split("/")[-2]  # else /v1/jobs/{id}/events
         try:
             for event, data in sse_events(response):
-                for name in EVENT_FIELDS.get(event, ()):
-                    self.field(data, name)
-                if event == "error":
-                    self.field(data, "error", "type")
-                    self.field(data, "error", "message")
+                for path, of in EVENT_FIELDS.get(event, ()):
+                    self.field(data, *path, of=of)
                 yield event, data
                 if event in ("done", "error"):
                     return
@@ -118,7 +122,8 @@ class Client:
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
-                str(error["type"]), str(error["message"])
+                if not (isinstance(error["type"], str) and isinstance(error["message"], str)):
+                    raise TypeError("an error's type and message are strings")
             except (ValueError, KeyError, TypeError):
                 raise not_a_producer(self.url, f"{method} {path} with HTTP "
                                      f"{response.status_code} and no banterhearts error") from None

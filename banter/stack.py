@@ -144,7 +144,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
                                                                     connect(settings.redis_url)))
         cli = [sys.executable, "-m", "banter.cli"]
         worker = [*cli, "worker", "--cpu"]
-        children.append(subprocess.Popen(worker, env=env, preexec_fn=die_with_parent()))
+        children.append(subprocess.Popen(worker, env=env, preexec_fn=worker_dies_with_up()))
         children.append(subprocess.Popen([*cli, "producer", "--host", host, "--port", str(port)],
                                          env=env, preexec_fn=die_with_parent()))
         url = f"http://{host}:{port}"
@@ -157,7 +157,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
             sample_jobs(url, key)
         if exit_after_sample:
             return 0
-        return supervise(children, worker, env)
+        return supervise(children, worker, env, redis_server)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -166,14 +166,27 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
             redis_server.stop()
 
 
-def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str, str]) -> int:
+def worker_dies_with_up():
+    """The worker's ``preexec_fn``: SIGKILL when ``banter up`` dies (``banter.children``)."""
+    return die_with_parent(signal.SIGKILL)
+
+
+def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str, str],
+              redis_server: RedisServer | None = None) -> int:
     """Until a child exits for good: a worker that exits (a crash, the OOM killer, an engine
     death's code 70) is started again, as its supervisor would, unless it did so
-    ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; the producer exiting stops the stack.
-    Says which child exited and how. Returns 1 (``children[0]`` is the worker)."""
+    ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; the producer or the private Redis exiting
+    stops the stack. Says which exited and how. Returns 1 (``children[0]`` is the worker)."""
     restarts: list[float] = []
     while True:
         time.sleep(0.5)
+        if redis_server is not None and redis_server.process is not None:
+            code = redis_server.process.poll()
+            if code is not None:
+                log_file = redis_server.directory / "redis.log"
+                print(f"banter up: its Redis {_how(code)} (log in {log_file}); stopping the "
+                      "stack", file=sys.stderr, flush=True)
+                return 1
         for index, child in enumerate(children):
             code = child.poll()
             if code is None:
@@ -185,7 +198,8 @@ def supervise(children: list[subprocess.Popen], worker: list[str], env: dict[str
                 restarts.append(now)
                 print(f"banter up: the worker {_how(code)}; starting it again", file=sys.stderr,
                       flush=True)
-                children[0] = subprocess.Popen(worker, env=env, preexec_fn=die_with_parent())
+                children[0] = subprocess.Popen(worker, env=env,
+                                               preexec_fn=worker_dies_with_up())
                 continue
             again = f" ({MAX_RESTARTS} times in {RESTART_WINDOW_S:g} s)" if name == "worker" else ""
             print(f"banter up: the {name} {_how(code)}{again}; stopping the stack",

@@ -322,21 +322,23 @@ def test_a_rate_limited_request_is_retried_like_a_full_queue(monkeypatch):
     """The per-key rate limit's 429 (``rate_limited``, rebuilt as RateLimited from the HTTP
     body the client reads) is waited out with backoff, as queue_full is."""
     from banter import bulk
+    from banter.client import Client
     from banter.errors import RateLimited, from_dict
 
     assert isinstance(from_dict({"type": "rate_limited", "message": "slow down"}), RateLimited)
     monkeypatch.setattr(bulk.time, "sleep", lambda s: None)
 
-    class Limited:
+    class Limited(Client):
         calls = 0
 
         def request(self, method, path, body):
             self.calls += 1
             if self.calls < 3:
                 raise from_dict({"type": "rate_limited", "message": "retry in 4 s"})
-            return {"custom_id": body["custom_id"], "response": {"status_code": 200}}
+            return {"custom_id": body["custom_id"], "response": {"status_code": 200},
+                    "error": None}
 
-    client = Limited()
+    client = Limited("http://127.0.0.1:9")
     line = bulk.decode_line(json.dumps(request_line(1, "x")).encode())
     assert bulk.send(client, line, "k")["custom_id"] == line.custom_id and client.calls == 3
 

@@ -651,6 +651,15 @@ def test_up_killed_outright_leaves_nothing_running_and_starts_again_with_its_dat
         url = f"http://127.0.0.1:{port}"
         job = requests.post(f"{url}/v1/jobs", json={"kind": "embed", "input": "kept"},
                             timeout=30).json()
+        # in flight at the kill: the worker must not wait on them for ever (its Redis goes too)
+        running = [requests.post(f"{url}/v1/jobs", timeout=30, json={
+            "kind": "generate", "input": "x", "lane": "bulk",
+            "params": {"max_tokens": 512}}).json()["id"] for _ in range(30)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()["status"] == "running"
+                for job_id in running[-3:]):
+            time.sleep(0.05)
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         deadline = time.monotonic() + 60
@@ -668,6 +677,98 @@ def test_up_killed_outright_leaves_nothing_running_and_starts_again_with_its_dat
             stop_up(again, home)
     finally:
         stop_up(process, home)
+
+
+@pytest.mark.slow
+def test_up_stops_when_its_redis_dies(tmp_path):
+    process, home, port, out, err = start_up(tmp_path)
+    try:
+        text = wait_for_text(out, "Ctrl-C stops everything.", process, timeout_s=120)
+        redis_port = re.search(r"Redis\s+redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", text).group(1)
+        redis_pid = next(int(p.split(":")[0]) for p in processes_with_home(home)
+                         if "redis-server" in p and redis_port in p)
+        os.kill(redis_pid, signal.SIGKILL)
+        code = process.wait(timeout=60)
+    finally:
+        leftovers = stop_up(process, home)
+    assert code == 1
+    assert "banter up: its Redis was killed by SIGKILL" in err.read_text()
+    assert leftovers == [] and port_is_closed(port)
+
+
+def serve_routes(routes: dict[str, tuple[int, str, bytes]]):
+    """A server that is not a producer: ``routes`` maps a path to (status, content type,
+    body), for GET and POST; anything else is a 404 page. Returns (server, url)."""
+    import http.server
+    import threading
+
+    class Fixed(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, kind, body = routes.get(self.path, (404, "text/html", b"<html>no</html>"))
+            self.send_response(status)
+            if kind:
+                self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fixed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+JOB = (200, "application/json", b'{"kind": "generate", "status": "running"}')
+
+
+@pytest.mark.parametrize("command, routes", [
+    (["stream", "j"], {"/v1/jobs/j": JOB, "/v1/jobs/j/events": (
+        200, "application/octet-stream", b'event: token\ndata: {"text": "a"}\n\n')}),
+    (["stream", "j"], {"/v1/jobs/j": JOB, "/v1/jobs/j/events": (
+        200, "text/event-stream", b'event: done\ndata: {"finish_reason": ["x"]}\n\n')}),
+    (["stream", "j"], {"/v1/jobs/j": JOB, "/v1/jobs/j/events": (
+        200, "text/event-stream", b'event: error\ndata: {"error": {"type": [1], '
+                                  b'"message": "m"}}\n\n')}),
+    (["stream", "j"], {"/v1/jobs/j": JOB, "/v1/jobs/j/events": (200, "text/html", b"<p>")}),
+    (["stream", "j"], {"/v1/jobs/j": (200, "application/json", b'{"kind": ["generate"]}')}),
+    (["models", "list"], {"/v1/models": (200, "application/json", b'{"data": 5}')}),
+    (["submit", "hi"], {"/v1/inference": (200, "application/json", b'{"text": ["a"]}')}),
+    (["submit", "--embed", "hi"], {"/v1/embeddings": (
+        200, "application/json", b'{"data": [{"embedding": "x"}]}')}),
+    (["submit", "hi"], {"/v1/inference": (
+        500, "application/json", b'{"error": {"type": ["x"], "message": "m"}}')}),
+])
+def test_an_answer_of_the_wrong_shape_is_exit_3_naming_the_url(command, routes):
+    server, url = serve_routes(routes)
+    try:
+        result = banter(*command, "--url", url)
+    finally:
+        server.shutdown()
+    assert result.returncode == 3, result.stderr
+    assert url in result.stderr and "not what a banterhearts producer answers" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_bulk_writes_nothing_of_an_answer_that_is_not_an_output_line(tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                                  "body": {"input": "x"}}) + "\n")
+    server, url = serve_routes({
+        "/healthz": (200, "application/json", b'{"status": "ok"}'),
+        "/v1/batches/requests": (200, "application/json", b'{"foo": 1}')})
+    try:
+        result = banter("bulk", str(source), "--out", str(out), "--url", url)
+    finally:
+        server.shutdown()
+    assert result.returncode == 3, result.stderr
+    assert url in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() or out.read_text() == ""
 
 
 def up_refusals(tmp_path: Path) -> list[tuple[dict[str, str], list[str], int, str]]:
