@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
+from banter.client import not_a_producer
 from banter.errors import BadJSON, InvalidRequest, Throttled, Timeout, Unavailable, brief
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -286,9 +287,9 @@ def send(client: Any, line: BatchLine, key: str) -> dict[str, Any]:
                                  {"error": exc.body()})
         else:  # an answer that is not this line's output line stops the run, writing nothing
             if client.field(out, "custom_id", of=str) != line.custom_id:
-                raise Unavailable(f"{client.url} answered the request of custom_id "
-                                  f"{line.custom_id!r} with the output line of "
-                                  f"{out['custom_id']!r}: is --url the producer's base URL?")
+                raise not_a_producer(client.url, f"the output line of custom_id "
+                                     f"{out['custom_id']!r} to the request of "
+                                     f"{line.custom_id!r}")
             if client.field(out, "error", of=(dict, type(None))) is None:
                 client.field(out, "response", "status_code", of=int)
             return out

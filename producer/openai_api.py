@@ -222,11 +222,13 @@ def text_request(c: Context, path: str, body: dict) -> JobRequest:
 def completion_prompt(body: dict, max_chars: int) -> str:
     """``prompt``: a string, or a list of exactly one string. Token-id prompts are refused."""
     prompt = body.get("prompt")
+    if _token_ids(prompt):
+        raise InvalidRequest("'prompt' holds token ids: token-id prompts are not supported, "
+                             "send text", "prompt")
     if isinstance(prompt, list):
         for i, item in enumerate(prompt):
             if not isinstance(item, str):
-                raise InvalidRequest(f"'prompt[{i}]' must be a string: token-id prompts are not "
-                                     "supported", "prompt")
+                raise InvalidRequest(f"'prompt[{i}]' must be a string", "prompt")
         if len(prompt) != 1:
             raise InvalidRequest(f"'prompt' must be a string or a list of exactly one string, got "
                                  f"{len(prompt)} items: send one request per prompt", "prompt")

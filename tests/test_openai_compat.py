@@ -258,6 +258,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "token-id"),
     ("/v1/completions", {"prompt": [[1, 2]]}, 400, "token-id"),
+    ("/v1/completions", {"prompt": ["a", 1]}, 400, "'prompt[1]' must be a string"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "exactly one"),
     ("/v1/completions", {"prompt": []}, 400, "exactly one"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),

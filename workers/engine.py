@@ -651,25 +651,30 @@ class Engine:
                 self._cond.wait(timeout)
 
     def _drop(self, now: float) -> list[_Sequence]:
-        """Take cancelled and expired sequences out of the waiting lanes and the running set."""
+        """Take cancelled and expired sequences out of the waiting lanes and the running set,
+        and end cancelled and expired embed jobs."""
         cancels, self._cancels = self._cancels, set()
         leaving = []
 
+        def stop_reason(job_id: str, deadline: float | None) -> str | None:
+            if job_id in cancels:
+                return "cancelled"
+            if deadline is not None and now >= deadline:
+                return "expired"
+            return None
+
         def leaves(seq: _Sequence) -> bool:
-            if seq.job_id in cancels:
-                seq.finish_reason = "cancelled"
-            elif seq.deadline is not None and now >= seq.deadline:
-                seq.finish_reason = "expired"
-            else:
+            reason = stop_reason(seq.job_id, seq.deadline)
+            if reason is None:
                 return False
+            seq.finish_reason = reason
             leaving.append(seq)
             return True
 
         for group in list(self._embed_jobs.values()):
-            if group.job_id in cancels:
-                self._stop_embed(group, "cancelled")
-            elif group.deadline is not None and now >= group.deadline:
-                self._stop_embed(group, "expired")
+            reason = stop_reason(group.job_id, group.deadline)
+            if reason is not None:
+                self._stop_embed(group, reason)
         for lane, queue in self._waiting.items():
             if queue:
                 self._waiting[lane] = deque(s for s in queue if not leaves(s))
