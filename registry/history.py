@@ -10,9 +10,9 @@ writing, so every record stays on its own valid line. An unterminated last line 
 whole next record lost only its newline: it is kept, and the next append writes the newline
 first. A complete last line that is not the next record (edited, damaged or duplicated by
 hand) is not torn: read leaves it out (logging ``registry_history_bad_tail``) so serving goes
-on, but appends are refused with a WireError naming the line until it is fixed or removed by
-hand, so its seq and version are never given to another artifact. Any other bad line is
-RegistryUnavailable naming the file (not its directory) and the line.
+on, but appends are refused with RegistryUnavailable naming the line until it is fixed or
+removed by hand, so its seq and version are never given to another artifact. Any other bad
+line is RegistryUnavailable naming the file (not its directory) and the line.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class HistoryFile:
         self.path = Path(path)
         self._last_seq_key: tuple[int, int, int] | None = None
         self._last_seq = 0
-        self._last_damage: RegistryUnavailable | None = None  # of the file at _last_seq_key
+        self._last_damage = ""  # why the file at _last_seq_key is damaged, if it is
 
     def read(self) -> list[Record]:
         """Every record in order (a torn last line is left out); [] when there is no file."""
@@ -56,12 +56,12 @@ class HistoryFile:
             try:
                 records = _parse(data, self.path)[0]
             except RegistryUnavailable as exc:  # a damaged line: until the file changes
-                self._last_seq_key, self._last_damage = key, exc
+                self._last_seq_key, self._last_damage = key, exc.message
                 raise
             self._last_seq = records[-1].seq if records else 0
-            self._last_seq_key, self._last_damage = key, None
-        if self._last_damage is not None:
-            raise self._last_damage
+            self._last_seq_key, self._last_damage = key, ""
+        if self._last_damage:  # a new exception each time: one raised again keeps its frames
+            raise RegistryUnavailable(self._last_damage)
         return self._last_seq
 
     def damage(self) -> str:

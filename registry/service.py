@@ -28,7 +28,7 @@ from registry.artifacts import inspect_artifact
 from registry.history import HistoryFile
 from registry.mirror import Mirror, resolve_from_mirror
 from registry.records import BACKENDS, KINDS, Record, check_name, check_new_name, utc_now
-from registry.state import RegistryState, ReplayError, replay
+from registry.state import RegistryState, ReplayError, apply, replay
 
 log = logging.getLogger("banter.registry")
 
@@ -213,19 +213,19 @@ class Registry:
     def _append(self, make: Callable[[RegistryState], Record]) -> tuple[Record, RegistryState]:
         """Append ``make(state of the records so far)``'s record; return it with the state
         right after it. Records that do not replay are RegistryUnavailable: nothing is appended."""
-        before: list[list[Record]] = []
+        states: list[RegistryState] = []
 
         def capture(records: list[Record]) -> Record:
             self._check_not_behind(records[-1].seq if records else 0)
-            before.append(records)
             try:
-                state = replay(records)
+                states.append(replay(records))  # the records read under the lock
             except WireError as exc:
                 raise self._damaged(exc) from None
-            return make(state)
+            return make(states[-1])
 
         record = self.history_file.append(capture)
-        return record, replay([*before[-1], record])  # the records read under the lock
+        apply(states[-1], record)  # make reads the state, never changes it
+        return record, states[-1]
 
     def _damaged(self, exc: RegistryUnavailable | WireError) -> RegistryUnavailable:
         """``exc`` as the RegistryUnavailable a client gets: the history cannot be used."""
