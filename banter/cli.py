@@ -30,7 +30,7 @@ JOB_ID = re.compile(r"[A-Za-z0-9-]+")
 def _client(args: argparse.Namespace):
     from banter.client import Client
 
-    return Client(args.url, args.api_key)
+    return Client(args.url, args.api_key, args.timeout)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -135,7 +135,6 @@ def cmd_bulk(args, settings: Settings) -> int:
     """Exit 0 once every valid line has its output line (failed requests included: see the
     summary), 2 for unusable files (duplicate custom_ids, an output file that is not ours)."""
     from banter import bulk
-    from banter.client import Client
 
     out_path = args.out
     err_path = args.errors or bulk.default_errors_path(out_path)
@@ -145,7 +144,7 @@ def cmd_bulk(args, settings: Settings) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     try:
-        summary = bulk.run(lambda: Client(args.url, args.api_key), args.input, out_path,
+        summary = bulk.run(lambda: _client(args), args.input, out_path,
                            err_path, args.max_in_flight)
     except bulk.BulkFileError as exc:
         print(f"banter: {exc.message}", file=sys.stderr)
@@ -319,6 +318,18 @@ def job_id(raw: str) -> str:
     return raw
 
 
+def timeout_seconds(raw: str) -> float:
+    """``--timeout``: seconds, more than 0 and at most a day."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be seconds, more than 0 and at most 86400, "
+                                         f"got {raw[:32]!r}")
+    return value
+
+
 def port_number(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 65535:
@@ -358,6 +369,9 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--url", type=server_url,
                          default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
         cmd.add_argument("--api-key", type=api_key, default=os.environ.get("BANTER_API_KEY"))
+        cmd.add_argument("--timeout", type=timeout_seconds, default=300.0, metavar="SECONDS",
+                         help="give up on a server that sends nothing for this long "
+                              "(default 300; a stream's keep-alives come every 15 s)")
 
     def listen_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--host", default="127.0.0.1",

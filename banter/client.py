@@ -2,7 +2,9 @@
 
 Whatever a ``--url`` answers that is not a banterhearts producer's answer (another server's
 page, an error with no banterhearts error body, JSON of another shape, a proxy's 502) is
-``Unavailable`` naming the URL, as an unreachable server is: never a traceback.
+``Unavailable`` naming the URL, as an unreachable server is: never a traceback. So is a server
+that does not connect within CONNECT_TIMEOUT_S, or sends nothing for ``timeout_s`` (a hung
+server: a stream's keep-alive comments count as something).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any, Iterator
 import requests
 
 from banter.errors import BanterError, Unavailable, from_dict
+
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 300.0
 
 # what each token or final event's data must hold for the CLI to print it: (path, type)
 EVENT_FIELDS = {"token": [(("text",), str)], "done": [(("finish_reason",), str)],
@@ -51,7 +56,8 @@ def not_a_producer(url: str, answered: str) -> Unavailable:
 
 
 class Client:
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.url = url.rstrip("/")
         self.session = requests.Session()
         if api_key:
@@ -109,14 +115,22 @@ class Client:
         except requests.RequestException:
             pass  # the connection broke: as a stream that ended early
         raise Unavailable(f"the stream of job {job_id} ended before the job did (the server "
-                          f"or its Redis went away); the job goes on: follow it with "
+                          f"or its Redis went away, or it sent nothing for {self.timeout_s:g}s: "
+                          f"--timeout); the job goes on: follow it with "
                           f"'banter stream {job_id}'")
 
     def _send(self, method: str, path: str, body: dict | None, params: dict | None,
               stream: bool) -> requests.Response:
         try:
             response = self.session.request(method, self.url + path, json=body, params=params,
-                                            timeout=self.timeout_s, stream=stream)
+                                            timeout=(CONNECT_TIMEOUT_S, self.timeout_s),
+                                            stream=stream)
+        except requests.ConnectTimeout:
+            raise Unavailable(f"cannot reach {self.url}: no connection within "
+                              f"{CONNECT_TIMEOUT_S:g}s") from None
+        except requests.ReadTimeout:
+            raise Unavailable(f"{self.url} did not answer {method} {path} within "
+                              f"{self.timeout_s:g}s (--timeout)") from None
         except requests.RequestException as exc:
             raise Unavailable(f"cannot reach {self.url}: {exc}") from None
         if response.status_code >= 400:

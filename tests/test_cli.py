@@ -771,6 +771,74 @@ def test_bulk_writes_nothing_of_an_answer_that_is_not_an_output_line(tmp_path):
     assert not out.exists() or out.read_text() == ""
 
 
+@pytest.mark.parametrize("command", [["submit", "hi"], ["submit", "--stream", "hi"],
+                                     ["stream", "j"], ["models", "list"], ["bulk", "IN"]])
+def test_a_server_that_never_answers_is_exit_3_after_timeout(tmp_path, command):
+    """A server that takes the connection and sends nothing (hung): the command gives up after
+    ``--timeout`` seconds, naming the URL and the flag, instead of waiting 300 s."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                                  "body": {"input": "x"}}) + "\n")
+    command = [str(source) if arg == "IN" else arg for arg in command]
+    if command[0] == "bulk":
+        command += ["--out", str(tmp_path / "out.jsonl")]
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes connections; nothing ever reads or answers
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        result = banter(*command, "--url", url, "--timeout", "1", timeout=40)
+    assert result.returncode == 3, result.stderr
+    assert url in result.stderr and "within 1s (--timeout)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_stream_that_goes_silent_is_exit_3_after_timeout():
+    """A stream whose server stops sending (no event, no keep-alive) ends the command after
+    ``--timeout``, with the tokens so far printed and the way to follow the job."""
+    class Silent(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if not self.path.endswith("/events"):
+                body = b'{"kind": "generate", "status": "running"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            event = b'id: 1-0\nevent: token\ndata: {"seq": 0, "text": "Hello"}\n\n'
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")  # as gunicorn streams
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+            time.sleep(30)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = banter("stream", "j", "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                        "--timeout", "1", timeout=40)
+    finally:
+        server.shutdown()
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("Hello")
+    assert "sent nothing for 1s: --timeout" in result.stderr and "banter stream j" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "86401"])
+def test_a_timeout_that_is_not_seconds_is_a_usage_error(value):
+    result = banter("submit", "hi", "--timeout", value)
+    assert result.returncode == 2, result.stderr
+    assert "argument --timeout: must be seconds, more than 0 and at most 86400" in result.stderr
+
+
 def up_refusals(tmp_path: Path) -> list[tuple[dict[str, str], list[str], int, str]]:
     bad_keys, good_keys = tmp_path / "bad-keys.txt", tmp_path / "keys.txt"
     bad_keys.write_text("foo bar\n")
