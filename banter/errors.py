@@ -150,6 +150,14 @@ class Unavailable(BanterError):
     status = 503
 
 
+class ClientGone(BanterError):
+    """The client closed its connection while its synchronous call waited on the job, which
+    was cancelled (499, nginx's "client closed request": the answer reaches no one)."""
+
+    type = "client_closed_request"
+    status = 499
+
+
 class RequestTimeout(BanterError):
     """The client stopped sending its request body for BANTER_CLIENT_TIMEOUT_S (408)."""
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from flask import Blueprint, after_this_request, jsonify, request
 
 from banter import errors
 from banter.errors import FeatureDisabled, InvalidRequest, TooLarge
 from banter.jobs import JobKind, JobRecord, JobStatus
-from producer import sse
+from producer import disconnect, sse
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
 from producer.service import JobRequest
@@ -55,10 +55,29 @@ def job_headers(records: list[JobRecord]) -> dict[str, str]:
     return headers
 
 
-def _wait(c: Context, record: JobRecord) -> tuple[JobRecord, errors.Timeout | None]:
+def wait_answer(c: Context, record: JobRecord, owner: str, gone: Callable[[], bool] | None,
+                ) -> JobRecord:
+    """The job's final record, for a synchronous call. A client that leaves first
+    (``gone``, from ``disconnect.watch``; None: ``keep_running``) cancels the job, as a
+    streaming client does: its answer would reach no one, and an SDK that timed out sends the
+    request again (ClientGone, 499)."""
+    try:
+        return c.jobs.wait(record.id, gone=gone)
+    except errors.ClientGone:
+        c.jobs.cancel(record.id, owner)
+        raise
+
+
+def client_watch(keep: bool = False) -> Callable[[], bool] | None:
+    """``wait_answer``'s ``gone`` for the request in hand; None when ``keep``."""
+    return None if keep else disconnect.watch(request.environ)
+
+
+def _wait(c: Context, record: JobRecord, owner: str,
+          gone: Callable[[], bool] | None) -> tuple[JobRecord, errors.Timeout | None]:
     """The job's final record, or (as submitted, the Timeout) past BANTER_SYNC_TIMEOUT_S."""
     try:
-        return c.jobs.wait(record.id), None
+        return wait_answer(c, record, owner, gone), None
     except errors.Timeout as exc:
         return record, exc
 
@@ -73,8 +92,8 @@ def stream_query() -> bool:
 
 
 def keep_running(body: dict) -> bool:
-    """``keep_running: true`` keeps a streamed job going after its client disconnects (null:
-    false, as for every optional field)."""
+    """``keep_running: true`` keeps a job going after its client disconnects, streamed or not
+    (null: false, as for every optional field)."""
     value = body.get("keep_running")
     if value is None:
         return False
@@ -117,7 +136,7 @@ def inference():
     tag_with_job(record)
     if streamed:
         return stream_job(c, record, owner, keep)
-    record = c.jobs.wait(record.id)
+    record = wait_answer(c, record, owner, client_watch(keep))
     response = jsonify(result_body(record))
     response.headers.update(job_headers([record]))
     return response
@@ -142,8 +161,9 @@ def inference_batch():
     c.hold_wait(owner)
     submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id(), waited=True)[0]
                  for p in prompts]
+    gone = client_watch()
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
-        waited = list(pool.map(lambda r: _wait(c, r), submitted))
+        waited = list(pool.map(lambda r: _wait(c, r, owner, gone), submitted))
     records = [record for record, _ in waited]
     results = []
     for record, timeout in waited:

@@ -32,12 +32,14 @@ from producer import chat
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
 from producer.inference import (
+    client_watch,
     generate_request,
     job_headers,
     keep_running,
     result_body,
     stream_job,
     tag_with_job,
+    wait_answer,
 )
 from producer.service import JobRequest
 
@@ -278,7 +280,7 @@ def run_text_job(c: Context, path: str, shape: TextShape):
                            f"/v1/jobs/{record.id}")
         return stream_job(c, record, owner, keep, Chunks(shape, record, usage),
                           interrupted=sse_data({"error": lost.body()}) + DONE)
-    record = c.jobs.wait(record.id)
+    record = wait_answer(c, record, owner, client_watch(keep))
     response = jsonify(answer_body(shape, record))
     response.headers.update(job_headers([record]))
     return response
@@ -289,8 +291,8 @@ def completions():
     """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
     of exactly one string (token ids are refused); ``n`` and ``best_of`` must be 1; ``echo``,
     ``suffix``, ``logprobs`` and penalties are refused; ``user`` is ignored. ``model`` defaults
-    to the default generate model. ``keep_running: true`` (an extension) keeps a streamed job
-    going after its client disconnects; otherwise a disconnect cancels it."""
+    to the default generate model. ``keep_running: true`` (an extension) keeps the job going
+    after its client disconnects; otherwise a disconnect cancels it, streamed or not."""
     return run_text_job(ctx(), "/v1/completions", TextShape())
 
 
@@ -313,7 +315,7 @@ def embeddings():
     c.hold_wait(owner)
     record, _ = c.jobs.submit(req, owner, trace_id(), waited=True)
     tag_with_job(record)
-    record = c.jobs.wait(record.id)
+    record = wait_answer(c, record, owner, client_watch())
     if record.status != JobStatus.SUCCEEDED.value:
         raise errors.from_dict(record.error or {"type": record.status,
                                                 "message": f"job {record.status}"})

@@ -263,7 +263,8 @@ def _schemas(settings: Settings) -> Schema:
         "stream": {"type": "boolean"},
         "stream_options": _obj({"include_usage": {"type": "boolean"}}),
         "keep_running": {"type": "boolean",
-                         "description": "keep a streamed job going when the client leaves"},
+                         "description": "keep the job going when the client leaves (streamed "
+                                        "or not)"},
     }
     usage = _obj({"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                   "total_tokens": {"type": "integer"}}, ("prompt_tokens", "completion_tokens"))

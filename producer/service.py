@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from celery import Celery
@@ -24,6 +24,7 @@ from banter import keys
 from banter.broker import BrokerQueues, send_job
 from banter.errors import (
     BackendUnavailable,
+    ClientGone,
     InvalidRequest,
     JobNotFound,
     ModelNotFound,
@@ -172,18 +173,24 @@ class JobService:
             record = self.jobs.get(job_id) or record
         return record
 
-    def wait(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
-        """Block until the job's stream ends (done or error), then return its record."""
+    def wait(self, job_id: str, timeout_s: float | None = None,
+             gone: Callable[[], bool] | None = None) -> JobRecord:
+        """Block until the job's stream ends (done or error), then return its record.
+        ``gone``: asked about once a second, whether the waiting client has left; when it has,
+        raise ClientGone (the job goes on: the caller cancels it)."""
         deadline = time.monotonic() + (timeout_s or self.settings.sync_timeout_s)
         after = "0-0"
         while True:
+            if gone is not None and gone():
+                raise ClientGone(f"the client left before job {job_id} ended")
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise Timeout(f"job {job_id} did not finish within "
                               f"{timeout_s or self.settings.sync_timeout_s:g}s; poll "
                               f"GET /v1/jobs/{job_id} for its result")
+            block_ms = min(left_ms, 5000 if gone is None else 1000)
             for entry_id, kind, _data in read_events(self.redis, job_id, after,
-                                                     block_ms=min(left_ms, 5000)):
+                                                     block_ms=block_ms):
                 after = entry_id
                 if kind is not EventType.TOKEN:
                     record = self.jobs.get(job_id)

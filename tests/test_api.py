@@ -226,6 +226,79 @@ def test_inference_batch_past_the_sync_timeout_names_every_job(settings, redis_c
     assert "X-Batch-Size" not in response.headers  # none ran yet
 
 
+def hang_up_while_waiting(url: str, path: str, body: dict, redis_client,
+                          queues: list[str], jobs: int) -> list[str]:
+    """Send a synchronous call on a raw socket, wait until its ``jobs`` are queued on
+    ``queues`` (no worker serves them), then close the connection; return the job ids."""
+    import socket
+    from urllib.parse import urlsplit
+
+    payload = json.dumps(body).encode()
+    address = urlsplit(url)
+    def queued() -> set[str]:
+        return {json.loads(m)["headers"]["id"] for q in queues for m in redis_client.lrange(q, 0, -1)}
+
+    before = queued()
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                     + payload)
+        deadline = time.monotonic() + 10
+        while len(queued() - before) < jobs:
+            assert time.monotonic() < deadline, "the call's jobs were never queued"
+            time.sleep(0.02)
+    return sorted(queued() - before)
+
+
+def wait_status(redis_client, job_id: str, status: str) -> None:
+    deadline = time.monotonic() + 10
+    while redis_client.hget(keys.job(job_id), "status") != status:
+        assert time.monotonic() < deadline, redis_client.hgetall(keys.job(job_id))
+        time.sleep(0.05)
+
+
+CHAT = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("path, body, jobs", [
+    ("/v1/inference", {"prompt": "x"}, 1),
+    ("/v1/inference/batch", {"prompts": ["a", "b"]}, 2),
+    ("/v1/completions", {"prompt": "x"}, 1),
+    ("/v1/chat/completions", {"messages": CHAT}, 1),
+    ("/v1/embeddings", {"input": "x"}, 1),
+])
+def test_a_client_that_leaves_a_synchronous_call_cancels_its_job(settings, redis_client,
+                                                                  demo_models, path, body, jobs):
+    """As a streaming client's leaving does: the answer would reach no one, and an SDK that
+    timed out sends the request again (the openai client's retries would run it thrice)."""
+    with unserved_producer(settings, redis_client) as (server, queue):
+        job_ids = hang_up_while_waiting(server.url, path, body, redis_client, [queue], jobs)
+        for job_id in job_ids:
+            wait_status(redis_client, job_id, "cancelled")
+
+
+def test_a_kept_or_bulk_call_outlives_its_client(settings, redis_client, demo_models):
+    """``keep_running: true``, and a bulk line (``banter bulk`` resumes it by its key), stay
+    queued when their client leaves; a plain call left at the same time is cancelled first."""
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"},
+            "idempotency_key": uuid.uuid4().hex}
+    with unserved_producer(settings, redis_client) as (server, queue):
+        both = [queue, f"{queue}-bulk"]
+        kept = [*hang_up_while_waiting(server.url, "/v1/completions",
+                                       {"prompt": "x", "keep_running": True},
+                                       redis_client, both, 1),
+                *hang_up_while_waiting(server.url, "/v1/inference",
+                                       {"prompt": "x", "keep_running": True},
+                                       redis_client, both, 1),
+                *hang_up_while_waiting(server.url, "/v1/batches/requests", line,
+                                       redis_client, both, 1)]
+        plain = hang_up_while_waiting(server.url, "/v1/inference", {"prompt": "x"},
+                                      redis_client, both, 1)[0]
+        wait_status(redis_client, plain, "cancelled")
+        time.sleep(1.5)  # the kept calls' waits have looked at their sockets since
+        assert [redis_client.hget(keys.job(j), "status") for j in kept] == ["queued"] * 3
+
+
 def test_openai_embeddings_float_and_base64(api):
     import base64
 
