@@ -89,8 +89,9 @@ def cmd_submit(args, settings: Settings) -> int:
     body = {"prompt": args.text, **model,
             **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {})}
     if not args.stream:
-        print(client.field(client.request("POST", "/v1/inference", body), "text", of=str))
-        return EXIT_OK
+        answer = client.request("POST", "/v1/inference", body)
+        print(client.field(answer, "text", of=str))
+        return _ended(client.field(answer, "finish_reason", of=str))
     return _print_events(client.events("/v1/inference?stream=true", body, method="POST"))
 
 
@@ -106,9 +107,16 @@ def cmd_stream(args, settings: Settings) -> int:
     return _print_events(client.events(f"/v1/jobs/{args.job_id}/events"))
 
 
-ENDED = {"cancelled": "the job was cancelled (DELETE /v1/jobs/{id}, or its streaming client "
-                      "left)",
+ENDED = {"cancelled": "the job was cancelled (DELETE /v1/jobs/{id}, or its client left)",
          "expired": "the job expired: its deadline (deadline_s) passed"}
+
+
+def _ended(finish_reason: str) -> int:
+    """EXIT_OK for a generation that finished (``stop``, ``length``); else say why it ended."""
+    if finish_reason in ("stop", "length"):
+        return EXIT_OK
+    print(f"banter: {ENDED.get(finish_reason, finish_reason)}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _print_events(events) -> int:
@@ -119,11 +127,7 @@ def _print_events(events) -> int:
             print(data["text"], end="", flush=True)
         elif event == "done":
             print(flush=True)
-            if data["finish_reason"] in ("stop", "length"):
-                return EXIT_OK
-            print(f"banter: {ENDED.get(data['finish_reason'], data['finish_reason'])}",
-                  file=sys.stderr)
-            return EXIT_FAILED
+            return _ended(data["finish_reason"])
         elif event == "error":
             print(f"\nbanter: {data['error']['type']}: {data['error']['message']}",
                   file=sys.stderr)
@@ -484,6 +488,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # text the terminal's encoding lacks becomes "?"
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -28,7 +28,8 @@ def sse_events(response: requests.Response) -> Iterator[tuple[str, Any]]:
     """``(event, data)`` of a banterhearts SSE response (``event:``/``data:`` lines, JSON
     data), each yielded as soon as its blank line arrives; comments are skipped."""
     event, data = "message", []
-    response.encoding = response.encoding or "utf-8"  # else iter_lines yields bytes
+    response.encoding = "utf-8"  # an event stream always is (the SSE spec); requests would
+    # take a text/* type without a charset for ISO-8859-1
     for line in response.iter_lines(chunk_size=None, decode_unicode=True):
         if line == "":
             if data:

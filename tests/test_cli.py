@@ -755,6 +755,39 @@ def test_an_answer_of_the_wrong_shape_is_exit_3_naming_the_url(command, routes):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_submit_of_a_job_cancelled_while_it_ran_is_exit_1(stream):
+    """The text so far is printed, then why it stopped: a cut generation is not a success."""
+    events = (b'event: token\ndata: {"seq": 0, "text": "part"}\n\n'
+              b'event: done\ndata: {"finish_reason": "cancelled"}\n\n')
+    route = (200, "text/event-stream", events) if stream else (
+        200, "application/json", b'{"text": "part", "finish_reason": "cancelled"}')
+    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
+    try:
+        result = banter("submit", "hi", *(["--stream"] if stream else []), "--url", url)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == "part\n"
+    assert "the job was cancelled (DELETE /v1/jobs/{id}, or its client left)" in result.stderr
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_the_terminal_cannot_encode_is_replaced_not_a_traceback(stream):
+    events = b'event: token\ndata: {"seq": 0, "text": "caf\xc3\xa9 \xe2\x9c\x93"}\n\n' \
+             b'event: done\ndata: {"finish_reason": "length"}\n\n'
+    route = (200, "text/event-stream", events) if stream else (
+        200, "application/json", '{"text": "café ✓", "finish_reason": "length"}'.encode())
+    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
+    try:
+        result = banter("submit", "hi", *(["--stream"] if stream else []), "--url", url,
+                        env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "caf? ?\n" and "Traceback" not in result.stderr
+
+
 def test_bulk_writes_nothing_of_an_answer_that_is_not_an_output_line(tmp_path):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
