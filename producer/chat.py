@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from banter.errors import ArtifactError, ChecksumMismatch, InvalidRequest, ModelLoadError, brief
+from producer.validation import defined_fields
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
@@ -29,6 +30,7 @@ log = logging.getLogger("banter.producer")
 # what OpenAI defines on a message; anything else is refused, as unknown top-level fields are
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "function_call", "tool_call_id",
                   "refusal", "audio")
+TEXT_PART_FIELDS = ("type", "text", "prompt_cache_breakpoint")
 TEMPLATE_KEY = "banter_chat_template"
 
 Message = tuple[str, str]  # (role, text)
@@ -68,16 +70,13 @@ def _message(message: Any, where: str) -> Message:
     if role not in ROLES:
         raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)} (or developer, "
                              f"taken as system), got {brief(role)}", f"{where}.role")
-    unknown = sorted(set(message) - set(MESSAGE_FIELDS))
-    if unknown:
-        raise InvalidRequest(f"'{where}' has a field OpenAI does not define for a message: "
-                             f"{brief(unknown[0])} (a message takes {', '.join(MESSAGE_FIELDS)})",
-                             f"{where}.{unknown[0]}")
-    if "name" in message and not isinstance(message["name"], str):
+    defined_fields(message, MESSAGE_FIELDS, where, "a message")
+    if message.get("name") is not None and not isinstance(message["name"], str):
         raise InvalidRequest(f"'{where}.name' must be a string", f"{where}.name")
-    if message.get("tool_calls") or message.get("function_call"):
-        raise InvalidRequest(f"'{where}' holds tool calls: tools are not supported by this "
-                             "server", f"{where}.tool_calls")
+    for calls in ("tool_calls", "function_call"):
+        if message.get(calls):
+            raise InvalidRequest(f"'{where}.{calls}': tool calls are not supported by this "
+                                 "server", f"{where}.{calls}")
     return role, _content(message.get("content"), f"{where}.content")
 
 
@@ -93,6 +92,11 @@ def _text_part(part: Any, where: str) -> str:
     if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
         raise InvalidRequest(f"'{where}' must be {{\"type\": \"text\", \"text\": <string>}}; "
                              "only text parts are supported", where)
+    defined_fields(part, TEXT_PART_FIELDS, where, "a text part")
+    if part.get("prompt_cache_breakpoint") is not None and \
+            not isinstance(part["prompt_cache_breakpoint"], dict):  # accepted, ignored
+        raise InvalidRequest(f"'{where}.prompt_cache_breakpoint' must be an object",
+                             f"{where}.prompt_cache_breakpoint")
     return part["text"]
 
 

@@ -174,6 +174,10 @@ def include_usage(body: dict) -> bool:
     if not flag(body, "stream"):  # as OpenAI answers
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true",
                              "stream_options")
+    v.defined_fields(options, ("include_usage", "include_obfuscation"), "stream_options",
+                     "stream_options")
+    # include_obfuscation: checked, then ignored (no chunk carries an obfuscation field)
+    flag(options, "include_obfuscation", "stream_options.include_obfuscation")
     return flag(options, "include_usage", "stream_options.include_usage")
 
 

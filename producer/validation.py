@@ -11,7 +11,15 @@ from flask import Request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
 
-from banter.errors import BadFraming, BadJSON, InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
+from banter.errors import (
+    BadFraming,
+    BadJSON,
+    InvalidRequest,
+    RequestTimeout,
+    TooLarge,
+    UnsupportedMediaType,
+    brief,
+)
 from banter.params import PARAMS
 
 _MISSING = object()
@@ -162,6 +170,16 @@ def known_fields(body: dict, known: tuple[str, ...], hints: dict[str, str] | Non
             hint = (hints or {}).get(name) or f"the fields are {', '.join(sorted(known))}"
             shown = name if len(name) <= 64 else name[:61] + "..."
             raise InvalidRequest(f"unknown field {shown!r}: {hint}", shown)
+
+
+def defined_fields(value: dict, defined: tuple[str, ...], where: str, what: str) -> None:
+    """InvalidRequest naming ``where.field`` for the first field of the object ``value`` (an
+    OpenAI ``what``: "a message", "a text part") outside what OpenAI ``defined`` for it."""
+    unknown = sorted(set(value) - set(defined))
+    if unknown:
+        raise InvalidRequest(f"'{where}' has a field OpenAI does not define for {what}: "
+                             f"{brief(unknown[0])} ({what} takes {', '.join(defined)})",
+                             f"{where}.{unknown[0]}"[:200])
 
 
 def sampling_params(body: dict, default_max_tokens: int) -> dict[str, Any]:

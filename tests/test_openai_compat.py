@@ -106,7 +106,7 @@ def test_client_stream_usage_chunk(client):
     assert all(c.usage is None for c in chunks[:-1])
     text_chunks = list(client.completions.create(
         model="demo-gpt", prompt="p", max_tokens=2, stream=True,
-        stream_options={"include_usage": True}))
+        stream_options={"include_usage": True, "include_obfuscation": False}))
     assert text_chunks[-1].choices == [] and text_chunks[-1].usage.completion_tokens == 2
 
 
@@ -349,6 +349,21 @@ BAD_INPUTS = [
      400, "tool calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
      400, "'extra'"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None,
+                                            "function_call": {"name": "f", "arguments": "{}"}}]},
+     400, "'messages[0].function_call': tool calls are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a", "extra": 1}]}]}, 400,
+     "'messages[0].content[0]' has a field OpenAI does not define for a text part: 'extra'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a", "prompt_cache_breakpoint": 5}]}]}, 400,
+     "'messages[0].content[0].prompt_cache_breakpoint' must be an object"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {
+        "include_usage": True, "foo": 1}}, 400,
+     "'stream_options' has a field OpenAI does not define for stream_options: 'foo'"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {
+        "include_obfuscation": "no"}}, 400,
+     "'stream_options.include_obfuscation' must be true or false"),
     ("/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "token ids"),
     ("/v1/embeddings", {"input": [1, 2, 3]}, 400, "token ids"),
     ("/v1/embeddings", {"input": [["a"]]}, 400, "'input[0]' must be a non-empty string"),
@@ -412,6 +427,13 @@ def test_fields_that_do_not_change_the_output_are_accepted(api):
                      "reasoning_effort": "low", "prompt_cache_key": "k",
                      "safety_identifier": "s"}
     response = api.post("/v1/chat/completions", {**chat, **chat_harmless})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"] == chat_plain
+    spelled_out = [{"role": "system", "content": "Be brief.", "name": None},
+                   {"role": "user", "content": [{"type": "text", "text": "Hello?",
+                                                 "prompt_cache_breakpoint": {"mode": "explicit"}}],
+                    "function_call": None, "tool_calls": None}]
+    response = api.post("/v1/chat/completions", {**chat, "messages": spelled_out})
     assert response.status_code == 200, response.text
     assert response.json()["choices"] == chat_plain
     floats = api.post("/v1/embeddings", {"input": "x", "encoding_format": None, "user": "u"})
