@@ -144,6 +144,7 @@ class Scan:
     ids: set[str]
     total: int
     invalid: int
+    size: int  # the file's size at the scan: the second pass reads no further
 
 
 def default_errors_path(out_path: Path) -> Path:
@@ -188,10 +189,23 @@ def locked_output(out_path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) of every non-blank line, read one at a time."""
+BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-16 (or UTF-32); UTF-8's is read as UTF-8
+
+
+def input_lines(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of every non-blank line that ends within the first ``size``
+    bytes, read one at a time. BulkFileError for a file that starts with a byte order mark (a
+    UTF-16 file, whose lines would be misread one by one)."""
     with open(path, "rb") as file:
+        if file.read(2) in BOMS:
+            raise BulkFileError(f"{path} is UTF-16 (it starts with that byte order mark): "
+                                "banter bulk reads UTF-8 JSON lines. Nothing was sent.")
+        file.seek(0)
+        end = 0
         for number, raw in enumerate(file, start=1):
+            end += len(raw)
+            if end > size:
+                return
             if raw.strip():
                 yield number, raw
 
@@ -204,10 +218,11 @@ def scan_input(in_path: Path, err_path: Path) -> Scan:
     first_line: dict[str, int] = {}
     duplicates: list[str] = []
     total = invalid = 0
+    size = in_path.stat().st_size  # both passes read these bytes, whatever is appended later
     partial = err_path.with_name(err_path.name + ".partial")
     try:
         with open(partial, "wb") as errors:
-            for number, raw in input_lines(in_path):
+            for number, raw in input_lines(in_path, size):
                 digest.update(raw.rstrip(b"\r\n") + b"\n")
                 total += 1
                 try:
@@ -230,7 +245,7 @@ def scan_input(in_path: Path, err_path: Path) -> Scan:
         more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
         raise BulkFileError(f"{in_path}: every custom_id must be unique; repeated: {shown}{more}. "
                             "Nothing was sent.")
-    return Scan(digest.hexdigest(), set(first_line), total, invalid)
+    return Scan(digest.hexdigest(), set(first_line), total, invalid, size)
 
 
 def load_finished(out_path: Path) -> set[str]:
@@ -308,23 +323,25 @@ def run(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path:
     ``locked_output``'s lock from before the input is read until the end."""
     for path in (out_path, err_path):
         check_writable(path)
-    make_client().request("GET", "/healthz")  # a wrong --url stops the run before it writes
+    # a wrong --url or --api-key stops the run before it writes (the key's own batches: the
+    # cheapest call that needs one)
+    make_client().request("GET", "/v1/batches", params={"limit": 1})
     with locked_output(out_path) as fd:
         return _run_locked(make_client, in_path, out_path, err_path, max_in_flight, fd)
 
 
 def _run_locked(make_client: Callable[[], Any], in_path: Path, out_path: Path, err_path: Path,
                 max_in_flight: int, fd: int) -> Summary:
-    scan = scan_input(in_path, err_path)
-    finished = load_finished(out_path)
+    finished = load_finished(out_path)  # an output file not ours stops it before the scan
+    scan = scan_input(in_path, err_path)  # writes the errors file
     summary = Summary(total=scan.total, invalid=scan.invalid,
                       skipped_resumed=len(scan.ids & finished))
-    todo, digest = len(scan.ids) - summary.skipped_resumed, scan.digest
+    todo, digest, size = len(scan.ids) - summary.skipped_resumed, scan.digest, scan.size
     del scan  # the custom_id index is not needed while sending
     work: queue.Queue = queue.Queue(maxsize=max_in_flight)
     results: queue.Queue = queue.Queue()
-    threading.Thread(target=_feed, args=(in_path, finished, work, results, max_in_flight),
-                     daemon=True).start()
+    threading.Thread(target=_feed, args=(in_path, size, finished, work, results,
+                                         max_in_flight), daemon=True).start()
     for _ in range(max_in_flight):
         threading.Thread(target=_work, args=(make_client, digest, work, results),
                          daemon=True).start()
@@ -345,15 +362,18 @@ def _run_locked(make_client: Callable[[], Any], in_path: Path, out_path: Path, e
             bar.update(1)
             bar.set_postfix(failed=summary.failed, refresh=False)
     os.fsync(fd)
+    if in_path.stat().st_size > size:
+        print(f"banter bulk: {in_path} grew during the run; the lines added were not run: run "
+              "the same command again to run them", file=sys.stderr)
     return summary
 
 
-def _feed(in_path: Path, finished: set[str], work: queue.Queue, results: queue.Queue,
-          workers: int) -> None:
-    """Put every valid, unfinished line on ``work`` (blocking while it is full), then one stop
-    marker per worker."""
+def _feed(in_path: Path, size: int, finished: set[str], work: queue.Queue,
+          results: queue.Queue, workers: int) -> None:
+    """Put every valid, unfinished line of the first ``size`` bytes (those the scan checked) on
+    ``work`` (blocking while it is full), then one stop marker per worker."""
     try:
-        for _number, raw in input_lines(in_path):
+        for _number, raw in input_lines(in_path, size):
             try:
                 line = decode_line(raw)
             except InvalidRequest:

@@ -148,8 +148,7 @@ def create_batch():
                    {"input_file_id": "send the request lines themselves in 'requests' (or run "
                                      "the file with banter bulk)"})
     key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
-    digest = hashlib.sha256(json.dumps({k: x for k, x in body.items() if k != "idempotency_key"},
-                                       sort_keys=True).encode()).hexdigest()
+    digest = batch_digest(body)
     if key:
         earlier = c.redis.hgetall(keys.batch(keyed_batch_id(owner, key)))
         if earlier:
@@ -184,6 +183,16 @@ def create_batch():
     pipe.expire(keys.batches(owner), c.settings.job_ttl_s)
     pipe.execute()
     return jsonify(batch_object(c, fields, submitted))
+
+
+def batch_digest(body: dict) -> str:
+    """What a create asks for, as a digest: the same batch sent again with its defaults spelt
+    out (null fields, ``completion_window`` "24h") has the same one, as a job's request hash
+    does, so its idempotency key answers the earlier batch instead of a 409."""
+    asked = {k: x for k, x in body.items() if k != "idempotency_key" and x is not None}
+    if asked.get("completion_window") == "24h":
+        del asked["completion_window"]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
 
 
 def submit_lines(c: Context, owner: str, lines: list[BatchLine],
@@ -234,16 +243,17 @@ def list_batches():
         raise InvalidRequest(f"'after' {brief(after)} is not one of your batches (or it "
                              "expired): list again from the start", "after")
     start = ids.index(after) + 1 if after is not None else 0
-    page, data = ids[start:], []
-    for batch_id in page:
-        if len(data) == limit:
-            break
-        fields = c.redis.hgetall(keys.batch(batch_id))
-        if fields:
-            data.append(batch_object(c, fields, submitted_lines(fields)))
-        else:  # expired
+    data, has_more = [], False
+    for batch_id in ids[start:]:  # a full page looks on for one more live batch: has_more
+        fields = c.redis.hgetall(keys.batch(batch_id)) if len(data) < limit else \
+            {"live": "1"} if c.redis.exists(keys.batch(batch_id)) else {}
+        if not fields:  # expired
             c.redis.zrem(keys.batches(owner), batch_id)
-    has_more = bool(data) and page.index(data[-1]["id"]) + 1 < len(page)
+        elif len(data) == limit:
+            has_more = True
+            break
+        else:
+            data.append(batch_object(c, fields, submitted_lines(fields)))
     return jsonify({"object": "list", "data": data, "has_more": has_more,
                     "first_id": data[0]["id"] if data else None,
                     "last_id": data[-1]["id"] if data else None})

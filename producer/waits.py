@@ -30,8 +30,9 @@ class WaitSlots:
             if self._limit and self._held[owner] >= self._limit:
                 raise TooManyWaits(
                     f"this API key already holds {self._limit} event streams or synchronous "
-                    "calls on this server (BANTER_MAX_WAITS_PER_KEY); close one, or poll "
-                    "GET /v1/jobs/{id} instead", retry_after_s=1)
+                    "calls on this server (BANTER_MAX_WAITS_PER_KEY; a banter bulk run holds "
+                    "up to its --max-in-flight); close one, or poll GET /v1/jobs/{id} "
+                    "instead", retry_after_s=1)
             self._held[owner] += 1
 
     def give(self, owner: str) -> None:

@@ -292,6 +292,74 @@ def test_an_output_file_that_is_not_ours_is_refused(api, tmp_path):
     assert result.returncode == 2
     assert "line 1 is not a batch output line" in result.stderr
     assert out.read_text() == "hello\n"
+    assert not (tmp_path / "out.errors.jsonl").exists()  # refused before the input is read
+
+
+def test_a_utf16_input_is_refused_whole(api, redis_client, tmp_path):
+    """Read line by line, a UTF-16 file would run the lines that happen to decode and fail the
+    others with a codec error: it is refused as a file instead, and nothing is sent."""
+    marker = f"bulk-{uuid.uuid4().hex[:8]}"
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    text = "".join(json.dumps(request_line(i, marker)) + "\n" for i in range(1, 4))
+    source.write_bytes(text.encode("utf-16"))
+    result = bulk(str(source), "--out", str(out), "--url", api.url)
+    assert result.returncode == 2, result.stderr
+    assert f"{source} is UTF-16" in result.stderr and "Nothing was sent" in result.stderr
+    assert not out.exists() and not (tmp_path / "out.errors.jsonl").exists()
+    assert jobs_with(redis_client, marker) == 0
+    source.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8's byte order mark is UTF-8
+    assert bulk(str(source), "--out", str(out), "--url", api.url).returncode == 0
+    assert sorted(line["custom_id"] for line in read_jsonl(out)) == ["c-1", "c-2", "c-3"]
+
+
+def test_a_key_the_server_refuses_stops_the_run_before_it_writes(api, tmp_path):
+    from banter import bulk as runner
+    from banter.client import Client
+    from banter.errors import Unauthorized
+
+    class Refused(Client):  # as a keyed producer answers a wrong key: /healthz needs none
+        def request(self, method, path, body=None, params=None):
+            if path == "/healthz":
+                return {"status": "ok"}
+            raise Unauthorized("unknown API key")
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps(request_line(1, "x")) + "\n" + "not json\n")
+    try:
+        runner.run(lambda: Refused(api.url), source, out, tmp_path / "out.errors.jsonl")
+    except Unauthorized:
+        pass
+    else:
+        raise AssertionError("the run went on with a refused key")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_lines_appended_during_a_run_wait_for_the_next_run(api, tmp_path, capsys):
+    """The second pass reads only the bytes the first one checked: a line appended meanwhile
+    (here by the first request) is neither run nor counted, and the run says to run again."""
+    from banter import bulk as runner
+    from banter.client import Client
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    first = [request_line(i, "x") for i in (1, 2, 3)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in first))
+    late = [{**request_line(4, "x"), "custom_id": "c-1"}, request_line(5, "x")]
+
+    class Appending(Client):
+        def request(self, method, path, body=None, params=None):
+            if path == runner.REQUEST_PATH and late:
+                with open(source, "a") as file:
+                    file.write("".join(json.dumps(line) + "\n" for line in late))
+                late.clear()
+            return super().request(method, path, body, params)
+
+    summary = runner.run(lambda: Appending(api.url), source, out,
+                         tmp_path / "out.errors.jsonl", max_in_flight=1)
+    assert (summary.total, summary.completed, summary.failed) == (3, 3, 0)
+    assert sorted(line["custom_id"] for line in read_jsonl(out)) == ["c-1", "c-2", "c-3"]
+    assert f"{source} grew during the run" in capsys.readouterr().err
+    again = bulk(str(source), "--out", str(out), "--url", api.url)
+    assert again.returncode == 2 and "'c-1' (lines 1 and 4)" in again.stderr
 
 
 def test_an_output_path_that_is_not_a_regular_file_is_refused(tmp_path):
@@ -513,6 +581,45 @@ def test_batches_are_listed_newest_first_a_page_at_a_time(api):
     unknown = api.get("/v1/batches", params={"after": "batch_" + "0" * 32})
     assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "after"
     assert "list again from the start" in unknown.json()["error"]["message"]
+
+
+def test_a_page_followed_only_by_expired_batches_has_no_more(settings, redis_client, worker):
+    """has_more is about batches the next page would list: one whose record expired (TTL) is
+    not one. A key of its own gives the test a list no other test adds to."""
+    from dataclasses import replace
+
+    from producer.app import create_app
+    from tests.conftest import Server
+
+    key = f"key-{uuid.uuid4().hex}"
+    server = Server(create_app(replace(settings, api_keys=key, auth_disabled=False),
+                               redis_client))
+    try:
+        api = Api(server.url)
+        api.session.headers["Authorization"] = f"Bearer {key}"
+        made = [api.post("/v1/batches", {"requests": [request_line(1, "expiring")]}).json()["id"]
+                for _ in range(3)]
+        first = api.get("/v1/batches", params={"limit": 2}).json()
+        assert [b["id"] for b in first["data"]] == made[:0:-1] and first["has_more"]
+        redis_client.delete(keys.batch(made[0]))  # as its TTL would
+        page = api.get("/v1/batches", params={"limit": 2}).json()
+        assert [b["id"] for b in page["data"]] == made[:0:-1] and not page["has_more"]
+        whole = api.get("/v1/batches", params={"limit": 3}).json()
+        assert [b["id"] for b in whole["data"]] == made[:0:-1] and not whole["has_more"]
+    finally:
+        server.close()
+
+
+def test_a_batch_sent_again_with_its_defaults_spelt_out_is_the_same_batch(api):
+    key = f"batch-defaults-{uuid.uuid4().hex[:8]}"
+    body = {"requests": [request_line(1, key)], "idempotency_key": key}
+    first = api.post("/v1/batches", body).json()["id"]
+    for spelt in ({"completion_window": "24h"}, {"endpoint": None, "metadata": None},
+                  {"completion_window": None}):
+        again = api.post("/v1/batches", {**body, **spelt})
+        assert again.status_code == 200 and again.json()["id"] == first, again.text
+    other = api.post("/v1/batches", {**body, "metadata": {"k": "v"}})
+    assert other.status_code == 409 and other.json()["error"]["type"] == "idempotency_key_reused"
 
 
 def test_a_batch_with_an_unknown_field_is_refused(api):

@@ -793,7 +793,7 @@ def test_bulk_writes_nothing_of_an_answer_that_is_not_an_output_line(tmp_path):
     source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
                                   "body": {"input": "x"}}) + "\n")
     server, url = serve_routes({
-        "/healthz": (200, "application/json", b'{"status": "ok"}'),
+        "/v1/batches?limit=1": (200, "application/json", b'{"object": "list", "data": []}'),
         "/v1/batches/requests": (200, "application/json", b'{"foo": 1}')})
     try:
         result = banter("bulk", str(source), "--out", str(out), "--url", url)
