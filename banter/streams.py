@@ -8,8 +8,11 @@ one final ``done`` or ``error`` entry. Stream entries are flat string maps:
 - ``done``:  ``{"event": "done", "finish_reason": "...", "usage": "<json>"}``
 - ``error``: ``{"event": "error", "error": "<json {type, message}>"}``
 
-Pub/sub messages are the same map as one JSON object, plus ``"id"``: the stream entry id, so
-a live subscriber can resume from the stream with no gap.
+Pub/sub messages are one JSON object: ``"id"`` (the stream entry id, so a live subscriber can
+resume from the stream with no gap), ``"event"``, and the event's data as an SSE client gets it,
+typed (``decode_entry``): ``{"id", "event": "token", "seq": 0, "text", "token_id": 17}``,
+``{"id", "event": "done", "finish_reason", "usage": {...}}``, ``{"id", "event": "error",
+"error": {"type", "message"}}``.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ def decode_entry(fields: dict[str, str]) -> tuple[EventType, dict[str, Any]]:
 
 
 # publish(stream, channel, maxlen, ttl, payload, order, fields): XADD the entry (``fields``:
-# its field/value pairs) to ``stream`` then PUBLISH ``payload`` (JSON) with the entry id on
-# ``channel``. ``order`` is a token's seq, or '' for a final event. Idempotent: an event the
+# its field/value pairs) to ``stream`` then PUBLISH ``payload`` (a JSON object) with the entry
+# id put first on ``channel``. ``order`` is a token's seq, or '' for a final event. Idempotent: an event the
 # stream already holds (a token whose seq is not past the last one, anything after the final
 # event) is not written again, so a write retried after a lost reply never doubles an entry.
 PUBLISH_FUNCTION = """
@@ -150,7 +153,8 @@ class StreamWriter:
         order, then the entry's field/value pairs."""
         entry = event.fields()
         order = str(event.seq) if isinstance(event, TokenEvent) else ""
-        return [self.maxlen, self.ttl_s, json.dumps(entry), order,
+        message = {"event": entry["event"], **decode_entry(entry)[1]}
+        return [self.maxlen, self.ttl_s, json.dumps(message), order,
                 *[item for pair in entry.items() for item in pair]]
 
 

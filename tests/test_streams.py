@@ -169,6 +169,11 @@ def test_live_sse_and_raw_redis_subscriber_see_the_same_tokens(api, redis_client
     assert live[-1]["event"] == "done"
     ids = [entry_id for entry_id, _, _ in sse]
     assert [m["id"] for m in live] == ids[len(ids) - len(live):]
+    # each message is the SSE event's data, typed as there, with its id and event
+    assert live == [{"id": i, "event": e, **d} for i, e, d in sse[len(sse) - len(live):]]
+    assert all(isinstance(m["seq"], int) and isinstance(m["token_id"], int)
+               for m in live if m["event"] == "token")
+    assert isinstance(live[-1]["usage"], dict)
 
 
 def test_cancelling_a_running_job_stops_it_and_spares_its_batch(api):
