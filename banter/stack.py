@@ -152,7 +152,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         print(f"banterhearts is up\n  API      {url}\n  Redis    {redis_shown}"
               f"\n  models   {settings.model_root}"
               f"{' (demo models built)' if built else ''}\n  registry {settings.registry_path}"
-              "\nCtrl-C stops everything.", flush=True)
+              + ("" if exit_after_sample else "\nCtrl-C stops everything."), flush=True)
         if sample:
             sample_jobs(url, key)
         if exit_after_sample:

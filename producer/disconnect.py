@@ -17,10 +17,16 @@ _RDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 def watch(environ: dict[str, Any]) -> Callable[[], bool]:
-    """A check, callable from any thread while the request is in hand: has its client left?"""
+    """A check, callable from any thread while the request is in hand, from several at once
+    (``/v1/inference/batch`` waits on each job in a thread): has its client left?"""
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
     if sock is None or not _RDHUP:
         return lambda: False
-    poller = select.poll()
-    poller.register(sock.fileno(), _RDHUP)  # POLLHUP and POLLERR are always reported
-    return lambda: bool(poller.poll(0))
+    fd = sock.fileno()
+
+    def gone() -> bool:
+        poller = select.poll()  # one per call: a poll object refuses concurrent poll()s
+        poller.register(fd, _RDHUP)  # POLLHUP and POLLERR are always reported
+        return bool(poller.poll(0))
+
+    return gone

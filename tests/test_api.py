@@ -202,6 +202,45 @@ def test_inference_batch_keeps_prompt_order(api):
     assert int(response.headers["X-Batch-Size"]) >= 1
 
 
+def test_an_inference_batch_of_many_long_prompts_answers_each(api):
+    """Each prompt's wait asks whether the client left, all at once from the batch's threads."""
+    for _ in range(3):
+        response = api.post("/v1/inference/batch", {"prompts": list("abcdefgh"),
+                                                     "max_tokens": 40})
+        assert response.status_code == 200, response.text
+        assert [r["finish_reason"] for r in response.json()["results"]] == ["length"] * 8
+
+
+def test_the_client_watch_answers_many_threads_at_once():
+    import socket
+    import threading
+
+    from producer.disconnect import watch
+
+    ours, theirs = socket.socketpair()
+    gone = watch({"werkzeug.socket": ours})
+    seen: list[bool] = []
+    failed: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            seen.extend(gone() for _ in range(2000))
+        except Exception as exc:  # a thread's failure is the test's
+            failed.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed and len(seen) == 32000 and not any(seen)
+    theirs.sendall(b"more bytes from a client that stays")  # data is not leaving
+    assert not gone()
+    theirs.close()
+    assert gone()
+    ours.close()
+
+
 def test_inference_batch_whose_every_prompt_fails_before_its_pass_has_no_batch_size(api):
     response = api.post("/v1/inference/batch", {"prompts": ["zq " * 4000] * 2, "max_tokens": 1})
     assert response.status_code == 200, response.text
