@@ -554,6 +554,7 @@ def test_up_with_a_sample_then_exit(tmp_path):
     redis_url = re.search(r"Redis\s+(redis://:\*\*\*@127\.0\.0\.1:(\d+)/0) \(private; ", text)
     assert redis_url, text
     assert "(demo models built)" in text
+    assert "Ctrl-C" not in text  # it stops by itself
     assert "sample generate (demo-gpt v1, onnx, batch 1," in text
     assert f"\n  {DEMO_TEXT.strip()}\n" in text  # 18 tokens: the whole demo sentence
     assert "\nsample embed (demo-embed): 128 dims, first [" in text
