@@ -168,7 +168,7 @@ def create_batch():
     if metadata is not None and (not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())):
         raise InvalidRequest("'metadata' must be an object of string values", "metadata")
-    check_room(c, len(lines))
+    check_room(c, len(lines), len(lines) - lines_with_jobs(c, owner, key, lines))
     batch_id = keyed_batch_id(owner, key) if key else f"batch_{uuid.uuid4().hex}"
     submitted = submit_lines(c, owner, lines, key)
     now = int(time.time())
@@ -294,17 +294,27 @@ def batch_lines(body: dict) -> list[BatchLine]:
     return lines
 
 
-def check_room(c: Context, lines: int) -> None:
-    """QueueFull unless the bulk queue can take a job per line now (so a batch is rarely cut in
-    two: see docs/decisions.md, Bulk); TooLarge when it never could."""
+def check_room(c: Context, lines: int, new: int) -> None:
+    """QueueFull unless the bulk queue can take a job for each of the ``new`` lines (those
+    with no job yet) now, so a batch is rarely cut in two (see docs/decisions.md, Bulk);
+    TooLarge when its ``lines`` never could fit."""
     limit = c.settings.max_queue_depth
     if limit and lines > limit:  # no wait would help: 413, not a 429 to retry for ever
         raise TooLarge(f"a batch of {lines} requests cannot fit the bulk queue's limit of "
                        f"{limit} jobs (BANTER_MAX_QUEUE_DEPTH): split it, or use banter bulk",
                        "requests")
-    if limit and c.jobs.queues.depth()[Lane.BULK.value] + lines > limit:
-        raise QueueFull(f"the bulk queue cannot take {lines} more jobs now (limit {limit}); "
+    if limit and new and c.jobs.queues.depth()[Lane.BULK.value] + new > limit:
+        raise QueueFull(f"the bulk queue cannot take {new} more jobs now (limit {limit}); "
                         "retry later", retry_after_s=5)
+
+
+def lines_with_jobs(c: Context, owner: str, key: str | None, lines: list[BatchLine]) -> int:
+    """How many lines of a keyed batch already have a job: a create sent again after one cut
+    short (a 429 half way, a timeout) takes them over, so they need no room in the queue."""
+    if not key:
+        return 0
+    names = [keys.idempotency(owner, line_key(key, line.custom_id)) for line in lines]
+    return sum(1 for job_id in c.redis.mget(names) if job_id)
 
 
 @blueprint.get("/v1/batches/<batch_id>")

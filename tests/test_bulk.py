@@ -556,7 +556,7 @@ def test_a_create_refused_half_way_cancels_the_jobs_it_submitted(settings, redis
     """Another client filling the bulk queue between the room check and the last line's
     submit: the create is a 429 and the lines it had submitted never run (no batch names
     them; a retry would run them again). The race is made certain by skipping the check."""
-    monkeypatch.setattr(batches, "check_room", lambda c, lines: None)
+    monkeypatch.setattr(batches, "check_room", lambda c, lines, new: None)
     marker = f"batch-half-{uuid.uuid4().hex[:8]}"
     with unserved_producer(settings, redis_client, max_queue_depth=2) as (server, _queue):
         refused = Api(server.url).post("/v1/batches", {"requests": [
@@ -565,6 +565,29 @@ def test_a_create_refused_half_way_cancels_the_jobs_it_submitted(settings, redis
     statuses = [redis_client.hget(key, "status") for key in redis_client.scan_iter(keys.job("*"))
                 if marker in (redis_client.hget(key, "input") or "")]
     assert statuses == ["cancelled", "cancelled"]
+
+
+def test_a_keyed_create_sent_again_needs_room_only_for_its_lines_without_jobs(
+        settings, redis_client, demo_models, monkeypatch):
+    """A keyed create cut short by a full queue keeps the jobs it queued; sent again, only the
+    lines still without a job need room, so it goes through as soon as they fit (not once the
+    whole batch would fit again beside its own jobs)."""
+    marker = f"batch-room-{uuid.uuid4().hex[:8]}"
+    body = {"requests": [request_line(i, marker) for i in (1, 2, 4)], "idempotency_key": marker}
+    with unserved_producer(settings, redis_client, max_queue_depth=4) as (server, queue):
+        api, bulk_queue = Api(server.url), f"{queue}-bulk"
+        for _ in range(2):  # another client's backlog
+            assert api.post("/v1/jobs", {"kind": "embed", "input": "x",
+                                         "lane": "bulk"}).status_code == 202
+        with monkeypatch.context() as patch:  # the race: the queue fills during the create
+            patch.setattr(batches, "check_room", lambda c, lines, new: None)
+            cut = api.post("/v1/batches", body)
+        assert cut.status_code == 429 and redis_client.llen(bulk_queue) == 4
+        redis_client.rpop(bulk_queue, 2)  # a worker takes the backlog: room for one more
+        again = api.post("/v1/batches", body)
+        assert again.status_code == 200, again.text
+        assert again.json()["request_counts"]["total"] == 3
+        assert redis_client.llen(bulk_queue) == 3 and jobs_with(redis_client, marker) == 3
 
 
 def test_batches_are_listed_newest_first_a_page_at_a_time(api):
