@@ -44,9 +44,9 @@ def test_late_subscriber_gets_every_token_then_done(api):
     assert [d["seq"] for _, e, d in events if e == "token"] == list(range(6))
     assert "".join(d["text"] for _, e, d in events if e == "token") == "".join(WORDS[:6])
     job = api.get(f"/v1/jobs/{job_id}").json()
-    assert events[-1][2] == {"finish_reason": "length",
-                             "usage": {"prompt_tokens": job["usage"]["prompt_tokens"],
-                                       "completion_tokens": 6}}
+    assert events[-1][2] == {"finish_reason": "length", "usage": job["usage"]}
+    assert job["usage"]["completion_tokens"] == 6
+    assert job["usage"]["total_tokens"] == job["usage"]["prompt_tokens"] + 6
 
 
 def test_last_event_id_resumes_with_exactly_the_rest(api):
