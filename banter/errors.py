@@ -158,6 +158,13 @@ class ClientGone(BanterError):
     status = 499
 
 
+class WaitInterrupted(Unavailable):
+    """Redis went away for longer than a synchronous call rides out, after its job was made;
+    the job goes on (503 with ``X-Should-Retry: false``, as a Timeout's 504)."""
+
+    type = "wait_interrupted"
+
+
 class RequestTimeout(BanterError):
     """The client stopped sending its request body for BANTER_CLIENT_TIMEOUT_S (408)."""
 

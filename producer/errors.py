@@ -18,6 +18,7 @@ from banter.errors import (
     Timeout,
     Unauthorized,
     Unavailable,
+    WaitInterrupted,
     WireError,
     openai_status,
 )
@@ -31,8 +32,9 @@ def error_response(exc: BanterError) -> tuple[Response, int]:
         response.headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, Timeout):  # the job runs on: a retry would run it twice (OpenAI's SDKs
-        response.headers["X-Should-Retry"] = "false"  # retry a 504 unless told not to)
+    if isinstance(exc, (Timeout, WaitInterrupted)):  # the job runs on: a retry would run it
+        response.headers["X-Should-Retry"] = "false"  # twice (OpenAI's SDKs retry a 504 or a
+        # 503 unless told not to)
     return response, openai_status(exc.status) if request.blueprint == "openai" else exc.status
 
 

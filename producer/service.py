@@ -31,6 +31,7 @@ from banter.errors import (
     QueueFull,
     Timeout,
     Unavailable,
+    WaitInterrupted,
 )
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, Lane, end_queued
 from banter.params import SamplingParams
@@ -179,7 +180,7 @@ class JobService:
         ``gone``: asked about once a second, whether the waiting client has left; when it has,
         raise ClientGone (the job goes on: the caller cancels it)."""
         deadline = time.monotonic() + (timeout_s or self.settings.sync_timeout_s)
-        after = "0-0"
+        after, failing_since = "0-0", None
         while True:
             if gone is not None and gone():
                 raise ClientGone(f"the client left before job {job_id} ended")
@@ -188,15 +189,33 @@ class JobService:
                 raise Timeout(f"job {job_id} did not finish within "
                               f"{timeout_s or self.settings.sync_timeout_s:g}s; poll "
                               f"GET /v1/jobs/{job_id} for its result")
-            block_ms = min(left_ms, 5000 if gone is None else 1000)
-            for entry_id, kind, _data in read_events(self.redis, job_id, after,
-                                                     block_ms=block_ms):
-                after = entry_id
-                if kind is not EventType.TOKEN:
-                    record = self.jobs.get(job_id)
-                    if record is None:
-                        raise JobNotFound(f"job {job_id} expired")
-                    return record
+            try:
+                after, record = self._read_to_end(job_id, after,
+                                                  min(left_ms, 5000 if gone is None else 1000))
+                failing_since = None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > REDIS_RETRY_S:
+                    raise WaitInterrupted(f"Redis went away while this call waited ({exc}); "
+                                          f"job {job_id} goes on: poll GET /v1/jobs/{job_id} "
+                                          "for its result") from None
+                time.sleep(0.5)
+                continue
+            if record is not None:
+                return record
+
+    def _read_to_end(self, job_id: str, after: str,
+                     block_ms: int) -> tuple[str, JobRecord | None]:
+        """The job's events after ``after`` (waiting up to ``block_ms`` for one): the last
+        entry id read, and the job's record once its final event is among them."""
+        for entry_id, kind, _data in read_events(self.redis, job_id, after, block_ms=block_ms):
+            after = entry_id
+            if kind is not EventType.TOKEN:
+                record = self.jobs.get(job_id)
+                if record is None:
+                    raise JobNotFound(f"job {job_id} expired")
+                return after, record
+        return after, None
 
     def cancel(self, job_id: str, owner: str) -> JobRecord:
         """Queued: never runs. Running: the worker stops it at the next step. Finished: as is."""
@@ -209,6 +228,7 @@ class JobService:
 
 
 LIVE_SEEN_S = 1.0
+REDIS_RETRY_S = 10.0  # how long a wait or a stream rides out a dropped Redis connection
 _NO_WORKER = {
     "onnx": "no live worker runs ONNX Runtime models: start one with 'banter worker --cpu' or "
             "'--gpu N' (or submit with POST /v1/jobs: the job waits in the queue for one)",

@@ -14,9 +14,9 @@ from flask import Response, request, stream_with_context
 from banter import errors
 from banter.errors import JobNotFound
 from banter.streams import EventType, ended_by, entry_key, read_events, read_start
+from producer.service import REDIS_RETRY_S
 
 KEEPALIVE_S = 15
-REDIS_RETRY_S = 10.0  # how long a stream rides out a dropped Redis connection before it ends
 FIRST_EVENT_WAIT_S = 1.0  # how long a just-submitted job's stream waits for an early error
 
 log = logging.getLogger("banter.producer")

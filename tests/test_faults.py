@@ -268,6 +268,61 @@ def test_redis_restart_mid_stream_loses_nothing(stack):
     assert "Unrecoverable error" not in (stack.logs / "steady@localhost.log").read_text()
 
 
+def synchronous_call_across_an_outage(stack: Stack, down_s: float) -> tuple[requests.Response,
+                                                                           str]:
+    """``POST /v1/inference`` of 1,000 tokens; once its job streams, Redis stops for ``down_s``
+    and starts again. Returns the call's answer and its job's id."""
+    import threading
+
+    answered: list[requests.Response] = []
+    call = threading.Thread(target=lambda: answered.append(stack.api.post(
+        "/v1/inference", {"prompt": "through", "max_tokens": 1000})))
+    call.start()
+    deadline = time.monotonic() + 60
+    while not (streams := list(stack.redis.scan_iter(keys.stream("*")))):
+        assert time.monotonic() < deadline, "the call's job never streamed"
+        time.sleep(0.02)
+    wait_tokens(stack, [streams[0].split(":")[-1]], at_least=5)
+    stack.redis_server.stop()
+    time.sleep(down_s)
+    stack.redis_server.start()
+    call.join(timeout=150)
+    return answered[0], streams[0].split(":")[-1]
+
+
+def test_a_synchronous_call_rides_out_a_redis_restart(stack):
+    """The call waits through a short outage and answers its job's result: a 503 would have
+    the client (an SDK's retry) send it again, and run it twice."""
+    worker = stack.worker("patient@localhost")
+    try:
+        response, job_id = synchronous_call_across_an_outage(stack, down_s=1.0)
+        assert response.status_code == 200, response.text
+        assert response.json()["text"] == expected_text(1000)
+        assert response.headers["X-Job-ID"] == job_id
+        assert_exactly_once(stack, job_id, 1000)
+    finally:
+        stop_process(worker)
+
+
+def test_a_synchronous_call_cut_by_a_long_outage_says_its_job_goes_on(stack, monkeypatch):
+    """Past what a wait rides out (shortened here), the call is a 503 that names its job and
+    tells SDKs not to retry (X-Should-Retry: false); the job finishes once Redis is back."""
+    import producer.service
+
+    monkeypatch.setattr(producer.service, "REDIS_RETRY_S", 1.0)
+    worker = stack.worker("outlasted@localhost")
+    try:
+        response, job_id = synchronous_call_across_an_outage(stack, down_s=4.0)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["type"] == "wait_interrupted" and f"GET /v1/jobs/{job_id}" in error["message"]
+        assert response.headers["X-Should-Retry"] == "false"
+        assert response.headers["X-Job-ID"] == job_id
+        assert_exactly_once(stack, job_id, 1000)
+    finally:
+        stop_process(worker)
+
+
 def test_producer_restart_while_jobs_stream(stack):
     worker = stack.worker("calm@localhost")
     try:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from dataclasses import replace
 
+import pytest
 import requests
 
 from banter import keys
@@ -307,6 +309,35 @@ def test_an_embed_pass_costs_no_round_trip_and_rides_on_the_next_terminal_event(
     assert stats["embed_passes"] == "2" and stats["embed_items"] == "11"
     sink.streams.publish([DoneEvent("er-2", "stop", {})], also=sink.add_passes)
     assert redis_client.hget("banter:worker:embed-ride@test:stats", "embed_passes") == "2"  # once
+
+
+@pytest.mark.parametrize("failure", ["timeout", "connection"])
+def test_a_publish_whose_redis_does_not_answer_is_sent_again_not_dropped(redis_client, failure):
+    """A hung Redis (the reply times out, the commands may have run) or a dropped connection:
+    the step's tokens are sent again until Redis answers, and each is in the stream once."""
+    import redis
+
+    from banter.streams import StreamWriter, TokenEvent
+    from workers.runtime import RedisSink
+
+    job_id = f"hung-{uuid.uuid4().hex[:8]}"
+    error = redis.TimeoutError if failure == "timeout" else redis.ConnectionError
+
+    class Hung(StreamWriter):
+        failures = 2
+
+        def publish(self, events, also=None):
+            if self.failures:
+                self.failures -= 1
+                if failure == "timeout":  # it ran; only the reply was lost
+                    super().publish(events, also)
+                raise error("Timeout reading from socket")
+            return super().publish(events, also)
+
+    sink = RedisSink(redis_client, Hung(redis_client, 100, 60), "hung@test")
+    sink.publish_tokens([TokenEvent(job_id, 0, "a", 1), TokenEvent(job_id, 1, "b", 2)])
+    entries = redis_client.xrange(keys.stream(job_id))
+    assert [(e["seq"], e["text"]) for _id, e in entries] == [("0", "a"), ("1", "b")]
 
 
 def test_pass_counters_drained_by_several_threads_at_once_are_each_counted_once():

@@ -81,7 +81,9 @@ class RedisSink:
             try:
                 self.streams.publish(events, also=lambda pipe: self._write_passes(pipe, passes))
                 return
-            except redis.ConnectionError as exc:  # Redis restarting: hold the engine, keep the tokens
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting or
+                # hung: hold the engine, keep the tokens (a publish whose reply was lost and is
+                # sent again writes nothing twice: PUBLISH_FUNCTION)
                 log.warning("publish_retry", extra={"error": str(exc), "delay_s": delay})
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
