@@ -204,8 +204,18 @@ def cmd_flower(args, settings: Settings) -> int:
     if args.unauthenticated:
         os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"  # else Flower answers its API 401
     app = make_celery(settings, "banterhearts-flower")
-    return app.start(["flower", f"--port={args.port}", f"--address={args.address}",
-                      "--read_only=true", *auth]) or EXIT_OK
+    try:
+        code = app.start(["flower", f"--port={args.port}", f"--address={args.address}",
+                          "--read_only=true", *auth]) or EXIT_OK
+    except SystemExit as exc:  # Flower's SIGTERM handler, or its command's end
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else 1
+    # its threads retry a broker that went away for as long as it stays away, and an interpreter
+    # exit would wait on them: end the process here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_models(args, settings: Settings) -> int:

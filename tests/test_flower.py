@@ -13,7 +13,7 @@ import uuid
 
 import requests
 
-from banter.redisserver import free_port
+from banter.redisserver import RedisServer, free_port
 from tests.conftest import WORKER_NODE, stop_process
 
 CLI = [sys.executable, "-m", "banter.cli"]
@@ -96,3 +96,29 @@ def test_flower_shows_a_finished_job(api, settings, stack_env, tmp_path):
     assert info["runtime"] > 0 and info["succeeded"] >= info["started"]
     assert info["args"] == repr([job["id"]]) and info["kwargs"] == "{}"
     assert secret not in json.dumps(info)
+
+
+def test_flower_stops_on_sigterm_while_its_broker_is_gone(tmp_path):
+    """Flower's threads retry a broker that went away for as long as it stays away; SIGTERM
+    still stops it at once, with exit 0, as every banter server stops."""
+    redis_server = RedisServer(tmp_path / "redis", persist=False)
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANTER_")}
+    env.update({"BANTER_REDIS_URL": redis_server.start(), "BANTER_HOME": str(tmp_path / "home"),
+                "BANTER_AUTH_DISABLED": "true"})
+    log = tmp_path / "flower.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([*CLI, "flower", "--port", url.rsplit(":", 1)[1],
+                                    "--unauthenticated"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_for_flower(url, process, log)
+        redis_server.stop()
+        requests.get(f"{url}/api/workers", params={"refresh": 1}, timeout=30)  # a broker call
+        time.sleep(2)  # its event thread is retrying
+        process.terminate()
+        assert process.wait(timeout=15) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
