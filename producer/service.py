@@ -189,12 +189,13 @@ class JobService:
                 raise Timeout(f"job {job_id} did not finish within "
                               f"{timeout_s or self.settings.sync_timeout_s:g}s; poll "
                               f"GET /v1/jobs/{job_id} for its result")
+            tried_at = time.monotonic()  # a hung Redis's socket timeout counts as out of reach
             try:
                 after, record = self._read_to_end(job_id, after,
                                                   min(left_ms, 5000 if gone is None else 1000))
                 failing_since = None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                failing_since = failing_since or time.monotonic()
+                failing_since = failing_since or tried_at
                 if time.monotonic() - failing_since > REDIS_RETRY_S:
                     raise WaitInterrupted(f"Redis went away while this call waited ({exc}); "
                                           f"job {job_id} goes on: poll GET /v1/jobs/{job_id} "

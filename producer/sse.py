@@ -49,6 +49,7 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
     yield ": stream open\n\n"
     failing_since, cursor = None, None
     while True:
+        tried_at = time.monotonic()  # a hung Redis's socket timeout counts as time out of reach
         try:
             cursor = cursor or read_start(client, job_id, after)
             batch = read_events(client, job_id, cursor, block_ms=KEEPALIVE_S * 1000)
@@ -60,7 +61,7 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
             log.warning("stream_job_gone", extra={"job_id": job_id})
             return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            failing_since = failing_since or time.monotonic()
+            failing_since = failing_since or tried_at
             if time.monotonic() - failing_since > REDIS_RETRY_S:
                 log.warning("stream_interrupted", extra={"job_id": job_id, "error": str(exc)})
                 if interrupted:
