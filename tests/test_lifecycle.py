@@ -283,6 +283,27 @@ def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, privat
     assert runtime.redis.llen(queue) == 1
 
 
+def test_a_job_whose_redis_goes_away_while_it_runs_is_left_for_takeover(settings, private_url,
+                                                                       monkeypatch):
+    """Not failed as a worker bug would fail it ("internal worker error", for good): it stays
+    running, with no error, for a worker to take over once its lease lapses."""
+    import redis
+
+    runtime = runtime_on(settings, private_url, "blip@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
+                       owner="anonymous", lane="interactive", backend="onnx")
+    runtime.jobs.create(record)
+
+    def redis_gone(job):
+        raise redis.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(runtime, "_execute", redis_gone)
+    assert runtime.run_job(record.id) == "interrupted"
+    left = runtime.jobs.get(record.id)
+    assert left.status == "running" and left.error is None
+    assert runtime.redis.get(keys.lease(record.id)) is None  # released: no wait for its TTL
+
+
 def test_a_second_worker_with_a_live_workers_name_is_warned(stack_env, redis_client, tmp_path):
     first = start_worker({**stack_env, **PAUSED}, "twin@localhost", tmp_path / "first.log",
                          redis_client)

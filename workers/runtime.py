@@ -231,7 +231,8 @@ class WorkerRuntime:
             with self._held_lock:
                 self._held.discard(job_id)
             self.sink.resume_from.pop(job_id, None)
-            self.jobs.release(job_id, self.node)
+            with contextlib.suppress(redis.RedisError):  # Redis gone: the lease lapses instead
+                self.jobs.release(job_id, self.node)
 
     def _resume(self, record: JobRecord) -> None:
         """A job taken over from a dead worker: skip the tokens its stream already has."""
@@ -246,6 +247,8 @@ class WorkerRuntime:
         """``yielded``: seconds the job has waited for interactive ones so far."""
         try:
             outcome = self._execute(record)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            return self._interrupted(record, exc)
         except BanterError as exc:
             return self._fail(record, exc)
         except Exception as exc:  # a bug: record it on the job, keep the worker serving
@@ -253,7 +256,18 @@ class WorkerRuntime:
             return self._fail(record, InferenceError(f"internal worker error: {exc!r}"))
         if record.lane != "interactive":
             yielded += self.gate.wait_clear()
-        return self._finish(record, self._covering_stream(record, outcome), yielded)
+        try:
+            return self._finish(record, self._covering_stream(record, outcome), yielded)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            return self._interrupted(record, exc)
+
+    def _interrupted(self, record: JobRecord, exc: Exception) -> str:
+        """Redis went away while the job ran (not the job's fault, nor a bug): it stays
+        ``running``, and once its lease lapses a worker takes it over (Delivery), its stream
+        kept as it is."""
+        log.warning("job_interrupted", extra={"job_id": record.id, "trace_id": record.trace_id,
+                                              "error": str(exc)})
+        return "interrupted"
 
     def _covering_stream(self, record: JobRecord, outcome: Outcome) -> Outcome:
         """A taken-over job cancelled or expired before its rerun caught up with its stream
