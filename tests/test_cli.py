@@ -388,7 +388,7 @@ def test_stream_of_a_cancelled_job_says_so(api):
     result = banter("stream", job["id"], "--url", api.url)
     assert result.returncode == 1
     assert result.stderr.strip() == "banter: the job was cancelled (DELETE /v1/jobs/{id}, or " \
-                                    "its streaming client left)"
+                                    "its client left)"
 
 
 def test_stream_of_a_failed_job_says_why(api):

@@ -98,7 +98,8 @@ def test_cancelled_and_expired_queued_jobs_never_run(paused, stack_env, redis_cl
     assert done["timings"]["started_at"] is None and done["result"] is None
     assert stream_events(redis_client, cancelled["id"]) == [
         (EventType.DONE, {"finish_reason": "cancelled",
-                          "usage": {"prompt_tokens": 0, "completion_tokens": 0}})]
+                          "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                    "total_tokens": 0}})]
     assert expired["status"] == "expired" and expired["timings"]["started_at"] is None
     assert [kind for kind, _ in stream_events(redis_client, expiring["id"])] == [EventType.DONE]
     after = counted(redis_client, **CANCELLED), counted(redis_client, **EXPIRED)

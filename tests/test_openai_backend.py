@@ -174,7 +174,8 @@ def test_streamed_inference_carries_the_upstream_tokens_in_order(oa_api):
     tokens = [data for _, event, data in events if event == "token"]
     assert tokens == [{"seq": i, "text": t, "token_id": -1} for i, t in enumerate(REPLY[:4])]
     assert events[-1][1:] == ("done", {"finish_reason": "length",
-                                       "usage": {"prompt_tokens": 2, "completion_tokens": 4}})
+                                       "usage": {"prompt_tokens": 2, "completion_tokens": 4,
+                                                 "total_tokens": 6}})
 
 
 def test_embeddings_fall_back_to_the_upstream_embedding_model(oa_api, fake):
@@ -386,7 +387,8 @@ def test_cancelling_mid_stream_closes_the_upstream_request(oa_api, fake):
         rest = list(events)
     assert rest[-1][1:] == ("done", {"finish_reason": "cancelled",
                                      "usage": {"prompt_tokens": 0,
-                                               "completion_tokens": len(rest)}})
+                                               "completion_tokens": len(rest),
+                                               "total_tokens": len(rest)}})
     assert fake.disconnected.wait(5), "the upstream never saw its client hang up"
     assert fake.slow_sent < 100
     job = oa_api.wait_job(job_id)
