@@ -13,6 +13,7 @@ import json
 from typing import Any, Iterator
 
 import requests
+import urllib3
 
 from banter.errors import BanterError, Unavailable, from_dict
 
@@ -48,6 +49,14 @@ def _json(response: requests.Response, text: str | None = None) -> Any:
     except ValueError:
         raise not_a_producer(response.url, f"HTTP {response.status_code} with a body that is "
                              "not JSON") from None
+
+
+def _timed_out(exc: requests.RequestException) -> bool:
+    """A read that waited ``timeout_s`` for its next byte: before the answer's headers
+    (ReadTimeout), or in its body (requests wraps urllib3's ReadTimeoutError in a
+    ConnectionError there)."""
+    return isinstance(exc, requests.ReadTimeout) or bool(
+        exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError))
 
 
 def not_a_producer(url: str, answered: str) -> Unavailable:
@@ -129,10 +138,10 @@ class Client:
         except requests.ConnectTimeout:
             raise Unavailable(f"cannot reach {self.url}: no connection within "
                               f"{CONNECT_TIMEOUT_S:g}s") from None
-        except requests.ReadTimeout:
-            raise Unavailable(f"{self.url} did not answer {method} {path} within "
-                              f"{self.timeout_s:g}s (--timeout)") from None
         except requests.RequestException as exc:
+            if _timed_out(exc):
+                raise Unavailable(f"{self.url} did not answer {method} {path} within "
+                                  f"{self.timeout_s:g}s (--timeout)") from None
             raise Unavailable(f"cannot reach {self.url}: {exc}") from None
         if response.status_code >= 400:
             try:

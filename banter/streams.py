@@ -50,6 +50,13 @@ class TokenEvent:
                 "token_id": str(self.token_id)}
 
 
+def _with_total(usage: Any) -> Any:
+    """A done event's usage with ``total_tokens``, as a job record's and OpenAI's have it."""
+    if isinstance(usage, dict) and {"prompt_tokens", "completion_tokens"} <= usage.keys():
+        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+    return usage
+
+
 @dataclass(frozen=True)
 class DoneEvent:
     job_id: str
@@ -58,7 +65,7 @@ class DoneEvent:
 
     def fields(self) -> dict[str, str]:
         return {"event": EventType.DONE.value, "finish_reason": self.finish_reason,
-                "usage": json.dumps(self.usage)}
+                "usage": json.dumps(_with_total(self.usage))}
 
 
 @dataclass(frozen=True)
@@ -82,17 +89,10 @@ def decode_entry(fields: dict[str, str]) -> tuple[EventType, dict[str, Any]]:
                           "token_id": int(fields["token_id"])}
         if kind is EventType.DONE:
             return kind, {"finish_reason": fields["finish_reason"],
-                          "usage": _with_total(json.loads(fields["usage"]))}
+                          "usage": json.loads(fields["usage"])}
         return kind, {"error": json.loads(fields["error"])}
     except (KeyError, ValueError, TypeError) as exc:
         raise WireError(f"bad stream entry {fields!r}: {exc}") from exc
-
-
-def _with_total(usage: Any) -> Any:
-    """A done event's usage with ``total_tokens``, as a job record's and OpenAI's have it."""
-    if isinstance(usage, dict) and {"prompt_tokens", "completion_tokens"} <= usage.keys():
-        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-    return usage
 
 
 # publish(stream, channel, maxlen, ttl, payload, order, fields): XADD the entry (``fields``:

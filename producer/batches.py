@@ -148,15 +148,6 @@ def create_batch():
                    {"input_file_id": "send the request lines themselves in 'requests' (or run "
                                      "the file with banter bulk)"})
     key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
-    digest = batch_digest(body)
-    if key:
-        earlier = c.redis.hgetall(keys.batch(keyed_batch_id(owner, key)))
-        if earlier:
-            if earlier.get("request_hash") != digest:
-                raise IdempotencyKeyReused(
-                    f"idempotency_key {key!r} was used for a different batch "
-                    f"({earlier['id']}); send that batch again, or use a new key")
-            return jsonify(batch_object(c, earlier, submitted_lines(earlier)))
     lines = batch_lines(body)
     endpoint = body.get("endpoint")
     if endpoint is not None and (endpoint not in URLS or any(x.url != endpoint for x in lines)):
@@ -168,6 +159,15 @@ def create_batch():
     if metadata is not None and (not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())):
         raise InvalidRequest("'metadata' must be an object of string values", "metadata")
+    digest = batch_digest(body)
+    if key:  # checked after the body: a bad field is a 422 whatever the key
+        earlier = c.redis.hgetall(keys.batch(keyed_batch_id(owner, key)))
+        if earlier:
+            if earlier.get("request_hash") != digest:
+                raise IdempotencyKeyReused(
+                    f"idempotency_key {key!r} was used for a different batch "
+                    f"({earlier['id']}); send that batch again, or use a new key")
+            return jsonify(batch_object(c, earlier, submitted_lines(earlier)))
     check_room(c, len(lines), len(lines) - lines_with_jobs(c, owner, key, lines))
     batch_id = keyed_batch_id(owner, key) if key else f"batch_{uuid.uuid4().hex}"
     submitted = submit_lines(c, owner, lines, key)

@@ -643,6 +643,8 @@ def test_a_batch_sent_again_with_its_defaults_spelt_out_is_the_same_batch(api):
         assert again.status_code == 200 and again.json()["id"] == first, again.text
     other = api.post("/v1/batches", {**body, "metadata": {"k": "v"}})
     assert other.status_code == 409 and other.json()["error"]["type"] == "idempotency_key_reused"
+    bad = api.post("/v1/batches", {**body, "completion_window": "1h"})  # bad, whatever the key
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "completion_window"
 
 
 def test_a_batch_with_an_unknown_field_is_refused(api):

@@ -826,6 +826,27 @@ def test_a_server_that_never_answers_is_exit_3_after_timeout(tmp_path, command):
     assert "Traceback" not in result.stderr
 
 
+def test_an_answer_whose_body_stops_is_exit_3_after_timeout():
+    """Headers, then part of the body, then nothing: as a server that never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def half_answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 100\r\n\r\n{\"text\": ")
+                time.sleep(10)
+
+        threading.Thread(target=half_answer, daemon=True).start()
+        result = banter("submit", "hi", "--url", url, "--timeout", "1", timeout=40)
+    assert result.returncode == 3, result.stderr
+    assert f"{url} did not answer POST /v1/inference within 1s (--timeout)" in result.stderr
+
+
 def test_a_stream_that_goes_silent_is_exit_3_after_timeout():
     """A stream whose server stops sending (no event, no keep-alive) ends the command after
     ``--timeout``, with the tokens so far printed and the way to follow the job."""

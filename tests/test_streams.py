@@ -37,7 +37,7 @@ def submit(api, max_tokens: int, prompt: str = "go") -> str:
                                  "params": {"max_tokens": max_tokens}}).json()["id"]
 
 
-def test_late_subscriber_gets_every_token_then_done(api):
+def test_late_subscriber_gets_every_token_then_done(api, redis_client):
     job_id = submit(api, 6)
     api.wait_job(job_id)
     with api.session.get(f"{api.url}/v1/jobs/{job_id}/events", stream=True, timeout=30) as r:
@@ -47,6 +47,8 @@ def test_late_subscriber_gets_every_token_then_done(api):
     assert "".join(d["text"] for _, e, d in events if e == "token") == "".join(WORDS[:6])
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert events[-1][2] == {"finish_reason": "length", "usage": job["usage"]}
+    raw = redis_client.xrevrange(keys.stream(job_id), count=1)[0][1]  # as XRANGE readers get it
+    assert json.loads(raw["usage"]) == job["usage"]
     assert job["usage"]["completion_tokens"] == 6
     assert job["usage"]["total_tokens"] == job["usage"]["prompt_tokens"] + 6
 
