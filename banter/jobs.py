@@ -24,7 +24,7 @@ from redis.client import Pipeline
 from banter import keys
 from banter.errors import IdempotencyKeyReused, WireError
 from banter.metrics import JOB_END_FUNCTION, job_end_spec, timings_ms
-from banter.streams import PUBLISH_FUNCTION, DoneEvent, StreamEvent, StreamWriter
+from banter.streams import PUBLISH_FUNCTION, DoneEvent, StreamEvent, StreamWriter, with_total
 
 log = logging.getLogger("banter.jobs")
 
@@ -133,7 +133,7 @@ class JobRecord:
             "version": self.version, "backend": self.backend, "batch_size": self.batch_size,
             "lane": self.lane, "worker": self.worker, "attempts": self.attempts,
             "result": self.result, "error": self.error,
-            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+            "usage": with_total(usage),
             "timings": {
                 "queued_at": _iso(self.queued_at), "started_at": _iso(self.started_at),
                 "finished_at": _iso(self.finished_at),

@@ -50,8 +50,9 @@ class TokenEvent:
                 "token_id": str(self.token_id)}
 
 
-def _with_total(usage: Any) -> Any:
-    """A done event's usage with ``total_tokens``, as a job record's and OpenAI's have it."""
+def with_total(usage: Any) -> Any:
+    """``usage`` with ``total_tokens`` (prompt plus completion), as a done event, a job record
+    and OpenAI's answers have it; as it is when it lacks either count."""
     if isinstance(usage, dict) and {"prompt_tokens", "completion_tokens"} <= usage.keys():
         return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
     return usage
@@ -65,7 +66,7 @@ class DoneEvent:
 
     def fields(self) -> dict[str, str]:
         return {"event": EventType.DONE.value, "finish_reason": self.finish_reason,
-                "usage": json.dumps(_with_total(self.usage))}
+                "usage": json.dumps(with_total(self.usage))}
 
 
 @dataclass(frozen=True)

@@ -244,16 +244,15 @@ def list_batches():
                              "expired): list again from the start", "after")
     start = ids.index(after) + 1 if after is not None else 0
     data, has_more = [], False
-    for batch_id in ids[start:]:  # a full page looks on for one more live batch: has_more
-        fields = c.redis.hgetall(keys.batch(batch_id)) if len(data) < limit else \
-            {"live": "1"} if c.redis.exists(keys.batch(batch_id)) else {}
-        if not fields:  # expired
-            c.redis.zrem(keys.batches(owner), batch_id)
-        elif len(data) == limit:
-            has_more = True
-            break
-        else:
+    for batch_id in ids[start:]:
+        if len(data) == limit:  # a full page: one more live batch after it is has_more
+            if c.redis.exists(keys.batch(batch_id)):
+                has_more = True
+                break
+        elif fields := c.redis.hgetall(keys.batch(batch_id)):
             data.append(batch_object(c, fields, submitted_lines(fields)))
+            continue
+        c.redis.zrem(keys.batches(owner), batch_id)  # expired
     return jsonify({"object": "list", "data": data, "has_more": has_more,
                     "first_id": data[0]["id"] if data else None,
                     "last_id": data[-1]["id"] if data else None})

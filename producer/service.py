@@ -180,7 +180,7 @@ class JobService:
         ``gone``: asked about once a second, whether the waiting client has left; when it has,
         raise ClientGone (the job goes on: the caller cancels it)."""
         deadline = time.monotonic() + (timeout_s or self.settings.sync_timeout_s)
-        after, failing_since = "0-0", None
+        after, outage = "0-0", RedisOutage()
         while True:
             if gone is not None and gone():
                 raise ClientGone(f"the client left before job {job_id} ended")
@@ -189,14 +189,13 @@ class JobService:
                 raise Timeout(f"job {job_id} did not finish within "
                               f"{timeout_s or self.settings.sync_timeout_s:g}s; poll "
                               f"GET /v1/jobs/{job_id} for its result")
-            tried_at = time.monotonic()  # a hung Redis's socket timeout counts as out of reach
+            tried_at = time.monotonic()
             try:
                 after, record = self._read_to_end(job_id, after,
                                                   min(left_ms, 5000 if gone is None else 1000))
-                failing_since = None
+                outage.ended()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                failing_since = failing_since or tried_at
-                if time.monotonic() - failing_since > REDIS_RETRY_S:
+                if outage.failed(tried_at):
                     raise WaitInterrupted(f"Redis went away while this call waited ({exc}); "
                                           f"job {job_id} goes on: poll GET /v1/jobs/{job_id} "
                                           "for its result") from None
@@ -230,6 +229,24 @@ class JobService:
 
 LIVE_SEEN_S = 1.0
 REDIS_RETRY_S = 10.0  # how long a wait or a stream rides out a dropped Redis connection
+
+
+class RedisOutage:
+    """One reader's time without Redis (a synchronous call's wait, an event stream): it has
+    lasted too long once reads have failed for REDIS_RETRY_S, counted from when the first of
+    them was tried, so a hung Redis's socket timeout counts as time out of reach."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    def ended(self) -> None:
+        """A read went through."""
+        self._since = None
+
+    def failed(self, tried_at: float) -> bool:
+        """A read tried at ``tried_at`` (monotonic) failed: whether to give up now."""
+        self._since = self._since if self._since is not None else tried_at
+        return time.monotonic() - self._since > REDIS_RETRY_S
 _NO_WORKER = {
     "onnx": "no live worker runs ONNX Runtime models: start one with 'banter worker --cpu' or "
             "'--gpu N' (or submit with POST /v1/jobs: the job waits in the queue for one)",

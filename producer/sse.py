@@ -14,7 +14,7 @@ from flask import Response, request, stream_with_context
 from banter import errors
 from banter.errors import JobNotFound
 from banter.streams import EventType, ended_by, entry_key, read_events, read_start
-from producer.service import REDIS_RETRY_S
+from producer.service import RedisOutage
 
 KEEPALIVE_S = 15
 FIRST_EVENT_WAIT_S = 1.0  # how long a just-submitted job's stream waits for an early error
@@ -47,22 +47,21 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
     ``interrupted`` (by default nothing: the job goes on, and the client resumes with
     ``Last-Event-ID``)."""
     yield ": stream open\n\n"
-    failing_since, cursor = None, None
+    outage, cursor = RedisOutage(), None
     while True:
-        tried_at = time.monotonic()  # a hung Redis's socket timeout counts as time out of reach
+        tried_at = time.monotonic()
         try:
             cursor = cursor or read_start(client, job_id, after)
             batch = read_events(client, job_id, cursor, block_ms=KEEPALIVE_S * 1000)
             ended = not batch and ended_by(client, job_id, after)
             if not batch and not ended and on_idle is not None:
                 on_idle()
-            failing_since = None
+            outage.ended()
         except JobNotFound:
             log.warning("stream_job_gone", extra={"job_id": job_id})
             return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            failing_since = failing_since or tried_at
-            if time.monotonic() - failing_since > REDIS_RETRY_S:
+            if outage.failed(tried_at):
                 log.warning("stream_interrupted", extra={"job_id": job_id, "error": str(exc)})
                 if interrupted:
                     yield interrupted

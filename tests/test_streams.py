@@ -416,13 +416,14 @@ def test_an_openai_stream_that_loses_redis_ends_with_an_error_chunk(monkeypatch)
     ends without a final event, for a Last-Event-ID resume."""
     import redis as redis_py
 
+    import producer.service
     from producer import sse
 
     class Gone:
         def xread(self, *args, **kwargs):
             raise redis_py.ConnectionError("Connection refused")
 
-    monkeypatch.setattr(sse, "REDIS_RETRY_S", 0.0)
+    monkeypatch.setattr(producer.service, "REDIS_RETRY_S", 0.0)
     assert list(sse.events(Gone(), "j", "0-0", interrupted="data: lost\n\n")) == [
         ": stream open\n\n", "data: lost\n\n"]
     assert list(sse.events(Gone(), "j", "0-0")) == [": stream open\n\n"]
