@@ -187,15 +187,20 @@ def entry_key(entry_id: str) -> tuple[int, int] | None:
 
 
 def read_start(client: redis.Redis, job_id: str, after: str) -> str:
-    """Where a reader resuming after entry id ``after`` reads from: ``after`` itself, or the
-    stream's last entry ("0-0" for an empty stream) when ``after`` is past it (an id the job
-    has not written), so the entries still to come are seen, and the final one ends the read,
-    instead of waiting on ids that come after it."""
+    """Where a reader resuming after entry id ``after`` reads from: ``after`` itself, or, when
+    ``after`` is past the stream's last entry (an id the job has not written), just before that
+    entry ("0-0" for an empty stream), so the reader gets it again and the entries still to
+    come, instead of waiting on ids that come after it: a last entry that is final (the job
+    ended between the reader's check and this read) ends the read at once."""
     if after == "0-0":
         return after
     last = client.xrevrange(keys.stream(job_id), count=1)
-    start = last[0][0] if last else "0-0"
-    return start if entry_key(start) < (entry_key(after) or (0, 0)) else after
+    ms, seq = entry_key(last[0][0]) if last else (0, 0)
+    if (ms, seq) >= (entry_key(after) or (0, 0)):
+        return after
+    if not last:
+        return "0-0"
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
 
 
 def ended_by(client: redis.Redis, job_id: str, after: str) -> bool:

@@ -111,6 +111,26 @@ def test_a_resume_past_the_end_of_a_job_still_running_ends_with_its_final_event(
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_a_resume_past_the_end_of_a_job_that_just_ended_reads_its_final_event(redis_client):
+    """The job ends between the producer's check (still running: a stream goes out) and the
+    stream's first read: that read starts just before the last entry, so the final event ends
+    the stream at once instead of after a keep-alive period of waiting on later ids."""
+    from banter.streams import DoneEvent, EventType, StreamWriter, TokenEvent, read_events, read_start
+
+    job_id = f"ended-{uuid.uuid4().hex[:8]}"
+    writer = StreamWriter(redis_client, 100, 60)
+    writer.publish([TokenEvent(job_id, 0, "a", 1),
+                    DoneEvent(job_id, "stop", {"prompt_tokens": 1, "completion_tokens": 1})])
+    future = f"{int(time.time() * 1000) + 10 ** 9}-0"
+    start = read_start(redis_client, job_id, future)
+    assert [kind for _id, kind, _ in read_events(redis_client, job_id, start)] == [
+        EventType.DONE]
+    empty = f"never-{uuid.uuid4().hex[:8]}"
+    assert read_start(redis_client, empty, future) == "0-0"
+    token_id = writer.publish([TokenEvent(empty, 0, "b", 2)])[0]
+    assert read_start(redis_client, empty, token_id) == token_id  # not past the end: as asked
+
+
 def test_a_job_and_its_stream_end_in_one_step(redis_client, monkeypatch):
     """A worker that dies between ending a job's record and ending its stream left a
     succeeded job whose stream never ended (a reader waited for ever): both are one step
