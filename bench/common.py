@@ -34,6 +34,14 @@ def positive(raw: str) -> int:
     return value
 
 
+def non_negative(raw: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
 def env_pair(raw: str) -> tuple[str, str]:
     """argparse type of ``--worker-env``: ``NAME=VALUE``."""
     name, sep, value = raw.partition("=")

@@ -40,7 +40,7 @@ import numpy as np
 import requests
 
 from banter.client import sse_events
-from bench.common import env_pair, p50_p99_ms, positive, run_released
+from bench.common import env_pair, non_negative, p50_p99_ms, positive, run_released
 from bench.inplace import Inplace
 from bench.machine import machine_facts
 from bench.stack import BenchStack
@@ -97,8 +97,11 @@ def make_prompt(j: int) -> str:
     return f"Request {j}: " + " ".join(words)
 
 
-def make_workload(clients: int, rounds: int, max_tokens: list[int]) -> list[Request]:
-    return [Request(r * clients + c, c, r, make_prompt(r * clients + c),
+def make_workload(clients: int, rounds: int, max_tokens: list[int],
+                  first_prompt: int = 0) -> list[Request]:
+    """``rounds`` requests per client; ``first_prompt`` offsets the prompts (a warm-up's differ
+    from the timed run's)."""
+    return [Request(r * clients + c, c, r, make_prompt(first_prompt + r * clients + c),
                     max_tokens[(c + r) % len(max_tokens)])
             for r in range(rounds) for c in range(clients)]
 
@@ -521,8 +524,9 @@ class Sample:
 
 
 def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str,
-                  workload: list[Request], clients: int) -> Sample:
-    """Start a worker with ``env``, warm it up (the model loads), time the workload, stop it."""
+                  workload: list[Request], clients: int, warm_up: list[Request]) -> Sample:
+    """Start a worker with ``env``, warm it up (one short request: the model loads; then the
+    ``warm_up`` workload, untimed), time the workload, stop it."""
     node = stack.start_worker(label, env)
     try:
         with requests.Session() as session:
@@ -530,6 +534,12 @@ def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str
                                   Request(-1, 0, 0, "warm up", 2))
         if warm.error:
             raise RuntimeError(f"{label}: the warm-up request failed: {warm.error}")
+        if warm_up:
+            failed = [o.error for o in run_clients(stack.producer_url, model, warm_up, clients)[0]
+                      if o.error]
+            if failed:
+                raise RuntimeError(f"{label}: {len(failed)} warm-up requests failed, first: "
+                                   f"{failed[0][:300]}")
         before = worker_counters(stack, node)
         outcomes, wall = run_clients(stack.producer_url, model, workload, clients)
         after = worker_counters(stack, node)
@@ -597,6 +607,21 @@ def variant_summary(phase: dict, served: float, baselines: dict[str, float],
             "ratios": {name: round(value / other, 3) for name, other in against.items() if other}}
 
 
+def static_ratios_by_repeat(phases: dict) -> dict[str, dict]:
+    """Each served phase's tokens/s over static's, repeat by repeat (a repeat's phases run one
+    after the other, so the machine's drift touches both alike), and their median: steadier
+    than the ratio of two medians where runs spread widely (a GPU's do)."""
+    if "static" not in phases:
+        return {}
+    static = phases["static"]["runs_tokens_per_s"]
+    out = {}
+    for phase, result in phases.items():
+        if phase != "static":
+            ratios = [round(a / b, 3) for a, b in zip(result["runs_tokens_per_s"], static) if b]
+            out[phase] = {"runs": ratios, "median": round(float(np.median(ratios)), 3)}
+    return out
+
+
 def _int_list(raw: str) -> list[int]:
     try:
         values = [int(x) for x in raw.split(",") if x.strip()]
@@ -627,6 +652,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive, default=DEFAULT_REPEATS,
                    help="timed runs of each phase, interleaved, each on a fresh worker; "
                         f"tokens/s is their median (default {DEFAULT_REPEATS})")
+    p.add_argument("--raw-repeats", type=positive, default=None,
+                   help="timed runs of the raw loops (the first is the reference; default: "
+                        "--repeats)")
+    p.add_argument("--warm-up-rounds", type=non_negative, default=0,
+                   help="rounds of the workload (other prompts) each served phase's fresh worker "
+                        "runs untimed before its timed run, so first-time costs (a GPU's new "
+                        "shapes, its memory arena growing) fall outside the timing (default 0: "
+                        "one short request, which loads the model)")
     p.add_argument("--max-running", type=positive, default=None,
                    help="BANTER_MAX_RUNNING of the served and static workers "
                         "(default: the project default)")
@@ -676,6 +709,8 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
     workload = make_workload(args.clients, args.rounds, args.max_tokens)
+    warm_up = make_workload(args.clients, args.warm_up_rounds, args.max_tokens,
+                            first_prompt=len(workload))
     model_root = args.model_dir.resolve().parent if args.model_dir else None
     worker_env = dict(args.worker_env)
     # the workers' settings (the environment plus --worker-env): a bad value stops the run here
@@ -714,7 +749,7 @@ def run(args: argparse.Namespace) -> dict:
             except ValueError as exc:
                 skipped["raw_ort_inplace"] = str(exc)
                 log.warning("raw_ort_inplace left out: %s", exc)
-        raw = run_raw(decoder, workload, args.clients, args.repeats, inplace)
+        raw = run_raw(decoder, workload, args.clients, args.raw_repeats or args.repeats, inplace)
         reference = raw.pop("reference")
 
         log.info("the engine alone, in this process (diagnostic)")
@@ -728,7 +763,7 @@ def run(args: argparse.Namespace) -> dict:
                 log.info("%s, run %d of %d: %d requests from %d clients", phase, repeat + 1,
                          args.repeats, len(workload), args.clients)
                 samples[phase].append(served_sample(stack, label, env, name, workload,
-                                                    args.clients))
+                                                    args.clients, warm_up))
     phases = {phase: summarize(samples[phase], served_phases[phase][1], workload, reference,
                                decoder) for phase in served_phases}
 
@@ -751,6 +786,7 @@ def run(args: argparse.Namespace) -> dict:
         "served": served,
         "baselines": numbers,
         "ratios": {b: round(served / value, 3) for b, value in numbers.items() if value},
+        "static_ratios_by_repeat": static_ratios_by_repeat(phases),
         "variants": {name: variant_summary(phases[f"variant_{name}"], served, numbers, env)
                      for name, env in variants.items()},
         "ttft_ms": {phase: result["ttft_ms"] for phase, result in phases.items()
@@ -767,7 +803,9 @@ def run(args: argparse.Namespace) -> dict:
             "clients": args.clients,
             "rounds": args.rounds,
             "repeats": args.repeats,
+            "raw_repeats": args.raw_repeats or args.repeats,
             "requests_per_run": len(workload),
+            "warm_up_rounds": args.warm_up_rounds,
             "max_tokens": args.max_tokens,
             "requested_tokens_per_run": sum(r.max_tokens for r in workload),
             "prompt_tokens": {"min": min(raw["prompt_tokens"]), "max": max(raw["prompt_tokens"])},

@@ -21,7 +21,11 @@
 # every worker is `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default
 # gpu-check-out/), and the providers each worker's model actually ran on are printed from the
 # JSON / logs. Each scenario has its own time limit (KVCACHE_TIMEOUT_S 60, GENERATE_TIMEOUT_S
-# 200, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90).
+# 200, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90). GPU_CHECK_SCENARIOS picks which run
+# (default "kvcache generate embed-minilm embed-demo"); GENERATE_REPEATS (2) and
+# GENERATE_BASELINES (static,raw_ort) shape the `generate` run, whose every worker first runs one
+# round of the workload untimed (--warm-up-rounds 1: a GPU's first-time costs stay out of the
+# timing) and whose raw loops run once (--raw-repeats 1).
 # Exit codes: 0 done on CUDA, 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
 # session did not get CUDA, 1 a benchmark failed.
 set -euo pipefail
@@ -109,9 +113,18 @@ fi
 mkdir -p "$OUT_DIR"
 export BENCH_GPU="$GPU"
 status=0
+scenarios=" ${GPU_CHECK_SCENARIOS:-kvcache generate embed-minilm embed-demo} "
+for s in $scenarios; do
+  case "$s" in
+    kvcache|generate|embed-minilm|embed-demo) ;;
+    *) say "GPU_CHECK_SCENARIOS: unknown scenario '$s' (kvcache, generate, embed-minilm, embed-demo)"; exit 2 ;;
+  esac
+done
+wanted() { [[ "$scenarios" == *" $1 "* ]]; }
 # each scenario's time limit (seconds); the four together stay under 8 minutes
 run_scenario() {
   local label="$1" limit="$2" name="$3"; shift 3
+  wanted "$label" || return 0
   say "running: python -m bench $name $* (GPU $GPU, at most ${limit}s)"
   if timeout "$limit" "$PY" -m bench --log-level INFO "$name" "$@" \
       >"$OUT_DIR/$label.json" 2>"$OUT_DIR/$label.log"; then
@@ -129,12 +142,15 @@ run_scenario() {
 model_tmp="$(mktemp -d)"
 trap 'rm -rf "$model_tmp"' EXIT
 gpt2="$model_tmp/gpt2-small-random"
-if "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
+if ! wanted kvcache && ! wanted generate; then
+  :
+elif "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
   run_scenario kvcache "${KVCACHE_TIMEOUT_S:-60}" kvcache --gpu "$GPU" --model-dir "$gpt2" --repeats 3
   # continuous against static batching, and the same with the joining prompts' prefill beside
   # the decode pass (BANTER_PREFILL_OVERLAP, off by default until measured here), interleaved
   run_scenario generate "${GENERATE_TIMEOUT_S:-200}" generate --gpu "$GPU" --model-dir "$gpt2" \
-    --rounds 3 --repeats 2 --baselines static,raw_ort \
+    --rounds 3 --repeats "${GENERATE_REPEATS:-2}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
+    --warm-up-rounds 1 --raw-repeats 1 \
     --variant prefill_overlap:BANTER_PREFILL_OVERLAP=on
 else
   say "could not build the GPT-2-small-shaped decoder; kvcache and generate skipped"

@@ -186,7 +186,7 @@ def test_a_one_token_prompt_pass_is_a_prompt_pass(layout):
 def test_generate_benchmark_smoke_run():
     run = subprocess.run([sys.executable, "-m", "bench", "generate", "--clients", "2",
                           "--max-tokens", "4,8", "--rounds", "1", "--repeats", "1",
-                          "--worker-env", "BANTER_PUBLISH_AHEAD_STEPS=1",
+                          "--warm-up-rounds", "1", "--worker-env", "BANTER_PUBLISH_AHEAD_STEPS=1",
                           "--variant", "prefill_overlap:BANTER_PREFILL_OVERLAP=on"],
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -209,7 +209,14 @@ def test_generate_benchmark_smoke_run():
     assert set(variant["ratios"]) == {"served", *result["baselines"]}
     assert result["correctness"]["variant_prefill_overlap"] is True
     assert result["phases"]["variant_prefill_overlap"]["tokens_per_run"] == 12
-    assert result["phases"]["served"]["tokens_per_run"] == 12
+    assert result["phases"]["served"]["tokens_per_run"] == 12  # the warm-up round not counted
+    assert result["settings"]["warm_up_rounds"] == 1
+    by_repeat = result["static_ratios_by_repeat"]
+    assert set(by_repeat) == {"served", "batch1", "variant_prefill_overlap"}
+    static_runs = result["phases"]["static"]["runs_tokens_per_s"]
+    for phase, ratios in by_repeat.items():
+        runs = result["phases"][phase]["runs_tokens_per_s"]
+        assert ratios["runs"] == [round(a / b, 3) for a, b in zip(runs, static_runs)]
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["onnxruntime"]
 
 
@@ -568,3 +575,15 @@ def test_the_reference_text_is_what_the_server_streams_for_a_cut_character(tmp_p
     detok = IncrementalDetokenizer(raw.tokenizer)
     streamed = "".join(detok.push(t) for t in ids) + detok.flush()
     assert raw.text(ids) == raw.text([*ids, raw.eos]) == streamed and streamed.endswith("\ufffd")
+
+
+def test_static_ratios_by_repeat_pair_each_phase_with_the_static_run_beside_it():
+    from bench.generate import static_ratios_by_repeat
+
+    phases = {"served": {"runs_tokens_per_s": [200.0, 150.0, 330.0]},
+              "static": {"runs_tokens_per_s": [100.0, 150.0, 110.0]},
+              "variant_x": {"runs_tokens_per_s": [100.0, 300.0, 220.0]}}
+    assert static_ratios_by_repeat(phases) == {
+        "served": {"runs": [2.0, 1.0, 3.0], "median": 2.0},
+        "variant_x": {"runs": [1.0, 2.0, 2.0], "median": 2.0}}
+    assert static_ratios_by_repeat({"served": phases["served"]}) == {}
