@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: on a machine with an NVIDIA GPU, serve with the CUDA execution provider
 # and run the `kvcache`, `embed` and `generate` benchmarks on it, printing their JSON (in under
-# 8 minutes).
+# 9 minutes).
 #
 #   bash bench/gpu_check.sh            # GPU 0
 #   BENCH_GPU=1 bash bench/gpu_check.sh
@@ -21,8 +21,8 @@
 # every worker is `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default
 # gpu-check-out/), and the providers each worker's model actually ran on are printed from the
 # JSON / logs. Each scenario has its own time limit (KVCACHE_TIMEOUT_S 60, GENERATE_TIMEOUT_S
-# 200, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90). GPU_CHECK_SCENARIOS picks which run
-# (default "kvcache generate embed-minilm embed-demo"); GENERATE_REPEATS (2) and
+# 240, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90). GPU_CHECK_SCENARIOS picks which run
+# (default "kvcache generate embed-minilm embed-demo"); GENERATE_REPEATS (4) and
 # GENERATE_BASELINES (static,raw_ort) shape the `generate` run, whose every worker first runs one
 # round of the workload untimed (--warm-up-rounds 1: a GPU's first-time costs stay out of the
 # timing) and whose raw loops run once (--raw-repeats 1).
@@ -121,7 +121,7 @@ for s in $scenarios; do
   esac
 done
 wanted() { [[ "$scenarios" == *" $1 "* ]]; }
-# each scenario's time limit (seconds); the four together stay under 8 minutes
+# each scenario's time limit (seconds); the four together stay under 9 minutes
 run_scenario() {
   local label="$1" limit="$2" name="$3"; shift 3
   wanted "$label" || return 0
@@ -148,8 +148,8 @@ elif "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
   run_scenario kvcache "${KVCACHE_TIMEOUT_S:-60}" kvcache --gpu "$GPU" --model-dir "$gpt2" --repeats 3
   # continuous against static batching, and the same with the joining prompts' prefill beside
   # the decode pass (BANTER_PREFILL_OVERLAP, off by default until measured here), interleaved
-  run_scenario generate "${GENERATE_TIMEOUT_S:-200}" generate --gpu "$GPU" --model-dir "$gpt2" \
-    --rounds 3 --repeats "${GENERATE_REPEATS:-2}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
+  run_scenario generate "${GENERATE_TIMEOUT_S:-240}" generate --gpu "$GPU" --model-dir "$gpt2" \
+    --rounds 3 --repeats "${GENERATE_REPEATS:-4}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
     --warm-up-rounds 1 --raw-repeats 1 \
     --variant prefill_overlap:BANTER_PREFILL_OVERLAP=on
 else
