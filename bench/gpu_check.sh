@@ -26,7 +26,7 @@
 # GENERATE_BASELINES (static,raw_ort) shape the `generate` run, whose every worker first runs one
 # round of the workload untimed (--warm-up-rounds 1: a GPU's first-time costs stay out of the
 # timing) and whose raw loops run once (--raw-repeats 1).
-# Exit codes: 0 done on CUDA, 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
+# Exit codes: 0 done on CUDA, 2 an unknown scenario in GPU_CHECK_SCENARIOS (nothing run), 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
 # session did not get CUDA, 1 a benchmark failed.
 set -euo pipefail
 
@@ -36,6 +36,15 @@ OUT_DIR="${OUT_DIR:-gpu-check-out}"
 started=$(date +%s)
 
 say() { echo "gpu_check: $*" >&2; }
+
+scenarios=" ${GPU_CHECK_SCENARIOS:-kvcache generate embed-minilm embed-demo} "
+for s in $scenarios; do
+  case "$s" in
+    kvcache|generate|embed-minilm|embed-demo) ;;
+    *) say "GPU_CHECK_SCENARIOS: unknown scenario '$s' (kvcache, generate, embed-minilm, embed-demo)"; exit 2 ;;
+  esac
+done
+wanted() { [[ "$scenarios" == *" $1 "* ]]; }
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   say "nvidia-smi not found: this check needs a machine with an NVIDIA GPU and its driver" \
@@ -113,14 +122,6 @@ fi
 mkdir -p "$OUT_DIR"
 export BENCH_GPU="$GPU"
 status=0
-scenarios=" ${GPU_CHECK_SCENARIOS:-kvcache generate embed-minilm embed-demo} "
-for s in $scenarios; do
-  case "$s" in
-    kvcache|generate|embed-minilm|embed-demo) ;;
-    *) say "GPU_CHECK_SCENARIOS: unknown scenario '$s' (kvcache, generate, embed-minilm, embed-demo)"; exit 2 ;;
-  esac
-done
-wanted() { [[ "$scenarios" == *" $1 "* ]]; }
 # each scenario's time limit (seconds); the four together stay under 9 minutes
 run_scenario() {
   local label="$1" limit="$2" name="$3"; shift 3

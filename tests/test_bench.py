@@ -525,6 +525,14 @@ def test_gpu_check_fails_clearly_without_a_gpu():
     assert run.stdout == ""
 
 
+def test_gpu_check_refuses_an_unknown_scenario_before_anything_runs():
+    env = {**os.environ, "GPU_CHECK_SCENARIOS": "generate kvcach"}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert "unknown scenario 'kvcach'" in run.stderr and run.stdout == ""
+
+
 def test_gpu_check_with_a_prepared_interpreter_installs_nothing_and_says_cuda_is_missing(tmp_path):
     """``BENCH_PYTHON``: the script uses that interpreter as it is; one whose onnxruntime has no
     CUDA provider ends the check (exit 4) instead of a pip install into it."""
