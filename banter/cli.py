@@ -379,11 +379,19 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def client_args(cmd: argparse.ArgumentParser) -> None:
+    def client_args(cmd: argparse.ArgumentParser, defaults: bool = True) -> None:
+        """``defaults`` False: the flags of a sub-action whose parent parser has them too, so
+        they may come before the action or after it (argparse would otherwise let the
+        sub-action's defaults overwrite what was given before it)."""
+        def default(value):
+            return value if defaults else argparse.SUPPRESS
+
         cmd.add_argument("--url", type=server_url,
-                         default=os.environ.get("BANTER_URL", "http://127.0.0.1:8000"))
-        cmd.add_argument("--api-key", type=api_key, default=os.environ.get("BANTER_API_KEY"))
-        cmd.add_argument("--timeout", type=timeout_seconds, default=300.0, metavar="SECONDS",
+                         default=default(os.environ.get("BANTER_URL", "http://127.0.0.1:8000")))
+        cmd.add_argument("--api-key", type=api_key,
+                         default=default(os.environ.get("BANTER_API_KEY")))
+        cmd.add_argument("--timeout", type=timeout_seconds, default=default(300.0),
+                         metavar="SECONDS",
                          help="give up on a server that sends nothing for this long "
                               "(default 300; a stream's keep-alives come every 15 s)")
 
@@ -456,6 +464,7 @@ def parser() -> argparse.ArgumentParser:
     flower.set_defaults(func=cmd_flower)
 
     models = sub.add_parser("models", help="the model registry")
+    client_args(models)  # promote, rollback, history, list: before the action or after it
     actions = models.add_subparsers(dest="action", required=True)
     build = actions.add_parser("build-demo", help="write the demo models")
     build.add_argument("--root", type=Path)
@@ -492,7 +501,7 @@ def parser() -> argparse.ArgumentParser:
     history.add_argument("name", nargs="?")
     actions.add_parser("list", help="active models")
     for action in (promote, rollback, history, actions.choices["list"]):
-        client_args(action)
+        client_args(action, defaults=False)
     models.set_defaults(func=cmd_models)
     return p
 

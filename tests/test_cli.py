@@ -806,10 +806,13 @@ def test_bulk_writes_nothing_of_an_answer_that_is_not_an_output_line(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["submit", "hi"], ["submit", "--stream", "hi"],
-                                     ["stream", "j"], ["models", "list"], ["bulk", "IN"]])
+                                     ["stream", "j"], ["models", "list"], ["bulk", "IN"],
+                                     ["models", "FLAGS", "list"], ["models", "FLAGS", "history"]])
 def test_a_server_that_never_answers_is_exit_3_after_timeout(tmp_path, command):
     """A server that takes the connection and sends nothing (hung): the command gives up after
-    ``--timeout`` seconds, naming the URL and the flag, instead of waiting 300 s."""
+    ``--timeout`` seconds, naming the URL and the flag, instead of waiting 300 s. ``FLAGS``:
+    the client flags where they go (else at the end); ``banter models`` takes them before its
+    action too."""
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
                                   "body": {"input": "x"}}) + "\n")
@@ -820,7 +823,11 @@ def test_a_server_that_never_answers_is_exit_3_after_timeout(tmp_path, command):
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)  # the kernel completes connections; nothing ever reads or answers
         url = f"http://127.0.0.1:{hung.getsockname()[1]}"
-        result = banter(*command, "--url", url, "--timeout", "1", timeout=40)
+        flags = ["--url", url, "--timeout", "1"]
+        if "FLAGS" not in command:
+            command.append("FLAGS")
+        at = command.index("FLAGS")
+        result = banter(*command[:at], *flags, *command[at + 1:], timeout=40)
     assert result.returncode == 3, result.stderr
     assert url in result.stderr and "within 1s (--timeout)" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
