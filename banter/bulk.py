@@ -194,11 +194,16 @@ BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-16 (or UTF-32); UTF-8's is read as UTF-
 
 def input_lines(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of every non-blank line that ends within the first ``size``
-    bytes, read one at a time. BulkFileError for a file that starts with a byte order mark (a
-    UTF-16 file, whose lines would be misread one by one)."""
+    bytes, read one at a time. BulkFileError for a file that starts with a byte order mark or
+    a NUL byte (UTF-16 or UTF-32, with or without the mark: its lines would be misread one by
+    one; UTF-8 JSON lines never hold a NUL byte)."""
     with open(path, "rb") as file:
-        if file.read(2) in BOMS:
+        head = file.read(2)
+        if head in BOMS:
             raise BulkFileError(f"{path} is UTF-16 (it starts with that byte order mark): "
+                                "banter bulk reads UTF-8 JSON lines. Nothing was sent.")
+        if b"\x00" in head:
+            raise BulkFileError(f"{path} is UTF-16 or UTF-32 (it starts with a NUL byte): "
                                 "banter bulk reads UTF-8 JSON lines. Nothing was sent.")
         file.seek(0)
         end = 0

@@ -307,6 +307,13 @@ def test_a_utf16_input_is_refused_whole(api, redis_client, tmp_path):
     assert f"{source} is UTF-16" in result.stderr and "Nothing was sent" in result.stderr
     assert not out.exists() and not (tmp_path / "out.errors.jsonl").exists()
     assert jobs_with(redis_client, marker) == 0
+    for codec in ("utf-16-le", "utf-16-be", "utf-32-le"):  # no byte order mark: NUL bytes
+        source.write_bytes(text.encode(codec))
+        result = bulk(str(source), "--out", str(out), "--url", api.url)
+        assert result.returncode == 2, result.stderr
+        assert f"{source} is UTF-16 or UTF-32" in result.stderr, result.stderr
+        assert "Nothing was sent" in result.stderr and not out.exists()
+    assert jobs_with(redis_client, marker) == 0
     source.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8's byte order mark is UTF-8
     assert bulk(str(source), "--out", str(out), "--url", api.url).returncode == 0
     assert sorted(line["custom_id"] for line in read_jsonl(out)) == ["c-1", "c-2", "c-3"]
