@@ -554,8 +554,12 @@ def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str
     counters = {k: after.get(k, 0.0) - before.get(k, 0.0)
                 for k in ("generate_passes", "generate_items", "generate_seconds")}
     sample = Sample(outcomes, wall, counters, providers)
-    log.info("%s: %d tokens in %.2fs = %.1f tokens/s, %d passes", label, sample.tokens, wall,
-             sample.tokens / wall, counters["generate_passes"])
+    passes = counters["generate_passes"]
+    log.info("%s: %d tokens in %.2fs = %.1f tokens/s, %d passes of %.1f rows, ORT %.2fs "
+             "(%.2f ms a pass, %.2f ms of wall)", label, sample.tokens, wall,
+             sample.tokens / wall, passes, counters["generate_items"] / max(passes, 1),
+             counters["generate_seconds"], 1e3 * counters["generate_seconds"] / max(passes, 1),
+             1e3 * wall / max(passes, 1))
     return sample
 
 
