@@ -124,6 +124,7 @@ class Settings:
     publish_ahead_steps: int = 2  # generate steps the engine may run ahead of publishing their tokens
     prefill_overlap: str = "off"  # joining prompts' prefill beside the decode pass: off, on, auto
     kv_layout: str = "auto"  # generate KV cache: auto, inplace (workers/inplace.py) or concat
+    cuda_tf32: bool = False  # TF32 float32 matrix products on the CUDA provider (ORT's use_tf32)
     worker_concurrency: int = 64
     bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
     bulk_yield_ms: float = 20.0  # bulk lane's pace while interactive jobs run (workers/lanes.py)

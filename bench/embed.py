@@ -244,7 +244,8 @@ def run(args: argparse.Namespace) -> dict:
     model_root = args.model_dir.resolve().parent if args.model_dir else None
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
-        providers = select_providers(use_gpu=stack.gpu is not None)  # the worker's own choice
+        # the worker's own choice
+        providers = select_providers(use_gpu=stack.gpu is not None, tf32=defaults.cuda_tf32)
         name, model_dir, promoted = encoder_model(stack, args.model_dir, args.model_name,
                                                   args.shape)
         raw_by_threads, reference, encoder = {}, None, None
@@ -277,8 +278,9 @@ def run(args: argparse.Namespace) -> dict:
         loop_warm.run([[t] for t in texts[:32]], served_fn)
         naive_fn = None
         if "naive_celery" in baselines:
+            names = [p if isinstance(p, str) else p[0] for p in providers]  # ORT's own options
             app, url = start_naive_worker(stack, model_dir, defaults.worker_concurrency,
-                                          ",".join(providers))
+                                          ",".join(names))
             naive_fn = naive_call(app, url)
             loop_warm.run([[t] for t in texts[:32]], naive_fn)
 

@@ -735,7 +735,8 @@ def run(args: argparse.Namespace) -> dict:
         served_phases[f"variant_{name}"] = (f"variant-{name.replace('_', '-')}", phase_env)
 
     with BenchStack(model_root=model_root, keep=args.keep, gpu=args.gpu) as stack:
-        providers = select_providers(use_gpu=stack.gpu is not None)  # the worker's own choice
+        # the worker's own choice
+        providers = select_providers(use_gpu=stack.gpu is not None, tf32=defaults.cuda_tf32)
         if args.model_dir:
             model_dir = args.model_dir.resolve()
             name = args.model_name or model_dir.name

@@ -139,7 +139,7 @@ run_scenario() {
 }
 # A GPT-2-small-shaped decoder (12 layers, 768 wide, random weights; ~500 MB), built here in a
 # temporary directory: `kvcache` (the KV cache's host round trip per decode step) and
-# `generate` (continuous vs static batching vs raw ORT, plus the prefill-overlap variant) run on it.
+# `generate` (continuous vs static batching vs raw ORT, plus the TF32 variant) run on it.
 model_tmp="$(mktemp -d)"
 trap 'rm -rf "$model_tmp"' EXIT
 gpt2="$model_tmp/gpt2-small-random"
@@ -147,12 +147,13 @@ if ! wanted kvcache && ! wanted generate; then
   :
 elif "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
   run_scenario kvcache "${KVCACHE_TIMEOUT_S:-60}" kvcache --gpu "$GPU" --model-dir "$gpt2" --repeats 3
-  # continuous against static batching, and the same with the joining prompts' prefill beside
-  # the decode pass (BANTER_PREFILL_OVERLAP, off by default until measured here), interleaved
+  # continuous against static batching, and the same with TF32 matrix products
+  # (BANTER_CUDA_TF32, off by default: its speed, and whether each job's tokens still equal
+  # what it makes alone, `correctness.variant_tf32`), interleaved
   run_scenario generate "${GENERATE_TIMEOUT_S:-240}" generate --gpu "$GPU" --model-dir "$gpt2" \
     --rounds 3 --repeats "${GENERATE_REPEATS:-4}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
     --warm-up-rounds 1 --raw-repeats 1 \
-    --variant prefill_overlap:BANTER_PREFILL_OVERLAP=on
+    --variant tf32:BANTER_CUDA_TF32=on
 else
   say "could not build the GPT-2-small-shaped decoder; kvcache and generate skipped"
   status=1

@@ -1183,6 +1183,30 @@ def test_prefill_overlap_setting_is_validated_and_reaches_the_engine():
         EngineSettings(prefill_overlap="always")
 
 
+@pytest.mark.parametrize("env, use_tf32", [({}, "0"), ({"BANTER_CUDA_TF32": "on"}, "1"),
+                                           ({"BANTER_CUDA_TF32": "false"}, "0")])
+def test_a_gpu_worker_asks_the_cuda_provider_for_float32_products_unless_tf32_is_on(
+        monkeypatch, env, use_tf32):
+    """``BANTER_CUDA_TF32`` (default off) reaches the CUDA provider's ``use_tf32``: off, a row's
+    logits are float32 products whatever its batch (as on the CPU); a CPU worker gets the CPU
+    provider alone either way."""
+    import onnxruntime as ort
+
+    from banter.settings import Settings, SettingsError
+    from workers.main import worker_providers
+
+    settings = Settings.from_env(env)
+    assert worker_providers(settings, gpu=None) == ["CPUExecutionProvider"]
+    assert worker_providers(settings, gpu=0) == ["CPUExecutionProvider"]  # no CUDA in this build
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert worker_providers(settings, gpu=0) == [
+        ("CUDAExecutionProvider", {"use_tf32": use_tf32}), "CPUExecutionProvider"]
+    assert worker_providers(settings, gpu=None) == ["CPUExecutionProvider"]
+    with pytest.raises(SettingsError, match="BANTER_CUDA_TF32='fast': expected true or false"):
+        Settings.from_env({"BANTER_CUDA_TF32": "fast"})
+
+
 # -- the in-place layout -----------------------------------------------------------------------
 
 def test_kv_layout_setting_is_validated():

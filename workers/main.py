@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init, worker_shutting_down
 from kombu.exceptions import OperationalError
@@ -44,15 +44,23 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None) -> 
     thread pool until stopped. Returns the exit code."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    from workers.runner import RunnerCache, select_providers  # imports onnxruntime: after the pin
+    from workers.runner import RunnerCache  # imports onnxruntime: after the pin
     from workers.runtime import WorkerRuntime
 
     logs.setup(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    providers = select_providers(use_gpu=gpu is not None)
+    providers = worker_providers(settings, gpu)
     runners = RunnerCache(providers, kv_layout=settings.kv_layout)
     runtime = WorkerRuntime(settings, connect(settings.redis_url), runners, node_name(gpu, name))
     return _serve(settings, runtime, providers=providers, gpu=gpu)
+
+
+def worker_providers(settings: Settings, gpu: int | None) -> list[Any]:
+    """The execution providers of a worker's sessions: CUDA (``BANTER_CUDA_TF32`` as its
+    ``use_tf32``) then CPU for ``--gpu``, where this onnxruntime has CUDA; else the CPU."""
+    from workers.runner import select_providers
+
+    return select_providers(use_gpu=gpu is not None, tf32=settings.cuda_tf32)
 
 
 def run_openai_worker(settings: Settings, name: str | None = None) -> int:

@@ -46,10 +46,15 @@ class ModelSpec:
     files: tuple[tuple[str, str], ...] = ()
 
 
-def select_providers(use_gpu: bool) -> list[str]:
-    """CUDA first when asked for and available in this onnxruntime build, else CPU only."""
+def select_providers(use_gpu: bool, tf32: bool = False) -> list[Any]:
+    """CUDA first when asked for and available in this onnxruntime build, else CPU only.
+    ``tf32`` (``BANTER_CUDA_TF32``): let the CUDA provider run float32 matrix products on
+    TF32 tensor cores (ONNX Runtime's ``use_tf32``: inputs rounded to a 10-bit mantissa), which
+    is faster but makes a row's logits depend more on the kernel its batch's shape picks; off,
+    they are float32 products as on the CPU."""
     if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"}),
+                "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
