@@ -10,7 +10,8 @@ in memory; a caller's key id (its job owner) is the first 16 hex digits.
 
 Admin keys may do what user keys do, and also change the registry and read its history.
 With no key configured the producer refuses to start (AuthNotConfigured) unless
-``BANTER_AUTH_DISABLED=true``, where every caller is ANONYMOUS and admin.
+``BANTER_AUTH_DISABLED=true``, where every caller is ANONYMOUS and admin. A key is printable
+ASCII without spaces (it travels in an HTTP header); any other is refused at start.
 
 A running producer reads the keys file again when it changes (LiveKeys), so keys are added
 and revoked without a restart; a changed file that does not read keeps the keys in force.
@@ -274,6 +275,9 @@ def _entry_digest(entry: str, where: str) -> str:
     if entry.lower().startswith("sha256:"):
         raise AuthNotConfigured(f"{where}: sha256:... must be followed by exactly 64 hex "
                                 "digits (the SHA-256 of the key)")
+    if not all("!" <= ch <= "~" for ch in entry):  # the key itself is not repeated here
+        raise AuthNotConfigured(f"{where}: a key must be printable ASCII without spaces: no "
+                                "client could send it in an HTTP header")
     return _hash(entry)
 
 

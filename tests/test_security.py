@@ -542,6 +542,15 @@ def test_the_app_refuses_to_start_without_keys(settings, tmp_path):
         with pytest.raises(AuthNotConfigured, match=f"{variable}: sha256:... must be followed"):
             KeyRing.from_settings(replace(settings, auth_disabled=False,
                                           **{field: f"{ALICE}, SHA256:{short}"}))
+        for key in ("k\x01ey", "kéy", "bad key"):  # no client could send it: refused at start
+            with pytest.raises(AuthNotConfigured,
+                               match=f"{variable}: a key must be printable ASCII") as refused:
+                KeyRing.from_settings(replace(settings, auth_disabled=False,
+                                              **{field: f"{ALICE},{key}"}))
+            assert key not in str(refused.value)
+    bad.write_text(f"admin:{ALICE}\nuser:k\u00e9y\n")
+    with pytest.raises(AuthNotConfigured, match=":2: a key must be printable ASCII"):
+        KeyRing.from_settings(replace(settings, auth_disabled=False, keys_file=str(bad)))
 
 
 def test_banter_producer_without_keys_exits_2_with_the_reason(stack_env):
@@ -553,6 +562,13 @@ def test_banter_producer_without_keys_exits_2_with_the_reason(stack_env):
     assert done.returncode == 2, done.stderr
     assert "no API keys are configured" in done.stderr
     assert "BANTER_AUTH_DISABLED=true" in done.stderr
+    env["BANTER_API_KEYS"] = "k\x01"  # a key no client could send: refused before it serves
+    done = subprocess.run([sys.executable, "-m", "banter.cli", "producer", "--port",
+                           str(free_port())], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "BANTER_API_KEYS: a key must be printable ASCII" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 class FakeChild:
