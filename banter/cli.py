@@ -374,6 +374,22 @@ def positive_int(raw: str) -> int:
     return value
 
 
+MAX_PRODUCER_WORKERS = 256  # gunicorn processes; each is a whole Flask app
+MAX_THREADS = 4096  # a producer process's request threads, banter bulk's requests in flight
+
+
+def at_most(limit: int):
+    """argparse type: an integer from 1 to ``limit`` (a size past it would start more
+    processes or threads than a machine runs, and tie it up until it is killed)."""
+    def parse(raw: str) -> int:
+        value = positive_int(raw)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="banter", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,10 +425,11 @@ def parser() -> argparse.ArgumentParser:
 
     prod = sub.add_parser("producer", help="run the HTTP producer (gunicorn, gthread)")
     listen_args(prod)
-    prod.add_argument("--workers", type=positive_int, default=2,
-                      help="gunicorn worker processes (default 2)")
-    prod.add_argument("--threads", type=positive_int, default=64,
-                      help="threads per worker: requests each can hold open (default 64)")
+    prod.add_argument("--workers", type=at_most(MAX_PRODUCER_WORKERS), default=2,
+                      help=f"gunicorn worker processes (default 2, at most {MAX_PRODUCER_WORKERS})")
+    prod.add_argument("--threads", type=at_most(MAX_THREADS), default=64,
+                      help="threads per worker: requests each can hold open (default 64, at "
+                           f"most {MAX_THREADS})")
     prod.set_defaults(func=cmd_producer)
 
     worker = sub.add_parser("worker", help="run one worker (one per GPU)")
@@ -448,8 +465,8 @@ def parser() -> argparse.ArgumentParser:
                       help="output lines are appended; rerunning resumes")
     bulk.add_argument("--errors", type=Path, metavar="ERR.jsonl",
                       help="bad input lines (default OUT.errors.jsonl)")
-    bulk.add_argument("--max-in-flight", type=positive_int, default=64, metavar="N",
-                      help="requests in flight at once (default 64)")
+    bulk.add_argument("--max-in-flight", type=at_most(MAX_THREADS), default=64, metavar="N",
+                      help=f"requests in flight at once (default 64, at most {MAX_THREADS})")
     client_args(bulk)
     bulk.set_defaults(func=cmd_bulk)
 

@@ -901,6 +901,21 @@ def test_a_timeout_that_is_not_seconds_is_a_usage_error(value):
     assert "argument --timeout: must be seconds, more than 0 and at most 86400" in result.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["producer", "--workers", "100000"], "argument --workers: must be at most 256, got 100000"),
+    (["producer", "--workers", "0"], "argument --workers: must be at least 1"),
+    (["producer", "--workers", "two"], "argument --workers: invalid integer value: 'two'"),
+    (["producer", "--threads", "4097"], "argument --threads: must be at most 4096"),
+    (["bulk", "in.jsonl", "--out", "out.jsonl", "--max-in-flight", "100000"],
+     "argument --max-in-flight: must be at most 4096")])
+def test_process_and_thread_counts_past_what_a_machine_runs_are_usage_errors(args, needle):
+    """A producer asked for 100,000 gunicorn workers used to go on forking them for minutes,
+    deaf to SIGTERM while it did: such a count is refused before anything starts."""
+    result = banter(*args, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+
+
 def up_refusals(tmp_path: Path) -> list[tuple[dict[str, str], list[str], int, str]]:
     bad_keys, good_keys = tmp_path / "bad-keys.txt", tmp_path / "keys.txt"
     bad_keys.write_text("foo bar\n")
