@@ -197,6 +197,13 @@ def input_lines(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
     bytes, read one at a time. BulkFileError for a file that starts with a byte order mark or
     a NUL byte (UTF-16 or UTF-32, with or without the mark: its lines would be misread one by
     one; UTF-8 JSON lines never hold a NUL byte)."""
+    try:
+        yield from _input_lines(path, size)
+    except OSError as exc:  # a directory, a device that fails: named, not a bare errno
+        raise BulkFileError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _input_lines(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as file:
         head = file.read(2)
         if head in BOMS:

@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"banter: {exc.type}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:  # a path or port given on the command line that cannot be used
-        print(f"banter: {exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"banter: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -62,6 +62,15 @@ def is_amqp(url: str) -> bool:
     return urlparse(url).scheme in AMQP_SCHEMES
 
 
+def _check_directories(name: str, path: Path, directory: Path) -> None:
+    """SettingsError naming ``name`` when ``directory`` (``path``'s own directory), or one
+    above it, exists as something other than a directory: nothing could be made under it."""
+    for part in (directory, *directory.parents):
+        if part.exists() and not part.is_dir():
+            raise SettingsError(f"{name}: {str(path)!r} cannot be used: {part} is a file, "
+                                "not a directory")
+
+
 def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -268,6 +277,11 @@ class Settings:
         if registry.is_dir():
             raise SettingsError(f"BANTER_REGISTRY_PATH={str(registry)!r} is a directory: name "
                                 "the history file (e.g. .../registry/history.jsonl)")
+        _check_directories("BANTER_HOME", home, home)
+        _check_directories("BANTER_MODEL_ROOT" if str(self.model_root) not in ("", ".")
+                           else "BANTER_HOME", model_root, model_root)
+        _check_directories("BANTER_REGISTRY_PATH" if str(self.registry_path) not in ("", ".")
+                           else "BANTER_HOME", registry, registry.parent)
         _check_url("BANTER_REDIS_URL", self.redis_url, REDIS_SCHEMES)
         if self.broker_url:
             _check_url("BANTER_BROKER_URL", self.broker_url, BROKER_SCHEMES)

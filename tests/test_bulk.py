@@ -319,6 +319,16 @@ def test_a_utf16_input_is_refused_whole(api, redis_client, tmp_path):
     assert sorted(line["custom_id"] for line in read_jsonl(out)) == ["c-1", "c-2", "c-3"]
 
 
+def test_an_input_that_cannot_be_read_is_named(api, tmp_path):
+    """A directory given as the input file: exit 2 naming it, not a bare errno."""
+    folder = tmp_path / "not-a-file"
+    folder.mkdir()
+    result = bulk(str(folder), "--out", str(tmp_path / "out.jsonl"), "--url", api.url)
+    assert result.returncode == 2, result.stderr
+    assert f"banter: {folder} cannot be read: Is a directory" in result.stderr
+    assert "Errno" not in result.stderr and not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_key_the_server_refuses_stops_the_run_before_it_writes(api, tmp_path):
     from banter import bulk as runner
     from banter.client import Client

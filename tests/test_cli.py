@@ -148,6 +148,25 @@ def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["up", "--exit-after-sample"], ["worker", "--cpu"],
+                                     ["producer", "--port", "8"]])
+@pytest.mark.parametrize("variable, under", [("BANTER_REGISTRY_PATH", "h.jsonl"),
+                                             ("BANTER_MODEL_ROOT", "models"),
+                                             ("BANTER_HOME", "home")])
+def test_a_path_setting_under_a_file_exits_2_naming_it(command, variable, under, tmp_path):
+    """A path whose directory is a file cannot be made: a bad setting (exit 2, named), not an
+    unreachable server (exit 3) or a bare errno."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true",
+           variable: str(blocker / under)}
+    result = banter(*command, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"banter: invalid_setting: {variable}: ")
+    assert f"{blocker} is a file, not a directory" in result.stderr
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr
+
+
 def test_worker_concurrency_flag_is_the_setting_the_bulk_share_is_checked_against(tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_BULK_CONCURRENCY": "4"}
     result = banter("worker", "--cpu", "--concurrency", "2", env=env)
