@@ -59,6 +59,28 @@ def _timed_out(exc: requests.RequestException) -> bool:
         exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError))
 
 
+def _reason(exc: BaseException) -> str:
+    """The cause at the bottom of requests' and urllib3's wrapping (``Connection refused``,
+    ``Name or service not known``), else ``exc`` itself."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = _inner(cause)
+    return str(exc)
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    reason = getattr(exc, "reason", None)  # urllib3's MaxRetryError
+    if isinstance(reason, BaseException):
+        return reason
+    if exc.args and isinstance(exc.args[0], BaseException):  # requests' ConnectionError
+        return exc.args[0]
+    return exc.__cause__ or exc.__context__
+
+
 def not_a_producer(url: str, answered: str) -> Unavailable:
     return Unavailable(f"{url} answered {answered}, not what a banterhearts producer answers: "
                        "is --url (or BANTER_URL) the producer's base URL, e.g. "
@@ -142,7 +164,7 @@ class Client:
             if _timed_out(exc):
                 raise Unavailable(f"{self.url} did not answer {method} {path} within "
                                   f"{self.timeout_s:g}s (--timeout)") from None
-            raise Unavailable(f"cannot reach {self.url}: {exc}") from None
+            raise Unavailable(f"cannot reach {self.url}: {_reason(exc)}") from None
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
