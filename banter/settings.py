@@ -100,13 +100,14 @@ def _int(name: str, raw: str, low: int = 0) -> int:
     return value
 
 
-def _float(name: str, raw: str) -> float:
+def _float(name: str, raw: str, positive: bool = False) -> float:
     try:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected a number") from None
-    if not 0 <= value <= MAX_SECONDS:
-        raise SettingsError(f"{name}={raw!r}: must be a number from 0 to {MAX_SECONDS:.0e}")
+    if not (0 < value if positive else 0 <= value) or not value <= MAX_SECONDS:
+        span = "more than 0 and at most" if positive else "a number from 0 to"
+        raise SettingsError(f"{name}={raw!r}: must be {span} {MAX_SECONDS:.0e}")
     return value
 
 
@@ -256,7 +257,7 @@ class Settings:
             elif f.type == "int":
                 values[f.name] = _int(name, raw, low=0 if f.name in _ZERO_ALLOWED else 1)
             elif f.type == "float":
-                values[f.name] = _float(name, raw)
+                values[f.name] = _float(name, raw, positive=f.name in _POSITIVE)
             elif f.type == "Path":
                 if raw.strip():  # empty: the default, as for every path setting
                     values[f.name] = Path(raw)
