@@ -105,7 +105,8 @@ def _float(name: str, raw: str, positive: bool = False) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected a number") from None
-    if not (0 < value if positive else 0 <= value) or not value <= MAX_SECONDS:
+    low_ok = value > 0 if positive else value >= 0  # nan fails both
+    if not (low_ok and value <= MAX_SECONDS):
         span = "more than 0 and at most" if positive else "a number from 0 to"
         raise SettingsError(f"{name}={raw!r}: must be {span} {MAX_SECONDS:.0e}")
     return value
@@ -271,18 +272,19 @@ class Settings:
     def resolved(self) -> "Settings":
         """Fill derived defaults and make paths absolute."""
         home = self.home.expanduser().resolve()
-        model_root = (self.model_root if str(self.model_root) not in ("", ".")
-                      else home / "models").expanduser().resolve()
-        registry = (self.registry_path if str(self.registry_path) not in ("", ".")
+        own_root = str(self.model_root) not in ("", ".")  # else under home
+        own_registry = str(self.registry_path) not in ("", ".")
+        model_root = (self.model_root if own_root else home / "models").expanduser().resolve()
+        registry = (self.registry_path if own_registry
                     else home / "registry" / "history.jsonl").expanduser().resolve()
         if registry.is_dir():
             raise SettingsError(f"BANTER_REGISTRY_PATH={str(registry)!r} is a directory: name "
                                 "the history file (e.g. .../registry/history.jsonl)")
         _check_directories("BANTER_HOME", home, home)
-        _check_directories("BANTER_MODEL_ROOT" if str(self.model_root) not in ("", ".")
-                           else "BANTER_HOME", model_root, model_root)
-        _check_directories("BANTER_REGISTRY_PATH" if str(self.registry_path) not in ("", ".")
-                           else "BANTER_HOME", registry, registry.parent)
+        _check_directories("BANTER_MODEL_ROOT" if own_root else "BANTER_HOME", model_root,
+                           model_root)
+        _check_directories("BANTER_REGISTRY_PATH" if own_registry else "BANTER_HOME", registry,
+                           registry.parent)
         _check_url("BANTER_REDIS_URL", self.redis_url, REDIS_SCHEMES)
         if self.broker_url:
             _check_url("BANTER_BROKER_URL", self.broker_url, BROKER_SCHEMES)

@@ -247,6 +247,8 @@ class RedisOutage:
         """A read tried at ``tried_at`` (monotonic) failed: whether to give up now."""
         self._since = self._since if self._since is not None else tried_at
         return time.monotonic() - self._since > REDIS_RETRY_S
+
+
 _NO_WORKER = {
     "onnx": "no live worker runs ONNX Runtime models: start one with 'banter worker --cpu' or "
             "'--gpu N' (or submit with POST /v1/jobs: the job waits in the queue for one)",
