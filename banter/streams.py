@@ -119,14 +119,23 @@ local function publish(stream, channel, maxlen, ttl, payload, order, fields)
   return id
 end
 """
-# KEYS[1] stream, KEYS[2] channel. ARGV: maxlen, ttl, payload, order, the entry's pairs.
-_PUBLISH = PUBLISH_FUNCTION + """
-return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 5)})
+# KEYS: per event its stream and its channel. ARGV: maxlen, ttl, then per event its payload,
+# order, the number of items in its entry and those items (field/value pairs). Returns the ids.
+_PUBLISH_MANY = PUBLISH_FUNCTION + """
+local maxlen, ttl, at, ids = ARGV[1], ARGV[2], 3, {}
+for k = 1, #KEYS / 2 do
+  local count = tonumber(ARGV[at + 2])
+  ids[k] = publish(KEYS[2 * k - 1], KEYS[2 * k], maxlen, ttl, ARGV[at], ARGV[at + 1],
+                   {unpack(ARGV, at + 3, at + 2 + count)})
+  at = at + 3 + count
+end
+return ids
 """
 
 
 class StreamWriter:
-    """Appends events to job streams and channels: one pipelined round trip per call."""
+    """Appends events to job streams and channels: one round trip and one script call per
+    call, however many events (a generate step's tokens for every running job)."""
 
     def __init__(self, client: redis.Redis, maxlen: int, ttl_s: int) -> None:
         self.redis = client
@@ -139,31 +148,42 @@ class StreamWriter:
         """Write every event (in order) to its job's stream and channel, all or none (one
         MULTI/EXEC round trip; ``also`` may queue more commands on it); return the entry ids."""
         if not self._sha:
-            self._sha = self.redis.script_load(_PUBLISH)
+            self._sha = self.redis.script_load(_PUBLISH_MANY)
         try:
             return self._send(events, also)
         except redis.exceptions.NoScriptError:  # Redis restarted without its script cache
-            self._sha = self.redis.script_load(_PUBLISH)
+            self._sha = self.redis.script_load(_PUBLISH_MANY)
             return self._send(events, None)
 
     def _send(self, events: Sequence[StreamEvent],
               also: Callable[[Pipeline], None] | None) -> list[str]:
         pipe = self.redis.pipeline(transaction=True)
-        for event in events:
-            pipe.evalsha(self._sha, 2, keys.stream(event.job_id), keys.tokens(event.job_id),
-                         *self.publish_args(event))
+        if events:
+            names: list[str] = []
+            args: list[Any] = [self.maxlen, self.ttl_s]
+            for event in events:
+                names += [keys.stream(event.job_id), keys.tokens(event.job_id)]
+                payload, order, items = _script_args(event)
+                args += [payload, order, len(items), *items]
+            pipe.evalsha(self._sha, len(names), *names, *args)
         if also:
             also(pipe)
-        return pipe.execute()[:len(events)]
+        replies = pipe.execute()
+        return list(replies[0]) if events else []
 
     def publish_args(self, event: StreamEvent) -> list[Any]:
         """The arguments of ``PUBLISH_FUNCTION`` after its keys, flat: maxlen, ttl, payload,
         order, then the entry's field/value pairs."""
-        entry = event.fields()
-        order = str(event.seq) if isinstance(event, TokenEvent) else ""
-        message = {"event": entry["event"], **decode_entry(entry)[1]}
-        return [self.maxlen, self.ttl_s, json.dumps(message), order,
-                *[item for pair in entry.items() for item in pair]]
+        payload, order, items = _script_args(event)
+        return [self.maxlen, self.ttl_s, payload, order, *items]
+
+
+def _script_args(event: StreamEvent) -> tuple[str, str, list[str]]:
+    """``PUBLISH_FUNCTION``'s payload, order and entry items for ``event``."""
+    entry = event.fields()
+    order = str(event.seq) if isinstance(event, TokenEvent) else ""
+    message = {"event": entry["event"], **decode_entry(entry)[1]}
+    return json.dumps(message), order, [item for pair in entry.items() for item in pair]
 
 
 def read_events(client: redis.Redis, job_id: str, after: str = "0-0",
