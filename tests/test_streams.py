@@ -288,7 +288,8 @@ def test_stream_of_unknown_job_is_404(api):
 
 
 def test_a_generate_step_costs_one_redis_round_trip(redis_client, monkeypatch):
-    """The step's tokens for every job and its pass counters go in one pipeline."""
+    """The step's tokens for every job and its pass counters go in one pipeline, the tokens
+    as one script call."""
     from redis.client import Pipeline
 
     from banter.streams import StreamWriter, TokenEvent
@@ -298,10 +299,15 @@ def test_a_generate_step_costs_one_redis_round_trip(redis_client, monkeypatch):
     sink.streams.publish([])  # loads the script once, as the first step does
     calls = []
     real = Pipeline.execute
-    monkeypatch.setattr(Pipeline, "execute", lambda self, *a, **k: calls.append(1) or real(self))
+
+    def execute(self, *args, **kwargs):
+        calls.append([command[0] for command, _options in self.command_stack])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
     sink.record_pass("generate", "demo-gpt", 1, 3, 0.001)
     sink.publish_tokens([TokenEvent(f"rt-{i}", 0, "x", 7) for i in range(3)])
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0].count("EVALSHA") == 1
     assert all(redis_client.xlen(f"banter:stream:rt-{i}") == 1 for i in range(3))
     assert redis_client.hget("banter:worker:round-trip@test:stats", "generate_passes") == "1"
 
