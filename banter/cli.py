@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import redis
 
 from banter.errors import BanterError, InvalidRequest, Unavailable
-from banter.settings import Settings, SettingsError
+from banter.settings import Settings, SettingsError, parse_int, parse_number
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -335,7 +335,7 @@ def job_id(raw: str) -> str:
 def timeout_seconds(raw: str) -> float:
     """``--timeout``: seconds, more than 0 and at most a day."""
     try:
-        value = float(raw)
+        value = parse_number(raw)
     except ValueError:
         value = float("nan")
     if not 0 < value <= 86400:
@@ -345,14 +345,14 @@ def timeout_seconds(raw: str) -> float:
 
 
 def port_number(raw: str) -> int:
-    value = int(raw)
+    value = parse_int(raw)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {value}")
     return value
 
 
 def gpu_index(raw: str) -> int:
-    value = int(raw)
+    value = parse_int(raw)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a GPU index, 0 or more, got {value}")
     return value
@@ -368,7 +368,7 @@ def node_name(raw: str) -> str:
 
 
 def positive_int(raw: str) -> int:
-    value = int(raw)
+    value = parse_int(raw)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

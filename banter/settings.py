@@ -7,6 +7,7 @@ reads the environment. Every field is documented in README.md (Settings).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
@@ -88,9 +89,29 @@ MAX_RUNNING_LIMIT = 4096  # generate sequences in flight in one worker
 MAX_WORKER_CONCURRENCY = 4096  # a worker's Celery threads (its prefetch: under AMQP's 65535)
 
 
+_INTEGER = re.compile(r"\s*[-+]?[0-9]+\s*")
+_NUMBER = re.compile(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*")
+
+
+def parse_int(raw: str) -> int:
+    """An integer in ASCII decimal digits (a sign and surrounding spaces allowed), where
+    Python's ``int`` also takes ``1_000`` and other scripts' digits; ValueError otherwise."""
+    if not _INTEGER.fullmatch(raw):
+        raise ValueError(f"invalid integer {raw!r}")
+    return int(raw)
+
+
+def parse_number(raw: str) -> float:
+    """A decimal number in ASCII (``1``, ``0.5``, ``1e3``), where Python's ``float`` also
+    takes ``1_0``, ``inf``, ``nan`` and other scripts' digits; ValueError otherwise."""
+    if not _NUMBER.fullmatch(raw):
+        raise ValueError(f"invalid number {raw!r}")
+    return float(raw)
+
+
 def _int(name: str, raw: str, low: int = 0) -> int:
     try:
-        value = int(raw)
+        value = parse_int(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected an integer") from None
     if value < low:
@@ -102,7 +123,7 @@ def _int(name: str, raw: str, low: int = 0) -> int:
 
 def _float(name: str, raw: str, positive: bool = False) -> float:
     try:
-        value = float(raw)
+        value = parse_number(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected a number") from None
     low_ok = value > 0 if positive else value >= 0  # nan fails both

@@ -142,6 +142,12 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_WORKER_CONCURRENCY", "99999999", "must be at most 4096 (each is a thread"),
     ("BANTER_BULK_CONCURRENCY", "64", "must be under BANTER_WORKER_CONCURRENCY (64"),
     ("BANTER_STREAM_MAXLEN", "5", "must be over BANTER_MAX_TOKENS_LIMIT + 1"),
+    # what Python's int() and float() take but a setting is not: digit separators, other
+    # scripts' digits, infinity
+    ("BANTER_MAX_RUNNING", "1_0", "BANTER_MAX_RUNNING='1_0': expected an integer"),
+    ("BANTER_JOB_TTL_S", "\u0663\u0660\u0660", "BANTER_JOB_TTL_S='\u0663\u0660\u0660': expected an integer"),
+    ("BANTER_SYNC_TIMEOUT_S", "1_0", "BANTER_SYNC_TIMEOUT_S='1_0': expected a number"),
+    ("BANTER_BULK_YIELD_MS", "Infinity", "BANTER_BULK_YIELD_MS='Infinity': expected a number"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
@@ -917,7 +923,7 @@ def test_a_stream_that_goes_silent_is_exit_3_after_timeout():
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "86401"])
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "86401", "1_0"])
 def test_a_timeout_that_is_not_seconds_is_a_usage_error(value):
     result = banter("submit", "hi", "--timeout", value)
     assert result.returncode == 2, result.stderr
@@ -928,6 +934,8 @@ def test_a_timeout_that_is_not_seconds_is_a_usage_error(value):
     (["producer", "--workers", "100000"], "argument --workers: must be at most 256, got 100000"),
     (["producer", "--workers", "0"], "argument --workers: must be at least 1"),
     (["producer", "--workers", "two"], "argument --workers: invalid integer value: 'two'"),
+    (["producer", "--workers", "1_0"], "argument --workers: invalid integer value: '1_0'"),
+    (["producer", "--port", "\uff18\uff10"], "argument --port: invalid port_number value"),
     (["producer", "--threads", "4097"], "argument --threads: must be at most 4096"),
     (["bulk", "in.jsonl", "--out", "out.jsonl", "--max-in-flight", "100000"],
      "argument --max-in-flight: must be at most 4096")])
