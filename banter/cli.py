@@ -120,18 +120,31 @@ def _ended(finish_reason: str) -> int:
 
 
 def _print_events(events) -> int:
-    for event, data in events:
-        if event == "job":
-            print(f"job {data['id']}", file=sys.stderr, flush=True)
-        elif event == "token":
-            print(data["text"], end="", flush=True)
-        elif event == "done":
+    """Tokens to stdout as they come, ended by a newline however the stream ends (so an error
+    on stderr, or the shell's prompt, starts a line of its own)."""
+    open_line = False  # token text on stdout since its last newline
+    try:
+        for event, data in events:
+            if event == "job":
+                print(f"job {data['id']}", file=sys.stderr, flush=True)
+            elif event == "token":
+                print(data["text"], end="", flush=True)
+                if data["text"]:
+                    open_line = not data["text"].endswith("\n")
+            elif event == "done":
+                print(flush=True)
+                open_line = False
+                return _ended(data["finish_reason"])
+            elif event == "error":
+                if open_line:
+                    print(flush=True)
+                    open_line = False
+                print(f"banter: {data['error']['type']}: {data['error']['message']}",
+                      file=sys.stderr)
+                return EXIT_FAILED
+    finally:
+        if open_line:  # the stream was cut: Client.events raised
             print(flush=True)
-            return _ended(data["finish_reason"])
-        elif event == "error":
-            print(f"\nbanter: {data['error']['type']}: {data['error']['message']}",
-                  file=sys.stderr)
-            return EXIT_FAILED
     return EXIT_FAILED  # not reached: Client.events ends after done or error, or raises
 
 

@@ -425,7 +425,7 @@ def test_stream_of_a_failed_job_says_why(api):
     assert api.wait_job(job["id"])["status"] == "failed"
     result = banter("stream", job["id"], "--url", api.url)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == "\nbanter: prompt_too_long: the input is 12000 tokens, the limit is 512\n"
+    assert result.stderr == "banter: prompt_too_long: the input is 12000 tokens, the limit is 512\n"
 
 
 def test_stream_of_an_embed_job_says_it_has_no_tokens(api):
@@ -802,6 +802,21 @@ def test_submit_of_a_job_cancelled_while_it_ran_is_exit_1(stream):
     assert "the job was cancelled (DELETE /v1/jobs/{id}, or its client left)" in result.stderr
 
 
+@pytest.mark.parametrize("text, stdout", [("part", "part\n"), ("line\n", "line\n"), ("", "")])
+def test_an_error_after_tokens_ends_their_line_then_says_why(text, stdout):
+    events = (f'event: token\ndata: {{"seq": 0, "text": {json.dumps(text)}}}\n\n'
+              'event: error\ndata: {"error": {"type": "inference_error", "message": "m"}}\n\n')
+    server, url = serve_routes({"/v1/inference?stream=true": (200, "text/event-stream",
+                                                              events.encode())})
+    try:
+        result = banter("submit", "hi", "--stream", "--url", url)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == stdout
+    assert result.stderr == "banter: inference_error: m\n"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_text_the_terminal_cannot_encode_is_replaced_not_a_traceback(stream):
     events = b'event: token\ndata: {"seq": 0, "text": "caf\xc3\xa9 \xe2\x9c\x93"}\n\n' \
@@ -1045,7 +1060,7 @@ def test_a_stream_cut_before_its_end_says_how_to_follow_the_job(tmp_path):
     finally:
         server.shutdown()
     assert result.returncode == 3, result.stderr
-    assert result.stdout == " cut"
+    assert result.stdout == " cut\n"  # the text's line ends before the error is said
     assert "job 0f0f0f0f-0000-4000-8000-000000000000" in result.stderr
     assert "ended before the job did" in result.stderr
     assert "'banter stream 0f0f0f0f-0000-4000-8000-000000000000'" in result.stderr
