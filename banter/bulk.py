@@ -357,7 +357,8 @@ def _run_locked(make_client: Callable[[], Any], in_path: Path, out_path: Path, e
     for _ in range(max_in_flight):
         threading.Thread(target=_work, args=(make_client, digest, work, results),
                          daemon=True).start()
-    with tqdm(total=todo, unit="req", file=sys.stderr, smoothing=0.05) as bar:
+    with tqdm(total=todo, unit="req", file=sys.stderr, smoothing=0.05,
+              disable=not todo) as bar:  # nothing to send: no bar, only the summary
         running = max_in_flight
         while running:
             item = results.get()

@@ -230,12 +230,14 @@ def test_rerun_of_a_finished_file_sends_nothing(api, redis_client, tmp_path):
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout) == {"total": 3, "completed": 3, "failed": 0,
                                         "skipped_resumed": 0, "invalid": 0}
+    assert "3/3" in first.stderr  # the progress bar
     assert errors.read_text() == ""
     before = out.read_text()
     again = bulk(*args)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == {"total": 3, "completed": 0, "failed": 0,
                                         "skipped_resumed": 3, "invalid": 0}
+    assert again.stderr == ""  # nothing to send: no progress bar
     assert out.read_text() == before
     assert jobs_with(redis_client, marker) == 3
 
