@@ -27,10 +27,19 @@ EXIT_INTERRUPTED = 130
 JOB_ID = re.compile(r"[A-Za-z0-9-]+")
 
 
+CLIENT_FLAGS = {"url": "--url", "api_key": "--api-key", "timeout": "--timeout"}
+
+
+def client_defaults() -> dict[str, object]:
+    return {"url": os.environ.get("BANTER_URL", "http://127.0.0.1:8000"),
+            "api_key": os.environ.get("BANTER_API_KEY"), "timeout": 300.0}
+
+
 def _client(args: argparse.Namespace):
     from banter.client import Client
 
-    return Client(args.url, args.api_key, args.timeout)
+    given = {**client_defaults(), **{k: getattr(args, k) for k in CLIENT_FLAGS if hasattr(args, k)}}
+    return Client(given["url"], given["api_key"], given["timeout"])
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -232,6 +241,12 @@ def cmd_flower(args, settings: Settings) -> int:
 
 
 def cmd_models(args, settings: Settings) -> int:
+    given = [flag for name, flag in CLIENT_FLAGS.items() if hasattr(args, name)]
+    if args.action in ("build-demo", "import") and given:
+        print(f"banter: {', '.join(given)}: for the actions that ask a server (promote, "
+              f"rollback, history, list); models {args.action} works on local files",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.action == "build-demo":
         from banter.demo import build_demo
 
@@ -412,14 +427,14 @@ def parser() -> argparse.ArgumentParser:
         """``defaults`` False: the flags of a sub-action whose parent parser has them too, so
         they may come before the action or after it (argparse would otherwise let the
         sub-action's defaults overwrite what was given before it)."""
-        def default(value):
-            return value if defaults else argparse.SUPPRESS
+        values = client_defaults()
 
-        cmd.add_argument("--url", type=server_url,
-                         default=default(os.environ.get("BANTER_URL", "http://127.0.0.1:8000")))
-        cmd.add_argument("--api-key", type=api_key,
-                         default=default(os.environ.get("BANTER_API_KEY")))
-        cmd.add_argument("--timeout", type=timeout_seconds, default=default(300.0),
+        def default(name: str):
+            return values[name] if defaults else argparse.SUPPRESS
+
+        cmd.add_argument("--url", type=server_url, default=default("url"))
+        cmd.add_argument("--api-key", type=api_key, default=default("api_key"))
+        cmd.add_argument("--timeout", type=timeout_seconds, default=default("timeout"),
                          metavar="SECONDS",
                          help="give up on a server that sends nothing for this long "
                               "(default 300; a stream's keep-alives come every 15 s)")
@@ -494,7 +509,9 @@ def parser() -> argparse.ArgumentParser:
     flower.set_defaults(func=cmd_flower)
 
     models = sub.add_parser("models", help="the model registry")
-    client_args(models)  # promote, rollback, history, list: before the action or after it
+    # promote, rollback, history, list: before the action or after it (build-demo and import
+    # work on local files and refuse them)
+    client_args(models, defaults=False)
     actions = models.add_subparsers(dest="action", required=True)
     build = actions.add_parser("build-demo", help="write the demo models")
     build.add_argument("--root", type=Path)

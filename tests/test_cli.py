@@ -483,6 +483,18 @@ def test_a_worker_without_its_redis_or_broker_exits_3_saying_so(tmp_path, stack_
 
 
 # ----------------------------------------------------------------------------- models
+@pytest.mark.parametrize("args", [["--url", "http://127.0.0.1:9", "build-demo"],
+                                  ["--timeout", "5", "import", "somewhere"],
+                                  ["--api-key", "k", "build-demo"]])
+def test_models_actions_on_local_files_refuse_the_server_flags(args, tmp_path):
+    """Given before ``build-demo`` or ``import``, a server flag was taken and ignored: the
+    action works on local files, whatever the flag said."""
+    result = banter("models", *args, env={**os.environ, "BANTER_HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert f"banter: {args[0]}: for the actions that ask a server" in result.stderr
+    assert not (tmp_path / "models").exists()
+
+
 def test_models_commands_against_the_api(api, settings, demo_models):
     name = f"cli-embed-{uuid.uuid4().hex[:8]}"
     shutil.copytree(demo_models[DEMO_EMBED], settings.model_root / name / "v1")
