@@ -85,6 +85,9 @@ class Outcome:
     sent: float = 0.0
     first_token: float | None = None
     done: float = 0.0
+    job_id: str = ""
+    sent_at: float = 0.0  # time.time() of sent and first_token: compared with the job's record
+    first_token_at: float | None = None
 
 
 # -- workload --------------------------------------------------------------------------------
@@ -453,7 +456,7 @@ def stream_request(session: requests.Session, url: str, model: str, request: Req
     """One ``POST /v1/inference?stream=true``; parses the SSE ``token``/``done``/``error``."""
     body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
             "model": model}
-    outcome = Outcome(sent=time.perf_counter())
+    outcome = Outcome(sent=time.perf_counter(), sent_at=time.time())
     pieces: list[str] = []
     try:
         with session.post(f"{url}/v1/inference?stream=true", json=body, stream=True,
@@ -461,10 +464,12 @@ def stream_request(session: requests.Session, url: str, model: str, request: Req
             if response.status_code != 200:
                 outcome.error = f"HTTP {response.status_code}: {response.text[:300]}"
                 return outcome
+            outcome.job_id = response.headers.get("X-Job-ID", "")
             for event, payload in sse_events(response):
                 if event == "token":
                     if outcome.first_token is None:
                         outcome.first_token = time.perf_counter()
+                        outcome.first_token_at = time.time()
                     outcome.token_ids.append(payload["token_id"])
                     pieces.append(payload["text"])
                 elif event == "done":
@@ -509,6 +514,38 @@ def worker_counters(stack: BenchStack, node: str) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items()}
 
 
+TTFT_PARTS = ("to_record", "to_worker", "to_first_token", "to_client")
+
+
+def ttft_parts(redis_client, outcomes: list[Outcome]) -> dict[str, list[float]]:
+    """Where each request's time to first token went, in seconds, from its job record
+    (``queued_at``, ``started_at``) and the id of its stream's first entry (Redis's clock, on
+    the same host): ``to_record`` the producer, from the client's send to the job's record;
+    ``to_worker`` the broker and the worker's task thread, to the worker taking the job;
+    ``to_first_token`` the engine, to the first token's stream entry (the next step, its
+    prefill pass, the publisher); ``to_client`` from that entry to the client (the producer's
+    stream read and the SSE response). Requests without a job id or a token are left out."""
+    from banter import keys
+
+    timed = [o for o in outcomes if o.job_id and o.first_token_at is not None]
+    pipe = redis_client.pipeline(transaction=False)
+    for o in timed:
+        pipe.hmget(keys.job(o.job_id), "queued_at", "started_at")
+        pipe.xrange(keys.stream(o.job_id), count=1)
+    replies = pipe.execute()
+    parts: dict[str, list[float]] = {part: [] for part in TTFT_PARTS}
+    for o, (queued, started), first in zip(timed, replies[0::2], replies[1::2]):
+        if queued is None or started is None or not first:
+            continue
+        entry_at = int(first[0][0].split("-")[0]) / 1000
+        for part, value in zip(TTFT_PARTS, (float(queued) - o.sent_at,
+                                            float(started) - float(queued),
+                                            entry_at - float(started),
+                                            o.first_token_at - entry_at)):
+            parts[part].append(value)
+    return parts
+
+
 @dataclass
 class Sample:
     """One timed run of the workload on one freshly started worker."""
@@ -517,6 +554,7 @@ class Sample:
     wall_s: float
     counters: dict[str, float]
     providers: dict[str, list[str]]
+    parts: dict[str, list[float]] = field(default_factory=dict)  # ttft_parts
 
     @property
     def tokens(self) -> int:
@@ -543,6 +581,7 @@ def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str
         before = worker_counters(stack, node)
         outcomes, wall = run_clients(stack.producer_url, model, workload, clients)
         after = worker_counters(stack, node)
+        parts = ttft_parts(stack.redis, outcomes)
         failed = [o.error for o in outcomes if o.error]
         if failed:
             log.warning("%s: %d requests failed, first: %s\n--- producer log tail:\n%s\n"
@@ -553,7 +592,7 @@ def served_sample(stack: BenchStack, label: str, env: dict[str, str], model: str
         stack.stop_worker(node)
     counters = {k: after.get(k, 0.0) - before.get(k, 0.0)
                 for k in ("generate_passes", "generate_items", "generate_seconds")}
-    sample = Sample(outcomes, wall, counters, providers)
+    sample = Sample(outcomes, wall, counters, providers, parts)
     passes = counters["generate_passes"]
     log.info("%s: %d tokens in %.2fs = %.1f tokens/s, %d passes of %.1f rows, ORT %.2fs "
              "(%.2f ms a pass, %.2f ms of wall)", label, sample.tokens, wall,
@@ -589,6 +628,8 @@ def summarize(samples: list[Sample], env: dict[str, str], workload: list[Request
         "wall_s": [round(s.wall_s, 3) for s in samples],
         "ttft_ms": p50_p99_ms([o.first_token - o.sent for o in outcomes
                                    if o.first_token is not None]),
+        "ttft_parts_ms": {part: p50_p99_ms([v for s in samples for v in s.parts.get(part, [])])
+                          for part in TTFT_PARTS},
         "latency_ms": p50_p99_ms([o.done - o.sent for o in outcomes if not o.error]),
         "engine": {"passes": int(passes), "mean_batch": round(items / passes, 2) if passes else 0,
                    "ort_s": round(ort_s, 3),

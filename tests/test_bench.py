@@ -202,6 +202,9 @@ def test_generate_benchmark_smoke_run():
     assert set(result["ratios"]) == set(result["baselines"])
     assert set(result["ttft_ms"]) == {"served", "static"}
     assert set(result["ttft_ms"]["served"]) == {"p50", "p99"}
+    parts = result["phases"]["served"]["ttft_parts_ms"]  # every request's first token, by hop
+    assert list(parts) == ["to_record", "to_worker", "to_first_token", "to_client"]
+    assert all(part["p50"] is not None for part in parts.values()), parts
     assert result["settings"]["clients"] == 2 and result["settings"]["max_tokens"] == [4, 8]
     assert result["settings"]["worker_env"] == {"BANTER_PUBLISH_AHEAD_STEPS": "1"}
     variant = result["variants"]["prefill_overlap"]  # a served phase of its own, same baselines
