@@ -22,11 +22,12 @@
 # gpu-check-out/), and the providers each worker's model actually ran on are printed from the
 # JSON / logs. Each scenario has its own time limit (KVCACHE_TIMEOUT_S 60, GENERATE_TIMEOUT_S
 # 240, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90). GPU_CHECK_SCENARIOS picks which run
-# (default "kvcache generate embed-minilm embed-demo"); GENERATE_REPEATS (4) and
-# GENERATE_BASELINES (static,raw_ort) shape the `generate` run, whose every worker first runs one
+# (default "kvcache generate embed-minilm embed-demo"); GENERATE_ROUNDS (3), GENERATE_REPEATS (4)
+# and GENERATE_BASELINES (static,raw_ort) shape the `generate` run, whose every worker first runs one
 # round of the workload untimed (--warm-up-rounds 1: a GPU's first-time costs stay out of the
 # timing) and whose raw loops run once (--raw-repeats 1).
-# Exit codes: 0 done on CUDA, 2 an unknown scenario in GPU_CHECK_SCENARIOS (nothing run), 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
+# Exit codes: 0 done on CUDA, 2 an unknown scenario in GPU_CHECK_SCENARIOS or a GENERATE_ROUNDS or
+# GENERATE_REPEATS that is not a positive integer (nothing run), 3 no GPU, 4 no CUDA provider could be set up, 5 the worker's
 # session did not get CUDA, 1 a benchmark failed.
 set -euo pipefail
 
@@ -45,6 +46,12 @@ for s in $scenarios; do
   esac
 done
 wanted() { [[ "$scenarios" == *" $1 "* ]]; }
+for count in GENERATE_ROUNDS GENERATE_REPEATS; do
+  if [ -n "${!count:-}" ] && ! [[ "${!count}" =~ ^[1-9][0-9]{0,3}$ ]]; then
+    say "$count must be a positive integer (at most 9999), got '${!count}' (nothing was run)"
+    exit 2
+  fi
+done
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   say "nvidia-smi not found: this check needs a machine with an NVIDIA GPU and its driver" \
@@ -151,7 +158,7 @@ elif "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
   # (BANTER_CUDA_TF32, off by default: its speed, and whether each job's tokens still equal
   # what it makes alone, `correctness.variant_tf32`), interleaved
   run_scenario generate "${GENERATE_TIMEOUT_S:-240}" generate --gpu "$GPU" --model-dir "$gpt2" \
-    --rounds 3 --repeats "${GENERATE_REPEATS:-4}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
+    --rounds "${GENERATE_ROUNDS:-3}" --repeats "${GENERATE_REPEATS:-4}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
     --warm-up-rounds 1 --raw-repeats 1 \
     --variant tf32:BANTER_CUDA_TF32=on
 else

@@ -536,6 +536,16 @@ def test_gpu_check_refuses_an_unknown_scenario_before_anything_runs():
     assert "unknown scenario 'kvcach'" in run.stderr and run.stdout == ""
 
 
+@pytest.mark.parametrize("variable, value", [("GENERATE_ROUNDS", "0"), ("GENERATE_ROUNDS", "8x"),
+                                             ("GENERATE_REPEATS", "-1")])
+def test_gpu_check_refuses_a_count_that_is_not_one_before_anything_runs(variable, value):
+    env = {**os.environ, variable: value}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert f"{variable} must be a positive integer" in run.stderr and run.stdout == ""
+
+
 def test_gpu_check_with_a_prepared_interpreter_installs_nothing_and_says_cuda_is_missing(tmp_path):
     """``BENCH_PYTHON``: the script uses that interpreter as it is; one whose onnxruntime has no
     CUDA provider ends the check (exit 4) instead of a pip install into it."""
