@@ -232,13 +232,15 @@ return {1, status}
 
 # KEYS: N lease keys, then the N jobs' hashes. ARGV[1] node, ARGV[2] lease ms. Renew each
 # lease this node still holds, and take back one that lapsed (the node stalled past it) while
-# nobody took the job over: it still runs here. Returns the 1-based indexes of the leases lost
-# to another node (or whose job has ended).
+# nobody took the job over: it still runs here. Returns two lists of 1-based indexes: the
+# leases lost to another node (or whose job has ended), and the jobs kept whose record asks
+# for a cancel (``cancel_requested``).
 _RENEW = """
-local lost = {}
+local lost, cancel = {}, {}
 local n = #KEYS / 2
 for i = 1, n do
   local holder = redis.call('GET', KEYS[i])
+  local kept = true
   if holder == ARGV[1] then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
   elseif not holder and redis.call('HGET', KEYS[n + i], 'status') == 'running'
@@ -246,9 +248,13 @@ for i = 1, n do
     redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
   else
     table.insert(lost, i)
+    kept = false
+  end
+  if kept and redis.call('HGET', KEYS[n + i], 'cancel_requested') == '1' then
+    table.insert(cancel, i)
   end
 end
-return lost
+return {lost, cancel}
 """
 
 # KEYS[1] lease, KEYS[2] running set. ARGV[1] node, ARGV[2] job id.
@@ -413,14 +419,16 @@ class JobStore:
             args=[node, int(lease_s * 1000), time.time(), self.ttl_s, job_id])
         return bool(taken), status
 
-    def renew(self, job_ids: list[str], node: str, lease_s: float) -> list[str]:
+    def renew(self, job_ids: list[str], node: str,
+              lease_s: float) -> tuple[list[str], list[str]]:
         """Extend ``node``'s leases (taking back any that lapsed while no other node took its
-        job); returns the ids whose lease another node holds now."""
+        job); returns the ids whose lease another node holds now, and the ids it keeps whose
+        record asks for a cancel (``cancel_requested``)."""
         if not job_ids:
-            return []
-        lost = self._renew(keys=[*map(keys.lease, job_ids), *map(keys.job, job_ids)],
-                           args=[node, int(lease_s * 1000)])
-        return [job_ids[i - 1] for i in lost]
+            return [], []
+        lost, cancel = self._renew(keys=[*map(keys.lease, job_ids), *map(keys.job, job_ids)],
+                                   args=[node, int(lease_s * 1000)])
+        return [job_ids[i - 1] for i in lost], [job_ids[i - 1] for i in cancel]
 
     def release(self, job_id: str, node: str) -> None:
         self._release(keys=[keys.lease(job_id), keys.RUNNING], args=[node, job_id])

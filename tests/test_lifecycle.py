@@ -193,6 +193,31 @@ def test_a_lease_released_during_renewal_is_not_reported_lost(settings, redis_cl
     assert cancelled == ["taken-over"]
 
 
+def test_a_cancel_whose_message_was_missed_stops_the_job_at_the_next_renewal(settings,
+                                                                           redis_client,
+                                                                           monkeypatch):
+    """The producer flags the record and publishes the id on ``CANCEL``; a worker whose
+    listener was reconnecting to Redis at that moment never gets the message, and its job ran
+    to the end. The lease renewal (every heartbeat) reads the flag of each job it keeps."""
+    node = "missed-cancel@localhost"
+    runtime = WorkerRuntime(replace(settings, openai_key=""), redis_client, None, node)
+    cancelled: list[str] = []
+    monkeypatch.setattr(runtime, "_cancel", cancelled.append)
+    asked, going_on, elsewhere = (JobRecord(id=JobRecord.new_id(), kind="generate",
+                                            model="demo-gpt", input="x", owner="t")
+                                  for _ in range(3))
+    for record in (asked, going_on, elsewhere):
+        runtime.jobs.create(record)
+        assert runtime.jobs.take(record.id, node, 30)[0]
+        runtime._held.add(record.id)
+    runtime.jobs.note(asked.id, cancel_requested="1")
+    runtime.jobs.note(elsewhere.id, cancel_requested="1")
+    redis_client.set(keys.lease(elsewhere.id), "other@localhost")  # taken over meanwhile
+    runtime._renew_leases()
+    assert sorted(cancelled) == sorted([asked.id, elsewhere.id])  # each stopped here, once
+    assert cancelled.count(elsewhere.id) == 1
+
+
 def test_a_worker_that_stalls_past_its_lease_finishes_its_job(demo_models, stack_env, settings,
                                                               tmp_path, private_url):
     """A worker paused (SIGSTOP, a long GC, a starved VM) past its lease while no other worker

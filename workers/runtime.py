@@ -486,9 +486,14 @@ class WorkerRuntime:
             stop.wait(self.settings.worker_heartbeat_s)
 
     def _renew_leases(self) -> None:
+        """Renew the leases of the jobs held here; stop the copy of a job another worker took
+        over, and a job whose record asks for a cancel: the ``CANCEL`` message is the fast
+        path, and a listener that missed it (reconnecting to Redis) misses it for good."""
         with self._held_lock:
             held = sorted(self._held)
-        lost = self.jobs.renew(held, self.node, self.settings.lease_ttl_s)
+        lost, cancel_asked = self.jobs.renew(held, self.node, self.settings.lease_ttl_s)
+        for job_id in cancel_asked:
+            self._cancel(job_id)
         with self._held_lock:  # a job that finished meanwhile released its lease: not lost
             lost = [job_id for job_id in lost if job_id in self._held]
         for job_id in lost:
