@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Sequence
 
+import orjson
 import redis
 from redis.client import Pipeline
 
@@ -49,6 +50,10 @@ class TokenEvent:
         return {"event": EventType.TOKEN.value, "seq": str(self.seq), "text": self.text,
                 "token_id": str(self.token_id)}
 
+    def data(self) -> dict[str, Any]:
+        """The event's data, typed, as ``decode_entry`` reads it back from ``fields``."""
+        return {"seq": self.seq, "text": self.text, "token_id": self.token_id}
+
 
 def with_total(usage: Any) -> Any:
     """``usage`` with ``total_tokens`` (prompt plus completion), as a done event, a job record
@@ -68,6 +73,9 @@ class DoneEvent:
         return {"event": EventType.DONE.value, "finish_reason": self.finish_reason,
                 "usage": json.dumps(with_total(self.usage))}
 
+    def data(self) -> dict[str, Any]:
+        return {"finish_reason": self.finish_reason, "usage": with_total(self.usage)}
+
 
 @dataclass(frozen=True)
 class ErrorEvent:
@@ -76,6 +84,9 @@ class ErrorEvent:
 
     def fields(self) -> dict[str, str]:
         return {"event": EventType.ERROR.value, "error": json.dumps(self.error)}
+
+    def data(self) -> dict[str, Any]:
+        return {"error": self.error}
 
 
 StreamEvent = TokenEvent | DoneEvent | ErrorEvent
@@ -178,12 +189,13 @@ class StreamWriter:
         return [self.maxlen, self.ttl_s, payload, order, *items]
 
 
-def _script_args(event: StreamEvent) -> tuple[str, str, list[str]]:
-    """``PUBLISH_FUNCTION``'s payload, order and entry items for ``event``."""
+def _script_args(event: StreamEvent) -> tuple[bytes, str, list[str]]:
+    """``PUBLISH_FUNCTION``'s payload (the pub/sub message less its ``id``), order and entry
+    items for ``event``."""
     entry = event.fields()
-    order = str(event.seq) if isinstance(event, TokenEvent) else ""
-    message = {"event": entry["event"], **decode_entry(entry)[1]}
-    return json.dumps(message), order, [item for pair in entry.items() for item in pair]
+    order = entry["seq"] if isinstance(event, TokenEvent) else ""
+    payload = orjson.dumps({"event": entry["event"], **event.data()})
+    return payload, order, [item for pair in entry.items() for item in pair]
 
 
 def read_events(client: redis.Redis, job_id: str, after: str = "0-0",

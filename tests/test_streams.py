@@ -173,6 +173,18 @@ def test_ended_by_says_whether_a_reader_has_the_final_event(redis_client):
     assert ended_by(redis_client, job, done) and ended_by(redis_client, job, "99999999999999-0")
 
 
+def test_an_events_typed_data_is_what_its_stream_entry_reads_back_as():
+    """The pub/sub message is built from ``data()``, the stream entry from ``fields()``: a
+    subscriber and a stream reader must get the same event."""
+    from banter.streams import DoneEvent, ErrorEvent, TokenEvent, decode_entry
+
+    for event in (TokenEvent("j", 3, " caf\u00e9 \"x\"", 17),
+                  DoneEvent("j", "length", {"prompt_tokens": 2, "completion_tokens": 5}),
+                  ErrorEvent("j", {"type": "inference_error", "message": "bad \u2713"})):
+        kind, data = decode_entry(event.fields())
+        assert kind.value == event.fields()["event"] and data == event.data()
+
+
 def test_live_sse_and_raw_redis_subscriber_see_the_same_tokens(api, redis_client):
     job_id = submit(api, 400)
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
