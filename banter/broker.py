@@ -99,10 +99,11 @@ class _Channel(kombu_redis.Channel):
         return super()._brpop_start(timeout)
 
     def _create_client(self, asynchronous=False):
-        if self.connection.client is None:
-            # closed under this channel (Redis went away) while the consumer shuts it down:
-            # kombu would fail on the missing URL with an AttributeError, which Celery takes
-            # for an unrecoverable (CRITICAL) error; it is a lost connection, recovered from
+        if self.connection is None or self.connection.client is None:
+            # closed under this channel (Redis went away, or a connection of the worker's was
+            # killed) while the consumer shuts it down or acks a message: kombu would fail on
+            # the missing connection with an AttributeError, which Celery takes for an
+            # unrecoverable (CRITICAL) error; it is a lost connection, recovered from
             raise redis.ConnectionError("the broker connection is closed")
         if asynchronous:
             return super()._create_client(asynchronous=True)

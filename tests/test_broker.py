@@ -64,6 +64,27 @@ def test_a_channel_holds_its_bulk_share_and_keeps_taking_interactive_messages(la
         consumer.cancel()
 
 
+def test_a_channel_closed_under_an_ack_is_a_lost_connection_not_a_crash(lanes):
+    """An ack after the channel lost its connection (a Redis restart, a killed connection:
+    kombu sets the channel's ``connection`` to None) raised AttributeError, which Celery logs
+    as an unrecoverable error before it restarts its consumer; a connection error is what
+    Celery recovers from (it logs "Couldn't ack" and the message is delivered again)."""
+    import redis
+
+    app, _ = lanes
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for gone in ("connection", "client"):
+            owner = channel if gone == "connection" else channel.connection
+            kept = getattr(owner, gone)
+            setattr(owner, gone, None)
+            try:
+                with pytest.raises(redis.ConnectionError, match="broker connection is closed"):
+                    channel._create_client()
+            finally:
+                setattr(owner, gone, kept)
+
+
 def test_bulk_share_setting():
     assert Settings().bulk_limit() == 48  # three quarters of 64 task threads
     assert Settings(worker_concurrency=1).bulk_limit() == 1
