@@ -99,7 +99,7 @@ def cmd_submit(args, settings: Settings) -> int:
             **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {})}
     if not args.stream:
         answer = client.request("POST", "/v1/inference", body)
-        print(client.field(answer, "text", of=str))
+        _print_text(client.field(answer, "text", of=str))
         return _ended(client.field(answer, "finish_reason", of=str))
     return _print_events(client.events("/v1/inference?stream=true", body, method="POST"))
 
@@ -128,9 +128,14 @@ def _ended(finish_reason: str) -> int:
     return EXIT_FAILED
 
 
+def _print_text(text: str) -> None:
+    """A generation's text on stdout, its last line ended (nothing at all for no text)."""
+    print(text, end="" if not text or text.endswith("\n") else "\n", flush=True)
+
+
 def _print_events(events) -> int:
-    """Tokens to stdout as they come, ended by a newline however the stream ends (so an error
-    on stderr, or the shell's prompt, starts a line of its own)."""
+    """Tokens to stdout as they come, the last line ended however the stream ends (so an
+    error on stderr, or the shell's prompt, starts a line of its own); nothing for no text."""
     open_line = False  # token text on stdout since its last newline
     try:
         for event, data in events:
@@ -141,8 +146,9 @@ def _print_events(events) -> int:
                 if data["text"]:
                     open_line = not data["text"].endswith("\n")
             elif event == "done":
-                print(flush=True)
-                open_line = False
+                if open_line:
+                    print(flush=True)
+                    open_line = False
                 return _ended(data["finish_reason"])
             elif event == "error":
                 if open_line:

@@ -798,6 +798,26 @@ def test_an_answer_of_the_wrong_shape_is_exit_3_naming_the_url(command, routes):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("text, stdout", [("", ""), ("two\nlines\n", "two\nlines\n"),
+                                          ("part", "part\n")])
+def test_the_text_is_printed_with_its_last_line_ended_and_nothing_for_none(stream, text, stdout):
+    """A generation stopped before its first character (a stop string, an end-of-text token)
+    printed an empty line, as did a cancelled job that never ran (then the reason)."""
+    events = (f'event: token\ndata: {{"seq": 0, "text": {json.dumps(text)}}}\n\n'
+              'event: done\ndata: {"finish_reason": "stop"}\n\n')
+    answer = json.dumps({"text": text, "finish_reason": "stop"})
+    route = (200, "text/event-stream", events.encode()) if stream else (
+        200, "application/json", answer.encode())
+    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
+    try:
+        result = banter("submit", "hi", *(["--stream"] if stream else []), "--url", url)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == stdout
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_submit_of_a_job_cancelled_while_it_ran_is_exit_1(stream):
     """The text so far is printed, then why it stopped: a cut generation is not a success."""
     events = (b'event: token\ndata: {"seq": 0, "text": "part"}\n\n'
