@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from banter.errors import RegistryUnavailable, WireError
+from banter.errors import BanterError, RegistryUnavailable, WireError
 from registry.records import Record
 
 log = logging.getLogger("banter.registry")
@@ -90,7 +90,14 @@ class HistoryFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         if created:
-            make([])  # a refusal leaves no empty file behind
+            try:
+                make([])  # a refusal leaves no empty file behind
+            except BanterError:
+                if not self.path.exists():
+                    raise
+                # another process created the file meanwhile (its first record may already
+                # be mirrored, which makes an empty file look behind): decide under its lock
+                created = False
         with open(self.path, "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.seek(0)

@@ -500,6 +500,32 @@ def _promote_many(port: int, root: str, history: str, start: int, count: int) ->
         reg.promote("gpt", "generate", f"many/{i}")
 
 
+def test_a_first_append_racing_another_processes_first_append_decides_under_the_lock(tmp_path):
+    """Two processes promote into a registry with no history file yet: each asks ``make([])``
+    first (a refusal leaves no empty file behind). The one that came second was refused when
+    the other's first record was already in the mirror (an empty file looked behind it); now
+    it finds the file there and decides again under the lock, on the records it holds."""
+    path = tmp_path / "history.jsonl"
+    record = Record(seq=1, time="2024-01-01T00:00:00.000Z", action="promote", name="m",
+                    kind="embed", version=1, path="m/model.onnx", sha256="ab", backend="onnx",
+                    upstream_model=None, actor="a", reason="", previous_version=None)
+    seen = []
+
+    def make(records: list[Record]) -> Record:
+        seen.append(len(records))
+        if not records and not path.exists():  # the other process wins the race here
+            HistoryFile(path).append(lambda _records: record)
+            raise Conflict("history.jsonl ends at seq 0, but the Redis mirror is at seq 1")
+        return replace(record, seq=len(records) + 1, version=len(records) + 1)
+
+    assert HistoryFile(path).append(make).seq == 2
+    assert seen == [0, 1] and [r.seq for r in HistoryFile(path).read()] == [1, 2]
+    with pytest.raises(Conflict):  # a refusal of the first record still leaves no file
+        HistoryFile(tmp_path / "other.jsonl").append(lambda _records: (_ for _ in ()).throw(
+            Conflict("refused")))
+    assert not (tmp_path / "other.jsonl").exists()
+
+
 def test_concurrent_promotes_from_two_processes(reg: Registry, root: Path, history_path: Path,
                                                 redis_port: int, client: redis.Redis):
     for i in range(20):
