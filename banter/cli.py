@@ -137,6 +137,7 @@ def _print_events(events) -> int:
     """Tokens to stdout as they come, the last line ended however the stream ends (so an
     error on stderr, or the shell's prompt, starts a line of its own); nothing for no text."""
     open_line = False  # token text on stdout since its last newline
+    final = None
     try:
         for event, data in events:
             if event == "job":
@@ -145,22 +146,19 @@ def _print_events(events) -> int:
                 print(data["text"], end="", flush=True)
                 if data["text"]:
                     open_line = not data["text"].endswith("\n")
-            elif event == "done":
-                if open_line:
-                    print(flush=True)
-                    open_line = False
-                return _ended(data["finish_reason"])
-            elif event == "error":
-                if open_line:
-                    print(flush=True)
-                    open_line = False
-                print(f"banter: {data['error']['type']}: {data['error']['message']}",
-                      file=sys.stderr)
-                return EXIT_FAILED
-    finally:
-        if open_line:  # the stream was cut: Client.events raised
+            elif event in ("done", "error"):
+                final = event, data
+                break
+    finally:  # also when the stream was cut (Client.events raised)
+        if open_line:
             print(flush=True)
-    return EXIT_FAILED  # not reached: Client.events ends after done or error, or raises
+    if final is None:
+        return EXIT_FAILED  # not reached: Client.events ends after done or error, or raises
+    event, data = final
+    if event == "done":
+        return _ended(data["finish_reason"])
+    print(f"banter: {data['error']['type']}: {data['error']['message']}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def cmd_bulk(args, settings: Settings) -> int:
