@@ -766,6 +766,18 @@ def serve_routes(routes: dict[str, tuple[int, str, bytes]]):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def submit_against(stream: bool, events: bytes, answer: bytes,
+                   **kwargs) -> subprocess.CompletedProcess:
+    """``banter submit hi`` (``--stream`` when ``stream``) against a server whose
+    ``/v1/inference`` answers ``events`` (SSE) when streamed and ``answer`` (JSON) when not."""
+    route = (200, "text/event-stream", events) if stream else (200, "application/json", answer)
+    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
+    try:
+        return banter("submit", "hi", *(["--stream"] if stream else []), "--url", url, **kwargs)
+    finally:
+        server.shutdown()
+
+
 JOB = (200, "application/json", b'{"kind": "generate", "status": "running"}')
 
 
@@ -806,13 +818,7 @@ def test_the_text_is_printed_with_its_last_line_ended_and_nothing_for_none(strea
     events = (f'event: token\ndata: {{"seq": 0, "text": {json.dumps(text)}}}\n\n'
               'event: done\ndata: {"finish_reason": "stop"}\n\n')
     answer = json.dumps({"text": text, "finish_reason": "stop"})
-    route = (200, "text/event-stream", events.encode()) if stream else (
-        200, "application/json", answer.encode())
-    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
-    try:
-        result = banter("submit", "hi", *(["--stream"] if stream else []), "--url", url)
-    finally:
-        server.shutdown()
+    result = submit_against(stream, events.encode(), answer.encode())
     assert result.returncode == 0, result.stderr
     assert result.stdout == stdout
 
@@ -822,13 +828,7 @@ def test_submit_of_a_job_cancelled_while_it_ran_is_exit_1(stream):
     """The text so far is printed, then why it stopped: a cut generation is not a success."""
     events = (b'event: token\ndata: {"seq": 0, "text": "part"}\n\n'
               b'event: done\ndata: {"finish_reason": "cancelled"}\n\n')
-    route = (200, "text/event-stream", events) if stream else (
-        200, "application/json", b'{"text": "part", "finish_reason": "cancelled"}')
-    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
-    try:
-        result = banter("submit", "hi", *(["--stream"] if stream else []), "--url", url)
-    finally:
-        server.shutdown()
+    result = submit_against(stream, events, b'{"text": "part", "finish_reason": "cancelled"}')
     assert result.returncode == 1, result.stderr
     assert result.stdout == "part\n"
     assert "the job was cancelled (DELETE /v1/jobs/{id}, or its client left)" in result.stderr
@@ -838,12 +838,7 @@ def test_submit_of_a_job_cancelled_while_it_ran_is_exit_1(stream):
 def test_an_error_after_tokens_ends_their_line_then_says_why(text, stdout):
     events = (f'event: token\ndata: {{"seq": 0, "text": {json.dumps(text)}}}\n\n'
               'event: error\ndata: {"error": {"type": "inference_error", "message": "m"}}\n\n')
-    server, url = serve_routes({"/v1/inference?stream=true": (200, "text/event-stream",
-                                                              events.encode())})
-    try:
-        result = banter("submit", "hi", "--stream", "--url", url)
-    finally:
-        server.shutdown()
+    result = submit_against(True, events.encode(), b"")
     assert result.returncode == 1, result.stderr
     assert result.stdout == stdout
     assert result.stderr == "banter: inference_error: m\n"
@@ -853,14 +848,9 @@ def test_an_error_after_tokens_ends_their_line_then_says_why(text, stdout):
 def test_text_the_terminal_cannot_encode_is_replaced_not_a_traceback(stream):
     events = b'event: token\ndata: {"seq": 0, "text": "caf\xc3\xa9 \xe2\x9c\x93"}\n\n' \
              b'event: done\ndata: {"finish_reason": "length"}\n\n'
-    route = (200, "text/event-stream", events) if stream else (
-        200, "application/json", '{"text": "café ✓", "finish_reason": "length"}'.encode())
-    server, url = serve_routes({"/v1/inference" + ("?stream=true" if stream else ""): route})
-    try:
-        result = banter("submit", "hi", *(["--stream"] if stream else []), "--url", url,
-                        env={**os.environ, "PYTHONIOENCODING": "ascii"})
-    finally:
-        server.shutdown()
+    result = submit_against(stream, events,
+                            '{"text": "café ✓", "finish_reason": "length"}'.encode(),
+                            env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
     assert result.stdout == "caf? ?\n" and "Traceback" not in result.stderr
 
