@@ -526,6 +526,7 @@ def ttft_parts(redis_client, outcomes: list[Outcome]) -> dict[str, list[float]]:
     prefill pass, the publisher); ``to_client`` from that entry to the client (the producer's
     stream read and the SSE response). Requests without a job id or a token are left out."""
     from banter import keys
+    from banter.streams import entry_key
 
     timed = [o for o in outcomes if o.job_id and o.first_token_at is not None]
     pipe = redis_client.pipeline(transaction=False)
@@ -537,7 +538,7 @@ def ttft_parts(redis_client, outcomes: list[Outcome]) -> dict[str, list[float]]:
     for o, (queued, started), first in zip(timed, replies[0::2], replies[1::2]):
         if queued is None or started is None or not first:
             continue
-        entry_at = int(first[0][0].split("-")[0]) / 1000
+        entry_at = entry_key(first[0][0])[0] / 1000  # the entry id's milliseconds
         for part, value in zip(TTFT_PARTS, (float(queued) - o.sent_at,
                                             float(started) - float(queued),
                                             entry_at - float(started),
@@ -554,7 +555,7 @@ class Sample:
     wall_s: float
     counters: dict[str, float]
     providers: dict[str, list[str]]
-    parts: dict[str, list[float]] = field(default_factory=dict)  # ttft_parts
+    parts: dict[str, list[float]]  # ttft_parts
 
     @property
     def tokens(self) -> int:
@@ -628,7 +629,7 @@ def summarize(samples: list[Sample], env: dict[str, str], workload: list[Request
         "wall_s": [round(s.wall_s, 3) for s in samples],
         "ttft_ms": p50_p99_ms([o.first_token - o.sent for o in outcomes
                                    if o.first_token is not None]),
-        "ttft_parts_ms": {part: p50_p99_ms([v for s in samples for v in s.parts.get(part, [])])
+        "ttft_parts_ms": {part: p50_p99_ms([v for s in samples for v in s.parts[part]])
                           for part in TTFT_PARTS},
         "latency_ms": p50_p99_ms([o.done - o.sent for o in outcomes if not o.error]),
         "engine": {"passes": int(passes), "mean_batch": round(items / passes, 2) if passes else 0,
