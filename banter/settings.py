@@ -21,6 +21,7 @@ OPENAI_QUEUE_SUFFIX = ".openai"  # a lane's queue for the openai backend: "<lane
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # BANTER_LOG_LEVEL, any case
 ADMISSIONS = ("continuous", "static")  # BANTER_ADMISSION and EngineSettings.admission
 PREFILL_OVERLAPS = ("off", "on", "auto")  # BANTER_PREFILL_OVERLAP and EngineSettings.prefill_overlap
+PREFILL_MERGES = ("off", "on", "auto")  # BANTER_PREFILL_MERGE and EngineSettings.prefill_merge
 KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's kv_layout
 # float settings that must be more than 0 (_float lets 0 through)
 _POSITIVE = ("worker_heartbeat_s", "sync_timeout_s", "client_timeout_s", "openai_timeout_s")
@@ -155,6 +156,7 @@ class Settings:
     admission: str = "continuous"  # "static": batch-at-a-time generate baseline (benchmarks)
     publish_ahead_steps: int = 2  # generate steps the engine may run ahead of publishing their tokens
     prefill_overlap: str = "off"  # joining prompts' prefill beside the decode pass: off, on, auto
+    prefill_merge: str = "auto"  # joining prompts in the decode pass: off, on, auto (a GPU's cache)
     kv_layout: str = "auto"  # generate KV cache: auto, inplace (workers/inplace.py) or concat
     cuda_tf32: bool = False  # TF32 float32 matrix products on the CUDA provider (ORT's use_tf32)
     worker_concurrency: int = 64
@@ -201,6 +203,9 @@ class Settings:
                                 "or static")
         if self.prefill_overlap not in PREFILL_OVERLAPS:
             raise SettingsError(f"BANTER_PREFILL_OVERLAP={self.prefill_overlap!r}: expected "
+                                "off, on or auto")
+        if self.prefill_merge not in PREFILL_MERGES:
+            raise SettingsError(f"BANTER_PREFILL_MERGE={self.prefill_merge!r}: expected "
                                 "off, on or auto")
         if self.kv_layout not in KV_LAYOUTS:
             raise SettingsError(f"BANTER_KV_LAYOUT={self.kv_layout!r}: expected auto, inplace "

@@ -20,7 +20,7 @@ from banter.params import SamplingParams
 from registry.artifacts import sha256_file
 from workers import engine as engine_module
 from workers import runner as runner_module
-from workers.batching import collate, left_pad_prompts, pack_rows
+from workers.batching import collate, left_pad_prompts, merge_feeds, pack_rows
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings, _Sequence
 from workers.kvpacker import KVPacker
@@ -297,9 +297,9 @@ def test_pack_rows_keeps_chosen_rows_of_several_batches_in_one_copy():
     for out, a, b in zip(pasts, first, second):
         assert out.shape == (3, 2, 3, 4) and out.flags.c_contiguous
         np.testing.assert_array_equal(out[0], a[0, :, 2:])
-        np.testing.assert_array_equal(out[1], a[2, :, 2:])
+        np.testing.assert_array_equal(out[1, :, 1:], a[2, :, 3:])
         np.testing.assert_array_equal(out[2, :, 1:], b[1, :, 1:])
-        assert not out[2, :, 0].any()  # left padding (b's batch used one column less) is zeros
+        assert not out[1:, :, 0].any()  # left padding is zeros, whatever the column held
     assert pack_rows([(first, first_mask, [])])[1].shape == (0, 0)
 
 
@@ -988,17 +988,24 @@ def test_kv_packer_cuts_the_same_rows_as_the_host_pack(dtype, as_ortvalues):
     second_mask = np.array([[1, 1, 1], [0, 1, 1]])
     packer = KVPacker(4, dtype, ["CPUExecutionProvider"], "cpu")
     wrap = ort.OrtValue.ortvalue_from_numpy if as_ortvalues else (lambda a: a)
-    for parts in ([(first, first_mask, [0, 2]), (second, second_mask, [1])],
-                  [(first, first_mask, [2, 1, 0])],
-                  [(first, first_mask, []), (second, second_mask, [1, 0])]):
-        want, want_mask = pack_rows(parts)
-        got, got_mask = packer.pack([([wrap(a) for a in pasts], mask, rows)
-                                     for pasts, mask, rows in parts])
-        np.testing.assert_array_equal(got_mask, want_mask)
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            assert isinstance(g, ort.OrtValue)
-            np.testing.assert_array_equal(g.numpy(), w)
+    cases = ([(first, first_mask, [0, 2]), (second, second_mask, [1])],
+             [(first, first_mask, [2, 1, 0])],
+             [(first, first_mask, []), (second, second_mask, [1, 0])],
+             [(first, first_mask, [])],
+             [(first, np.array([[1, 0, 0, 1, 1], [1, 1, 0, 1, 1], [0, 0, 1, 0, 1]]), [2, 0, 1]),
+              (second, second_mask, [0])])  # masked columns inside rows (a merged pass's pads)
+    for parts in cases:
+        for blank in (0, 2):  # blank rows: what a merged pass's joining prompts start from
+            if blank == 0 and not any(rows for _, _, rows in parts):
+                continue  # nothing to pack (the engine never asks)
+            want, want_mask = pack_rows(parts, blank)
+            got, got_mask = packer.pack([([wrap(a) for a in pasts], mask, rows)
+                                         for pasts, mask, rows in parts], blank)
+            np.testing.assert_array_equal(got_mask, want_mask)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert isinstance(g, ort.OrtValue)
+                np.testing.assert_array_equal(g.numpy(), w)
 
 
 def test_a_device_that_cannot_pack_falls_back_to_the_host(specs, monkeypatch, caplog):
@@ -1168,6 +1175,150 @@ def test_a_failed_decode_pass_still_waits_for_the_overlapped_prefill(specs, monk
         engine.step()
     assert prefill_done == [True]
     assert not first.done()
+
+
+def merged_crowd(specs, merge, bind_kv, monkeypatch=None, max_positions=None):
+    """A prompt joins the running batch at every step (mixed lengths and sampling): each
+    job's result, the sink, and each pass's (cache width, longest row's cached positions,
+    widest prompt among its new columns). ``max_positions`` lowers the model's limit."""
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=bind_kv)
+    runner = runners.get(specs["gpt"])
+    widths = []
+    if monkeypatch is not None:
+        run = runner.run_decoder
+
+        def measuring(inputs, pasts):
+            mask, new = inputs["attention_mask"], inputs["input_ids"].shape[1]
+            cached = mask[:, :-new]
+            widths.append((cached.shape[1], int(cached.sum(axis=1).max()), new))
+            return run(inputs, pasts)
+
+        monkeypatch.setattr(runner, "run_decoder", measuring)
+        if max_positions is not None:
+            monkeypatch.setattr(runner, "max_positions", max_positions)
+    sink = RecordingSink()
+    engine = Engine(runners, sink, EngineSettings(prefill_merge=merge))
+    futures = []
+    for i, prompt in enumerate(PROMPTS * 2):
+        params = SamplingParams(temperature=0.9, seed=i, max_tokens=3 + 2 * i)
+        futures.append(engine.submit_generate(f"m{i}", specs["gpt"], prompt, params))
+        engine.step()
+    return drive(engine, futures), sink, widths
+
+
+def tokens(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("bind_kv", [False, True])
+def test_merged_prefill_rides_in_the_decode_pass_with_the_same_tokens(specs, bind_kv):
+    """``prefill_merge="on"``: at a step where prompts join a running batch, one pass runs both
+    the running rows and the joining prompts; every job samples the tokens it samples with a
+    prefill pass and a decode pass, and each step still publishes all its tokens at once.
+    ``bind_kv``: the cache bound between passes and re-packed with ``KVPacker``, as on a GPU."""
+    merged, merged_sink, _ = merged_crowd(specs, "on", bind_kv)
+    serial, serial_sink, _ = merged_crowd(specs, "off", bind_kv)
+    assert tokens(merged) == tokens(serial)
+    assert [len(step) for step in merged_sink.published] == [
+        len(step) for step in serial_sink.published]
+    joins = len(PROMPTS) * 2 - 1  # every prompt but the first joins a running batch
+    assert len(merged_sink.passes) == len(serial_sink.passes) - joins
+
+
+@pytest.mark.parametrize("bind_kv", [False, True])
+def test_a_merged_pass_pads_stay_in_the_cache_only_until_the_next_re_pack(specs, monkeypatch,
+                                                                          bind_kv):
+    """The masked columns a merged pass leaves in the running rows are dropped by the next
+    re-pack (the next join's): a pass's cache is never wider than its longest row's cached
+    positions plus one merged pass's pads. With the model's positions lowered to what the
+    longest job needs, the cache still fits (re-packed when it would not) and no job's
+    tokens change."""
+    serial, _, _ = merged_crowd(specs, "off", bind_kv)
+    merged, _, widths = merged_crowd(specs, "on", bind_kv, monkeypatch)
+    assert tokens(merged) == tokens(serial)
+    assert any(width > longest for width, longest, _ in widths)  # pads were in the cache
+    pads = max(new for _, _, new in widths) - 1
+    assert all(width <= longest + pads for width, longest, _ in widths)
+    limit = max(r.prompt_tokens + len(r.token_ids) for r in merged)  # the longest job's need
+    assert limit < max(width + new for width, _, new in widths)  # the pads went past it
+    tight, _, tight_widths = merged_crowd(specs, "on", bind_kv, monkeypatch, max_positions=limit)
+    assert tokens(tight) == tokens(serial)
+    assert all(width + new <= limit for width, _, new in tight_widths)
+
+
+def test_pack_rows_drops_masked_columns_inside_rows():
+    rng = np.random.default_rng(1)
+    pasts = [rng.standard_normal((2, 2, 5, 3)).astype(np.float32) for _ in range(2)]
+    mask = np.array([[1, 1, 0, 0, 1], [0, 0, 1, 1, 1]])
+    out, out_mask = pack_rows([(pasts, mask, [0, 1])], blank=1)
+    assert out_mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    for new, old in zip(out, pasts):
+        np.testing.assert_array_equal(new[0], old[0][:, [0, 1, 4]])
+        np.testing.assert_array_equal(new[1], old[1][:, 2:])
+        assert not new[2].any()
+
+
+def test_merge_feeds_right_aligns_running_tokens_after_the_joining_prompts_width():
+    mask = np.array([[0, 1, 1], [1, 1, 1], [0, 0, 0]])  # two running rows, one blank
+    feeds = merge_feeds(np.array([7, 8]), np.array([2, 3]), mask, [np.array([4, 5, 6])])
+    assert feeds["input_ids"].tolist() == [[0, 0, 7], [0, 0, 8], [4, 5, 6]]
+    assert feeds["position_ids"].tolist() == [[0, 0, 2], [0, 0, 3], [0, 1, 2]]
+    assert feeds["attention_mask"].tolist() == [[0, 1, 1, 0, 0, 1], [1, 1, 1, 0, 0, 1],
+                                                [0, 0, 0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("mode, kv_device, layout, merges", [
+    ("off", "cuda", "concat", False), ("on", None, "concat", True),
+    ("auto", "cuda", "concat", True), ("auto", "cpu", "concat", False),
+    ("auto", None, "concat", False), ("on", None, "inplace", False)])
+def test_prefill_merge_auto_merges_where_the_cache_is_on_a_gpu(cache, specs, mode, kv_device,
+                                                                 layout, merges):
+    from workers.engine import _Batch, _Sequence, _SlotBatch
+
+    class Placed:
+        def __init__(self, device):
+            self.kv_device, self.max_positions = device, 1024
+
+    runner = cache.get(specs["gpt"])
+    seq = _Sequence("j", runner, [1, 2, 3], SamplingParams(), None)
+    batch = (_Batch([_Sequence("r", runner, [1], SamplingParams(), None)], [],
+                    np.ones((1, 4), dtype=np.int64))
+             if layout == "concat" else _SlotBatch([seq], []))
+    engine = Engine(cache, RecordingSink(), EngineSettings(prefill_merge=mode))
+    assert engine._merges(Placed(kv_device), batch, [seq]) is merges
+    assert not engine._merges(Placed("cuda"), _Batch(batch.seqs, [], np.ones((1, 1022), dtype=np.int64)),
+                              [seq])  # 1022 cached + 3 new would not fit in 1024 positions
+
+
+def test_a_prompt_too_long_to_pad_every_running_row_to_gets_a_pass_of_its_own(specs, monkeypatch):
+    """A merged pass pads each running row to the longest joining prompt: past
+    ``MERGE_MAX_POSITIONS`` (rows x that length) the prompt is prefilled in a pass of its own."""
+    from workers import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MERGE_MAX_POSITIONS", 2 * 10)
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1)
+    sink = RecordingSink()
+    engine = Engine(runners, sink, EngineSettings(prefill_merge="on"))
+    first = engine.submit_generate("a", specs["gpt"], PROMPTS[0], SamplingParams(max_tokens=6))
+    engine.step()
+    short = engine.submit_generate("b", specs["gpt"], PROMPTS[0], SamplingParams(max_tokens=4))
+    engine.step()  # 2 rows x 2 tokens: merged
+    long = engine.submit_generate("c", specs["gpt"], PROMPTS[2], SamplingParams(max_tokens=2))
+    engine.step()  # 3 rows x 19 tokens: a prefill pass and a decode pass
+    drive(engine, [first, short, long])
+    assert [p[3] for p in sink.passes[:4]] == [1, 2, 2, 1]  # prompt, merged, decode, prompt
+
+
+def test_prefill_merge_setting_is_validated_and_reaches_the_engine():
+    from banter.settings import Settings, SettingsError
+    from workers.runtime import engine_settings
+
+    assert engine_settings(Settings()).prefill_merge == "auto"
+    assert engine_settings(Settings.from_env({"BANTER_PREFILL_MERGE": "off"})).prefill_merge == "off"
+    with pytest.raises(SettingsError, match="BANTER_PREFILL_MERGE='yes': expected off, on or auto"):
+        Settings.from_env({"BANTER_PREFILL_MERGE": "yes"})
+    with pytest.raises(ValueError, match="prefill_merge"):
+        EngineSettings(prefill_merge="always")
 
 
 def test_prefill_overlap_setting_is_validated_and_reaches_the_engine():

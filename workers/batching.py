@@ -77,51 +77,67 @@ def decode_feeds(tokens: np.ndarray, positions: np.ndarray,
             "position_ids": positions[:, None]}
 
 
+def merge_feeds(tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                prompts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """One pass that decodes the running rows and prefills the joining prompts (a decoder's own
+    graph): ``mask`` [B + J, T] is the packed cache's, its last J rows blank (the joining rows,
+    nothing cached); ``tokens`` and ``positions`` [B] are the running rows'. The new columns
+    are as wide as the longest prompt L, every row right-aligned in them: a running row's token
+    sits in the last column after L - 1 masked pads (columns that stay masked in its cache), a
+    joining prompt is left-padded as in ``left_pad_prompts``. The logits of each row's last
+    column are its next token's."""
+    ids, prompt_mask, prompt_positions = left_pad_prompts(prompts)
+    rows, width = len(tokens), ids.shape[1]
+    new_ids = np.zeros((rows + len(prompts), width), dtype=np.int64)
+    new_mask = np.zeros((rows + len(prompts), width), dtype=np.int64)
+    new_positions = np.zeros((rows + len(prompts), width), dtype=np.int64)
+    new_ids[:rows, -1], new_mask[:rows, -1], new_positions[:rows, -1] = tokens, 1, positions
+    new_ids[rows:], new_mask[rows:], new_positions[rows:] = ids, prompt_mask, prompt_positions
+    return {"input_ids": new_ids, "attention_mask": np.concatenate((mask, new_mask), axis=1),
+            "position_ids": new_positions}
+
+
 @dataclass(frozen=True)
 class PackPlan:
-    """How to cut chosen rows of several left-padded batches into one: the ``rows`` of source
-    part ``source`` keep the columns from ``first`` on and get ``pad`` zero columns in front, so
-    every row ends up ``width`` wide (the widest real past among the kept rows); ``mask`` is
-    the new ``[rows, width]`` attention mask. Parts with no rows to keep are not in ``parts``."""
+    """How to cut chosen rows of several batches into one left-padded batch: output row b is
+    ``rows[b] = (source part, row, columns)``, that row's cached columns (the ones its mask
+    marks, in order) right-aligned in ``width`` columns (the most any kept row has), zeros in
+    front; ``blank`` rows of zeros (nothing cached, all masked) follow them; ``mask`` is the
+    new ``[rows + blank, width]`` attention mask. Leading columns no kept row uses and masked
+    columns inside a row (``merge_feeds``' pads) are dropped."""
 
-    parts: tuple[tuple[int, tuple[int, ...], int, int], ...]  # (source, rows, first, pad)
+    rows: tuple[tuple[int, int, np.ndarray], ...]
     width: int
+    blank: int
     mask: np.ndarray
 
 
-def plan_pack(parts: Sequence[tuple[np.ndarray, Sequence[int]]]) -> PackPlan:
-    """The ``PackPlan`` for ``(mask [B_i, T_i], rows to keep)`` parts, from the masks alone
-    (leading columns no kept row uses are dropped)."""
-    firsts = []
-    for mask, rows in parts:
-        used = mask[list(rows)].any(axis=0) if len(rows) else np.zeros(0, dtype=bool)
-        firsts.append(int(used.argmax()) if used.any() else mask.shape[1])
-    width = max((mask.shape[1] - first for (mask, _), first in zip(parts, firsts)), default=0)
-    out_mask = np.zeros((sum(len(rows) for _, rows in parts), width), dtype=np.int64)
-    planned, b = [], 0
-    for source, ((mask, rows), first) in enumerate(zip(parts, firsts)):
-        if not len(rows):
-            continue
-        pad = width - (mask.shape[1] - first)
-        out_mask[b:b + len(rows), pad:] = mask[list(rows), first:]
-        planned.append((source, tuple(rows), first, pad))
-        b += len(rows)
-    return PackPlan(tuple(planned), width, out_mask)
+def plan_pack(parts: Sequence[tuple[np.ndarray, Sequence[int]]], blank: int = 0) -> PackPlan:
+    """The ``PackPlan`` for ``(mask [B_i, T_i], rows to keep)`` parts and ``blank`` new rows,
+    from the masks alone."""
+    rows = tuple((source, int(row), np.flatnonzero(mask[row]))
+                 for source, (mask, kept) in enumerate(parts) for row in kept)
+    width = max((len(columns) for _, _, columns in rows), default=0)
+    out_mask = np.zeros((len(rows) + blank, width), dtype=np.int64)
+    for b, (_, _, columns) in enumerate(rows):
+        out_mask[b, width - len(columns):] = 1
+    return PackPlan(rows, width, blank, out_mask)
 
 
-def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]]
+def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]], blank: int = 0
               ) -> tuple[list[np.ndarray], np.ndarray]:
     """One left-padded batch of the chosen rows of several, on the host: each part is
     ``(pasts [B_i, H, T_i, D] per past input, mask [B_i, T_i], rows to keep)``; laid out by
-    ``plan_pack``, every kept row's cache copied exactly once, straight into the new arrays."""
-    plan = plan_pack([(mask, rows) for _, mask, rows in parts])
+    ``plan_pack`` (``blank`` rows of zeros last), every kept row's cache copied exactly once,
+    straight into the new arrays."""
+    plan = plan_pack([(mask, rows) for _, mask, rows in parts], blank)
     template = parts[0][0]
     total = plan.mask.shape[0]
     pasts = [np.zeros((total, p.shape[1], plan.width, p.shape[3]), dtype=p.dtype) for p in template]
-    b = 0
-    for source, rows, first, pad in plan.parts:
-        for row in rows:
-            for out, past in zip(pasts, parts[source][0]):
-                out[b, :, pad:] = past[row, :, first:]
-            b += 1
+    for b, (source, row, columns) in enumerate(plan.rows):
+        first = plan.width - len(columns)
+        contiguous = len(columns) and columns[-1] - columns[0] + 1 == len(columns)
+        taken = slice(columns[0], columns[-1] + 1) if contiguous else columns
+        for out, past in zip(pasts, parts[source][0]):
+            out[b, :, first:] = past[row][:, taken]
     return pasts, plan.mask

@@ -12,6 +12,8 @@ the arrays are re-packed only when sequences join (their prefill output is stack
 leave (their rows are cut out and the columns no row uses any more are dropped). Prefill runs
 as a pass of its own so a joining prompt never pads every running row to its length; with
 ``EngineSettings.prefill_overlap`` that pass runs on a thread of its own, beside the decode pass.
+With ``EngineSettings.prefill_merge`` (a GPU's default, where a pass costs about the same for one
+token a row as for twenty) the joining prompts ride in the decode pass instead: one pass a step.
 A model served in place (``Runner.kv_layout == "inplace"``) keeps its caches in fixed rows
 instead (``_SlotBatch``): nothing is re-packed, a pass writes only its new positions.
 """
@@ -34,9 +36,9 @@ import numpy as np
 
 from banter.errors import InferenceError, InvalidRequest, PromptTooLong
 from banter.params import SamplingParams
-from banter.settings import ADMISSIONS, PREFILL_OVERLAPS
+from banter.settings import ADMISSIONS, PREFILL_MERGES, PREFILL_OVERLAPS
 from banter.streams import TokenEvent
-from workers.batching import collate, decode_feeds, mean_pool, prompt_feeds, right_pad
+from workers.batching import collate, decode_feeds, mean_pool, merge_feeds, prompt_feeds, right_pad
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.inplace import decode_inputs, prompt_inputs
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 
 LANES = ("interactive", "bulk")  # admission order
 DEAD_ROW_SHARE = 4  # finished rows kept in a generate batch until they are a quarter of it
+# a merged pass (prefill_merge) pads every row to the longest joining prompt; past this many
+# positions (rows x that prompt's length) the prompts get a pass of their own instead
+MERGE_MAX_POSITIONS = 2048
 MAX_BULK_STALL_S = 0.25  # bulk passes stopped for this long: the next one runs to the end
 COST_WEIGHT = 0.2  # of the latest pass in a model's running estimate of seconds per token slot
 # stopped bulk passes halve the bulk budget down to this share of bulk_pass_s, no further: so
@@ -95,7 +100,14 @@ class EngineSettings:
     ``prefill_overlap``: at a step where sequences join a running batch, "on" runs their
     prefill pass on a thread of its own while the engine thread runs the decode pass (one ORT
     session, two passes in flight); "off" runs one after the other; "auto" overlaps for models
-    whose KV cache is on a GPU (``Runner.kv_device == "cuda"``)."""
+    whose KV cache is on a GPU (``Runner.kv_device == "cuda"``).
+    ``prefill_merge``: at such a step, "on" runs the joining prompts and the running rows in one
+    pass (``batching.merge_feeds``: each running row's token padded to the longest prompt, the
+    pads masked; the cache keeps those masked columns until its rows are re-packed); "off" runs
+    a prefill pass and a decode pass; "auto" merges for models whose KV cache is on a GPU, where
+    a pass costs about the same for one new token a row as for a prompt's worth. A merged step
+    does not overlap (``prefill_overlap`` applies to the steps that do not merge). Never for a
+    model served in place, whose twin already computes each row's new positions only."""
 
     max_batch_size: int = 8
     batch_window_s: float = 0.005
@@ -108,8 +120,12 @@ class EngineSettings:
     admission: str = "continuous"
     publish_ahead: int = 0
     prefill_overlap: str = "off"
+    prefill_merge: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.prefill_merge not in PREFILL_MERGES:
+            raise ValueError(f"prefill_merge must be one of {', '.join(PREFILL_MERGES)}, "
+                             f"got {self.prefill_merge!r}")
         if self.prefill_overlap not in PREFILL_OVERLAPS:
             raise ValueError(f"prefill_overlap must be one of {', '.join(PREFILL_OVERLAPS)}, "
                              f"got {self.prefill_overlap!r}")
@@ -344,8 +360,9 @@ class _Batch:
     real positions are the last ``seqs[b].past_len`` of the ``T`` columns that ``mask``
     ``[B, T]`` marks; ``pasts`` holds one ``[B, H, T, D]`` array per past input (an OrtValue
     on the model's ``kv_device`` between passes where it has one, re-packed there too:
-    ``Runner.pack_kv``). ``T`` is the longest row's past, so it never exceeds the model's
-    positions.
+    ``Runner.pack_kv``). ``T`` is the longest row's past, plus the masked columns the latest
+    merged pass (``EngineSettings.prefill_merge``) left inside the rows that were decoding in
+    it; a re-pack drops those too, so ``T`` never exceeds the model's positions.
 
     A finished sequence's row may stay as a dead row (fed its last token, its output ignored)
     until the next re-pack: cutting rows out copies the whole cache, which on a CPU costs about
@@ -363,10 +380,11 @@ class _Batch:
         kept row's cache is copied once); without arrivals, re-pack only when dead rows are
         at least ``1 / DEAD_ROW_SHARE`` of the batch, nothing is live, or the next decode pass
         would make the cache wider than the model's positions allow (a dead row's columns
-        keep growing). Each copy is ``runner.pack_kv``: on the cache's device where it has one."""
+        keep growing, and a merged pass's pads take columns). Each copy is ``runner.pack_kv``:
+        on the cache's device where it has one."""
         dead = sum(seq.done for seq in self.seqs)
         roomy = self.mask.shape[1] < runner.max_positions - 1
-        if arrivals is None and (not dead or (DEAD_ROW_SHARE * dead < len(self.seqs) and roomy)):
+        if arrivals is None and roomy and DEAD_ROW_SHARE * dead < len(self.seqs):
             return
         parts = [(b, [i for i, seq in enumerate(b.seqs) if not seq.done])
                  for b in (self, arrivals) if b is not None]
@@ -374,6 +392,13 @@ class _Batch:
         if kept:
             self.pasts, self.mask = runner.pack_kv([(b.pasts, b.mask, rows) for b, rows in parts])
         self.seqs = kept
+
+    def merge(self, joining: list[_Sequence], runner: Runner) -> None:
+        """Keep the live rows and add a blank row (nothing cached) for each of ``joining``, in
+        one copy, ready for a merged pass (``batching.merge_feeds``)."""
+        rows = [i for i, seq in enumerate(self.seqs) if not seq.done]
+        self.pasts, self.mask = runner.pack_kv([(self.pasts, self.mask, rows)], len(joining))
+        self.seqs = [self.seqs[i] for i in rows] + joining
 
 
 class _SlotBatch:
@@ -814,7 +839,9 @@ class Engine:
         running = [] if batch is None else batch.live()
         first = 0 if batch is None else len(batch.seqs)  # the joining rows' first slot
         arrivals = None
-        if batch is not None and joining and self._overlaps(runner):
+        if batch is not None and joining and self._merges(runner, batch, joining):
+            self._decode_merged(runner, batch, joining, events)
+        elif batch is not None and joining and self._overlaps(runner):
             joined: list[TokenEvent] = []
             prefill = self._prefill_thread().submit(self._prefill, runner, joining, joined, first)
             try:
@@ -833,6 +860,21 @@ class Engine:
         if batch is not None:
             self._keep_unfinished(runner, batch, arrivals)
         return leaving
+
+    def _merges(self, runner: Runner, batch: _Batch | _SlotBatch, joining: list[_Sequence]) -> bool:
+        """Whether ``joining`` ride in ``batch``'s decode pass at this step: merging is on for
+        this model (``EngineSettings.prefill_merge``), the pass fits in its positions, and its
+        padded rows stay within ``MERGE_MAX_POSITIONS`` (a long prompt beside many running rows
+        would pad each of them to its length)."""
+        mode = self._settings.prefill_merge
+        if not (mode == "on" or (mode == "auto" and runner.kv_device == "cuda")):
+            return False
+        if not isinstance(batch, _Batch) or not batch.live():
+            return False
+        width = max(len(seq.pending) for seq in joining)
+        rows = len(batch.live()) + len(joining)
+        return (batch.mask.shape[1] + width <= runner.max_positions
+                and rows * width <= MERGE_MAX_POSITIONS)
 
     def _overlaps(self, runner: Runner) -> bool:
         mode = self._settings.prefill_overlap
@@ -863,6 +905,20 @@ class Engine:
             return
         inputs = decode_feeds(tokens, positions, batch.mask)
         out = self._pass(runner, batch.live(), inputs, batch.pasts)
+        if out is not None:
+            logits, batch.pasts = out
+            batch.mask = inputs["attention_mask"]
+            self._sample(logits, batch.seqs, events)
+
+    def _decode_merged(self, runner: Runner, batch: _Batch, joining: list[_Sequence],
+                       events: list[TokenEvent]) -> None:
+        """One pass for ``batch``'s live rows and the ``joining`` prompts (``merge_feeds``)."""
+        batch.merge(joining, runner)
+        running = batch.seqs[:len(batch.seqs) - len(joining)]
+        tokens = np.array([seq.pending[0] for seq in running], dtype=np.int64)
+        positions = np.array([seq.past_len for seq in running], dtype=np.int64)
+        inputs = merge_feeds(tokens, positions, batch.mask, [seq.pending for seq in joining])
+        out = self._pass(runner, batch.seqs, inputs, batch.pasts)
         if out is not None:
             logits, batch.pasts = out
             batch.mask = inputs["attention_mask"]

@@ -17,33 +17,49 @@ class KVPacker:
     """Cuts chosen rows of several left-padded KV caches into one, on the caches' device.
 
     ``pack`` takes what ``batching.pack_rows`` takes (``(pasts, mask, rows)`` parts, the pasts
-    OrtValues on ``device`` or numpy arrays) and returns the same layout (``plan_pack``), the
-    pasts as OrtValues left on ``device``: a small ONNX graph (per part and past input: Gather
-    the rows, Slice off the unused leading columns, Pad zeros in front; then Concat the parts)
-    run by ONNX Runtime with I/O binding. On a GPU that is a device-to-device copy of a few
-    hundred microseconds where the host round trip of a GPT-2-small cache costs tens of
-    milliseconds (docs/benchmarks.md, ``kvcache``). One graph per number of parts, built on
-    first use; only the engine thread calls ``pack``."""
+    OrtValues on ``device`` or numpy arrays, and a number of blank rows) and returns the same
+    layout (``plan_pack``), the pasts as OrtValues left on ``device``: a small ONNX graph run by
+    ONNX Runtime with I/O binding. Per past input it Gathers each part's kept rows, lays them
+    out as one ``[positions, H * D]`` table (Transpose, Reshape), adds a row of zeros, Gathers
+    every output position from that table by an index the host computes from the masks (a
+    padding or blank position takes the zeros), and shapes the result back to ``[B, H, T, D]``.
+    On a GPU that is a few device-to-device copies of a few hundred microseconds where the host
+    round trip of a GPT-2-small cache costs tens of milliseconds (docs/benchmarks.md,
+    ``kvcache``). One graph per number of parts with rows kept, built on first use; only the
+    engine thread calls ``pack``."""
 
     def __init__(self, n_past: int, dtype: type, providers: Sequence[str], device: str) -> None:
         self.n_past, self.dtype, self.device = n_past, np.dtype(dtype), device
         self.providers = list(providers)
         self._sessions: dict[int, ort.InferenceSession] = {}
 
-    def pack(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]]
-             ) -> tuple[list[Any], np.ndarray]:
-        plan = plan_pack([(mask, rows) for _, mask, rows in parts])
-        session = self._session(len(plan.parts))
+    def pack(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]],
+             blank: int = 0) -> tuple[list[Any], np.ndarray]:
+        plan = plan_pack([(mask, rows) for _, mask, rows in parts], blank)
+        _, heads, _, dim = _shape(parts[0][0][0])
+        used = [p for p, (_, _, rows) in enumerate(parts) if len(rows)]
+        session = self._session(len(used))
         binding = session.io_binding()
-        for p, (source, rows, first, pad) in enumerate(plan.parts):
-            binding.bind_cpu_input(f"rows_{p}", np.array(rows, dtype=np.int64))
-            binding.bind_cpu_input(f"start_{p}", np.array([first], dtype=np.int64))
-            binding.bind_cpu_input(f"pads_{p}", np.array([0, 0, pad, 0, 0, 0, 0, 0], dtype=np.int64))
-            for j, value in enumerate(parts[source][0]):
+        base, offset = {}, 0  # each used part's first position in the table
+        for k, p in enumerate(used):
+            pasts, mask, rows = parts[p]
+            base[p], offset = offset, offset + len(rows) * mask.shape[1]
+            binding.bind_cpu_input(f"rows_{k}", np.asarray(rows, dtype=np.int64))
+            for j, value in enumerate(pasts):
                 if isinstance(value, np.ndarray):
-                    binding.bind_cpu_input(f"past_{p}_{j}", value)
+                    binding.bind_cpu_input(f"past_{k}_{j}", value)
                 else:
-                    binding.bind_ortvalue_input(f"past_{p}_{j}", value)
+                    binding.bind_ortvalue_input(f"past_{k}_{j}", value)
+        total = len(plan.rows) + blank
+        index = np.full((total, plan.width), offset, dtype=np.int64)  # offset: the zeros row
+        local = {p: {row: i for i, row in enumerate(parts[p][2])} for p in used}
+        for b, (p, row, columns) in enumerate(plan.rows):
+            start = base[p] + local[p][row] * parts[p][1].shape[1]
+            index[b, plan.width - len(columns):] = start + columns
+        binding.bind_cpu_input("index", index.reshape(-1))
+        binding.bind_cpu_input("flat_shape", np.array([-1, heads * dim], dtype=np.int64))
+        binding.bind_cpu_input("zero_shape", np.array([1, heads * dim], dtype=np.int64))
+        binding.bind_cpu_input("out_shape", np.array([total, plan.width, heads, dim], dtype=np.int64))
         for j in range(self.n_past):
             binding.bind_output(f"packed_{j}", self.device)
         session.run_with_iobinding(binding)
@@ -60,28 +76,41 @@ class KVPacker:
 
         elem = TensorProto.FLOAT16 if self.dtype == np.float16 else TensorProto.FLOAT
         int64 = TensorProto.INT64
-        inputs, nodes = [], []
-        inits = [helper.make_tensor("ends", int64, [1], [np.iinfo(np.int64).max]),
-                 helper.make_tensor("axes", int64, [1], [2])]
+        inputs = [helper.make_tensor_value_info("index", int64, ["N"]),
+                  helper.make_tensor_value_info("flat_shape", int64, [2]),
+                  helper.make_tensor_value_info("zero_shape", int64, [2]),
+                  helper.make_tensor_value_info("out_shape", int64, [4])]
+        nodes = [helper.make_node("ConstantOfShape", ["zero_shape"], ["zeros"],
+                                  value=helper.make_tensor("zero", elem, [1], [0]))]
         for p in range(n_parts):
-            inputs += [helper.make_tensor_value_info(f"rows_{p}", int64, [f"K{p}"]),
-                       helper.make_tensor_value_info(f"start_{p}", int64, [1]),
-                       helper.make_tensor_value_info(f"pads_{p}", int64, [8])]
-            for j in range(self.n_past):
+            inputs.append(helper.make_tensor_value_info(f"rows_{p}", int64, [f"K{p}"]))
+        outputs = []
+        for j in range(self.n_past):
+            tables = []
+            for p in range(n_parts):
                 name = f"past_{p}_{j}"
                 inputs.append(helper.make_tensor_value_info(name, elem, [f"B{p}", "H", f"T{p}", "D"]))
                 nodes += [
-                    helper.make_node("Gather", [name, f"rows_{p}"], [f"rows_{p}_{j}"], axis=0),
-                    helper.make_node("Slice", [f"rows_{p}_{j}", f"start_{p}", "ends", "axes"],
-                                     [f"cols_{p}_{j}"]),
-                    helper.make_node("Pad", [f"cols_{p}_{j}", f"pads_{p}"], [f"part_{p}_{j}"]),
+                    helper.make_node("Gather", [name, f"rows_{p}"], [f"kept_{p}_{j}"], axis=0),
+                    helper.make_node("Transpose", [f"kept_{p}_{j}"], [f"by_pos_{p}_{j}"],
+                                     perm=[0, 2, 1, 3]),
+                    helper.make_node("Reshape", [f"by_pos_{p}_{j}", "flat_shape"], [f"table_{p}_{j}"]),
                 ]
-        outputs = []
-        for j in range(self.n_past):
-            nodes.append(helper.make_node("Concat", [f"part_{p}_{j}" for p in range(n_parts)],
-                                          [f"packed_{j}"], axis=0))
+                tables.append(f"table_{p}_{j}")
+            nodes += [
+                helper.make_node("Concat", tables + ["zeros"], [f"table_{j}"], axis=0),
+                helper.make_node("Gather", [f"table_{j}", "index"], [f"picked_{j}"], axis=0),
+                helper.make_node("Reshape", [f"picked_{j}", "out_shape"], [f"shaped_{j}"],
+                                 allowzero=1),  # a width of 0 is 0 columns
+                helper.make_node("Transpose", [f"shaped_{j}"], [f"packed_{j}"], perm=[0, 2, 1, 3]),
+            ]
             outputs.append(helper.make_tensor_value_info(f"packed_{j}", elem, ["B", "H", "T", "D"]))
-        graph = helper.make_graph(nodes, f"kv_pack_{n_parts}", inputs, outputs, inits)
+        graph = helper.make_graph(nodes, f"kv_pack_{n_parts}", inputs, outputs)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = IR_VERSION
         return model
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """A numpy array's or an OrtValue's shape."""
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())

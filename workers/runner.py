@@ -378,21 +378,21 @@ class Runner:
         self.kv_device, self._packer = None, None
         return result
 
-    def pack_kv(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]]
-                ) -> tuple[list[Any], np.ndarray]:
+    def pack_kv(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]],
+                blank: int = 0) -> tuple[list[Any], np.ndarray]:
         """``batching.pack_rows`` for pasts from ``run_decoder``: with ``kv_device`` the cache
         is re-packed there (``KVPacker``), else on the host. A device re-pack that fails is done
         on the host instead, and this model re-packs on the host from then on (a warning says
         why)."""
         if self._packer is not None:
             try:
-                return self._packer.pack(parts)
+                return self._packer.pack(parts, blank)
             except Exception as exc:  # ORT raises its own non-standard exception types
                 log.warning("kv_pack_on_host", extra={"model": self.spec.name,
                                                       "version": self.spec.version,
                                                       "device": self.kv_device, "error": str(exc)})
                 self._packer = None
-        return pack_rows([(to_host(pasts), mask, rows) for pasts, mask, rows in parts])
+        return pack_rows([(to_host(pasts), mask, rows) for pasts, mask, rows in parts], blank)
 
     def _host_pass(self, inputs: Mapping[str, np.ndarray],
                    pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:

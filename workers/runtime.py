@@ -125,7 +125,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
                           enable_batching=settings.enable_batching,
                           admission=settings.admission,
                           publish_ahead=settings.publish_ahead_steps,
-                          prefill_overlap=settings.prefill_overlap)
+                          prefill_overlap=settings.prefill_overlap,
+                          prefill_merge=settings.prefill_merge)
 
 
 class WorkerRuntime:
