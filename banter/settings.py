@@ -27,7 +27,7 @@ KV_LAYOUTS = ("auto", "inplace", "concat")  # BANTER_KV_LAYOUT and RunnerCache's
 _POSITIVE = ("worker_heartbeat_s", "sync_timeout_s", "client_timeout_s", "openai_timeout_s")
 # int settings that may be 0
 _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", "bulk_concurrency",
-                 "publish_ahead_steps", "max_waits_per_key")
+                 "publish_ahead_steps", "max_waits_per_key", "ort_threads")
 
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")  # RabbitMQ as the Celery broker
@@ -88,6 +88,7 @@ MAX_INT = 2**31 - 1
 MAX_SECONDS = 1e8  # about three years: any duration, in seconds or milliseconds
 MAX_RUNNING_LIMIT = 4096  # generate sequences in flight in one worker
 MAX_WORKER_CONCURRENCY = 4096  # a worker's Celery threads (its prefetch: under AMQP's 65535)
+MAX_ORT_THREADS = 1024  # BANTER_ORT_THREADS: each is a thread of every model's session
 
 
 _INTEGER = re.compile(r"\s*[-+]?[0-9]+\s*")
@@ -159,6 +160,7 @@ class Settings:
     prefill_merge: str = "auto"  # joining prompts in the decode pass: off, on, auto (a GPU's cache)
     kv_layout: str = "auto"  # generate KV cache: auto, inplace (workers/inplace.py) or concat
     cuda_tf32: bool = False  # TF32 float32 matrix products on the CUDA provider (ORT's use_tf32)
+    ort_threads: int = 0  # ONNX Runtime intra-op threads of each of a worker's sessions; 0: ORT's default
     worker_concurrency: int = 64
     bulk_concurrency: int = 0  # bulk jobs a worker holds at once; 0: 3/4 of worker_concurrency
     bulk_yield_ms: float = 20.0  # bulk lane's pace while interactive jobs run (workers/lanes.py)
@@ -222,6 +224,9 @@ class Settings:
             if getattr(self, name) > MAX_RUNNING_LIMIT:
                 raise SettingsError(f"BANTER_{name.upper()}={getattr(self, name)}: must be at "
                                     f"most {MAX_RUNNING_LIMIT} (each sequence holds a KV cache)")
+        if self.ort_threads > MAX_ORT_THREADS:
+            raise SettingsError(f"BANTER_ORT_THREADS={self.ort_threads}: must be at most "
+                                f"{MAX_ORT_THREADS} (0: ONNX Runtime's default, one per core)")
         if self.worker_concurrency > MAX_WORKER_CONCURRENCY:
             raise SettingsError(f"BANTER_WORKER_CONCURRENCY={self.worker_concurrency} (or "
                                 f"--concurrency): must be at most {MAX_WORKER_CONCURRENCY} (each "

@@ -419,18 +419,19 @@ def run_engine_alone(runners, spec, workload: list[Request], clients: int,
 
 
 def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Request],
-                 clients: int, max_running: int, threads: int, repeats: int,
+                 clients: int, max_running: int, repeats: int,
                  reference: list[list[int]], providers: Sequence[str],
                  settings: Settings) -> dict:
     """``run_engine_alone`` for both admissions, interleaved ``repeats`` times; medians. The
-    engine gets the worker's settings (``settings``), publishing in the step (nothing to
-    publish to)."""
+    engine gets the worker's settings (``settings``: its ONNX Runtime threads too), publishing
+    in the step (nothing to publish to)."""
     from workers.runner import ModelSpec, RunnerCache
     from workers.runtime import engine_settings
 
     spec = ModelSpec(name, promoted["version"], "generate", model_dir / "model.onnx",
                      model_dir / "tokenizer.json", promoted["sha256"])
-    runners = RunnerCache(providers, intra_op_threads=threads, kv_layout=settings.kv_layout)
+    runners = RunnerCache(providers, intra_op_threads=settings.ort_threads,
+                          kv_layout=settings.kv_layout)
     base = replace(engine_settings(settings), max_running=max_running, publish_ahead=0)
     run_engine_alone(runners, spec, workload[:1], 1, base)  # warm-up
     runs: dict[str, list[dict]] = {"continuous": [], "static": []}
@@ -801,7 +802,7 @@ def run(args: argparse.Namespace) -> dict:
 
         log.info("the engine alone, in this process (diagnostic)")
         alone = engine_alone(model_dir, name, promoted, workload, args.clients, max_running,
-                             args.raw_threads, args.repeats, reference, providers, defaults)
+                             args.repeats, reference, providers, defaults)
 
         stack.start_producer(args.producer_workers, args.producer_threads)
         samples: dict[str, list[Sample]] = {phase: [] for phase in served_phases}
@@ -861,8 +862,8 @@ def run(args: argparse.Namespace) -> dict:
             "max_running": max_running,
             "batch1_max_running": 1,
             "worker_concurrency": defaults.worker_concurrency,
-            "worker": f"banter worker {'--gpu %d' % stack.gpu if stack.gpu is not None else '--cpu'}"
-                      " (ORT's default intra-op threads)",
+            "worker": f"banter worker {'--gpu %d' % stack.gpu if stack.gpu is not None else '--cpu'}",
+            "worker_intra_op_threads": defaults.ort_threads,  # BANTER_ORT_THREADS; 0: ORT's default
             "worker_providers": {phase: samples[phase][0].providers for phase in samples},
             "raw_providers": decoder.session.get_providers(),
             "raw_ort_intra_op_threads": args.raw_threads,

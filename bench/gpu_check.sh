@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: on a machine with an NVIDIA GPU, serve with the CUDA execution provider
-# and run the `kvcache`, `embed` and `generate` benchmarks on it, printing their JSON (in under
+# and run the `kvcache`, `embed` and `generate` benchmarks on it, printing their JSON (in at most
 # 10 minutes).
 #
 #   bash bench/gpu_check.sh            # GPU 0
@@ -21,10 +21,11 @@
 # every worker is `banter worker --gpu N`; each JSON goes to stdout and to $OUT_DIR (default
 # gpu-check-out/), and the providers each worker's model actually ran on are printed from the
 # JSON / logs. Each scenario has its own time limit (KVCACHE_TIMEOUT_S 60, GENERATE_TIMEOUT_S
-# 300, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90). GPU_CHECK_SCENARIOS picks which run
+# 330, EMBED_TIMEOUT_S 120, EMBED_DEMO_TIMEOUT_S 90). GPU_CHECK_SCENARIOS picks which run
 # (default "kvcache generate embed-minilm embed-demo"); GENERATE_ROUNDS (3), GENERATE_REPEATS (4),
 # GENERATE_BASELINES (static,raw_ort) and GENERATE_VARIANTS (space-separated NAME:VAR=VALUE, default
-# "tf32:BANTER_CUDA_TF32=on separate_prefill:BANTER_PREFILL_MERGE=off") shape the `generate` run,
+# "tf32:BANTER_CUDA_TF32=on separate_prefill:BANTER_PREFILL_MERGE=off ort_threads_1:BANTER_ORT_THREADS=1")
+# shape the `generate` run,
 # whose every worker first runs one
 # round of the workload untimed (--warm-up-rounds 1: a GPU's first-time costs stay out of the
 # timing) and whose raw loops run once (--raw-repeats 1).
@@ -131,7 +132,7 @@ fi
 mkdir -p "$OUT_DIR"
 export BENCH_GPU="$GPU"
 status=0
-# each scenario's time limit (seconds); the four together stay under 10 minutes
+# each scenario's time limit (seconds); the four together take at most 10 minutes
 run_scenario() {
   local label="$1" limit="$2" name="$3"; shift 3
   wanted "$label" || return 0
@@ -158,13 +159,14 @@ elif "$PY" -m banter.cli models import --random-gpt2-small "$gpt2" >&2; then
   run_scenario kvcache "${KVCACHE_TIMEOUT_S:-60}" kvcache --gpu "$GPU" --model-dir "$gpt2" --repeats 3
   # continuous against static batching, and by default the same with TF32 matrix products
   # (BANTER_CUDA_TF32, off by default: its speed, and whether each job's tokens still equal
-  # what it makes alone, `correctness.variant_tf32`) and with joining prompts in a prefill pass
-  # of their own (BANTER_PREFILL_MERGE=off; a GPU merges them into the decode pass), interleaved
+  # what it makes alone, `correctness.variant_tf32`), with joining prompts in a prefill pass
+  # of their own (BANTER_PREFILL_MERGE=off; a GPU merges them into the decode pass), and with
+  # one ONNX Runtime intra-op thread per session (BANTER_ORT_THREADS=1), interleaved
   variants=()
-  for v in ${GENERATE_VARIANTS-tf32:BANTER_CUDA_TF32=on separate_prefill:BANTER_PREFILL_MERGE=off}; do
+  for v in ${GENERATE_VARIANTS-tf32:BANTER_CUDA_TF32=on separate_prefill:BANTER_PREFILL_MERGE=off ort_threads_1:BANTER_ORT_THREADS=1}; do
     variants+=(--variant "$v")
   done
-  run_scenario generate "${GENERATE_TIMEOUT_S:-300}" generate --gpu "$GPU" --model-dir "$gpt2" \
+  run_scenario generate "${GENERATE_TIMEOUT_S:-330}" generate --gpu "$GPU" --model-dir "$gpt2" \
     --rounds "${GENERATE_ROUNDS:-3}" --repeats "${GENERATE_REPEATS:-4}" --baselines "${GENERATE_BASELINES:-static,raw_ort}" \
     --warm-up-rounds 1 --raw-repeats 1 "${variants[@]}"
 else

@@ -1360,6 +1360,20 @@ def test_a_gpu_worker_asks_the_cuda_provider_for_float32_products_unless_tf32_is
 
 # -- the in-place layout -----------------------------------------------------------------------
 
+def test_ort_threads_setting_is_validated_and_sets_each_session_s_intra_op_threads(specs):
+    from banter.settings import Settings, SettingsError
+
+    assert Settings().ort_threads == 0  # ONNX Runtime's default
+    assert Settings.from_env({"BANTER_ORT_THREADS": "0"}).ort_threads == 0
+    assert Settings.from_env({"BANTER_ORT_THREADS": "2"}).ort_threads == 2
+    for bad, said in (("-1", "BANTER_ORT_THREADS"), ("1025", "must be at most 1024")):
+        with pytest.raises(SettingsError, match=said):
+            Settings.from_env({"BANTER_ORT_THREADS": bad})
+    runner = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1).get(specs["gpt"])
+    assert runner.intra_op_threads == 1
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+
+
 def test_kv_layout_setting_is_validated():
     from banter.settings import Settings, SettingsError
 

@@ -23,10 +23,11 @@ NODE = "cpu-logs@localhost"
 
 @pytest.fixture(scope="module")
 def logged(settings, stack_env, redis_client, demo_models, tmp_path_factory):
-    """A producer and a worker (INFO logs to a file) on queues no other worker consumes."""
+    """A producer and a worker (INFO logs to a file, one ONNX Runtime thread per session) on
+    queues no other worker consumes."""
     log_path = tmp_path_factory.mktemp("logs-test") / "worker.log"
-    worker = start_worker({**stack_env, **QUEUES, "BANTER_LOG_LEVEL": "INFO"}, NODE, log_path,
-                          redis_client)
+    worker = start_worker({**stack_env, **QUEUES, "BANTER_LOG_LEVEL": "INFO",
+                           "BANTER_ORT_THREADS": "1"}, NODE, log_path, redis_client)
     server = Server(create_app(replace(settings, queue_interactive=QUEUES["BANTER_QUEUE_INTERACTIVE"],
                                        queue_bulk=QUEUES["BANTER_QUEUE_BULK"]), redis_client))
     yield SimpleNamespace(api=Api(server.url), log_path=log_path)
@@ -78,6 +79,7 @@ def test_trace_id_reaches_every_worker_line_of_the_job(logged):
     loaded = [line for line in of_job if line["event"] == "model_loaded"]
     assert loaded and loaded[0]["model"] == "demo-gpt"
     assert loaded[0]["kv_layout"] == "inplace"  # BANTER_KV_LAYOUT=auto, a CPU worker
+    assert loaded[0]["intra_op_threads"] == 1  # BANTER_ORT_THREADS
 
 
 def test_a_failed_job_logs_its_trace_and_error(logged):

@@ -50,7 +50,7 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None) -> 
     logs.setup(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     providers = worker_providers(settings, gpu)
-    runners = RunnerCache(providers, kv_layout=settings.kv_layout)
+    runners = RunnerCache(providers, intra_op_threads=settings.ort_threads, kv_layout=settings.kv_layout)
     runtime = WorkerRuntime(settings, connect(settings.redis_url), runners, node_name(gpu, name))
     return _serve(settings, runtime, providers=providers, gpu=gpu)
 

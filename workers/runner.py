@@ -175,6 +175,7 @@ class Runner:
         self.tokenizer = _load_tokenizer(spec.tokenizer_path)
         self.config = _load_config(spec.model_path)
         self.session = self._create_session(list(providers), intra_op_threads, spec.model_path)
+        self.intra_op_threads = intra_op_threads  # 0: ONNX Runtime's default (one per core)
         self.providers: list[str] = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = frozenset(inputs)
@@ -470,6 +471,7 @@ class RunnerCache:
                     _return_freed_memory()  # building the twin's (GPT-2 small: about 1 GB)
                 log.info("model_loaded", extra={"model": spec.name, "version": spec.version,
                                                 "providers": runner.providers,
+                                                "intra_op_threads": runner.intra_op_threads,
                                                 "kv_device": runner.kv_device,
                                                 "kv_layout": runner.kv_layout})
                 with self._lock:
