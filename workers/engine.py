@@ -9,7 +9,7 @@ futures. Pure Python + numpy + onnxruntime: tests drive ``step`` by hand.
 Generate KV caches live per model version as one left-padded batch (``_Batch``): a decode pass
 feeds the previous pass's ``present.*`` arrays back as ``past_key_values.*`` without copying;
 the arrays are re-packed only when sequences join (their prefill output is stacked on) or
-leave (their rows are cut out and the columns no row uses any more are dropped). Prefill runs
+leave (their rows are cut out, and each kept row keeps only its cached columns). Prefill runs
 as a pass of its own so a joining prompt never pads every running row to its length; with
 ``EngineSettings.prefill_overlap`` that pass runs on a thread of its own, beside the decode pass.
 With ``EngineSettings.prefill_merge`` (a GPU's default, where a pass costs about the same for one
