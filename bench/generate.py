@@ -336,12 +336,13 @@ class _NullSink:
 
 class _PassProbe:
     """Wraps a runner's ``run_decoder`` for one run and splits its passes into prompt passes
-    (more than one position per row) and decode passes: count, rows (and positions, padding
-    included, for prompts), seconds, and decode seconds by rows."""
+    (nothing cached before), merged passes (running rows and joining prompts in one pass,
+    ``BANTER_PREFILL_MERGE``) and decode passes: count, rows (and positions, padding included,
+    for prompt and merged passes), seconds, and decode seconds by rows."""
 
     def __init__(self, runner) -> None:
         self.runner, self.run = runner, runner.run_decoder
-        self.passes: list[tuple[int, int, float, bool]] = []  # rows, positions, seconds, prompt?
+        self.passes: list[tuple[int, int, float, str]] = []  # rows, positions, seconds, kind
 
     def __enter__(self) -> _PassProbe:
         self.runner.run_decoder = self
@@ -354,29 +355,31 @@ class _PassProbe:
         started = time.perf_counter()
         out = self.run(inputs, pasts)
         rows, width = inputs["input_ids"].shape
-        self.passes.append((rows, width, time.perf_counter() - started, self.prompt_pass(inputs)))
+        self.passes.append((rows, width, time.perf_counter() - started, self.kind(inputs)))
         return out
 
     @staticmethod
-    def prompt_pass(inputs) -> bool:
+    def kind(inputs) -> str:
         ids = inputs["input_ids"]
         if "seqlens_k" in inputs:  # in place: a decode row has at least its prompt cached
-            return ids.shape[1] > 1 or int(inputs["seqlens_k"].max()) == 0
-        return inputs["attention_mask"].shape[1] == ids.shape[1]  # nothing cached before
+            return "prompt" if ids.shape[1] > 1 or int(inputs["seqlens_k"].max()) == 0 else "decode"
+        if inputs["attention_mask"].shape[1] == ids.shape[1]:  # nothing cached before
+            return "prompt"
+        return "merged" if ids.shape[1] > 1 else "decode"
 
     def split(self) -> dict:
-        decode = [p for p in self.passes if not p[3]]
-        prompt = [p for p in self.passes if p[3]]
+        kinds = {kind: [p for p in self.passes if p[3] == kind] for kind in ("decode", "prompt", "merged")}
         by_rows: dict[int, list[float]] = {}
-        for rows, _, seconds, _ in decode:
+        for rows, _, seconds, _ in kinds["decode"]:
             by_rows.setdefault(rows, []).append(seconds)
-        return {"decode": {"passes": len(decode), "rows": sum(p[0] for p in decode),
-                           "seconds": round(sum(p[2] for p in decode), 3),
-                           "ms_by_rows": {rows: {"passes": len(v), "mean_ms": round(1000 * float(np.mean(v)), 2)}
-                                          for rows, v in sorted(by_rows.items())}},
-                "prompt": {"passes": len(prompt), "rows": sum(p[0] for p in prompt),
-                           "positions": sum(p[0] * p[1] for p in prompt),
-                           "seconds": round(sum(p[2] for p in prompt), 3)}}
+        out = {kind: {"passes": len(passes), "rows": sum(p[0] for p in passes),
+                      "positions": sum(p[0] * p[1] for p in passes),
+                      "seconds": round(sum(p[2] for p in passes), 3)}
+               for kind, passes in kinds.items()}
+        del out["decode"]["positions"]  # one a row
+        out["decode"]["ms_by_rows"] = {rows: {"passes": len(v), "mean_ms": round(1000 * float(np.mean(v)), 2)}
+                                       for rows, v in sorted(by_rows.items())}
+        return out
 
 
 def run_engine_alone(runners, spec, workload: list[Request], clients: int,
@@ -448,6 +451,7 @@ def engine_alone(model_dir: Path, name: str, promoted: dict, workload: list[Requ
         "passes": results[0]["passes"], "mean_batch": results[0]["mean_batch"],
         "ort_s": [r["ort_s"] for r in results],
         "decode": results[0]["decode"], "prompt": results[0]["prompt"],
+        "merged": results[0]["merged"],
         "correct": correct[admission]} for admission, results in runs.items()}
 
 

@@ -163,7 +163,25 @@ def test_engine_alone_splits_its_passes_into_prompt_and_decode_passes(gpt):
     assert decode["rows"] == tokens - jobs
     assert sum(v["passes"] for v in decode["ms_by_rows"].values()) == decode["passes"]
     assert prompt["passes"] + decode["passes"] == result["passes"]
+    assert result["merged"]["passes"] == 0  # never in place
     assert "run_decoder" not in vars(runners.get(gpt))
+
+
+def test_engine_alone_counts_merged_passes_apart(gpt):
+    """With ``prefill_merge`` on, the passes in which prompts joined running rows are neither
+    decode nor prompt passes."""
+    from bench.generate import make_workload, run_engine_alone
+
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, kv_layout="concat")
+    workload = make_workload(3, 2, [4, 9, 2])
+    split = {}
+    for merge in ("on", "off"):
+        split[merge], _ = run_engine_alone(runners, gpt, workload, 3,
+                                           EngineSettings(max_running=8, prefill_merge=merge))
+    merged, separate = split["on"], split["off"]
+    assert merged["merged"]["passes"] > 0 and separate["merged"]["passes"] == 0
+    assert merged["prompt"]["passes"] + merged["merged"]["passes"] == separate["prompt"]["passes"]
+    assert sum(merged[kind]["passes"] for kind in ("prompt", "decode", "merged")) == merged["passes"]
 
 
 @pytest.mark.parametrize("layout", ["inplace", "concat"])
@@ -174,12 +192,14 @@ def test_a_one_token_prompt_pass_is_a_prompt_pass(layout):
 
     one = [np.array([7], dtype=np.int64)] * 2
     if layout == "inplace":
-        assert _PassProbe.prompt_pass(prompt_inputs(one))
-        assert not _PassProbe.prompt_pass(decode_inputs(np.array([3, 4]), np.array([1, 5])))
+        assert _PassProbe.kind(prompt_inputs(one)) == "prompt"
+        assert _PassProbe.kind(decode_inputs(np.array([3, 4]), np.array([1, 5]))) == "decode"
     else:
         ids, mask, positions = left_pad_prompts(one)
-        assert _PassProbe.prompt_pass({"input_ids": ids, "attention_mask": mask})
-        assert not _PassProbe.prompt_pass({"input_ids": ids, "attention_mask": np.c_[mask, mask]})
+        assert _PassProbe.kind({"input_ids": ids, "attention_mask": mask}) == "prompt"
+        assert _PassProbe.kind({"input_ids": ids, "attention_mask": np.c_[mask, mask]}) == "decode"
+        wide = np.c_[ids, ids]  # two new columns after cached ones: a merged pass
+        assert _PassProbe.kind({"input_ids": wide, "attention_mask": np.c_[mask, mask, mask]}) == "merged"
 
 
 @pytest.mark.slow

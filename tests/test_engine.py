@@ -1030,6 +1030,46 @@ def test_a_device_that_cannot_pack_falls_back_to_the_host(specs, monkeypatch, ca
     assert runner.kv_device == "cpu"  # passes stay bound; only re-packs moved to the host
 
 
+def test_a_bound_pass_of_several_columns_brings_only_the_last_one_s_logits_to_the_host(
+        specs, concat_cache, monkeypatch):
+    """A prompt or merged pass makes logits for every new column; bound, they are cut to each
+    row's last position on the device (``LastLogits``), and they equal the host pass's."""
+    bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
+    runner, host = bound.get(specs["gpt"]), concat_cache.get(specs["gpt"])
+    cuts = []
+    take = runner._last.take
+    monkeypatch.setattr(runner._last, "take", lambda logits: cuts.append(logits.shape()) or take(logits))
+    prompts = [np.array(runner.tokenizer.encode(p).ids) for p in PROMPTS[1:4]]
+    feeds = left_pad_prompts(prompts)
+    inputs = {"input_ids": feeds[0], "attention_mask": feeds[1], "position_ids": feeds[2]}
+    logits, _ = runner.run_decoder(inputs, runner.empty_pasts(3))
+    want, _ = host.run_decoder(inputs, host.empty_pasts(3))
+    assert cuts == [[3, feeds[0].shape[1], logits.shape[2]]]  # the whole pass's, on the device
+    assert logits.shape == want.shape == (3, 1, want.shape[2])
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    full = host.run(inputs | dict(zip(host.past_names, host.empty_pasts(3))))["logits"]
+    np.testing.assert_array_equal(want[:, 0], full[:, -1])
+
+
+def test_a_device_that_cannot_cut_logits_brings_them_whole(specs, monkeypatch, caplog):
+    bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
+    runner = bound.get(specs["gpt"])
+
+    def refuse(logits):
+        raise RuntimeError("no device memory")
+
+    monkeypatch.setattr(runner._last, "take", refuse)
+    engine = Engine(bound, RecordingSink(), EngineSettings())
+    params = SamplingParams(max_tokens=5)
+    results = drive(engine, [engine.submit_generate(f"c{i}", specs["gpt"], prompt, params)
+                             for i, prompt in enumerate(PROMPTS[:3])])
+    alone = [drive(engine, [engine.submit_generate(f"l{i}", specs["gpt"], prompt, params)])[0]
+             for i, prompt in enumerate(PROMPTS[:3])]
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+    assert "last_logits_on_host" in caplog.text and runner._last is None
+    assert runner.kv_device == "cpu"  # passes stay bound
+
+
 def test_a_device_that_cannot_bind_falls_back_to_host_arrays(specs, monkeypatch, caplog):
     bound = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
     runner = bound.get(specs["gpt"])
@@ -1244,6 +1284,44 @@ def test_a_merged_pass_pads_stay_in_the_cache_only_until_the_next_re_pack(specs,
     tight, _, tight_widths = merged_crowd(specs, "on", bind_kv, monkeypatch, max_positions=limit)
     assert tokens(tight) == tokens(serial)
     assert all(width + new <= limit for width, _, new in tight_widths)
+
+
+@pytest.mark.parametrize("fails", ["the merged pass once", "every prompt pass"])
+def test_a_failed_merged_pass_runs_apart_so_only_the_jobs_whose_pass_fails_fail(
+        specs, monkeypatch, caplog, fails):
+    """A merged pass that fails is run again as a decode pass and a prefill pass: a failure
+    of the merged pass alone costs nobody anything; a prompt that cannot be run fails its own
+    job only, and the running one goes on, as without merging."""
+    runners = RunnerCache(select_providers(use_gpu=False), intra_op_threads=1, bind_kv=True)
+    runner = runners.get(specs["gpt"])
+    run, failed = runner.run_decoder, []
+
+    def failing(inputs, pasts):
+        width, cached = inputs["input_ids"].shape[1], inputs["attention_mask"].shape[1]
+        merged = width > 1 and cached > width
+        if (merged and not failed) if fails == "the merged pass once" else width > 1:
+            failed.append(width)
+            raise InferenceError("no device memory")
+        return run(inputs, pasts)
+
+    engine = Engine(runners, RecordingSink(), EngineSettings(prefill_merge="on"))
+    params = SamplingParams(max_tokens=6)
+    running = engine.submit_generate("r", specs["gpt"], PROMPTS[0], params)
+    engine.step()
+    monkeypatch.setattr(runner, "run_decoder", failing)
+    joining = engine.submit_generate("j", specs["gpt"], PROMPTS[1], params)
+    drive(engine, [running] if fails == "every prompt pass" else [running, joining])
+    assert joining.done()  # finished, or ended by its own failed prompt pass
+    monkeypatch.undo()
+    alone = [generate_alone(lambda: Engine(runners, RecordingSink(), EngineSettings()),
+                            specs["gpt"], prompt, params) for prompt in PROMPTS[:2]]
+    assert running.result().token_ids == alone[0].token_ids
+    assert "merged_pass_failed" in caplog.text
+    if fails == "the merged pass once":
+        assert joining.result().token_ids == alone[1].token_ids
+    else:
+        with pytest.raises(InferenceError, match="no device memory"):
+            joining.result()
 
 
 def test_pack_rows_drops_masked_columns_inside_rows():

@@ -840,7 +840,7 @@ class Engine:
         first = 0 if batch is None else len(batch.seqs)  # the joining rows' first slot
         arrivals = None
         if batch is not None and joining and self._merges(runner, batch, joining):
-            self._decode_merged(runner, batch, joining, events)
+            arrivals = self._decode_merged(runner, batch, joining, events)
         elif batch is not None and joining and self._overlaps(runner):
             joined: list[TokenEvent] = []
             prefill = self._prefill_thread().submit(self._prefill, runner, joining, joined, first)
@@ -911,18 +911,26 @@ class Engine:
             self._sample(logits, batch.seqs, events)
 
     def _decode_merged(self, runner: Runner, batch: _Batch, joining: list[_Sequence],
-                       events: list[TokenEvent]) -> None:
-        """One pass for ``batch``'s live rows and the ``joining`` prompts (``merge_feeds``)."""
+                       events: list[TokenEvent]) -> _Batch | _SlotBatch | None:
+        """One pass for ``batch``'s live rows and the ``joining`` prompts (``merge_feeds``).
+        If it fails, the two run apart (a decode pass, then a prefill pass whose batch is
+        returned, as ``_prefill``'s), so a failure ends only the jobs whose own pass fails (a
+        long prompt that does not fit in the device's memory, say), as without merging."""
         batch.merge(joining, runner)
         running = batch.seqs[:len(batch.seqs) - len(joining)]
         tokens = np.array([seq.pending[0] for seq in running], dtype=np.int64)
         positions = np.array([seq.past_len for seq in running], dtype=np.int64)
         inputs = merge_feeds(tokens, positions, batch.mask, [seq.pending for seq in joining])
-        out = self._pass(runner, batch.seqs, inputs, batch.pasts)
-        if out is not None:
-            logits, batch.pasts = out
-            batch.mask = inputs["attention_mask"]
-            self._sample(logits, batch.seqs, events)
+        out = self._pass(runner, batch.seqs, inputs, batch.pasts, blame=False)
+        if out is None:
+            batch.pasts, batch.mask = runner.pack_kv([(batch.pasts, batch.mask, range(len(running)))])
+            batch.seqs = running
+            self._decode(runner, batch, events)
+            return self._prefill(runner, joining, events, len(running))
+        logits, batch.pasts = out
+        batch.mask = inputs["attention_mask"]
+        self._sample(logits, batch.seqs, events)
+        return None
 
     def _prefill(self, runner: Runner, seqs: list[_Sequence], events: list[TokenEvent],
                  first: int) -> _Batch | _SlotBatch | None:
@@ -954,19 +962,26 @@ class Engine:
         return _Batch(seqs, presents, inputs["attention_mask"])
 
     def _pass(self, runner: Runner, seqs: list[_Sequence], inputs: dict[str, np.ndarray],
-              pasts: list) -> tuple[np.ndarray, list] | None:
+              pasts: list, blame: bool = True) -> tuple[np.ndarray, list] | None:
         """One decoder pass for the live ``seqs`` (dead rows ride along): (logits, presents,
-        see ``Runner.run_decoder``); on failure each of them gets the error and None returns."""
+        see ``Runner.run_decoder``); on failure None returns and each of them gets the error,
+        or, without ``blame`` (a merged pass, retried apart), none does and a warning
+        (``merged_pass_failed``) says it."""
         ids = inputs["input_ids"]
         try:
             started = time.perf_counter()
             logits, presents = runner.run_decoder(inputs, pasts)
             seconds = time.perf_counter() - started
-            expected = (len(ids), 1 if runner.kv_layout == "inplace" else ids.shape[1])
+            expected = (len(ids), 1)  # each row's last position
             if logits.ndim != 3 or logits.shape[:2] != expected:
                 raise InferenceError(f"{runner.spec.name}: logits have shape {logits.shape}, "
                                      f"expected {list(expected)} + [vocab]")
         except InferenceError as exc:
+            if not blame:
+                log.warning("merged_pass_failed", extra={"model": runner.spec.name,
+                                                         "version": runner.spec.version,
+                                                         "error": exc.message})
+                return None
             for seq in seqs:
                 seq.error = exc
             return None

@@ -21,6 +21,7 @@ from registry.artifacts import COMPANIONS, companion_digest, sha256_file
 from workers import inplace
 from workers.batching import decode_feeds, pack_rows, prompt_feeds
 from workers.kvpacker import KVPacker
+from workers.lastlogits import LastLogits
 
 log = logging.getLogger("banter.worker")
 
@@ -205,9 +206,11 @@ class Runner:
             if self.kv_layout == "concat" and (bind_kv or (bind_kv is None and on_gpu)):
                 self.kv_device = "cuda" if on_gpu else "cpu"
         self._packer: KVPacker | None = None
+        self._last: LastLogits | None = None
         if self.kv_device is not None:
             self._packer = KVPacker(len(self.past_names), self.kv_dtype, self.providers,
                                     self.kv_device)
+            self._last = LastLogits(self._logits_dtype(), self.providers)
 
     def _create_session(self, providers: list[str], intra_op_threads: int,
                         model: Path | bytes) -> ort.InferenceSession:
@@ -349,7 +352,9 @@ class Runner:
     def run_decoder(self, inputs: Mapping[str, np.ndarray],
                     pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         """One decoder pass: ``inputs`` (``input_ids``, ``attention_mask``, ``position_ids``)
-        and one past per ``past_names``. Returns the logits (numpy) and one present per
+        and one past per ``past_names``. Returns the logits of each row's last position, the
+        one sampled (numpy ``[B, 1, vocab]``; with ``kv_device`` a pass of several columns
+        cuts them there, ``LastLogits``), and one present per
         ``present_names``: numpy arrays, or with ``kv_device`` OrtValues left on it (feed them
         back as the next pass's pasts; ``to_host`` brings them back for a re-pack). A bound
         pass that fails is run again without binding; when that succeeds the model stays
@@ -376,7 +381,7 @@ class Runner:
         result = self._host_pass(inputs, pasts)  # an InferenceError here is the model's own
         log.warning("kv_binding_off", extra={"model": self.spec.name, "version": self.spec.version,
                                              "device": self.kv_device, "error": str(bound_error)})
-        self.kv_device, self._packer = None, None
+        self.kv_device, self._packer, self._last = None, None, None
         return result
 
     def pack_kv(self, parts: Sequence[tuple[Sequence[Any], np.ndarray, Sequence[int]]],
@@ -398,7 +403,7 @@ class Runner:
     def _host_pass(self, inputs: Mapping[str, np.ndarray],
                    pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         out = self.run({**inputs, **dict(zip(self.past_names, to_host(pasts)))})
-        return out["logits"], [out[name] for name in self.present_names]
+        return out["logits"][:, -1:], [out[name] for name in self.present_names]
 
     def _bound_pass(self, inputs: Mapping[str, np.ndarray],
                     pasts: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -410,12 +415,31 @@ class Runner:
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        columns = inputs["input_ids"].shape[1]
+        binding.bind_output("logits", self.kv_device if columns > 1 and self._last else "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.kv_device)
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
-        return logits.numpy(), presents
+        return self._last_position(logits, columns), presents
+
+    def _last_position(self, logits: Any, columns: int) -> np.ndarray:
+        """A bound pass's logits of each row's last position, as numpy: cut on the device when
+        they stayed there. A cut that fails is made on the host instead, and every later pass
+        brings its logits to the host whole (a warning says why)."""
+        if columns > 1 and self._last is not None:
+            try:
+                return self._last.take(logits)
+            except Exception as exc:  # ORT raises its own non-standard exception types
+                log.warning("last_logits_on_host", extra={"model": self.spec.name,
+                                                          "version": self.spec.version,
+                                                          "device": self.kv_device, "error": str(exc)})
+                self._last = None
+        return logits.numpy()[:, -1:]
+
+    def _logits_dtype(self) -> type:
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        return np.float16 if logits.type == "tensor(float16)" else np.float32
 
 
 def _return_freed_memory() -> None:
