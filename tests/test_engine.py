@@ -1366,6 +1366,17 @@ def test_prefill_merge_auto_merges_where_the_cache_is_on_a_gpu(cache, specs, mod
     assert engine._merges(Placed(kv_device), batch, [seq]) is merges
     assert not engine._merges(Placed("cuda"), _Batch(batch.seqs, [], np.ones((1, 1022), dtype=np.int64)),
                               [seq])  # 1022 cached + 3 new would not fit in 1024 positions
+    if mode == "on" and layout == "concat":  # what fits is counted after the re-pack
+        dead = _Sequence("d", runner, [1], SamplingParams(), None)
+        dead.finish_reason = "length"
+        rows = [batch.seqs[0], batch.seqs[0], dead]
+        mask = np.zeros((3, 1030), dtype=np.int64)
+        mask[0, -4:] = 1  # a live row: 4 cached
+        mask[1, -999:] = 1  # a live row: 999 cached
+        mask[2, :] = 1  # a dead row, 1030 wide: the re-pack drops it
+        assert engine._merges(Placed("cuda"), _Batch(rows, [], mask), [seq])  # 999 + 3 fit
+        mask[1, -1022:] = 1
+        assert not engine._merges(Placed("cuda"), _Batch(rows, [], mask), [seq])  # 1022 + 3 do not
 
 
 def test_a_prompt_too_long_to_pad_every_running_row_to_gets_a_pass_of_its_own(specs, monkeypatch):

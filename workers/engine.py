@@ -863,18 +863,20 @@ class Engine:
 
     def _merges(self, runner: Runner, batch: _Batch | _SlotBatch, joining: list[_Sequence]) -> bool:
         """Whether ``joining`` ride in ``batch``'s decode pass at this step: merging is on for
-        this model (``EngineSettings.prefill_merge``), the pass fits in its positions, and its
-        padded rows stay within ``MERGE_MAX_POSITIONS`` (a long prompt beside many running rows
-        would pad each of them to its length)."""
+        this model (``EngineSettings.prefill_merge``), the pass fits in its positions once
+        ``merge`` has re-packed the cache (as wide as the live row with the most cached
+        columns), and its padded rows stay within ``MERGE_MAX_POSITIONS`` (a long prompt
+        beside many running rows would pad each of them to its length)."""
         mode = self._settings.prefill_merge
         if not (mode == "on" or (mode == "auto" and runner.kv_device == "cuda")):
             return False
-        if not isinstance(batch, _Batch) or not batch.live():
+        live = [b for b, seq in enumerate(batch.seqs) if not seq.done]
+        if not isinstance(batch, _Batch) or not live:
             return False
         width = max(len(seq.pending) for seq in joining)
-        rows = len(batch.live()) + len(joining)
-        return (batch.mask.shape[1] + width <= runner.max_positions
-                and rows * width <= MERGE_MAX_POSITIONS)
+        cached = int(batch.mask[live].sum(axis=1).max())
+        return (cached + width <= runner.max_positions
+                and (len(live) + len(joining)) * width <= MERGE_MAX_POSITIONS)
 
     def _overlaps(self, runner: Runner) -> bool:
         mode = self._settings.prefill_overlap
