@@ -102,13 +102,12 @@ class PackPlan:
     """How to cut chosen rows of several batches into one left-padded batch: output row b is
     ``rows[b] = (source part, row, columns)``, that row's cached columns (the ones its mask
     marks, in order) right-aligned in ``width`` columns (the most any kept row has), zeros in
-    front; ``blank`` rows of zeros (nothing cached, all masked) follow them; ``mask`` is the
-    new ``[rows + blank, width]`` attention mask. Leading columns no kept row uses and masked
+    front; ``mask`` is the new ``[rows + blank, width]`` attention mask, its last rows those of
+    the ``blank`` rows that follow them (nothing cached, all masked). Leading columns no kept row uses and masked
     columns inside a row (``merge_feeds``' pads) are dropped."""
 
     rows: tuple[tuple[int, int, np.ndarray], ...]
     width: int
-    blank: int
     mask: np.ndarray
 
 
@@ -121,7 +120,7 @@ def plan_pack(parts: Sequence[tuple[np.ndarray, Sequence[int]]], blank: int = 0)
     out_mask = np.zeros((len(rows) + blank, width), dtype=np.int64)
     for b, (_, _, columns) in enumerate(rows):
         out_mask[b, width - len(columns):] = 1
-    return PackPlan(rows, width, blank, out_mask)
+    return PackPlan(rows, width, out_mask)
 
 
 def pack_rows(parts: Sequence[tuple[KVCache, np.ndarray, Sequence[int]]], blank: int = 0

@@ -67,14 +67,13 @@ class KVPacker:
 
     def _session(self, n_parts: int) -> ort.InferenceSession:
         if n_parts not in self._sessions:
-            self._sessions[n_parts] = ort.InferenceSession(
-                self._graph(n_parts).SerializeToString(), providers=self.providers)
+            self._sessions[n_parts] = graph_session(self._graph(n_parts), self.providers)
         return self._sessions[n_parts]
 
     def _graph(self, n_parts: int) -> Any:
         from onnx import TensorProto, helper
 
-        elem = TensorProto.FLOAT16 if self.dtype == np.float16 else TensorProto.FLOAT
+        elem = element_type(self.dtype)
         int64 = TensorProto.INT64
         inputs = [helper.make_tensor_value_info("index", int64, ["N"]),
                   helper.make_tensor_value_info("flat_shape", int64, [2]),
@@ -105,10 +104,24 @@ class KVPacker:
                 helper.make_node("Transpose", [f"shaped_{j}"], [f"packed_{j}"], perm=[0, 2, 1, 3]),
             ]
             outputs.append(helper.make_tensor_value_info(f"packed_{j}", elem, ["B", "H", "T", "D"]))
-        graph = helper.make_graph(nodes, f"kv_pack_{n_parts}", inputs, outputs)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = IR_VERSION
-        return model
+        return helper.make_graph(nodes, f"kv_pack_{n_parts}", inputs, outputs)
+
+
+def element_type(dtype: Any) -> int:
+    """The ONNX element type of a float16 or float32 cache or logits."""
+    from onnx import TensorProto
+
+    return TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
+
+
+def graph_session(graph: Any, providers: Sequence[str]) -> ort.InferenceSession:
+    """An ONNX Runtime session of a small graph built here (``KVPacker``, ``LastLogits``), at
+    the opset and IR version every supported onnxruntime loads."""
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return ort.InferenceSession(model.SerializeToString(), providers=list(providers))
 
 
 def _shape(value: Any) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from workers.kvpacker import IR_VERSION, OPSET
+from workers.kvpacker import element_type, graph_session
 
 
 class LastLogits:
@@ -33,7 +33,7 @@ class LastLogits:
     def _build(self) -> ort.InferenceSession:
         from onnx import TensorProto, helper
 
-        elem = TensorProto.FLOAT16 if self.dtype == np.float16 else TensorProto.FLOAT
+        elem = element_type(self.dtype)
         int64 = TensorProto.INT64
         inits = [helper.make_tensor("starts", int64, [1], [-1]),
                  helper.make_tensor("ends", int64, [1], [np.iinfo(np.int64).max]),
@@ -43,7 +43,5 @@ class LastLogits:
             "last_logits",
             [helper.make_tensor_value_info("logits", elem, ["B", "L", "V"])],
             [helper.make_tensor_value_info("last", elem, ["B", 1, "V"])], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = IR_VERSION
-        self._session = ort.InferenceSession(model.SerializeToString(), providers=self.providers)
+        self._session = graph_session(graph, self.providers)
         return self._session
