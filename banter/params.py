@@ -13,7 +13,12 @@ MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # any int64, as OpenAI takes
 MAX_TOP_K = 2**31 - 1  # any int32; past the vocabulary it filters nothing
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
-PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")  # the wire names
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: OpenAI's range, -2 to 2
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value: OpenAI's range, -100 to 100
+MAX_BIASED_TOKENS = 1024  # logit_bias entries
+MAX_TOKEN_ID = 2**31 - 1
+PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
+          "frequency_penalty", "logit_bias")  # the wire names
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,11 @@ class SamplingParams:
     "off", is read as 0). ``seed=None`` draws a fresh seed; ``seed`` is any int64.
     Generation stops after ``max_tokens`` tokens, at the EOS token, or before the first
     occurrence of any ``stop`` string.
+
+    Before a token is picked (greedy included), OpenAI's adjustments change the logits: each
+    ``logit_bias`` value is added to its token's logit (``(token_id, bias)`` pairs here,
+    ``{"token_id": bias}`` on the wire), and a token already generated ``c`` times loses
+    ``c * frequency_penalty + presence_penalty`` (the generated tokens only, not the prompt).
     """
 
     max_tokens: int = 16
@@ -33,6 +43,22 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before a token is picked."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def wire(self) -> dict[str, Any]:
+        """The parameters as a request spells them (what ``from_dict`` reads back)."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop": list(self.stop), "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty,
+                "logit_bias": {str(token): bias for token, bias in self.logit_bias}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], max_tokens_limit: int) -> SamplingParams:
@@ -56,6 +82,9 @@ class SamplingParams:
             top_k=max(_int(d, "top_k", cls.top_k, -1, MAX_TOP_K) or 0, 0),
             seed=_int(d, "seed", None, MIN_SEED, MAX_SEED),
             stop=_stop(d),
+            presence_penalty=_float(d, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+            frequency_penalty=_float(d, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+            logit_bias=_logit_bias(d),
         )
 
 
@@ -114,3 +143,43 @@ def _stop(d: Mapping[str, Any]) -> tuple[str, ...]:
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
         raise InvalidRequest(f"stop must be {allowed}, got {brief(value)}", "stop")
     return tuple(stops)
+
+
+def _logit_bias(d: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """``{"token_id": bias}`` (keys are decimal token ids, as JSON object keys are strings) as
+    sorted ``(token_id, bias)`` pairs; a zero bias is dropped. Whether an id is in the model's
+    vocabulary is checked by the worker, which has the model."""
+    value = d.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or len(value) > MAX_BIASED_TOKENS:
+        raise InvalidRequest("logit_bias must be an object of at most "
+                             f"{MAX_BIASED_TOKENS} entries {{\"token_id\": bias}}, got {brief(value)}",
+                             "logit_bias")
+    pairs, seen = [], set()
+    for key, bias in value.items():
+        token = _token_id(key)
+        if token is None:
+            raise InvalidRequest(f"logit_bias keys must be token ids (integers from 0 to "
+                                 f"{MAX_TOKEN_ID}), got {brief(key)}", "logit_bias")
+        if token in seen:
+            raise InvalidRequest(f"logit_bias names token {token} twice", "logit_bias")
+        seen.add(token)
+        if (not isinstance(bias, (int, float)) or isinstance(bias, bool)
+                or not math.isfinite(bias) or abs(bias) > MAX_LOGIT_BIAS):
+            raise InvalidRequest(f"logit_bias[{key}] must be a number from {-MAX_LOGIT_BIAS} to "
+                                 f"{MAX_LOGIT_BIAS}, got {brief(bias)}", "logit_bias")
+        if bias:
+            pairs.append((token, float(bias)))
+    return tuple(sorted(pairs))
+
+
+def _token_id(key: Any) -> int | None:
+    """A logit_bias key as a token id: a decimal string (or an int, from Python callers)."""
+    if _is_int(key):
+        token = key
+    elif isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+        token = int(key)
+    else:
+        return None
+    return token if 0 <= token <= MAX_TOKEN_ID else None

@@ -48,8 +48,7 @@ blueprint = Blueprint("openai", __name__)
 DONE = "data: [DONE]\n\n"
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
 # OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
-SHARED_UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-                      "logprobs": (False,), "n": (1,)}
+SHARED_UNSUPPORTED = {"logprobs": (False,), "n": (1,)}
 COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "logprobs": (), "echo": (False,),
                           "suffix": ("",), "best_of": (1,)}  # logprobs: a count here
 CHAT_UNSUPPORTED = {**SHARED_UNSUPPORTED, "top_logprobs": (0,), "tools": ([],),
@@ -64,11 +63,12 @@ IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str,
 TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
 # this server's own: top_k (as vLLM takes it), keep_running (a streamed job outlives its client)
 EXTENSIONS = ("top_k", "keep_running")
-COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
-                     "stream", "stream_options", *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
-CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-               "top_p", "seed", "stop", "stream", "stream_options", *CHAT_UNSUPPORTED, *IGNORED,
-               *EXTENSIONS)
+SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
+            "frequency_penalty", "logit_bias")  # OpenAI's, as SamplingParams reads them
+COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "stream", "stream_options",
+                     *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
+CHAT_FIELDS = ("model", "messages", *SAMPLING, "max_completion_tokens", "stream",
+               "stream_options", *CHAT_UNSUPPORTED, *IGNORED, *EXTENSIONS)
 EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 
 
@@ -294,7 +294,7 @@ def run_text_job(c: Context, path: str, shape: TextShape):
 def completions():
     """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
     of exactly one string (token ids are refused); ``n`` and ``best_of`` must be 1; ``echo``,
-    ``suffix``, ``logprobs`` and penalties are refused; ``user`` is ignored. ``model`` defaults
+    ``suffix`` and ``logprobs`` are refused; ``user`` is ignored. ``model`` defaults
     to the default generate model. ``keep_running: true`` (an extension) keeps the job going
     after its client disconnects; otherwise a disconnect cancels it, streamed or not."""
     return run_text_job(ctx(), "/v1/completions", TextShape())

@@ -13,7 +13,16 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from banter.bulk import MAX_CUSTOM_ID_CHARS, URLS
-from banter.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPERATURE, MIN_SEED
+from banter.params import (
+    MAX_BIASED_TOKENS,
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TEMPERATURE,
+    MIN_SEED,
+)
 from banter.settings import Settings
 from producer.batches import MAX_BATCH_REQUESTS, MAX_IDEMPOTENCY_KEY_CHARS
 from producer.context import ctx
@@ -251,6 +260,9 @@ def _schemas(settings: Settings) -> Schema:
     model_ref = {"type": "string", "minLength": 1, "maxLength": 128,
                  "description": "a model name, or name@version to pin a version"}
     stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+    penalty = {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY, "default": 0,
+               "description": "subtracted from a token's logit (presence: once it was "
+                              "generated; frequency: per time it was generated)"}
     sampling = {
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_tokens_limit},
         "temperature": {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE},
@@ -258,6 +270,13 @@ def _schemas(settings: Settings) -> Schema:
         "top_k": {"type": "integer", "minimum": -1, "description": "0 or -1: off"},
         "seed": {"type": "integer", "minimum": MIN_SEED, "maximum": MAX_SEED},
         "stop": {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": MAX_STOPS}]},
+        "presence_penalty": penalty, "frequency_penalty": penalty,
+        "logit_bias": {"type": "object", "maxProperties": MAX_BIASED_TOKENS,
+                       "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                       "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS,
+                                                "maximum": MAX_LOGIT_BIAS},
+                       "description": "token id (the model's tokenizer) to a bias added to its "
+                                      "logit before each token is picked"},
     }
     streaming = {
         "stream": {"type": "boolean"},
@@ -272,7 +291,7 @@ def _schemas(settings: Settings) -> Schema:
                         ("type", "message"))
     openai_sampling = {"temperature": {**sampling["temperature"], "default": 1}}
     openai_fields = ("OpenAI's other fields for this endpoint are refused unless null or their "
-                     "no-op value (n 1, logprobs false, penalties 0, logit_bias {}, tools [], ...) "
+                     "no-op value (n 1, logprobs false, tools [], ...) "
                      "or accepted and ignored where they change nothing (user, metadata, store, "
                      "service_tier, ...); any other field is refused")
     http_error = _obj({"type": {"type": "string"}, "message": {"type": "string"},

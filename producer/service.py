@@ -262,9 +262,19 @@ def request_hash(req: JobRequest, model_ref: str, sampling: SamplingParams | Non
     its idempotency key) has the same one, also when it spells out a default (the model's
     name, ``max_tokens: 16``) that the first left out."""
     asked = {"kind": req.kind.value, "input": req.input, "model": model_ref,
-             "params": asdict(sampling) if sampling else {}, "lane": req.lane.value,
+             "params": _hashed(sampling) if sampling else {}, "lane": req.lane.value,
              "deadline_s": req.deadline_s}
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _hashed(params: SamplingParams) -> dict[str, Any]:
+    """``params`` as hashed: the logit adjustments only where set, so a request that does not
+    use them hashes as it did before they existed (a retry across an upgrade still matches)."""
+    fields = asdict(params)
+    for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
+        if not fields[name]:
+            del fields[name]
+    return fields
 
 
 def _params_dict(params: SamplingParams) -> dict[str, Any]:
@@ -273,6 +283,4 @@ def _params_dict(params: SamplingParams) -> dict[str, Any]:
     seed = params.seed
     if seed is None and params.temperature > 0:
         seed = secrets.randbits(63)
-    return {"max_tokens": params.max_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "top_k": params.top_k, "seed": seed,
-            "stop": list(params.stop)}
+    return {**params.wire(), "seed": seed}

@@ -128,6 +128,10 @@ def test_an_idempotency_key_reused_for_another_request_is_a_conflict(api):
     job_id = first.json()["id"]
     for other in ({"kind": "generate", "input": "DIFFERENT", "params": {"max_tokens": 3, "temperature": 0.7}},
                   {"kind": "generate", "input": "hello", "params": {"max_tokens": 4, "temperature": 0.7}},
+                  {"kind": "generate", "input": "hello", "params": {
+                      "max_tokens": 3, "temperature": 0.7, "logit_bias": {"5": 1}}},
+                  {"kind": "generate", "input": "hello", "params": {
+                      "max_tokens": 3, "temperature": 0.7, "presence_penalty": 0.1}},
                   {"kind": "embed", "input": "hello"},
                   {"kind": "generate", "input": "hello", "lane": "bulk",
                    "params": {"max_tokens": 3, "temperature": 0.7}}):
@@ -150,7 +154,8 @@ def test_an_idempotent_retry_may_spell_out_the_defaults(api, settings):
     spelled = {"kind": "generate", "input": "hi", "idempotency_key": key, "lane": "interactive",
                "model": settings.default_generate_model,
                "params": {"max_tokens": settings.default_max_tokens, "temperature": 0,
-                          "top_p": 1, "top_k": 0, "stop": []}}
+                          "top_p": 1, "top_k": 0, "stop": [], "presence_penalty": 0,
+                          "frequency_penalty": 0.0, "logit_bias": {"9": 0}}}
     again = api.post("/v1/jobs", spelled)
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
 

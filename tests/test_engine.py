@@ -619,6 +619,8 @@ def test_empty_prompt_starts_from_bos(make_engine, specs):
     SamplingParams(max_tokens=12),
     SamplingParams(max_tokens=12, temperature=0.8, seed=1234),
     SamplingParams(max_tokens=12, temperature=2.0, top_p=0.9, seed=99),  # far from greedy
+    SamplingParams(max_tokens=12, frequency_penalty=1.5, presence_penalty=0.5,
+                   logit_bias=((7, 4.0), (670, -12.0))),
 ])
 def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, specs, params):
     alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=9 + i))
@@ -803,6 +805,59 @@ def test_a_prompt_joins_beside_a_long_run_whatever_the_position_limit(
     assert sink.passes[-2:] == [("generate", "demo-gpt", 1, 1)] * 2  # decode "long", prefill "late"
     long_result, late_result = drive(engine, [long_run, late])
     assert late_result.text == demo_words(2) and long_result.text == demo_words(30)
+
+
+# the bias moves the demo model off its text at the fourth token (its margin is about 10),
+# after which the penalties change what it picks when it comes round again
+ADJUSTED = SamplingParams(max_tokens=24, frequency_penalty=1.5, presence_penalty=0.5,
+                          logit_bias=((7, 4.0), (670, -12.0)))
+
+
+def test_penalties_and_logit_bias_pick_what_a_plain_loop_picks(make_engine, specs, concat_cache):
+    """OpenAI's formula, applied by hand in a loop over the model's own graph: bias added,
+    each generated token's logit lowered by count * frequency + presence (the prompt's tokens
+    are not counted)."""
+    runner = concat_cache.get(specs["gpt"])
+    prompt = runner.tokenizer.encode("tell me a story").ids
+    logits, pasts, mask = prefill(runner, [prompt])
+    counts, tokens = {}, []
+    for _ in range(ADJUSTED.max_tokens):
+        scores = logits[0].astype(np.float64)
+        for token, bias in ADJUSTED.logit_bias:
+            scores[token] += bias
+        for token, times in counts.items():
+            scores[token] -= times * ADJUSTED.frequency_penalty + ADJUSTED.presence_penalty
+        token = int(np.argmax(scores))
+        tokens.append(token)
+        counts[token] = counts.get(token, 0) + 1
+        logits, pasts, mask = decode(runner, pasts, mask, [token], [len(prompt) + len(tokens) - 1])
+    adjusted = generate_alone(make_engine, specs["gpt"], "tell me a story", ADJUSTED)
+    plain = generate_alone(make_engine, specs["gpt"], "tell me a story",
+                           SamplingParams(max_tokens=ADJUSTED.max_tokens))
+    bias_only = generate_alone(make_engine, specs["gpt"], "tell me a story",
+                               replace(ADJUSTED, frequency_penalty=0.0, presence_penalty=0.0))
+    assert adjusted.token_ids == tokens
+    # each adjustment changed what was picked
+    assert len({tuple(tokens), tuple(plain.token_ids), tuple(bias_only.token_ids)}) == 3
+
+
+def test_a_large_logit_bias_picks_its_token_every_time(make_engine, specs):
+    result = generate_alone(make_engine, specs["gpt"], "hi",
+                            SamplingParams(max_tokens=6, temperature=0.7, seed=3,
+                                           logit_bias=((123, 100.0),)))
+    assert result.token_ids == [123] * 6
+    banned = generate_alone(make_engine, specs["gpt"], "hi",
+                            SamplingParams(max_tokens=6, logit_bias=((123, -100.0),)))
+    assert 123 not in banned.token_ids
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused_at_submit(make_engine, specs, cache):
+    vocab = cache.get(specs["gpt"]).vocab_size
+    engine = make_engine()
+    with pytest.raises(InvalidRequest, match=f"token id {vocab} is not in the vocabulary"):
+        engine.submit_generate("v", specs["gpt"], "hi",
+                               SamplingParams(logit_bias=((1, 1.0), (vocab, 1.0))))
+    assert engine.running_jobs() == [] and not engine.step()
 
 
 def test_prompt_too_long(make_engine, specs):

@@ -165,6 +165,24 @@ def test_no_local_model_inference_is_served_upstream(oa_api, fake):
     assert oa_api.get("/readyz").status_code == 200  # the openai worker is a live worker
 
 
+def test_penalties_and_logit_bias_are_sent_upstream(oa_api, fake):
+    """Sampling settings go upstream as the client sent them; those left at their no-op
+    values are not sent."""
+    response = oa_api.post("/v1/completions", {
+        "prompt": "adjusted hello", "max_tokens": 5, "temperature": 0.5, "seed": 4,
+        "presence_penalty": -1.5, "frequency_penalty": 0.75, "logit_bias": {"50256": -100},
+        "stop": ["\n"]})
+    assert response.status_code == 200, response.text
+    [seen] = fake.seen("adjusted hello")
+    assert {k: seen.body.get(k) for k in ("temperature", "seed", "presence_penalty",
+                                          "frequency_penalty", "logit_bias", "stop")} == {
+        "temperature": 0.5, "seed": 4, "presence_penalty": -1.5, "frequency_penalty": 0.75,
+        "logit_bias": {"50256": -100.0}, "stop": ["\n"]}
+    assert oa_api.post("/v1/inference", {"prompt": "plain again"}).status_code == 200
+    [plain] = fake.seen("plain again")
+    assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & plain.body.keys()
+
+
 def test_streamed_inference_carries_the_upstream_tokens_in_order(oa_api):
     with oa_api.session.post(f"{oa_api.url}/v1/inference?stream=true",
                              json={"prompt": "stream me", "max_tokens": 4}, stream=True,

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import requests
 from openai import APIError, APIStatusError, BadRequestError, NotFoundError, OpenAI
+from tokenizers import Tokenizer
 
 from banter.demo import DEMO_GPT, DEMO_TEXT
 from banter.errors import ArtifactError
@@ -95,6 +96,42 @@ def test_client_chat_streamed_and_not(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected(5)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_client_penalties_and_logit_bias_shape_the_text(client, api, demo_models):
+    """OpenAI's logit adjustments reach the engine from both endpoints, streamed or not, as
+    from ``/v1/inference``: a bias of 100 makes its token the only pick."""
+    tokenizer = Tokenizer.from_file(str(demo_models[DEMO_GPT] / "tokenizer.json"))
+    forced = tokenizer.decode([123] * 4)
+    bias = {"logit_bias": {"123": 100}, "max_tokens": 4}
+    assert client.completions.create(model=DEMO_GPT, prompt="Say something.",
+                                     **bias).choices[0].text == forced
+    chunks = client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, stream=True,
+                                            **bias)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == forced
+    adjusted = {"max_tokens": 24, "temperature": 0, "frequency_penalty": 1.5,
+                "presence_penalty": 0.5, "logit_bias": {"7": 4, "670": -12}}
+    native = api.post("/v1/inference", {"prompt": "tell me a story", **adjusted}).json()["text"]
+    assert native != expected(24)  # the adjustments changed the text
+    whole = client.completions.create(model=DEMO_GPT, prompt="tell me a story", **adjusted)
+    assert whole.choices[0].text == native
+    chunks = client.completions.create(model=DEMO_GPT, prompt="tell me a story", stream=True,
+                                       **adjusted)
+    assert "".join(c.choices[0].text for c in chunks) == native
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_a_400_naming_it(api, client):
+    for stream in (True, False):
+        response = api.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": stream,
+                                                "logit_bias": {"685": 1}})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["message"].startswith("logit_bias: token id 685 is not in the vocabulary")
+    with pytest.raises(BadRequestError, match="not in the vocabulary"):
+        client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, max_tokens=2,
+                                       logit_bias={"99999": -5})
+    native = api.post("/v1/inference", {"prompt": "x", "logit_bias": {"685": 1}})
+    assert native.status_code == 422 and native.json()["error"]["type"] == "invalid_request"
 
 
 def test_client_stream_usage_chunk(client):
@@ -337,7 +374,12 @@ BAD_INPUTS = [
      "'prompt_cache_key' must be a string"),
     ("/v1/chat/completions", {"messages": MESSAGES, "service_tier": ["auto"]}, 400,
      "'service_tier' must be a string"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "frequency_penalty": "1"}, 400,
+     "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"1": -101}}, 400,
+     "logit_bias"),
     ("/v1/chat/completions", {"messages": MESSAGES, "tool_choice": "required"}, 400,
      "tool_choice"),
     ("/v1/chat/completions", {"messages": MESSAGES, "modalities": ["text", "audio"]}, 400,

@@ -1,11 +1,12 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from banter.errors import InvalidRequest
 from banter.params import SamplingParams
-from workers.sampling import sample
+from workers.sampling import adjust, sample
 
 LIMIT = 256
 
@@ -42,11 +43,42 @@ def test_valid_values_are_normalised():
     ("seed", -(2**63) - 1), ("seed", 2**63), ("seed", True), ("seed", 1.0),
     ("stop", ""), ("stop", [""]), ("stop", ["a"] * 5), ("stop", "x" * 65), ("stop", [1]),
     ("stop", 5), ("stop", {"a": 1}),
+    ("presence_penalty", 2.01), ("presence_penalty", -2.5), ("presence_penalty", True),
+    ("presence_penalty", "1"), ("frequency_penalty", math.nan), ("frequency_penalty", 3),
+    ("logit_bias", [[1, 2]]), ("logit_bias", "x"), ("logit_bias", {"a": 1}),
+    ("logit_bias", {"-1": 1}), ("logit_bias", {"1.5": 1}), ("logit_bias", {" 1": 1}),
+    ("logit_bias", {"2147483648": 1}), ("logit_bias", {"1": 100.5}), ("logit_bias", {"1": True}),
+    ("logit_bias", {"1": "5"}), ("logit_bias", {"1": math.inf}), ("logit_bias", {"1": 1, "01": 2}),
+    ("logit_bias", {str(i): 1 for i in range(1025)}),
 ])
 def test_bad_field_is_rejected_by_name(field, value):
     with pytest.raises(InvalidRequest) as err:
         SamplingParams.from_dict({field: value}, LIMIT)
     assert field in err.value.message
+
+
+def test_logit_adjustments_are_read_and_written_as_openai_spells_them():
+    wire = {"presence_penalty": -2, "frequency_penalty": 0.25,
+            "logit_bias": {"50256": -100, "7": 2.5, "9": 0, "0": 100}}
+    params = SamplingParams.from_dict(wire, LIMIT)
+    assert params.presence_penalty == -2.0 and params.frequency_penalty == 0.25
+    assert params.logit_bias == ((0, 100.0), (7, 2.5), (50256, -100.0))  # sorted; 0 dropped
+    assert params.adjusts and not SamplingParams().adjusts
+    assert SamplingParams.from_dict(params.wire(), LIMIT) == params
+    assert SamplingParams.from_dict({"logit_bias": {}}, LIMIT) == SamplingParams()
+    assert SamplingParams.from_dict({"logit_bias": {str(i): 1 for i in range(1024)}},
+                                    LIMIT).adjusts
+
+
+def test_adjust_adds_the_bias_and_penalises_generated_tokens():
+    logits = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    assert adjust(logits, SamplingParams(), {3: 5}) is logits  # nothing to change
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25,
+                            logit_bias=((0, 10.0), (2, -1.0)))
+    scores = adjust(logits, params, {3: 2, 1: 1})
+    assert scores.tolist() == [11.0, 2.0 - 0.75, 2.0, 4.0 - 1.25]
+    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # the pass's row is not written to
+    assert sample(scores, replace(params, temperature=0.0), np.random.default_rng(0)) == 0
 
 
 def test_not_an_object_is_rejected():

@@ -42,7 +42,7 @@ from workers.batching import collate, decode_feeds, mean_pool, merge_feeds, prom
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.inplace import decode_inputs, prompt_inputs
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
-from workers.sampling import sample
+from workers.sampling import adjust, sample
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,7 @@ class _Sequence:
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self.detokenizer = IncrementalDetokenizer(runner.tokenizer)
         self.token_ids: list[int] = []
+        self.counts: dict[int, int] = {}  # generated token id to times, for the penalties
         self.streamed = ""
         self.batch_size = 0
         self.started = False
@@ -327,6 +328,8 @@ class _Sequence:
         self.pending = np.array([token_id], dtype=np.int64)
         self.batch_size = max(self.batch_size, batch_size)
         self.token_ids.append(token_id)
+        if self.params.adjusts:
+            self.counts[token_id] = self.counts.get(token_id, 0) + 1
         if token_id == self.runner.eos_token_id:
             self.finish_reason = "stop"
             self.detokenizer.flush()
@@ -555,6 +558,7 @@ class Engine:
         runner = self._runner(spec, "generate")
         ids = runner.tokenizer.encode(prompt).ids or self._start_ids(runner)
         self._check_length(len(ids), params.max_tokens, runner)
+        self._check_bias(params, runner)
         seq = _Sequence(job_id, runner, ids, params, deadline, lane)
         with self._cond:
             if job_id in self._jobs:  # a redelivered job joins the run already in progress
@@ -605,6 +609,14 @@ class Engine:
                                                        if max_tokens else "")
             raise PromptTooLong(f"{asked} exceed the {runner.max_positions} positions of "
                                 f"{runner.spec.name}; shorten the input or lower max_tokens")
+
+    @staticmethod
+    def _check_bias(params: SamplingParams, runner: Runner) -> None:
+        outside = [token for token, _ in params.logit_bias if token >= runner.vocab_size]
+        if outside:
+            raise InvalidRequest(f"logit_bias: token id {outside[0]} is not in the vocabulary of "
+                                 f"{runner.spec.name}@{runner.spec.version} (ids 0 to "
+                                 f"{runner.vocab_size - 1})", "logit_bias")
 
     @staticmethod
     def _start_ids(runner: Runner) -> list[int]:
@@ -998,7 +1010,8 @@ class Engine:
         live = sum(not seq.done for seq in seqs)
         for b, seq in enumerate(seqs):
             if not seq.done:
-                events.append(seq.advance(sample(last[b], seq.params, seq.rng), live))
+                scores = adjust(last[b], seq.params, seq.counts)
+                events.append(seq.advance(sample(scores, seq.params, seq.rng), live))
 
     def _resolve(self, leaving: list[_Sequence]) -> None:
         with self._cond:

@@ -136,6 +136,11 @@ class OpenAIBackend:
             request["seed"] = params.seed
         if params.stop:
             request["stop"] = list(params.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name):
+                request[name] = getattr(params, name)
+        if params.logit_bias:  # token ids of the upstream model's tokenizer, as the client sent
+            request["logit_bias"] = params.wire()["logit_bias"]
         return request
 
     @contextmanager

@@ -187,6 +187,7 @@ class Runner:
         self.eos_token_id = _optional_int(self.config, "eos_token_id")
         self.bos_token_id = _optional_int(self.config, "bos_token_id")
         self.pad_token_id = _optional_int(self.config, "pad_token_id") or 0
+        self.vocab_size = self._vocab_size()
         self.n_layer = sum(1 for n in inputs if n.startswith(PAST_PREFIX) and n.endswith(".key"))
         self.past_names = [f"{PAST_PREFIX}{i}.{part}"
                            for i in range(self.n_layer) for part in ("key", "value")]
@@ -211,6 +212,15 @@ class Runner:
             self._packer = KVPacker(len(self.past_names), self.kv_dtype, self.providers,
                                     self.kv_device)
             self._last = LastLogits(self._logits_dtype(), self.providers)
+
+    def _vocab_size(self) -> int:
+        """The logits' last dimension: the graph's when it is fixed, else the config's
+        ``vocab_size``, else the tokenizer's (added tokens included)."""
+        for output in self.session.get_outputs():
+            if output.name == "logits" and output.shape and isinstance(output.shape[-1], int):
+                return output.shape[-1]
+        return (_optional_int(self.config, "vocab_size")
+                or self.tokenizer.get_vocab_size(with_added_tokens=True))
 
     def _create_session(self, providers: list[str], intra_op_threads: int,
                         model: Path | bytes) -> ort.InferenceSession:

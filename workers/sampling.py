@@ -7,8 +7,26 @@ import numpy as np
 from banter.params import SamplingParams
 
 
+def adjust(logits: np.ndarray, params: SamplingParams, counts: dict[int, int]) -> np.ndarray:
+    """One row of logits ``[V]`` with OpenAI's adjustments (``SamplingParams``): ``logit_bias``
+    added, and each generated token (``counts``: id to times generated) penalised by
+    ``count * frequency_penalty + presence_penalty``. ``logits`` itself when there are none; a
+    copy otherwise. Every biased id must be in ``[0, V)`` (the engine checks it at submit)."""
+    if not params.adjusts:
+        return logits
+    scores = logits.astype(np.float32)  # a copy: the row belongs to the pass's output
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        scores[list(ids)] += np.asarray(biases, dtype=np.float32)
+    if counts and (params.frequency_penalty or params.presence_penalty):
+        ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        times = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        scores[ids] -= times * params.frequency_penalty + params.presence_penalty
+    return scores
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Pick one token id from one row of logits ``[V]``."""
+    """Pick one token id from one row of logits ``[V]`` (adjusted already: ``adjust``)."""
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     scores = logits.astype(np.float64)
