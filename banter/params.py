@@ -61,12 +61,13 @@ class SamplingParams:
                 "logit_bias": {str(token): bias for token, bias in self.logit_bias}}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], max_tokens_limit: int) -> SamplingParams:
+    def from_dict(cls, d: Mapping[str, Any], max_tokens_limit: int,
+                  default_max_tokens: int | None = None) -> SamplingParams:
         """Validate request parameters; raises ``InvalidRequest`` naming the field and its range.
 
         An unknown key is refused (a misspelt option must not pass as its default); a
         missing or null field takes its default (``max_tokens`` defaults to
-        ``min(16, max_tokens_limit)``).
+        ``min(default_max_tokens or 16, max_tokens_limit)``).
         """
         if not isinstance(d, Mapping):
             raise InvalidRequest("sampling parameters must be a JSON object", "params")
@@ -75,7 +76,8 @@ class SamplingParams:
             raise InvalidRequest(f"unknown sampling parameter {brief(unknown[0])}: the parameters "
                                  f"are {', '.join(PARAMS)}", unknown[0][:64])
         return cls(
-            max_tokens=_int(d, "max_tokens", min(cls.max_tokens, max_tokens_limit),
+            max_tokens=_int(d, "max_tokens", min(default_max_tokens or cls.max_tokens,
+                                                 max_tokens_limit),
                             1, max_tokens_limit),
             temperature=_float(d, "temperature", cls.temperature, 0.0, MAX_TEMPERATURE),
             top_p=_top_p(d),

@@ -83,7 +83,9 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
     @app.before_request
     def rate_limit():
         """Count every /v1/ request against its key's per-minute budget (when one is set)."""
-        if settings.rate_limit_per_min and request.path.startswith("/v1/"):
+        # an OPTIONS request (a CORS preflight) carries no key and needs none
+        if (settings.rate_limit_per_min and request.path.startswith("/v1/")
+                and request.method != "OPTIONS"):
             ratelimit.check(client, keyring.owner(request), settings.rate_limit_per_min)
 
     @app.after_request

@@ -81,7 +81,8 @@ class JobService:
         model_ref = req.model or self.default_model(req.kind)
         sampling = None
         if req.kind is JobKind.GENERATE:
-            sampling = SamplingParams.from_dict(req.params or {}, self.settings.max_tokens_limit)
+            sampling = SamplingParams.from_dict(req.params or {}, self.settings.max_tokens_limit,
+                                                self.settings.default_max_tokens)
         elif req.params:
             raise InvalidRequest("embed jobs take no 'params'", "params")
         digest = request_hash(req, model_ref, sampling) if req.idempotency_key else None

@@ -145,6 +145,22 @@ def test_an_idempotency_key_reused_for_another_request_is_a_conflict(api):
 
 
 
+def test_default_max_tokens_applies_to_every_generate_endpoint(settings, redis_client, worker):
+    """BANTER_DEFAULT_MAX_TOKENS is max_tokens for a request that sends none: a job's params,
+    /v1/inference and the OpenAI endpoints alike."""
+    server = Server(create_app(replace(settings, default_max_tokens=5), redis_client))
+    try:
+        own = Api(server.url)
+        job = own.post("/v1/jobs", {"kind": "generate", "input": "own"}).json()
+        assert own.wait_job(job["id"])["usage"]["completion_tokens"] == 5
+        for path, body in (("/v1/inference", {"prompt": "x"}),
+                           ("/v1/completions", {"prompt": "x", "temperature": 0})):
+            answer = own.post(path, body).json()
+            assert answer["usage"]["completion_tokens"] == 5, answer
+    finally:
+        server.close()
+
+
 def test_an_idempotent_retry_may_spell_out_the_defaults(api, settings):
     """The key compares what is asked, not how: naming the default model or parameters the
     first request left out is the same request."""

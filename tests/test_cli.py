@@ -468,6 +468,19 @@ def test_submit_to_an_unreachable_server_exits_3():
     assert result.stderr == f"banter: cannot reach http://127.0.0.1:{port}: Connection refused\n"
 
 
+def test_submit_that_no_live_worker_can_serve_exits_3_saying_what_to_start(api):
+    """A 503 is "not now", as an unreachable server is: a model served upstream while no
+    worker has an OpenAI key."""
+    name = f"cloud-{uuid.uuid4().hex[:8]}"
+    promoted = api.post("/v1/models/promote", {"name": name, "kind": "generate",
+                                               "backend": "openai", "model": "gpt-4o-mini"})
+    assert promoted.status_code == 201, promoted.text
+    result = banter("submit", "--model", name, "hi", "--url", api.url)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("banter: no live worker serves the openai backend")
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("variable, needle", [
     ("BANTER_REDIS_URL", "banter: Redis is not reachable (BANTER_REDIS_URL)"),
     ("BANTER_BROKER_URL", "banter: the broker is not reachable (BANTER_BROKER_URL)"),

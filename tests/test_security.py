@@ -375,6 +375,12 @@ def test_per_key_rate_limit_is_429_with_retry_after(settings, redis_client, tmp_
         assert bob.get("/v1/models").status_code == 200  # every key has its own budget
         assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
         assert_error(Client(server.url, "wrong").get("/v1/models"), 401, "unauthorized")
+        # a CORS preflight carries no key: answered, neither refused nor counted
+        preflight = requests.options(server.url + "/v1/jobs", timeout=30,
+                                     headers={"Origin": "https://app.example",
+                                              "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204, preflight.text
+        assert "POST" in preflight.headers["Allow"]
     finally:
         server.close()
 
