@@ -17,8 +17,9 @@ MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: OpenAI's range, -2 
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value: OpenAI's range, -100 to 100
 MAX_BIASED_TOKENS = 1024  # logit_bias entries
 MAX_TOKEN_ID = 2**31 - 1
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
-          "frequency_penalty", "logit_bias")  # the wire names
+          "frequency_penalty", "logit_bias", "logprobs")  # the wire names
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class SamplingParams:
     ``logit_bias`` value is added to its token's logit (``(token_id, bias)`` pairs here,
     ``{"token_id": bias}`` on the wire), and a token already generated ``c`` times loses
     ``c * frequency_penalty + presence_penalty`` (the generated tokens only, not the prompt).
+
+    ``logprobs`` (None: off) asks for each generated token's log probability under the model,
+    with that many of the most likely alternatives (0 to ``MAX_LOGPROBS``).
     """
 
     max_tokens: int = 16
@@ -46,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     @property
     def adjusts(self) -> bool:
@@ -58,7 +63,8 @@ class SamplingParams:
                 "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                 "stop": list(self.stop), "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty,
-                "logit_bias": {str(token): bias for token, bias in self.logit_bias}}
+                "logit_bias": {str(token): bias for token, bias in self.logit_bias},
+                "logprobs": self.logprobs}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], max_tokens_limit: int,
@@ -87,6 +93,7 @@ class SamplingParams:
             presence_penalty=_float(d, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
             frequency_penalty=_float(d, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
             logit_bias=_logit_bias(d),
+            logprobs=_int(d, "logprobs", None, 0, MAX_LOGPROBS),
         )
 
 

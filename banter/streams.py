@@ -4,13 +4,15 @@ Every job has a replayable Redis stream (``keys.stream(id)``) and a pub/sub chan
 (``keys.tokens(id)``). Both carry the same entries: zero or more ``token`` entries, then exactly
 one final ``done`` or ``error`` entry. Stream entries are flat string maps:
 
-- ``token``: ``{"event": "token", "seq": "0", "text": "...", "token_id": "17"}``
+- ``token``: ``{"event": "token", "seq": "0", "text": "...", "token_id": "17"}``, plus
+  ``"logprobs": "<json>"`` for a job that asked for them (``SamplingParams.logprobs``)
 - ``done``:  ``{"event": "done", "finish_reason": "...", "usage": "<json>"}``
 - ``error``: ``{"event": "error", "error": "<json {type, message}>"}``
 
 Pub/sub messages are one JSON object: ``"id"`` (the stream entry id, so a live subscriber can
 resume from the stream with no gap), ``"event"``, and the event's data as an SSE client gets it,
-typed (``decode_entry``): ``{"id", "event": "token", "seq": 0, "text", "token_id": 17}``,
+typed (``decode_entry``): ``{"id", "event": "token", "seq": 0, "text", "token_id": 17}``
+(with ``"logprobs": {...}`` where the job asked for them),
 ``{"id", "event": "done", "finish_reason", "usage": {...}}``, ``{"id", "event": "error",
 "error": {"type", "message"}}``.
 """
@@ -45,14 +47,21 @@ class TokenEvent:
     seq: int
     text: str
     token_id: int
+    logprobs: dict[str, Any] | None = None  # workers.engine.token_logprob, when asked
 
     def fields(self) -> dict[str, str]:
-        return {"event": EventType.TOKEN.value, "seq": str(self.seq), "text": self.text,
-                "token_id": str(self.token_id)}
+        fields = {"event": EventType.TOKEN.value, "seq": str(self.seq), "text": self.text,
+                  "token_id": str(self.token_id)}
+        if self.logprobs is not None:
+            fields["logprobs"] = orjson.dumps(self.logprobs).decode()
+        return fields
 
     def data(self) -> dict[str, Any]:
         """The event's data, typed, as ``decode_entry`` reads it back from ``fields``."""
-        return {"seq": self.seq, "text": self.text, "token_id": self.token_id}
+        data = {"seq": self.seq, "text": self.text, "token_id": self.token_id}
+        if self.logprobs is not None:
+            data["logprobs"] = self.logprobs
+        return data
 
 
 def with_total(usage: Any) -> Any:
@@ -97,8 +106,11 @@ def decode_entry(fields: dict[str, str]) -> tuple[EventType, dict[str, Any]]:
     try:
         kind = EventType(fields["event"])
         if kind is EventType.TOKEN:
-            return kind, {"seq": int(fields["seq"]), "text": fields["text"],
-                          "token_id": int(fields["token_id"])}
+            data = {"seq": int(fields["seq"]), "text": fields["text"],
+                    "token_id": int(fields["token_id"])}
+            if "logprobs" in fields:
+                data["logprobs"] = json.loads(fields["logprobs"])
+            return kind, data
         if kind is EventType.DONE:
             return kind, {"finish_reason": fields["finish_reason"],
                           "usage": json.loads(fields["usage"])}

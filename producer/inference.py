@@ -30,10 +30,13 @@ def result_body(record: JobRecord) -> dict[str, Any]:
         raise errors.from_dict(record.error)
     public = record.to_public()
     result = record.result or {"text": "", "finish_reason": record.status}
-    return {"id": record.id, "text": result.get("text", ""),
+    body = {"id": record.id, "text": result.get("text", ""),
             "finish_reason": result.get("finish_reason", record.status),
             "usage": public["usage"], "model": record.model, "version": record.version,
             "backend": record.backend, "batch_size": record.batch_size}
+    if "logprobs" in result:  # asked for: one entry per generated token
+        body["logprobs"] = result["logprobs"]
+    return body
 
 
 def tag_with_job(record: JobRecord) -> None:

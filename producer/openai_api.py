@@ -27,6 +27,7 @@ from flask import Blueprint, jsonify
 from banter import errors
 from banter.errors import InvalidRequest, Unavailable
 from banter.jobs import JobKind, JobRecord, JobStatus
+from banter.params import MAX_LOGPROBS
 from banter.streams import EventType
 from producer import chat
 from producer import validation as v
@@ -48,10 +49,10 @@ blueprint = Blueprint("openai", __name__)
 DONE = "data: [DONE]\n\n"
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
 # OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
-SHARED_UNSUPPORTED = {"logprobs": (False,), "n": (1,)}
-COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "logprobs": (), "echo": (False,),
-                          "suffix": ("",), "best_of": (1,)}  # logprobs: a count here
-CHAT_UNSUPPORTED = {**SHARED_UNSUPPORTED, "top_logprobs": (0,), "tools": ([],),
+SHARED_UNSUPPORTED = {"n": (1,)}
+COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "echo": (False,), "suffix": ("",),
+                          "best_of": (1,)}
+CHAT_UNSUPPORTED = {**SHARED_UNSUPPORTED, "tools": ([],),
                     "functions": ([],), "tool_choice": ("none", "auto"),
                     "function_call": ("none", "auto"), "audio": (), "prediction": (),
                     "web_search_options": (), "modalities": (["text"],),
@@ -65,10 +66,11 @@ TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
 EXTENSIONS = ("top_k", "keep_running")
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
             "frequency_penalty", "logit_bias")  # OpenAI's, as SamplingParams reads them
-COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "stream", "stream_options",
+COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "logprobs", "stream", "stream_options",
                      *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
-CHAT_FIELDS = ("model", "messages", *SAMPLING, "max_completion_tokens", "stream",
-               "stream_options", *CHAT_UNSUPPORTED, *IGNORED, *EXTENSIONS)
+CHAT_FIELDS = ("model", "messages", *SAMPLING, "max_completion_tokens", "logprobs",
+               "top_logprobs", "stream", "stream_options", *CHAT_UNSUPPORTED, *IGNORED,
+               *EXTENSIONS)
 EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 
 
@@ -79,11 +81,27 @@ class TextShape:
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    def choice(self, text: str, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return self.choice(text, finish_reason)
+    def chunk_choice(self, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict[str, Any]:
+        return self.choice(text, finish_reason, logprobs)
+
+    def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
+        """The legacy ``logprobs`` object of ``entries`` (``workers.engine.token_logprob``):
+        per token its text, log probability, the alternatives with the token itself (up to
+        ``logprobs`` + 1, as OpenAI), and its offset in the text from ``offset``."""
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry["token"])
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]},
+                                  e["token"]: e["logprob"]} for e in entries],
+                "text_offset": offsets}
 
 
 class ChatShape(TextShape):
@@ -97,16 +115,28 @@ class ChatShape(TextShape):
     def __init__(self) -> None:
         self.role_sent = False
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict[str, Any]:
         return {"index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason, "logprobs": None}
+                "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def chunk_choice(self, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict[str, Any]:
         delta = {} if self.role_sent else {"role": "assistant"}
         if text:
             delta["content"] = text
         self.role_sent = True
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
+        """The chat ``logprobs`` object: per token its text, UTF-8 bytes and log probability,
+        and as many alternatives as ``top_logprobs`` asked."""
+        def token(entry: dict) -> dict[str, Any]:
+            return {"token": entry["token"], "logprob": entry["logprob"],
+                    "bytes": list(entry["token"].encode("utf-8"))}
+
+        return {"content": [{**token(e), "top_logprobs": [token(t) for t in e["top_logprobs"]]}
+                            for e in entries], "refusal": None}
 
 
 class Chunks:
@@ -119,10 +149,16 @@ class Chunks:
         self.head = {"id": f"{shape.prefix}-{record.id}", "object": shape.chunk_object,
                      "created": int(record.queued_at), "model": record.model}
         self.include_usage = include_usage
+        self.offset = 0  # characters of the tokens so far (the legacy text_offset)
 
     def __call__(self, entry_id: str, kind: EventType, data: dict) -> str:
         if kind is EventType.TOKEN:
-            return self.chunk([self.shape.chunk_choice(data["text"], None)]) if data["text"] else ""
+            entry = data.get("logprobs")
+            if entry is None:
+                return self.chunk([self.shape.chunk_choice(data["text"], None)]) if data["text"] else ""
+            logprobs = self.shape.logprobs([entry], self.offset)
+            self.offset += len(entry["token"])
+            return self.chunk([self.shape.chunk_choice(data["text"], None, logprobs)])
         if kind is EventType.ERROR:
             return sse_data({"error": errors.from_dict(data["error"]).body()}) + DONE
         final = self.chunk([self.shape.chunk_choice("", data["finish_reason"])])
@@ -149,9 +185,11 @@ def usage_totals(usage: dict[str, int]) -> dict[str, int]:
 def answer_body(shape: TextShape, record: JobRecord) -> dict[str, Any]:
     """The non-streamed answer for a finished job, or raise its typed error."""
     result = result_body(record)
+    entries = result.get("logprobs")
+    logprobs = None if entries is None else shape.logprobs([e for e in entries if e])
     return {"id": f"{shape.prefix}-{record.id}", "object": shape.object,
             "created": int(record.queued_at), "model": record.model,
-            "choices": [shape.choice(result["text"], result["finish_reason"])],
+            "choices": [shape.choice(result["text"], result["finish_reason"], logprobs)],
             "usage": result["usage"]}
 
 
@@ -218,7 +256,7 @@ def text_request(c: Context, path: str, body: dict) -> JobRequest:
         prompt = completion_prompt(body, c.settings.max_prompt_chars)
     else:
         check_fields(body, CHAT_FIELDS, CHAT_UNSUPPORTED)
-        body = chat_max_tokens(body, c.settings.max_tokens_limit)
+        body = chat_logprobs(chat_max_tokens(body, c.settings.max_tokens_limit))
         prompt = chat_prompt(body, c)
     if body.get("temperature") is None:
         body = {**body, "temperature": OPENAI_TEMPERATURE}
@@ -264,6 +302,20 @@ def chat_max_tokens(body: dict, limit: int) -> dict:
         raise InvalidRequest("'max_tokens' and 'max_completion_tokens' are the same limit: send "
                              "one", "max_completion_tokens")
     return {**body, "max_tokens": value}
+
+
+def chat_logprobs(body: dict) -> dict:
+    """``body`` with chat's ``logprobs`` (true or false) and ``top_logprobs`` (0 to
+    MAX_LOGPROBS, only with ``logprobs``) made the one count a job takes: ``logprobs`` = the
+    alternatives per token, left out when not asked for."""
+    wanted = flag(body, "logprobs")
+    top = v.number(body, "top_logprobs", low=0, high=MAX_LOGPROBS, integer=True)
+    if top and not wanted:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    rest = {k: value for k, value in body.items() if k not in ("logprobs", "top_logprobs")}
+    if wanted:
+        rest["logprobs"] = int(top or 0)
+    return rest
 
 
 def run_text_job(c: Context, path: str, shape: TextShape):

@@ -16,6 +16,7 @@ from banter.bulk import MAX_CUSTOM_ID_CHARS, URLS
 from banter.params import (
     MAX_BIASED_TOKENS,
     MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
     MAX_PENALTY,
     MAX_SEED,
     MAX_STOP_CHARS,
@@ -277,6 +278,9 @@ def _schemas(settings: Settings) -> Schema:
                                                 "maximum": MAX_LOGIT_BIAS},
                        "description": "token id (the model's tokenizer) to a bias added to its "
                                       "logit before each token is picked"},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                     "description": "each token's log probability under the model, with this "
+                                    "many alternatives (the answer's logprobs)"},
     }
     streaming = {
         "stream": {"type": "boolean"},
@@ -291,7 +295,7 @@ def _schemas(settings: Settings) -> Schema:
                         ("type", "message"))
     openai_sampling = {"temperature": {**sampling["temperature"], "default": 1}}
     openai_fields = ("OpenAI's other fields for this endpoint are refused unless null or their "
-                     "no-op value (n 1, logprobs false, tools [], ...) "
+                     "no-op value (n 1, echo false, tools [], ...) "
                      "or accepted and ignored where they change nothing (user, metadata, store, "
                      "service_tier, ...); any other field is refused")
     http_error = _obj({"type": {"type": "string"}, "message": {"type": "string"},
@@ -375,6 +379,9 @@ def _schemas(settings: Settings) -> Schema:
             }, ("role", "content"))},
             "model": model_ref, **sampling, **openai_sampling, **streaming,
             "max_completion_tokens": sampling["max_tokens"],
+            "logprobs": {"type": "boolean"},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                             "description": "alternatives per token; needs logprobs true"},
             "n": {"const": 1}, "user": {"type": "string"},
         }, ("messages",)) | {"description": openai_fields},
         "EmbeddingRequest": _obj({
@@ -386,7 +393,10 @@ def _schemas(settings: Settings) -> Schema:
             "created": {"type": "integer"}, "model": {"type": "string"},
             "choices": {"type": "array", "items": _obj({
                 "index": {"type": "integer"}, "text": {"type": "string"},
-                "finish_reason": nullable_str}, ("index", "text"))},
+                "finish_reason": nullable_str,
+                "logprobs": _nullable({"type": "object", "description": "asked for with "
+                                       "logprobs: tokens, token_logprobs, top_logprobs, "
+                                       "text_offset"})}, ("index", "text"))},
             "usage": usage,
         }, ("id", "object", "created", "model", "choices")),
         "ChatCompletion": _obj({
@@ -396,7 +406,10 @@ def _schemas(settings: Settings) -> Schema:
                 "index": {"type": "integer"},
                 "message": _obj({"role": {"const": "assistant"}, "content": {"type": "string"}},
                                 ("role", "content")),
-                "finish_reason": nullable_str}, ("index", "message"))},
+                "finish_reason": nullable_str,
+                "logprobs": _nullable({"type": "object", "description": "asked for with "
+                                       "logprobs: content, one entry per token"})},
+                ("index", "message"))},
             "usage": usage,
         }, ("id", "object", "created", "model", "choices")),
         "EmbeddingList": _obj({

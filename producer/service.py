@@ -269,12 +269,15 @@ def request_hash(req: JobRequest, model_ref: str, sampling: SamplingParams | Non
 
 
 def _hashed(params: SamplingParams) -> dict[str, Any]:
-    """``params`` as hashed: the logit adjustments only where set, so a request that does not
-    use them hashes as it did before they existed (a retry across an upgrade still matches)."""
+    """``params`` as hashed: the logit adjustments and ``logprobs`` only where set, so a request
+    that does not use them hashes as it did before they existed (a retry across an upgrade
+    still matches)."""
     fields = asdict(params)
     for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
         if not fields[name]:
             del fields[name]
+    if fields["logprobs"] is None:
+        del fields["logprobs"]
     return fields
 
 

@@ -481,6 +481,22 @@ def test_one_request_embeddings_list_and_base64(api):
     assert body["usage"] == direct["usage"]
 
 
+def test_one_request_chat_with_logprobs_and_a_bias(api):
+    """A batch line takes what its endpoint takes, logprobs and logit adjustments included,
+    and its output body is that endpoint's answer."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "logprobs": True, "top_logprobs": 1, "logit_bias": {"123": 100}}
+    line = {"custom_id": "lp", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    out = api.post("/v1/batches/requests", line).json()
+    assert out["response"]["status_code"] == 200, out
+    direct = api.post("/v1/chat/completions", body).json()
+    choice = out["response"]["body"]["choices"][0]
+    assert choice["message"] == direct["choices"][0]["message"]
+    assert [e["token"] for e in choice["logprobs"]["content"]] == [
+        e["token"] for e in direct["choices"][0]["logprobs"]["content"]]
+    assert len(choice["logprobs"]["content"]) == 3
+
+
 # ----------------------------------------------------------------------------- /v1/batches
 def wait_batch(api, batch_id: str, timeout_s: float = 60) -> dict:
     deadline = time.monotonic() + timeout_s

@@ -621,6 +621,7 @@ def test_empty_prompt_starts_from_bos(make_engine, specs):
     SamplingParams(max_tokens=12, temperature=2.0, top_p=0.9, seed=99),  # far from greedy
     SamplingParams(max_tokens=12, frequency_penalty=1.5, presence_penalty=0.5,
                    logit_bias=((7, 4.0), (670, -12.0))),
+    SamplingParams(max_tokens=12, temperature=0.9, seed=11, logprobs=3),
 ])
 def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, specs, params):
     alone = [generate_alone(make_engine, specs["gpt"], p, replace(params, max_tokens=9 + i))
@@ -636,6 +637,10 @@ def test_joining_mid_flight_gives_the_same_tokens_as_alone(make_engine, sink, sp
     crowd = drive(engine, futures)
     for a, c in zip(alone, crowd):
         assert c.token_ids == a.token_ids and c.text == a.text and c.finish_reason == "length"
+        assert (c.logprobs is None) == (a.logprobs is None) == (params.logprobs is None)
+        for x, y in zip(c.logprobs or [], a.logprobs or [], strict=True):
+            assert x["token_id"] == y["token_id"] and x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+            assert [t["token_id"] for t in x["top_logprobs"]] == [t["token_id"] for t in y["top_logprobs"]]
     assert max(c.batch_size for c in crowd) == len(PROMPTS)
     # every step published all its tokens at once: one decode pass over every running row
     # (plus, at a step where a job joined, its prefill pass); none after the last join
@@ -839,6 +844,32 @@ def test_penalties_and_logit_bias_pick_what_a_plain_loop_picks(make_engine, spec
     assert adjusted.token_ids == tokens
     # each adjustment changed what was picked
     assert len({tuple(tokens), tuple(plain.token_ids), tuple(bias_only.token_ids)}) == 3
+
+
+@pytest.mark.parametrize("top", [0, 4])
+def test_logprobs_are_the_models_own_distribution(make_engine, sink, specs, concat_cache, top):
+    """Each generated token's log probability and its ``top`` alternatives, from the raw
+    logits (before bias, penalties and temperature), in the result and on its token event."""
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=5, logprobs=top,
+                            logit_bias=((670, -12.0),), frequency_penalty=1.0)
+    result = generate_alone(make_engine, specs["gpt"], "tell me a story", params)
+    runner = concat_cache.get(specs["gpt"])
+    prompt = runner.tokenizer.encode("tell me a story").ids
+    logits, pasts, mask = prefill(runner, [prompt])
+    assert len(result.logprobs) == len(result.token_ids) == 8
+    for step, (token, entry) in enumerate(zip(result.token_ids, result.logprobs)):
+        row = logits[0].astype(np.float64)
+        logp = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert entry["token_id"] == token
+        assert entry["token"] == runner.tokenizer.decode([token], skip_special_tokens=False)
+        assert entry["logprob"] == pytest.approx(logp[token], abs=1e-4)
+        best = [t["token_id"] for t in entry["top_logprobs"]]
+        assert best == [int(i) for i in np.argsort(-logp, kind="stable")[:top]]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(
+            [logp[i] for i in best], abs=1e-4)
+        logits, pasts, mask = decode(runner, pasts, mask, [token], [len(prompt) + step])
+    assert [e.logprobs for e in sink.streamed("alone")] == result.logprobs
+    assert generate_alone(make_engine, specs["gpt"], "hi", SamplingParams()).logprobs is None
 
 
 def test_a_large_logit_bias_picks_its_token_every_time(make_engine, specs):

@@ -183,6 +183,15 @@ def test_penalties_and_logit_bias_are_sent_upstream(oa_api, fake):
     assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & plain.body.keys()
 
 
+def test_logprobs_from_the_openai_backend_are_refused_naming_why(oa_api, fake):
+    response = oa_api.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "logprob hello"}], "logprobs": True})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and "served by the openai backend" in error["message"]
+    assert fake.seen("logprob hello") == []  # refused before anything went upstream
+
+
 def test_streamed_inference_carries_the_upstream_tokens_in_order(oa_api):
     with oa_api.session.post(f"{oa_api.url}/v1/inference?stream=true",
                              json={"prompt": "stream me", "max_tokens": 4}, stream=True,

@@ -120,6 +120,66 @@ def test_client_penalties_and_logit_bias_shape_the_text(client, api, demo_models
     assert "".join(c.choices[0].text for c in chunks) == native
 
 
+def test_client_logprobs_completions_streamed_and_not(client, api):
+    """``logprobs: N`` on completions: OpenAI's legacy object, one entry per token, each token's
+    alternatives with the token itself; the stream's chunks carry the same, token by token."""
+    whole = client.completions.create(model=DEMO_GPT, prompt="Say something.", max_tokens=5,
+                                      temperature=0, logprobs=2)
+    choice = whole.choices[0]
+    assert choice.text == expected(5)
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.token_logprobs) == 5
+    assert all(x < 0 for x in lp.token_logprobs)
+    offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert lp.text_offset == offsets
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == logprob and len(top) == 2  # greedy: the token is the best one
+        assert logprob == max(top.values())
+    chunks = list(client.completions.create(model=DEMO_GPT, prompt="Say something.",
+                                            max_tokens=5, temperature=0, logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == offsets
+    assert [x for s in streamed for x in s.token_logprobs] == pytest.approx(lp.token_logprobs)
+    native = api.post("/v1/inference", {"prompt": "Say something.", "max_tokens": 5,
+                                        "logprobs": 1}).json()
+    assert [e["token"] for e in native["logprobs"]] == lp.tokens
+    assert [len(e["top_logprobs"]) for e in native["logprobs"]] == [1] * 5
+    plain = client.completions.create(model=DEMO_GPT, prompt="x", max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_client_logprobs_chat_streamed_and_not(client, api):
+    whole = client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, max_tokens=4,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == whole.choices[0].message.content == expected(4)
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob < 0
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True)
+    chunks = client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, max_tokens=4,
+                                            temperature=0, logprobs=True, stream=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content])
+    assert all(t.top_logprobs == [] for t in streamed)  # top_logprobs 0: none
+    no = client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, max_tokens=2,
+                                        temperature=0, logprobs=False)
+    assert no.choices[0].logprobs is None
+    # a job's token events carry them too, replayed as they were sent
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "hi",
+                                "params": {"max_tokens": 3, "logprobs": 0}}).json()
+    api.wait_job(job["id"])
+    replay = api.get(f"/v1/jobs/{job['id']}/events").text
+    tokens = [json.loads(line[len("data: "):]) for line in replay.splitlines()
+              if line.startswith("data: ") and '"seq"' in line]
+    assert [t["logprobs"]["token_id"] for t in tokens] == [t["token_id"] for t in tokens]
+    assert len(tokens) == 3
+
+
 def test_a_logit_bias_outside_the_vocabulary_is_a_400_naming_it(api, client):
     for stream in (True, False):
         response = api.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": stream,
@@ -302,7 +362,13 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "x", "n": True}, 400, "'n'"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 2}, 400,
+     "'logprobs' must be true or false"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400,
+     "'top_logprobs' needs 'logprobs': true"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
+     "'top_logprobs' must be between 0 and 20"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": []}, 400,
      "stream_options"),
@@ -360,9 +426,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": MESSAGES, "min_tokens": 4}, 400, "min_tokens"),
     ("/v1/embeddings", {"input": "x", "encoding": "float"}, 400, "'encoding'"),
     # OpenAI fields that would change the output, set to anything but their no-op value
-    ("/v1/completions", {"prompt": "x", "logprobs": 0}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": False}, 400,  # a count on completions
-     "'logprobs' is not supported by this server"),
+     "logprobs must be an integer from 0 to 20"),
     # OpenAI fields that do not change the output still have OpenAI's types
     ("/v1/chat/completions", {"messages": MESSAGES, "metadata": "x"}, 400,
      "'metadata' must be an object"),

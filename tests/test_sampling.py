@@ -6,7 +6,7 @@ import pytest
 
 from banter.errors import InvalidRequest
 from banter.params import SamplingParams
-from workers.sampling import adjust, sample
+from workers.sampling import adjust, logprobs, sample
 
 LIMIT = 256
 
@@ -50,6 +50,7 @@ def test_valid_values_are_normalised():
     ("logit_bias", {"2147483648": 1}), ("logit_bias", {"1": 100.5}), ("logit_bias", {"1": True}),
     ("logit_bias", {"1": "5"}), ("logit_bias", {"1": math.inf}), ("logit_bias", {"1": 1, "01": 2}),
     ("logit_bias", {str(i): 1 for i in range(1025)}),
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0),
 ])
 def test_bad_field_is_rejected_by_name(field, value):
     with pytest.raises(InvalidRequest) as err:
@@ -59,11 +60,12 @@ def test_bad_field_is_rejected_by_name(field, value):
 
 def test_logit_adjustments_are_read_and_written_as_openai_spells_them():
     wire = {"presence_penalty": -2, "frequency_penalty": 0.25,
-            "logit_bias": {"50256": -100, "7": 2.5, "9": 0, "0": 100}}
+            "logit_bias": {"50256": -100, "7": 2.5, "9": 0, "0": 100}, "logprobs": 20}
     params = SamplingParams.from_dict(wire, LIMIT)
     assert params.presence_penalty == -2.0 and params.frequency_penalty == 0.25
     assert params.logit_bias == ((0, 100.0), (7, 2.5), (50256, -100.0))  # sorted; 0 dropped
-    assert params.adjusts and not SamplingParams().adjusts
+    assert params.adjusts and not SamplingParams().adjusts and params.logprobs == 20
+    assert SamplingParams.from_dict({"logprobs": 0}, LIMIT).logprobs == 0  # on, no alternatives
     assert SamplingParams.from_dict(params.wire(), LIMIT) == params
     assert SamplingParams.from_dict({"logit_bias": {}}, LIMIT) == SamplingParams()
     assert SamplingParams.from_dict({"logit_bias": {str(i): 1 for i in range(1024)}},
@@ -79,6 +81,16 @@ def test_adjust_adds_the_bias_and_penalises_generated_tokens():
     assert scores.tolist() == [11.0, 2.0 - 0.75, 2.0, 4.0 - 1.25]
     assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # the pass's row is not written to
     assert sample(scores, replace(params, temperature=0.0), np.random.default_rng(0)) == 0
+
+
+def test_logprobs_are_a_log_softmax_and_its_best():
+    logits = np.array([2.0, 0.5, 2.0, -1.0, 1.0], dtype=np.float32)
+    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum())
+    chosen, best = logprobs(logits, 3, 3)
+    assert chosen == pytest.approx(logp[3])
+    assert [i for i, _ in best] == [0, 2, 4]  # a tie goes to the lower id
+    assert [lp for _, lp in best] == pytest.approx([logp[0], logp[2], logp[4]])
+    assert logprobs(logits, 1, 0)[1] == [] and len(logprobs(logits, 1, 99)[1]) == 5
 
 
 def test_not_an_object_is_rejected():

@@ -178,7 +178,10 @@ def test_an_events_typed_data_is_what_its_stream_entry_reads_back_as():
     subscriber and a stream reader must get the same event."""
     from banter.streams import DoneEvent, ErrorEvent, TokenEvent, decode_entry
 
+    entry = {"token_id": 17, "token": " caf\u00e9", "logprob": -0.25,
+             "top_logprobs": [{"token_id": 4, "token": "\ufffd", "logprob": -0.125}]}
     for event in (TokenEvent("j", 3, " caf\u00e9 \"x\"", 17),
+                  TokenEvent("j", 4, "", 17, entry),
                   DoneEvent("j", "length", {"prompt_tokens": 2, "completion_tokens": 5}),
                   ErrorEvent("j", {"type": "inference_error", "message": "bad \u2713"})):
         kind, data = decode_entry(event.fields())

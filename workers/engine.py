@@ -42,7 +42,7 @@ from workers.batching import collate, decode_feeds, mean_pool, merge_feeds, prom
 from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from workers.inplace import decode_inputs, prompt_inputs
 from workers.runner import ModelSpec, PassHandle, Preempted, Runner, RunnerCache
-from workers.sampling import adjust, sample
+from workers.sampling import adjust, logprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class GenerateResult:
     completion_tokens: int
     token_ids: list[int]
     batch_size: int
+    logprobs: list[dict] | None = None  # one entry per token (``token_logprob``), when asked
 
 
 def _new_future() -> Future:
@@ -312,6 +313,7 @@ class _Sequence:
         self.detokenizer = IncrementalDetokenizer(runner.tokenizer)
         self.token_ids: list[int] = []
         self.counts: dict[int, int] = {}  # generated token id to times, for the penalties
+        self.logprobs: list[dict] | None = None if params.logprobs is None else []
         self.streamed = ""
         self.batch_size = 0
         self.started = False
@@ -322,8 +324,8 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
-    def advance(self, token_id: int, batch_size: int) -> TokenEvent:
-        """Take one pass's result: the sampled token."""
+    def advance(self, token_id: int, batch_size: int, logprob: dict | None = None) -> TokenEvent:
+        """Take one pass's result: the sampled token (and its ``token_logprob`` entry)."""
         self.past_len += len(self.pending)
         self.pending = np.array([token_id], dtype=np.int64)
         self.batch_size = max(self.batch_size, batch_size)
@@ -341,7 +343,9 @@ class _Sequence:
             end = self._stream_end(self.detokenizer.text)
         piece = self.detokenizer.text[len(self.streamed):end]
         self.streamed += piece
-        return TokenEvent(self.job_id, len(self.token_ids) - 1, piece, token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        return TokenEvent(self.job_id, len(self.token_ids) - 1, piece, token_id, logprob)
 
     def _stream_end(self, text: str) -> int:
         stop_at = find_stop(text, self.params.stop, len(self.streamed))
@@ -355,7 +359,21 @@ class _Sequence:
 
     def result(self) -> GenerateResult:
         return GenerateResult(self.streamed, str(self.finish_reason), self.prompt_tokens,
-                              len(self.token_ids), list(self.token_ids), self.batch_size)
+                              len(self.token_ids), list(self.token_ids), self.batch_size,
+                              None if self.logprobs is None else list(self.logprobs))
+
+
+def token_logprob(runner: Runner, logits: np.ndarray, token_id: int, top: int) -> dict:
+    """A generated token's entry for ``SamplingParams.logprobs``: ``{token_id, token, logprob,
+    top_logprobs: [{token_id, token, logprob}]}``, ``token`` being its own text (special
+    tokens spelled out; a piece of a multi-byte character decodes as U+FFFD)."""
+    chosen, best = logprobs(logits, token_id, top)
+
+    def text(token: int) -> str:
+        return runner.tokenizer.decode([token], skip_special_tokens=False)
+
+    return {"token_id": token_id, "token": text(token_id), "logprob": chosen,
+            "top_logprobs": [{"token_id": i, "token": text(i), "logprob": lp} for i, lp in best]}
 
 
 class _Batch:
@@ -1011,7 +1029,11 @@ class Engine:
         for b, seq in enumerate(seqs):
             if not seq.done:
                 scores = adjust(last[b], seq.params, seq.counts)
-                events.append(seq.advance(sample(scores, seq.params, seq.rng), live))
+                token_id = sample(scores, seq.params, seq.rng)
+                logprob = None
+                if seq.params.logprobs is not None:
+                    logprob = token_logprob(seq.runner, last[b], token_id, seq.params.logprobs)
+                events.append(seq.advance(token_id, live, logprob))
 
     def _resolve(self, leaving: list[_Sequence]) -> None:
         with self._cond:

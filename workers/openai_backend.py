@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import openai
 
 from banter.errors import (
+    InvalidRequest,
     PromptTooLong,
     UpstreamAuthError,
     UpstreamError,
@@ -74,6 +75,9 @@ class OpenAIBackend:
         ``cancel_requested`` is asked once the job is cancellable, so a cancellation
         published before that is not lost."""
         params = SamplingParams.from_dict(job.params, self.settings.max_tokens_limit)
+        if params.logprobs is not None:  # the upstream's deltas are not one token each
+            raise InvalidRequest(f"logprobs are not available for {job.model}: it is served "
+                                 "by the openai backend", "logprobs")
         stop = threading.Event()
         with self._lock:
             self._stops[job.id] = stop

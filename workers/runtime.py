@@ -278,29 +278,35 @@ class WorkerRuntime:
         if outcome.finish_reason not in ("cancelled", "expired") or \
                 outcome.usage.get("completion_tokens", 0) >= published:
             return outcome
-        text, count = self._streamed(record.id)
-        return replace(outcome, result={**outcome.result, "text": text},
-                       usage={**outcome.usage, "completion_tokens": count})
+        text, logprobs = self._streamed(record.id)
+        result = {**outcome.result, "text": text}
+        if "logprobs" in result:
+            result["logprobs"] = logprobs
+        return replace(outcome, result=result,
+                       usage={**outcome.usage, "completion_tokens": len(logprobs)})
 
     def _expired_outcome(self, record: JobRecord) -> Outcome:
         """A running job taken over after its deadline: it ends ``expired`` with what its dead
         worker streamed (a generate job's text; no result for an embed job)."""
-        text, count = self._streamed(record.id)
+        text, logprobs = self._streamed(record.id)
         result = None
         if record.kind == JobKind.GENERATE.value:
             result = {"text": text, "finish_reason": "expired"}
+            if (record.params or {}).get("logprobs") is not None:
+                result["logprobs"] = logprobs
         return Outcome(result=result, finish_reason="expired",
                        usage={"prompt_tokens": (record.usage or {}).get("prompt_tokens", 0),
-                              "completion_tokens": count},
+                              "completion_tokens": len(logprobs)},
                        batch_size=record.batch_size or 0, backend=record.backend or "onnx",
                        version=record.version)
 
-    def _streamed(self, job_id: str) -> tuple[str, int]:
-        """The text of the job's stream so far, and its token count."""
+    def _streamed(self, job_id: str) -> tuple[str, list[dict | None]]:
+        """The text of the job's stream so far, and per token its logprobs entry (None where
+        the job did not ask for them): as many as the stream has tokens."""
         tokens = [data for kind, data in (decode_entry(fields) for _id, fields
                                           in self.redis.xrange(keys.stream(job_id)))
                   if kind is EventType.TOKEN]
-        return "".join(t["text"] for t in tokens), len(tokens)
+        return "".join(t["text"] for t in tokens), [t.get("logprobs") for t in tokens]
 
     def _execute(self, record: JobRecord) -> Outcome:
         """Serve ``record`` on the backend its model names, or fall back (module docstring)."""
@@ -596,8 +602,10 @@ def _local_outcome(result: EmbedResult | GenerateResult, version: int,
                        finish_reason=result.finish_reason,
                        usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": 0},
                        batch_size=result.batch_size, backend="onnx", version=version)
-    return Outcome(result={"text": result.text, "finish_reason": result.finish_reason},
-                   finish_reason=result.finish_reason,
+    answer = {"text": result.text, "finish_reason": result.finish_reason}
+    if result.logprobs is not None:
+        answer["logprobs"] = result.logprobs
+    return Outcome(result=answer, finish_reason=result.finish_reason,
                    usage={"prompt_tokens": result.prompt_tokens,
                           "completion_tokens": result.completion_tokens},
                    batch_size=result.batch_size, backend="onnx", version=version)

@@ -25,6 +25,22 @@ def adjust(logits: np.ndarray, params: SamplingParams, counts: dict[int, int]) -
     return scores
 
 
+def logprobs(logits: np.ndarray, token_id: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log probability of ``token_id`` under one row of raw logits ``[V]`` (the model's
+    own distribution: no bias, penalty or temperature), and the ``top`` most likely tokens
+    with theirs, most likely first (ties: lower id first)."""
+    scores = logits.astype(np.float64)
+    shifted = scores - scores.max()
+    logp = shifted - np.log(np.exp(shifted).sum())
+    best: list[tuple[int, float]] = []
+    if top:
+        count = min(top, logp.size)
+        ids = np.argpartition(-logp, count - 1)[:count]
+        ids = ids[np.lexsort((ids, -logp[ids]))]
+        best = [(int(i), float(logp[i])) for i in ids]
+    return float(logp[token_id]), best
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick one token id from one row of logits ``[V]`` (adjusted already: ``adjust``)."""
     if params.temperature == 0.0:
