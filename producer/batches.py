@@ -86,6 +86,9 @@ def text_request(c: Context, url: str, body: dict) -> JobRequest:
     if oa.flag(body, "stream"):
         raise InvalidRequest("'stream' is not supported in a batch: every request is answered "
                              "whole", "stream")
+    if oa.choices(body) > 1:
+        raise InvalidRequest("'n' must be 1 in a batch: send one line per choice (each its own "
+                             "custom_id)", "n")
     return oa.text_request(c, url, body)
 
 
@@ -113,9 +116,9 @@ def render(line: Submitted, record: JobRecord | None) -> dict[str, Any] | None:
 def answer(line: Submitted, record: JobRecord) -> dict[str, Any]:
     """The body the line's endpoint answers for its succeeded job."""
     if line.url == "/v1/completions":
-        return oa.answer_body(oa.TextShape(), record)
+        return oa.answer_body(oa.TextShape, [record])
     if line.url == "/v1/chat/completions":
-        return oa.answer_body(oa.ChatShape(), record)
+        return oa.answer_body(oa.ChatShape, [record])
     return oa.embeddings_body(record, base64_floats=line.base64)
 
 

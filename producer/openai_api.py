@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ from banter.errors import InvalidRequest, Unavailable
 from banter.jobs import JobKind, JobRecord, JobStatus
 from banter.params import MAX_LOGPROBS
 from banter.streams import EventType
-from producer import chat
+from producer import chat, sse
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
 from producer.inference import (
@@ -49,10 +51,9 @@ blueprint = Blueprint("openai", __name__)
 DONE = "data: [DONE]\n\n"
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
 # OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
-SHARED_UNSUPPORTED = {"n": (1,)}
-COMPLETION_UNSUPPORTED = {**SHARED_UNSUPPORTED, "echo": (False,), "suffix": ("",),
-                          "best_of": (1,)}
-CHAT_UNSUPPORTED = {**SHARED_UNSUPPORTED, "tools": ([],),
+MAX_CHOICES = 16  # n: choices (one job each) per request
+COMPLETION_UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,)}
+CHAT_UNSUPPORTED = {"tools": ([],),
                     "functions": ([],), "tool_choice": ("none", "auto"),
                     "function_call": ("none", "auto"), "audio": (), "prediction": (),
                     "web_search_options": (), "modalities": (["text"],),
@@ -66,9 +67,9 @@ TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
 EXTENSIONS = ("top_k", "keep_running")
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
             "frequency_penalty", "logit_bias")  # OpenAI's, as SamplingParams reads them
-COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "logprobs", "stream", "stream_options",
+COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "n", "logprobs", "stream", "stream_options",
                      *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
-CHAT_FIELDS = ("model", "messages", *SAMPLING, "max_completion_tokens", "logprobs",
+CHAT_FIELDS = ("model", "messages", *SAMPLING, "n", "max_completion_tokens", "logprobs",
                "top_logprobs", "stream", "stream_options", *CHAT_UNSUPPORTED, *IGNORED,
                *EXTENSIONS)
 EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
@@ -81,9 +82,13 @@ class TextShape:
     object = "text_completion"
     chunk_object = "text_completion"
 
+    def __init__(self, index: int = 0) -> None:
+        self.index = index  # the choice's place in the answer (n)
+
     def choice(self, text: str, finish_reason: str | None,
                logprobs: dict | None = None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": self.index, "text": text, "finish_reason": finish_reason,
+                "logprobs": logprobs}
 
     def chunk_choice(self, text: str, finish_reason: str | None,
                      logprobs: dict | None = None) -> dict[str, Any]:
@@ -112,12 +117,13 @@ class ChatShape(TextShape):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(index)
         self.role_sent = False
 
     def choice(self, text: str, finish_reason: str | None,
                logprobs: dict | None = None) -> dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text},
+        return {"index": self.index, "message": {"role": "assistant", "content": text},
                 "finish_reason": finish_reason, "logprobs": logprobs}
 
     def chunk_choice(self, text: str, finish_reason: str | None,
@@ -126,7 +132,8 @@ class ChatShape(TextShape):
         if text:
             delta["content"] = text
         self.role_sent = True
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": self.index, "delta": delta, "finish_reason": finish_reason,
+                "logprobs": logprobs}
 
     def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
         """The chat ``logprobs`` object: per token its text, UTF-8 bytes and log probability,
@@ -142,14 +149,20 @@ class ChatShape(TextShape):
 class Chunks:
     """An ``sse.Formatter`` turning one job's stream into OpenAI chunks: one per token with
     text, a final one with ``finish_reason``, with ``include_usage`` one more with
-    ``choices: []`` and ``usage`` (earlier chunks then carry ``usage: null``), then ``[DONE]``."""
+    ``choices: []`` and ``usage`` (earlier chunks then carry ``usage: null``), then ``[DONE]``.
+    With ``alone`` false it formats one choice of several (``n``, ``shape.index``) under the
+    answer's ``head`` record: its final event ends only its choice (``usage`` keeps its
+    usage; ``merged`` writes the usage chunk and ``[DONE]``)."""
 
-    def __init__(self, shape: TextShape, record: JobRecord, include_usage: bool) -> None:
+    def __init__(self, shape: TextShape, record: JobRecord, include_usage: bool,
+                 alone: bool = True) -> None:
         self.shape = shape
         self.head = {"id": f"{shape.prefix}-{record.id}", "object": shape.chunk_object,
                      "created": int(record.queued_at), "model": record.model}
         self.include_usage = include_usage
+        self.alone = alone
         self.offset = 0  # characters of the tokens so far (the legacy text_offset)
+        self.usage: dict[str, int] | None = None
 
     def __call__(self, entry_id: str, kind: EventType, data: dict) -> str:
         if kind is EventType.TOKEN:
@@ -160,8 +173,11 @@ class Chunks:
             self.offset += len(entry["token"])
             return self.chunk([self.shape.chunk_choice(data["text"], None, logprobs)])
         if kind is EventType.ERROR:
-            return sse_data({"error": errors.from_dict(data["error"]).body()}) + DONE
+            return sse_data({"error": errors.from_dict(data["error"]).body()}) + DONE * self.alone
         final = self.chunk([self.shape.chunk_choice("", data["finish_reason"])])
+        self.usage = data["usage"]
+        if not self.alone:
+            return final
         if self.include_usage:
             final += self.chunk([], usage_totals(data["usage"]))
         return final + DONE
@@ -177,20 +193,27 @@ def sse_data(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def usage_totals(usage: dict[str, int]) -> dict[str, int]:
-    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+def usage_totals(usage: dict[str, int], *more: dict[str, int]) -> dict[str, int]:
+    """OpenAI's usage of one job, or of several choices of one prompt (``more``): the prompt
+    counted once, their completions added up."""
+    completion = sum(u["completion_tokens"] for u in (usage, *more))
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": completion,
+            "total_tokens": usage["prompt_tokens"] + completion}
 
 
-def answer_body(shape: TextShape, record: JobRecord) -> dict[str, Any]:
-    """The non-streamed answer for a finished job, or raise its typed error."""
-    result = result_body(record)
-    entries = result.get("logprobs")
-    logprobs = None if entries is None else shape.logprobs([e for e in entries if e])
-    return {"id": f"{shape.prefix}-{record.id}", "object": shape.object,
-            "created": int(record.queued_at), "model": record.model,
-            "choices": [shape.choice(result["text"], result["finish_reason"], logprobs)],
-            "usage": result["usage"]}
+def answer_body(shape: type[TextShape], records: list[JobRecord]) -> dict[str, Any]:
+    """The non-streamed answer for finished jobs, the choices of one request in order, or
+    raise the typed error of the first that failed."""
+    results = [result_body(record) for record in records]
+    choices = []
+    for index, result in enumerate(results):
+        entries, form = result.get("logprobs"), shape(index)
+        logprobs = None if entries is None else form.logprobs([e for e in entries if e])
+        choices.append(form.choice(result["text"], result["finish_reason"], logprobs))
+    first = records[0]
+    return {"id": f"{shape.prefix}-{first.id}", "object": shape.object,
+            "created": int(first.queued_at), "model": first.model, "choices": choices,
+            "usage": usage_totals(*(result["usage"] for result in results))}
 
 
 def flag(body: dict, name: str, label: str | None = None) -> bool:
@@ -318,16 +341,37 @@ def chat_logprobs(body: dict) -> dict:
     return rest
 
 
-def run_text_job(c: Context, path: str, shape: TextShape):
-    """Submit the request's generate job, then stream it as chunks or wait and answer it
-    whole."""
+def choices(body: dict) -> int:
+    """``n``: how many choices (1 to MAX_CHOICES; null: 1)."""
+    return int(v.number(body, "n", low=1, high=MAX_CHOICES, integer=True) or 1)
+
+
+def choice_requests(request: JobRequest, n: int) -> list[JobRequest]:
+    """One generate job per choice. With a ``seed`` choice i samples with ``seed + i`` (wrapped
+    into int64), so the choices differ and the same request gets the same choices; without
+    one each job draws its own. Greedy choices are alike."""
+    seed = (request.params or {}).get("seed")
+    if seed is None:
+        return [request] * n
+    return [replace(request, params={**request.params,
+                                     "seed": (seed + i + 2**63) % 2**64 - 2**63})
+            for i in range(n)]
+
+
+def run_text_job(c: Context, path: str, shape: type[TextShape]):
+    """Submit the request's generate jobs (one per choice, ``n``), then stream them as chunks
+    or wait and answer them whole."""
     owner = c.owner()
     body = c.body()
     request = text_request(c, path, body)
+    n = choices(body)
     stream = flag(body, "stream")
     usage = include_usage(body)
     keep = keep_running(body)
     c.hold_wait(owner)
+    if n > 1:
+        return run_choices(c, choice_requests(request, n), owner, shape, stream, usage, keep)
+    shape = shape()
     record, _ = c.jobs.submit(request, owner, trace_id(), waited=True)
     tag_with_job(record)
     if stream:
@@ -337,9 +381,61 @@ def run_text_job(c: Context, path: str, shape: TextShape):
         return stream_job(c, record, owner, keep, Chunks(shape, record, usage),
                           interrupted=sse_data({"error": lost.body()}) + DONE)
     record = wait_answer(c, record, owner, client_watch(keep))
-    response = jsonify(answer_body(shape, record))
+    response = jsonify(answer_body(type(shape), [record]))
     response.headers.update(job_headers([record]))
     return response
+
+
+def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[TextShape],
+                stream: bool, usage: bool, keep: bool):
+    """``run_text_job`` for n > 1: every choice's job submitted (a refusal part way cancels
+    those before it), ``X-Job-ID`` the first, ``X-Job-IDs`` all in choice order; a client that
+    leaves cancels them all unless ``keep``."""
+    records: list[JobRecord] = []
+    try:
+        for request in requests:
+            records.append(c.jobs.submit(request, owner, trace_id(), waited=True)[0])
+    except errors.BanterError:
+        for record in records:
+            c.jobs.cancel(record.id, owner)
+        raise
+    tag_with_job(records[0])
+    ids = ",".join(record.id for record in records)
+
+    def cancel_all() -> None:
+        for record in records:
+            c.jobs.cancel(record.id, owner)
+
+    if stream:
+        failed = sse.early_error(c.redis, records[0].id)  # one prompt: the same for every job
+        if failed is not None:
+            cancel_all()
+            raise failed
+        lost = Unavailable(f"the stream lost Redis; jobs {ids} go on: follow each with GET "
+                           "/v1/jobs/{id}/events (resumable) or poll GET /v1/jobs/{id}")
+        formats = [Chunks(shape(i), records[0], usage, alone=False) for i in range(len(records))]
+        streams = [sse.events(c.redis, record.id, "0-0", fmt,
+                              interrupted=sse_data({"error": lost.body()}))
+                   for record, fmt in zip(records, formats)]
+        merged = sse.merged(streams, lambda: _last_chunks(formats, usage))
+        if not keep:
+            merged = sse.cancel_on_disconnect(merged, cancel_all)
+        return sse.response(merged, {"X-Backend": records[0].backend or "", "X-Job-IDs": ids})
+    gone = client_watch(keep)
+    with ThreadPoolExecutor(max_workers=len(records)) as pool:
+        finished = list(pool.map(lambda r: wait_answer(c, r, owner, gone), records))
+    response = jsonify(answer_body(shape, finished))
+    response.headers.update({**job_headers(finished), "X-Job-IDs": ids})
+    return response
+
+
+def _last_chunks(formats: list[Chunks], usage: bool) -> str:
+    """What ends a stream of several choices: with ``include_usage`` the usage of them all
+    (when every choice finished), then ``[DONE]``."""
+    finished = [f.usage for f in formats]
+    if usage and all(u is not None for u in finished):
+        return formats[0].chunk([], usage_totals(*finished)) + DONE  # type: ignore[arg-type]
+    return DONE
 
 
 @blueprint.post("/v1/completions")
@@ -349,7 +445,7 @@ def completions():
     ``suffix`` and ``logprobs`` are refused; ``user`` is ignored. ``model`` defaults
     to the default generate model. ``keep_running: true`` (an extension) keeps the job going
     after its client disconnects; otherwise a disconnect cancels it, streamed or not."""
-    return run_text_job(ctx(), "/v1/completions", TextShape())
+    return run_text_job(ctx(), "/v1/completions", TextShape)
 
 
 @blueprint.post("/v1/chat/completions")
@@ -357,7 +453,7 @@ def chat_completions():
     """OpenAI ``chat.completions.create``: ``messages`` (system, user or assistant; text
     content only) become one prompt by the model's chat template (``producer.chat``);
     ``max_completion_tokens`` is ``max_tokens``; otherwise as ``/v1/completions``."""
-    return run_text_job(ctx(), "/v1/chat/completions", ChatShape())
+    return run_text_job(ctx(), "/v1/chat/completions", ChatShape)
 
 
 @blueprint.post("/v1/embeddings")

@@ -27,6 +27,7 @@ from banter.params import (
 from banter.settings import Settings
 from producer.batches import MAX_BATCH_REQUESTS, MAX_IDEMPOTENCY_KEY_CHARS
 from producer.context import ctx
+from producer.openai_api import MAX_CHOICES
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -294,8 +295,10 @@ def _schemas(settings: Settings) -> Schema:
     error_detail = _obj({"type": {"type": "string"}, "message": {"type": "string"}},
                         ("type", "message"))
     openai_sampling = {"temperature": {**sampling["temperature"], "default": 1}}
+    choices = {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1,
+               "description": "choices, one job each (X-Job-IDs); 1 in a batch line"}
     openai_fields = ("OpenAI's other fields for this endpoint are refused unless null or their "
-                     "no-op value (n 1, echo false, tools [], ...) "
+                     "no-op value (echo false, best_of 1, tools [], ...) "
                      "or accepted and ignored where they change nothing (user, metadata, store, "
                      "service_tier, ...); any other field is refused")
     http_error = _obj({"type": {"type": "string"}, "message": {"type": "string"},
@@ -366,7 +369,7 @@ def _schemas(settings: Settings) -> Schema:
             "prompt": {"anyOf": [text, {"type": "array", "items": text,
                                         "minItems": 1, "maxItems": 1}]},
             "model": model_ref, **sampling, **openai_sampling, **streaming,
-            "n": {"const": 1}, "best_of": {"const": 1}, "user": {"type": "string"},
+            "n": choices, "best_of": {"const": 1}, "user": {"type": "string"},
         }, ("prompt",)) | {"description": openai_fields},
         "ChatCompletionRequest": _obj({
             "messages": {"type": "array", "minItems": 1, "items": _obj({
@@ -382,7 +385,7 @@ def _schemas(settings: Settings) -> Schema:
             "logprobs": {"type": "boolean"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
                              "description": "alternatives per token; needs logprobs true"},
-            "n": {"const": 1}, "user": {"type": "string"},
+            "n": choices, "user": {"type": "string"},
         }, ("messages",)) | {"description": openai_fields},
         "EmbeddingRequest": _obj({
             "input": {"anyOf": [text, texts]},

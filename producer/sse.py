@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -96,6 +98,39 @@ def early_error(client: redis.Redis, job_id: str) -> errors.BanterError | None:
     if batch and batch[0][1] is EventType.ERROR:
         return errors.from_dict(batch[0][2]["error"])
     return None
+
+
+def merged(streams: list[Iterator[str]], end: Callable[[], str]) -> Iterator[str]:
+    """Several streams as one, each item as soon as its stream yields it (a thread per
+    stream, reading its job's events), then ``end()`` once all have ended. Of their comments
+    (the opening one, keep-alives) one a keep-alive period passes on, not one per stream.
+    Closing it (the client left) leaves the threads to end with their jobs."""
+    items: queue.Queue = queue.Queue()
+
+    def pump(stream: Iterator[str]) -> None:
+        try:
+            for item in stream:
+                items.put(item)
+        except BaseException as exc:  # re-raised in the response's thread
+            items.put(exc)
+        finally:
+            items.put(None)
+
+    for stream in streams:
+        threading.Thread(target=pump, args=(stream,), daemon=True).start()
+    running, quiet_since = len(streams), 0.0
+    while running:
+        item = items.get()
+        if item is None:
+            running -= 1
+        elif isinstance(item, BaseException):
+            raise item
+        elif not item.startswith(":"):
+            yield item
+        elif time.monotonic() - quiet_since >= KEEPALIVE_S or not quiet_since:
+            quiet_since = time.monotonic()
+            yield item
+    yield end()
 
 
 def cancel_on_disconnect(stream: Iterator[str], cancel: Callable[[], object]) -> Iterator[str]:

@@ -497,6 +497,15 @@ def test_one_request_chat_with_logprobs_and_a_bias(api):
     assert len(choice["logprobs"]["content"]) == 3
 
 
+def test_one_request_with_several_choices_is_refused_in_its_line(api):
+    line = {"custom_id": "n", "method": "POST", "url": "/v1/completions",
+            "body": {"prompt": "x", "n": 2}}
+    out = api.post("/v1/batches/requests", line).json()
+    assert out["response"]["status_code"] == 400, out
+    error = out["response"]["body"]["error"]
+    assert error["param"] == "n" and "one line per choice" in error["message"]
+
+
 # ----------------------------------------------------------------------------- /v1/batches
 def wait_batch(api, batch_id: str, timeout_s: float = 60) -> dict:
     deadline = time.monotonic() + timeout_s
@@ -735,7 +744,7 @@ def test_an_embeddings_line_of_many_texts_is_one_job_answered_in_order(api):
 
 def test_odd_request_bodies_are_answered_never_500(api):
     odd_bodies = [
-        ("/v1/completions", {"prompt": [1, 2]}), ("/v1/completions", {"prompt": "x", "n": 2}),
+        ("/v1/completions", {"prompt": [1, 2]}), ("/v1/completions", {"prompt": "x", "n": 99}),
         ("/v1/completions", {"prompt": "x", "max_tokens": "3"}),
         ("/v1/completions", {"prompt": "x", "stop": {"a": 1}}),
         ("/v1/chat/completions", {"messages": "hi"}),

@@ -180,6 +180,55 @@ def test_client_logprobs_chat_streamed_and_not(client, api):
     assert len(tokens) == 3
 
 
+def test_client_n_choices_streamed_and_not(client, api):
+    """``n`` choices, one job each: with a seed, choice i is what one request with seed + i
+    answers, so they differ and come again alike; the prompt counts once in the usage."""
+    ask = {"model": DEMO_GPT, "prompt": "tell me a story", "max_tokens": 6, "temperature": 2.0}
+    singles = [client.completions.create(**ask, seed=40 + i) for i in range(3)]
+    texts = [single.choices[0].text for single in singles]
+    assert len(set(texts)) > 1
+    whole = client.completions.create(**ask, seed=40, n=3)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == texts
+    assert whole.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert whole.usage.completion_tokens == 18
+    chunks = list(client.completions.create(**ask, seed=40, n=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert {c.id for c in chunks} == {chunks[0].id}
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    chat = {"model": DEMO_GPT, "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    answer = client.chat.completions.create(**chat, n=2)
+    assert [c.message.content for c in answer.choices] == [expected(4)] * 2  # greedy: alike
+    deltas = client.chat.completions.create(**chat, n=2, stream=True)
+    by_index: dict[int, list] = {0: [], 1: []}
+    for chunk in deltas:
+        by_index[chunk.choices[0].index].append(chunk.choices[0].delta)
+    for index in (0, 1):
+        assert by_index[index][0].role == "assistant"
+        assert "".join(d.content or "" for d in by_index[index]) == expected(4)
+    raw = api.post("/v1/completions", {**ask, "n": 2, "seed": 1})
+    ids = raw.headers["X-Job-IDs"].split(",")
+    assert len(ids) == 2 and raw.headers["X-Job-ID"] == ids[0]
+    assert [api.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == ["succeeded"] * 2
+
+
+def test_a_client_that_leaves_cancels_every_choice(api):
+    with requests.post(api.url + "/v1/completions", json={
+            "prompt": "bye", "max_tokens": 1000, "temperature": 0, "n": 3, "stream": True},
+            stream=True, timeout=30) as response:
+        assert response.status_code == 200, response.text
+        next(line for line in response.iter_lines(decode_unicode=True)
+             if line.startswith("data: "))
+        ids = response.headers["X-Job-IDs"].split(",")
+    jobs = [api.wait_job(i) for i in ids]
+    assert [job["status"] for job in jobs] == ["cancelled"] * 3, jobs
+
+
 def test_a_logit_bias_outside_the_vocabulary_is_a_400_naming_it(api, client):
     for stream in (True, False):
         response = api.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": stream,
@@ -358,7 +407,8 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": ["a", 1]}, 400, "'prompt[1]' must be a string"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "exactly one"),
     ("/v1/completions", {"prompt": []}, 400, "exactly one"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n' must be between 1 and 16"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "'n'"),
     ("/v1/completions", {"prompt": "x", "n": True}, 400, "'n'"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
@@ -400,7 +450,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400,
      "messages[0].content[0]"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, 400, "'n'"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 2.5}, 400, "'n'"),
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": 1}, 400, "stream"),
     ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400,
      "tools"),
@@ -497,7 +547,7 @@ def test_an_error_names_its_field_and_openai_code(api, client):
     error = api.post("/v1/completions", {"prompt": "x", "max_token": 3}).json()["error"]
     assert error["param"] == "max_token"
     with pytest.raises(BadRequestError) as raised:
-        client.chat.completions.create(model="demo-gpt", messages=MESSAGES, n=2)
+        client.chat.completions.create(model="demo-gpt", messages=MESSAGES, n=20)
     assert raised.value.param == "n"
     with pytest.raises(BadRequestError) as raised:
         client.completions.create(model="demo-gpt", prompt=LONG_PROMPT, max_tokens=2)
