@@ -1,6 +1,7 @@
 """``banter``: one command per role. Exit codes: EXIT_OK 0, EXIT_FAILED 1 (the request or job
 failed), EXIT_USAGE 2 (bad arguments or settings), EXIT_UNAVAILABLE 3 (server, Redis or broker
-unreachable, or a 503 from the producer), EXIT_INTERRUPTED 130 (Ctrl-C)."""
+unreachable, or the producer's 503 for what it lacks for now: its Redis or broker, the registry, a
+live worker for the model's backend, a wait interrupted), EXIT_INTERRUPTED 130 (Ctrl-C)."""
 
 from __future__ import annotations
 

@@ -33,8 +33,12 @@ class BanterError(Exception):
         self.param = param  # the request field at fault, where there is one
 
     def to_dict(self) -> dict[str, str]:
-        """``{type, message}``: what a job record and a stream's ``error`` event keep."""
-        return {"type": self.type, "message": self.message}
+        """``{type, message}``, and ``param`` where there is one: what a job record and a
+        stream's ``error`` event keep, so a job's error names the request field at fault as
+        an HTTP answer does (a worker's ``logit_bias`` check)."""
+        if self.param is None:
+            return {"type": self.type, "message": self.message}
+        return {"type": self.type, "message": self.message, "param": self.param}
 
     def body(self) -> dict[str, str | None]:
         """The ``error`` object of an HTTP answer: ``to_dict`` plus ``param`` and ``code``
@@ -253,7 +257,8 @@ def openai_status(status: int) -> int:
 
 
 def from_dict(error: dict[str, str]) -> BanterError:
-    """Rebuild a typed error from ``{type, message}`` (a job record, an HTTP error body)."""
+    """Rebuild a typed error from ``{type, message, param?}`` (a job record, an HTTP error
+    body)."""
     type_name = error.get("type", BanterError.type)
     cls = _error_class(type_name) or BanterError
     exc = cls.__new__(cls)

@@ -58,13 +58,21 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def wire(self) -> dict[str, Any]:
-        """The parameters as a request spells them (what ``from_dict`` reads back)."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature,
+        """The parameters as a request spells them (what ``from_dict`` reads back). The
+        logit adjustments and ``logprobs`` only where set: a job that does not use them is
+        taken by a worker that predates them too."""
+        wire = {"max_tokens": self.max_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": list(self.stop), "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty,
-                "logit_bias": {str(token): bias for token, bias in self.logit_bias},
-                "logprobs": self.logprobs}
+                "stop": list(self.stop)}
+        if self.presence_penalty:
+            wire["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            wire["frequency_penalty"] = self.frequency_penalty
+        if self.logit_bias:
+            wire["logit_bias"] = {str(token): bias for token, bias in self.logit_bias}
+        if self.logprobs is not None:
+            wire["logprobs"] = self.logprobs
+        return wire
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], max_tokens_limit: int,
@@ -112,11 +120,22 @@ def _int(d: Mapping[str, Any], key: str, default: int | None, low: int,
     return value
 
 
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a JSON number a float holds: not a bool, NaN, an infinity or an
+    integer too large to convert."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(d: Mapping[str, Any], key: str, allowed: str) -> float | None:
     value = d.get(key)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not _finite(value):
         raise InvalidRequest(f"{key} must be {allowed}, got {brief(value)}", key)
     return float(value)
 
@@ -174,8 +193,7 @@ def _logit_bias(d: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
         if token in seen:
             raise InvalidRequest(f"logit_bias names token {token} twice", "logit_bias")
         seen.add(token)
-        if (not isinstance(bias, (int, float)) or isinstance(bias, bool)
-                or not math.isfinite(bias) or abs(bias) > MAX_LOGIT_BIAS):
+        if not _finite(bias) or abs(bias) > MAX_LOGIT_BIAS:
             raise InvalidRequest(f"logit_bias[{key}] must be a number from {-MAX_LOGIT_BIAS} to "
                                  f"{MAX_LOGIT_BIAS}, got {brief(bias)}", "logit_bias")
         if bias:

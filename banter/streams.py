@@ -7,14 +7,14 @@ one final ``done`` or ``error`` entry. Stream entries are flat string maps:
 - ``token``: ``{"event": "token", "seq": "0", "text": "...", "token_id": "17"}``, plus
   ``"logprobs": "<json>"`` for a job that asked for them (``SamplingParams.logprobs``)
 - ``done``:  ``{"event": "done", "finish_reason": "...", "usage": "<json>"}``
-- ``error``: ``{"event": "error", "error": "<json {type, message}>"}``
+- ``error``: ``{"event": "error", "error": "<json {type, message, param?}>"}``
 
 Pub/sub messages are one JSON object: ``"id"`` (the stream entry id, so a live subscriber can
 resume from the stream with no gap), ``"event"``, and the event's data as an SSE client gets it,
 typed (``decode_entry``): ``{"id", "event": "token", "seq": 0, "text", "token_id": 17}``
 (with ``"logprobs": {...}`` where the job asked for them),
 ``{"id", "event": "done", "finish_reason", "usage": {...}}``, ``{"id", "event": "error",
-"error": {"type", "message"}}``.
+"error": {"type", "message", "param"?}}``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OpenAI-compatible endpoints, mapped onto jobs: ``POST /v1/completions``,
 ``POST /v1/chat/completions`` and ``POST /v1/embeddings``.
 
-A text request is one generate job. Streamed answers are plain ``data: {chunk}`` SSE lines (no
+A text request is one generate job per choice (``n``). Streamed answers are plain ``data: {chunk}`` SSE lines (no
 ``id:`` or ``event:`` fields), ending with ``data: [DONE]``; a job error becomes one
 ``data: {"error": {type, message, param, code}}`` line before ``[DONE]``. Bad input is a JSON
 4xx before any job is submitted, streamed or not (400 where the rest of the API says 422, as
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import base64
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, jsonify
+from flask import Blueprint, after_this_request, jsonify
 
 from banter import errors
 from banter.errors import InvalidRequest, Unavailable
@@ -136,11 +136,10 @@ class ChatShape(TextShape):
                 "logprobs": logprobs}
 
     def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
-        """The chat ``logprobs`` object: per token its text, UTF-8 bytes and log probability,
-        and as many alternatives as ``top_logprobs`` asked."""
+        """The chat ``logprobs`` object: per token its text, bytes and log probability, and
+        as many alternatives as ``top_logprobs`` asked."""
         def token(entry: dict) -> dict[str, Any]:
-            return {"token": entry["token"], "logprob": entry["logprob"],
-                    "bytes": list(entry["token"].encode("utf-8"))}
+            return {"token": entry["token"], "logprob": entry["logprob"], "bytes": entry["bytes"]}
 
         return {"content": [{**token(e), "top_logprobs": [token(t) for t in e["top_logprobs"]]}
                             for e in entries], "refusal": None}
@@ -254,9 +253,8 @@ def check_fields(body: dict, known: tuple[str, ...], unsupported: dict[str, tupl
         value = body.get(name)
         if value is None or any(_same(value, ok) for ok in no_ops):
             continue
-        if name in ("n", "best_of"):
-            raise InvalidRequest(f"'{name}' must be 1: this server returns one choice per "
-                                 "request", name)
+        if name == "best_of":
+            raise InvalidRequest("'best_of' must be 1: ask for several choices with 'n'", name)
         if name == "response_format":
             raise InvalidRequest("'response_format' other than {\"type\": \"text\"} is not "
                                  "supported: this server returns plain text (no JSON mode)", name)
@@ -402,6 +400,11 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
     tag_with_job(records[0])
     ids = ",".join(record.id for record in records)
 
+    @after_this_request
+    def tag_all(response):  # errors too: a 504's jobs go on, and can be polled by id
+        response.headers["X-Job-IDs"] = ids
+        return response
+
     def cancel_all() -> None:
         for record in records:
             c.jobs.cancel(record.id, owner)
@@ -414,18 +417,22 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
         lost = Unavailable(f"the stream lost Redis; jobs {ids} go on: follow each with GET "
                            "/v1/jobs/{id}/events (resumable) or poll GET /v1/jobs/{id}")
         formats = [Chunks(shape(i), records[0], usage, alone=False) for i in range(len(records))]
-        streams = [sse.events(c.redis, record.id, "0-0", fmt,
-                              interrupted=sse_data({"error": lost.body()}))
-                   for record, fmt in zip(records, formats)]
+        streams = [sse.events(c.redis, record.id, "0-0", fmt,  # one error line, not n
+                              interrupted=sse_data({"error": lost.body()}) if i == 0 else "")
+                   for i, (record, fmt) in enumerate(zip(records, formats))]
         merged = sse.merged(streams, lambda: _last_chunks(formats, usage))
         if not keep:
             merged = sse.cancel_on_disconnect(merged, cancel_all)
-        return sse.response(merged, {"X-Backend": records[0].backend or "", "X-Job-IDs": ids})
+        return sse.response(merged, {"X-Backend": records[0].backend or ""})
     gone = client_watch(keep)
     with ThreadPoolExecutor(max_workers=len(records)) as pool:
-        finished = list(pool.map(lambda r: wait_answer(c, r, owner, gone), records))
+        waits = [pool.submit(wait_answer, c, record, owner, gone) for record in records]
+        for done in as_completed(waits):  # a failed choice fails the answer: stop the rest
+            if done.exception() is None and done.result().status == JobStatus.FAILED.value:
+                cancel_all()
+    finished = [wait.result() for wait in waits]  # a 504 or 499 is raised here
     response = jsonify(answer_body(shape, finished))
-    response.headers.update({**job_headers(finished), "X-Job-IDs": ids})
+    response.headers.update(job_headers(finished))
     return response
 
 
@@ -441,8 +448,8 @@ def _last_chunks(formats: list[Chunks], usage: bool) -> str:
 @blueprint.post("/v1/completions")
 def completions():
     """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
-    of exactly one string (token ids are refused); ``n`` and ``best_of`` must be 1; ``echo``,
-    ``suffix`` and ``logprobs`` are refused; ``user`` is ignored. ``model`` defaults
+    of exactly one string (token ids are refused); ``n`` choices, one job each; ``best_of``
+    must be 1; ``echo`` and ``suffix`` are refused; ``user`` is ignored. ``model`` defaults
     to the default generate model. ``keep_running: true`` (an extension) keeps the job going
     after its client disconnects; otherwise a disconnect cancels it, streamed or not."""
     return run_text_job(ctx(), "/v1/completions", TextShape)

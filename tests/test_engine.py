@@ -21,7 +21,7 @@ from registry.artifacts import sha256_file
 from workers import engine as engine_module
 from workers import runner as runner_module
 from workers.batching import collate, left_pad_prompts, merge_feeds, pack_rows
-from workers.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from workers.detokenizer import IncrementalDetokenizer, TokenText, find_stop, partial_stop_len
 from workers.engine import MAX_BULK_STALL_S, Engine, EngineSettings, _Sequence
 from workers.kvpacker import KVPacker
 from workers.runner import ModelSpec, RunnerCache, select_providers, to_host
@@ -861,7 +861,8 @@ def test_logprobs_are_the_models_own_distribution(make_engine, sink, specs, conc
         row = logits[0].astype(np.float64)
         logp = row - row.max() - np.log(np.exp(row - row.max()).sum())
         assert entry["token_id"] == token
-        assert entry["token"] == runner.tokenizer.decode([token], skip_special_tokens=False)
+        assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == \
+            runner.tokenizer.decode([token], skip_special_tokens=False)
         assert entry["logprob"] == pytest.approx(logp[token], abs=1e-4)
         best = [t["token_id"] for t in entry["top_logprobs"]]
         assert best == [int(i) for i in np.argsort(-logp, kind="stable")[:top]]
@@ -870,6 +871,31 @@ def test_logprobs_are_the_models_own_distribution(make_engine, sink, specs, conc
         logits, pasts, mask = decode(runner, pasts, mask, [token], [len(prompt) + step])
     assert [e.logprobs for e in sink.streamed("alone")] == result.logprobs
     assert generate_alone(make_engine, specs["gpt"], "hi", SamplingParams()).logprobs is None
+
+
+def test_a_character_split_over_tokens_has_each_tokens_own_bytes(make_engine, specs):
+    """"\u00e9" made of two byte-level tokens (0xC3, then 0xA9): each entry carries its own
+    byte, spelled as OpenAI spells bytes that are not a whole character, and the bytes joined
+    are the text."""
+    params = SamplingParams(max_tokens=2, logprobs=1, logit_bias=((128, 100.0), (103, 99.0)),
+                            frequency_penalty=2.0, presence_penalty=2.0)
+    result = generate_alone(make_engine, specs["gpt"], "hi", params)
+    assert result.token_ids == [128, 103] and result.text == "\u00e9"
+    assert [e["bytes"] for e in result.logprobs] == [[0xC3], [0xA9]]
+    assert [e["token"] for e in result.logprobs] == ["bytes:\\xc3", "bytes:\\xa9"]
+    assert b"".join(bytes(e["bytes"]) for e in result.logprobs).decode() == result.text
+
+
+def test_token_text_maps_pieces_to_their_bytes(cache, specs, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    text = cache.get(specs["gpt"]).token_text  # byte-level BPE
+    assert text.bytes(0) == b"<|endoftext|>" and text.text(b"<|endoftext|>") == "<|endoftext|>"
+    assert text.bytes(128) == b"\xc3" and text.text(b"\xc3\xa9") == "\u00e9"
+    fallback = Tokenizer(models.WordLevel({"<0xE2>": 0, "hi": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    other = TokenText(fallback)  # no byte-level decoder: byte-fallback pieces, else decoded
+    assert other.bytes(0) == b"\xe2" and other.text(b"\xe2") == "bytes:\\xe2"
+    assert other.bytes(1) == b"hi"
 
 
 def test_a_large_logit_bias_picks_its_token_every_time(make_engine, specs):

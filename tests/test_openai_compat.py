@@ -217,6 +217,22 @@ def test_client_n_choices_streamed_and_not(client, api):
     assert [api.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == ["succeeded"] * 2
 
 
+def test_every_answer_with_several_choices_names_their_jobs(api, settings, redis_client):
+    """X-Job-IDs on an error too: a 504's jobs go on, and a client finds them by id."""
+    failed = api.post("/v1/completions", {"prompt": "x", "n": 3, "logit_bias": {"685": 1}})
+    assert failed.status_code == 400, failed.text
+    ids = failed.headers["X-Job-IDs"].split(",")
+    assert len(ids) == 3 and [api.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == [
+        "failed"] * 3
+    with unserved_producer(settings, redis_client, sync_timeout_s=0.3) as (server, _queue):
+        late = requests.post(server.url + "/v1/completions", json={"prompt": "x", "n": 2},
+                             timeout=30)
+        assert late.status_code == 504, late.text
+        ids = late.headers["X-Job-IDs"].split(",")
+        assert len(ids) == 2 and late.headers["X-Job-ID"] == ids[0]
+        assert [api.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == ["queued"] * 2
+
+
 def test_a_client_that_leaves_cancels_every_choice(api):
     with requests.post(api.url + "/v1/completions", json={
             "prompt": "bye", "max_tokens": 1000, "temperature": 0, "n": 3, "stream": True},
@@ -236,11 +252,13 @@ def test_a_logit_bias_outside_the_vocabulary_is_a_400_naming_it(api, client):
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["message"].startswith("logit_bias: token id 685 is not in the vocabulary")
+        assert error["param"] == "logit_bias"
     with pytest.raises(BadRequestError, match="not in the vocabulary"):
         client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, max_tokens=2,
                                        logit_bias={"99999": -5})
     native = api.post("/v1/inference", {"prompt": "x", "logit_bias": {"685": 1}})
     assert native.status_code == 422 and native.json()["error"]["type"] == "invalid_request"
+    assert native.json()["error"]["param"] == "logit_bias"
 
 
 def test_client_stream_usage_chunk(client):
@@ -493,6 +511,10 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": MESSAGES, "frequency_penalty": "1"}, 400,
      "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10**400}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "presence_penalty": 10**400}, 400,
+     "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "temperature": -(10**400)}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"1": -101}}, 400,
      "logit_bias"),
     ("/v1/chat/completions", {"messages": MESSAGES, "tool_choice": "required"}, 400,

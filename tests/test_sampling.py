@@ -51,6 +51,7 @@ def test_valid_values_are_normalised():
     ("logit_bias", {"1": "5"}), ("logit_bias", {"1": math.inf}), ("logit_bias", {"1": 1, "01": 2}),
     ("logit_bias", {str(i): 1 for i in range(1025)}),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0),
+    ("temperature", 10**400), ("presence_penalty", -(10**400)), ("logit_bias", {"1": 10**400}),
 ])
 def test_bad_field_is_rejected_by_name(field, value):
     with pytest.raises(InvalidRequest) as err:
@@ -67,6 +68,9 @@ def test_logit_adjustments_are_read_and_written_as_openai_spells_them():
     assert params.adjusts and not SamplingParams().adjusts and params.logprobs == 20
     assert SamplingParams.from_dict({"logprobs": 0}, LIMIT).logprobs == 0  # on, no alternatives
     assert SamplingParams.from_dict(params.wire(), LIMIT) == params
+    # unset, they are left out of a job's parameters, which a worker that predates them reads
+    assert set(SamplingParams(max_tokens=3, seed=1).wire()) == {
+        "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
     assert SamplingParams.from_dict({"logit_bias": {}}, LIMIT) == SamplingParams()
     assert SamplingParams.from_dict({"logit_bias": {str(i): 1 for i in range(1024)}},
                                     LIMIT).adjusts

@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 REPLACEMENT_CHAR = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")  # a byte-fallback piece (SentencePiece)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character standing for each byte, to its byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = dict(zip(kept, kept))
+    for byte in range(256):
+        if byte not in chars:
+            chars[byte] = 256 + len(chars) - len(kept)
+    return {chr(char): byte for byte, char in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+class TokenText:
+    """What one token stands for, alone: ``bytes`` (a piece of a multi-byte character is
+    its own bytes, not U+FFFD) and ``text``, those bytes as UTF-8, or OpenAI's
+    ``bytes:\\xNN`` spelling where they are not whole characters. Byte-level BPE pieces and
+    byte-fallback pieces map to their bytes, special tokens to their spelling; any other
+    tokenizer's piece is what it decodes to alone."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+
+    def bytes(self, token_id: int) -> bytes:
+        if token_id in self._special:
+            return self._special[token_id].encode("utf-8")
+        piece = self._tokenizer.id_to_token(token_id) or ""
+        if self._byte_level and piece and all(ch in _BYTE_LEVEL for ch in piece):
+            return bytes(_BYTE_LEVEL[ch] for ch in piece)
+        fallback = _BYTE_PIECE.match(piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def text(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
 class IncrementalDetokenizer:

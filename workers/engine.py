@@ -364,16 +364,17 @@ class _Sequence:
 
 
 def token_logprob(runner: Runner, logits: np.ndarray, token_id: int, top: int) -> dict:
-    """A generated token's entry for ``SamplingParams.logprobs``: ``{token_id, token, logprob,
-    top_logprobs: [{token_id, token, logprob}]}``, ``token`` being its own text (special
-    tokens spelled out; a piece of a multi-byte character decodes as U+FFFD)."""
+    """A generated token's entry for ``SamplingParams.logprobs``: ``{token_id, token, bytes,
+    logprob, top_logprobs: [{token_id, token, bytes, logprob}]}``, ``token`` and ``bytes``
+    being what the token stands for alone (``detokenizer.TokenText``)."""
     chosen, best = logprobs(logits, token_id, top)
 
-    def text(token: int) -> str:
-        return runner.tokenizer.decode([token], skip_special_tokens=False)
+    def token(i: int, logprob: float) -> dict:
+        raw = runner.token_text.bytes(i)
+        return {"token_id": i, "token": runner.token_text.text(raw), "bytes": list(raw),
+                "logprob": logprob}
 
-    return {"token_id": token_id, "token": text(token_id), "logprob": chosen,
-            "top_logprobs": [{"token_id": i, "token": text(i), "logprob": lp} for i, lp in best]}
+    return {**token(token_id, chosen), "top_logprobs": [token(i, lp) for i, lp in best]}
 
 
 class _Batch:

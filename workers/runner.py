@@ -20,6 +20,7 @@ from banter.settings import KV_LAYOUTS
 from registry.artifacts import COMPANIONS, companion_digest, sha256_file
 from workers import inplace
 from workers.batching import decode_feeds, pack_rows, prompt_feeds
+from workers.detokenizer import TokenText
 from workers.kvpacker import KVPacker
 from workers.lastlogits import LastLogits
 
@@ -174,6 +175,7 @@ class Runner:
         _verify(spec)
         self.spec = spec
         self.tokenizer = _load_tokenizer(spec.tokenizer_path)
+        self.token_text = TokenText(self.tokenizer)
         self.config = _load_config(spec.model_path)
         self.session = self._create_session(list(providers), intra_op_threads, spec.model_path)
         self.intra_op_threads = intra_op_threads  # 0: ONNX Runtime's default (one per core)
