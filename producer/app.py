@@ -20,7 +20,19 @@ from banter.broker import make_celery
 from banter.errors import Unavailable
 from banter.redisconn import connect
 from banter.settings import Settings
-from producer import batches, errors, health, inference, jobs, metrics, models, openai_api, openapi, ratelimit
+from producer import (
+    batches,
+    errors,
+    health,
+    inference,
+    jobs,
+    metrics,
+    models,
+    openai_api,
+    openapi,
+    ratelimit,
+    tokenize,
+)
 from producer.auth import LiveKeys
 from producer.context import Context
 from producer.service import JobService
@@ -60,7 +72,8 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
                                        JobService(settings, client, celery, registry),
                                        registry, keyring, WaitSlots(settings.max_waits_per_key))
     errors.register(app)
-    for module in (jobs, inference, models, openai_api, batches, health, openapi, metrics):
+    for module in (jobs, inference, models, openai_api, tokenize, batches, health, openapi,
+                   metrics):
         app.register_blueprint(module.blueprint)
 
     @app.before_request

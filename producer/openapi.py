@@ -174,6 +174,13 @@ def _paths() -> Schema:
         "/v1/embeddings": {"post": _op(
             "OpenAI embeddings", {"200": _json("the embeddings", "EmbeddingList")},
             sync_errors, body="EmbeddingRequest")},
+        "/v1/tokenize": {"post": _op(
+            "A generate model's token ids for a prompt or a chat (as its worker encodes it)",
+            {"200": _json("the ids", "Tokenized")}, (*body_errors, 404, 503),
+            body="TokenizeRequest")},
+        "/v1/detokenize": {"post": _op(
+            "The text of a generate model's token ids", {"200": _json("the text", "Detokenized")},
+            (*body_errors, 404, 503), body="DetokenizeRequest")},
         "/v1/models": {"get": _op("Active models", {"200": _json("models", "ModelList")},
                                   (503,))},
         "/v1/models/{model_id}": {"get": _op(
@@ -387,6 +394,20 @@ def _schemas(settings: Settings) -> Schema:
                              "description": "alternatives per token; needs logprobs true"},
             "n": choices, "user": {"type": "string"},
         }, ("messages",)) | {"description": openai_fields},
+        "TokenizeRequest": _obj({
+            "model": model_ref, "prompt": {"type": "string", "maxLength": chars},
+            "messages": {"type": "array", "minItems": 1, "items": {"type": "object"},
+                         "description": "as /v1/chat/completions takes them"},
+        }) | {"description": "one of prompt and messages"},
+        "Tokenized": _obj({"model": {"type": "string"},
+                           "tokens": {"type": "array", "items": {"type": "integer"}},
+                           "count": {"type": "integer"}}, ("model", "tokens", "count")),
+        "DetokenizeRequest": _obj({
+            "model": model_ref,
+            "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        }, ("tokens",)),
+        "Detokenized": _obj({"model": {"type": "string"}, "prompt": {"type": "string"}},
+                            ("model", "prompt")),
         "EmbeddingRequest": _obj({
             "input": {"anyOf": [text, texts]},
             "model": model_ref, "encoding_format": {"enum": ["float", "base64"]},

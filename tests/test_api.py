@@ -593,3 +593,64 @@ def test_not_ready_still_shows_the_backlog(tmp_path, demo_models, settings):
     finally:
         server.close()
         redis_server.stop()
+
+
+# ----------------------------------------------------------------------------- tokenize
+def test_tokenize_gives_the_ids_a_worker_counts_and_detokenize_reads_them_back(api,
+                                                                               demo_models):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(demo_models["demo-gpt"] / "tokenizer.json"))
+    answer = api.post("/v1/tokenize", {"prompt": "tell me a story"}).json()
+    assert answer["model"].startswith("demo-gpt@")
+    assert answer["tokens"] == tokenizer.encode("tell me a story").ids
+    served = api.post("/v1/inference", {"prompt": "tell me a story", "max_tokens": 1}).json()
+    assert answer["count"] == len(answer["tokens"]) == served["usage"]["prompt_tokens"]
+    messages = [{"role": "user", "content": "Hello?"}]
+    chat = api.post("/v1/tokenize", {"model": "demo-gpt", "messages": messages}).json()
+    answered = api.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()
+    assert chat["count"] == answered["usage"]["prompt_tokens"]
+    back = api.post("/v1/detokenize", {"tokens": answer["tokens"] + [0]}).json()
+    assert back["prompt"] == "tell me a story<|endoftext|>"
+    assert api.post("/v1/tokenize", {"prompt": ""}).json()["tokens"] == []
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/v1/tokenize", {}, 422, "send 'prompt' (a text) or 'messages'"),
+    ("/v1/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422,
+     "one of them"),
+    ("/v1/tokenize", {"prompt": 5}, 422, "'prompt'"),
+    ("/v1/tokenize", {"prompt": "x", "extra": 1}, 422, "unknown field 'extra'"),
+    ("/v1/tokenize", {"prompt": "x", "model": "demo-embed"}, 422, "embed"),
+    ("/v1/tokenize", {"prompt": "x", "model": "no-such-model"}, 404, "no-such-model"),
+    ("/v1/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, 422, "messages[0].role"),
+    ("/v1/detokenize", {"tokens": [1, 685]}, 422, "'tokens[1]' must be a token id of demo-gpt"),
+    ("/v1/detokenize", {"tokens": [True]}, 422, "'tokens[0]'"),
+    ("/v1/detokenize", {"tokens": "1 2"}, 422, "'tokens' must be a list"),
+])
+def test_tokenize_refuses_bad_input_naming_it(api, path, body, status, needle):
+    response = api.post(path, body)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def test_a_model_with_no_tokenizer_here_or_a_changed_one_is_refused(api, settings, demo_models):
+    """An openai-backend model has no tokenizer on this server (422); a tokenizer file edited
+    after promote is a checksum_mismatch (503) naming no path."""
+    import shutil
+
+    cloud = f"cloud-{uuid.uuid4().hex[:8]}"
+    assert api.post("/v1/models/promote", {"name": cloud, "kind": "generate", "backend": "openai",
+                                           "model": "gpt-4o-mini"}).status_code == 201
+    refused = api.post("/v1/tokenize", {"model": cloud, "prompt": "x"})
+    assert refused.status_code == 422 and "openai backend" in refused.json()["error"]["message"]
+    name = f"tok-{uuid.uuid4().hex[:8]}"
+    directory = settings.model_root / name
+    shutil.copytree(demo_models["demo-gpt"], directory)
+    assert api.post("/v1/models/promote", {"name": name, "kind": "generate",
+                                           "path": name}).status_code == 201
+    (directory / "tokenizer.json").write_text((directory / "tokenizer.json").read_text() + " ")
+    changed = api.post("/v1/tokenize", {"model": name, "prompt": "x"})
+    assert changed.status_code == 503, changed.text
+    error = changed.json()["error"]
+    assert error["type"] == "checksum_mismatch" and str(settings.model_root) not in error["message"]
