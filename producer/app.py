@@ -31,7 +31,7 @@ from producer import (
     openai_api,
     openapi,
     ratelimit,
-    tokenize,
+    tokens,
 )
 from producer.auth import LiveKeys
 from producer.context import Context
@@ -72,7 +72,7 @@ def create_app(settings: Settings, client: redis.Redis | None = None,
                                        JobService(settings, client, celery, registry),
                                        registry, keyring, WaitSlots(settings.max_waits_per_key))
     errors.register(app)
-    for module in (jobs, inference, models, openai_api, tokenize, batches, health, openapi,
+    for module in (jobs, inference, models, openai_api, tokens, batches, health, openapi,
                    metrics):
         app.register_blueprint(module.blueprint)
 
