@@ -1,11 +1,11 @@
 """OpenAI-compatible endpoints, mapped onto jobs: ``POST /v1/completions``,
 ``POST /v1/chat/completions`` and ``POST /v1/embeddings``.
 
-A text request is one generate job per choice (``n``). Streamed answers are plain ``data: {chunk}`` SSE lines (no
-``id:`` or ``event:`` fields), ending with ``data: [DONE]``; a job error becomes one
-``data: {"error": {type, message, param, code}}`` line before ``[DONE]``. Bad input is a JSON
-4xx before any job is submitted, streamed or not (400 where the rest of the API says 422, as
-OpenAI answers: ``producer.errors``).
+A text request is one generate job per choice (``n``). Streamed answers are plain
+``data: {chunk}`` SSE lines (no ``id:`` or ``event:`` fields), ending with ``data: [DONE]``; a
+job error becomes one ``data: {"error": {type, message, param, code}}`` line before
+``[DONE]``. Bad input is a JSON 4xx before any job is submitted, streamed or not (400 where the
+rest of the API says 422, as OpenAI answers: ``producer.errors``).
 
 Each endpoint takes OpenAI's fields for it and refuses any other (a misspelt ``max_token`` must
 not run as its default; OpenAI refuses unknown fields too); of OpenAI's fields, those this server
