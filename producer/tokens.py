@@ -3,7 +3,9 @@ client that counts a prompt's tokens or needs token ids (``logit_bias``), as vLL
 ``/tokenize`` and ``/detokenize`` (under ``/v1/`` here, behind the API key).
 
 The tokenizer is the ``tokenizer.json`` beside the model's artifact, checked against the
-digest its registry record holds (as the chat template is), read once per version and kept.
+digest its registry record holds (as the chat template is) when it is first read, then kept
+per version (a worker keeps its own the same way). Padding and truncation the file may set
+are switched off, as the worker does.
 The ids are the ones a worker gives the same text: prompts are encoded as a whole, special-token
 text included (``producer.chat``). A model served by the openai backend has no tokenizer here.
 """
@@ -48,6 +50,8 @@ def tokenizer_for(model_root: Path, record: Record) -> Tokenizer:
         if key in _kept:
             return _kept[key]
     try:
+        if path.exists() and not path.is_file():  # a FIFO would never end
+            raise OSError(f"{path} is not a regular file")
         data = path.read_bytes()
     except OSError as exc:
         log.error("tokenizer_unreadable", extra={"error": str(exc), "ref": record.ref})
@@ -59,6 +63,8 @@ def tokenizer_for(model_root: Path, record: Record) -> Tokenizer:
                                "admin finds which in the producer log")
     try:
         tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        tokenizer.no_padding()  # as the worker encodes: whole, unpadded
+        tokenizer.no_truncation()
     except Exception as exc:  # the tokenizers library raises its own exception types
         log.error("tokenizer_unreadable", extra={"error": str(exc), "ref": record.ref})
         raise ModelLoadError(f"model {record.ref}'s tokenizer cannot be read; an admin finds why "

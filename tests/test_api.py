@@ -634,6 +634,43 @@ def test_tokenize_refuses_bad_input_naming_it(api, path, body, status, needle):
     assert needle in response.json()["error"]["message"]
 
 
+def test_tokenize_ignores_the_files_padding_and_truncation_as_the_worker_does(api, settings,
+                                                                              demo_models):
+    import shutil
+
+    name = f"trunc-{uuid.uuid4().hex[:8]}"
+    directory = settings.model_root / name
+    shutil.copytree(demo_models["demo-gpt"], directory)
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst",
+                          "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    assert api.post("/v1/models/promote", {"name": name, "kind": "generate",
+                                           "path": name}).status_code == 201
+    counted = api.post("/v1/tokenize", {"model": name, "prompt": "tell me a story"}).json()
+    served = api.post("/v1/inference", {"model": name, "prompt": "tell me a story",
+                                        "max_tokens": 1}).json()
+    assert 2 < counted["count"] == served["usage"]["prompt_tokens"] < 40
+
+
+def test_a_tokenizer_that_is_not_a_regular_file_is_a_503_not_a_hang(api, settings, demo_models):
+    import os
+    import shutil
+
+    name = f"fifo-{uuid.uuid4().hex[:8]}"
+    directory = settings.model_root / name
+    shutil.copytree(demo_models["demo-gpt"], directory)
+    assert api.post("/v1/models/promote", {"name": name, "kind": "generate",
+                                           "path": name}).status_code == 201
+    (directory / "tokenizer.json").unlink()
+    os.mkfifo(directory / "tokenizer.json")
+    response = api.post("/v1/tokenize", {"model": name, "prompt": "x"})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["type"] == "model_load_error"
+
+
 def test_a_model_with_no_tokenizer_here_or_a_changed_one_is_refused(api, settings, demo_models):
     """An openai-backend model has no tokenizer on this server (422); a tokenizer file edited
     after promote is a checksum_mismatch (503) naming no path."""
