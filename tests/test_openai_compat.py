@@ -222,8 +222,9 @@ def test_every_answer_with_several_choices_names_their_jobs(api, settings, redis
     failed = api.post("/v1/completions", {"prompt": "x", "n": 3, "logit_bias": {"685": 1}})
     assert failed.status_code == 400, failed.text
     ids = failed.headers["X-Job-IDs"].split(",")
-    assert len(ids) == 3 and [api.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == [
-        "failed"] * 3
+    statuses = [api.get(f"/v1/jobs/{i}").json()["status"] for i in ids]
+    # a failed choice cancels the others: one that had not failed yet ends cancelled
+    assert len(ids) == 3 and "failed" in statuses and set(statuses) <= {"failed", "cancelled"}
     with unserved_producer(settings, redis_client, sync_timeout_s=0.3) as (server, _queue):
         late = requests.post(server.url + "/v1/completions", json={"prompt": "x", "n": 2},
                              timeout=30)
