@@ -13,20 +13,18 @@ A missing file or key gives the default; a malformed one is an ``ArtifactError``
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from banter.errors import ArtifactError, ChecksumMismatch, InvalidRequest, ModelLoadError, brief
+from banter.errors import ArtifactError, InvalidRequest, brief
+from producer.modelfiles import companion, read_regular
 from producer.validation import defined_fields
 from registry.records import Record
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_FILE = "tokenizer_config.json"
-log = logging.getLogger("banter.producer")
 # what OpenAI defines on a message; anything else is refused, as unknown top-level fields are
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "function_call", "tool_call_id",
                   "refusal", "audio")
@@ -109,36 +107,13 @@ def template_for(model_root: Path, record: Record) -> ChatTemplate:
     are the bytes parsed."""
     if not record.path:
         return ChatTemplate()
-    path = (model_root / record.path).parent / TEMPLATE_FILE
-    try:
-        data = _read(path)
-        digest = None if data is None else hashlib.sha256(data).hexdigest()
-        if record.files and digest != record.files.get(TEMPLATE_FILE):
-            log.error("chat_template_changed", extra={"path": str(path), "ref": record.ref})
-            raise ChecksumMismatch(f"model {record.ref}'s files changed since it was promoted; "
-                                   "an admin finds which in the producer log")
-        return parse_template(data, path)
-    except (ArtifactError, OSError) as exc:
-        log.error("chat_template_unreadable", extra={"error": str(exc), "ref": record.ref})
-        raise ModelLoadError(f"model {record.ref}'s chat template cannot be read; an admin "
-                             "finds why in the producer log") from None
+    return companion(model_root, record, TEMPLATE_FILE, "chat template", parse_template)
 
 
 def load_template(path: Path) -> ChatTemplate:
     """``banter_chat_template`` from the JSON file at ``path``; the default when the file or the
     key is missing."""
-    return parse_template(_read(path), path)
-
-
-def _read(path: Path) -> bytes | None:
-    """The file's bytes; None when it is not there. ArtifactError when it is not a regular file
-    (a FIFO would never end)."""
-    if path.exists() and not path.is_file():
-        raise ArtifactError(f"{path} is not a regular file", None)
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    return parse_template(read_regular(path), path)
 
 
 def parse_template(data: bytes | None, path: Path) -> ChatTemplate:

@@ -390,12 +390,16 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
     those before it), ``X-Job-ID`` the first, ``X-Job-IDs`` all in choice order; a client that
     leaves cancels them all unless ``keep``."""
     records: list[JobRecord] = []
+
+    def cancel_all() -> None:
+        for record in records:
+            c.jobs.cancel(record.id, owner)
+
     try:
         for request in requests:
             records.append(c.jobs.submit(request, owner, trace_id(), waited=True)[0])
     except errors.BanterError:
-        for record in records:
-            c.jobs.cancel(record.id, owner)
+        cancel_all()
         raise
     tag_with_job(records[0])
     ids = ",".join(record.id for record in records)
@@ -404,10 +408,6 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
     def tag_all(response):  # errors too: a 504's jobs go on, and can be polled by id
         response.headers["X-Job-IDs"] = ids
         return response
-
-    def cancel_all() -> None:
-        for record in records:
-            c.jobs.cancel(record.id, owner)
 
     if stream:
         failed = sse.early_error(c.redis, records[0].id)  # one prompt: the same for every job

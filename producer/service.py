@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import redis
@@ -261,24 +261,14 @@ _NO_WORKER = {
 def request_hash(req: JobRequest, model_ref: str, sampling: SamplingParams | None) -> str:
     """What a submission asks for, as a digest: the same request sent again (a retry with
     its idempotency key) has the same one, also when it spells out a default (the model's
-    name, ``max_tokens: 16``) that the first left out."""
+    name, ``max_tokens: 16``) that the first left out. The parameters are hashed as
+    ``SamplingParams.wire`` spells them, which leaves out the logit adjustments and
+    ``logprobs`` when unset: a request that does not use them hashes as it did before they
+    existed (a retry across an upgrade still matches)."""
     asked = {"kind": req.kind.value, "input": req.input, "model": model_ref,
-             "params": _hashed(sampling) if sampling else {}, "lane": req.lane.value,
+             "params": sampling.wire() if sampling else {}, "lane": req.lane.value,
              "deadline_s": req.deadline_s}
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _hashed(params: SamplingParams) -> dict[str, Any]:
-    """``params`` as hashed: the logit adjustments and ``logprobs`` only where set, so a request
-    that does not use them hashes as it did before they existed (a retry across an upgrade
-    still matches)."""
-    fields = asdict(params)
-    for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
-        if not fields[name]:
-            del fields[name]
-    if fields["logprobs"] is None:
-        del fields["logprobs"]
-    return fields
 
 
 def _params_dict(params: SamplingParams) -> dict[str, Any]:

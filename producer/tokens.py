@@ -12,23 +12,21 @@ text included (``producer.chat``). A model served by the openai backend has no t
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import threading
 from pathlib import Path
 
 from flask import Blueprint, jsonify
 from tokenizers import Tokenizer
 
-from banter.errors import ChecksumMismatch, InvalidRequest, ModelLoadError
+from banter.errors import InvalidRequest
 from banter.jobs import JobKind
 from producer import validation as v
 from producer.context import Context, ctx
+from producer.modelfiles import companion
 from producer.openai_api import chat_prompt
 from registry.records import Record
 
 blueprint = Blueprint("tokenize", __name__)
-log = logging.getLogger("banter.producer")
 
 TOKENIZER_FILE = "tokenizer.json"
 KEPT = 16  # tokenizers kept loaded (model versions); the oldest goes first
@@ -44,35 +42,26 @@ def tokenizer_for(model_root: Path, record: Record) -> Tokenizer:
     if not record.path:
         raise InvalidRequest(f"model {record.ref} is served by the openai backend: its tokenizer "
                              "is not on this server", "model")
-    path = (model_root / record.path).parent / TOKENIZER_FILE
-    key = (str(path), record.files.get(TOKENIZER_FILE, ""))
+    key = (str(model_root / record.path), record.files.get(TOKENIZER_FILE, ""))
     with _lock:
         if key in _kept:
             return _kept[key]
-    try:
-        if path.exists() and not path.is_file():  # a FIFO would never end
-            raise OSError(f"{path} is not a regular file")
-        data = path.read_bytes()
-    except OSError as exc:
-        log.error("tokenizer_unreadable", extra={"error": str(exc), "ref": record.ref})
-        raise ModelLoadError(f"model {record.ref}'s tokenizer cannot be read; an admin finds why "
-                             "in the producer log") from None
-    if record.files and hashlib.sha256(data).hexdigest() != key[1]:
-        log.error("tokenizer_changed", extra={"path": str(path), "ref": record.ref})
-        raise ChecksumMismatch(f"model {record.ref}'s files changed since it was promoted; an "
-                               "admin finds which in the producer log")
-    try:
-        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-        tokenizer.no_padding()  # as the worker encodes: whole, unpadded
-        tokenizer.no_truncation()
-    except Exception as exc:  # the tokenizers library raises its own exception types
-        log.error("tokenizer_unreadable", extra={"error": str(exc), "ref": record.ref})
-        raise ModelLoadError(f"model {record.ref}'s tokenizer cannot be read; an admin finds why "
-                             "in the producer log") from None
+    tokenizer = companion(model_root, record, TOKENIZER_FILE, "tokenizer", _parse, required=True)
     with _lock:
         if len(_kept) >= KEPT:
             del _kept[next(iter(_kept))]
         _kept[key] = tokenizer
+    return tokenizer
+
+
+def _parse(data: bytes, path: Path) -> Tokenizer:
+    """The tokenizer in ``data``, encoding as the worker does: whole, unpadded."""
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise ValueError(f"{path}: {exc}") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     return tokenizer
 
 
