@@ -1,7 +1,8 @@
 """``banter``: one command per role. Exit codes: EXIT_OK 0, EXIT_FAILED 1 (the request or job
 failed), EXIT_USAGE 2 (bad arguments or settings), EXIT_UNAVAILABLE 3 (server, Redis or broker
 unreachable, or the producer's 503 for what it lacks for now: its Redis or broker, the registry, a
-live worker for the model's backend, a wait interrupted), EXIT_INTERRUPTED 130 (Ctrl-C)."""
+live worker for the model's backend, a wait interrupted, a model that cannot be served until an
+admin acts), EXIT_INTERRUPTED 130 (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from banter.errors import BanterError, InvalidRequest, Unavailable
+from banter.errors import BanterError, InvalidRequest, Unavailable, status_for
 from banter.settings import Settings, SettingsError, parse_int, parse_number
 
 EXIT_OK = 0
@@ -159,7 +160,13 @@ def _print_events(events) -> int:
     if event == "done":
         return _ended(data["finish_reason"])
     print(f"banter: {data['error']['type']}: {data['error']['message']}", file=sys.stderr)
-    return EXIT_FAILED
+    return _failed(status_for(data["error"]["type"]))
+
+
+def _failed(status: int) -> int:
+    """EXIT_UNAVAILABLE for an error the producer answers 503 for (the model cannot be served
+    for now: no worker, a checksum mismatch, a model that does not load); else EXIT_FAILED."""
+    return EXIT_UNAVAILABLE if status == Unavailable.status else EXIT_FAILED
 
 
 def cmd_bulk(args, settings: Settings) -> int:
@@ -579,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if exc.type == "invalid_setting" else EXIT_FAILED
     except BanterError as exc:
         print(f"banter: {exc.type}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(exc.status)
     except OSError as exc:  # a path or port given on the command line that cannot be used
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"banter: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -481,6 +481,25 @@ def test_submit_that_no_live_worker_can_serve_exits_3_saying_what_to_start(api):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_submit_of_a_model_whose_file_changed_after_promote_exits_3(api, settings, demo_models,
+                                                                     stream):
+    """A checksum mismatch is the producer's 503 ("not until an admin acts"), whether the
+    producer answers it or the worker ends the job with it: exit 3, not 1."""
+    name = f"changed-{uuid.uuid4().hex[:8]}"
+    directory = settings.model_root / name
+    shutil.copytree(demo_models["demo-gpt"], directory)
+    promoted = api.post("/v1/models/promote", {"name": name, "kind": "generate", "path": name})
+    assert promoted.status_code == 201, promoted.text
+    with open(directory / "model.onnx", "ab") as model:
+        model.write(b"\0")
+    result = banter("submit", *(["--stream"] if stream else []), "--model", name,
+                    "--max-tokens", "2", "hi", "--url", api.url)
+    assert result.returncode == 3, result.stderr
+    assert "banter: checksum_mismatch: " in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize("variable, needle", [
     ("BANTER_REDIS_URL", "banter: Redis is not reachable (BANTER_REDIS_URL)"),
     ("BANTER_BROKER_URL", "banter: the broker is not reachable (BANTER_BROKER_URL)"),
