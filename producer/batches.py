@@ -59,6 +59,7 @@ class Submitted:
     url: str
     job_id: str = ""
     base64: bool = False
+    echo: bool = False  # /v1/completions with echo: the prompt before the text
     refused: dict[str, Any] | None = None
 
 
@@ -78,7 +79,8 @@ def submit_line(c: Context, owner: str, line: BatchLine, key: str | None) -> Sub
         refused = response_line(line.custom_id, uuid.uuid4().hex, openai_status(exc.status),
                                 {"error": exc.body()})
         return Submitted(line.custom_id, line.url, refused=refused)
-    return Submitted(line.custom_id, line.url, job_id, encoding == "base64")
+    echo = line.url == "/v1/completions" and oa.echo(line.body)
+    return Submitted(line.custom_id, line.url, job_id, encoding == "base64", echo)
 
 
 def text_request(c: Context, url: str, body: dict) -> JobRequest:
@@ -116,7 +118,7 @@ def render(line: Submitted, record: JobRecord | None) -> dict[str, Any] | None:
 def answer(line: Submitted, record: JobRecord) -> dict[str, Any]:
     """The body the line's endpoint answers for its succeeded job."""
     if line.url == "/v1/completions":
-        return oa.answer_body(oa.TextShape, [record])
+        return oa.answer_body(oa.TextShape, [record], line.echo)
     if line.url == "/v1/chat/completions":
         return oa.answer_body(oa.ChatShape, [record])
     return oa.embeddings_body(record, base64_floats=line.base64)

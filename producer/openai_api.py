@@ -52,7 +52,7 @@ DONE = "data: [DONE]\n\n"
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
 # OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
 MAX_CHOICES = 16  # n: choices (one job each) per request
-COMPLETION_UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,)}
+COMPLETION_UNSUPPORTED = {"suffix": ("",), "best_of": (1,)}
 CHAT_UNSUPPORTED = {"tools": ([],),
                     "functions": ([],), "tool_choice": ("none", "auto"),
                     "function_call": ("none", "auto"), "audio": (), "prediction": (),
@@ -67,8 +67,8 @@ TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
 EXTENSIONS = ("top_k", "keep_running")
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
             "frequency_penalty", "logit_bias")  # OpenAI's, as SamplingParams reads them
-COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "n", "logprobs", "stream", "stream_options",
-                     *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
+COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "n", "logprobs", "echo", "stream",
+                     "stream_options", *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
 CHAT_FIELDS = ("model", "messages", *SAMPLING, "n", "max_completion_tokens", "logprobs",
                "top_logprobs", "stream", "stream_options", *CHAT_UNSUPPORTED, *IGNORED,
                *EXTENSIONS)
@@ -76,23 +76,25 @@ EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 
 
 class TextShape:
-    """How a generate job's text is shaped for ``/v1/completions``."""
+    """How a generate job's text is shaped for ``/v1/completions``; ``echo``: the prompt, put
+    before the text (``echo: true``; streamed, as the choice's first chunk)."""
 
     prefix = "cmpl"
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, index: int = 0, echo: str = "") -> None:
         self.index = index  # the choice's place in the answer (n)
+        self.echo = echo
 
     def choice(self, text: str, finish_reason: str | None,
                logprobs: dict | None = None) -> dict[str, Any]:
-        return {"index": self.index, "text": text, "finish_reason": finish_reason,
-                "logprobs": logprobs}
+        return self.chunk_choice(self.echo + text, finish_reason, logprobs)
 
     def chunk_choice(self, text: str, finish_reason: str | None,
                      logprobs: dict | None = None) -> dict[str, Any]:
-        return self.choice(text, finish_reason, logprobs)
+        return {"index": self.index, "text": text, "finish_reason": finish_reason,
+                "logprobs": logprobs}
 
     def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
         """The legacy ``logprobs`` object of ``entries`` (``workers.engine.token_logprob``):
@@ -117,8 +119,8 @@ class ChatShape(TextShape):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, index: int = 0) -> None:
-        super().__init__(index)
+    def __init__(self, index: int = 0, echo: str = "") -> None:
+        super().__init__(index, echo)  # chat takes no echo: always ""
         self.role_sent = False
 
     def choice(self, text: str, finish_reason: str | None,
@@ -162,8 +164,13 @@ class Chunks:
         self.alone = alone
         self.offset = 0  # characters of the tokens so far (the legacy text_offset)
         self.usage: dict[str, int] | None = None
+        self.echoed = not shape.echo
 
     def __call__(self, entry_id: str, kind: EventType, data: dict) -> str:
+        if not self.echoed and kind is not EventType.ERROR:
+            self.echoed = True
+            return self.chunk([self.shape.chunk_choice(self.shape.echo, None)]) + self(
+                entry_id, kind, data)
         if kind is EventType.TOKEN:
             entry = data.get("logprobs")
             if entry is None:
@@ -200,13 +207,15 @@ def usage_totals(usage: dict[str, int], *more: dict[str, int]) -> dict[str, int]
             "total_tokens": usage["prompt_tokens"] + completion}
 
 
-def answer_body(shape: type[TextShape], records: list[JobRecord]) -> dict[str, Any]:
-    """The non-streamed answer for finished jobs, the choices of one request in order, or
-    raise the typed error of the first that failed."""
+def answer_body(shape: type[TextShape], records: list[JobRecord],
+                echo: bool = False) -> dict[str, Any]:
+    """The non-streamed answer for finished jobs, the choices of one request in order (with
+    ``echo`` each text after its prompt), or raise the typed error of the first that failed."""
     results = [result_body(record) for record in records]
     choices = []
-    for index, result in enumerate(results):
-        entries, form = result.get("logprobs"), shape(index)
+    for index, (record, result) in enumerate(zip(records, results)):
+        entries = result.get("logprobs")
+        form = shape(index, str(record.input) if echo else "")
         logprobs = None if entries is None else form.logprobs([e for e in entries if e])
         choices.append(form.choice(result["text"], result["finish_reason"], logprobs))
     first = records[0]
@@ -274,6 +283,7 @@ def text_request(c: Context, path: str, body: dict) -> JobRequest:
     """The generate job a ``/v1/completions`` or ``/v1/chat/completions`` body asks for."""
     if path == "/v1/completions":
         check_fields(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
+        echo(body)
         prompt = completion_prompt(body, c.settings.max_prompt_chars)
     else:
         check_fields(body, CHAT_FIELDS, CHAT_UNSUPPORTED)
@@ -299,6 +309,17 @@ def completion_prompt(body: dict, max_chars: int) -> str:
                                  f"{len(prompt)} items: send one request per prompt", "prompt")
         prompt = prompt[0]
     return v.string({"prompt": prompt}, "prompt", required=True, max_len=max_chars)
+
+
+def echo(body: dict) -> bool:
+    """``echo`` (completions): the prompt put before the text. Not with ``logprobs``: OpenAI
+    would then give the prompt's tokens their log probabilities, which no pass here computes."""
+    wanted = flag(body, "echo")
+    if wanted and body.get("logprobs") is not None:
+        raise InvalidRequest("'echo' with 'logprobs' is not supported: this server does not "
+                             "compute the prompt's log probabilities (send one or the other)",
+                             "echo")
+    return wanted
 
 
 def chat_prompt(body: dict, c: Context) -> str:
@@ -362,33 +383,35 @@ def run_text_job(c: Context, path: str, shape: type[TextShape]):
     owner = c.owner()
     body = c.body()
     request = text_request(c, path, body)
+    echoed = str(request.input) if path == "/v1/completions" and echo(body) else ""
     n = choices(body)
     stream = flag(body, "stream")
     usage = include_usage(body)
     keep = keep_running(body)
     c.hold_wait(owner)
     if n > 1:
-        return run_choices(c, choice_requests(request, n), owner, shape, stream, usage, keep)
-    shape = shape()
+        return run_choices(c, choice_requests(request, n), owner, shape, stream, usage, keep,
+                           echoed)
+    form = shape(0, echoed)
     record, _ = c.jobs.submit(request, owner, trace_id(), waited=True)
     tag_with_job(record)
     if stream:
         lost = Unavailable(f"the stream lost Redis; job {record.id} goes on: follow it with GET "
                            f"/v1/jobs/{record.id}/events (resumable) or poll GET "
                            f"/v1/jobs/{record.id}")
-        return stream_job(c, record, owner, keep, Chunks(shape, record, usage),
+        return stream_job(c, record, owner, keep, Chunks(form, record, usage),
                           interrupted=sse_data({"error": lost.body()}) + DONE)
     record = wait_answer(c, record, owner, client_watch(keep))
-    response = jsonify(answer_body(type(shape), [record]))
+    response = jsonify(answer_body(shape, [record], bool(echoed)))
     response.headers.update(job_headers([record]))
     return response
 
 
 def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[TextShape],
-                stream: bool, usage: bool, keep: bool):
+                stream: bool, usage: bool, keep: bool, echoed: str):
     """``run_text_job`` for n > 1: every choice's job submitted (a refusal part way cancels
     those before it), ``X-Job-ID`` the first, ``X-Job-IDs`` all in choice order; a client that
-    leaves cancels them all unless ``keep``."""
+    leaves cancels them all unless ``keep``. ``echoed``: the prompt each text is put after."""
     records: list[JobRecord] = []
 
     def cancel_all() -> None:
@@ -416,7 +439,8 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
             raise failed
         lost = Unavailable(f"the stream lost Redis; jobs {ids} go on: follow each with GET "
                            "/v1/jobs/{id}/events (resumable) or poll GET /v1/jobs/{id}")
-        formats = [Chunks(shape(i), records[0], usage, alone=False) for i in range(len(records))]
+        formats = [Chunks(shape(i, echoed), records[0], usage, alone=False)
+                   for i in range(len(records))]
         streams = [sse.events(c.redis, record.id, "0-0", fmt,  # one error line, not n
                               interrupted=sse_data({"error": lost.body()}) if i == 0 else "")
                    for i, (record, fmt) in enumerate(zip(records, formats))]
@@ -431,7 +455,7 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
             if done.exception() is None and done.result().status == JobStatus.FAILED.value:
                 cancel_all()
     finished = [wait.result() for wait in waits]  # a 504 or 499 is raised here
-    response = jsonify(answer_body(shape, finished))
+    response = jsonify(answer_body(shape, finished, bool(echoed)))
     response.headers.update(job_headers(finished))
     return response
 
@@ -449,7 +473,8 @@ def _last_chunks(formats: list[Chunks], usage: bool) -> str:
 def completions():
     """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
     of exactly one string (token ids are refused); ``n`` choices, one job each; ``best_of``
-    must be 1; ``echo`` and ``suffix`` are refused; ``user`` is ignored. ``model`` defaults
+    must be 1; ``echo`` puts the prompt before each text (not with ``logprobs``); ``suffix``
+    is refused; ``user`` is ignored. ``model`` defaults
     to the default generate model. ``keep_running: true`` (an extension) keeps the job going
     after its client disconnects; otherwise a disconnect cancels it, streamed or not."""
     return run_text_job(ctx(), "/v1/completions", TextShape)

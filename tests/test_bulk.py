@@ -543,6 +543,20 @@ def test_batch_lifecycle(api):
     assert api.post(f"/v1/batches/{batch['id']}/cancel").json()["status"] == "completed"
 
 
+def test_a_batch_line_with_echo_answers_the_prompt_then_the_text(api):
+    """``echo`` is kept with the line (the stored batch and the one-request endpoint alike)."""
+    body = {"prompt": "Say something. ", "max_tokens": 3, "temperature": 0}
+    direct = api.post("/v1/completions", body).json()["choices"][0]["text"]
+    lines = [{"custom_id": name, "method": "POST", "url": "/v1/completions",
+              "body": {**body, "echo": echo}} for name, echo in (("echo", True), ("plain", False))]
+    batch = wait_batch(api, api.post("/v1/batches", {"requests": lines}).json()["id"])
+    output = [json.loads(x) for x in api.get(batch["links"]["output"]).text.splitlines()]
+    texts = {x["custom_id"]: x["response"]["body"]["choices"][0]["text"] for x in output}
+    assert texts == {"echo": body["prompt"] + direct, "plain": direct}
+    one = api.post("/v1/batches/requests", lines[0]).json()
+    assert one["response"]["body"]["choices"][0]["text"] == body["prompt"] + direct
+
+
 def test_batch_cancel(api):
     requests = [{"custom_id": f"long-{i}", "method": "POST", "url": "/v1/completions",
                  "body": {"prompt": "x", "max_tokens": 900}} for i in range(40)]

@@ -83,6 +83,26 @@ def test_client_completion_streamed_and_not(client):
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("cmpl-")
 
 
+def test_client_echo_puts_the_prompt_before_each_text_streamed_and_not(client):
+    """``echo``: the prompt, as sent, then the text; streamed, the prompt is each choice's
+    first chunk. The usage counts only generated tokens as completion tokens."""
+    prompt = "Say something. "
+    ask = {"model": "demo-gpt", "prompt": prompt, "max_tokens": 3, "temperature": 0}
+    plain = client.completions.create(**ask)
+    whole = client.completions.create(**ask, echo=True)
+    assert whole.choices[0].text == prompt + plain.choices[0].text
+    assert whole.usage == plain.usage
+    chunks = list(client.completions.create(**ask, echo=True, stream=True))
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(c.choices[0].text for c in chunks) == prompt + plain.choices[0].text
+    several = client.completions.create(**ask, echo=True, n=2)
+    assert [c.text for c in several.choices] == [prompt + plain.choices[0].text] * 2
+    streamed = list(client.completions.create(**ask, echo=True, n=2, stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0].text for c in streamed if c.choices[0].index == index]
+        assert mine[0] == prompt and "".join(mine) == prompt + plain.choices[0].text
+
+
 def test_client_chat_streamed_and_not(client):
     whole = client.chat.completions.create(model="demo-gpt", messages=MESSAGES, max_tokens=5,
                                            temperature=0)
@@ -430,7 +450,10 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "x", "n": 17}, 400, "'n'"),
     ("/v1/completions", {"prompt": "x", "n": True}, 400, "'n'"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, 400,
+     "'echo' with 'logprobs' is not supported"),
+    ("/v1/completions", {"prompt": "x", "echo": 1}, 400, "'echo' must be true or false"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "echo": True}, 400, "echo"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 2}, 400,
      "'logprobs' must be true or false"),
