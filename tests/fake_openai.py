@@ -8,8 +8,9 @@ answers scripted failures: ``script(marker, *answers)`` makes the next requests 
 status (an OpenAI-style error body; a 401 echoes the whole key, like a careless upstream),
 ``"context"`` (400 ``context_length_exceeded``), ``"slow"`` (a long stream, one token every
 ``SLOW_TOKEN_S``, that notes when its client hangs up), ``"hang"`` (answers after
-``HANG_S``) or ``"overrun"`` (the whole reply, ``max_tokens`` ignored, as a careless
-OpenAI-compatible server might).
+``HANG_S``), ``"overrun"`` (the whole reply, ``max_tokens`` ignored, as a careless
+OpenAI-compatible server might) or ``"pairs"`` (two tokens a chunk). A request with
+``logprobs`` gets an entry per token (``logprob_of``, ``top_logprobs`` alternatives).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 answer = 401
             if answer == "hang":
                 time.sleep(HANG_S)
-            elif answer is not None and answer not in ("slow", "overrun"):
+            elif answer is not None and answer not in ("slow", "overrun", "pairs"):
                 status, error = _error_body(answer, fake.key)
                 return self._json(status, {"error": error})
             if self.path == "/v1/embeddings":
@@ -122,7 +123,9 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                      "total_tokens": len(seen.text.split()) + len(tokens)}
             if not body.get("stream"):
                 return self._json(200, _completion(body, "".join(tokens), finish, usage))
-            chunks = [_chunk(body, {"role": "assistant", "content": t}, None) for t in tokens]
+            step = 2 if answer == "pairs" else 1
+            chunks = [_chunk(body, {"role": "assistant", "content": "".join(tokens[i:i + step])},
+                             None, tokens[i:i + step]) for i in range(0, len(tokens), step)]
             chunks.append(_chunk(body, {}, finish))
             if (body.get("stream_options") or {}).get("include_usage"):
                 chunks.append({**_chunk(body, {}, None), "choices": [], "usage": usage})
@@ -174,10 +177,29 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def logprob_of(token: str) -> float:
+    """The log probability the fake gives ``token`` (its alternatives: that minus 1, 2, ...)."""
+    return -0.25 * (REPLY.index(token) + 1) if token in REPLY else -9.0
+
+
+def _logprobs(body: dict[str, Any], tokens: list[str]) -> dict[str, Any] | None:
+    if not body.get("logprobs"):
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "bytes": list(token.encode()), "logprob": logprob}
+
+    return {"content": [{**entry(t, logprob_of(t)), "top_logprobs": [
+        entry(f"alt{k}", logprob_of(t) - k - 1) for k in range(body.get("top_logprobs") or 0)]}
+        for t in tokens], "refusal": None}
+
+
+def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None,
+           tokens: list[str] = ()) -> dict[str, Any]:
     return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
             "model": body["model"], "usage": None,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                         "logprobs": _logprobs(body, list(tokens)) if tokens else None}]}
 
 
 def _completion(body: dict[str, Any], text: str, finish: str,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
+from openai.types.chat import ChatCompletionChunk
 
 from banter import keys
 from banter.demo import DEMO_GPT, DEMO_TEXT
@@ -37,9 +39,9 @@ from registry.history import HistoryFile
 from registry.mirror import Mirror
 from registry.service import Registry
 from tests.conftest import Api, Server, start_worker, stop_process
-from tests.fake_openai import REPLY, FakeOpenAI
+from tests.fake_openai import REPLY, FakeOpenAI, logprob_of
 from tests.test_streams import sse_events
-from workers.openai_backend import OpenAIBackend
+from workers.openai_backend import OpenAIBackend, _pieces
 from workers.runner import RunnerCache
 from workers.runtime import WorkerRuntime
 
@@ -183,13 +185,69 @@ def test_penalties_and_logit_bias_are_sent_upstream(oa_api, fake):
     assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & plain.body.keys()
 
 
-def test_logprobs_from_the_openai_backend_are_refused_naming_why(oa_api, fake):
-    response = oa_api.post("/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "logprob hello"}], "logprobs": True})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request" and "served by the openai backend" in error["message"]
-    assert fake.seen("logprob hello") == []  # refused before anything went upstream
+def stream_lines(api: Api, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed OpenAI answer (``[DONE]`` left out)."""
+    with requests.post(api.url + path, json={**body, "stream": True}, stream=True,
+                       timeout=30) as response:
+        assert response.status_code == 200, response.text
+        lines = [line[len("data: "):] for line in response.iter_lines(decode_unicode=True)
+                 if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_chat_logprobs_are_asked_upstream_and_answered_per_token(oa_api, fake):
+    """Each token the upstream scored is one token event with its entry; the answer, whole or
+    streamed, is in OpenAI's chat shape."""
+    ask = {"messages": [{"role": "user", "content": "logprob hello"}], "max_tokens": 4,
+           "logprobs": True, "top_logprobs": 2}
+    response = oa_api.post("/v1/chat/completions", ask)
+    assert response.status_code == 200, response.text
+    [seen] = fake.seen("logprob hello")
+    assert (seen.body["logprobs"], seen.body["top_logprobs"]) == (True, 2)
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == REPLY[:4]
+    assert [e["logprob"] for e in content] == [logprob_of(t) for t in REPLY[:4]]
+    assert content[2]["bytes"] == list(REPLY[2].encode())
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["alt0", "alt1"]
+    chunks = stream_lines(oa_api, "/v1/chat/completions", ask)
+    scored = [e for c in chunks if c.get("choices") and c["choices"][0]["logprobs"]
+              for e in c["choices"][0]["logprobs"]["content"]]
+    assert scored == content
+
+
+def test_a_delta_of_several_tokens_is_one_event_per_scored_token(oa_api, fake, oa_redis):
+    """An upstream that sends two tokens a chunk: with logprobs, each gets its event, entry
+    and text (legacy completions: tokens, offsets); without, the delta is one event."""
+    fake.script("paired hello", "pairs", "pairs")
+    body = {"prompt": "paired hello", "max_tokens": 5, "logprobs": 0}
+    answer = oa_api.post("/v1/completions", body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["text"] == "".join(REPLY[:5])
+    assert choice["logprobs"]["tokens"] == REPLY[:5]
+    assert choice["logprobs"]["text_offset"] == [len("".join(REPLY[:i])) for i in range(5)]
+    job = oa_api.wait_job(answer.headers["X-Job-ID"])
+    assert job["usage"]["completion_tokens"] == 5
+    plain = oa_api.post("/v1/inference", {"prompt": "paired hello", "max_tokens": 5})
+    events = read_events(oa_redis, plain.json()["id"])
+    assert [d["text"] for _id, kind, d in events if kind.value == "token"] == [
+        REPLY[0] + REPLY[1], REPLY[2] + REPLY[3], REPLY[4]]
+
+
+def test_tokens_that_do_not_spell_their_delta_carry_it_whole_with_the_first():
+    chunk = ChatCompletionChunk.model_validate({
+        "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "é!"}, "finish_reason": None,
+                     "logprobs": {"content": [
+                         {"token": "bytes:\\xc3", "bytes": [195], "logprob": -1.0,
+                          "top_logprobs": []},
+                         {"token": "bytes:\\xa9!", "bytes": [169, 33], "logprob": -2.0,
+                          "top_logprobs": []}]}}]})
+    pieces = _pieces(chunk.choices[0], scored=True)
+    assert [text for text, _ in pieces] == ["é!", ""]
+    assert [entry["bytes"] for _, entry in pieces] == [[195], [169, 33]]
+    assert _pieces(chunk.choices[0], scored=False) == [("é!", None)]
 
 
 def test_streamed_inference_carries_the_upstream_tokens_in_order(oa_api):

@@ -7,8 +7,12 @@ client (its connection pool is thread-safe) and a semaphore that keeps at most
 - generate: ``chat.completions`` with ``stream=True``; the job's prompt is the one user
   message, ``max_tokens`` is capped at ``Settings.openai_max_tokens``, ``top_k`` is not sent
   (the API has none). Each delta is published as one token event (``seq`` from 0, ``text`` the
-  delta, ``token_id`` -1: the upstream sends no token ids). Cancellation and the job's deadline
-  are checked at every delta; stopping closes the upstream response.
+  delta, ``token_id`` -1: the upstream sends no token ids). A job that asks for ``logprobs``
+  asks the upstream for them (``top_logprobs`` that many) and gets one token event per token
+  the upstream scored, carrying its entry in the engine's shape (``token_id`` -1); the delta's
+  text goes with its tokens' texts when they spell it, else whole with its first token.
+  Cancellation and the job's deadline are checked at every delta; stopping closes the upstream
+  response.
 - embed: ``embeddings.create`` (``encoding_format="float"``).
 
 429, 5xx, timeouts and connection errors are retried by the client (exponential backoff from
@@ -27,7 +31,6 @@ from typing import Any, Callable, Iterator
 import openai
 
 from banter.errors import (
-    InvalidRequest,
     PromptTooLong,
     UpstreamAuthError,
     UpstreamError,
@@ -75,9 +78,6 @@ class OpenAIBackend:
         ``cancel_requested`` is asked once the job is cancellable, so a cancellation
         published before that is not lost."""
         params = SamplingParams.from_dict(job.params, self.settings.max_tokens_limit)
-        if params.logprobs is not None:  # the upstream's deltas are not one token each
-            raise InvalidRequest(f"logprobs are not available for {job.model}: it is served "
-                                 "by the openai backend", "logprobs")
         stop = threading.Event()
         with self._lock:
             self._stops[job.id] = stop
@@ -104,9 +104,10 @@ class OpenAIBackend:
 
     def _stream(self, job: JobRecord, model: str, params: SamplingParams,
                 stop: threading.Event) -> Outcome:
+        scored = params.logprobs is not None
         if stop.is_set():
-            return _text_outcome([], None, "cancelled")
-        deltas: list[str] = []
+            return _text_outcome([], scored, None, "cancelled")
+        tokens: list[TokenEvent] = []
         usage = finish = None
         request = self._chat_request(job, model, params)
         with self._errors(model), self.client.chat.completions.create(
@@ -117,18 +118,18 @@ class OpenAIBackend:
                     finish = stopped
                     break
                 usage = chunk.usage or usage
-                content = [c for c in chunk.choices if c.delta.content]
-                if len(deltas) + len(content) > request["max_tokens"]:
+                pieces = [piece for choice in chunk.choices for piece in _pieces(choice, scored)]
+                if len(tokens) + len(pieces) > request["max_tokens"]:
                     # a delta is a token or more: an upstream past the limit is cut there
                     finish, usage = "length", None
                     break
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        self.streams.publish([TokenEvent(job.id, len(deltas),
-                                                         choice.delta.content, NO_TOKEN_ID)])
-                        deltas.append(choice.delta.content)
-                    finish = choice.finish_reason or finish
-        return _text_outcome(deltas, usage, finish or "stop")
+                events = [TokenEvent(job.id, len(tokens) + i, text, NO_TOKEN_ID, entry)
+                          for i, (text, entry) in enumerate(pieces)]
+                if events:
+                    self.streams.publish(events)
+                    tokens.extend(events)
+                finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
+        return _text_outcome(tokens, scored, usage, finish or "stop")
 
     def _chat_request(self, job: JobRecord, model: str, params: SamplingParams) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -145,6 +146,9 @@ class OpenAIBackend:
                 request[name] = getattr(params, name)
         if params.logit_bias:  # token ids of the upstream model's tokenizer, as the client sent
             request["logit_bias"] = params.wire()["logit_bias"]
+        if params.logprobs is not None:
+            request["logprobs"] = True
+            request["top_logprobs"] = params.logprobs
         return request
 
     @contextmanager
@@ -194,14 +198,44 @@ class OpenAIBackend:
         return (text.replace(key, "[redacted]") if key else text)[:MESSAGE_CHARS]
 
 
-def _text_outcome(deltas: list[str], usage: Any, finish: str) -> Outcome:
-    """A generate outcome; without upstream usage (cancelled early, or a server that does not
-    send it) prompt tokens are 0 and completion tokens the number of deltas."""
-    return Outcome(result={"text": "".join(deltas), "finish_reason": finish},
-                   finish_reason=finish,
+def _pieces(choice: Any, scored: bool) -> list[tuple[str, dict | None]]:
+    """What one upstream choice delta publishes: ``(text, logprobs entry)`` per token event.
+    Unscored, its text as one event (none for no text). Scored, one event per token the
+    upstream sent an entry for, each with its token's text when those spell the delta (else
+    the first with the whole delta, the rest with none); a delta without entries (a server that
+    sends none) is one event with no entry."""
+    text = choice.delta.content or ""
+    entries = [_entry(e) for e in (choice.logprobs.content or [])] if (
+        scored and choice.logprobs is not None) else []
+    if not entries:
+        return [(text, None)] if text else []
+    texts = [e["token"] for e in entries]
+    if "".join(texts) != text:
+        texts = [text] + [""] * (len(entries) - 1)
+    return list(zip(texts, entries))
+
+
+def _entry(scored: Any) -> dict[str, Any]:
+    """An upstream ``ChatCompletionTokenLogprob`` in the engine's shape
+    (``workers.engine.token_logprob``), ``token_id`` -1: the upstream sends no ids."""
+    def token(t: Any) -> dict[str, Any]:
+        raw = t.bytes if t.bytes is not None else list(t.token.encode())
+        return {"token_id": NO_TOKEN_ID, "token": t.token, "bytes": raw, "logprob": t.logprob}
+
+    return {**token(scored), "top_logprobs": [token(t) for t in scored.top_logprobs or []]}
+
+
+def _text_outcome(tokens: list[TokenEvent], scored: bool, usage: Any, finish: str) -> Outcome:
+    """A generate outcome (with ``scored`` one logprobs entry per token event); without
+    upstream usage (cancelled early, or a server that does not send it) prompt tokens are 0
+    and completion tokens the number of token events."""
+    result: dict[str, Any] = {"text": "".join(t.text for t in tokens), "finish_reason": finish}
+    if scored:
+        result["logprobs"] = [t.logprobs for t in tokens]
+    return Outcome(result=result, finish_reason=finish,
                    usage={"prompt_tokens": usage.prompt_tokens if usage else 0,
                           "completion_tokens": usage.completion_tokens if usage
-                          else len(deltas)},
+                          else len(tokens)},
                    batch_size=1, backend="openai", version=None)
 
 
