@@ -162,8 +162,8 @@ def inference_batch():
                        "(BANTER_INFERENCE_MAX_BATCH_SIZE)", "prompts")
     prompts = v.string_list(body, "prompts", max_items=limit, max_len=c.settings.max_prompt_chars)
     c.hold_wait(owner)
-    submitted = [c.jobs.submit(generate_request(body, p, c), owner, trace_id(), waited=True)[0]
-                 for p in prompts]
+    submitted = c.jobs.submit_all([generate_request(body, p, c) for p in prompts], owner,
+                                  trace_id(), waited=True)
     gone = client_watch()
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
         waited = list(pool.map(lambda r: _wait(c, r, owner, gone), submitted))

@@ -412,18 +412,11 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
     """``run_text_job`` for n > 1: every choice's job submitted (a refusal part way cancels
     those before it), ``X-Job-ID`` the first, ``X-Job-IDs`` all in choice order; a client that
     leaves cancels them all unless ``keep``. ``echoed``: the prompt each text is put after."""
-    records: list[JobRecord] = []
+    records = c.jobs.submit_all(requests, owner, trace_id(), waited=True)
 
     def cancel_all() -> None:
-        for record in records:
-            c.jobs.cancel(record.id, owner)
+        c.jobs.cancel_all(records, owner)
 
-    try:
-        for request in requests:
-            records.append(c.jobs.submit(request, owner, trace_id(), waited=True)[0])
-    except errors.BanterError:
-        cancel_all()
-        raise
     tag_with_job(records[0])
     ids = ",".join(record.id for record in records)
 

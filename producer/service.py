@@ -9,6 +9,7 @@ too, for what only they can see (an artifact that fails to load, a checksum mism
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -24,6 +25,7 @@ from banter import keys
 from banter.broker import BrokerQueues, send_job
 from banter.errors import (
     BackendUnavailable,
+    BanterError,
     ClientGone,
     InvalidRequest,
     JobNotFound,
@@ -105,6 +107,26 @@ class JobService:
         if created:
             self._enqueue(record)
         return record, created
+
+    def submit_all(self, requests: list[JobRequest], owner: str, trace_id: str,
+                   waited: bool = False) -> list[JobRecord]:
+        """``submit`` each of ``requests`` (one call's jobs, none with an idempotency key);
+        when one is refused (QueueFull, Unavailable, ...) the ones before it are cancelled, so
+        no job the caller cannot name is left to run, then the refusal is raised."""
+        records: list[JobRecord] = []
+        try:
+            for req in requests:
+                records.append(self.submit(req, owner, trace_id, waited)[0])
+        except BanterError:
+            self.cancel_all(records, owner)
+            raise
+        return records
+
+    def cancel_all(self, records: list[JobRecord], owner: str) -> None:
+        """``cancel`` each; one that cannot be cancelled (Redis gone) does not stop the rest."""
+        for record in records:
+            with contextlib.suppress(BanterError, redis.RedisError):
+                self.cancel(record.id, owner)
 
     def _enqueue(self, record: JobRecord) -> None:
         """Send the job's task; when the broker refuses, the job fails at once (a retry with

@@ -337,6 +337,24 @@ def test_a_client_that_leaves_a_synchronous_call_cancels_its_job(settings, redis
             wait_status(redis_client, job_id, "cancelled")
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/inference/batch", {"prompts": ["{m} a", "{m} b", "{m} c", "{m} d"]}),
+    ("/v1/completions", {"prompt": "{m}", "n": 4}),
+])
+def test_a_call_of_several_jobs_refused_half_way_leaves_none_to_run(settings, redis_client,
+                                                                     demo_models, path, body):
+    """The queue fills after two of the call's four jobs: the call is a 429, and the two it
+    had queued are cancelled (no answer names them; a retry would run them again)."""
+    marker = f"half-{uuid.uuid4().hex[:8]}"
+    body = json.loads(json.dumps(body).replace("{m}", marker))
+    with unserved_producer(settings, redis_client, max_queue_depth=2) as (server, queue):
+        refused = Api(server.url).post(path, {**body, "max_tokens": 2})
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "queue_full"
+    statuses = [redis_client.hget(key, "status") for key in redis_client.scan_iter(keys.job("*"))
+                if marker in (redis_client.hget(key, "input") or "")]
+    assert statuses == ["cancelled", "cancelled"]
+
+
 def test_a_kept_or_bulk_call_outlives_its_client(settings, redis_client, demo_models):
     """``keep_running: true``, and a bulk line (``banter bulk`` resumes it by its key), stay
     queued when their client leaves; a plain call left at the same time is cancelled first."""
