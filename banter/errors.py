@@ -114,6 +114,20 @@ class IdempotencyKeyReused(Conflict):
     type = "idempotency_key_reused"
 
 
+class JobCancelled(Conflict):
+    """A synchronous call's job was cancelled (``DELETE /v1/jobs/{id}``) before it had an
+    answer to give (409)."""
+
+    type = "job_cancelled"
+
+
+class JobExpired(BanterError):
+    """A synchronous call's job passed its deadline before it had an answer to give (504)."""
+
+    type = "job_expired"
+    status = 504
+
+
 class FeatureDisabled(NotFound):
     type = "feature_disabled"
 

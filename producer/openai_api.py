@@ -493,9 +493,13 @@ def embeddings():
     record, _ = c.jobs.submit(req, owner, trace_id(), waited=True)
     tag_with_job(record)
     record = wait_answer(c, record, owner, client_watch())
+    if record.status == JobStatus.CANCELLED.value:
+        raise errors.JobCancelled(f"job {record.id} was cancelled before it finished")
+    if record.status == JobStatus.EXPIRED.value:
+        raise errors.JobExpired(f"job {record.id} passed its deadline before it finished")
     if record.status != JobStatus.SUCCEEDED.value:
-        raise errors.from_dict(record.error or {"type": record.status,
-                                                "message": f"job {record.status}"})
+        raise errors.from_dict(record.error or {"type": "inference_error",
+                                                "message": f"job {record.id} failed"})
     response = jsonify(embeddings_body(record, base64_floats=encoding == "base64"))
     response.headers.update(job_headers([record]))
     return response

@@ -337,6 +337,29 @@ def test_a_client_that_leaves_a_synchronous_call_cancels_its_job(settings, redis
             wait_status(redis_client, job_id, "cancelled")
 
 
+def test_an_embeddings_call_whose_job_is_cancelled_is_a_409_not_a_500(settings, redis_client,
+                                                                       demo_models):
+    """A cancelled embed job has no vector to answer: its waiting call says so (409,
+    ``job_cancelled``), as a typed error, not an internal one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    marker = f"embed-cancel-{uuid.uuid4().hex[:8]}"
+    with unserved_producer(settings, redis_client) as (server, queue), \
+            ThreadPoolExecutor(1) as pool:
+        api = Api(server.url)
+        answer = pool.submit(api.post, "/v1/embeddings", {"input": marker})
+        deadline = time.monotonic() + 10
+        while not (queued := [json.loads(m)["headers"]["id"]
+                              for m in redis_client.lrange(queue, 0, -1)]):
+            assert time.monotonic() < deadline, "the call's job was never queued"
+            time.sleep(0.02)
+        assert api.delete(f"/v1/jobs/{queued[0]}").status_code == 200
+        response = answer.result(timeout=30)
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["type"] == "job_cancelled"
+    assert response.headers["X-Job-ID"] == queued[0]
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/inference/batch", {"prompts": ["{m} a", "{m} b", "{m} c", "{m} d"]}),
     ("/v1/completions", {"prompt": "{m}", "n": 4}),
