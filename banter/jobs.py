@@ -212,9 +212,10 @@ return {1, done[2], values}
 """
 
 
-# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running set, KEYS[4] queued set. ARGV[1] node,
-# ARGV[2] lease ms, ARGV[3] now, ARGV[4] record ttl s, ARGV[5] job id. Take the job when it is
-# queued, or running with a lapsed lease (its worker died). Returns {1, status before} or
+# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running set, KEYS[4] queued set, KEYS[5] (when the
+# job has one) its idempotency key. ARGV[1] node, ARGV[2] lease ms, ARGV[3] now, ARGV[4] record
+# ttl s, ARGV[5] job id. Take the job when it is queued, or running with a lapsed lease (its
+# worker died); the record and its key live ttl s from now. Returns {1, status before} or
 # {0, status | 'leased'}.
 _TAKE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -225,6 +226,7 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+if KEYS[5] then redis.call('EXPIRE', KEYS[5], tonumber(ARGV[4])) end
 redis.call('SADD', KEYS[3], ARGV[5])
 redis.call('ZREM', KEYS[4], ARGV[5])
 return {1, status}
@@ -286,6 +288,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return redis.call('HGET', KEYS[1], 'cancel_requested') or ''
 """
+
+
+def _idempotency_keys(record: JobRecord) -> list[str]:
+    """The idempotency key naming ``record``'s job, when it was submitted with one: each write
+    that renews the record's TTL renews the key's, so a retry finds the job while it exists."""
+    if not record.idempotency_key:
+        return []
+    return [keys.idempotency(record.owner, record.idempotency_key)]
 
 
 class Ended(NamedTuple):
@@ -403,6 +413,8 @@ class JobStore:
                            self.metrics_key],
                      args=[json.dumps([s.value for s in allowed]), to.value, self.ttl_s, owner,
                            count, len(pairs), *pairs, *streams.publish_args(final)], client=pipe)
+        for key in _idempotency_keys(record):  # it lives as long as the record it names
+            pipe.expire(key, self.ttl_s)
         if also:
             also(pipe)
         applied, before, counted = pipe.execute()[0]
@@ -411,12 +423,13 @@ class JobStore:
             log.warning("metrics_dropped", extra={"error": values["error"], "job_id": record.id})
         return Ended(bool(applied), _text(before), timings_ms(values))
 
-    def take(self, job_id: str, node: str, lease_s: float) -> tuple[bool, str]:
+    def take(self, record: JobRecord, node: str, lease_s: float) -> tuple[bool, str]:
         """Lease the job to ``node`` and mark it running: it must be queued, or running with a
         lapsed lease. Returns (taken, status before; 'leased' while another node holds it)."""
         taken, status = self._take(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.QUEUED],
-            args=[node, int(lease_s * 1000), time.time(), self.ttl_s, job_id])
+            keys=[keys.job(record.id), keys.lease(record.id), keys.RUNNING, keys.QUEUED,
+                  *_idempotency_keys(record)],
+            args=[node, int(lease_s * 1000), time.time(), self.ttl_s, record.id])
         return bool(taken), status
 
     def renew(self, job_ids: list[str], node: str,

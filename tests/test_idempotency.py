@@ -11,7 +11,7 @@ import pytest
 from banter import keys
 from banter.broker import make_celery
 from banter.errors import Unavailable
-from banter.jobs import JobKind, JobRecord, JobStore
+from banter.jobs import JobKind, JobRecord, JobStatus, JobStore
 from banter.metrics import FAILURES
 from banter.streams import EventType, read_events
 from producer.service import JobRequest, JobService
@@ -32,6 +32,31 @@ def test_a_key_claimed_but_not_yet_written_is_not_taken_over(redis_client):
     assert created  # the key named no job: it is taken over by a job that exists
     second, created_again = store.create_idempotent(record(key))
     assert not created_again and second.id == first.id
+
+
+def test_a_key_lives_as_long_as_the_record_it_names(redis_client):
+    """Taking and ending a job renew its record's TTL; they renew its key's too. A key left to
+    its creation TTL expired before a record that was taken or ended later: a retry then found
+    no job and ran the request again."""
+    from banter.streams import DoneEvent, StreamWriter
+
+    store, streams = JobStore(redis_client, 600), StreamWriter(redis_client, 100, 600)
+    key = uuid.uuid4().hex
+    job, _ = store.create_idempotent(record(key))
+    named = [keys.idempotency("alice", key), keys.job(job.id)]
+
+    def aged() -> None:  # as if most of the TTL had passed since the last write
+        for name in named:
+            redis_client.expire(name, 5)
+
+    aged()
+    assert store.take(job, "w1@test", 30)[0]
+    assert [redis_client.ttl(name) > 500 for name in named] == [True, True]
+    aged()
+    done = DoneEvent(job.id, "cancelled", {"prompt_tokens": 0, "completion_tokens": 0})
+    assert store.finish(job, (JobStatus.RUNNING,), JobStatus.CANCELLED, done, streams,
+                        finished_at=1.0).applied
+    assert [redis_client.ttl(name) > 500 for name in named] == [True, True]
 
 
 def test_concurrent_submissions_with_one_key_make_one_job(redis_client):

@@ -208,7 +208,7 @@ def test_a_cancel_whose_message_was_missed_stops_the_job_at_the_next_renewal(set
                                   for _ in range(3))
     for record in (asked, going_on, elsewhere):
         runtime.jobs.create(record)
-        assert runtime.jobs.take(record.id, node, 30)[0]
+        assert runtime.jobs.take(record, node, 30)[0]
         runtime._held.add(record.id)
     runtime.jobs.note(asked.id, cancel_requested="1")
     runtime.jobs.note(elsewhere.id, cancel_requested="1")
@@ -300,7 +300,7 @@ def test_an_orphaned_job_is_sent_again_once_not_every_heartbeat(settings, privat
     record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input="x",
                        owner="anonymous", lane="interactive", backend="onnx")
     runtime.jobs.create(record)
-    runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then its worker dies
+    runtime.jobs.take(record, "dead@localhost", lease_s=0.05)  # running, then its worker dies
     time.sleep(0.1)
     assert record.id in runtime.jobs.orphans()
     runtime._requeue_orphans()
@@ -361,7 +361,7 @@ def test_a_job_that_expires_while_it_runs_says_so_like_one_that_never_ran(settin
     record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
                        owner="anonymous", lane="interactive", backend="onnx")
     runtime.jobs.create(record)
-    runtime.jobs.take(record.id, runtime.node, lease_s=5)
+    runtime.jobs.take(record, runtime.node, lease_s=5)
     outcome = Outcome(result={"text": " a b", "finish_reason": "expired"},
                       finish_reason="expired", usage={"prompt_tokens": 1, "completion_tokens": 2},
                       batch_size=1, backend="onnx", version=1)
@@ -377,7 +377,7 @@ def test_an_embed_job_that_expires_while_it_runs_has_no_result(settings, private
     record = JobRecord(id=JobRecord.new_id(), kind="embed", model="demo-embed", input=["a", "b"],
                        owner="anonymous", lane="interactive", backend="onnx")
     runtime.jobs.create(record)
-    runtime.jobs.take(record.id, runtime.node, lease_s=5)
+    runtime.jobs.take(record, runtime.node, lease_s=5)
     outcome = _local_outcome(EmbedResult([], 3, 1, "expired"), 1, record.input)
     assert (outcome.result, outcome.usage["prompt_tokens"]) == (None, 3)
     assert runtime._finish(runtime.jobs.get(record.id), outcome, 0.0) == "expired"
@@ -397,7 +397,7 @@ def test_a_job_whose_worker_died_past_its_deadline_ends_expired_with_its_stream(
                        owner="anonymous", lane="interactive", backend="onnx",
                        deadline_at=time.time() + 0.05)
     runtime.jobs.create(record)
-    runtime.jobs.take(record.id, "dead@localhost", lease_s=0.05)  # running, then it dies
+    runtime.jobs.take(record, "dead@localhost", lease_s=0.05)  # running, then it dies
     if kind == "generate":
         runtime.streams.publish([TokenEvent(record.id, i, t, 7 + i)
                                  for i, t in enumerate([" a", "", " b"])])

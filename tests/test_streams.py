@@ -143,7 +143,7 @@ def test_a_job_and_its_stream_end_in_one_step(redis_client, monkeypatch):
     record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
                        owner="alice")
     store.create(record)
-    assert store.take(record.id, "w1@test", 30)[0]
+    assert store.take(record, "w1@test", 30)[0]
     monkeypatch.setattr(StreamWriter, "publish", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("a second write: a worker dying before it leaves the stream open")))
     done = DoneEvent(record.id, "stop", {"prompt_tokens": 1, "completion_tokens": 0})

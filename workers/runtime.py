@@ -216,7 +216,7 @@ class WorkerRuntime:
         now = time.time()
         if record.past_deadline(now) and record.status == JobStatus.QUEUED.value:
             return self._expire(record, now)
-        taken, current = self.jobs.take(job_id, self.node, self.settings.lease_ttl_s)
+        taken, current = self.jobs.take(record, self.node, self.settings.lease_ttl_s)
         if not taken:
             return current  # finished meanwhile, or a live worker holds it ('leased')
         self.redis.delete(keys.requeued(job_id))  # should this worker die, send it again
