@@ -287,9 +287,12 @@ def request_hash(req: JobRequest, model_ref: str, sampling: SamplingParams | Non
     ``SamplingParams.wire`` spells them, which leaves out the logit adjustments and
     ``logprobs`` when unset: a request that does not use them hashes as it did before they
     existed (a retry across an upgrade still matches)."""
+    deadline = req.deadline_s
+    if deadline is not None and float(deadline).is_integer():
+        deadline = int(deadline)  # 5.0 is 5, as a JSON writer may spell it
     asked = {"kind": req.kind.value, "input": req.input, "model": model_ref,
              "params": sampling.wire() if sampling else {}, "lane": req.lane.value,
-             "deadline_s": req.deadline_s}
+             "deadline_s": deadline}
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
 
 

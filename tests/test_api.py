@@ -174,6 +174,13 @@ def test_an_idempotent_retry_may_spell_out_the_defaults(api, settings):
                           "frequency_penalty": 0.0, "logit_bias": {"9": 0}}}
     again = api.post("/v1/jobs", spelled)
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+    timed = {"kind": "generate", "input": "hi", "idempotency_key": uuid.uuid4().hex}
+    made = api.post("/v1/jobs", {**timed, "deadline_s": 500})
+    assert made.status_code == 202, made.text
+    retried = api.post("/v1/jobs", {**timed, "deadline_s": 500.0})  # the same number
+    assert retried.status_code == 200 and retried.json()["id"] == made.json()["id"], retried.text
+    other = api.post("/v1/jobs", {**timed, "deadline_s": 500.5})
+    assert other.status_code == 409, other.text
 
 
 def test_a_waited_call_with_no_worker_for_its_backend_is_refused_at_once(api, redis_client):
