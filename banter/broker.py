@@ -207,11 +207,12 @@ def make_celery(settings: Settings, main: str = "banterhearts",
 class BrokerQueues:
     """The lanes' queues as the broker holds them.
 
-    ``depth()``: messages waiting per lane, over both backends' queues, read from the broker
-    itself: on Redis the length of kombu's list per queue (``client`` when the broker is the
-    state Redis), on RabbitMQ a passive ``queue_declare`` per queue on one of the app's pooled
-    connections (about 4 ms for the four, so a reading serves every caller for
-    ``AMQP_DEPTH_MAX_AGE_S``, with what this process ``sent`` since added). A queue nobody
+    ``depth()``: messages waiting per lane, over both backends' queues; ``by_queue()``: per
+    queue name. Read from the broker itself: on Redis the length of kombu's list per queue
+    (``client`` when the broker is the state Redis), on RabbitMQ a passive ``queue_declare``
+    per queue on one of the app's pooled connections (about 4 ms for the four, so a reading
+    serves every caller for ``AMQP_DEPTH_MAX_AGE_S``, with what this process ``sent`` since
+    added). A queue nobody
     declared yet holds nothing. An unreachable broker raises ``Unavailable``.
     """
 
@@ -228,29 +229,28 @@ class BrokerQueues:
             self._redis = client if same else connect(settings.broker_url)
 
     def depth(self) -> dict[str, int]:
+        by_name = self.by_queue()
+        return {lane: sum(by_name[name] for name in pair) for lane, pair in self._lanes.items()}
+
+    def by_queue(self) -> dict[str, int]:
         try:
             if self._redis is not None:
-                return self._per_lane(self._redis_counts())
+                return dict(zip(self._names, self._redis_counts()))
             with self._lock:
                 if time.monotonic() - self._amqp_read_at >= AMQP_DEPTH_MAX_AGE_S:
-                    self._amqp_depth = self._per_lane(self._amqp_counts())
+                    self._amqp_depth = dict(zip(self._names, self._amqp_counts()))
                     self._amqp_read_at = time.monotonic()
                 return dict(self._amqp_depth)
         except (OperationalError, redis.RedisError) as exc:
             raise Unavailable(f"the broker is not reachable: {exc}") from exc
 
-    def sent(self, lane: str) -> None:
-        """One message more in ``lane``: counted in a RabbitMQ reading until the next one (a
+    def sent(self, queue: str) -> None:
+        """One message more in ``queue``: counted in a RabbitMQ reading until the next one (a
         Redis reading is live)."""
         if self._redis is None:
             with self._lock:
-                if lane in self._amqp_depth:
-                    self._amqp_depth[lane] += 1
-
-    def _per_lane(self, counts: list[int]) -> dict[str, int]:
-        """Sum ``counts`` (one per name in ``_names``) per lane."""
-        by_name = dict(zip(self._names, counts))
-        return {lane: sum(by_name[name] for name in pair) for lane, pair in self._lanes.items()}
+                if queue in self._amqp_depth:
+                    self._amqp_depth[queue] += 1
 
     def _redis_counts(self) -> list[int]:
         pipe = self._redis.pipeline(transaction=False)

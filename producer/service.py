@@ -132,8 +132,7 @@ class JobService:
         """Send the job's task; when the broker refuses, the job fails at once (a retry with
         its idempotency key makes a new job) and the client gets 503."""
         try:
-            send_job(self.celery, self.settings, record)
-            self.queues.sent(record.lane)
+            self.queues.sent(send_job(self.celery, self.settings, record))
         except (OperationalError, redis.RedisError) as exc:
             error = Unavailable(f"the broker did not take the job: {exc}")
             self.jobs.finish(record, (JobStatus.QUEUED,), JobStatus.FAILED,

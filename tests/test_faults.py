@@ -373,10 +373,13 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(stack):
     """Redis killed before an fsync can keep a job's record and lose its message (or the
     broker can fail mid-submit while Redis cannot record the failure): the job would stay
     queued for ever. A worker's heartbeat sends it again once it has been queued for
-    ``resend_after_s`` (10 s here) with its lane's queue empty; it then runs once."""
+    ``resend_after_s`` (10 s here) with its queue empty; it then runs once. A message
+    waiting for the other backend in the same lane does not hold it back."""
     job_ids = submit_generations(stack.api, 3, 20)
     assert stack.redis.llen(stack.settings.queue_interactive) == 3
     stack.redis.delete(stack.settings.queue_interactive)  # the messages are gone
+    upstream_queue = stack.settings.lane_queue("interactive", "openai")
+    stack.redis.lpush(upstream_queue, "an upstream job's message no worker here takes")
     worker = stack.worker("sweeper@localhost")
     try:
         for job_id in job_ids:
@@ -385,6 +388,7 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(stack):
             assert job["timings"]["queue_ms"] >= stack.settings.resend_after_s * 1000
     finally:
         stop_process(worker)
+        stack.redis.delete(upstream_queue)
     log = (stack.logs / "sweeper@localhost.log").read_text()
     assert log.count('"job_resent"') == 3
     assert stack.redis.zcard(keys.QUEUED) == 0

@@ -530,21 +530,22 @@ class WorkerRuntime:
                        queue=queue, last_worker=record.worker)
 
     def _resend_lost(self) -> None:
-        """Send again the task of a job queued for ``resend_after_s`` while its lane's queue is
-        empty: its message was lost (Redis killed before an fsync) or never sent (the broker
+        """Send again the task of a job queued for ``resend_after_s`` while its queue (its
+        lane's for its backend) is empty: its message was lost (Redis killed before an fsync) or never sent (the broker
         failed mid-submit and Redis could not record the failure). A task that was only slow
         to come makes a second message, which ``take`` turns into nothing."""
         now = time.time()
         stale = self.jobs.stale_queued(now - self.settings.resend_after_s)
         if not stale:
             return
-        depth = self.queues.depth()
+        depth = self.queues.by_queue()
         for record in stale:
-            if depth.get(record.lane, 0) or not self.redis.set(
+            queue = self.settings.lane_queue(record.lane, record.backend or "onnx")
+            if depth.get(queue, 0) or not self.redis.set(
                     keys.requeued(record.id), self.node, nx=True,
                     ex=int(self.settings.resend_after_s)):
-                continue  # messages wait in its lane, or another worker is sending it
-            queue = send_job(self.celery, self.settings, record)
+                continue  # messages wait in its queue, or another worker is sending it
+            send_job(self.celery, self.settings, record)
             self.jobs.sent(record.id, now)
             logs.event(log, "job_resent", logging.WARNING, job_id=record.id,
                        trace_id=record.trace_id, queue=queue,
