@@ -153,7 +153,8 @@ class Chunks:
     ``choices: []`` and ``usage`` (earlier chunks then carry ``usage: null``), then ``[DONE]``.
     With ``alone`` false it formats one choice of several (``n``, ``shape.index``) under the
     answer's ``head`` record: its final event ends only its choice (``usage`` keeps its
-    usage; ``merged`` writes the usage chunk and ``[DONE]``)."""
+    usage; ``merged`` writes the usage chunk and ``[DONE]``), and its error ends the whole
+    stream (``sse.Final``; ``failed`` says so)."""
 
     def __init__(self, shape: TextShape, record: JobRecord, include_usage: bool,
                  alone: bool = True) -> None:
@@ -164,6 +165,7 @@ class Chunks:
         self.alone = alone
         self.offset = 0  # characters of the tokens so far (the legacy text_offset)
         self.usage: dict[str, int] | None = None
+        self.failed = False
         self.echoed = not shape.echo
 
     def __call__(self, entry_id: str, kind: EventType, data: dict) -> str:
@@ -179,7 +181,9 @@ class Chunks:
             self.offset += len(entry["token"])
             return self.chunk([self.shape.chunk_choice(data["text"], None, logprobs)])
         if kind is EventType.ERROR:
-            return sse_data({"error": errors.from_dict(data["error"]).body()}) + DONE * self.alone
+            self.failed = True
+            line = sse_data({"error": errors.from_dict(data["error"]).body()})
+            return line + DONE if self.alone else sse.Final(line)
         final = self.chunk([self.shape.chunk_choice("", data["finish_reason"])])
         self.usage = data["usage"]
         if not self.alone:
@@ -201,10 +205,13 @@ def sse_data(body: dict) -> str:
 
 def usage_totals(usage: dict[str, int], *more: dict[str, int]) -> dict[str, int]:
     """OpenAI's usage of one job, or of several choices of one prompt (``more``): the prompt
-    counted once, their completions added up."""
-    completion = sum(u["completion_tokens"] for u in (usage, *more))
-    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": completion,
-            "total_tokens": usage["prompt_tokens"] + completion}
+    counted once (as the choices that ran counted it: one cancelled before it ran counts
+    none), their completions added up."""
+    every = (usage, *more)
+    prompt = max(u["prompt_tokens"] for u in every)
+    completion = sum(u["completion_tokens"] for u in every)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def answer_body(shape: type[TextShape], records: list[JobRecord],
@@ -437,7 +444,12 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
         streams = [sse.events(c.redis, record.id, "0-0", fmt,  # one error line, not n
                               interrupted=sse_data({"error": lost.body()}) if i == 0 else "")
                    for i, (record, fmt) in enumerate(zip(records, formats))]
-        merged = sse.merged(streams, lambda: _last_chunks(formats, usage))
+        def end() -> str:  # a failed choice fails the answer: the others are stopped
+            if any(f.failed for f in formats):
+                cancel_all()
+            return _last_chunks(formats, usage)
+
+        merged = sse.merged(streams, end)
         if not keep:
             merged = sse.cancel_on_disconnect(merged, cancel_all)
         return sse.response(merged, {"X-Backend": records[0].backend or ""})

@@ -100,11 +100,17 @@ def early_error(client: redis.Redis, job_id: str) -> errors.BanterError | None:
     return None
 
 
+class Final(str):
+    """An item after which a ``merged`` stream ends at once (a choice that failed fails the
+    answer): the other streams are not waited for."""
+
+
 def merged(streams: list[Iterator[str]], end: Callable[[], str]) -> Iterator[str]:
     """Several streams as one, each item as soon as its stream yields it (a thread per
-    stream, reading its job's events), then ``end()`` once all have ended. Of their comments
-    (the opening one, keep-alives) one a keep-alive period passes on, not one per stream.
-    Closing it (the client left) leaves the threads to end with their jobs."""
+    stream, reading its job's events), then ``end()`` once all have ended or one yielded a
+    ``Final`` item. Of their comments (the opening one, keep-alives) one a keep-alive period
+    passes on, not one per stream. Closing it (the client left) leaves the threads to end
+    with their jobs."""
     items: queue.Queue = queue.Queue()
 
     def pump(stream: Iterator[str]) -> None:
@@ -127,6 +133,8 @@ def merged(streams: list[Iterator[str]], end: Callable[[], str]) -> Iterator[str
             raise item
         elif not item.startswith(":"):
             yield item
+            if isinstance(item, Final):
+                break
         elif time.monotonic() - quiet_since >= KEEPALIVE_S or not quiet_since:
             quiet_since = time.monotonic()
             yield item

@@ -15,10 +15,11 @@ import requests
 from openai import APIError, APIStatusError, BadRequestError, NotFoundError, OpenAI
 from tokenizers import Tokenizer
 
+from banter import keys
 from banter.demo import DEMO_GPT, DEMO_TEXT
 from banter.errors import ArtifactError
 from producer.chat import ChatTemplate, load_template, parse_messages
-from tests.conftest import unserved_producer
+from tests.conftest import Api, unserved_producer
 
 WORDS = [" " + w for w in DEMO_TEXT.split()]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
@@ -436,6 +437,44 @@ def test_a_job_error_after_the_stream_went_out_is_a_data_line_then_done(api, set
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
     assert error["type"] == "prompt_too_long" and error["code"] == "context_length_exceeded"
+
+
+def test_a_choice_that_fails_after_the_stream_went_out_ends_it_and_stops_the_others(
+        api, settings, redis_client):
+    """n choices: one error line, for the choice that failed, then ``[DONE]``; the other
+    choices are cancelled (a failure of any fails the request), not streamed on with their
+    own error lines."""
+    with unserved_producer(settings, redis_client) as (server, queue):
+        with requests.post(server.url + "/v1/completions", stream=True, timeout=60, json={
+                "prompt": LONG_PROMPT, "max_tokens": 2, "stream": True, "n": 3}) as response:
+            assert response.status_code == 200, response.text
+            ids = response.headers["X-Job-IDs"].split(",")
+            assert redis_client.lmove(queue, settings.queue_interactive)  # one choice runs
+            payloads = data_lines(response)
+    assert payloads[-1] == "[DONE]" and len(payloads) == 2, payloads
+    assert json.loads(payloads[0])["error"]["type"] == "prompt_too_long"
+    statuses = sorted(redis_client.hget(keys.job(i), "status") for i in ids)
+    assert statuses == ["cancelled", "cancelled", "failed"]
+
+
+def test_the_prompt_counts_in_the_usage_when_the_first_choice_never_ran(api, settings,
+                                                                        redis_client):
+    """The first choice cancelled while queued (it counted no prompt tokens): the usage
+    counts the prompt as the choice that ran did."""
+    with unserved_producer(settings, redis_client) as (server, queue):
+        with requests.post(server.url + "/v1/completions", stream=True, timeout=60, json={
+                "prompt": "Say something.", "max_tokens": 2, "temperature": 0, "n": 2,
+                "stream": True, "stream_options": {"include_usage": True}}) as response:
+            assert response.status_code == 200, response.text
+            first, second = response.headers["X-Job-IDs"].split(",")
+            assert Api(server.url).delete(f"/v1/jobs/{first}").status_code == 200
+            for _ in (first, second):  # the cancelled job's message is dropped there
+                assert redis_client.lmove(queue, settings.queue_interactive)
+            payloads = data_lines(response)
+    usage = json.loads(payloads[-2])["usage"]
+    ran = redis_client.hget(keys.job(second), "usage")
+    assert usage["prompt_tokens"] == json.loads(ran)["prompt_tokens"] > 0
+    assert usage["completion_tokens"] == 2
 
 
 BAD_INPUTS = [
