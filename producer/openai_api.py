@@ -52,7 +52,7 @@ DONE = "data: [DONE]\n\n"
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
 # OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
 MAX_CHOICES = 16  # n: choices (one job each) per request
-COMPLETION_UNSUPPORTED = {"suffix": ("",), "best_of": (1,)}
+COMPLETION_UNSUPPORTED = {"suffix": ("",)}
 CHAT_UNSUPPORTED = {"tools": ([],),
                     "functions": ([],), "tool_choice": ("none", "auto"),
                     "function_call": ("none", "auto"), "audio": (), "prediction": (),
@@ -67,7 +67,7 @@ TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
 EXTENSIONS = ("top_k", "keep_running")
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
             "frequency_penalty", "logit_bias")  # OpenAI's, as SamplingParams reads them
-COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "n", "logprobs", "echo", "stream",
+COMPLETION_FIELDS = ("model", "prompt", *SAMPLING, "n", "best_of", "logprobs", "echo", "stream",
                      "stream_options", *COMPLETION_UNSUPPORTED, *IGNORED, *EXTENSIONS)
 CHAT_FIELDS = ("model", "messages", *SAMPLING, "n", "max_completion_tokens", "logprobs",
                "top_logprobs", "stream", "stream_options", *CHAT_UNSUPPORTED, *IGNORED,
@@ -269,8 +269,6 @@ def check_fields(body: dict, known: tuple[str, ...], unsupported: dict[str, tupl
         value = body.get(name)
         if value is None or any(_same(value, ok) for ok in no_ops):
             continue
-        if name == "best_of":
-            raise InvalidRequest("'best_of' must be 1: ask for several choices with 'n'", name)
         if name == "response_format":
             raise InvalidRequest("'response_format' other than {\"type\": \"text\"} is not "
                                  "supported: this server returns plain text (no JSON mode)", name)
@@ -290,6 +288,7 @@ def text_request(c: Context, path: str, body: dict) -> JobRequest:
     """The generate job a ``/v1/completions`` or ``/v1/chat/completions`` body asks for."""
     if path == "/v1/completions":
         check_fields(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
+        best_of(body)
         echo(body)
         prompt = completion_prompt(body, c.settings.max_prompt_chars)
     else:
@@ -316,6 +315,15 @@ def completion_prompt(body: dict, max_chars: int) -> str:
                                  f"{len(prompt)} items: send one request per prompt", "prompt")
         prompt = prompt[0]
     return v.string({"prompt": prompt}, "prompt", required=True, max_len=max_chars)
+
+
+def best_of(body: dict) -> None:
+    """``best_of`` (completions) must be null or ``n``: every choice made is answered (OpenAI
+    refuses one under ``n``; one over it would rank choices this server does not score)."""
+    value = v.number(body, "best_of", low=1, high=MAX_CHOICES, integer=True)
+    if value is not None and value != choices(body):
+        raise InvalidRequest(f"'best_of' must equal 'n' ({choices(body)}): every choice made is "
+                             "answered; ask for several choices with 'n'", "best_of")
 
 
 def echo(body: dict) -> bool:
@@ -478,7 +486,7 @@ def _last_chunks(formats: list[Chunks], usage: bool) -> str:
 def completions():
     """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
     of exactly one string (token ids are refused); ``n`` choices, one job each; ``best_of``
-    must be 1; ``echo`` puts the prompt before each text (not with ``logprobs``); ``suffix``
+    must be null or ``n``; ``echo`` puts the prompt before each text (not with ``logprobs``); ``suffix``
     is refused; ``user`` is ignored. ``model`` defaults
     to the default generate model. ``keep_running: true`` (an extension) keeps the job going
     after its client disconnects; otherwise a disconnect cancels it, streamed or not."""

@@ -305,7 +305,7 @@ def _schemas(settings: Settings) -> Schema:
     choices = {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1,
                "description": "choices, one job each (X-Job-IDs); 1 in a batch line"}
     openai_fields = ("OpenAI's other fields for this endpoint are refused unless null or their "
-                     "no-op value (best_of 1, tools [], ...) "
+                     "no-op value (tools [], ...) "
                      "or accepted and ignored where they change nothing (user, metadata, store, "
                      "service_tier, ...); any other field is refused")
     http_error = _obj({"type": {"type": "string"}, "message": {"type": "string"},
@@ -376,7 +376,9 @@ def _schemas(settings: Settings) -> Schema:
             "prompt": {"anyOf": [text, {"type": "array", "items": text,
                                         "minItems": 1, "maxItems": 1}]},
             "model": model_ref, **sampling, **openai_sampling, **streaming,
-            "n": choices, "best_of": {"const": 1}, "user": {"type": "string"},
+            "n": choices, "user": {"type": "string"},
+            "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES,
+                        "description": "null or n: every choice made is answered"},
             "echo": {"type": "boolean", "default": False,
                      "description": "the prompt before each text (not with logprobs)"},
         }, ("prompt",)) | {"description": openai_fields},

@@ -82,11 +82,12 @@ def tokenize():
     c.owner()
     body = c.body()
     v.known_fields(body, ("model", "prompt", "messages"))
-    if ("prompt" in body) == ("messages" in body):
+    chat = body.get("messages") is not None  # null is absent, as everywhere
+    if (body.get("prompt") is not None) == chat:
         raise InvalidRequest("send 'prompt' (a text) or 'messages' (a chat), one of them",
                              "prompt")
     record, tokenizer = _model(c, body)
-    if "messages" in body:
+    if chat:
         prompt = chat_prompt(body, c)
     else:
         prompt = v.string(body, "prompt", required=True, allow_empty=True,

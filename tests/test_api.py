@@ -661,10 +661,16 @@ def test_tokenize_gives_the_ids_a_worker_counts_and_detokenize_reads_them_back(a
     back = api.post("/v1/detokenize", {"tokens": answer["tokens"] + [0]}).json()
     assert back["prompt"] == "tell me a story<|endoftext|>"
     assert api.post("/v1/tokenize", {"prompt": ""}).json()["tokens"] == []
+    nulls = api.post("/v1/tokenize", {"prompt": "tell me a story", "messages": None})
+    assert nulls.status_code == 200 and nulls.json()["tokens"] == answer["tokens"], nulls.text
+    chat_nulls = api.post("/v1/tokenize", {"model": "demo-gpt", "messages": messages,
+                                           "prompt": None})
+    assert chat_nulls.json()["tokens"] == chat["tokens"], chat_nulls.text
 
 
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/tokenize", {}, 422, "send 'prompt' (a text) or 'messages'"),
+    ("/v1/tokenize", {"prompt": None, "messages": None}, 422, "one of them"),
     ("/v1/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422,
      "one of them"),
     ("/v1/tokenize", {"prompt": 5}, 422, "'prompt'"),
