@@ -18,6 +18,7 @@ OpenAI, a request without ``temperature`` samples at 1.0 (the native ``/v1/infer
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
@@ -86,6 +87,8 @@ class TextShape:
     def __init__(self, index: int = 0, echo: str = "") -> None:
         self.index = index  # the choice's place in the answer (n)
         self.echo = echo
+        self.offset = 0  # characters of the choice's text its tokens so far make
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def choice(self, text: str, finish_reason: str | None,
                logprobs: dict | None = None) -> dict[str, Any]:
@@ -96,14 +99,16 @@ class TextShape:
         return {"index": self.index, "text": text, "finish_reason": finish_reason,
                 "logprobs": logprobs}
 
-    def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
-        """The legacy ``logprobs`` object of ``entries`` (``workers.engine.token_logprob``):
-        per token its text, log probability, the alternatives with the token itself (up to
-        ``logprobs`` + 1, as OpenAI), and its offset in the text from ``offset``."""
+    def logprobs(self, entries: list[dict]) -> dict[str, Any]:
+        """The legacy ``logprobs`` object of the choice's next ``entries``
+        (``workers.engine.token_logprob``): per token its text, log probability, the
+        alternatives with the token itself (up to ``logprobs`` + 1, as OpenAI), and where in
+        the choice's text it starts (``text_offset``): the characters its tokens' bytes made
+        before it, so a token inside a multi-byte character starts where that character does."""
         offsets = []
         for entry in entries:
-            offsets.append(offset)
-            offset += len(entry["token"])
+            offsets.append(self.offset)
+            self.offset += len(self.decoder.decode(bytes(entry["bytes"])))
         return {"tokens": [e["token"] for e in entries],
                 "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]},
@@ -137,7 +142,7 @@ class ChatShape(TextShape):
         return {"index": self.index, "delta": delta, "finish_reason": finish_reason,
                 "logprobs": logprobs}
 
-    def logprobs(self, entries: list[dict], offset: int = 0) -> dict[str, Any]:
+    def logprobs(self, entries: list[dict]) -> dict[str, Any]:
         """The chat ``logprobs`` object: per token its text, bytes and log probability, and
         as many alternatives as ``top_logprobs`` asked."""
         def token(entry: dict) -> dict[str, Any]:
@@ -163,7 +168,6 @@ class Chunks:
                      "created": int(record.queued_at), "model": record.model}
         self.include_usage = include_usage
         self.alone = alone
-        self.offset = 0  # characters of the tokens so far (the legacy text_offset)
         self.usage: dict[str, int] | None = None
         self.failed = False
         self.echoed = not shape.echo
@@ -177,8 +181,7 @@ class Chunks:
             entry = data.get("logprobs")
             if entry is None:
                 return self.chunk([self.shape.chunk_choice(data["text"], None)]) if data["text"] else ""
-            logprobs = self.shape.logprobs([entry], self.offset)
-            self.offset += len(entry["token"])
+            logprobs = self.shape.logprobs([entry])
             return self.chunk([self.shape.chunk_choice(data["text"], None, logprobs)])
         if kind is EventType.ERROR:
             self.failed = True

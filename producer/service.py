@@ -117,7 +117,7 @@ class JobService:
         try:
             for req in requests:
                 records.append(self.submit(req, owner, trace_id, waited)[0])
-        except BanterError:
+        except (BanterError, redis.RedisError):
             self.cancel_all(records, owner)
             raise
         return records

@@ -170,6 +170,20 @@ def test_client_logprobs_completions_streamed_and_not(client, api):
     assert plain.choices[0].logprobs is None
 
 
+def test_legacy_text_offsets_count_characters_of_the_text_not_spelled_bytes(client):
+    """A character made of two byte tokens (0xC3, 0xA9: "\u00e9"): both start where the
+    character does, and the next token after it, so each offset indexes the text."""
+    ask = {"model": DEMO_GPT, "prompt": "hi", "max_tokens": 3, "temperature": 0, "logprobs": 0,
+           "logit_bias": {"128": 100, "103": 99}, "frequency_penalty": 2,
+           "presence_penalty": 2}
+    whole = client.completions.create(**ask).choices[0]
+    assert whole.logprobs.tokens[:2] == ["bytes:\\xc3", "bytes:\\xa9"]
+    assert whole.text.startswith("\u00e9") and whole.logprobs.text_offset == [0, 0, 1]
+    chunks = client.completions.create(**ask, stream=True)
+    assert [o for c in chunks if c.choices[0].logprobs
+            for o in c.choices[0].logprobs.text_offset] == [0, 0, 1]
+
+
 def test_client_logprobs_chat_streamed_and_not(client, api):
     whole = client.chat.completions.create(model=DEMO_GPT, messages=MESSAGES, max_tokens=4,
                                            temperature=0, logprobs=True, top_logprobs=3)
