@@ -1,8 +1,9 @@
 """``banter``: one command per role. Exit codes: EXIT_OK 0, EXIT_FAILED 1 (the request or job
 failed), EXIT_USAGE 2 (bad arguments or settings), EXIT_UNAVAILABLE 3 (server, Redis or broker
-unreachable, or the producer's 503 for what it lacks for now: its Redis or broker, the registry, a
-live worker for the model's backend, a wait interrupted, a model that cannot be served until an
-admin acts), EXIT_INTERRUPTED 130 (Ctrl-C)."""
+unreachable; a 429: a full queue, a rate limit; or the producer's 503 for what it lacks for
+now: its Redis or broker, the registry, a live worker for the model's backend, a wait
+interrupted, a model that cannot be served until an admin acts), EXIT_INTERRUPTED 130
+(Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from banter.errors import BanterError, InvalidRequest, Unavailable, status_for
+from banter.errors import BanterError, InvalidRequest, Throttled, Unavailable, status_for
 from banter.settings import Settings, SettingsError, parse_int, parse_number
 
 EXIT_OK = 0
@@ -164,9 +165,10 @@ def _print_events(events) -> int:
 
 
 def _failed(status: int) -> int:
-    """EXIT_UNAVAILABLE for an error the producer answers 503 for (the model cannot be served
-    for now: no worker, a checksum mismatch, a model that does not load); else EXIT_FAILED."""
-    return EXIT_UNAVAILABLE if status == Unavailable.status else EXIT_FAILED
+    """EXIT_UNAVAILABLE for an error that says "not now": a 503 (no worker, a checksum
+    mismatch, a model that does not load) or a 429 (a full queue, the key's rate limit);
+    else EXIT_FAILED."""
+    return EXIT_UNAVAILABLE if status in (Throttled.status, Unavailable.status) else EXIT_FAILED
 
 
 def cmd_bulk(args, settings: Settings) -> int:

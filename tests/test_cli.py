@@ -26,6 +26,7 @@ import requests
 
 from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT
 from banter.redisserver import free_port
+from tests.conftest import Api, unserved_producer
 
 CLI = [sys.executable, "-m", "banter.cli"]
 
@@ -479,6 +480,16 @@ def test_submit_that_no_live_worker_can_serve_exits_3_saying_what_to_start(api):
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("banter: no live worker serves the openai backend")
     assert "Traceback" not in result.stderr
+
+
+def test_submit_to_a_full_queue_exits_3(settings, redis_client, demo_models):
+    """A 429 is "not now", as a 503 is: a script retries it later."""
+    with unserved_producer(settings, redis_client, max_queue_depth=1) as (server, _queue):
+        assert Api(server.url).post("/v1/jobs", {"kind": "generate",
+                                                 "input": "x"}).status_code == 202
+        result = banter("submit", "hi", "--url", server.url)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("banter: queue_full: ") and result.stdout == ""
 
 
 @pytest.mark.parametrize("stream", [False, True])
