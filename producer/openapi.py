@@ -47,6 +47,7 @@ ERROR_STATUSES = {
     422: "a field is missing, of the wrong type or out of range",
     429: "the lane's queue is full, the key's rate limit is spent, or it holds its "
          "BANTER_MAX_WAITS_PER_KEY open streams and synchronous calls; retry after Retry-After s",
+    502: "the OpenAI-compatible upstream failed or refused the request (openai backend)",
     503: "Redis, the broker or every worker is unavailable",
     504: "a synchronous call waited longer than BANTER_SYNC_TIMEOUT_S (the job goes on)",
 }
@@ -129,7 +130,8 @@ def _json_or_sse(description: str, schema: str, event: str) -> Schema:
 def _paths() -> Schema:
     body_errors = (400, 408, 413, 415, 422)
     submit_errors = (*body_errors, 404, 503)
-    sync_errors = (*submit_errors, 504)
+    sync_errors = (*submit_errors, 502, 504)
+    openai_errors = tuple(code for code in sync_errors if code != 422)  # 400 there, as OpenAI
     job = {"$ref": "#/components/parameters/JobID"}
     batch = {"$ref": "#/components/parameters/BatchID"}
     stream_query = {"name": "stream", "in": "query", "required": False,
@@ -137,6 +139,9 @@ def _paths() -> Schema:
                     "schema": {"type": "boolean"}}
     resume = {"name": "Last-Event-ID", "in": "header", "required": False,
               "description": "resume after this stream entry id", "schema": {"type": "string"}}
+    resume_query = {"name": "last_event_id", "in": "query", "required": False,
+                    "description": "Last-Event-ID, for a client that cannot set headers",
+                    "schema": {"type": "string"}}
     return {
         "/v1/jobs": {"post": _op(
             "Enqueue one job", {"202": _json("queued", "JobAccepted"),
@@ -154,7 +159,7 @@ def _paths() -> Schema:
             {"200": {"description": "the events",
                      "content": {"text/event-stream": {"schema": _ref("JobEvent")}}},
              "204": {"description": "resumed at or after the final event: nothing more"}},
-            (404, 503), parameters=(job, resume))},
+            (404, 503), parameters=(job, resume, resume_query))},
         "/v1/inference": {"post": _op(
             "Generate and wait (or stream with ?stream=true)",
             {"200": _json_or_sse("the result", "InferenceResult", "JobEvent")}, sync_errors,
@@ -166,14 +171,14 @@ def _paths() -> Schema:
         "/v1/completions": {"post": _op(
             "OpenAI completions",
             {"200": _json_or_sse("the completion", "Completion", "OpenAIEvent")},
-            sync_errors, body="CompletionRequest")},
+            openai_errors, body="CompletionRequest")},
         "/v1/chat/completions": {"post": _op(
             "OpenAI chat completions",
             {"200": _json_or_sse("the chat completion", "ChatCompletion", "OpenAIEvent")},
-            sync_errors, body="ChatCompletionRequest")},
+            openai_errors, body="ChatCompletionRequest")},
         "/v1/embeddings": {"post": _op(
             "OpenAI embeddings", {"200": _json("the embeddings", "EmbeddingList")},
-            sync_errors, body="EmbeddingRequest")},
+            (*openai_errors, 409), body="EmbeddingRequest")},
         "/v1/tokenize": {"post": _op(
             "A generate model's token ids for a prompt or a chat (as its worker encodes it)",
             {"200": _json("the ids", "Tokenized")}, (*body_errors, 404, 503),
@@ -230,7 +235,13 @@ def _paths() -> Schema:
             (404, 503), parameters=(batch,))},
         "/healthz": {"get": _op("Liveness", {"200": _json("alive", "Health")}, (), public=True)},
         "/readyz": {"get": _op("Readiness: Redis, the broker and a live worker",
-                               {"200": _json("ready", "Ready")}, (503,), public=True)},
+                               {"200": _json("ready", "Ready"),
+                                "503": {"description": "Redis or the broker down (an error), "
+                                                       "or no live worker (this, backlog "
+                                                       "included)",
+                                        "content": {"application/json": {"schema": {"anyOf": [
+                                            _ref("Error"), _ref("NotReady")]}}}}},
+                               (), public=True)},
         "/metrics": {"get": _op(
             "Prometheus metrics", {"200": {"description": "Prometheus text", "content": {
                 "text/plain": {"schema": {"type": "string"}}}}}, (503,), public=True)},
@@ -266,8 +277,8 @@ def _schemas(settings: Settings) -> Schema:
     batch = settings.inference_max_batch_size
     text = {"type": "string", "minLength": 1, "maxLength": chars, "pattern": NOT_BLANK}
     texts = {"type": "array", "items": text, "minItems": 1, "maxItems": settings.embed_max_inputs}
-    model_ref = {"type": "string", "minLength": 1, "maxLength": 128,
-                 "description": "a model name, or name@version to pin a version"}
+    model_ref = _nullable({"type": "string", "minLength": 1, "maxLength": 128,
+                           "description": "a model name, or name@version to pin a version"})
     stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     penalty = {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY, "default": 0,
                "description": "subtracted from a token's logit (presence: once it was "
@@ -290,20 +301,23 @@ def _schemas(settings: Settings) -> Schema:
                      "description": "each token's log probability under the model, with this "
                                     "many alternatives (the answer's logprobs)"},
     }
+    sampling = {name: _nullable(field) for name, field in sampling.items()}  # null: unset
     streaming = {
-        "stream": {"type": "boolean"},
-        "stream_options": _obj({"include_usage": {"type": "boolean"}}),
-        "keep_running": {"type": "boolean",
-                         "description": "keep the job going when the client leaves (streamed "
-                                        "or not)"},
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable(_obj({"include_usage": _nullable({"type": "boolean"}),
+                                          "include_obfuscation": _nullable({"type": "boolean"})})),
+        "keep_running": _nullable({"type": "boolean",
+                                   "description": "keep the job going when the client leaves "
+                                                  "(streamed or not)"}),
     }
     usage = _obj({"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                   "total_tokens": {"type": "integer"}}, ("prompt_tokens", "completion_tokens"))
     error_detail = _obj({"type": {"type": "string"}, "message": {"type": "string"}},
                         ("type", "message"))
     openai_sampling = {"temperature": {**sampling["temperature"], "default": 1}}
-    choices = {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1,
-               "description": "choices, one job each (X-Job-IDs); 1 in a batch line"}
+    choices = _nullable({"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1,
+                         "description": "choices, one job each (X-Job-IDs); 1 in a batch line"})
+    user = _nullable({"type": "string", "maxLength": 1024})
     openai_fields = ("OpenAI's other fields for this endpoint are refused unless null or their "
                      "no-op value (tools [], ...) "
                      "or accepted and ignored where they change nothing (user, metadata, store, "
@@ -325,6 +339,8 @@ def _schemas(settings: Settings) -> Schema:
         "backend": {"enum": ["onnx", "openai"]}, "upstream_model": nullable_str,
         "actor": {"type": "string"}, "reason": {"type": "string"},
         "previous_version": nullable_int, "ref": {"type": "string"},
+        "files": {"type": "object", "additionalProperties": {"type": "string"},
+                  "description": "companion file name to its sha256"},
     }, ("seq", "name", "kind", "version", "path", "backend", "ref"))
     return {
         "Error": _obj({"error": http_error}, ("error",)),
@@ -334,11 +350,11 @@ def _schemas(settings: Settings) -> Schema:
             "input": {"anyOf": [text, {**texts, "description": "embed jobs only: result "
                                                              "'embeddings', in input order"}]},
             "model": model_ref,
-            "params": {**_ref("SamplingParams"), "description": "generate jobs only"},
-            "lane": {"enum": ["interactive", "bulk"]},
-            "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 128,
-                                "pattern": NOT_BLANK},
-            "deadline_s": {"type": "number", "minimum": 0.001, "maximum": 86400},
+            "params": _nullable({**_ref("SamplingParams"), "description": "generate jobs only"}),
+            "lane": _nullable({"enum": ["interactive", "bulk"]}),
+            "idempotency_key": _nullable({"type": "string", "minLength": 1, "maxLength": 128,
+                                          "pattern": NOT_BLANK}),
+            "deadline_s": _nullable({"type": "number", "minimum": 0.001, "maximum": 86400}),
         }, ("kind", "input")),
         "JobAccepted": _obj({
             "id": {"type": "string"}, "status": {"type": "string"},
@@ -351,6 +367,7 @@ def _schemas(settings: Settings) -> Schema:
                                 "expired"]},
             "model": {"type": "string"}, "version": nullable_int, "backend": nullable_str,
             "batch_size": nullable_int, "lane": {"type": "string"}, "worker": nullable_str,
+            "attempts": {"type": "integer", "description": "times a worker took it"},
             "result": _nullable({"type": "object"}),
             "error": _nullable(error_detail),
             "usage": usage,
@@ -364,6 +381,8 @@ def _schemas(settings: Settings) -> Schema:
             "id": {"type": "string"}, "text": {"type": "string"},
             "finish_reason": {"type": "string"}, "usage": usage, "model": {"type": "string"},
             "version": nullable_int, "backend": nullable_str, "batch_size": nullable_int,
+            "logprobs": {"type": "array", "description": "asked for with logprobs: one entry "
+                                                         "per generated token"},
         }, ("id", "text", "finish_reason", "usage", "model")),
         "InferenceBatchRequest": _obj({
             "prompts": {"type": "array", "items": text, "minItems": 1, "maxItems": batch},
@@ -376,15 +395,18 @@ def _schemas(settings: Settings) -> Schema:
             "prompt": {"anyOf": [text, {"type": "array", "items": text,
                                         "minItems": 1, "maxItems": 1}]},
             "model": model_ref, **sampling, **openai_sampling, **streaming,
-            "n": choices, "user": {"type": "string"},
-            "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES,
-                        "description": "null or n: every choice made is answered"},
-            "echo": {"type": "boolean", "default": False,
-                     "description": "the prompt before each text (not with logprobs)"},
+            "n": choices, "user": user,
+            "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_CHOICES,
+                                  "description": "null or n: every choice made is answered"}),
+            "echo": _nullable({"type": "boolean", "default": False,
+                               "description": "the prompt before each text (not with "
+                                              "logprobs)"}),
         }, ("prompt",)) | {"description": openai_fields},
         "ChatCompletionRequest": _obj({
             "messages": {"type": "array", "minItems": 1, "items": _obj({
-                "role": {"enum": ["system", "user", "assistant"]},
+                "role": {"enum": ["system", "user", "assistant", "developer"],
+                         "description": "developer is taken as system"},
+                "name": _nullable({"type": "string"}),
                 "content": {"anyOf": [
                     {"type": "string", "maxLength": chars},
                     {"type": "array", "minItems": 1, "items": _obj({
@@ -393,15 +415,16 @@ def _schemas(settings: Settings) -> Schema:
             }, ("role", "content"))},
             "model": model_ref, **sampling, **openai_sampling, **streaming,
             "max_completion_tokens": sampling["max_tokens"],
-            "logprobs": {"type": "boolean"},
-            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
-                             "description": "alternatives per token; needs logprobs true"},
-            "n": choices, "user": {"type": "string"},
+            "logprobs": _nullable({"type": "boolean"}),
+            "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                                       "description": "alternatives per token; needs logprobs "
+                                                      "true"}),
+            "n": choices, "user": user,
         }, ("messages",)) | {"description": openai_fields},
         "TokenizeRequest": _obj({
-            "model": model_ref, "prompt": {"type": "string", "maxLength": chars},
-            "messages": {"type": "array", "minItems": 1, "items": {"type": "object"},
-                         "description": "as /v1/chat/completions takes them"},
+            "model": model_ref, "prompt": _nullable({"type": "string", "maxLength": chars}),
+            "messages": _nullable({"type": "array", "minItems": 1, "items": {"type": "object"},
+                                   "description": "as /v1/chat/completions takes them"}),
         }) | {"description": "one of prompt and messages"},
         "Tokenized": _obj({"model": {"type": "string"},
                            "tokens": {"type": "array", "items": {"type": "integer"}},
@@ -414,7 +437,9 @@ def _schemas(settings: Settings) -> Schema:
                             ("model", "prompt")),
         "EmbeddingRequest": _obj({
             "input": {"anyOf": [text, texts]},
-            "model": model_ref, "encoding_format": {"enum": ["float", "base64"]},
+            "model": model_ref, "encoding_format": _nullable({"enum": ["float", "base64"]}),
+            "user": user, "dimensions": {"type": "null", "description": "vectors have the "
+                                                                        "model's own size"},
         }, ("input",)),
         "Completion": _obj({
             "id": {"type": "string"}, "object": {"const": "text_completion"},
@@ -455,7 +480,9 @@ def _schemas(settings: Settings) -> Schema:
             "id": {"type": "string"}, "object": {"const": "model"},
             "created": {"type": "integer"}, "owned_by": {"type": "string"},
             "version": {"type": "integer"}, "kind": {"enum": ["generate", "embed"]},
-            "backend": {"enum": ["onnx", "openai"]}}, ("id", "object")),
+            "backend": {"enum": ["onnx", "openai"]}, "name": {"type": "string"},
+            "upstream_model": nullable_str,
+            "ref": {"type": "string", "description": "name@version"}}, ("id", "object")),
         "ModelList": _obj({"object": {"const": "list"},
                            "data": {"type": "array", "items": _ref("Model")}}, ("object", "data")),
         "Record": record,
@@ -529,4 +556,9 @@ def _schemas(settings: Settings) -> Schema:
                                        "bulk": {"type": "integer"}},
                                       ("interactive", "bulk"))},
                       ("status", "workers", "queued")),
+        "NotReady": _obj({"error": http_error, "status": {"const": "not_ready"},
+                          "workers": {"type": "array", "maxItems": 0},
+                          "queued": _obj({"interactive": {"type": "integer"},
+                                          "bulk": {"type": "integer"}})},
+                         ("error", "status", "workers", "queued")),
     }

@@ -62,10 +62,46 @@ def test_the_served_description_is_the_fuzzed_one(fuzzed):
     assert served.status_code == 200 and served.json() == SPEC
     assert SPEC["openapi"] == "3.1.0"
     inference = SPEC["components"]["schemas"]["InferenceRequest"]["properties"]
-    assert (inference["max_tokens"]["maximum"], inference["prompt"]["maxLength"]) == (4, 200)
+    assert (inference["max_tokens"]["anyOf"][0]["maximum"],
+            inference["prompt"]["maxLength"]) == (4, 200)
     batch = SPEC["components"]["schemas"]["InferenceBatchRequest"]["properties"]
     assert batch["prompts"]["maxItems"] == 3
     assert "Retry-After" in SPEC["components"]["responses"]["429"]["headers"]
+
+
+CHAT = [{"role": "user", "content": "x"}]
+# request bodies the producer accepts, per route; a field is tried null in the first that does
+# not set it
+ACCEPTED = {
+    "/v1/jobs": [{"kind": "generate", "input": "x", "params": {"max_tokens": 1}},
+                 {"kind": "generate", "input": "x"}],
+    "/v1/inference": [{"prompt": "x", "max_tokens": 1}, {"prompt": "x"}],
+    "/v1/inference/batch": [{"prompts": ["x"], "max_tokens": 1}, {"prompts": ["x"]}],
+    "/v1/completions": [{"prompt": "x", "max_tokens": 1}, {"prompt": "x"}],
+    "/v1/chat/completions": [{"messages": CHAT, "max_tokens": 1}, {"messages": CHAT}],
+    "/v1/embeddings": [{"input": "x"}],
+    "/v1/tokenize": [{"prompt": "x"}, {"messages": CHAT}],
+    "/v1/detokenize": [{"tokens": [1]}],
+}
+
+
+def _nullable_fields(path: str) -> list[str]:
+    ref = SPEC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    fields = SPEC["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]["properties"]
+    return [name for name, field in fields.items()
+            if field.get("type") == "null" or {"type": "null"} in field.get("anyOf", [])]
+
+
+@pytest.mark.parametrize("path", list(ACCEPTED))
+def test_every_field_the_description_makes_nullable_takes_null(api, path):
+    """A null field is an absent one: the description says so for each field the code reads
+    that way, and the code must take a null wherever the description allows one."""
+    fields = _nullable_fields(path)
+    assert fields, f"{path}: no nullable field described"
+    for name in fields:
+        body = next(b for b in ACCEPTED[path] if name not in b)
+        response = api.post(path, {**body, name: None})
+        assert response.status_code in (200, 202), (name, response.text)
 
 
 def test_the_description_covers_every_route(fuzzed):
