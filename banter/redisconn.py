@@ -23,6 +23,17 @@ def connect(url: str) -> redis.Redis:
                                 max_connections=MAX_CONNECTIONS)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis out of service for now rather than a bad command: gone or hung
+    (a connection error, a timeout, still loading), a replica after a failover (READONLY), out
+    of memory under ``noeviction`` (OOM), writes stopped by a failed save (MISCONF), a primary
+    down. A writer holds what it has and tries again; it never drops it."""
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError,
+                            redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
+                            redis.exceptions.MasterDownError, redis.exceptions.TryAgainError)) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("MISCONF"))
+
+
 def shown_url(url: str) -> str:
     """``url`` without its password (``redis://user:***@host``), to print or log."""
     parts = urlsplit(url)

@@ -1714,3 +1714,59 @@ def test_a_cuda_session_keeps_the_model_graph(specs, caplog):
     runner._take_inplace("inplace", 1)
     warning = next(r for r in caplog.records if r.getMessage() == "kv_layout_concat")
     assert runner.kv_layout == "concat" and "CPU provider only" in warning.reason
+
+
+def test_a_redis_that_refuses_writes_for_a_while_loses_no_token(specs, tmp_path):
+    """Redis out of memory (``noeviction``) for a few steps: the engine holds that step's tokens
+    and publishes them once Redis takes writes again (``is_outage``), so the stream has every
+    seq and the text of the result, not a gap where the refused step was."""
+    from banter.redisconn import connect
+    from banter.redisserver import RedisServer
+    from banter.streams import EventType, StreamWriter, read_events
+    from workers.runtime import RedisSink
+
+    server = RedisServer(tmp_path / "redis", persist=False)
+    client = connect(server.start())
+    try:
+        sink = RedisSink(client, StreamWriter(client, 100, 60), "w@test")
+        engine = Engine(RunnerCache(select_providers(use_gpu=False), intra_op_threads=1), sink,
+                        EngineSettings(publish_ahead=0))
+        future = engine.submit_generate("oom", specs["gpt"], "hello", SamplingParams(max_tokens=8))
+        for _ in range(3):
+            engine.step()
+        client.config_set("maxmemory", "1")  # every write refused: OOM
+        blocked = threading.Thread(target=engine.step)  # its publish waits for Redis
+        blocked.start()
+        blocked.join(timeout=1.0)
+        assert blocked.is_alive(), "the step gave up on its tokens instead of holding them"
+        client.config_set("maxmemory", "0")
+        blocked.join(timeout=30)
+        result = drive(engine, [future])[0]
+        tokens = [data for _id, kind, data in read_events(client, "oom")
+                  if kind is EventType.TOKEN]
+        assert [t["seq"] for t in tokens] == list(range(8))
+        assert "".join(t["text"] for t in tokens) == result.text
+    finally:
+        server.stop()
+
+
+def test_bulk_embeds_taken_for_a_step_run_even_when_its_publish_fails(specs):
+    """A step whose token publish raises (a sink that is not Redis being out: a bug) must still
+    run the bulk embed rows it took off their queue: they are nowhere else, and their job would
+    wait for ever."""
+    class FailingOnce(RecordingSink):
+        failed = False
+
+        def publish_tokens(self, events):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("the sink broke")
+            super().publish_tokens(events)
+
+    engine = Engine(RunnerCache(select_providers(use_gpu=False), intra_op_threads=1),
+                    FailingOnce(), EngineSettings(publish_ahead=0))
+    engine.submit_generate("g", specs["gpt"], "hello", SamplingParams(max_tokens=4))
+    embedded = engine.submit_embed(specs["embed"], "a bulk text", lane="bulk", job_id="e")
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert embedded.done() and len(embedded.result().embeddings[0]) > 0

@@ -95,6 +95,9 @@ def test_logprobs_are_a_log_softmax_and_its_best():
     assert [i for i, _ in best] == [0, 2, 4]  # a tie goes to the lower id
     assert [lp for _, lp in best] == pytest.approx([logp[0], logp[2], logp[4]])
     assert logprobs(logits, 1, 0)[1] == [] and len(logprobs(logits, 1, 99)[1]) == 5
+    flat = np.zeros(1000, dtype=np.float32)  # ties across the cut: the lowest ids win them
+    flat[500] = 1.0
+    assert [i for i, _ in logprobs(flat, 0, 5)[1]] == [500, 0, 1, 2, 3]
 
 
 def test_not_an_object_is_rejected():

@@ -683,16 +683,18 @@ class Engine:
         events: list[TokenEvent] = []
         for runner in {*self._batches, *self._joining}:
             leaving += self._run_generate(runner, events)
-        if self._publisher is not None:
-            self._publisher.put(events, leaving)
-        else:
-            try:
-                if events:
-                    self._sink.publish_tokens(events)
-            finally:
-                self._resolve(leaving)
-        for runner, batch in bulk_only:  # once everything interactive is out the door
-            self._run_bulk_embed(runner, batch)
+        try:
+            if self._publisher is not None:
+                self._publisher.put(events, leaving)
+            else:
+                try:
+                    if events:
+                        self._sink.publish_tokens(events)
+                finally:
+                    self._resolve(leaving)
+        finally:  # taken off their queue: run even when the publish failed, or they never end
+            for runner, batch in bulk_only:  # once everything interactive is out the door
+                self._run_bulk_embed(runner, batch)
         return bool(leaving or embed_batches or events)
 
     def _wait_for_work(self, stop: threading.Event) -> None:

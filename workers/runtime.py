@@ -37,6 +37,7 @@ from banter.errors import (
 )
 from banter.jobs import JobKind, JobRecord, JobStatus, JobStore, embed_result, end_queued
 from banter.params import SamplingParams
+from banter.redisconn import is_outage
 from banter.settings import Settings
 from banter.streams import DoneEvent, ErrorEvent, EventType, StreamWriter, TokenEvent, decode_entry
 from registry.mirror import Mirror, resolve_from_mirror
@@ -81,9 +82,11 @@ class RedisSink:
             try:
                 self.streams.publish(events, also=lambda pipe: self._write_passes(pipe, passes))
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting or
-                # hung: hold the engine, keep the tokens (a publish whose reply was lost and is
-                # sent again writes nothing twice: PUBLISH_FUNCTION)
+            except redis.RedisError as exc:  # Redis restarting, hung, full or read-only: hold the
+                # engine, keep the tokens (a publish whose reply was lost and is sent again
+                # writes nothing twice: PUBLISH_FUNCTION)
+                if not is_outage(exc):
+                    raise
                 log.warning("publish_retry", extra={"error": str(exc), "delay_s": delay})
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -248,24 +251,26 @@ class WorkerRuntime:
         """``yielded``: seconds the job has waited for interactive ones so far."""
         try:
             outcome = self._execute(record)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            return self._interrupted(record, exc)
         except BanterError as exc:
             return self._fail(record, exc)
         except Exception as exc:  # a bug: record it on the job, keep the worker serving
+            if is_outage(exc):
+                return self._interrupted(record, exc)
             log.exception("job_crashed", extra={"job_id": record.id, "trace_id": record.trace_id})
             return self._fail(record, InferenceError(f"internal worker error: {exc!r}"))
         if record.lane != "interactive":
             yielded += self.gate.wait_clear()
         try:
             return self._finish(record, self._covering_stream(record, outcome), yielded)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            if not is_outage(exc):
+                raise
             return self._interrupted(record, exc)
 
     def _interrupted(self, record: JobRecord, exc: Exception) -> str:
-        """Redis went away while the job ran (not the job's fault, nor a bug): it stays
-        ``running``, and once its lease lapses a worker takes it over (Delivery), its stream
-        kept as it is."""
+        """Redis went away (or refused writes: ``is_outage``) while the job ran (not the job's
+        fault, nor a bug): it stays ``running``, and once its lease lapses a worker takes it
+        over (Delivery), its stream kept as it is."""
         log.warning("job_interrupted", extra={"job_id": record.id, "trace_id": record.trace_id,
                                               "error": str(exc)})
         return "interrupted"

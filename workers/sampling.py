@@ -35,8 +35,9 @@ def logprobs(logits: np.ndarray, token_id: int, top: int) -> tuple[float, list[t
     best: list[tuple[int, float]] = []
     if top:
         count = min(top, logp.size)
-        ids = np.argpartition(-logp, count - 1)[:count]
-        ids = ids[np.lexsort((ids, -logp[ids]))]
+        cut = -np.partition(-logp, count - 1)[count - 1]  # the count-th largest value
+        ids = np.flatnonzero(logp >= cut)  # every id tied at the cut too, in id order
+        ids = ids[np.lexsort((ids, -logp[ids]))][:count]
         best = [(int(i), float(logp[i])) for i in ids]
     return float(logp[token_id]), best
 
