@@ -2,7 +2,9 @@
 
 Writers hold an exclusive ``fcntl.flock`` on the file itself while they read it, build the
 next record and append it (flush + fsync), so seqs and versions are assigned atomically across
-processes. Readers hold a shared lock.
+processes. A writer that got the lock on a file that was replaced while it waited (an editor's
+save, ``cp`` then ``mv``) opens the file now at the path and locks that instead, so no record
+goes to a file nobody reads. Readers hold a shared lock.
 
 A torn last line (unterminated and not a whole record, or only NUL bytes and blanks: what a
 crash mid-write leaves) is ignored on read, and the next append truncates it away before
@@ -20,8 +22,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from banter.errors import BanterError, RegistryUnavailable, WireError
 from registry.records import Record
@@ -98,8 +101,7 @@ class HistoryFile:
                 # another process created the file meanwhile (its first record may already
                 # be mirrored, which makes an empty file look behind): decide under its lock
                 created = False
-        with open(self.path, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with self._locked() as f:
             f.seek(0)
             data = f.read()
             records, good_end = _parse(data, self.path, strict_tail=True)
@@ -122,6 +124,23 @@ class HistoryFile:
         if created:
             _fsync_dir(self.path.parent)
         return record
+
+    @contextmanager
+    def _locked(self) -> Iterator[BinaryIO]:
+        """The file at ``path`` open for appending under its exclusive lock. Once the lock is
+        held it must still be the file at ``path``: one replaced (or moved away) meanwhile is
+        let go and the path opened again."""
+        while True:
+            with open(self.path, "a+b") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                held = os.fstat(f.fileno())
+                try:
+                    current = os.stat(self.path)
+                except FileNotFoundError:
+                    continue
+                if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                    yield f
+                    return
 
     def _unavailable(self, verb: str, exc: OSError) -> RegistryUnavailable:
         return RegistryUnavailable(f"the registry history {self.path.name} cannot be {verb}: "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Iterable
 
 from banter.errors import InvalidRequest, WireError
@@ -76,6 +78,14 @@ def apply(state: RegistryState, record: Record) -> None:
     except InvalidRequest as exc:
         raise ReplayError(record.seq, f"names no model a promote could make: {exc.message}") \
             from None
+    if record.path.startswith("/") or ".." in PurePosixPath(record.path).parts:
+        raise ReplayError(record.seq, f"names the artifact {record.path!r}, which is not under "
+                          "the model root (a promote writes a path relative to it)")
+    try:
+        datetime.fromisoformat(record.time)
+    except ValueError:
+        raise ReplayError(record.seq, f"has the time {record.time!r}, which is not an ISO-8601 "
+                          "time") from None
     model = state.models.get(record.name)
     if model is None:
         model = state.models[record.name] = ModelState(name=record.name, kind=record.kind)

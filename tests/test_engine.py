@@ -206,6 +206,42 @@ def test_cache_loads_a_version_once_across_threads(specs, monkeypatch):
     assert fresh.retire("demo-embed", 1) and fresh.loaded() == []
 
 
+def test_a_version_whose_record_names_another_artifact_is_loaded_anew(specs, tmp_path):
+    """``name@version`` names one artifact for good, but a history restored from elsewhere can
+    give it another: the cache serves the artifact the record names (by its sha256), not the
+    one it loaded first, and keeps one runner per version."""
+    import onnx
+
+    other_dir = tmp_path / "other"
+    shutil.copytree(specs["embed"].model_path.parent, other_dir)
+    model = onnx.load(str(other_dir / "model.onnx"))
+    model.doc_string = "another artifact under the same name and version"
+    onnx.save(model, str(other_dir / "model.onnx"))
+    other = replace(specs["embed"], model_path=other_dir / "model.onnx",
+                    tokenizer_path=other_dir / "tokenizer.json",
+                    sha256=sha256_file(other_dir / "model.onnx"))
+    fresh = RunnerCache()
+    first = fresh.get(specs["embed"])
+    second = fresh.get(other)
+    assert second is not first and second.spec.sha256 == other.sha256
+    assert fresh.get(other) is second and fresh.loaded() == [("demo-embed", 1)]
+
+
+def test_a_retired_version_is_freed_once_its_last_job_is_done(specs):
+    """The engine keeps per-model figures (embed cost, last arrival) without holding the
+    model: a retired version's session goes with its last reference."""
+    import gc
+    import weakref
+
+    fresh = RunnerCache()
+    engine = Engine(fresh, RecordingSink(), EngineSettings(publish_ahead=0))
+    drive(engine, [engine.submit_embed(specs["embed"], "one text")])
+    held = weakref.ref(fresh.get(specs["embed"]))
+    assert fresh.retire("demo-embed", 1)
+    gc.collect()
+    assert held() is None, "the engine still holds the retired version"
+
+
 def test_wrong_graph_or_missing_file_is_a_load_error(specs):
     fresh = RunnerCache()
     with pytest.raises(ModelLoadError, match="not a embed graph"):

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import replace
 
 import pytest
 import requests
 
 from banter import keys
+from banter.errors import Unavailable
 from banter.jobs import JobRecord
 from banter.metrics import JOBS
 from banter.redisconn import connect
@@ -473,3 +475,40 @@ def test_the_heartbeat_outlives_a_record_it_cannot_read(settings, private_url):
         assert beats.is_alive() and len(seen) >= 3
     finally:
         stop.set()
+
+
+@pytest.mark.parametrize("failure", [Unavailable("the registry mirror timed out"),
+                                     RuntimeError("a bug in a registry handler")])
+def test_the_listener_outlives_a_failing_registry_event(settings, redis_client, monkeypatch,
+                                                         failure):
+    """A registry event whose handling fails (the mirror's read timing out is Unavailable, not
+    a Redis error) must not end the listener thread: cancels would then wait for a heartbeat."""
+    runtime = WorkerRuntime(replace(settings, openai_key=""), redis_client, None,
+                            "listener-test@localhost")
+    cancelled: list[str] = []
+    failures = [failure]
+
+    def retire() -> None:
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(runtime, "_retire_inactive", retire)
+    monkeypatch.setattr(runtime, "_cancel", cancelled.append)
+    stop = threading.Event()
+    listener = threading.Thread(target=runtime._listen, args=(stop,), daemon=True)
+    listener.start()
+    try:
+        deadline = time.monotonic() + 10
+        while failures:
+            assert time.monotonic() < deadline, "the listener never took the registry event"
+            redis_client.publish(keys.REGISTRY_EVENTS, "promote")
+            time.sleep(0.05)
+        job_id = f"after-{uuid.uuid4().hex[:8]}"
+        while job_id not in cancelled:
+            assert listener.is_alive(), "the listener thread died"
+            assert time.monotonic() < deadline, "the listener stopped taking cancels"
+            redis_client.publish(keys.CANCEL, job_id)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        listener.join(timeout=5)

@@ -448,6 +448,9 @@ def test_a_record_that_does_not_replay_stops_changes_not_serving(reg: Registry,
     ({"name": "history"}, "'history' cannot name a model"),
     ({"version": 7}, "the next version of 'gpt' is 2"),
     ({"previous_version": None}, "says version None was active before it, but 1 was"),
+    ({"path": "../../outside/model.onnx"}, "which is not under the model root"),
+    ({"path": "/etc/model.onnx"}, "which is not under the model root"),
+    ({"time": "yesterday"}, "which is not an ISO-8601 time"),
 ])
 def test_an_edited_middle_record_stops_changes(reg: Registry, history_path: Path,
                                                client: redis.Redis, edit, said):
@@ -680,6 +683,32 @@ def test_a_record_written_before_companion_digests_still_reads():
     assert old.files == {}
     new = replace(old, files={"tokenizer.json": "cd"})
     assert Record.from_json(new.to_json()) == new
+
+
+def test_an_append_that_waited_on_a_file_replaced_meanwhile_goes_to_the_new_file(
+        tmp_path: Path):
+    """An editor's save (a copy moved over the file) while an append waits on the lock: the
+    append must land in the file now at the path, not in the replaced one nobody reads."""
+    import fcntl
+    import threading
+
+    history = HistoryFile(tmp_path / "history.jsonl")
+    record = Record(seq=1, time="2024-01-01T00:00:00.000Z", action="promote", name="m",
+                    kind="embed", version=1, path="m/model.onnx", sha256="ab", backend="onnx",
+                    upstream_model=None, actor="a", reason="", previous_version=None)
+    history.append(lambda records: record)
+    with open(history.path, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another writer, or an editor
+        waiting = threading.Thread(target=history.append, args=(
+            lambda records: replace(record, seq=len(records) + 1, version=len(records) + 1),))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive()  # it waits on the lock
+        copy = tmp_path / "history.jsonl.new"
+        copy.write_bytes(history.path.read_bytes())
+        os.replace(copy, history.path)
+    waiting.join(timeout=10)
+    assert [r.seq for r in history.read()] == [1, 2]
 
 
 def test_history_file_refuses_a_wrong_seq_and_creates_dirs(tmp_path: Path):

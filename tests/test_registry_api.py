@@ -189,6 +189,26 @@ def test_a_tokenizer_changed_after_promote_is_not_served(api, settings, demo_mod
     assert done["status"] == "succeeded" and done["version"] == 2
 
 
+def test_a_model_whose_link_points_out_of_the_root_since_promote_is_not_served(
+        api, settings, demo_models, tmp_path):
+    """Promoted through a link to a directory under the model root, then the link pointed at a
+    copy outside it: the files match their digests, but a worker loads nothing from outside
+    the root."""
+    name = fresh_name("reg-link")
+    inside = copy_model(demo_models[DEMO_GPT], settings.model_root / f"{name}-files")
+    link = settings.model_root / name
+    link.symlink_to(inside, target_is_directory=True)
+    assert promote(api, name, "generate", name).status_code == 201
+    outside = copy_model(demo_models[DEMO_GPT], tmp_path / "outside")
+    link.unlink()
+    link.symlink_to(outside, target_is_directory=True)
+    job = api.post("/v1/jobs", {"kind": "generate", "input": "hi", "model": name,
+                                "params": {"max_tokens": 2}}).json()
+    failed = api.wait_job(job["id"])
+    assert failed["status"] == "failed" and failed["error"]["type"] == "model_load_error"
+    assert str(outside) not in failed["error"]["message"]
+
+
 def external_data_copy(source: Path, target: Path, location: str = "model.onnx.data") -> Path:
     """A demo model directory whose weights are in an ONNX external-data file."""
     copy_model(source, target)

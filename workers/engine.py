@@ -503,7 +503,8 @@ class Engine:
         self._clock = clock
         self._batch_cap = settings.max_batch_size if settings.enable_batching else 1
         self._running_cap = settings.max_running if settings.enable_batching else 1
-        self._slot_cost: dict[Runner, float] = {}  # embed s per (input x padded token), engine
+        # embed s per (input x padded token), engine thread; weak: a retired version is freed
+        self._slot_cost: weakref.WeakKeyDictionary[Runner, float] = weakref.WeakKeyDictionary()
         self._bulk_stalled_at: float | None = None  # first bulk stop since one last finished
         self._bulk_budget = settings.bulk_pass_s  # halved by each stopped bulk pass (_embed_cap)
         self._interactive_at = -math.inf  # when an interactive generation last ran or waited
@@ -511,7 +512,8 @@ class Engine:
         # shared with caller threads, guarded by _cond:
         self._embeds: dict[Runner, _EmbedQueue] = {}
         self._embed_jobs: dict[str, _EmbedGroup] = {}  # embed jobs not yet resolved
-        self._last_embed: dict[Runner, float] = {}  # when each model's latest embed job arrived
+        # when each model's latest embed job arrived (weak, as _slot_cost)
+        self._last_embed: weakref.WeakKeyDictionary[Runner, float] = weakref.WeakKeyDictionary()
         self._waiting: dict[str, deque[_Sequence]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, _Sequence] = {}  # generate jobs not yet resolved
         self._cancels: set[str] = set()

@@ -470,7 +470,9 @@ def to_host(values: Sequence[Any]) -> list[np.ndarray]:
 
 
 class RunnerCache:
-    """Lazily loaded runners keyed by ``(name, version)``; thread-safe.
+    """Lazily loaded runners keyed by ``(name, version, sha256)``; thread-safe. A version whose
+    record names another artifact than the one loaded (a history restored from elsewhere) is
+    loaded anew, and the runner of the other artifact dropped.
 
     Concurrent ``get`` calls for one version load it once (the others wait for it); different
     versions load in parallel. ``retire`` drops a version: sequences already holding its
@@ -487,11 +489,11 @@ class RunnerCache:
         self._bind_kv = bind_kv
         self._kv_layout = kv_layout
         self._lock = threading.Lock()
-        self._runners: dict[tuple[str, int], Runner] = {}
-        self._loading: dict[tuple[str, int], threading.Lock] = {}
+        self._runners: dict[tuple[str, int, str], Runner] = {}
+        self._loading: dict[tuple[str, int, str], threading.Lock] = {}
 
     def get(self, spec: ModelSpec) -> Runner:
-        key = (spec.name, spec.version)
+        key = (spec.name, spec.version, spec.sha256)
         with self._lock:
             if key in self._runners:
                 return self._runners[key]
@@ -511,6 +513,8 @@ class RunnerCache:
                                                 "kv_device": runner.kv_device,
                                                 "kv_layout": runner.kv_layout})
                 with self._lock:
+                    for other in [k for k in self._runners if k[:2] == key[:2]]:
+                        del self._runners[other]
                     self._runners[key] = runner
             finally:
                 with self._lock:
@@ -520,8 +524,12 @@ class RunnerCache:
     def retire(self, name: str, version: int) -> bool:
         """Forget a loaded version; returns whether it was loaded."""
         with self._lock:
-            return self._runners.pop((name, version), None) is not None
+            keys = [k for k in self._runners if k[:2] == (name, version)]
+            for key in keys:
+                del self._runners[key]
+            return bool(keys)
 
     def loaded(self) -> list[tuple[str, int]]:
+        """The (name, version) pairs loaded."""
         with self._lock:
-            return sorted(self._runners)
+            return sorted({key[:2] for key in self._runners})

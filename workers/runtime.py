@@ -375,6 +375,11 @@ class WorkerRuntime:
 
     def _local(self, record: JobRecord, model: Record) -> Outcome:
         model_path = self.settings.model_root / model.path
+        root = self.settings.model_root.resolve()
+        for path in (model_path, model_path.parent / "tokenizer.json"):
+            if not path.resolve().is_relative_to(root):  # a symlink retargeted since promote
+                raise ModelLoadError(f"{model.ref}: its files no longer lie under the model "
+                                     "root (a link in its path points elsewhere now)")
         spec = ModelSpec(name=model.name, version=model.version, kind=model.kind,
                          model_path=model_path, tokenizer_path=model_path.parent / "tokenizer.json",
                          sha256=model.sha256, backend=model.backend,
@@ -559,8 +564,8 @@ class WorkerRuntime:
     def _listen(self, stop: threading.Event) -> None:
         """Cancellations (job ids on CANCEL) and registry changes (retire inactive versions)."""
         while not stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(keys.CANCEL, keys.REGISTRY_EVENTS)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
@@ -568,9 +573,14 @@ class WorkerRuntime:
                         self._cancel(message["data"])
                     elif message:
                         self._retire_inactive()
-            except redis.RedisError as exc:
+            except (redis.RedisError, Unavailable) as exc:  # the mirror's reads raise Unavailable
                 log.warning("listener_reconnecting", extra={"error": str(exc)})
                 stop.wait(1.0)
+            except Exception:  # a bug: the thread must go on, or cancels wait for a heartbeat
+                log.exception("listener_failed")
+                stop.wait(1.0)
+            finally:
+                pubsub.close()
 
     def _cancel(self, job_id: str) -> None:
         """Stop the job wherever it runs in this process (each backend ignores unknown ids)."""
