@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -614,4 +615,4 @@ def promote_command(model_root: Path, result: Imported) -> str | None:
     if not path.is_relative_to(root):
         return None
     where = path.relative_to(root).as_posix()
-    return f"banter models promote {result.name} {where} --kind {result.kind}"
+    return f"banter models promote {result.name} {shlex.quote(where)} --kind {result.kind}"

@@ -16,6 +16,7 @@ from typing import Callable
 import redis
 
 from banter.errors import (
+    ArtifactError,
     Conflict,
     InvalidRequest,
     ModelNotFound,
@@ -132,7 +133,9 @@ class Registry:
         """Make the version that was active before the current one of ``name`` active again,
         by appending a rollback record (``version`` = the restored version,
         ``previous_version`` = the one rolled back from). Raise ModelNotFound for an unknown
-        name, Conflict when there is no earlier version to go back to."""
+        name, Conflict when there is no earlier version to go back to or its files are no
+        longer what it was promoted with (gone or changed: a rollback to it would stop the
+        model being served)."""
         check_name(name)
         _check_text(actor=actor, reason=reason)
 
@@ -146,6 +149,7 @@ class Registry:
                                f"(version {model.active.version} is the first of its active "
                                f"history): promote the version you want instead")
             current, restored = model.stack[-1], model.versions[model.stack[-2]]
+            self._check_unchanged(restored)
             return Record(seq=state.last_seq + 1, time=utc_now(), action="rollback", name=name,
                           kind=restored.kind, version=restored.version, path=restored.path,
                           sha256=restored.sha256, backend=restored.backend,
@@ -155,6 +159,21 @@ class Registry:
         record, state = self._append(make)
         self._mirror(record, state)
         return record
+
+    def _check_unchanged(self, record: Record) -> None:
+        """Conflict unless an onnx version's files are still those its record names."""
+        if record.backend != "onnx":
+            return
+        try:
+            artifact = inspect_artifact(self.model_root, record.path, record.kind)
+        except ArtifactError as exc:
+            raise Conflict(f"cannot roll {record.name!r} back to version {record.version}: its "
+                           f"artifact no longer checks ({exc.message}); restore its files, or "
+                           "promote the version you want") from None
+        if (artifact.sha256, artifact.files) != (record.sha256, record.files):
+            raise Conflict(f"cannot roll {record.name!r} back to version {record.version}: its "
+                           "files changed since it was promoted (a worker would refuse them); "
+                           "restore them, or promote the version you want")
 
     def history(self, name: str | None = None) -> list[Record]:
         """Every record in seq order, or only those of ``name``, read from the file.

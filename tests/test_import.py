@@ -15,7 +15,15 @@ from safetensors.numpy import save_file  # the [import] extra, part of [test]
 
 from banter import cli, importer
 from banter.demo import gpt_tokenizer
-from banter.importer import BadImportArgument, ImportFailed, import_model, reference_bert, reference_gpt2
+from banter.importer import (
+    BadImportArgument,
+    Imported,
+    ImportFailed,
+    import_model,
+    promote_command,
+    reference_bert,
+    reference_gpt2,
+)
 from banter.redisconn import connect
 from banter.redisserver import RedisServer
 from banter.settings import Settings
@@ -400,3 +408,14 @@ def test_served_through_a_private_stack(minilm, tied_gpt2, home, tmp_path):
         if worker:
             stop_process(worker)
         redis_server.stop()
+
+
+def test_the_printed_promote_command_survives_a_path_with_spaces(tmp_path):
+    """The line is for a shell: a path with a space (or a quote) is one argument there."""
+    import shlex
+
+    made = Imported(tmp_path / "my models" / "it's", "m", "generate", "gpt2", 0.0, 1.0)
+    line = promote_command(tmp_path, made)
+    assert shlex.split(line) == ["banter", "models", "promote", "m", "my models/it's", "--kind",
+                                 "generate"]
+    assert promote_command(tmp_path / "elsewhere", made) is None

@@ -192,6 +192,26 @@ def test_versions_idempotency_and_rollback(reg: Registry, history_path: Path):
     assert reg.rollback("gpt").version == 1
 
 
+def test_a_rollback_to_a_version_whose_files_changed_or_went_is_refused(
+        reg: Registry, root: Path, history_path: Path):
+    """Rolled back to, such a version could not be served (a worker refuses files that are not
+    the promoted ones): the rollback is refused saying why, and nothing is appended."""
+    reg.promote("gpt", "generate", "gpt-a")
+    reg.promote("gpt", "generate", "gpt-b")
+    tokenizer = root / "gpt-a" / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    tokenizer.write_bytes(original + b" ")
+    with pytest.raises(Conflict, match="back to version 1: its files changed"):
+        reg.rollback("gpt")
+    shutil.move(root / "gpt-a", root / "gone")
+    with pytest.raises(Conflict, match="back to version 1: its artifact no longer checks"):
+        reg.rollback("gpt")
+    assert len(lines(history_path)) == 2 and reg.resolve("gpt").version == 2
+    shutil.move(root / "gone", root / "gpt-a")
+    tokenizer.write_bytes(original)
+    assert reg.rollback("gpt").version == 1
+
+
 def test_pins_and_resolve_errors(reg: Registry):
     v1, _ = reg.promote("gpt", "generate", "gpt-a")
     v2, _ = reg.promote("gpt", "generate", "gpt-b")
