@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
+from banter import strictjson
 from banter.client import not_a_producer
 from banter.errors import BadJSON, InvalidRequest, Throttled, Timeout, Unavailable, brief
 
@@ -91,7 +92,7 @@ def decode_line(raw: bytes) -> BatchLine:
     line holding an unpaired UTF-16 surrogate escape (``"\\ud800"``) is BadJSON, as the
     server refuses such a body: it is not text that can be stored or sent on as UTF-8."""
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = strictjson.loads(raw)
         json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise BadJSON("the line holds an unpaired UTF-16 surrogate escape (such as "
@@ -101,8 +102,7 @@ def decode_line(raw: bytes) -> BatchLine:
     return parse_line(value)
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in JSON")
+OUTPUT_FIELDS = frozenset({"id", "custom_id", "response", "error"})  # every output line's
 
 
 def response_line(custom_id: str, request_id: str, status_code: int,
@@ -271,15 +271,27 @@ def load_finished(out_path: Path) -> set[str]:
         for number, raw in enumerate(file, start=1):
             if not raw.endswith(b"\n"):
                 break
-            try:
-                custom_id = json.loads(raw)["custom_id"]
-            except (ValueError, KeyError, TypeError):
+            custom_id = _output_custom_id(raw)
+            if custom_id is None:
                 raise BulkFileError(f"{out_path}: line {number} is not a batch output line; "
-                                    "refusing to append to this file") from None
+                                    "refusing to append to this file")
             finished.add(custom_id)
             kept += len(raw)
         file.truncate(kept)
     return finished
+
+
+def _output_custom_id(raw: bytes) -> str | None:
+    """The custom_id of an output line (``response_line`` or ``error_line``: an object with
+    ``id``, a string ``custom_id``, ``response`` and ``error``), or None for anything else (an
+    input line, another file)."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(line, dict) or not OUTPUT_FIELDS <= line.keys():
+        return None
+    return line["custom_id"] if isinstance(line["custom_id"], str) else None
 
 
 def idempotency_key(digest: str, custom_id: str) -> str:

@@ -338,12 +338,29 @@ def cancel_batch(batch_id: str):
     running = [r for r in job_records(c, submitted)
                if r is not None and not JobStatus(r.status).terminal]
     if fields["status"] == "in_progress" and running:
-        now = int(time.time())
-        c.redis.hset(keys.batch(batch_id), mapping={"status": "cancelling", "cancelling_at": now})
-        fields.update(status="cancelling", cancelling_at=now)
-        for record in running:
-            c.jobs.cancel(record.id, owner)
+        if move(c, batch_id, "in_progress", "cancelling") == "cancelling":
+            for record in running:
+                c.jobs.cancel(record.id, owner)
+        fields = c.redis.hgetall(keys.batch(batch_id)) or fields
     return jsonify(batch_object(c, fields, submitted))
+
+
+# KEYS[1] the batch hash. ARGV[1] the status it must have, ARGV[2] the new one, ARGV[3] the
+# time. Sets the status and its ``<status>_at`` time (once) only from ARGV[1]; returns the
+# status the batch has after.
+_MOVE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= ARGV[1] then return status end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('HSETNX', KEYS[1], ARGV[2] .. '_at', ARGV[3])
+return ARGV[2]
+"""
+
+
+def move(c: Context, batch_id: str, before: str, after: str) -> str:
+    """Move the batch from status ``before`` to ``after`` in one step, so a cancel and a read
+    that finds every job ended never overwrite each other; returns its status now."""
+    return c.redis.eval(_MOVE, 1, keys.batch(batch_id), before, after, int(time.time()))
 
 
 @blueprint.get("/v1/batches/<batch_id>/output")
@@ -379,6 +396,9 @@ def job_records(c: Context, submitted: list[Submitted]) -> list[JobRecord | None
             for line in submitted]
 
 
+FINAL_OF = {"in_progress": "completed", "cancelling": "cancelled"}  # once every job ended
+
+
 def batch_object(c: Context, fields: dict[str, Any], submitted: list[Submitted]) -> dict[str, Any]:
     """The OpenAI batch object. Its status is worked out from the jobs: once every one has
     ended, ``in_progress`` becomes ``completed`` and ``cancelling`` becomes ``cancelled``
@@ -387,14 +407,9 @@ def batch_object(c: Context, fields: dict[str, Any], submitted: list[Submitted])
     done = [x for x in outputs if x is not None]
     completed = sum(1 for x in done if succeeded(x))
     status = fields["status"]
-    if len(done) == len(outputs) and status in ("in_progress", "cancelling"):
-        status = "completed" if status == "in_progress" else "cancelled"
-        stamp = int(time.time())
-        pipe = c.redis.pipeline()
-        pipe.hset(keys.batch(fields["id"]), "status", status)
-        pipe.hsetnx(keys.batch(fields["id"]), f"{status}_at", stamp)
-        pipe.execute()
-        fields = {**fields, f"{status}_at": fields.get(f"{status}_at", stamp)}
+    while len(done) == len(outputs) and status in FINAL_OF:  # a cancel may come in between
+        status = move(c, fields["id"], status, FINAL_OF[status]) or FINAL_OF[status]
+        fields = c.redis.hgetall(keys.batch(fields["id"])) or fields
     created = int(fields["created_at"])
 
     def at(name: str) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
@@ -11,6 +10,7 @@ from flask import Request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
 
+from banter import strictjson
 from banter.errors import (
     BadFraming,
     BadJSON,
@@ -48,8 +48,7 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise TooLarge(f"request body is over the {max_bytes} byte limit")
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
-                          parse_float=_finite_float)
+        body = strictjson.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise BadJSON(f"request body is not UTF-8 ({exc}): send JSON encoded as UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -67,15 +66,6 @@ def _unfinished() -> RequestTimeout:
                           "whole")
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:32]} is too large")
-    return value
 
 
 def _reject_lone_surrogates(body: Any) -> None:

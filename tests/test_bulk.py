@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from banter import keys
 from banter.demo import DEMO_TEXT
@@ -37,10 +38,11 @@ BAD_LINES = [  # (raw line, error code in the error file)
     '{"custom_id": "no-body", "method": "POST", "url": "/v1/embeddings"}',
     '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"top_p": NaN}}',
     '{"custom_id": "s\\ud800", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
+    '{"custom_id": "inf", "method": "POST", "url": "/v1/completions", "body": {"top_p": 1e400}}',
 ]
 BAD_CODES = ["bad_json", "invalid_request", "invalid_request", "invalid_request",
              "invalid_request", "invalid_request", "invalid_request", "invalid_request",
-             "invalid_request", "bad_json", "bad_json"]
+             "invalid_request", "bad_json", "bad_json", "bad_json"]
 REFUSED = {"c-5": 404, "c-8": 400}  # unknown model; max_tokens over the limit (400, as OpenAI)
 
 
@@ -286,14 +288,21 @@ def test_a_missing_input_leaves_no_output_file(api, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_output_file_that_is_not_ours_is_refused(api, tmp_path):
+@pytest.mark.parametrize("held", [
+    "hello",
+    json.dumps(request_line(1, "x")),  # an input file given as --out: not appended to
+    '{"custom_id": ["x"], "response": null}',
+    '{"id": "batch_req_1", "custom_id": null, "response": null, "error": null}',
+])
+def test_an_output_file_that_is_not_ours_is_refused(api, tmp_path, held):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(json.dumps(request_line(1, "x")) + "\n")
-    out.write_text("hello\n")
+    out.write_text(held + "\n")
     result = bulk(str(source), "--out", str(out), "--url", api.url)
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert "line 1 is not a batch output line" in result.stderr
-    assert out.read_text() == "hello\n"
+    assert "Traceback" not in result.stderr
+    assert out.read_text() == held + "\n"
     assert not (tmp_path / "out.errors.jsonl").exists()  # refused before the input is read
 
 
@@ -555,6 +564,31 @@ def test_a_batch_line_with_echo_answers_the_prompt_then_the_text(api):
     assert texts == {"echo": body["prompt"] + direct, "plain": direct}
     one = api.post("/v1/batches/requests", lines[0]).json()
     assert one["response"]["body"]["choices"][0]["text"] == body["prompt"] + direct
+
+
+def test_a_cancel_that_read_the_batch_before_it_completed_leaves_it_completed(api,
+                                                                              monkeypatch):
+    """A cancel that read the batch in progress while a read found every job ended and
+    completed it: the cancel changes nothing (it wrote ``cancelling`` over ``completed``, and
+    the batch ended ``cancelled`` with every line succeeded)."""
+    from dataclasses import replace
+
+    line = {**request_line(1, "cancel-race"), "custom_id": "only"}
+    batch = wait_batch(api, api.post("/v1/batches", {"requests": [line]}).json()["id"])
+    assert batch["status"] == "completed"
+    load, records = batches.load_batch, batches.job_records
+
+    def stale(c, batch_id, owner):  # what the cancel read a moment before
+        fields, submitted = load(c, batch_id, owner)
+        return {**fields, "status": "in_progress"}, submitted
+
+    monkeypatch.setattr(batches, "load_batch", stale)
+    monkeypatch.setattr(batches, "job_records", lambda c, submitted: [  # as they then were
+        replace(r, status="running") for r in records(c, submitted)])
+    answer = api.post(f"/v1/batches/{batch['id']}/cancel").json()
+    monkeypatch.undo()
+    assert answer["status"] == "completed" and answer["cancelling_at"] is None
+    assert api.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed"
 
 
 def test_batch_cancel(api):

@@ -512,3 +512,22 @@ def test_the_listener_outlives_a_failing_registry_event(settings, redis_client, 
     finally:
         stop.set()
         listener.join(timeout=5)
+
+
+def test_a_second_delivery_of_a_running_interactive_job_keeps_it_in_the_gate(settings,
+                                                                             redis_client):
+    """The copy is turned away (the job runs here), and must not take the running job out
+    of the lane gate's count: bulk work would stop stepping aside while it still runs."""
+    runtime = WorkerRuntime(replace(settings, openai_key="", bulk_yield_ms=500.0), redis_client,
+                            None, "gate-test@localhost")
+    record = JobRecord(id=JobRecord.new_id(), kind="generate", model="demo-gpt", input="x",
+                       owner="t", lane="interactive")
+    runtime.jobs.create(record)
+    assert runtime.jobs.take(record, runtime.node, 30)[0]
+    runtime._held.add(record.id)  # its first delivery runs it here
+    runtime.gate.enter(record.id)
+    assert runtime.run_job(record.id) == "running"  # the copy
+    assert runtime.gate.busy()
+    runtime._held.discard(record.id)
+    runtime.gate.leave(record.id)
+    assert not runtime.gate.busy()

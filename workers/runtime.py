@@ -207,7 +207,10 @@ class WorkerRuntime:
                 yielded = self.gate.wait_clear()
             return self._run_job(record, yielded)
         finally:
-            self.gate.leave(job_id)
+            with self._held_lock:  # a second delivery of a job running here leaves it counted
+                running_here = job_id in self._held
+            if not running_here:
+                self.gate.leave(job_id)
 
     def _run_job(self, record: JobRecord, yielded: float) -> str:
         job_id = record.id
