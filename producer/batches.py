@@ -38,6 +38,7 @@ from banter import errors, keys
 from banter.bulk import URLS, BatchLine, error_line, parse_line, response_line, succeeded
 from banter.errors import IdempotencyKeyReused, InvalidRequest, NotFound, QueueFull, TooLarge, brief, openai_status
 from banter.jobs import JobRecord, JobStatus, Lane
+from producer import disconnect
 from producer import openai_api as oa
 from producer import validation as v
 from producer.context import Context, ctx, trace_id
@@ -130,7 +131,8 @@ def run_request():
     """One batch input line plus an optional ``idempotency_key`` (``banter bulk`` sends one per
     line), run on the bulk lane; answers 200 with its output line once it finished, whatever
     the request's own outcome. 422 when it is not a batch line; 429/503 as for any job; 504
-    after BANTER_SYNC_TIMEOUT_S (the job goes on: send the same key again to pick it up)."""
+    after BANTER_SYNC_TIMEOUT_S (the job goes on: send the same key again to pick it up). A
+    client that leaves ends the wait, not the job (``banter bulk`` picks it up by its key)."""
     c = ctx()
     owner = c.owner()
     body = c.body()
@@ -138,7 +140,9 @@ def run_request():
     key = v.string(body, "idempotency_key", max_len=MAX_IDEMPOTENCY_KEY_CHARS)
     c.hold_wait(owner)
     submitted = submit_line(c, owner, line, key)
-    record = c.jobs.wait(submitted.job_id) if submitted.job_id else None
+    record = None
+    if submitted.job_id:
+        record = c.jobs.wait(submitted.job_id, gone=disconnect.watch(flask_request.environ))
     return jsonify(render(submitted, record))
 
 

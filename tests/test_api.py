@@ -8,6 +8,7 @@ import uuid
 from dataclasses import replace
 
 import pytest
+import requests
 
 from banter import keys
 from banter.demo import DEMO_TEXT
@@ -294,7 +295,7 @@ def test_inference_batch_past_the_sync_timeout_names_every_job(settings, redis_c
 
 
 def hang_up_while_waiting(url: str, path: str, body: dict, redis_client,
-                          queues: list[str], jobs: int) -> list[str]:
+                          queues: list[str], jobs: int, key: str = "") -> list[str]:
     """Send a synchronous call on a raw socket, wait until its ``jobs`` are queued on
     ``queues`` (no worker serves them), then close the connection; return the job ids."""
     import socket
@@ -307,7 +308,8 @@ def hang_up_while_waiting(url: str, path: str, body: dict, redis_client,
 
     before = queued()
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: "
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\n{auth}Content-Type: "
                      f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
                      + payload)
         deadline = time.monotonic() + 10
@@ -365,6 +367,32 @@ def test_an_embeddings_call_whose_job_is_cancelled_is_a_409_not_a_500(settings, 
     assert response.status_code == 409, response.text
     assert response.json()["error"]["type"] == "job_cancelled"
     assert response.headers["X-Job-ID"] == queued[0]
+
+
+def test_a_batch_line_whose_client_left_lets_go_of_its_wait(settings, redis_client,
+                                                             demo_models):
+    """Its job goes on (banter bulk picks it up by its key), but the producer thread and the
+    key's wait it held are let go at once, not held until BANTER_SYNC_TIMEOUT_S: a key with
+    one wait can send its next line."""
+    key = "one-wait-key"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+            "body": {"input": "left"}, "idempotency_key": uuid.uuid4().hex}
+    with unserved_producer(settings, redis_client, auth_disabled=False, api_keys=key,
+                           max_waits_per_key=1) as (server, queue):
+        [left] = hang_up_while_waiting(server.url, "/v1/batches/requests", line, redis_client,
+                                       [f"{queue}-bulk"], 1, key=key)
+        deadline = time.monotonic() + 10
+        while True:  # the next line is taken (and waits on its job) once the wait is let go
+            try:
+                refused = requests.post(server.url + "/v1/batches/requests", timeout=1.5,
+                                        json={**line, "idempotency_key": uuid.uuid4().hex},
+                                        headers={"Authorization": f"Bearer {key}"})
+            except requests.ReadTimeout:
+                break
+            assert refused.status_code == 429, refused.text
+            assert time.monotonic() < deadline, "the wait of the client that left was kept"
+            time.sleep(0.2)
+        assert redis_client.hget(keys.job(left), "status") == "queued"
 
 
 @pytest.mark.parametrize("path, body", [
