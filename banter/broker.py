@@ -212,8 +212,8 @@ class BrokerQueues:
     (``client`` when the broker is the state Redis), on RabbitMQ a passive ``queue_declare``
     per queue on one of the app's pooled connections (about 4 ms for the four, so a reading
     serves every caller for ``AMQP_DEPTH_MAX_AGE_S``, with what this process ``sent`` since
-    added). A queue nobody
-    declared yet holds nothing. An unreachable broker raises ``Unavailable``.
+    added). A queue nobody declared yet holds nothing. An unreachable broker raises
+    ``Unavailable``.
     """
 
     def __init__(self, settings: Settings, celery: Celery, client=None) -> None:

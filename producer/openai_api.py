@@ -51,8 +51,8 @@ blueprint = Blueprint("openai", __name__)
 
 DONE = "data: [DONE]\n\n"
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature
-# OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
 MAX_CHOICES = 16  # n: choices (one job each) per request
+# OpenAI fields this server cannot honour: any value but null and the one each lists is refused.
 COMPLETION_UNSUPPORTED = {"suffix": ("",)}
 CHAT_UNSUPPORTED = {"tools": ([],),
                     "functions": ([],), "tool_choice": ("none", "auto"),
@@ -455,6 +455,7 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
         streams = [sse.events(c.redis, record.id, "0-0", fmt,  # one error line, not n
                               interrupted=sse_data({"error": lost.body()}) if i == 0 else "")
                    for i, (record, fmt) in enumerate(zip(records, formats))]
+
         def end() -> str:  # a failed choice fails the answer: the others are stopped
             if any(f.failed for f in formats):
                 cancel_all()
@@ -489,10 +490,10 @@ def _last_chunks(formats: list[Chunks], usage: bool) -> str:
 def completions():
     """OpenAI ``completions.create``. One prompt per request: ``prompt`` is a string or a list
     of exactly one string (token ids are refused); ``n`` choices, one job each; ``best_of``
-    must be null or ``n``; ``echo`` puts the prompt before each text (not with ``logprobs``); ``suffix``
-    is refused; ``user`` is ignored. ``model`` defaults
-    to the default generate model. ``keep_running: true`` (an extension) keeps the job going
-    after its client disconnects; otherwise a disconnect cancels it, streamed or not."""
+    must be null or ``n``; ``echo`` puts the prompt before each text (not with ``logprobs``);
+    ``suffix`` is refused; ``user`` is ignored. ``model`` defaults to the default generate
+    model. ``keep_running: true`` (an extension) keeps the job going after its client
+    disconnects; otherwise a disconnect cancels it, streamed or not."""
     return run_text_job(ctx(), "/v1/completions", TextShape)
 
 

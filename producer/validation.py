@@ -66,8 +66,6 @@ def _unfinished() -> RequestTimeout:
                           "whole")
 
 
-
-
 def _reject_lone_surrogates(body: Any) -> None:
     pending = [body]
     while pending:

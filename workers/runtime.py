@@ -378,13 +378,14 @@ class WorkerRuntime:
 
     def _local(self, record: JobRecord, model: Record) -> Outcome:
         model_path = self.settings.model_root / model.path
+        tokenizer_path = model_path.parent / "tokenizer.json"
         root = self.settings.model_root.resolve()
-        for path in (model_path, model_path.parent / "tokenizer.json"):
+        for path in (model_path, tokenizer_path):
             if not path.resolve().is_relative_to(root):  # a symlink retargeted since promote
                 raise ModelLoadError(f"{model.ref}: its files no longer lie under the model "
                                      "root (a link in its path points elsewhere now)")
         spec = ModelSpec(name=model.name, version=model.version, kind=model.kind,
-                         model_path=model_path, tokenizer_path=model_path.parent / "tokenizer.json",
+                         model_path=model_path, tokenizer_path=tokenizer_path,
                          sha256=model.sha256, backend=model.backend,
                          files=tuple(sorted(model.files.items())))
         try:
@@ -544,9 +545,10 @@ class WorkerRuntime:
 
     def _resend_lost(self) -> None:
         """Send again the task of a job queued for ``resend_after_s`` while its queue (its
-        lane's for its backend) is empty: its message was lost (Redis killed before an fsync) or never sent (the broker
-        failed mid-submit and Redis could not record the failure). A task that was only slow
-        to come makes a second message, which ``take`` turns into nothing."""
+        lane's for its backend) is empty: its message was lost (Redis killed before an fsync)
+        or never sent (the broker failed mid-submit and Redis could not record the failure). A
+        task that was only slow to come makes a second message, which ``take`` turns into
+        nothing."""
         now = time.time()
         stale = self.jobs.stale_queued(now - self.settings.resend_after_s)
         if not stale:
