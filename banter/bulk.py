@@ -93,8 +93,7 @@ def decode_line(raw: bytes) -> BatchLine:
     server refuses such a body: it is not text that can be stored or sent on as UTF-8."""
     try:
         value = strictjson.loads(raw)
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
+    except strictjson.UnpairedSurrogate:
         raise BadJSON("the line holds an unpaired UTF-16 surrogate escape (such as "
                       "\"\\ud800\"): not valid Unicode text") from None
     except (ValueError, RecursionError) as exc:

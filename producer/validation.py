@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from flask import Request
@@ -23,7 +22,6 @@ from banter.errors import (
 from banter.params import PARAMS
 
 _MISSING = object()
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -51,11 +49,13 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
         body = strictjson.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise BadJSON(f"request body is not UTF-8 ({exc}): send JSON encoded as UTF-8") from None
+    except strictjson.UnpairedSurrogate:
+        raise BadJSON("request body holds an unpaired UTF-16 surrogate escape "
+                      "(\\ud800-\\udfff): send text as valid Unicode") from None
     except (ValueError, RecursionError) as exc:
         if "integer string conversion" in str(exc):  # Python's cap on an int's digits
             raise BadJSON("request body holds a number with too many digits") from None
         raise BadJSON(f"request body is not valid JSON: {exc}") from None
-    _reject_lone_surrogates(body)
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
@@ -64,21 +64,6 @@ def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
 def _unfinished() -> RequestTimeout:
     return RequestTimeout("the request body stopped arriving before it was complete: send it "
                           "whole")
-
-
-def _reject_lone_surrogates(body: Any) -> None:
-    pending = [body]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str):
-            if _SURROGATE.search(value):
-                raise BadJSON("request body holds an unpaired UTF-16 surrogate escape "
-                              "(\\ud800-\\udfff): send text as valid Unicode")
-        elif isinstance(value, dict):
-            pending.extend(value)
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
 
 
 def string(body: dict, name: str, *, required: bool = False, default: str | None = None,
