@@ -80,16 +80,33 @@ class Imported:
 # ----------------------------------------------------------------------------- reading
 def read_config(src: Path) -> dict[str, Any]:
     path = Path(src) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise ImportFailed(f"{src} has no config.json: give a Hugging Face model directory "
-                           "(config.json, model.safetensors, tokenizer.json)") from None
+                           "(config.json, model.safetensors, tokenizer.json)")
+    return read_object(path)
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ImportFailed when it cannot be read or is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ImportFailed(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise ImportFailed(f"{path} must hold a JSON object")
-    return config
+    return value
+
+
+def shard_names(index: Path) -> list[str]:
+    """The weight files ``model.safetensors.index.json`` names (its ``weight_map`` values)."""
+    weight_map = read_object(index).get("weight_map")
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(v, str) and v for v in weight_map.values())):
+        raise ImportFailed(f"{index} must map tensor names to file names in 'weight_map'")
+    names = sorted(set(weight_map.values()))
+    if any(Path(name).name != name for name in names):
+        raise ImportFailed(f"{index} names a weight file outside its directory")
+    return names
 
 
 def load_tensors(src: Path, model_type: str = "") -> dict[str, np.ndarray]:
@@ -100,7 +117,7 @@ def load_tensors(src: Path, model_type: str = "") -> dict[str, np.ndarray]:
     if (src / "model.safetensors").is_file():
         files = [src / "model.safetensors"]
     elif index.is_file():
-        files = [src / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = [src / f for f in shard_names(index)]
     elif any((src / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise ImportFailed(f"{src} holds pytorch_model.bin, which is a torch pickle: banterhearts "
                            "imports model.safetensors only (no torch). Convert it once where torch "
@@ -466,7 +483,7 @@ def _check_pooling(src: Path) -> None:
     """Workers mean-pool: refuse a sentence-transformers model that pools another way."""
     path = src / "1_Pooling" / "config.json"
     if path.is_file():
-        pooling = json.loads(path.read_text())
+        pooling = read_object(path)
         others = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v
                   and k != "pooling_mode_mean_tokens"]
         if others or not pooling.get("pooling_mode_mean_tokens", False):
@@ -550,7 +567,7 @@ def import_model(src: Path | str, out: Path | str, *, name: str | None = None,
     check_out(out, overwrite)
     config = read_config(src)
     model_type = config.get("model_type", "")
-    if model_type not in SUPPORTED:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:
         raise ImportFailed(f"model_type {model_type!r} is not supported: banter models import "
                            f"handles {', '.join(sorted(SUPPORTED))}")
     want = SUPPORTED[model_type]

@@ -5,6 +5,7 @@ then served through a private stack."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,33 @@ def test_import_refusals(tmp_path, minilm_src):
     with pytest.raises(BadImportArgument, match="embed"):
         import_model(minilm_src, tmp_path / "out", kind="generate")
     assert not (tmp_path / "out").exists()  # nothing written on refusal
+
+
+@pytest.mark.parametrize("files, said", [
+    ({"config.json": '{"model_type": ["bert"]}'}, "model_type ['bert'] is not supported"),
+    ({"config.json": "[1]"}, "config.json must hold a JSON object"),
+    ({"config.json": '{"model_type": "bert"}', "1_Pooling/config.json": "{bad"},
+     "cannot read"),
+    ({"config.json": '{"model_type": "bert"}', "1_Pooling/config.json": "[true]"},
+     "1_Pooling/config.json must hold a JSON object"),
+    ({"config.json": '{"model_type": "gpt2"}', "model.safetensors.index.json": "[1]"},
+     "index.json must hold a JSON object"),
+    ({"config.json": '{"model_type": "gpt2"}', "model.safetensors.index.json": "{}"},
+     "must map tensor names to file names in 'weight_map'"),
+    ({"config.json": '{"model_type": "gpt2"}',
+      "model.safetensors.index.json": '{"weight_map": {"wte.weight": "../w.safetensors"}}'},
+     "names a weight file outside its directory"),
+])
+def test_malformed_model_files_are_refused_plainly(tmp_path, files, said):
+    """A config, pooling or index file that is not the JSON it should be is ImportFailed
+    naming it (exit 1 with the reason), never a traceback."""
+    src = tmp_path / "src"
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    with pytest.raises(ImportFailed, match=re.escape(said)):
+        import_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture
