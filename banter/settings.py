@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlparse
 
+from banter import redisconn
 from banter.errors import InvalidRequest
 from registry.records import parse_ref
 
@@ -57,6 +58,21 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     if database and not (database.isascii() and database.isdigit()):
         raise SettingsError(f"{name}={shown!r}: the database after the host must be a number, "
                             f"got {database!r}")
+    if schemes == REDIS_SCHEMES:  # the state Redis (a broker URL's options are kombu's)
+        try:  # a connection object, not connected: the URL's options (?socket_timeout=) apply
+            redisconn.connect(url).connection_pool.make_connection()
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"{name}={shown!r} has an option Redis clients cannot take: "
+                                f"{exc}") from None
+
+
+def _path(name: str, path: Path) -> Path:
+    """``path`` with ``~`` expanded, absolute and resolved; SettingsError naming ``name`` when
+    it cannot be (an unknown ``~user``, a symlink loop)."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        raise SettingsError(f"{name}={str(path)!r} cannot be used: {exc}") from None
 
 
 def is_amqp(url: str) -> bool:
@@ -292,7 +308,7 @@ class Settings:
                 values[f.name] = _float(name, raw, positive=f.name in _POSITIVE)
             elif f.type == "Path":
                 if raw.strip():  # empty: the default, as for every path setting
-                    values[f.name] = Path(raw)
+                    values[f.name] = _path(name, Path(raw))
             else:
                 values[f.name] = raw
         if "openai_key" not in values and "OPENAI_API_KEY" in env:
@@ -302,12 +318,13 @@ class Settings:
 
     def resolved(self) -> "Settings":
         """Fill derived defaults and make paths absolute."""
-        home = self.home.expanduser().resolve()
-        own_root = str(self.model_root) not in ("", ".")  # else under home
-        own_registry = str(self.registry_path) not in ("", ".")
-        model_root = (self.model_root if own_root else home / "models").expanduser().resolve()
-        registry = (self.registry_path if own_registry
-                    else home / "registry" / "history.jsonl").expanduser().resolve()
+        home = _path("BANTER_HOME", self.home)
+        own_root = self.model_root != Path()  # else under home (from_env makes "." absolute)
+        own_registry = self.registry_path != Path()
+        model_root = (_path("BANTER_MODEL_ROOT", self.model_root) if own_root
+                      else _path("BANTER_HOME", home / "models"))
+        registry = (_path("BANTER_REGISTRY_PATH", self.registry_path) if own_registry
+                    else _path("BANTER_HOME", home / "registry" / "history.jsonl"))
         if registry.is_dir():
             raise SettingsError(f"BANTER_REGISTRY_PATH={str(registry)!r} is a directory: name "
                                 "the history file (e.g. .../registry/history.jsonl)")

@@ -26,6 +26,7 @@ import requests
 
 from banter.demo import DEMO_EMBED, DEMO_GPT, DEMO_TEXT
 from banter.redisserver import free_port
+from banter.settings import Settings
 from tests.conftest import Api, unserved_producer
 
 CLI = [sys.executable, "-m", "banter.cli"]
@@ -149,6 +150,14 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_JOB_TTL_S", "\u0663\u0660\u0660", "BANTER_JOB_TTL_S='\u0663\u0660\u0660': expected an integer"),
     ("BANTER_SYNC_TIMEOUT_S", "1_0", "BANTER_SYNC_TIMEOUT_S='1_0': expected a number"),
     ("BANTER_BULK_YIELD_MS", "Infinity", "BANTER_BULK_YIELD_MS='Infinity': expected a number"),
+    # a Redis URL's options are the client's keyword arguments: refused at start, not by
+    # a traceback at the first connection
+    ("BANTER_REDIS_URL", "redis://127.0.0.1:1/0?socket_timeout=abc",
+     "has an option Redis clients cannot take: Invalid value for 'socket_timeout'"),
+    ("BANTER_REDIS_URL", "redis://:pw@127.0.0.1:1/0?colour=blue",
+     "BANTER_REDIS_URL='redis://:***@127.0.0.1:1/0?colour=blue' has an option Redis clients "
+     "cannot take"),
+    ("BANTER_HOME", "~no-such-user-here/x", "BANTER_HOME='~no-such-user-here/x' cannot be used"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
@@ -185,6 +194,26 @@ def test_worker_concurrency_flag_is_the_setting_the_bulk_share_is_checked_agains
     result = banter("worker", "--cpu", "--concurrency", "99999999999", env=env)
     assert result.returncode == 2, result.stderr
     assert "(or --concurrency): must be at most 4096" in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["BANTER_HOME", "BANTER_MODEL_ROOT", "BANTER_REGISTRY_PATH"])
+def test_a_path_setting_in_a_symlink_loop_exits_2_naming_it(variable, tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    env = {**fresh_up_env(tmp_path / "home"), variable: str(tmp_path / "loop" / "x")}
+    result = banter("submit", "hi", "--url", "http://127.0.0.1:1", env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"banter: invalid_setting: {variable}=")
+    assert "Symlink loop" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_root_of_dot_is_the_working_directory(tmp_path, monkeypatch):
+    """``.`` is a directory like any other, not the unset default (BANTER_HOME/models)."""
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({"BANTER_HOME": "h", "BANTER_MODEL_ROOT": ".",
+                                  "BANTER_REGISTRY_PATH": "./r.jsonl"})
+    assert settings.model_root == tmp_path.resolve()
+    assert settings.registry_path == tmp_path.resolve() / "r.jsonl"
+    assert Settings.from_env({"BANTER_HOME": "h"}).model_root == tmp_path.resolve() / "h" / "models"
 
 
 def test_a_home_that_is_a_file_is_a_usage_error(tmp_path):
