@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import redis
 
 from banter.errors import BanterError, InvalidRequest, Throttled, Unavailable, status_for
+from banter.netaddr import bare_host, host_port
 from banter.settings import Settings, SettingsError, parse_int, parse_number
 
 EXIT_OK = 0
@@ -48,13 +49,17 @@ def _client(args: argparse.Namespace):
 def check_port_free(host: str, port: int) -> None:
     """OSError (exit 2) when something already listens on ``host:port``: gunicorn would retry
     for seconds then exit 1, and ``banter up`` would find the other server ready."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+    except UnicodeError:  # a label over 63 characters, which IDNA cannot encode
+        raise OSError(f"cannot listen on {host!r}: not a host name") from None
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
         try:
             sock.bind(address)
         except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror} (is another server "
+            raise OSError(f"cannot listen on {host_port(host, port)}: {exc.strerror} (is another server "
                           "there? pick another --port)") from None
 
 
@@ -454,8 +459,9 @@ def parser() -> argparse.ArgumentParser:
                               "(default 300; a stream's keep-alives come every 15 s)")
 
     def listen_args(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("--host", default="127.0.0.1",
-                         help="interface the producer listens on (default 127.0.0.1)")
+        cmd.add_argument("--host", type=bare_host, default="127.0.0.1",
+                         help="interface the producer listens on (default 127.0.0.1; an IPv6 "
+                              "address with or without brackets)")
         cmd.add_argument("--port", type=port_number, default=8000, help="its port (default 8000)")
 
     up = sub.add_parser("up", help="run the whole stack on embedded defaults")
@@ -514,7 +520,7 @@ def parser() -> argparse.ArgumentParser:
 
     flower = sub.add_parser("flower", help="run Flower (Celery monitoring) on the broker")
     flower.add_argument("--port", type=port_number, default=5555)
-    flower.add_argument("--address", default="127.0.0.1")
+    flower.add_argument("--address", type=bare_host, default="127.0.0.1")
     auth = flower.add_mutually_exclusive_group()
     auth.add_argument("--basic-auth", metavar="USER:PASSWORD",
                       help="default BANTER_FLOWER_BASIC_AUTH")

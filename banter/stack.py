@@ -19,6 +19,7 @@ import requests
 from banter.children import die_with_parent
 from banter.demo import DEMO_EMBED, DEMO_GPT, build_demo
 from banter.errors import BanterError, Unavailable
+from banter.netaddr import host_port
 from banter.redisconn import connect, shown_url
 from banter.redisserver import RedisServer
 from banter.settings import Settings, SettingsError
@@ -136,7 +137,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         env["BANTER_AUTH_DISABLED"] = "true"
         print("WARNING: no BANTER_API_KEYS, BANTER_ADMIN_KEYS or BANTER_KEYS_FILE set: "
               "authentication is OFF (BANTER_AUTH_DISABLED=true for this stack): anyone who can "
-              f"reach {host}:{port} can run jobs and change the registry; bind only to a trusted "
+              f"reach {host_port(host, port)} can run jobs and change the registry; bind only to a trusted "
               "interface", file=sys.stderr, flush=True)
     children: list[subprocess.Popen] = []
     try:
@@ -147,7 +148,7 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         children.append(subprocess.Popen(worker, env=env, preexec_fn=worker_dies_with_up()))
         children.append(subprocess.Popen([*cli, "producer", "--host", host, "--port", str(port)],
                                          env=env, preexec_fn=die_with_parent()))
-        url = f"http://{host}:{port}"
+        url = f"http://{host_port(host, port)}"
         wait_ready(url, children)
         print(f"banterhearts is up\n  API      {url}\n  Redis    {redis_shown}"
               f"\n  models   {settings.model_root}"

@@ -13,6 +13,7 @@ import logging
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
+from banter.netaddr import host_port
 from banter.settings import Settings
 from producer.auth import KeyRing
 
@@ -84,7 +85,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 2, threads: i
     worker_class = type("TimedThreadWorker", (TimedThreadWorker,),
                         {"client_timeout_s": settings.client_timeout_s})
     _Gunicorn(settings, {
-        "bind": f"{host}:{port}", "worker_class": worker_class, "workers": workers,
+        "bind": host_port(host, port), "worker_class": worker_class, "workers": workers,
         "threads": threads, "timeout": 0, "graceful_timeout": 10, "keepalive": 5,
         "accesslog": None, "errorlog": "-", "loglevel": settings.log_level.lower(),
         "logconfig_dict": json_logging(settings.log_level),

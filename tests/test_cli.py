@@ -380,6 +380,41 @@ def test_the_producer_logs_only_json_lines_and_opens_no_control_socket(tmp_path,
     assert not any("Control socket" in r["event"] for r in records)
 
 
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_the_producer_listens_on_an_ipv6_address(host, tmp_path, stack_env):
+    """An IPv6 ``--host``, bare or in brackets, is bound as gunicorn takes it (``[::1]:PORT``);
+    a port it already holds is refused naming the address as a URL writes it."""
+    port = free_port()
+    process = subprocess.Popen([*CLI, "producer", "--host", host, "--port", str(port),
+                                "--workers", "1"], env={**os.environ, **stack_env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert requests.get(f"http://[::1]:{port}/healthz", timeout=5).json() == \
+                    {"status": "ok"}
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, \
+                    process.stderr.read()[-2000:]
+                time.sleep(0.2)
+        result = banter("producer", "--host", host, "--port", str(port),
+                        env={**os.environ, **stack_env})
+        assert result.returncode == 2
+        assert f"cannot listen on [::1]:{port}: Address already in use" in result.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+
+
+def test_a_host_name_that_cannot_be_encoded_is_a_usage_error():
+    result = banter("producer", "--host", "a" * 64)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on {'a' * 64!r}: not a host name" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # ----------------------------------------------------------------------------- build-demo
 def test_build_demo_writes_both_models(tmp_path, demo_models):
     root = tmp_path / "models"
