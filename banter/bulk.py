@@ -404,7 +404,7 @@ def _feed(in_path: Path, size: int, finished: set[str], work: queue.Queue,
                 continue  # reported by scan_input
             if line.custom_id not in finished:
                 work.put(line)
-    except OSError as exc:
+    except Exception as exc:  # handed to the main thread, which stops the run
         results.put(exc)
     for _ in range(workers):
         work.put(None)

@@ -28,6 +28,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141  # as a process killed by SIGPIPE reports it
 JOB_ID = re.compile(r"[A-Za-z0-9-]+")
 
 
@@ -40,9 +41,18 @@ def client_defaults() -> dict[str, object]:
 
 
 def _client(args: argparse.Namespace):
+    """The client the flags ask for; a default from BANTER_URL or BANTER_API_KEY is checked as
+    its flag is (SettingsError, exit 2): ``banter models`` takes the flags without defaults."""
     from banter.client import Client
 
     given = {**client_defaults(), **{k: getattr(args, k) for k in CLIENT_FLAGS if hasattr(args, k)}}
+    for name, check, variable in (("url", server_url, "BANTER_URL"),
+                                  ("api_key", api_key, "BANTER_API_KEY")):
+        if not hasattr(args, name) and given[name] is not None:
+            try:
+                check(given[name])
+            except argparse.ArgumentTypeError as exc:
+                raise SettingsError(f"{variable}: {exc}") from None
     return Client(given["url"], given["api_key"], given["timeout"])
 
 
@@ -280,6 +290,10 @@ def cmd_models(args, settings: Settings) -> int:
             print("banter: PATH (the artifact under the model root) is required with "
                   "--backend onnx", file=sys.stderr)
             return EXIT_USAGE
+        if args.backend == "openai" and not args.model:
+            print("banter: --model (the upstream model name) is required with --backend openai",
+                  file=sys.stderr)
+            return EXIT_USAGE
         body = {"name": args.name, "kind": args.kind, "backend": args.backend,
                 "reason": args.reason, **({"path": args.path} if args.path else {}),
                 **({"model": args.model} if args.model else {})}
@@ -310,6 +324,10 @@ def cmd_models_import(args, settings: Settings) -> int:
 
     if not args.random_gpt2_small and args.dir is None:
         print("banter: give the model directory to import (or --random-gpt2-small)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.random_gpt2_small and args.kind not in (None, "generate"):
+        print(f"banter: --random-gpt2-small writes a generate model, not --kind {args.kind}",
               file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -357,6 +375,9 @@ def server_url(raw: str) -> str:
         raise argparse.ArgumentTypeError(f"{raw!r} has no valid port (1-65535)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an http:// or https:// URL with a host")
+    if "@" in parts.netloc:  # it would be printed in messages, and replace the key's header
+        raise argparse.ArgumentTypeError("the URL holds a user or password: give the API key "
+                                         "with --api-key (or BANTER_API_KEY), not in the URL")
     return raw
 
 
@@ -580,9 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        return args.func(args, settings)
+        code = args.func(args, settings)
+        sys.stdout.flush()  # here, where a reader that left is caught
+        return code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout left (a pipe into head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except Unavailable as exc:
         print(f"banter: {exc.message}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -340,6 +340,21 @@ def test_an_input_that_cannot_be_read_is_named(api, tmp_path):
     assert "Errno" not in result.stderr and not (tmp_path / "out.jsonl").exists()
 
 
+def test_an_input_rewritten_after_its_scan_stops_the_run_instead_of_hanging(tmp_path):
+    """The feeder reads the file a second time: what it cannot read then (here a UTF-16
+    rewrite after the scan) goes to the main thread, and every sender still gets its stop."""
+    import queue
+
+    from banter import bulk as runner
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(json.dumps(request_line(1, "x")).encode("utf-16"))
+    work, results = queue.Queue(maxsize=4), queue.Queue()
+    runner._feed(source, source.stat().st_size, set(), work, results, workers=3)
+    assert isinstance(results.get_nowait(), runner.BulkFileError)
+    assert [work.get_nowait() for _ in range(3)] == [None, None, None]
+
+
 def test_a_key_the_server_refuses_stops_the_run_before_it_writes(api, tmp_path):
     from banter import bulk as runner
     from banter.client import Client

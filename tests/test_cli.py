@@ -244,6 +244,39 @@ def test_a_client_url_or_key_that_cannot_be_sent_is_a_usage_error(flags, needle)
     assert result.returncode == 2 and "BANTER_API_KEY" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("variable, value, needle", [
+    ("BANTER_URL", "foo", "'foo' is not an http:// or https:// URL with a host"),
+    ("BANTER_URL", "http://u:secret@127.0.0.1:1", "the URL holds a user or password"),
+    ("BANTER_API_KEY", "k\n", "the API key (--api-key or BANTER_API_KEY) must be printable"),
+    ("BANTER_API_KEY", "a b", "must be printable ASCII without spaces"),
+])
+def test_a_client_setting_that_cannot_be_sent_is_a_usage_error_for_every_command(variable, value,
+                                                                                  needle):
+    """``banter models`` takes its client flags without defaults: BANTER_URL and
+    BANTER_API_KEY are checked there as ``submit`` checks them, never sent as they are."""
+    env = {**os.environ, "BANTER_URL": "http://127.0.0.1:1", variable: value}
+    for command in (["submit", "hi"], ["models", "list"], ["models", "history"]):
+        result = banter(*command, env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert needle in result.stderr and "secret" not in result.stderr, result.stderr
+
+
+def test_a_url_with_credentials_is_refused_without_printing_them():
+    result = banter("submit", "--url", "http://user:secret@127.0.0.1:1", "hi")
+    assert result.returncode == 2 and "secret" not in result.stderr, result.stderr
+    assert "give the API key with --api-key (or BANTER_API_KEY), not in the URL" in result.stderr
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
+    """stdout closed before the command writes (``banter ... | true``): exit 141, as a process
+    killed by SIGPIPE, with nothing on stderr (it was exit 2, "Broken pipe")."""
+    process = subprocess.Popen([*CLI, "models", "build-demo", "--root", str(tmp_path / "m")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == b""
+
+
 @pytest.mark.parametrize("status, body", [
     (200, b"<html>hello</html>"),  # another server's page
     (200, b"{}"),  # JSON of another shape
@@ -305,6 +338,10 @@ def test_models_promote_without_a_path_needs_the_openai_backend():
     assert result.returncode == 2
     assert "PATH (the artifact under the model root) is required with --backend onnx" \
         in result.stderr
+    result = banter("models", "promote", "m", "--kind", "generate", "--backend", "openai",
+                    "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "--model (the upstream model name) is required with --backend openai" in result.stderr
 
 
 @pytest.mark.parametrize("flags, said", [

@@ -345,6 +345,8 @@ def test_cli_import(tiny_src, tmp_path, monkeypatch, capsys):
     (["SRC", "--out", "/etc/passwd"], "banter: /etc/passwd exists and is not a directory"),
     (["SRC", "--out", "/proc/no-such-dir"], "banter: cannot write /proc/no-such-dir"),
     (["--random-gpt2-small", "--name", "../up"], "banter: invalid model name '../up'"),
+    (["--random-gpt2-small", "--kind", "embed"],
+     "banter: --random-gpt2-small writes a generate model, not --kind embed"),
 ])
 def test_cli_import_bad_arguments_exit_2(tiny_src, tmp_path, monkeypatch, capsys, args, said):
     """A bad argument is exit 2 with the reason on one line (never a traceback), as for
