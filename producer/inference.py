@@ -106,14 +106,16 @@ def keep_running(body: dict) -> bool:
 
 
 def stream_job(c: Context, record: JobRecord, owner: str, keep: bool,
-               fmt: sse.Formatter = sse.sse_event, interrupted: str = ""):
+               fmt: sse.Formatter = sse.sse_event, interrupted: str = "", gone: str = ""):
     """SSE of a just-submitted job; a client that leaves early cancels it unless ``keep``.
-    ``interrupted``: what the stream ends with when Redis is lost (``sse.events``). A job that
-    fails at once raises its error instead (``sse.early_error``)."""
+    ``interrupted``, ``gone``: what the stream ends with when Redis is lost, or the job with
+    it (``sse.events``). A job that fails at once raises its error instead
+    (``sse.early_error``)."""
     failed = sse.early_error(c.redis, record.id)
     if failed is not None:
         raise failed
-    stream = sse.events(c.redis, record.id, "0-0", fmt, interrupted=interrupted)
+    stream = sse.events(c.redis, record.id, "0-0", fmt, interrupted=interrupted, gone=gone,
+                        on_idle=lambda: c.jobs.get(record.id, owner))
     if not keep:
         stream = sse.cancel_on_disconnect(stream, lambda: c.jobs.cancel(record.id, owner))
     return sse.response(stream, {"X-Backend": record.backend or ""})

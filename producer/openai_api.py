@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
@@ -28,7 +29,7 @@ import numpy as np
 from flask import Blueprint, after_this_request, jsonify
 
 from banter import errors
-from banter.errors import InvalidRequest, Unavailable
+from banter.errors import InvalidRequest, JobNotFound, Unavailable
 from banter.jobs import JobKind, JobRecord, JobStatus
 from banter.params import MAX_LOGPROBS
 from banter.streams import EventType
@@ -418,7 +419,8 @@ def run_text_job(c: Context, path: str, shape: type[TextShape]):
                            f"/v1/jobs/{record.id}/events (resumable) or poll GET "
                            f"/v1/jobs/{record.id}")
         return stream_job(c, record, owner, keep, Chunks(form, record, usage),
-                          interrupted=sse_data({"error": lost.body()}) + DONE)
+                          interrupted=sse_data({"error": lost.body()}) + DONE,
+                          gone=sse_data({"error": job_gone(record.id).body()}) + DONE)
     record = wait_answer(c, record, owner, client_watch(keep))
     response = jsonify(answer_body(shape, [record], bool(echoed)))
     response.headers.update(job_headers([record]))
@@ -452,9 +454,12 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
                            "/v1/jobs/{id}/events (resumable) or poll GET /v1/jobs/{id}")
         formats = [Chunks(shape(i, echoed), records[0], usage, alone=False)
                    for i in range(len(records))]
-        streams = [sse.events(c.redis, record.id, "0-0", fmt,  # one error line, not n
-                              interrupted=sse_data({"error": lost.body()}) if i == 0 else "")
-                   for i, (record, fmt) in enumerate(zip(records, formats))]
+        # the first stream that cannot go on ends the answer with its error line (jobs go on)
+        streams = [sse.events(c.redis, record.id, "0-0", fmt,
+                              on_idle=functools.partial(c.jobs.get, record.id, owner),
+                              interrupted=sse.Final(sse_data({"error": lost.body()})),
+                              gone=sse.Final(sse_data({"error": job_gone(record.id).body()})))
+                   for record, fmt in zip(records, formats)]
 
         def end() -> str:  # a failed choice fails the answer: the others are stopped
             if any(f.failed for f in formats):
@@ -475,6 +480,11 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
     response = jsonify(answer_body(shape, finished, bool(echoed)))
     response.headers.update(job_headers(finished))
     return response
+
+
+def job_gone(job_id: str) -> JobNotFound:
+    return JobNotFound(f"job {job_id} is gone from Redis (its record expired after "
+                       "BANTER_JOB_TTL_S, or Redis lost it): its answer cannot be read")
 
 
 def _last_chunks(formats: list[Chunks], usage: bool) -> str:

@@ -38,16 +38,17 @@ def resume_point() -> str:
 
 
 def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_event,
-           on_idle: Callable[[], object] | None = None, interrupted: str = "") -> Iterator[str]:
+           on_idle: Callable[[], object] | None = None, interrupted: str = "",
+           gone: str = "") -> Iterator[str]:
     """The job's events after ``after``, live until its final one. A reader already past the
     final event (a resume with its id, or a later one) gets no more: the stream ends.
     It opens with a comment, so the headers (``X-Job-ID``) go out before the job has made
     anything. ``on_idle`` runs whenever nothing came for a keep-alive period (a queued job's
-    deadline is checked there); the job gone from Redis (its record past BANTER_JOB_TTL_S,
-    or lost with a Redis that came back empty) ends the stream, and a reconnect gets 404.
-    Redis out of reach for REDIS_RETRY_S ends the stream with
-    ``interrupted`` (by default nothing: the job goes on, and the client resumes with
-    ``Last-Event-ID``)."""
+    deadline is checked there; it raises JobNotFound for a job gone from Redis: its record
+    past BANTER_JOB_TTL_S, or lost with a Redis that came back empty); a job gone ends the
+    stream with ``gone``, and a reconnect gets 404. Redis out of reach for REDIS_RETRY_S ends
+    the stream with ``interrupted``. Both are nothing by default: an event stream just ends,
+    and the client resumes with ``Last-Event-ID`` (the job goes on)."""
     yield ": stream open\n\n"
     outage, cursor = RedisOutage(), None
     while True:
@@ -61,6 +62,8 @@ def events(client: redis.Redis, job_id: str, after: str, fmt: Formatter = sse_ev
             outage.ended()
         except JobNotFound:
             log.warning("stream_job_gone", extra={"job_id": job_id})
+            if gone:
+                yield gone
             return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if outage.failed(tried_at):
@@ -109,35 +112,45 @@ def merged(streams: list[Iterator[str]], end: Callable[[], str]) -> Iterator[str
     """Several streams as one, each item as soon as its stream yields it (a thread per
     stream, reading its job's events), then ``end()`` once all have ended or one yielded a
     ``Final`` item. Of their comments (the opening one, keep-alives) one a keep-alive period
-    passes on, not one per stream. Closing it (the client left) leaves the threads to end
-    with their jobs."""
+    passes on, not one per stream. Once it ends or is closed (the client left), each thread
+    stops at its stream's next item (a keep-alive period at most) and closes the stream: the
+    jobs go on or not as the caller decides, but nobody reads them here."""
     items: queue.Queue = queue.Queue()
+    stop = threading.Event()
 
     def pump(stream: Iterator[str]) -> None:
         try:
             for item in stream:
+                if stop.is_set():
+                    break
                 items.put(item)
         except BaseException as exc:  # re-raised in the response's thread
             items.put(exc)
         finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
             items.put(None)
 
     for stream in streams:
-        threading.Thread(target=pump, args=(stream,), daemon=True).start()
-    running, quiet_since = len(streams), 0.0
-    while running:
-        item = items.get()
-        if item is None:
-            running -= 1
-        elif isinstance(item, BaseException):
-            raise item
-        elif not item.startswith(":"):
-            yield item
-            if isinstance(item, Final):
-                break
-        elif time.monotonic() - quiet_since >= KEEPALIVE_S or not quiet_since:
-            quiet_since = time.monotonic()
-            yield item
+        threading.Thread(target=pump, args=(stream,), name="sse-merged", daemon=True).start()
+    try:
+        running, quiet_since = len(streams), 0.0
+        while running:
+            item = items.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            elif not item.startswith(":"):
+                yield item
+                if isinstance(item, Final):
+                    break
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S or not quiet_since:
+                quiet_since = time.monotonic()
+                yield item
+    finally:
+        stop.set()
     yield end()
 
 

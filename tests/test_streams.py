@@ -493,3 +493,118 @@ def test_a_stream_whose_job_record_expires_ends_cleanly(settings, redis_client, 
     finally:
         redis_client.delete("ttl-test")
         server.close()
+
+
+def sse_lines(response: requests.Response, within_s: float = 20) -> list[str]:
+    """The stream's non-blank lines until it ends, or until ``within_s`` passed (then the
+    last line is "(still open)")."""
+    lines, deadline = [], time.monotonic() + within_s
+    for line in response.iter_lines(decode_unicode=True):
+        if line:
+            lines.append(line)
+        if time.monotonic() > deadline:
+            return [*lines, "(still open)"]
+    return lines
+
+
+@pytest.mark.parametrize("path, body, last", [
+    ("/v1/inference?stream=true", {"prompt": "x"}, ": stream open"),
+    ("/v1/completions", {"prompt": "x", "stream": True}, "data: [DONE]"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "n": 2}, "data: [DONE]"),
+])
+def test_a_synchronous_stream_whose_job_record_expires_ends(settings, redis_client, monkeypatch,
+                                                            path, body, last):
+    """As ``/v1/jobs/{id}/events`` does, a stream a submit answers ends when its job's record
+    is gone (here past BANTER_JOB_TTL_S in a queue no worker serves): a native stream just
+    ends, an OpenAI one with an error chunk naming the job, then ``[DONE]``. They sent
+    keep-alives for ever."""
+    from producer import sse
+
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 1)
+    with unserved_producer(settings, redis_client, job_ttl_s=2) as (server, _queue):
+        with requests.post(server.url + path, json=body, stream=True, timeout=30) as response:
+            assert response.status_code == 200, response.text
+            lines = sse_lines(response)
+    assert lines[-1] == last, lines
+    errors = [json.loads(line[6:])["error"] for line in lines if line.startswith("data: {")]
+    if last == "data: [DONE]":
+        assert len(errors) == 1 and errors[0]["type"] == "job_not_found", lines
+        assert "is gone from Redis" in errors[0]["message"]
+    else:
+        assert set(lines[1:]) <= {": keep-alive"}, lines
+
+
+def test_a_merged_stream_that_loses_redis_after_one_choice_ended_says_so(settings, redis_client,
+                                                                          monkeypatch):
+    """n choices streamed: Redis lost after choice 0 ended (cancelled here) still ends the
+    answer with the error chunk before ``[DONE]``, whichever choice's reader saw it; the
+    answer never looks whole while a choice has no finish_reason."""
+    import redis as redis_py
+
+    import producer.service
+
+    monkeypatch.setattr(producer.service, "REDIS_RETRY_S", 0.5)
+    client = redis_py.Redis.from_url(settings.redis_url, decode_responses=True)
+    cut = threading.Event()
+    real_xread = client.xread
+
+    def xread(*args, **kwargs):
+        if cut.is_set():
+            raise redis_py.ConnectionError("Connection refused")
+        return real_xread(*args, **kwargs)
+
+    monkeypatch.setattr(client, "xread", xread)
+    queue = f"unserved-{uuid.uuid4().hex[:8]}"
+    redis_client.zadd(keys.workers_for("onnx"), {queue: time.time() + 600})
+    server = Server(create_app(replace(settings, queue_interactive=queue,
+                                       queue_bulk=f"{queue}-bulk"), client))
+    try:
+        with requests.post(f"{server.url}/v1/completions", stream=True, timeout=60,
+                           json={"prompt": "x", "stream": True, "n": 2}) as response:
+            assert response.status_code == 200, response.text
+            first, second = response.headers["X-Job-IDs"].split(",")
+            assert requests.delete(f"{server.url}/v1/jobs/{first}", timeout=10).ok
+            lines, deadline = [], time.monotonic() + 20
+            for line in response.iter_lines(decode_unicode=True):
+                if line:
+                    lines.append(line)
+                if '"finish_reason": "cancelled"' in line:
+                    cut.set()
+                if time.monotonic() > deadline:
+                    break
+    finally:
+        redis_client.zrem(keys.workers_for("onnx"), queue)
+        redis_client.delete(queue)
+        server.close()
+    assert lines[-1] == "data: [DONE]", lines
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["type"] == "unavailable" and second in error["message"], lines
+
+
+def test_a_client_that_leaves_a_kept_merged_stream_frees_its_readers(settings, redis_client,
+                                                                      monkeypatch):
+    """``keep_running`` keeps the jobs, not the readers: once the client of an n-choice stream
+    leaves, its reader threads stop within a keep-alive period (they read until the jobs
+    ended, each holding a Redis connection, beyond the key's wait limit)."""
+    from producer import sse
+
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 1)
+
+    def readers() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "sse-merged")
+
+    before = readers()
+    with unserved_producer(settings, redis_client) as (server, _queue):
+        with requests.post(f"{server.url}/v1/completions", stream=True, timeout=30,
+                           json={"prompt": "x", "stream": True, "n": 4,
+                                 "keep_running": True}) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())
+            assert readers() == before + 4
+            ids = response.headers["X-Job-IDs"].split(",")
+        deadline = time.monotonic() + 30
+        while readers() > before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert readers() == before
+        assert all(requests.get(f"{server.url}/v1/jobs/{i}", timeout=10).json()["status"]
+                   == "queued" for i in ids)  # kept
