@@ -28,14 +28,21 @@ from registry.service import Registry
 
 
 def ensure_demo_models(settings: Settings, registry: Registry) -> list[str]:
-    """Build and promote the demo models when the registry has no record at all."""
-    if registry.history():
+    """Build and promote the demo models the registry never held, unless it holds another
+    model (a registry of one's own is left as it is). A first ``banter up`` stopped between
+    its two promotes is finished by the next one; the build is deterministic, so the files of
+    a demo model already promoted are written again byte for byte. Returns the names
+    promoted."""
+    names = {record.name for record in registry.history()}
+    missing = [(name, kind) for name, kind in ((DEMO_GPT, "generate"), (DEMO_EMBED, "embed"))
+               if name not in names]
+    if not missing or names - {DEMO_GPT, DEMO_EMBED}:
         return []
     dirs = build_demo(settings.model_root)
-    for name, kind in ((DEMO_GPT, "generate"), (DEMO_EMBED, "embed")):
+    for name, kind in missing:
         registry.promote(name=name, kind=kind, path=str(dirs[name] / "model.onnx"),
                          actor="banter-up", reason="demo model built by banter up")
-    return [DEMO_GPT, DEMO_EMBED]
+    return [name for name, _ in missing]
 
 
 def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 90.0) -> None:

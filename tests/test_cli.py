@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -754,6 +755,41 @@ def test_up_with_a_sample_then_exit(tmp_path):
     assert port_is_closed(int(redis_url.group(2))), "its private redis-server still listens"
     assert port_is_closed(port), "its producer still listens"
     assert leftovers == []
+
+
+def test_up_finishes_demo_models_a_stopped_first_start_left_half_promoted(tmp_path):
+    """A first ``banter up`` stopped between its two promotes left demo-gpt alone: the next
+    one promotes demo-embed (the demo's sample needs both), and leaves demo-gpt's version and
+    files as they were; a registry holding a model of one's own gets no demo models."""
+    from banter.demo import build_demo
+    from banter.redisconn import connect
+    from banter.redisserver import RedisServer
+    from banter.stack import ensure_demo_models
+    from registry.service import Registry
+
+    server = RedisServer(tmp_path / "redis", persist=False)
+    settings = Settings.from_env({"BANTER_HOME": str(tmp_path / "home"),
+                                  "BANTER_REDIS_URL": server.start()})
+    try:
+        registry = Registry.from_settings(settings, connect(settings.redis_url))
+        gpt = build_demo(settings.model_root)[DEMO_GPT] / "model.onnx"
+        first, _ = registry.promote(name=DEMO_GPT, kind="generate", path=str(gpt),
+                                    actor="banter-up", reason="demo model built by banter up")
+        files = gpt.read_bytes()
+        assert ensure_demo_models(settings, registry) == [DEMO_EMBED]
+        assert [(r.name, r.version) for r in registry.history()] == \
+            [(DEMO_GPT, 1), (DEMO_EMBED, 1)]
+        assert registry.history()[0] == first and gpt.read_bytes() == files
+        assert ensure_demo_models(settings, registry) == []
+
+        other = replace(settings, registry_path=tmp_path / "other" / "history.jsonl",
+                        redis_url=settings.redis_url.rsplit("/", 1)[0] + "/1")
+        mine = Registry.from_settings(other, connect(other.redis_url))
+        mine.promote(name="mine", kind="generate", path=str(settings.model_root / DEMO_GPT /
+                                                            "model.onnx"), actor="me", reason="")
+        assert ensure_demo_models(other, mine) == []
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
