@@ -9,7 +9,10 @@ status (an OpenAI-style error body; a 401 echoes the whole key, like a careless 
 ``"context"`` (400 ``context_length_exceeded``), ``"slow"`` (a long stream, one token every
 ``SLOW_TOKEN_S``, that notes when its client hangs up), ``"hang"`` (answers after
 ``HANG_S``), ``"overrun"`` (the whole reply, ``max_tokens`` ignored, as a careless
-OpenAI-compatible server might) or ``"pairs"`` (two tokens a chunk). A request with
+OpenAI-compatible server might), ``"pairs"`` (two tokens a chunk), ``"truncated"`` (one
+token, then the connection closes cleanly: no ``finish_reason``, no ``[DONE]``),
+``"garbled"`` (a stream whose second line is not JSON), ``"html"`` (200 with a web page) or
+``"short"`` (embeddings: one vector fewer than the texts). A request with
 ``logprobs`` gets an entry per token (``logprob_of``, ``top_logprobs`` alternatives).
 """
 
@@ -108,15 +111,24 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 answer = 401
             if answer == "hang":
                 time.sleep(HANG_S)
-            elif answer is not None and answer not in ("slow", "overrun", "pairs"):
+            elif answer == "html":
+                return self._page()
+            elif answer is not None and answer not in ("slow", "overrun", "pairs", "truncated",
+                                                       "garbled", "short"):
                 status, error = _error_body(answer, fake.key)
                 return self._json(status, {"error": error})
             if self.path == "/v1/embeddings":
-                return self._embeddings(body)
+                return self._embeddings(body, short=answer == "short")
             if self.path != "/v1/chat/completions":
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
             if answer == "slow":
                 return self._slow(body)
+            if answer in ("truncated", "garbled"):
+                self._start_sse()
+                self._write(_chunk(body, {"role": "assistant", "content": REPLY[0]}, None))
+                if answer == "garbled":
+                    self.wfile.write(b"data: {not json\n\n")
+                return None
             tokens = REPLY[:None if answer == "overrun" else body.get("max_tokens") or len(REPLY)]
             finish = "length" if len(tokens) < len(REPLY) else "stop"
             usage = {"prompt_tokens": len(seen.text.split()), "completion_tokens": len(tokens),
@@ -131,12 +143,12 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 chunks.append({**_chunk(body, {}, None), "choices": [], "usage": usage})
             self._sse(chunks)
 
-        def _embeddings(self, body: dict[str, Any]) -> None:
+        def _embeddings(self, body: dict[str, Any], short: bool = False) -> None:
             texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
             words = sum(len(str(text).split()) for text in texts)
             data = [{"object": "embedding", "index": i,
                      "embedding": [float(len(str(text))), 0.5, -0.5]}
-                    for i, text in enumerate(texts)]
+                    for i, text in enumerate(texts[:-1] if short else texts)]
             self._json(200, {"object": "list", "model": body["model"], "data": data[::-1],
                              "usage": {"prompt_tokens": words, "total_tokens": words}})
 
@@ -148,6 +160,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     self._write(_chunk(body, {"content": f" t{i}"}, None))
                     fake.slow_sent = i + 1
                     time.sleep(SLOW_TOKEN_S)
+                self._write(_chunk(body, {}, "stop"))
                 self.wfile.write(b"data: [DONE]\n\n")
             except (BrokenPipeError, ConnectionResetError):
                 fake.disconnected.set()
@@ -165,6 +178,14 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 
         def _write(self, chunk: dict[str, Any]) -> None:
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        def _page(self) -> None:
+            data = b"<html><body>Service temporarily unavailable</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def _json(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()

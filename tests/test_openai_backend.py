@@ -407,6 +407,70 @@ def test_upstream_failures_become_typed_errors(fake, oa_settings, oa_redis, answ
     assert raised.value.type == error_type and words in raised.value.message
 
 
+@pytest.mark.parametrize("answer, words", [
+    ("truncated", "stream ended after 1 tokens without a finish_reason: its answer was cut short"),
+    ("garbled", "sent an answer this server cannot read"),
+    ("html", "stream ended after 0 tokens without a finish_reason"),  # no data: lines
+])
+def test_an_answer_cut_short_or_unreadable_is_an_upstream_error(fake, oa_settings, oa_redis,
+                                                                answer, words):
+    """Never a success holding part of an answer, nor an internal error (500) for what the
+    upstream sent: a job error of type upstream_error (502)."""
+    backend = OpenAIBackend(replace(oa_settings, openai_max_retries=0),
+                            StreamWriter(oa_redis, 100, 60))
+    marker = f"unreadable {answer}"
+    fake.script(marker, answer)
+    job = JobRecord(id=JobRecord.new_id(), kind="generate", model="m", input=marker,
+                    params={"max_tokens": 4})
+    with pytest.raises(BanterError) as raised:
+        backend.generate(job, "gpt-4o-mini", lambda: False)
+    assert raised.value.type == "upstream_error" and raised.value.status == 502
+    assert words in raised.value.message and KEY not in raised.value.message
+
+
+@pytest.mark.parametrize("answer, words", [
+    ("short", "answered 1 embeddings (indexes [0]) for 2 inputs"),
+    ("html", "sent an answer this server cannot read"),
+])
+def test_embeddings_that_do_not_answer_every_text_are_an_upstream_error(fake, oa_settings,
+                                                                       oa_redis, answer, words):
+    backend = OpenAIBackend(replace(oa_settings, openai_max_retries=0),
+                            StreamWriter(oa_redis, 100, 60))
+    marker = f"embed {answer}"
+    fake.script(marker, answer)
+    job = JobRecord(id=JobRecord.new_id(), kind="embed", model="m", input=[marker, "two"])
+    with pytest.raises(BanterError) as raised:
+        backend.embed(job, "text-embedding-3-small")
+    assert raised.value.type == "upstream_error" and words in raised.value.message
+
+
+def test_a_job_waiting_for_an_upstream_slot_ends_when_cancelled_or_past_its_deadline(
+        fake, oa_settings, oa_redis):
+    """With every upstream slot (BANTER_OPENAI_CONCURRENCY) taken, a waiting job that is
+    cancelled, or whose deadline passes, ends so at once: it waited for a slot to free."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = OpenAIBackend(replace(oa_settings, openai_concurrency=1),
+                            StreamWriter(oa_redis, 100, 60))
+    cancelled = JobRecord(id=JobRecord.new_id(), kind="generate", model="m",
+                          input="slot wait, cancelled")
+    late = JobRecord(id=JobRecord.new_id(), kind="generate", model="m",
+                     input="slot wait, late", deadline_at=time.time() + 0.5)
+    assert backend._slots.acquire(timeout=1)  # the one slot, as a long stream would hold it
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            waits = [pool.submit(backend.generate, job, "gpt-4o-mini", lambda: False)
+                     for job in (cancelled, late)]
+            deadline = time.monotonic() + 10
+            while not backend.cancel(cancelled.id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            outcomes = [wait.result(timeout=10) for wait in waits]
+        finally:
+            backend._slots.release()
+    assert [o.finish_reason for o in outcomes] == ["cancelled", "expired"]
+    assert fake.seen("slot wait") == []  # neither sent its request
+
+
 NO_FALLBACK = [({"openai_fallback": False},
                 "the openai fallback is off (BANTER_OPENAI_FALLBACK=false)"),
                ({"openai_key": ""}, "set BANTER_OPENAI_KEY or OPENAI_API_KEY")]

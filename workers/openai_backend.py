@@ -46,6 +46,7 @@ from workers.backends import Outcome
 NO_TOKEN_ID = -1
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MESSAGE_CHARS = 300  # how much of an upstream error message an error keeps
+SLOT_POLL_S = 0.2  # a job waiting for an upstream slot checks its cancellation and deadline
 
 
 class OpenAIBackend:
@@ -84,19 +85,30 @@ class OpenAIBackend:
         try:
             if cancel_requested():
                 stop.set()
-            with self._slots:
+            while not self._slots.acquire(timeout=SLOT_POLL_S):  # all taken: keep checking
+                stopped = _stopped(job, stop)
+                if stopped:
+                    return _text_outcome([], params.logprobs is not None, None, stopped)
+            try:
                 return self._stream(job, model, params, stop)
+            finally:
+                self._slots.release()
         finally:
             with self._lock:
                 self._stops.pop(job.id, None)
 
     def embed(self, job: JobRecord, model: str) -> Outcome:
         """The embedding of ``job.input`` (a text, or a list of texts) from upstream ``model``."""
+        texts = job.input if isinstance(job.input, list) else [job.input]
         with self._slots, self._errors(model):
             answer = self.client.embeddings.create(model=model, input=job.input,
                                                    encoding_format="float")
-        prompt_tokens = answer.usage.prompt_tokens if answer.usage else 0
-        vectors = [list(d.embedding) for d in sorted(answer.data, key=lambda d: d.index)]
+            prompt_tokens = answer.usage.prompt_tokens if answer.usage else 0
+            data = sorted(answer.data, key=lambda d: d.index)
+            if [d.index for d in data] != list(range(len(texts))):
+                raise UpstreamError(f"the upstream answered {len(data)} embeddings (indexes "
+                                    f"{[d.index for d in data][:8]}) for {len(texts)} inputs")
+            vectors = [[float(x) for x in d.embedding] for d in data]
         return Outcome(result=embed_result(job.input, vectors),
                        finish_reason="stop",
                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": 0},
@@ -129,7 +141,10 @@ class OpenAIBackend:
                     self.streams.publish(events)
                     tokens.extend(events)
                 finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
-        return _text_outcome(tokens, scored, usage, finish or "stop")
+        if finish is None:  # the connection closed, cleanly, before the answer's end
+            raise UpstreamError(f"the upstream's stream ended after {len(tokens)} tokens "
+                                "without a finish_reason: its answer was cut short")
+        return _text_outcome(tokens, scored, usage, finish)
 
     def _chat_request(self, job: JobRecord, model: str, params: SamplingParams) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -189,11 +204,18 @@ class OpenAIBackend:
                                 f"{self._said(exc)}") from None
         except openai.APIError as exc:  # an error event inside the stream
             raise UpstreamError(f"the upstream failed: {self._said(exc)}") from None
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            # a body that is not the JSON of its answer: an HTML page, a torn SSE line,
+            # fields of the wrong type
+            raise UpstreamError(f"the upstream sent an answer this server cannot read "
+                                f"({type(exc).__name__}: {self._scrub(str(exc))})") from None
 
     def _said(self, exc: openai.APIError) -> str:
         """The upstream's own message, cut short, with the key scrubbed out."""
         body = exc.body if isinstance(exc.body, dict) else {}
-        text = str(body.get("message") or exc.message)
+        return self._scrub(str(body.get("message") or exc.message))
+
+    def _scrub(self, text: str) -> str:
         key = self.settings.openai_key
         return (text.replace(key, "[redacted]") if key else text)[:MESSAGE_CHARS]
 
