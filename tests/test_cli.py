@@ -849,7 +849,10 @@ def test_up_serves_http_until_ctrl_c(tmp_path):
         assert redis.Redis.from_url(private_url).ping()
         assert processes_with_home(home) == started
 
-        # when Ctrl-C is pressed, expect a clean exit and everything it started gone
+        # when Ctrl-C is pressed, expect a clean exit and everything it started gone, even
+        # when it is pressed again while the stack stops
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.2)
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=30)
     finally:
