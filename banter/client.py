@@ -175,7 +175,7 @@ class Client:
                                      f"{response.status_code} and no banterhearts error") from None
             if response.status_code == 404 and error["type"] == "not_found":
                 error = {**error, "message": self._no_such_route(method, path)}
-            raise from_dict(error)
+            raise from_dict(error, response.status_code)
         return response
 
     def _no_such_route(self, method: str, path: str) -> str:

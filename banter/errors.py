@@ -270,15 +270,17 @@ def openai_status(status: int) -> int:
     return 400 if status == InvalidRequest.status else status
 
 
-def from_dict(error: dict[str, str]) -> BanterError:
+def from_dict(error: dict[str, str], status: int | None = None) -> BanterError:
     """Rebuild a typed error from ``{type, message, param?}`` (a job record, an HTTP error
-    body)."""
+    body). ``status``: the HTTP status it came with, kept for a type this code does not know
+    (a newer server's), which would otherwise be a 500."""
     type_name = error.get("type", BanterError.type)
-    cls = _error_class(type_name) or BanterError
+    known = _error_class(type_name)
+    cls = known or BanterError
     exc = cls.__new__(cls)
     BanterError.__init__(exc, error.get("message", "request failed"), error.get("param"))
     exc.type = type_name
-    exc.status = status_for(type_name)
+    exc.status = cls.status if known or status is None else status
     return exc
 
 

@@ -278,6 +278,35 @@ def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
     assert process.stderr.read() == b""
 
 
+@pytest.mark.parametrize("status, code", [(503, 3), (429, 3), (409, 1), (400, 1)])
+def test_an_error_type_this_client_does_not_know_exits_by_its_http_status(status, code):
+    """A newer server's error type: the exit code follows the status it came with (a 503 is
+    exit 3, to retry), not the 500 an unknown type would otherwise be."""
+    import http.server
+    import threading
+
+    class Newer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            answer = json.dumps({"error": {"type": "brand_new_error", "message": "new"}}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Newer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = banter("submit", "hi", "--url", f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert result.returncode == code, result.stderr
+    assert "brand_new_error: new" in result.stderr
+
+
 @pytest.mark.parametrize("status, body", [
     (200, b"<html>hello</html>"),  # another server's page
     (200, b"{}"),  # JSON of another shape
