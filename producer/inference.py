@@ -59,21 +59,22 @@ def job_headers(records: list[JobRecord]) -> dict[str, str]:
 
 
 def wait_answer(c: Context, record: JobRecord, owner: str, gone: Callable[[], bool] | None,
-                ) -> JobRecord:
+                keep: bool = False) -> JobRecord:
     """The job's final record, for a synchronous call. A client that leaves first
-    (``gone``, from ``disconnect.watch``; None: ``keep_running``) cancels the job, as a
-    streaming client does: its answer would reach no one, and an SDK that timed out sends the
-    request again (ClientGone, 499)."""
+    (``gone``, from ``disconnect.watch``) ends the wait (ClientGone, 499) and cancels the job
+    unless ``keep`` (``keep_running``), as a streaming client does: its answer would reach
+    no one, and an SDK that timed out sends the request again."""
     try:
         return c.jobs.wait(record.id, gone=gone)
     except errors.ClientGone:
-        c.jobs.cancel(record.id, owner)
+        if not keep:
+            c.jobs.cancel(record.id, owner)
         raise
 
 
-def client_watch(keep: bool = False) -> Callable[[], bool] | None:
-    """``wait_answer``'s ``gone`` for the request in hand; None when ``keep``."""
-    return None if keep else disconnect.watch(request.environ)
+def client_watch() -> Callable[[], bool]:
+    """``wait_answer``'s ``gone`` for the request in hand."""
+    return disconnect.watch(request.environ)
 
 
 def _wait(c: Context, record: JobRecord, owner: str,
@@ -141,7 +142,7 @@ def inference():
     tag_with_job(record)
     if streamed:
         return stream_job(c, record, owner, keep)
-    record = wait_answer(c, record, owner, client_watch(keep))
+    record = wait_answer(c, record, owner, client_watch(), keep)
     response = jsonify(result_body(record))
     response.headers.update(job_headers([record]))
     return response

@@ -421,7 +421,7 @@ def run_text_job(c: Context, path: str, shape: type[TextShape]):
         return stream_job(c, record, owner, keep, Chunks(form, record, usage),
                           interrupted=sse_data({"error": lost.body()}) + DONE,
                           gone=sse_data({"error": job_gone(record.id).body()}) + DONE)
-    record = wait_answer(c, record, owner, client_watch(keep))
+    record = wait_answer(c, record, owner, client_watch(), keep)
     response = jsonify(answer_body(shape, [record], bool(echoed)))
     response.headers.update(job_headers([record]))
     return response
@@ -470,9 +470,9 @@ def run_choices(c: Context, requests: list[JobRequest], owner: str, shape: type[
         if not keep:
             merged = sse.cancel_on_disconnect(merged, cancel_all)
         return sse.response(merged, {"X-Backend": records[0].backend or ""})
-    gone = client_watch(keep)
+    gone = client_watch()
     with ThreadPoolExecutor(max_workers=len(records)) as pool:
-        waits = [pool.submit(wait_answer, c, record, owner, gone) for record in records]
+        waits = [pool.submit(wait_answer, c, record, owner, gone, keep) for record in records]
         for done in as_completed(waits):  # a failed choice fails the answer: stop the rest
             if done.exception() is None and done.result().status == JobStatus.FAILED.value:
                 cancel_all()

@@ -369,30 +369,39 @@ def test_an_embeddings_call_whose_job_is_cancelled_is_a_409_not_a_500(settings, 
     assert response.headers["X-Job-ID"] == queued[0]
 
 
-def test_a_batch_line_whose_client_left_lets_go_of_its_wait(settings, redis_client,
-                                                             demo_models):
-    """Its job goes on (banter bulk picks it up by its key), but the producer thread and the
-    key's wait it held are let go at once, not held until BANTER_SYNC_TIMEOUT_S: a key with
-    one wait can send its next line."""
+@pytest.mark.parametrize("path, body, jobs", [
+    ("/v1/batches/requests", {"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                              "body": {"input": "left"}}, 1),
+    ("/v1/inference", {"prompt": "left", "keep_running": True}, 1),
+    ("/v1/completions", {"prompt": "left", "keep_running": True}, 1),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "left"}], "n": 2,
+                              "keep_running": True}, 2),
+])
+def test_a_kept_call_whose_client_left_lets_go_of_its_wait(settings, redis_client, demo_models,
+                                                          path, body, jobs):
+    """Its jobs go on (``keep_running``; a batch line, which banter bulk picks up by its key),
+    but the producer thread and the key's wait it held are let go at once, not held until
+    BANTER_SYNC_TIMEOUT_S: a key with one wait can send its next call."""
     key = "one-wait-key"
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
-            "body": {"input": "left"}, "idempotency_key": uuid.uuid4().hex}
+
+    def call() -> dict:
+        return {**body, "idempotency_key": uuid.uuid4().hex} if "custom_id" in body else body
+
     with unserved_producer(settings, redis_client, auth_disabled=False, api_keys=key,
                            max_waits_per_key=1) as (server, queue):
-        [left] = hang_up_while_waiting(server.url, "/v1/batches/requests", line, redis_client,
-                                       [f"{queue}-bulk"], 1, key=key)
+        left = hang_up_while_waiting(server.url, path, call(), redis_client,
+                                     [queue, f"{queue}-bulk"], jobs, key=key)
         deadline = time.monotonic() + 10
-        while True:  # the next line is taken (and waits on its job) once the wait is let go
+        while True:  # the next call is taken (and waits on its job) once the wait is let go
             try:
-                refused = requests.post(server.url + "/v1/batches/requests", timeout=1.5,
-                                        json={**line, "idempotency_key": uuid.uuid4().hex},
+                refused = requests.post(server.url + path, timeout=1.5, json=call(),
                                         headers={"Authorization": f"Bearer {key}"})
             except requests.ReadTimeout:
                 break
             assert refused.status_code == 429, refused.text
             assert time.monotonic() < deadline, "the wait of the client that left was kept"
             time.sleep(0.2)
-        assert redis_client.hget(keys.job(left), "status") == "queued"
+        assert [redis_client.hget(keys.job(j), "status") for j in left] == ["queued"] * jobs
 
 
 @pytest.mark.parametrize("path, body", [
