@@ -9,9 +9,11 @@ for a bulk job to end (docs/decisions.md, Broker).
 from __future__ import annotations
 
 import functools
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -175,6 +177,11 @@ def make_celery(settings: Settings, main: str = "banterhearts",
         transport_options = {"confirm_publish": True}
     else:
         app.conf.broker_transport = f"{__name__}:RedisTransport"
+        if urlsplit(settings.broker_url).scheme == "rediss":
+            # TLS, the certificate checked against the system's CAs as redis-py checks it for
+            # the job records (the URL's ssl_* options, when given, replace this): kombu sees
+            # the scheme only through its own transport, and would connect in plain TCP
+            app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         # kombu sweeps unacked messages every 10 s and restores those older than the
         # visibility timeout: a job whose worker died is delivered again within ~70 s.
         # "priority": a worker with a free slot always takes an interactive message first.

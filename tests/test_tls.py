@@ -46,17 +46,26 @@ def tls_redis(tmp_path):
     server.wait()
 
 
-def test_a_job_runs_end_to_end_over_tls(tls_redis, tmp_path):
-    env = {"BANTER_REDIS_URL": tls_redis, "BANTER_HOME": str(tmp_path / "home"),
+@pytest.mark.parametrize("trust", ["url", "system"])
+def test_a_job_runs_end_to_end_over_tls(tls_redis, tmp_path, monkeypatch, trust):
+    """The CA in the URL's query, or (a bare ``rediss://`` URL) in the system's trust store
+    (here SSL_CERT_FILE): records, streams and the Celery broker all speak TLS and check the
+    certificate."""
+    url = tls_redis
+    if trust == "system":
+        url = tls_redis.split("?", 1)[0]
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    env = {"BANTER_REDIS_URL": url, "BANTER_HOME": str(tmp_path / "home"),
            "BANTER_WORKER_HEARTBEAT_S": "1", "BANTER_AUTH_DISABLED": "true",
-           "BANTER_OPENAI_KEY": ""}
+           "BANTER_OPENAI_KEY": "", **({"SSL_CERT_FILE": str(tmp_path / "cert.pem")}
+                                      if trust == "system" else {})}
     settings = Settings.from_env(env)
     dirs = build_demo(settings.model_root)
-    registry = Registry.from_settings(settings, connect(tls_redis))
+    registry = Registry.from_settings(settings, connect(url))
     registry.promote(name=DEMO_GPT, kind="generate", path=str(dirs[DEMO_GPT] / "model.onnx"))
     registry.promote(name=DEMO_EMBED, kind="embed", path=str(dirs[DEMO_EMBED] / "model.onnx"))
-    worker = start_worker(env, "tls@localhost", tmp_path / "worker.log", connect(tls_redis))
-    server = Server(create_app(settings, connect(tls_redis)))
+    worker = start_worker(env, "tls@localhost", tmp_path / "worker.log", connect(url))
+    server = Server(create_app(settings, connect(url)))
     try:
         response = Api(server.url).post("/v1/inference", {"prompt": "secure", "max_tokens": 3})
         assert response.status_code == 200, response.text
