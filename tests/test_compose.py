@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+
+from tests.conftest import WORKER_NODE
 
 COMPOSE = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -30,7 +35,10 @@ def test_each_gpu_worker_reserves_one_device_and_pins_to_it():
         command = service["command"]
         assert command[:3] == ["banter", "worker", "--gpu"]
         assert command[command.index("--name") + 1].startswith(f"{name}@")
-        assert service["build"]["args"]["ORT"] == "onnxruntime-gpu"
+        # the extras bring CUDA and cuDNN, which the Dockerfile registers with the loader
+        assert service["build"]["args"]["ORT"] == "onnxruntime-gpu[cuda,cudnn]"
+    dockerfile = (Path(__file__).parent.parent / "Dockerfile").read_text()
+    assert "/etc/ld.so.conf.d/" in dockerfile and "ldconfig" in dockerfile
 
 
 def test_cpu_worker_is_a_profile():
@@ -53,6 +61,35 @@ def test_every_banter_service_shares_redis_models_and_registry():
 def test_health_checks():
     for name in ("redis", "producer", "gpu0", "gpu1", "worker-cpu", "flower"):
         assert SERVICES[name]["healthcheck"]["test"][0] == "CMD", name
+
+
+def test_each_worker_is_healthy_by_its_own_heartbeat_only(stack_env, worker):
+    """The workers' health check, run as compose runs it, against a real worker: healthy by
+    its own node's heartbeat, not by another worker's (a dead gpu1 beside a live gpu0)."""
+    for name in ("gpu0", "gpu1", "worker-cpu"):
+        service = SERVICES[name]
+        command = service["command"]
+        assert service["environment"]["HEALTHCHECK_NODE"] == command[command.index("--name") + 1]
+        assert service["restart"] == "unless-stopped"  # an engine death (exit 70) restarts it
+    check = SERVICES["worker-cpu"]["healthcheck"]["test"][1:]
+    assert check[0] == "python"
+    check = [sys.executable, *check[1:]]  # the image's python: this one has banter installed
+
+    def healthy(node: str) -> bool:
+        env = {**os.environ, "BANTER_REDIS_URL": stack_env["BANTER_REDIS_URL"],
+               "HEALTHCHECK_NODE": node}
+        return subprocess.run(check, env=env, timeout=30).returncode == 0
+
+    assert healthy(WORKER_NODE)
+    assert not healthy("gpu1@compose")
+
+
+def test_published_ports_are_listened_on_every_interface():
+    """A port compose publishes reaches the container only if its server listens beyond the
+    container's own loopback."""
+    producer, flower = SERVICES["producer"]["command"], SERVICES["flower"]["command"]
+    assert producer[producer.index("--host") + 1] == "0.0.0.0"
+    assert flower[flower.index("--address") + 1] == "0.0.0.0"
 
 
 def test_flower_requires_auth():
