@@ -33,7 +33,8 @@ _ZERO_ALLOWED = ("max_queue_depth", "openai_max_retries", "rate_limit_per_min", 
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")  # RabbitMQ as the Celery broker
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-BROKER_SCHEMES = (*REDIS_SCHEMES, *AMQP_SCHEMES)
+# kombu's Redis transport takes no unix:// URL: the broker reaches Redis over TCP
+BROKER_SCHEMES = ("redis", "rediss", *AMQP_SCHEMES)
 
 
 class SettingsError(InvalidRequest):
@@ -52,7 +53,7 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     if parts.scheme not in schemes:
         kinds = "redis://, rediss:// or unix:// (Redis)"
         if schemes == BROKER_SCHEMES:
-            kinds = "redis://, rediss://, unix:// (Redis) or amqp:// (RabbitMQ)"
+            kinds = "redis://, rediss:// (Redis; not unix://) or amqp:// (RabbitMQ)"
         raise SettingsError(f"{name}={shown!r}: expected a {kinds} URL")
     database = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
     if database and not (database.isascii() and database.isdigit()):
@@ -336,6 +337,10 @@ class Settings:
         _check_url("BANTER_REDIS_URL", self.redis_url, REDIS_SCHEMES)
         if self.broker_url:
             _check_url("BANTER_BROKER_URL", self.broker_url, BROKER_SCHEMES)
+        elif urlparse(self.redis_url).scheme == "unix":
+            raise SettingsError("BANTER_REDIS_URL is a unix socket, which the Celery broker "
+                                "cannot use: set BANTER_BROKER_URL to the same Redis over TCP "
+                                "(redis://host:port/db)")
         broker = self.broker_url or self.redis_url
         return replace(self, home=home, model_root=model_root, registry_path=registry,
                         broker_url=broker)

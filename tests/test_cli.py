@@ -159,6 +159,9 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
      "BANTER_REDIS_URL='redis://:***@127.0.0.1:1/0?colour=blue' has an option Redis clients "
      "cannot take"),
     ("BANTER_HOME", "~no-such-user-here/x", "BANTER_HOME='~no-such-user-here/x' cannot be used"),
+    # kombu takes no unix:// URL: refused at start (submits were a 500)
+    ("BANTER_BROKER_URL", "unix:///tmp/redis.sock", "redis://, rediss:// (Redis; not unix://)"),
+    ("BANTER_REDIS_URL", "unix:///tmp/redis.sock", "set BANTER_BROKER_URL to the same Redis over"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}
