@@ -118,9 +118,11 @@ class _Channel(kombu_redis.Channel):
 class LaneConsumer(Consumer):
     """kombu's consumer with a prefetch per lane on RabbitMQ, where ``basic.qos`` (per consumer,
     the mode Celery uses there) applies to each consumer started after it: the bulk queues'
-    consumers start under ``bulk_limit``, the others under ``prefetch`` (the worker's task
-    threads). A worker then holds at most ``bulk_limit`` bulk messages and keeps the rest of its
-    threads for interactive ones, as ``_Channel`` does on Redis."""
+    consumers start under ``bulk_limit``, split between the bulk queues the worker consumes
+    (both backends' when it has an OpenAI key: each takes an equal part, at least 1), the others
+    under ``prefetch`` (the worker's task threads). A worker then holds at most ``bulk_limit``
+    bulk messages and keeps the rest of its threads for interactive ones, as ``_Channel`` does
+    on Redis (there the bulk queues share the limit as a whole)."""
 
     def __init__(self, *args, bulk_queues: frozenset[str] = frozenset(), bulk_limit: int = 0,
                  prefetch: int = 0, **kwargs) -> None:
@@ -129,7 +131,10 @@ class LaneConsumer(Consumer):
 
     def _basic_consume(self, queue, *args, **kwargs):
         if self.bulk_limit and queue.name not in self._active_tags:
-            limit = self.bulk_limit if queue.name in self.bulk_queues else self.prefetch
+            limit = self.prefetch
+            if queue.name in self.bulk_queues:
+                consumed = sum(1 for q in self.queues if q.name in self.bulk_queues)
+                limit = max(1, self.bulk_limit // max(1, consumed))
             self.channel.basic_qos(0, limit, False)
         return super()._basic_consume(queue, *args, **kwargs)
 

@@ -128,31 +128,39 @@ def test_a_bench_stack_on_rabbitmq_uses_and_removes_queues_of_its_own(rabbit):
                 channel.queue_declare(queue=name, passive=True)
 
 
-def test_a_worker_channel_holds_its_bulk_share_on_rabbitmq(rabbit):
-    """The worker's task consumer (``app.amqp.TaskConsumer``, as Celery builds it) takes at most
-    ``bulk_limit`` unacked bulk messages and keeps taking interactive ones."""
+@pytest.mark.parametrize("backends", [("onnx",), ("onnx", "openai")])
+def test_a_worker_channel_holds_its_bulk_share_on_rabbitmq(rabbit, backends):
+    """The worker's task consumer (``app.amqp.TaskConsumer``, as Celery builds it, on the
+    worker's queues) takes at most ``bulk_limit`` unacked bulk messages, over both backends'
+    bulk queues when it serves both, and keeps taking interactive ones."""
+    from workers.main import worker_queues
+
+    tag = "-".join(backends)  # queues of its own: a deleted queue's name is not reused
     settings = Settings.from_env({"BANTER_BROKER_URL": rabbit.url,
-                                  "BANTER_QUEUE_INTERACTIVE": "share-interactive",
-                                  "BANTER_QUEUE_BULK": "share-bulk",
+                                  "BANTER_QUEUE_INTERACTIVE": f"share-interactive-{tag}",
+                                  "BANTER_QUEUE_BULK": f"share-bulk-{tag}",
                                   "BANTER_WORKER_CONCURRENCY": "8",
                                   "BANTER_BULK_CONCURRENCY": "2"})
     app = make_celery(settings)
-    for i in range(5):
-        app.send_task(RUN_JOB, args=[f"bulk-{i}"], queue="share-bulk")
+    queues = worker_queues(settings, backends)
+    bulk = [name for name in queues if name in settings.lane_queues("bulk")]
+    for name in bulk:
+        for i in range(5):
+            app.send_task(RUN_JOB, args=[f"bulk-{i}"], queue=name)
     for i in range(3):
-        app.send_task(RUN_JOB, args=[f"interactive-{i}"], queue="share-interactive")
+        app.send_task(RUN_JOB, args=[f"interactive-{i}"], queue=settings.queue_interactive)
     got = []
     with app.connection_for_read() as conn:
-        consumer = app.amqp.TaskConsumer(conn, queues=[app.amqp.queues[name]
-                                                       for name in settings.queues])
+        consumer = app.amqp.TaskConsumer(conn, queues=[app.amqp.queues[name] for name in queues])
         consumer.register_callback(lambda body, message: got.append(message))
         consumer.consume()
         drain(conn)
         keys = [m.delivery_info["routing_key"] for m in got]
-        assert keys.count("share-bulk") == 2 and keys.count("share-interactive") == 3
+        assert sum(keys.count(name) for name in bulk) == 2, keys
+        assert keys.count(settings.queue_interactive) == 3
         for message in got:
             message.ack()
         consumer.cancel()
         channel = conn.channel()
-        for name in settings.queues:
+        for name in queues:
             channel.queue_delete(name)
