@@ -23,7 +23,7 @@ from kombu.transport import redis as kombu_redis
 
 from banter.errors import Unavailable
 from banter.redisconn import connect
-from banter.settings import Settings, is_amqp
+from banter.settings import Settings, amqp_tls, is_amqp
 
 if TYPE_CHECKING:
     from banter.jobs import JobRecord
@@ -176,10 +176,14 @@ def make_celery(settings: Settings, main: str = "banterhearts",
     app = Celery(main)
     app.config_from_object("celeryconfig")
     amqp = is_amqp(settings.broker_url)
+    broker_url = settings.broker_url
     if amqp:
         # RabbitMQ acknowledges every published message: send_task returns once the broker
         # holds the job's message (durable queue, persistent message).
         transport_options = {"confirm_publish": True}
+        broker_url, tls = amqp_tls(broker_url)  # py-amqp takes them as Celery's option
+        if tls is not None:
+            app.conf.broker_use_ssl = tls
     else:
         app.conf.broker_transport = f"{__name__}:RedisTransport"
         if urlsplit(settings.broker_url).scheme == "rediss":
@@ -199,7 +203,7 @@ def make_celery(settings: Settings, main: str = "banterhearts",
         if bulk_intake_wait is not None:
             transport_options["bulk_intake_wait"] = _IntakeWait(bulk_intake_wait)
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=broker_url,
         # each queue bound to an exchange of its own name under its own name (Celery would bind
         # every queue to the default queue's exchange and key); tasks are sent to a queue by
         # name either way

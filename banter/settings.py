@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 from banter import redisconn
 from banter.errors import InvalidRequest
@@ -41,6 +42,43 @@ class SettingsError(InvalidRequest):
     type = "invalid_setting"
 
 
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+_AMQP_TLS_FILES = {"ssl_ca_certs": "ca_certs", "ssl_certfile": "certfile",
+                   "ssl_keyfile": "keyfile"}
+
+
+def amqp_tls(url: str) -> tuple[str, dict[str, object] | None]:
+    """A RabbitMQ URL as py-amqp takes it: the URL without its ``ssl_*`` query options
+    (redis-py's names, as ``rediss://`` takes them), and for ``amqps://`` its TLS options
+    (Celery's ``broker_use_ssl``): the server's certificate and host name checked, against
+    ``ssl_ca_certs`` or else the system's CAs, unless ``ssl_cert_reqs=none`` (or
+    ``optional``); ``ssl_certfile`` and ``ssl_keyfile``: a client certificate. ValueError for
+    another ``ssl_*`` option or value, or one on ``amqp://``. Another URL: as it is, None."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {key: value for key, value in query if key.startswith("ssl_")}
+    if parts.scheme not in ("amqps", "amqp", "pyamqp"):
+        return url, None
+    if given and parts.scheme != "amqps":
+        raise ValueError(f"{', '.join(given)}: TLS options are for an amqps:// URL")
+    unknown = set(given) - {*_AMQP_TLS_FILES, "ssl_cert_reqs"}
+    if unknown:
+        raise ValueError(f"unknown TLS option {sorted(unknown)[0]!r}: amqps:// takes "
+                         "ssl_ca_certs, ssl_certfile, ssl_keyfile and ssl_cert_reqs")
+    reqs = given.get("ssl_cert_reqs", "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be required, optional or none, got {reqs!r}")
+    if parts.scheme != "amqps":
+        return url, None
+    options: dict[str, object] = {"cert_reqs": _CERT_REQS[reqs]}
+    if reqs != "none":
+        options["server_hostname"] = parts.hostname
+    options |= {_AMQP_TLS_FILES[key]: value for key, value in given.items()
+                if key in _AMQP_TLS_FILES}
+    rest = urlencode([(key, value) for key, value in query if not key.startswith("ssl_")])
+    return urlunsplit(parts._replace(query=rest)), options
+
+
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     """SettingsError unless ``url`` parses, with one of ``schemes``, a port in range and (Redis)
     a numeric database. The message shows the URL with its password masked."""
@@ -59,6 +97,10 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     if database and not (database.isascii() and database.isdigit()):
         raise SettingsError(f"{name}={shown!r}: the database after the host must be a number, "
                             f"got {database!r}")
+    try:
+        amqp_tls(url)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={shown!r}: {exc}") from None
     if schemes == REDIS_SCHEMES:  # the state Redis (a broker URL's options are kombu's)
         try:  # a connection object, not connected: the URL's options (?socket_timeout=) apply
             redisconn.connect(url).connection_pool.make_connection()

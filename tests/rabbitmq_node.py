@@ -28,10 +28,15 @@ def find_server() -> str | None:
 
 
 class RabbitNode:
-    def __init__(self, directory: Path) -> None:
+    """``tls``: (certificate, key) for a TLS listener too, at ``tls_url`` (amqps://)."""
+
+    def __init__(self, directory: Path, tls: tuple[Path, Path] | None = None) -> None:
         self.directory = Path(directory)
         self.port = free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
+        self.tls_url = f"amqps://guest:guest@127.0.0.1:{self.tls_port}//" if tls else ""
         self.process: subprocess.Popen | None = None
 
     def start(self) -> str:
@@ -41,7 +46,14 @@ class RabbitNode:
         for sub in ("mnesia", "log"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
         (self.directory / "enabled_plugins").write_text("[].\n")
-        (self.directory / "rabbitmq.conf").write_text("loopback_users = none\n")
+        config = "loopback_users = none\n"
+        if self.tls:
+            cert, key = self.tls
+            config += (f"listeners.ssl.default = {self.tls_port}\n"
+                       f"ssl_options.cacertfile = {cert}\nssl_options.certfile = {cert}\n"
+                       f"ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n"
+                       "ssl_options.fail_if_no_peer_cert = false\n")
+        (self.directory / "rabbitmq.conf").write_text(config)
         env = {**os.environ,
                "RABBITMQ_NODENAME": f"banter-test-{self.port}@localhost",
                "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(free_port()),

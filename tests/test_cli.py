@@ -162,6 +162,9 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     # kombu takes no unix:// URL: refused at start (submits were a 500)
     ("BANTER_BROKER_URL", "unix:///tmp/redis.sock", "redis://, rediss:// (Redis; not unix://)"),
     ("BANTER_REDIS_URL", "unix:///tmp/redis.sock", "set BANTER_BROKER_URL to the same Redis over"),
+    ("BANTER_BROKER_URL", "amqps://h//?ssl_foo=1", "unknown TLS option 'ssl_foo': amqps:// takes"),
+    ("BANTER_BROKER_URL", "amqp://h//?ssl_ca_certs=/ca.pem", "TLS options are for an amqps://"),
+    ("BANTER_BROKER_URL", "amqps://h//?ssl_cert_reqs=maybe", "ssl_cert_reqs must be required,"),
 ])
 def test_a_bad_setting_exits_2_with_the_reason(command, variable, value, needle, tmp_path):
     env = {**fresh_up_env(tmp_path / "home"), "BANTER_AUTH_DISABLED": "true", variable: value}

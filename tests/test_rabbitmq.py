@@ -164,3 +164,50 @@ def test_a_worker_channel_holds_its_bulk_share_on_rabbitmq(rabbit, backends):
         channel = conn.channel()
         for name in queues:
             channel.queue_delete(name)
+
+
+@pytest.fixture(scope="module")
+def tls_rabbit(tmp_path_factory):
+    """A node with a TLS listener too, its certificate self-signed for 127.0.0.1 only."""
+    import subprocess
+
+    directory = tmp_path_factory.mktemp("rabbitmq-tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    node = RabbitNode(directory / "node", tls=(cert, key))
+    node.start()
+    yield node, cert
+    node.stop()
+
+
+def test_an_amqps_broker_checks_the_certificate_and_its_host(tls_rabbit):
+    """``amqps://`` with redis-py's ``ssl_*`` names, as ``rediss://`` takes them: a job message
+    goes through TLS with the CA the URL names; without it (the system's CAs) or under a host
+    name the certificate does not carry, the connection is refused, never made unchecked.
+    ``ssl_ca_certs`` raised a TypeError in py-amqp (a 500 for every submit)."""
+    from kombu.exceptions import OperationalError
+
+    node, cert = tls_rabbit
+
+    def app_for(url: str):
+        return make_celery(Settings.from_env({"BANTER_BROKER_URL": url}))
+
+    app = app_for(f"{node.tls_url}?ssl_ca_certs={cert}")
+    app.send_task(RUN_JOB, args=["over-tls"], queue="tls-check")
+    with app.connection_for_read() as conn:
+        assert conn.transport.driver_type == "amqp" and conn.ssl["server_hostname"] == "127.0.0.1"
+        got = []
+        consumer = app.amqp.TaskConsumer(conn, queues=[app.amqp.queues["tls-check"]])
+        consumer.register_callback(lambda body, message: got.append(message))
+        consumer.consume()
+        drain(conn)
+        assert [m.headers["id"] for m in got] and got[0].payload[0] == ["over-tls"]
+        got[0].ack()
+        consumer.cancel()
+        conn.channel().queue_delete("tls-check")
+    for url in (node.tls_url,  # the system's CAs do not hold the self-signed one
+                f"{node.tls_url.replace('127.0.0.1', 'localhost')}?ssl_ca_certs={cert}"):
+        with app_for(url).connection_for_write() as conn, pytest.raises(OperationalError):
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=10)
