@@ -69,8 +69,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind(address)
         except OSError as exc:
-            raise OSError(f"cannot listen on {host_port(host, port)}: {exc.strerror} (is another server "
-                          "there? pick another --port)") from None
+            raise OSError(f"cannot listen on {host_port(host, port)}: {exc.strerror} (is "
+                          "another server there? pick another --port)") from None
 
 
 def cmd_up(args, settings: Settings) -> int:

@@ -55,10 +55,10 @@ def amqp_tls(url: str) -> tuple[str, dict[str, object] | None]:
     ``optional``); ``ssl_certfile`` and ``ssl_keyfile``: a client certificate. ValueError for
     another ``ssl_*`` option or value, or one on ``amqp://``. Another URL: as it is, None."""
     parts = urlsplit(url)
+    if parts.scheme not in AMQP_SCHEMES:
+        return url, None
     query = parse_qsl(parts.query, keep_blank_values=True)
     given = {key: value for key, value in query if key.startswith("ssl_")}
-    if parts.scheme not in ("amqps", "amqp", "pyamqp"):
-        return url, None
     if given and parts.scheme != "amqps":
         raise ValueError(f"{', '.join(given)}: TLS options are for an amqps:// URL")
     unknown = set(given) - {*_AMQP_TLS_FILES, "ssl_cert_reqs"}

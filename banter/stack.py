@@ -144,8 +144,8 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         env["BANTER_AUTH_DISABLED"] = "true"
         print("WARNING: no BANTER_API_KEYS, BANTER_ADMIN_KEYS or BANTER_KEYS_FILE set: "
               "authentication is OFF (BANTER_AUTH_DISABLED=true for this stack): anyone who can "
-              f"reach {host_port(host, port)} can run jobs and change the registry; bind only to a trusted "
-              "interface", file=sys.stderr, flush=True)
+              f"reach {host_port(host, port)} can run jobs and change the registry; bind only "
+              "to a trusted interface", file=sys.stderr, flush=True)
     children: list[subprocess.Popen] = []
     try:
         built = ensure_demo_models(settings, Registry.from_settings(settings,
