@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import requests
@@ -40,6 +40,30 @@ def non_negative(raw: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be at least 0")
     return value
+
+
+def comma_list(choices: Sequence[str] | None = None, item: Callable[[str], Any] = str,
+               empty_ok: bool = False) -> Callable[[str], list[Any]]:
+    """argparse type: comma-separated ``item`` values (each one of ``choices`` when given),
+    in order, once each; none only when ``empty_ok``."""
+    def parse(raw: str) -> list[Any]:
+        values: list[Any] = []
+        for part in (p.strip() for p in raw.split(",")):
+            if not part:
+                continue
+            if choices is not None and part not in choices:
+                raise argparse.ArgumentTypeError(f"{part!r}: choose from {', '.join(choices)}")
+            try:
+                value = item(part)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
+            if value not in values:
+                values.append(value)
+        if not values and not empty_ok:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return values
+
+    return parse
 
 
 def env_pair(raw: str) -> tuple[str, str]:

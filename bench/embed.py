@@ -36,11 +36,13 @@ import requests
 
 from bench.common import (
     RawEncoder,
+    comma_list,
     encoder_model,
     env_pair,
     loadavg,
     make_sentences,
     max_abs_diff,
+    non_negative,
     percentiles_ms,
     positive,
     post,
@@ -58,6 +60,7 @@ DEFAULT_SENTENCES = 2048
 DEFAULT_TOKENS = 32
 DEFAULT_REPEATS = 2
 TOLERANCE = 1e-4
+BASELINES = ("raw_ort", "naive_celery")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,9 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "parent becomes the model root")
     p.add_argument("--model-name", default=None, help="registry name for --model-dir")
     p.add_argument("--baselines", default="raw_ort,naive_celery",
+                   type=comma_list(BASELINES, empty_ok=True),
                    help="comma-separated subset of raw_ort, naive_celery (the raw loop always "
                         "runs once: it is the correctness reference)")
-    p.add_argument("--raw-threads", default="1,0",
+    p.add_argument("--raw-threads", default="1,0", type=comma_list(item=non_negative),
                    help="intra-op thread counts to try for the raw loop, comma-separated (0: "
                         "ORT's default, all cores, as the workers use); the baseline is the "
                         "fastest (default 1,0)")
@@ -230,10 +234,7 @@ def run(args: argparse.Namespace) -> dict:
     from banter.settings import Settings
     from workers.runner import select_providers
 
-    baselines = {b.strip() for b in args.baselines.split(",") if b.strip()}
-    unknown = baselines - {"raw_ort", "naive_celery"}
-    if unknown:
-        raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
+    baselines = set(args.baselines)
     worker_env = dict(args.worker_env)
     # the served worker's settings (the environment plus --worker-env): its
     # BANTER_INFERENCE_MAX_BATCH_SIZE is the raw loop's batch size too
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
         name, model_dir, promoted = encoder_model(stack, args.model_dir, args.model_name,
                                                   args.shape)
         raw_by_threads, reference, encoder = {}, None, None
-        for threads in [int(t) for t in str(args.raw_threads).split(",") if t.strip()]:
+        for threads in args.raw_threads:
             encoder = RawEncoder(model_dir, threads, providers)
             texts = make_sentences(args.sentences, encoder.tokenizer, args.tokens)
             encoder.loop(texts[:4 * batch_size], batch_size)  # warm-up

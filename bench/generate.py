@@ -40,10 +40,12 @@ import numpy as np
 import requests
 
 from banter.client import sse_events
-from bench.common import env_pair, non_negative, p50_p99_ms, positive, run_released
+from bench.common import comma_list, env_pair, non_negative, p50_p99_ms, positive, run_released
 from bench.inplace import Inplace
 from bench.machine import machine_facts
 from bench.stack import BenchStack
+
+BASELINES = ("static", "batch1", "raw_ort", "raw_ort_inplace")
 
 if TYPE_CHECKING:
     from banter.settings import Settings
@@ -721,6 +723,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None,
                    help="registry name for --model-dir (default: the directory's name)")
     p.add_argument("--baselines", default="static,batch1,raw_ort,raw_ort_inplace",
+                   type=comma_list(BASELINES, empty_ok=True),
                    help="baselines to run, comma-separated, from static, batch1, raw_ort, "
                         "raw_ort_inplace "
                         "(the raw reference loop always runs: it is the correctness oracle)")
@@ -755,10 +758,7 @@ def run(args: argparse.Namespace) -> dict:
     from banter.settings import Settings
     from workers.runner import select_providers
 
-    baselines = {b.strip() for b in args.baselines.split(",") if b.strip()}
-    unknown = baselines - {"static", "batch1", "raw_ort", "raw_ort_inplace"}
-    if unknown:
-        raise ValueError(f"unknown baselines: {', '.join(sorted(unknown))}")
+    baselines = set(args.baselines)
     workload = make_workload(args.clients, args.rounds, args.max_tokens)
     warm_up = make_workload(args.clients, args.warm_up_rounds, args.max_tokens,
                             first_prompt=len(workload))

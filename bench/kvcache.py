@@ -212,8 +212,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         if decoder.device != "cpu":
             raise ValueError("--inplace runs on the CPU provider only (ONNX Runtime's CUDA "
                              "GroupQueryAttention takes float16)")
-        loops["inplace_cache"] = InplaceLoop(Path(model_dir), args.rows,
-                                             args.past + args.steps).run
+        loops["inplace_cache"] = InplaceLoop(Path(model_dir), args.rows,  # room for the
+                                             args.past + max(args.steps, 2)).run  # warm-up
     for loop in loops.values():
         loop(cache, 2)  # warm-up: allocations, kernels
     runs: dict[str, list[float]] = {name: [] for name in loops}

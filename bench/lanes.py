@@ -27,6 +27,7 @@ import requests
 
 from bench.common import (
     RawEncoder,
+    comma_list,
     encoder_model,
     loadavg,
     make_sentences,
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"bulk embed jobs in the backlog (default {DEFAULT_BULK})")
     p.add_argument("--requests", type=positive, default=DEFAULT_REQUESTS,
                    help=f"interactive requests per kind and phase (default {DEFAULT_REQUESTS})")
-    p.add_argument("--kinds", default=",".join(KINDS),
+    p.add_argument("--kinds", default=",".join(KINDS), type=comma_list(KINDS),
                    help="interactive kinds, alternating: embeddings, inference (default both)")
     p.add_argument("--submitters", type=positive, default=DEFAULT_SUBMITTERS,
                    help=f"threads enqueueing the backlog (default {DEFAULT_SUBMITTERS})")
@@ -220,9 +221,7 @@ def run(args: argparse.Namespace) -> dict:
     from banter.metrics import BULK_YIELD
     from banter.settings import Settings
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if not kinds or set(kinds) - set(KINDS):
-        raise ValueError(f"--kinds takes {', '.join(KINDS)}")
+    kinds = args.kinds
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     settings = Settings()
     with BenchStack(keep=args.keep, broker_url=args.broker_url) as stack:

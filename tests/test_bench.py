@@ -531,6 +531,32 @@ def test_kvcache_loops_agree_token_for_token(tmp_path):
     assert len({tuple(step) for step in host}) == 5
 
 
+@pytest.mark.parametrize("args, said", [
+    (["generate", "--baselines", "foo"], "argument --baselines: 'foo': choose from static,"),
+    (["embed", "--baselines", "raw_ort,foo"], "argument --baselines: 'foo': choose from raw_ort"),
+    (["embed", "--raw-threads", "x"], "argument --raw-threads: 'x' is not a number"),
+    (["lanes", "--kinds", "foo"], "argument --kinds: 'foo': choose from embeddings, inference"),
+    (["--log-level", "loud", "kvcache"], "argument --log-level: invalid choice: 'LOUD'"),
+])
+def test_a_bad_argument_is_exit_2_before_anything_runs(args, said):
+    """As documented (1: it could not run; 2: bad arguments): a value the scenario cannot
+    take is refused by its parser, never a traceback after a stack started."""
+    run = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert said in run.stderr and "Traceback" not in run.stderr and run.stdout == ""
+
+
+def test_kvcache_inplace_takes_a_single_step():
+    """The in-place cache has room for the warm-up's two steps whatever --steps is."""
+    run = subprocess.run([sys.executable, "-m", "bench", "kvcache", "--rows", "1", "--past", "8",
+                          "--steps", "1", "--repeats", "1", "--inplace"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert result["correct"] and "inplace_cache" in result["baselines"]
+
+
 def test_lanes_slowest_keeps_each_requests_own_stages():
     from bench.lanes import slowest
 
