@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
+import redis
+
 from banter import redisconn
 from banter.errors import InvalidRequest
 from registry.records import parse_ref
@@ -104,7 +106,7 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     if schemes == REDIS_SCHEMES:  # the state Redis (a broker URL's options are kombu's)
         try:  # a connection object, not connected: the URL's options (?socket_timeout=) apply
             redisconn.connect(url).connection_pool.make_connection()
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, redis.RedisError) as exc:
             raise SettingsError(f"{name}={shown!r} has an option Redis clients cannot take: "
                                 f"{exc}") from None
 

@@ -172,11 +172,15 @@ def up(settings: Settings, host: str, port: int, sample: bool, exit_after_sample
         # a second Ctrl-C (or SIGTERM) while the stack stops must not cut this short: the
         # children get the terminal's Ctrl-C themselves, and the private Redis and its URL
         # file go last
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_all(children)
-        if redis_server:
-            redis_server.stop()
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stop_all(children)
+            if redis_server:
+                redis_server.stop()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 def worker_dies_with_up():

@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="bench log level (stderr)")
+                   choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"),
+                   help="bench log level (stderr)")
     sub = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     for name, module_name in SCENARIOS.items():
         module = importlib.import_module(module_name)

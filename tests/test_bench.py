@@ -547,6 +547,13 @@ def test_a_bad_argument_is_exit_2_before_anything_runs(args, said):
     assert said in run.stderr and "Traceback" not in run.stderr and run.stdout == ""
 
 
+@pytest.mark.parametrize("level", ["critical", "WARN", "debug"])
+def test_every_logging_level_name_is_a_log_level(level):
+    run = subprocess.run([sys.executable, "-m", "bench", "--log-level", level, "kvcache",
+                          "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
 def test_kvcache_inplace_takes_a_single_step():
     """The in-place cache has room for the warm-up's two steps whatever --steps is."""
     run = subprocess.run([sys.executable, "-m", "bench", "kvcache", "--rows", "1", "--past", "8",

@@ -158,6 +158,8 @@ def test_models_promote_rejects_an_unknown_kind_as_usage():
     ("BANTER_REDIS_URL", "redis://:pw@127.0.0.1:1/0?colour=blue",
      "BANTER_REDIS_URL='redis://:***@127.0.0.1:1/0?colour=blue' has an option Redis clients "
      "cannot take"),
+    ("BANTER_REDIS_URL", "rediss://127.0.0.1:1/0?ssl_cert_reqs=CERT_NONE",
+     "has an option Redis clients cannot take: Invalid SSL Certificate Requirements Flag"),
     ("BANTER_HOME", "~no-such-user-here/x", "BANTER_HOME='~no-such-user-here/x' cannot be used"),
     # kombu takes no unix:// URL: refused at start (submits were a 500)
     ("BANTER_BROKER_URL", "unix:///tmp/redis.sock", "redis://, rediss:// (Redis; not unix://)"),

@@ -66,22 +66,28 @@ def test_health_checks():
 def test_each_worker_is_healthy_by_its_own_heartbeat_only(stack_env, worker):
     """The workers' health check, run as compose runs it, against a real worker: healthy by
     its own node's heartbeat, not by another worker's (a dead gpu1 beside a live gpu0)."""
-    for name in ("gpu0", "gpu1", "worker-cpu"):
+    for name in ("gpu0", "gpu1"):
         service = SERVICES[name]
         command = service["command"]
         assert service["environment"]["HEALTHCHECK_NODE"] == command[command.index("--name") + 1]
-        assert service["restart"] == "unless-stopped"  # an engine death (exit 70) restarts it
+    for name in ("gpu0", "gpu1", "worker-cpu"):
+        assert SERVICES[name]["restart"] == "unless-stopped"  # an engine death (exit 70)
+    # the CPU worker keeps its default name, cpu@HOSTNAME, unique per container when scaled
+    assert "--name" not in SERVICES["worker-cpu"]["command"]
+    assert "HEALTHCHECK_NODE" not in SERVICES["worker-cpu"]["environment"]
     check = SERVICES["worker-cpu"]["healthcheck"]["test"][1:]
     assert check[0] == "python"
     check = [sys.executable, *check[1:]]  # the image's python: this one has banter installed
 
-    def healthy(node: str) -> bool:
-        env = {**os.environ, "BANTER_REDIS_URL": stack_env["BANTER_REDIS_URL"],
-               "HEALTHCHECK_NODE": node}
+    def healthy(node: str | None) -> bool:
+        env = {k: v for k, v in os.environ.items() if k != "HEALTHCHECK_NODE"}
+        env.update({"BANTER_REDIS_URL": stack_env["BANTER_REDIS_URL"],
+                    **({"HEALTHCHECK_NODE": node} if node else {})})
         return subprocess.run(check, env=env, timeout=30).returncode == 0
 
     assert healthy(WORKER_NODE)
     assert not healthy("gpu1@compose")
+    assert not healthy(None)  # cpu@ this host: no such worker beats here
 
 
 def test_published_ports_are_listened_on_every_interface():
