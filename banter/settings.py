@@ -61,8 +61,10 @@ def amqp_tls(url: str) -> tuple[str, dict[str, object] | None]:
         return url, None
     query = parse_qsl(parts.query, keep_blank_values=True)
     given = {key: value for key, value in query if key.startswith("ssl_")}
-    if given and parts.scheme != "amqps":
-        raise ValueError(f"{', '.join(given)}: TLS options are for an amqps:// URL")
+    if parts.scheme != "amqps":
+        if given:
+            raise ValueError(f"{', '.join(given)}: TLS options are for an amqps:// URL")
+        return url, None
     unknown = set(given) - {*_AMQP_TLS_FILES, "ssl_cert_reqs"}
     if unknown:
         raise ValueError(f"unknown TLS option {sorted(unknown)[0]!r}: amqps:// takes "
@@ -70,8 +72,6 @@ def amqp_tls(url: str) -> tuple[str, dict[str, object] | None]:
     reqs = given.get("ssl_cert_reqs", "required").lower()
     if reqs not in _CERT_REQS:
         raise ValueError(f"ssl_cert_reqs must be required, optional or none, got {reqs!r}")
-    if parts.scheme != "amqps":
-        return url, None
     options: dict[str, object] = {"cert_reqs": _CERT_REQS[reqs]}
     if reqs != "none":
         options["server_hostname"] = parts.hostname

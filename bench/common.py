@@ -43,9 +43,9 @@ def non_negative(raw: str) -> int:
 
 
 def comma_list(choices: Sequence[str] | None = None, item: Callable[[str], Any] = str,
-               empty_ok: bool = False) -> Callable[[str], list[Any]]:
+               empty_ok: bool = False, unique: bool = True) -> Callable[[str], list[Any]]:
     """argparse type: comma-separated ``item`` values (each one of ``choices`` when given),
-    in order, once each; none only when ``empty_ok``."""
+    in order, once each unless not ``unique``; none only when ``empty_ok``."""
     def parse(raw: str) -> list[Any]:
         values: list[Any] = []
         for part in (p.strip() for p in raw.split(",")):
@@ -57,7 +57,7 @@ def comma_list(choices: Sequence[str] | None = None, item: Callable[[str], Any] 
                 value = item(part)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
-            if value not in values:
+            if not unique or value not in values:
                 values.append(value)
         if not values and not empty_ok:
             raise argparse.ArgumentTypeError("give at least one value")

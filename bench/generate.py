@@ -675,16 +675,6 @@ def static_ratios_by_repeat(phases: dict) -> dict[str, dict]:
     return out
 
 
-def _int_list(raw: str) -> list[int]:
-    try:
-        values = [int(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {raw!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("max_tokens values must be integers >= 1")
-    return values
-
-
 def variant(raw: str) -> tuple[str, dict[str, str]]:
     """argparse type of ``--variant``: ``NAME:VAR=VALUE[,VAR=VALUE...]``."""
     name, sep, rest = raw.partition(":")
@@ -697,7 +687,7 @@ def variant(raw: str) -> tuple[str, dict[str, str]]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=positive, default=DEFAULT_CLIENTS,
                    help=f"concurrent streaming clients (default {DEFAULT_CLIENTS})")
-    p.add_argument("--max-tokens", type=_int_list, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--max-tokens", type=comma_list(item=positive, unique=False), default=DEFAULT_MAX_TOKENS,
                    help="comma-separated max_tokens values, cycled over requests "
                         f"(default {','.join(map(str, DEFAULT_MAX_TOKENS))})")
     p.add_argument("--rounds", type=positive, default=DEFAULT_ROUNDS,

@@ -46,6 +46,8 @@ from bench.machine import machine_facts
 
 log = logging.getLogger("bench.kvcache")
 
+WARM_UP_STEPS = 2  # each loop's untimed first run: allocations, kernels
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, default=None,
@@ -212,10 +214,10 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         if decoder.device != "cpu":
             raise ValueError("--inplace runs on the CPU provider only (ONNX Runtime's CUDA "
                              "GroupQueryAttention takes float16)")
-        loops["inplace_cache"] = InplaceLoop(Path(model_dir), args.rows,  # room for the
-                                             args.past + max(args.steps, 2)).run  # warm-up
+        loops["inplace_cache"] = InplaceLoop(Path(model_dir), args.rows,  # room for either run
+                                             args.past + max(args.steps, WARM_UP_STEPS)).run
     for loop in loops.values():
-        loop(cache, 2)  # warm-up: allocations, kernels
+        loop(cache, WARM_UP_STEPS)
     runs: dict[str, list[float]] = {name: [] for name in loops}
     reference, agree = None, True
     for _ in range(args.repeats):

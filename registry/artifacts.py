@@ -18,6 +18,7 @@ import onnx
 from tokenizers import Tokenizer
 
 from banter.errors import ArtifactError, brief
+from registry.records import leaves_base
 
 _CHUNK = 1 << 20
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)\Z")
@@ -131,7 +132,7 @@ def external_digests(root: Path, model_path: Path, locations: list[str],
     digests = {}
     for location in locations:
         name = PurePosixPath(location)
-        if not location or name.is_absolute() or ".." in name.parts:
+        if not location or leaves_base(location):
             raise ArtifactError(f"artifact {brief(label)}: its external data location "
                                 f"{brief(location)} must be a path inside the model's directory")
         resolved = _resolve(root, model_path.parent / name, label)

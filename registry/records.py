@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import PurePosixPath
 from typing import Any
 
 from banter.errors import InvalidRequest, WireError, brief
@@ -119,6 +120,13 @@ def _check_record(values: dict[str, Any]) -> None:
         problems.append("previous_version must be an integer >= 1 or null")
     if problems:
         raise WireError(f"bad registry record ({'; '.join(problems)}): {values!r}")
+
+
+def leaves_base(path: str) -> bool:
+    """Whether a posix path meant relative to a directory reaches outside it: absolute, or
+    through ``..``."""
+    name = PurePosixPath(path)
+    return name.is_absolute() or ".." in name.parts
 
 
 def utc_now() -> str:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import PurePosixPath
 from typing import Iterable
 
 from banter.errors import InvalidRequest, WireError
-from registry.records import Record, check_new_name
+from registry.records import Record, check_new_name, leaves_base
 
 
 @dataclass
@@ -78,7 +77,7 @@ def apply(state: RegistryState, record: Record) -> None:
     except InvalidRequest as exc:
         raise ReplayError(record.seq, f"names no model a promote could make: {exc.message}") \
             from None
-    if record.path.startswith("/") or ".." in PurePosixPath(record.path).parts:
+    if leaves_base(record.path):
         raise ReplayError(record.seq, f"names the artifact {record.path!r}, which is not under "
                           "the model root (a promote writes a path relative to it)")
     try:

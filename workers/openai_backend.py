@@ -105,9 +105,10 @@ class OpenAIBackend:
                                                    encoding_format="float")
             prompt_tokens = answer.usage.prompt_tokens if answer.usage else 0
             data = sorted(answer.data, key=lambda d: d.index)
-            if [d.index for d in data] != list(range(len(texts))):
+            indexes = [d.index for d in data]
+            if indexes != list(range(len(texts))):
                 raise UpstreamError(f"the upstream answered {len(data)} embeddings (indexes "
-                                    f"{[d.index for d in data][:8]}) for {len(texts)} inputs")
+                                    f"{indexes[:8]}) for {len(texts)} inputs")
             vectors = [[float(x) for x in d.embedding] for d in data]
         return Outcome(result=embed_result(job.input, vectors),
                        finish_reason="stop",
